@@ -1,0 +1,162 @@
+"""Shared helpers of the benchmark scripts: machine metadata, result files, timing, tables."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parent.parent
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def command_line() -> str:
+    """The command that ran this script, relative to the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_s = str(script.relative_to(REPO))
+    except ValueError:
+        script_s = str(script)
+    env = " ".join(
+        f"{k}={os.environ[k]}" for k in ("HF_HUB_OFFLINE", "S2A_COMPILE") if k in os.environ
+    )
+    cmd = " ".join(shlex.quote(a) for a in ["python", script_s, *sys.argv[1:]])
+    return f"{env} {cmd}".strip()
+
+
+def metadata(repeats: Any = None, **extra: Any) -> dict[str, Any]:
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    meta = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command_line(),
+        "repeats": repeats,
+        "load_avg_at_start": load,
+    }
+    meta.update(extra)
+    return meta
+
+
+def header(title: str, meta: dict[str, Any], notes: Sequence[str] = ()) -> list[str]:
+    lines = [
+        f"# {title}",
+        "",
+        f"- Machine: {meta['cpu']}, {meta['cores']} cores ({meta['cpu_capability']}); "
+        f"torch {meta['torch']}, {meta['torch_threads']} threads; Python {meta['python']}",
+        f"- Date: {meta['date']}",
+        f"- Repeats: {meta['repeats']}",
+        f"- Command: `{meta['command']}`",
+    ]
+    if meta.get("runtime_s") is not None:
+        lines.append(f"- Total runtime: {meta['runtime_s']:.0f} s")
+    if meta.get("load_avg_at_start") is not None:
+        la = meta["load_avg_at_start"]
+        lines.append(
+            f"- Load average at start: {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} (1/5/15 min); "
+            "the machine is shared with other jobs"
+        )
+    lines += [f"- {n}" for n in notes]
+    lines.append("")
+    return lines
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def write_results(name: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jp, mp = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+    jp.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
+    mp.write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+    return jp, mp
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Size):
+        return list(o)
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    return str(o)
+
+
+def mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def pass_fail(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def interleaved(
+    fns: Sequence[Callable[[], Any]], repeats: int, warmup: int = 1
+) -> list[dict[str, float]]:
+    """Run ``fns`` round-robin ``repeats`` times after ``warmup`` rounds.
+
+    Per function: median wall ms, min wall ms, median process-CPU ms and the raw wall times.
+    Process CPU time counts all threads of this process, so it is insensitive to other jobs
+    taking the cores but not to the thread count.
+    """
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, f in enumerate(fns):
+            c0, t0 = time.process_time(), time.perf_counter()
+            f()
+            t1, c1 = time.perf_counter(), time.process_time()
+            wall[i].append((t1 - t0) * 1e3)
+            cpu[i].append((c1 - c0) * 1e3)
+    return [
+        {
+            "median_ms": statistics.median(w),
+            "min_ms": min(w),
+            "cpu_median_ms": statistics.median(c),
+            "wall_ms": w,
+        }
+        for w, c in zip(wall, cpu, strict=True)
+    ]
+
+
+def ratio_of_medians(a: dict[str, float], b: dict[str, float]) -> float:
+    """``b / a`` of the medians (a = reference)."""
+    return b["median_ms"] / a["median_ms"]
+
+
+def paired_ratio(a: dict[str, float], b: dict[str, float]) -> float:
+    """Median of the per-round ratios b/a (robust to slow drifts of the machine's load)."""
+    return statistics.median(y / x for x, y in zip(a["wall_ms"], b["wall_ms"], strict=True))

@@ -1,0 +1,16 @@
+"""The "A" of S2A: low-bit storage of what non-parametric operators keep for backward.
+
+``functional`` and ``attention`` hold the autograd operators, ``apply`` the
+in-place model transform, ``codebooks``/``rowquant``/``packing``/``kernels`` the
+storage formats they share.
+"""
+
+from .apply import (
+    OP_KINDS,
+    UncoveredOperatorsError,
+    compress_activations,
+    compression_summary,
+    restore,
+)
+
+__all__ = ["OP_KINDS", "UncoveredOperatorsError", "compress_activations", "compression_summary", "restore"]

@@ -1,0 +1,481 @@
+"""``compress_activations``: the in-place transform that makes a model's backward
+state low-bit, and ``restore`` that undoes it.
+
+Two mechanisms, both reversible:
+
+* Module patching. Known activation, norm, dropout, drop-path and convolution
+  modules of torch.nn, timm and transformers get an instance-level ``forward``
+  that calls the compressed operator. Parameters, buffers, state-dict keys and
+  hooks stay exactly where they were. Attention modules are switched to their
+  SDPA code path (timm ``fused_attn``, transformers ``attn_implementation``) so
+  that attention reaches the compressed ``scaled_dot_product_attention``.
+* A ``TorchFunctionMode`` active while the model's forward runs routes the
+  functional calls made inside forward (``F.gelu``, ``torch.softmax``,
+  ``F.scaled_dot_product_attention``, ``F.layer_norm``, ``F.dropout``,
+  ``F.conv2d`` ...) to the same operators.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from . import functional as S
+from .codebooks import SMOOTH_FUNCTIONS
+from .packing import check_bits
+from .rowquant import ROW_BITS
+
+POINTWISE_KINDS = (*SMOOTH_FUNCTIONS, *S.EXACT_FUNCTIONS)
+OP_KINDS = (
+    *POINTWISE_KINDS, "softmax", "attention", "layer_norm", "rms_norm", "batch_norm",
+    "dropout", "drop_path", "conv",
+)
+_ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm")
+
+
+class UncoveredOperatorsError(RuntimeError):
+    """Raised in strict mode when operators that keep activations would stay uncompressed."""
+
+
+@dataclass
+class CompressionSpec:
+    bits: int = 4
+    op_bits: dict[str, int] = field(default_factory=dict)
+    ops: frozenset[str] = frozenset(OP_KINDS)
+    skip: tuple[str, ...] = ()
+    attention_mode: str | None = None
+    dropout_mode: str = "regenerate"
+    strict: bool = False
+
+    def bits_for(self, kind: str) -> int:
+        return self.op_bits.get(kind, self.bits)
+
+    def enabled(self, kind: str) -> bool:
+        return kind in self.ops
+
+    def attention_storage(self) -> tuple[str, int]:
+        """(mode, bits) for attention. Default: Q/K/V at 8 bits, probabilities
+        recomputed. Measured on ViT-B shapes (benchmarks/results/attention_modes.md)
+        it keeps 482 KB per block and sample at gradient cosine >= 0.9997, where
+        4-bit probabilities + 8-bit Q/K/V keep 725 KB at 0.998 and 4-bit Q/K/V with
+        recomputation reach only 0.93-0.97."""
+        mode = self.attention_mode or "recompute"
+        default = 8 if mode == "recompute" else self.bits
+        return mode, self.op_bits.get("attention", default)
+
+
+def _validate(bits, ops, dropout_mode, attention_mode) -> CompressionSpec:
+    check_bits(bits, S.POINTWISE_BITS, what="bits")
+    op_bits: dict[str, int] = {}
+    if ops is None:
+        kinds = set(OP_KINDS)
+    elif isinstance(ops, str):
+        raise TypeError(f"ops must be a list of operator kinds or a dict kind->bits, not the string {ops!r}")
+    elif isinstance(ops, Mapping):
+        kinds = set(ops)
+        op_bits = dict(ops)
+    elif isinstance(ops, Iterable):
+        kinds = set(ops)
+    else:
+        raise TypeError(f"ops must be None, a list of operator kinds or a dict kind->bits, got {type(ops).__name__}")
+    unknown = sorted(kinds - set(OP_KINDS))
+    if unknown:
+        raise ValueError(f"unknown operator kind(s) {unknown}; known kinds: {list(OP_KINDS)}")
+    for kind in kinds:
+        b = op_bits.get(kind, bits)
+        allowed = ROW_BITS if kind in _ROW_KINDS else S.POINTWISE_BITS
+        check_bits(b, allowed, what=f"bits for {kind}")
+    if dropout_mode not in ("regenerate", "bitmask"):
+        raise ValueError(f"dropout_mode={dropout_mode!r}; choose 'regenerate' or 'bitmask'")
+    if attention_mode not in (None, "probs", "recompute"):
+        raise ValueError(f"attention_mode={attention_mode!r}; choose 'probs', 'recompute' or None (default)")
+    return CompressionSpec(bits, op_bits, frozenset(kinds), (), attention_mode, dropout_mode)
+
+
+# --- the compressed callables, shared by module patches and the function mode -------
+
+
+def _softmax(spec, x, dim=None, dtype=None, **_):
+    from .attention import softmax
+
+    if dim is None:
+        dim = -1
+    if dtype is not None:
+        x = x.to(dtype)
+    return softmax(x, dim, bits=spec.bits_for("softmax"))
+
+
+def _sdpa(spec, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    from .attention import scaled_dot_product_attention
+
+    mode, bits = spec.attention_storage()
+    return scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        enable_gqa=enable_gqa, bits=bits, mode=mode,
+    )
+
+
+def _act(kind, spec, x, *args, **kwargs):
+    kwargs.pop("inplace", None)
+    if kind == "gelu":
+        approximate = kwargs.pop("approximate", args[0] if args else "none")
+        kind = "gelu_tanh" if approximate == "tanh" else "gelu"
+    elif kind == "leaky_relu":
+        slope = kwargs.pop("negative_slope", args[0] if args else 0.01)
+        return S.activation(x, kind, spec.bits_for(kind), negative_slope=slope)
+    elif kind == "hardtanh":
+        lo = kwargs.pop("min_val", args[0] if args else -1.0)
+        hi = kwargs.pop("max_val", args[1] if len(args) > 1 else 1.0)
+        return S.activation(x, kind, spec.bits_for(kind), min_val=lo, max_val=hi)
+    elif kind == "softplus":
+        beta = kwargs.get("beta", args[0] if args else 1.0)
+        threshold = kwargs.get("threshold", args[1] if len(args) > 1 else 20.0)
+        if beta != 1 or threshold != 20:
+            return F.softplus(x, beta, threshold)
+    return S.activation(x, kind, spec.bits_for(kind))
+
+
+def _layer_norm(spec, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return S.layer_norm(x, normalized_shape, weight, bias, eps, bits=spec.bits_for("layer_norm"))
+
+
+def _rms_norm(spec, x, normalized_shape, weight=None, eps=None):
+    return S.rms_norm(x, normalized_shape, weight, eps, bits=spec.bits_for("rms_norm"))
+
+
+def _batch_norm(spec, x, running_mean, running_var, weight=None, bias=None, training=False,
+                momentum=0.1, eps=1e-5):
+    return S.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                        bits=spec.bits_for("batch_norm"))
+
+
+def _dropout(spec, x, p=0.5, training=True, inplace=False):
+    return S.dropout(x, p, training, inplace, mode=spec.dropout_mode)
+
+
+def _conv(spec, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return S.conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _function_table() -> dict:
+    table = {}
+
+    def add(kind, handler, *funcs):
+        for f in funcs:
+            table[f] = (kind, handler)
+
+    for kind, funcs in {
+        "gelu": (F.gelu,),
+        "silu": (F.silu,),
+        "relu": (F.relu, torch.relu, torch.Tensor.relu),
+        "relu6": (F.relu6,),
+        "leaky_relu": (F.leaky_relu,),
+        "hardtanh": (F.hardtanh,),
+        "hardswish": (F.hardswish,),
+        "sigmoid": (torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid),
+        "tanh": (torch.tanh, torch.Tensor.tanh, F.tanh),
+        "mish": (F.mish,),
+        "softplus": (F.softplus,),
+    }.items():
+        add(kind, partial(_act, kind), *funcs)
+    add("softmax", _softmax, F.softmax, torch.softmax, torch.Tensor.softmax)
+    add("attention", _sdpa, F.scaled_dot_product_attention)
+    add("layer_norm", _layer_norm, F.layer_norm)
+    add("rms_norm", _rms_norm, F.rms_norm)
+    add("batch_norm", _batch_norm, F.batch_norm)
+    add("dropout", _dropout, F.dropout)
+    add("conv", _conv, F.conv1d, F.conv2d, F.conv3d)
+    return table
+
+
+_FUNCTIONS = _function_table()
+
+# Functional calls that keep activations and that we do not compress: reported by strict mode.
+_UNCOVERED_FUNCTIONS = {
+    F.elu: "elu", F.selu: "selu", F.celu: "celu", F.glu: "glu", F.group_norm: "group_norm",
+    F.instance_norm: "instance_norm", F.prelu: "prelu", F.hardsigmoid: "hardsigmoid",
+    F.logsigmoid: "logsigmoid", F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
+    F.softsign: "softsign", torch.erf: "erf", torch.exp: "exp", torch.rsqrt: "rsqrt",
+    F.dropout1d: "dropout1d", F.dropout2d: "dropout2d", F.dropout3d: "dropout3d",
+    F.conv_transpose1d: "conv_transpose", F.conv_transpose2d: "conv_transpose",
+}
+
+
+class _CompressMode(TorchFunctionMode):
+    def __init__(self, state: _State):
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        entry = _FUNCTIONS.get(func)
+        state = self.state
+        if entry is not None and state.disabled == 0 and torch.is_grad_enabled():
+            kind, handler = entry
+            if state.spec.enabled(kind):
+                return handler(state.spec, *args, **kwargs)
+        elif state.spec.strict and func in _UNCOVERED_FUNCTIONS and torch.is_grad_enabled():
+            state.uncovered_calls.add(_UNCOVERED_FUNCTIONS[func])
+        return func(*args, **kwargs)
+
+
+# --- module patching ---------------------------------------------------------------
+
+_ACTIVATION_CLASSES = {
+    "GELU": "gelu", "GELUActivation": "gelu", "AccurateGELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh", "QuickGELU": "quick_gelu", "QuickGELUActivation": "quick_gelu",
+    "SiLU": "silu", "Swish": "silu", "SiLUActivation": "silu", "ReLU": "relu", "ReLU6": "relu6",
+    "LeakyReLU": "leaky_relu", "Hardtanh": "hardtanh", "Hardswish": "hardswish",
+    "HardSwish": "hardswish", "Sigmoid": "sigmoid", "Tanh": "tanh", "Mish": "mish",
+    "MishActivation": "mish", "Softplus": "softplus",
+}
+# Llama-style RMSNorm of transformers: weight * normalised(x.float()).to(input dtype).
+_HF_RMSNORM = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
+               "T5LayerNorm", "OlmoRMSNorm", "GraniteRMSNorm", "SmolLM3RMSNorm")
+# Modules whose own forward only makes functional calls that the mode already routes.
+_COVERED_BY_MODE = ("BatchNormAct2d", "FrozenBatchNormAct2d", "LayerNormAct", "LayerNormAct2d",
+                    "SyncBatchNormAct", "Attention", "SelfAttention")
+_SUSPECT_WORDS = ("GELU", "ReLU", "SiLU", "Swish", "Mish", "Sigmoid", "Tanh", "Softmax", "Norm",
+                  "Dropout", "DropPath", "ELU", "GLU", "Softplus", "Hardswish", "Activation")
+
+
+def _module_op(module: nn.Module, spec: CompressionSpec):
+    """(kind, patched forward) for modules we know how to compress, else None."""
+    name = type(module).__name__
+    kind = _ACTIVATION_CLASSES.get(name)
+    if kind is not None and not any(True for _ in module.parameters()):
+        if kind == "gelu" and getattr(module, "approximate", "none") == "tanh":
+            kind = "gelu_tanh"
+        if kind == "leaky_relu":
+            return kind, lambda x: _act(kind, spec, x, module.negative_slope)
+        if kind == "hardtanh":
+            return kind, lambda x: _act(kind, spec, x, module.min_val, module.max_val)
+        if kind == "softplus":
+            return kind, lambda x: _act(kind, spec, x, module.beta, module.threshold)
+        return kind, lambda x: S.activation(x, kind, spec.bits_for(kind))
+    if isinstance(module, nn.Softmax):
+        return "softmax", lambda x: _softmax(spec, x, module.dim)
+    if isinstance(module, nn.LayerNorm) and type(module).forward in (nn.LayerNorm.forward, *_timm_ln()):
+        return "layer_norm", lambda x: _layer_norm(
+            spec, x, module.normalized_shape, module.weight, module.bias, module.eps)
+    if name == "LayerNorm2d" and hasattr(module, "normalized_shape"):
+        return "layer_norm", lambda x: _layer_norm(
+            spec, x.permute(0, 2, 3, 1), module.normalized_shape, module.weight, module.bias,
+            module.eps).permute(0, 3, 1, 2)
+    if isinstance(module, nn.RMSNorm) or name == "RmsNorm":
+        return "rms_norm", lambda x: _rms_norm(
+            spec, x, module.normalized_shape, module.weight, module.eps)
+    if name in _HF_RMSNORM and hasattr(module, "variance_epsilon"):
+        def hf_rms(x):
+            y = S.rms_norm(x.float(), (x.shape[-1],), None, module.variance_epsilon,
+                           bits=spec.bits_for("rms_norm"))
+            return module.weight * y.to(x.dtype)
+        return "rms_norm", hf_rms
+    if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        return "batch_norm", partial(_patched_batch_norm, module, spec)
+    if type(module) is nn.Dropout:
+        return "dropout", lambda x: _dropout(spec, x, module.p, module.training)
+    if name == "DropPath" and hasattr(module, "drop_prob"):
+        return "drop_path", lambda x: S.drop_path(
+            x, module.drop_prob, module.training, getattr(module, "scale_by_keep", True))
+    if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.padding_mode == "zeros":
+        return "conv", lambda x: _conv(spec, x, module.weight, module.bias, module.stride,
+                                        module.padding, module.dilation, module.groups)
+    return None
+
+
+def _timm_ln() -> tuple:
+    try:
+        from timm.layers import LayerNorm
+    except ImportError:
+        return ()
+    return (LayerNorm.forward,)
+
+
+def _patched_batch_norm(module: nn.modules.batchnorm._BatchNorm, spec: CompressionSpec, x):
+    # Mirrors nn.BatchNorm's forward: momentum / cumulative average and stats selection.
+    momentum = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:
+            momentum = 1.0 / float(module.num_batches_tracked)
+    use_batch = module.training or (module.running_mean is None and module.running_var is None)
+    return _batch_norm(
+        spec, x,
+        module.running_mean if not module.training or module.track_running_stats else None,
+        module.running_var if not module.training or module.track_running_stats else None,
+        module.weight, module.bias, use_batch, momentum, module.eps,
+    )
+
+
+def _switch_attention(module: nn.Module, state: _State) -> bool:
+    """Route attention through SDPA, remembering how to undo it."""
+    if hasattr(module, "fused_attn") and isinstance(module.fused_attn, bool):
+        state.attrs.append((module, "fused_attn", module.fused_attn))
+        module.fused_attn = True
+        return True
+    config = getattr(module, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl in (None, "eager") and hasattr(module, "set_attn_implementation") and impl is not None:
+        try:
+            module.set_attn_implementation("sdpa")
+        except (ValueError, ImportError, AttributeError):
+            return False
+        state.attn_impl.append((module, impl))
+        return True
+    return False
+
+
+@dataclass
+class _State:
+    spec: CompressionSpec
+    patched: list = field(default_factory=list)  # (module, kind, previous instance forward or None)
+    attrs: list = field(default_factory=list)
+    attn_impl: list = field(default_factory=list)
+    hooks: list = field(default_factory=list)
+    uncovered_calls: set = field(default_factory=set)
+    depth: int = 0
+    disabled: int = 0
+    mode: _CompressMode | None = None
+
+
+def _skipped(path: str, patterns: tuple[str, ...]) -> bool:
+    parts = path.split(".") if path else []
+    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(p, pat) for p in prefixes for pat in patterns)
+
+
+def compress_activations(
+    model: nn.Module,
+    bits: int = 4,
+    ops: Iterable[str] | Mapping[str, int] | None = None,
+    *,
+    skip: Iterable[str] = (),
+    strict: bool = False,
+    attention_mode: str | None = None,
+    dropout_mode: str = "regenerate",
+) -> nn.Module:
+    """Make ``model`` keep low-bit activations for backward, in place; returns ``model``.
+
+    Args:
+        bits: default bit width (1, 2, 3, 4 or 8; norms, softmax and attention take 2-8).
+        ops: operator kinds to compress (default: all of ``OP_KINDS``), or a dict
+            ``{kind: bits}`` for per-operator widths.
+        skip: ``fnmatch`` patterns of module paths left untouched (with their children).
+        strict: raise :class:`UncoveredOperatorsError` listing operators that would keep
+            full-precision activations (module classes now, functional calls at the
+            first forward).
+        attention_mode: ``"probs"`` (Q/K/V at 8 bits, probabilities at ``bits``) or
+            ``"recompute"`` (Q/K/V at the attention bits, 8 unless ``ops`` says
+            otherwise; probabilities recomputed). None: ``"recompute"``, see
+            :meth:`CompressionSpec.attention_storage`.
+        dropout_mode: ``"regenerate"`` (0 bytes) or ``"bitmask"`` (1 bit per element).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress_activations expects an nn.Module, got {type(model).__name__}")
+    if getattr(model, "_s2a_compression", None) is not None:
+        raise RuntimeError("model is already compressed; call s2a.restore(model) first to change settings")
+    spec = _validate(bits, ops, dropout_mode, attention_mode)
+    spec.skip = tuple(skip)
+    spec.strict = strict
+    state = _State(spec)
+    uncovered = []
+    for path, module in model.named_modules():
+        if _skipped(path, spec.skip):
+            if path and module is not model:
+                state.hooks.append(module.register_forward_pre_hook(partial(_disable, state)))
+                state.hooks.append(module.register_forward_hook(partial(_enable, state), always_call=True))
+            continue
+        if spec.enabled("attention") and _switch_attention(module, state):
+            continue
+        found = _module_op(module, spec)
+        if found is not None:
+            kind, fwd = found
+            if spec.enabled(kind):
+                state.patched.append((module, kind, module.__dict__.get("forward")))
+                module.forward = fwd
+            continue
+        name = type(module).__name__
+        leaf = not any(True for _ in module.children())
+        if (leaf and any(w.lower() in name.lower() for w in _SUSPECT_WORDS)
+                and name not in _COVERED_BY_MODE):
+            uncovered.append(f"{path or '<root>'}: {name}")
+    if strict and uncovered:
+        _undo(model, state)
+        raise UncoveredOperatorsError(
+            "these modules keep full-precision activations and s2a cannot compress them "
+            f"(pass skip=[...] to accept them): {uncovered}"
+        )
+    state.mode = _CompressMode(state)
+    state.hooks.append(model.register_forward_pre_hook(partial(_enter, state)))
+    state.hooks.append(model.register_forward_hook(partial(_exit, state), always_call=True))
+    model._s2a_compression = state
+    return model
+
+
+def _enter(state: _State, module, args):
+    if state.depth == 0:
+        state.mode.__enter__()
+    state.depth += 1
+
+
+def _exit(state: _State, module, args, output):
+    state.depth -= 1
+    if state.depth == 0:
+        state.mode.__exit__(None, None, None)
+        if state.spec.strict and state.uncovered_calls:
+            calls = sorted(state.uncovered_calls)
+            state.uncovered_calls.clear()
+            raise UncoveredOperatorsError(
+                f"the forward pass called functions that keep full-precision activations: {calls}"
+            )
+
+
+def _disable(state: _State, module, args):
+    state.disabled += 1
+
+
+def _enable(state: _State, module, args, output):
+    state.disabled -= 1
+
+
+def _undo(model: nn.Module, state: _State) -> None:
+    for module, _kind, previous in state.patched:
+        if previous is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous
+    for obj, attr, old in state.attrs:
+        setattr(obj, attr, old)
+    for module, impl in state.attn_impl:
+        module.set_attn_implementation(impl)
+    for h in state.hooks:
+        h.remove()
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo :func:`compress_activations` (a no-op on a model that is not compressed)."""
+    state = getattr(model, "_s2a_compression", None)
+    if state is None:
+        return model
+    _undo(model, state)
+    del model._s2a_compression
+    return model
+
+
+def compression_summary(model: nn.Module) -> dict[str, str]:
+    """Module path -> ``"kind@bits"`` for every patched module of a compressed model."""
+    state = getattr(model, "_s2a_compression", None)
+    if state is None:
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    spec = state.spec
+    return {names.get(id(m), "?"): f"{k}@{spec.bits_for(k)}" for m, k, _ in state.patched}

@@ -1,0 +1,411 @@
+"""Softmax and scaled-dot-product attention that keep low-bit state for backward.
+
+The forward of ``softmax`` is exact (``torch.softmax``); attention computes the
+native math in float32 (float64 for float64 inputs), equal to the native op to
+float rounding. Only what backward reads is compressed, always through
+``ctx.save_for_backward`` so saved-tensor hooks (offloading, byte counting) see
+every byte:
+
+``softmax(x, dim, bits)``
+    The probabilities y, stored per row (along ``dim``) with scale = row max on
+    the ``probs`` codebook (levels ``(i/(k-1))**2``, dense near 0 where most
+    probabilities lie). Backward: ``dx = y_hat * (g - sum(g * y_hat))``.
+
+``scaled_dot_product_attention(q, k, v, ..., bits, mode, qkv_bits)``
+    Drop-in for ``torch.nn.functional.scaled_dot_product_attention``. Modes:
+
+    * ``"probs"``: Q, K, V stored at ``qkv_bits`` (per-row absmax, default 8) and
+      the attention probabilities P at ``bits`` on the ``probs`` codebook.
+    * ``"recompute"``: Q, K, V stored at ``bits`` only; backward recomputes P from
+      the stored Q, K (and the mask, kept by reference) and uses
+      ``rowsum(P * dP)`` in the softmax backward, so the output is not needed.
+
+    Dropout on P costs no bytes: a seed drawn from the default CPU generator
+    (``torch.manual_seed`` makes runs reproducible) seeds a private
+    ``torch.Generator`` that draws the mask; the seed is saved as one int64 and the
+    mask redrawn in backward. Long sequences are processed in chunks of query rows
+    (``CHUNK_ELEMS`` logits at a time) so the float32 logits never exceed that.
+
+Why the functional default is ``"probs"`` at 4 bits: measured on ViT-B-like inputs (B=8, 12 heads,
+N=197, d=64, logit std 2-4, ``benchmarks/results/attention_modes.md``) it is the
+only mode reaching gradient cosine >= 0.99 at 4 bits (dq, dk, dv >= 0.9978, with
+725 KB per ViT-B block per sample vs 2.43 MB for native fp32 SDPA), while
+``"recompute"`` at 4 bits saves 255 KB but reaches only 0.926-0.965 because 4-bit
+Q/K perturb the logits. Note that ``mode="recompute", bits=8`` beats the default
+on every axis measured (482 KB, cosine >= 0.9997, 1.4x vs 1.4-1.7x native CPU time),
+which is why ``compress_activations`` uses it unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .packing import check_bits
+from .rowquant import ROW_BITS, dequantize_rows, quantize_rows, row_codebook
+
+SDPA_MODES = ("probs", "recompute")
+DEFAULT_MODE = "probs"
+# Logits (float32) materialised at a time in attention; rows of queries are chunked.
+CHUNK_ELEMS = 1 << 24
+# Q/K/V rows (head dim, per-row absmax): uniform levels. With absmax scaling of
+# 32-128 Gaussian-like values they are as accurate as normal-quantile levels
+# (4 bits: relative MSE 0.0083 vs 0.0077) and encode by rounding, not bucketize.
+_QKV_KIND = "uniform"
+
+__all__ = ["DEFAULT_MODE", "SDPA_MODES", "scaled_dot_product_attention", "softmax"]
+
+
+def _check_mode(mode: str) -> str:
+    if not isinstance(mode, str) or mode not in SDPA_MODES:
+        raise ValueError(f"mode={mode!r} is not supported; choose one of {list(SDPA_MODES)}")
+    return mode
+
+
+def _no_autocast(device_type: str):
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except (RuntimeError, ValueError):  # device type without autocast support
+        return contextlib.nullcontext()
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------- softmax
+
+
+def _renormalize(p: torch.Tensor) -> torch.Tensor:
+    """Rescale dequantised probability rows to sum to 1 again.
+
+    Rounding breaks sum(p) == 1, and then the softmax backward no longer sums to
+    zero over a row: a gradient leaks into directions where the exact one is 0
+    (e.g. the key bias, which softmax cannot see). Rows of zeros stay zero.
+    """
+    total = p.sum(-1, keepdim=True)
+    return p.div_(torch.where(total > 0, total, torch.ones_like(total)))
+
+
+def _softmax_bwd(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y * (g - sum(g * y))`` over the last dim (fused ATen kernel when available)."""
+    fused = getattr(torch, "_softmax_backward_data", None)
+    if fused is not None:
+        return fused(g, y, -1, y.dtype)
+    gy = g * y
+    return gy.addcmul_(y, gy.sum(-1, keepdim=True), value=-1.0)
+
+
+class _Softmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
+        y = torch.softmax(x, dim)
+        rows = y.movedim(dim, -1)
+        packed, scale = quantize_rows(rows, row_codebook("probs", bits), keep_nan=True)
+        ctx.save_for_backward(packed, scale)
+        ctx.meta = (dim, bits, rows.shape, x.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        packed, scale = ctx.saved_tensors
+        dim, bits, shape, dtype = ctx.meta
+        cdt = torch.promote_types(dtype, torch.float32)
+        y = _renormalize(dequantize_rows(packed, scale, row_codebook("probs", bits), shape, cdt))
+        dx = _softmax_bwd(grad.movedim(dim, -1).to(cdt), y)
+        return dx.movedim(-1, dim).to(dtype), None, None
+
+
+def softmax(x: torch.Tensor, dim: int = -1, bits: int = 4) -> torch.Tensor:
+    """``torch.softmax(x, dim)`` whose backward reads the probabilities at ``bits``.
+
+    Saved for backward: ``packed_nbytes(n, bits)`` bytes of codes (``ceil(n*bits/8)``;
+    up to 2 more for 3 bits) plus one float32 scale per row (row max). Falls back to ``torch.softmax`` (nothing saved) when
+    no gradient is needed or ``x`` is empty.
+    """
+    check_bits(bits, ROW_BITS, "bits")
+    if not (torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0 or x.dim() == 0:
+        return torch.softmax(x, dim)
+    return _Softmax.apply(x, dim % x.dim(), bits)
+
+
+# ------------------------------------------------------------------------- attention
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    dropout_p: float
+    is_causal: bool
+    scale: float
+    groups: int  # GQA: query heads per key/value head (1 without GQA)
+    bits: int
+    mode: str
+    qkv_bits: int
+
+
+def _dead_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Query rows whose mask excludes every key (native SDPA outputs 0 there)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        dead = mask.logical_not().all(-1, keepdim=True)
+    else:
+        dead = (mask == float("-inf")).all(-1, keepdim=True)
+    return dead if bool(dead.any()) else None
+
+
+def _probs(s: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+    p = torch.softmax(s, -1)
+    return p if dead is None else p.masked_fill_(dead, 0.0)
+
+
+def _chunk_bounds(n_rows: int, per_row: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMS // max(per_row, 1))
+    return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+def _rows(t: torch.Tensor | None, i0: int, i1: int) -> torch.Tensor | None:
+    # Slice the query-row dim of a mask unless it broadcasts along it.
+    if t is None or t.dim() < 2 or t.size(-2) == 1:
+        return t
+    return t[..., i0:i1, :]
+
+
+def _attn_probs(qc, kT, mask, cfg: _Cfg, i0: int, n_keys: int) -> torch.Tensor:
+    """Attention probabilities of query rows ``qc`` (already multiplied by the scale)."""
+    s = torch.matmul(qc, kT)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s.masked_fill_(mask.logical_not(), float("-inf"))
+        else:
+            s.add_(mask)
+    if cfg.is_causal:
+        drop = torch.ones(qc.size(-2), n_keys, dtype=torch.bool, device=qc.device)
+        s.masked_fill_(drop.triu_(i0 + 1), float("-inf"))
+    return _probs(s, _dead_rows(mask))
+
+
+def _draw_seed() -> int:
+    """Seed for the dropout mask, drawn from the default (CPU) generator."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def _keep_scale(gen: torch.Generator, like: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout multiplier: 0 where dropped, 1/(1-p) where kept (drawn from ``gen``)."""
+    keep = torch.rand(like.shape, generator=gen, dtype=like.dtype, device=like.device)
+    return keep.lt_(1.0 - p).mul_(1.0 / (1.0 - p))
+
+
+def _dropout_generator(seed: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def _expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    return t if groups == 1 else t.repeat_interleave(groups, dim=-3)
+
+
+def _reduce_kv(g: torch.Tensor, shape: torch.Size, groups: int) -> torch.Tensor:
+    if groups > 1:
+        g = g.sum_to_size(*g.shape[:-3], shape[-3] * groups, *g.shape[-2:])
+        g = g.unflatten(-3, (shape[-3], groups)).sum(-3)
+    return g.sum_to_size(shape)
+
+
+class _SDPA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, cfg: _Cfg):
+        dev = q.device
+        cdt = torch.promote_types(q.dtype, torch.float32)
+        qkv_bits = cfg.qkv_bits if cfg.mode == "probs" else cfg.bits
+        cb_x = row_codebook(_QKV_KIND, qkv_bits)
+        cb_p = row_codebook("probs", cfg.bits)
+        with _no_autocast(dev.type):
+            qp, qs = quantize_rows(q, cb_x, keep_nan=True)
+            kp, ks = quantize_rows(k, cb_x, keep_nan=True)
+            vp, vs = quantize_rows(v, cb_x, keep_nan=True)
+            qc = q.to(cdt) * cfg.scale
+            kT = _expand_kv(k.to(cdt), cfg.groups).transpose(-1, -2)
+            vc = _expand_kv(v.to(cdt), cfg.groups)
+            L, S = q.size(-2), k.size(-2)
+            batch = torch.broadcast_shapes(q.shape[:-2], kT.shape[:-2], vc.shape[:-2])
+            seed_t, gen = None, None
+            if cfg.dropout_p > 0:
+                seed = _draw_seed()
+                seed_t = torch.tensor([seed], dtype=torch.int64)
+                gen = _dropout_generator(seed, dev)
+            outs, p_packed, p_scales = [], [], []
+            p_batch = batch
+            for i0, i1 in _chunk_bounds(L, math.prod(batch) * S):
+                p = _attn_probs(qc[..., i0:i1, :], kT, _rows(mask, i0, i1), cfg, i0, S)
+                p_batch = p.shape[:-2]  # batch of P (v may broadcast beyond it)
+                if cfg.mode == "probs":
+                    pk, ps = quantize_rows(p, cb_p, keep_nan=True)
+                    p_packed.append(pk)
+                    p_scales.append(ps)
+                if gen is not None:
+                    p.mul_(_keep_scale(gen, p, cfg.dropout_p))
+                outs.append(torch.matmul(p, vc))
+                del p
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+        saved_mask = mask if cfg.mode == "recompute" else None
+        n_p = len(p_packed)
+        ctx.save_for_backward(qp, qs, kp, ks, vp, vs, seed_t, saved_mask, *p_packed, *p_scales)
+        ctx.cfg = cfg
+        ctx.meta = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, batch, p_batch, n_p)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cfg: _Cfg = ctx.cfg
+        q_shape, k_shape, v_shape, q_dt, k_dt, v_dt, batch, p_batch, n_p = ctx.meta
+        qp, qs, kp, ks, vp, vs, seed_t, mask, *p_state = ctx.saved_tensors
+        p_packed, p_scales = p_state[:n_p], p_state[n_p:]
+        dev = grad_out.device
+        cdt = torch.promote_types(q_dt, torch.float32)
+        cb_x = row_codebook(_QKV_KIND, cfg.qkv_bits if cfg.mode == "probs" else cfg.bits)
+        cb_p = row_codebook("probs", cfg.bits)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        with _no_autocast(dev.type):
+            qh = dequantize_rows(qp, qs, cb_x, q_shape, cdt)
+            kh = _expand_kv(dequantize_rows(kp, ks, cb_x, k_shape, cdt), cfg.groups)
+            vh = _expand_kv(dequantize_rows(vp, vs, cb_x, v_shape, cdt), cfg.groups)
+            g = grad_out.to(cdt)
+            L, S = q_shape[-2], k_shape[-2]
+            gen = None
+            if seed_t is not None:
+                gen = _dropout_generator(int(seed_t.item()), dev)
+            kT = kh.transpose(-1, -2)
+            dqs, dk, dv = [], None, None
+            for n, (i0, i1) in enumerate(_chunk_bounds(L, math.prod(batch) * S)):
+                q_c = qh[..., i0:i1, :]
+                if cfg.mode == "probs":
+                    rows_shape = (*p_batch, i1 - i0, S)
+                    p = _renormalize(dequantize_rows(p_packed[n], p_scales[n], cb_p, rows_shape, cdt))
+                else:
+                    p = _attn_probs(q_c * cfg.scale, kT, _rows(mask, i0, i1), cfg, i0, S)
+                g_c = g[..., i0:i1, :]
+                keep = None if gen is None else _keep_scale(gen, p, cfg.dropout_p)
+                if need_v:
+                    pd = p if keep is None else p * keep
+                    dv_c = torch.matmul(pd.transpose(-1, -2), g_c)
+                    dv = dv_c if dv is None else dv.add_(dv_c)
+                    del pd
+                if need_q or need_k:
+                    dp = torch.matmul(g_c, vh.transpose(-1, -2))
+                    if dp.shape != p.shape:  # v broadcast P over more batch dims
+                        dp = dp.sum_to_size(p.shape)
+                    if keep is not None:
+                        dp.mul_(keep)
+                    ds = _softmax_bwd(dp, p)  # P * (dP - rowsum(P dP)); scale applied below
+                    if need_q:
+                        dqs.append(torch.matmul(ds, kh).mul_(cfg.scale))
+                    if need_k:
+                        dk_c = torch.matmul(ds.transpose(-1, -2), q_c)
+                        dk = dk_c if dk is None else dk.add_(dk_c)
+                    del dp, ds
+                del p, keep
+            dq = None
+            if need_q:
+                dq = dqs[0] if len(dqs) == 1 else torch.cat(dqs, dim=-2)
+                dq = dq.sum_to_size(q_shape).to(q_dt)
+            if need_k:
+                dk = _reduce_kv(dk.mul_(cfg.scale), k_shape, cfg.groups).to(k_dt)
+            if need_v:
+                dv = _reduce_kv(dv, v_shape, cfg.groups).to(v_dt)
+        return dq, dk, dv, None, None
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    bits: int = 4,
+    mode: str = DEFAULT_MODE,
+    qkv_bits: int = 8,
+) -> torch.Tensor:
+    """Drop-in for ``F.scaled_dot_product_attention`` with low-bit saved state.
+
+    Same semantics as the native op (bool mask = keep, float mask additive,
+    broadcastable masks, ``is_causal`` top-left aligned, ``scale`` default
+    ``1/sqrt(E)``, GQA). Saved for backward, per call:
+
+    * ``mode="probs"``: ``packed_nbytes(n, qkv_bits)`` bytes (``ceil(n*bits/8)``, up
+      to 2 more for 3 bits) + 4 bytes per row of head dim for each of Q, K, V, plus
+      ``packed_nbytes(n_P, bits)`` + 4 bytes per row of P.
+    * ``mode="recompute"``: the same for Q, K, V at ``bits``, plus the mask tensor
+      (by reference, it is an input).
+
+    plus 8 bytes (one int64 seed) when ``dropout_p > 0``. Falls back to the native
+    op (its own saved state) when no input needs a gradient, grad mode is off, the
+    mask requires grad, or a tensor is empty.
+    """
+    check_bits(bits, ROW_BITS, "bits")
+    check_bits(qkv_bits, ROW_BITS, "qkv_bits")
+    _check_mode(mode)
+    q, k, v = query, key, value
+
+    def native():
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    mask_ok = attn_mask is None or (
+        not attn_mask.requires_grad
+        and (attn_mask.dtype == torch.bool or attn_mask.is_floating_point())
+        and not is_causal
+    )
+    if (
+        not needs_grad
+        or not mask_ok
+        or q.numel() == 0
+        or k.numel() == 0
+        or v.numel() == 0
+        or q.dim() < 2
+        or k.dim() < 2
+        or v.dim() < 2
+        or not (0.0 <= dropout_p < 1.0)
+        or not (q.is_floating_point() and q.dtype == k.dtype == v.dtype)
+    ):
+        return native()  # also raises the native errors for invalid arguments
+
+    groups = 1
+    if enable_gqa and q.dim() >= 3 and k.dim() >= 3 and q.size(-3) != k.size(-3):
+        hq, hk = q.size(-3), k.size(-3)
+        if hk == 0 or hq % hk != 0 or v.size(-3) != hk:
+            return native()
+        groups = hq // hk
+
+    dt = _autocast_dtype(q.device.type)
+    if dt is not None and q.dtype != dt:  # native SDPA runs in the autocast dtype
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    mask = attn_mask
+    if mask is not None and mask.dtype != torch.bool and dt is not None:
+        mask = mask.to(dt)
+    sc = scale if scale is not None else 1.0 / math.sqrt(q.size(-1))
+    cfg = _Cfg(float(dropout_p), bool(is_causal), float(sc), groups, bits, mode, qkv_bits)
+    return _SDPA.apply(q, k, v, mask, cfg)

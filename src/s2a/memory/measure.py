@@ -1,0 +1,591 @@
+"""Measure the memory of one training step: saved-for-backward bytes, breakdowns, peak.
+
+:func:`measure` runs the step twice on the same batch with the same RNG state:
+
+* **Run A (instrumented)**: forward + loss under ``torch.autograd.graph.saved_tensors_hooks``.
+  The pack hook records every saved tensor's storage (``untyped_storage().data_ptr()`` and
+  device; each storage counts once, with its full ``nbytes``), skipping storages of the model's
+  parameters and buffers, and the module path on top of a stack kept by forward pre/post hooks.
+  Then the autograd graph is walked from the loss: each node's saved tensors are unpacked
+  (``_saved_*`` attributes of built-in nodes, ``saved_tensors`` of custom Function nodes) while
+  the node is "current", so the unpack hook learns which node owns each packed token. The graph
+  is then dropped without a backward.
+* **Run B (allocator)**: a plain forward + loss without any hook, where the allocator's live
+  bytes are read before and after (the cross-check), then the backward, with pre/post hooks on
+  the autograd nodes sampling the allocator (peak on CPU), gradients, and optionally an
+  optimizer step.
+
+Everything observable about the model is restored afterwards: hooks, ``.grad`` (of parameters
+and of batch tensors), buffers (BatchNorm running statistics), parameters (after an optimizer
+step), ``training`` and ``requires_grad`` flags, and the global RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import operator
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from s2a.memory.allocator import AllocatorProbe, probe_for
+from s2a.memory.kinds import custom_origin, kind_from_class_name, node_kind
+from s2a.memory.report import MemoryReport
+
+__all__ = ["default_loss", "measure", "storage_key"]
+
+ROOT_PATH = "<root>"
+LOSS_PATH = "<loss>"
+OUTSIDE_PATH = "<outside>"
+OTHER_KIND = "other"
+
+StorageKey = tuple[Any, ...]
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------- tensor helpers
+def storage_key(t: torch.Tensor) -> tuple[StorageKey, int]:
+    """``(key, nbytes)`` of the storage under ``t``: two views of one storage share the key."""
+    try:
+        storage = t.untyped_storage()
+        nbytes = int(storage.nbytes())
+        ptr = int(storage.data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, odd subclasses
+        return ("tensor", id(t)), t.numel() * t.element_size()
+    if nbytes == 0:
+        return ("empty",), 0
+    return (t.device.type, t.device.index, ptr), nbytes
+
+
+def _iter_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
+    """Tensors inside nested tuples/lists/dicts/ModelOutputs/dataclass-like objects."""
+    if _depth > 8:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _iter_tensors(v, _depth + 1)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _iter_tensors(v, _depth + 1)
+    elif hasattr(obj, "logits") or hasattr(obj, "last_hidden_state"):
+        for name in ("loss", "logits", "last_hidden_state", "pooler_output"):
+            v = getattr(obj, name, None)
+            if v is not None:
+                yield from _iter_tensors(v, _depth + 1)
+
+
+def _unique(tensors: Iterator[torch.Tensor]) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def default_loss(output: Any, batch: Any = None) -> torch.Tensor:
+    """The loss used when :func:`measure` gets none.
+
+    ``output.loss`` if the model computed one; otherwise the sum over every floating-point
+    output tensor that requires grad (``logits``, ``last_hidden_state``, ``pooler_output``,
+    plain tensors, nested tuples...) of ``mean(t ** 2)``: deterministic, and its gradient
+    reaches every output, hence every trainable parameter that influences one. (Its ``pow``
+    saves each output tensor: that cost is reported under module ``<loss>``.)
+    """
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return loss.reshape(())
+    tensors = [t for t in _unique(_iter_tensors(output)) if t.is_floating_point() or t.is_complex()]
+    with_grad = [t for t in tensors if t.requires_grad]
+    chosen = with_grad or tensors
+    if not chosen:
+        raise TypeError(
+            f"default_loss: no floating-point tensor in the model output ({type(output).__name__});"
+            " pass loss_fn=..."
+        )
+    terms = [t.float().pow(2).mean() for t in chosen]
+    return functools.reduce(operator.add, terms)
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _model_device(model: nn.Module, batch: Any) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    for t in _iter_tensors(batch):
+        return t.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------- saved tensors
+class _Packed:
+    """What the pack hook hands to autograd: the tensor plus a token naming this save."""
+
+    __slots__ = ("__weakref__", "tensor", "token")
+
+    def __init__(self, token: int, tensor: torch.Tensor) -> None:
+        self.token = token
+        self.tensor = tensor
+
+
+@dataclass
+class _Record:
+    key: StorageKey
+    nbytes: int
+    path: str
+    preexisting: bool
+    tokens: list[int] = field(default_factory=list)
+    refs: list[weakref.ref] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return any(r() is not None for r in self.refs)
+
+
+class _SavedTensorTracer:
+    """saved_tensors_hooks pair recording storages, module paths and owning graph nodes.
+
+    The packed object holds the tensor, so autograd owns it exactly as without hooks (freed when
+    the graph is); records keep only weak references to packed objects. A storage whose packed
+    objects all died (a discarded branch of the graph) is retired, so a new storage that reuses
+    its address is counted anew, and the old one no longer counts.
+    """
+
+    def __init__(self, excluded: set[StorageKey], preexisting: set[StorageKey]) -> None:
+        self.excluded = excluded
+        self.preexisting = preexisting
+        self.path_stack: list[str] = []
+        self.records: dict[StorageKey, _Record] = {}
+        self.num_packed = 0
+        self.num_excluded = 0
+        self.token_kind: dict[int, str] = {}
+        self.token_origin: dict[int, str] = {}  # tokens of custom nodes naming no operator
+        self.current_kind: str | None = None
+        self.current_origin: str | None = None
+
+    # --- hooks
+    def pack(self, t: torch.Tensor) -> _Packed:
+        token = self.num_packed
+        self.num_packed += 1
+        packed = _Packed(token, t)
+        key, nbytes = storage_key(t)
+        if key in self.excluded:
+            self.num_excluded += 1
+            return packed
+        rec = self.records.get(key)
+        if rec is not None and not rec.alive():
+            rec = None
+        if rec is None:
+            path = self.path_stack[-1] if self.path_stack else OUTSIDE_PATH
+            rec = _Record(key, nbytes, path, key in self.preexisting)
+            self.records[key] = rec
+        rec.tokens.append(token)
+        rec.refs.append(weakref.ref(packed))
+        return packed
+
+    def unpack(self, packed: _Packed) -> torch.Tensor:
+        if self.current_kind is not None and packed.token not in self.token_kind:
+            self.token_kind[packed.token] = self.current_kind
+            if self.current_origin is not None:
+                self.token_origin[packed.token] = self.current_origin
+        return packed.tensor
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    # --- graph walk
+    def walk(self, roots: list[Any]) -> int:
+        """Unpack every saved tensor of every node reachable from ``roots``; number of nodes."""
+        seen: dict[int, Any] = {}  # holding the wrappers keeps their ids stable
+        stack = [r for r in roots if r is not None]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen[id(node)] = node
+            kind = node_kind(node)
+            origin = custom_origin(node)
+            self.current_kind = kind
+            # a custom node left unnamed: its record may still be named after its module
+            self.current_origin = origin if origin is not None and kind == type(node).__name__ else None
+            try:
+                _touch_saved(node)
+            finally:
+                self.current_kind = self.current_origin = None
+            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+        return len(seen)
+
+    def live_records(self) -> list[_Record]:
+        return [rec for rec in self.records.values() if rec.alive()]
+
+    def kind_of(self, rec: _Record, module_types: Mapping[str, type]) -> str:
+        kind, origin = OTHER_KIND, None
+        for token, ref in zip(rec.tokens, rec.refs, strict=True):
+            if ref() is not None and token in self.token_kind:
+                kind, origin = self.token_kind[token], self.token_origin.get(token)
+                break
+        module_name = getattr(module_types.get(rec.path), "__name__", "")
+        # On CPU dropout is computed as input * (bernoulli mask / (1 - p)), so the mask is
+        # saved by a plain MulBackward0: name it after the module that ran it.
+        if kind == "mul" and "dropout" in module_name.lower():
+            return "dropout"
+        if origin is not None and module_name:
+            by_module = kind_from_class_name(module_name, custom=True, origin=origin)
+            if by_module != module_name:
+                return by_module
+        return kind
+
+
+_SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
+
+
+def _touch_saved(node: Any) -> None:
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
+        with contextlib.suppress(RuntimeError):  # already freed, or saved something odd
+            node.saved_tensors  # noqa: B018 - the access runs the unpack hooks
+        return
+    cls = type(node)
+    names = _SAVED_ATTRS.get(cls)
+    if names is None:
+        names = tuple(n for n in dir(node) if n.startswith("_saved_"))
+        _SAVED_ATTRS[cls] = names
+    for name in names:
+        with contextlib.suppress(RuntimeError):
+            getattr(node, name)  # the access runs the unpack hook
+
+
+# ---------------------------------------------------------------------------- model state
+class _ModuleStack:
+    """Forward pre/post hooks on every submodule keeping the path of the innermost one."""
+
+    def __init__(self, model: nn.Module, stack: list[str], on_event: Callable[[], None] | None):
+        self.handles: list[Any] = []
+        for name, module in model.named_modules():
+            path = name or ROOT_PATH
+
+            def pre(_m, _args, path=path):
+                stack.append(path)
+                if on_event is not None:
+                    on_event()
+
+            def post(_m, _args, _out, path=path):
+                if on_event is not None:
+                    on_event()
+                if stack and stack[-1] == path:
+                    stack.pop()
+                elif path in stack:  # a forward that raised inside: unwind to it
+                    del stack[len(stack) - 1 - stack[::-1].index(path) :]
+
+            self.handles.append(module.register_forward_pre_hook(pre))
+            self.handles.append(module.register_forward_hook(post, always_call=True))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+class _SavedState:
+    """Everything :func:`measure` may touch, to put back afterwards."""
+
+    def __init__(self, model: nn.Module, batch_tensors: list[torch.Tensor]) -> None:
+        self.params = list(model.parameters())
+        self.grads = [p.grad for p in self.params]
+        self.requires_grad = [p.requires_grad for p in self.params]
+        self.training = [(m, m.training) for m in model.modules()]
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self.batch = [(t, t.grad) for t in batch_tensors if t.is_leaf and t.requires_grad]
+        self.param_data: list[tuple[nn.Parameter, torch.Tensor]] = []
+
+    def snapshot_trainable(self) -> None:
+        self.param_data = [(p, p.detach().clone()) for p in self.params if p.requires_grad]
+
+    def clear_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+        for t, _ in self.batch:
+            t.grad = None
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, data in self.param_data:
+                p.copy_(data)
+            for b, data in self.buffers:
+                b.copy_(data)
+        for p, g, rg in zip(self.params, self.grads, self.requires_grad, strict=True):
+            p.grad = g
+            p.requires_grad_(rg)
+        for t, g in self.batch:
+            t.grad = g
+        for m, flag in self.training:
+            m.training = flag
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    if device.type == "cuda":
+        return [device.index if device.index is not None else torch.cuda.current_device()]
+    return []
+
+
+def _storages_bytes(tensors: list[torch.Tensor], skip: set[StorageKey]) -> dict[StorageKey, int]:
+    out: dict[StorageKey, int] = {}
+    for t in tensors:
+        key, nbytes = storage_key(t)
+        if key not in skip:
+            out[key] = nbytes
+    return out
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _make_optimizer(spec: Any, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if spec is True:
+        return torch.optim.AdamW(params, lr=1e-3)
+    return spec(params)
+
+
+# ---------------------------------------------------------------------------- measure
+def measure(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn | None = None,
+    *,
+    optimizer_step: bool | Callable[[list[nn.Parameter]], torch.optim.Optimizer] = False,
+    name: str | None = None,
+) -> MemoryReport:
+    """Measure one training step of ``model`` on ``batch``; see :class:`MemoryReport`.
+
+    ``batch``: a tensor (``model(batch)``), a tuple/list (``model(*batch)``) or a mapping
+    (``model(**batch)``). ``loss_fn(output, batch) -> scalar`` defaults to :func:`default_loss`.
+    ``optimizer_step``: also take an optimizer step (``True``: AdamW; or a factory
+    ``params -> Optimizer``) and report its state; the parameters are restored afterwards.
+    The model runs in its current ``training`` mode and is left exactly as it was.
+    """
+    loss_fn = loss_fn or default_loss
+    device = _model_device(model, batch)
+    probe = probe_for(device)
+    params = list(model.parameters())
+    batch_tensors = _unique(_iter_tensors(batch))
+
+    excluded = {storage_key(t)[0] for t in params}
+    excluded |= {storage_key(t)[0] for t in model.buffers()}
+    # storages alive before the step that the graph may keep: batch tensors, and plain tensor
+    # attributes of modules (neither parameter nor buffer); counted as saved, but as
+    # "preexisting" they add nothing to the allocator's growth during the step
+    preexisting = {storage_key(t)[0] for t in batch_tensors}
+    for m in model.modules():
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor):
+                preexisting.add(storage_key(v)[0])
+    preexisting -= excluded
+
+    state = _SavedState(model, batch_tensors)
+    notes: list[str] = []
+    report = MemoryReport(saved_bytes=0, model_name=name or type(model).__name__, device=str(device))
+    report.total_params = sum(p.numel() for p in params)
+    report.trainable_params = sum(p.numel() for p in params if p.requires_grad)
+    report.param_bytes = sum(p.numel() * p.element_size() for p in params)
+    report.trainable_param_bytes = sum(
+        p.numel() * p.element_size() for p in params if p.requires_grad
+    )
+
+    with torch.random.fork_rng(devices=_rng_devices(device)), torch.enable_grad():
+        rng_cpu = torch.get_rng_state()
+        rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+        def reset_rng() -> None:
+            torch.set_rng_state(rng_cpu)
+            if rng_cuda is not None:
+                torch.cuda.set_rng_state(rng_cuda, device)
+
+        try:
+            state.clear_grads()
+            fwd_peak = _instrumented_run(
+                model, batch, loss_fn, probe, excluded, preexisting, report, reset_rng
+            )
+            if optimizer_step:
+                state.snapshot_trainable()
+            _allocator_run(model, batch, loss_fn, probe, report, reset_rng, optimizer_step, fwd_peak)
+        finally:
+            state.restore()
+    if probe is None:
+        notes.append(f"no allocator statistics for device {device}: peak and cross-check skipped")
+    report.notes.extend(notes)
+    return report
+
+
+def _instrumented_run(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn,
+    probe: AllocatorProbe | None,
+    excluded: set[StorageKey],
+    preexisting: set[StorageKey],
+    report: MemoryReport,
+    reset_rng: Callable[[], None],
+) -> int | None:
+    """Run A: forward + loss under saved-tensor hooks, graph walk; returns the forward peak."""
+    tracer = _SavedTensorTracer(excluded, preexisting)
+    sample = probe.sample if probe is not None and not probe.exact_peak else None
+    modules = _ModuleStack(model, tracer.path_stack, sample)
+    reset_rng()
+    base = probe.start() if probe is not None else 0
+    try:
+        with _no_gc(), tracer.hooks():
+            output = _call(model, batch)
+            tracer.path_stack[:] = [LOSS_PATH]
+            loss = loss_fn(output, batch)
+            tracer.path_stack.clear()
+    finally:
+        modules.remove()
+    fwd_peak = probe.peak() - base if probe is not None else None
+
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+    out_tensors = _unique(_iter_tensors(output))
+    roots = [loss.grad_fn] + [t.grad_fn for t in out_tensors]
+    tracer.walk(roots)
+
+    records = tracer.live_records()
+    by_kind: dict[str, int] = {}
+    by_module: dict[str, int] = {}
+    module_types = {name or ROOT_PATH: type(m) for name, m in model.named_modules()}
+    for rec in records:
+        kind = tracer.kind_of(rec, module_types)
+        by_kind[kind] = by_kind.get(kind, 0) + rec.nbytes
+        by_module[rec.path] = by_module.get(rec.path, 0) + rec.nbytes
+    report.saved_bytes = sum(rec.nbytes for rec in records)
+    report.saved_input_bytes = sum(rec.nbytes for rec in records if rec.preexisting)
+    report.num_saved_storages = len(records)
+    report.num_saved_tensors = sum(sum(r() is not None for r in rec.refs) for rec in records)
+    # largest first; ties keep forward order (records are created in forward order)
+    report.by_kind = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+    report.by_module = dict(sorted(by_module.items(), key=lambda kv: -kv[1]))
+
+    # What run B's allocator delta after forward + loss should be. Alive at that moment are:
+    #   (1) the storages the graph saved, minus those that existed before the step (batch,
+    #       module tensor attributes): saved_bytes - saved_input_bytes;
+    #   (2) the output tensors and the loss, which the caller holds, unless (1) has them
+    #       already (the default loss saves the outputs) or they are parameters/preexisting;
+    #   (3) small C++ objects (autograd nodes, SavedVariable, TensorImpl) and allocator
+    #       rounding: not modelled, tens of bytes per node.
+    # Nothing else: temporaries of each op are freed by then, and no hook runs in run B.
+    saved_keys = {rec.key for rec in records}
+    alive = _storages_bytes([*out_tensors, loss], excluded | preexisting | saved_keys)
+    report.output_bytes = sum(_storages_bytes(out_tensors, excluded).values())
+    report.expected_forward_live_bytes = (
+        report.saved_bytes - report.saved_input_bytes + sum(alive.values())
+    )
+    del output, loss, out_tensors, roots, records
+    return fwd_peak
+
+
+def _allocator_run(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn,
+    probe: AllocatorProbe | None,
+    report: MemoryReport,
+    reset_rng: Callable[[], None],
+    optimizer_step: Any,
+    fwd_peak: int | None,
+) -> None:
+    """Run B: hook-free forward + loss (cross-check), backward (peak, grads), optimizer step."""
+    reset_rng()
+    if probe is not None:
+        gc.collect()  # garbage from before the step must not be freed inside the window
+    with _no_gc():  # ... nor by an automatic collection between the two readings
+        base = probe.start() if probe is not None else 0
+        output = _call(model, batch)
+        loss = loss_fn(output, batch)
+        if probe is not None:
+            report.forward_live_bytes = probe.live() - base
+            probe.sample()
+    del output  # the loss keeps the graph alive; the outputs are not needed any more
+
+    handles = []
+    if loss.requires_grad:
+        if probe is not None and not probe.exact_peak:
+            handles = _sample_in_backward(loss.grad_fn, probe)
+        try:
+            loss.backward()
+        finally:
+            for h in handles:
+                h.remove()
+    del loss
+    if probe is not None:
+        probe.sample()
+
+    grads: dict[StorageKey, int] = {}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        if p.grad is not None:
+            key, nbytes = storage_key(p.grad)
+            grads[key] = nbytes
+    report.grad_bytes = sum(grads.values())
+
+    if optimizer_step and trainable:
+        opt = _make_optimizer(optimizer_step, trainable)
+        opt.step()
+        if probe is not None:
+            probe.sample()
+        state_tensors = [
+            v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)
+        ]
+        report.optimizer_state_bytes = sum(_storages_bytes(state_tensors, set()).values())
+        del opt, state_tensors
+
+    if probe is not None:
+        peak = probe.peak() - base
+        if fwd_peak is not None:
+            peak = max(peak, fwd_peak)
+        report.peak_bytes = peak
+        report.peak_method = probe.method
+
+
+def _sample_in_backward(root: Any, probe: AllocatorProbe) -> list[Any]:
+    """Pre/post hooks on every autograd node reachable from ``root`` that sample ``probe``."""
+
+    def pre(_grad_outputs):
+        probe.sample()
+
+    def post(_grad_inputs, _grad_outputs):
+        probe.sample()
+
+    handles = []
+    seen: dict[int, Any] = {}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        handles.append(node.register_prehook(pre))
+        handles.append(node.register_hook(post))
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return handles

@@ -1,0 +1,197 @@
+"""compress_activations / restore on real timm and transformers models."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import s2a
+from helpers import cosine, minilm_path, rotten_tomatoes_sentences, saved_bytes, train_biases_only
+from s2a.activations import OP_KINDS
+
+
+def step(model, *args, **kwargs):
+    """Forward + backward; returns (output, saved bytes, {param name: grad})."""
+    model.zero_grad(set_to_none=True)
+    params = [p for p in model.parameters()]
+    out, nbytes = saved_bytes(model, *args, exclude=params, **kwargs)
+    logits = out.logits if hasattr(out, "logits") else out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+    torch.manual_seed(1)
+    logits.backward(torch.randn_like(logits))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), nbytes, grads
+
+
+def flat(grads):
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "min_ratio", "min_cos"),
+    [
+        ("vit_tiny_patch16_224", {}, 4.0, 0.99),
+        ("deit_tiny_distilled_patch16_224", {}, 4.0, 0.99),
+        ("resnet18", {}, 3.0, 0.99),
+        ("convnext_atto", {}, 3.0, 0.99),
+        ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1), "embed_dim": 48, "num_heads": (2, 2, 2, 2), "drop_path_rate": 0.0}, 3.0, 0.99),
+        # 49 SiLU and 49 train-mode BatchNorms in series at batch 2: per-operator errors
+        # compound with depth (per operator the cosine is > 0.999).
+        ("efficientnet_b0", {}, 3.0, 0.98),
+    ],
+)
+def test_timm_models(name, kwargs, min_ratio, min_cos):
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    train_biases_only(model)
+    x = torch.randn(2, 3, 224, 224)
+    ref_out, ref_bytes, ref_grads = step(model, x)
+    s2a.compress_activations(model, bits=4)
+    out, nbytes, grads = step(model, x)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    assert ref_bytes / nbytes >= min_ratio, (ref_bytes, nbytes)
+    assert grads.keys() == ref_grads.keys()
+    assert cosine(flat(grads), flat(ref_grads)) > min_cos
+    s2a.restore(model)
+    out2, bytes2, _ = step(model, x)
+    assert bytes2 == ref_bytes and torch.equal(out2, ref_out)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_pretrained_minilm_on_real_sentences():
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, attn_implementation="eager")
+    model.train()  # dropout on: the compressed dropout regenerates the same masks by seed
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # identical masks are not expected across implementations
+    train_biases_only(model)
+    batch = tok(rotten_tomatoes_sentences(16), padding=True, truncation=True, max_length=64, return_tensors="pt")
+    ref_out, ref_bytes, ref_grads = step(model, **batch)
+    s2a.compress_activations(model, bits=4)
+    assert model.config._attn_implementation == "sdpa"
+    out, nbytes, grads = step(model, **batch)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    assert cosine(flat(grads), flat(ref_grads)) >= 0.98
+    total = flat(ref_grads).norm()
+    for name, ref in ref_grads.items():  # every trainable tensor, not just the total ...
+        if ref.norm() > 1e-4 * total:  # ... except those whose exact gradient is 0 (key biases)
+            assert cosine(grads[name], ref) > 0.9, name
+        else:
+            assert grads[name].norm() < 1e-3 * total, name
+    assert ref_bytes / nbytes > 3
+    s2a.restore(model)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_llama_style_decoder():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    for n, p in model.named_parameters():
+        p.requires_grad_("norm" in n or "lm_head" in n)
+    ids = torch.randint(0, 128, (2, 32))
+    ref_out, ref_bytes, ref_grads = step(model, input_ids=ids)
+    s2a.compress_activations(model)
+    summary = s2a.compression_summary(model)
+    assert any(v.startswith("rms_norm") for v in summary.values())
+    assert any(v.startswith("silu") for v in summary.values())
+    out, nbytes, grads = step(model, input_ids=ids)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    assert cosine(flat(grads), flat(ref_grads)) > 0.99
+    assert nbytes < ref_bytes
+
+
+def test_functional_calls_are_routed():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(32, 64)
+
+        def forward(self, x):
+            h = F.gelu(self.lin(x))
+            return torch.softmax(F.layer_norm(h, (64,)), dim=-1)
+
+    model = Functional()
+    model.lin.weight.requires_grad_(False)
+    x = torch.randn(16, 32)
+    ref_out, ref_bytes, _ = step(model, x)
+    s2a.compress_activations(model)
+    out, nbytes, _ = step(model, x)
+    torch.testing.assert_close(out, ref_out)
+    assert nbytes < ref_bytes / 3
+    # Outside the model's forward nothing is intercepted.
+    y = F.gelu(torch.randn(4, requires_grad=True))
+    assert y.grad_fn.name() == "GeluBackward0"
+
+
+def test_ops_subset_per_op_bits_and_skip():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    s2a.compress_activations(model, ops={"gelu": 2, "layer_norm": 8}, skip=["blocks.1*"])
+    summary = s2a.compression_summary(model)
+    assert set(summary.values()) == {"gelu@2", "layer_norm@8"}
+    assert not any(k.startswith("blocks.1.") for k in summary)
+    assert "blocks.10.mlp.act" not in summary and "blocks.2.mlp.act" in summary
+    s2a.restore(model)
+    assert s2a.compression_summary(model) == {}
+
+
+def test_strict_mode_lists_uncovered_modules():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ELU(), nn.Linear(8, 8), nn.GroupNorm(2, 8), nn.GELU())
+    with pytest.raises(s2a.UncoveredOperatorsError, match=r"1: ELU.*3: GroupNorm"):
+        s2a.compress_activations(model, strict=True)
+    assert "forward" not in model[4].__dict__  # a failed strict call leaves the model untouched
+    s2a.compress_activations(model, strict=True, skip=["1", "3"])
+    assert s2a.compression_summary(model) == {"4": "gelu@4"}
+
+
+def test_strict_mode_catches_functional_calls():
+    class Custom(nn.Module):
+        def forward(self, x):
+            return F.elu(x)
+
+    model = s2a.compress_activations(Custom(), strict=True)
+    with pytest.raises(s2a.UncoveredOperatorsError, match="elu"):
+        model(torch.randn(3, requires_grad=True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"bits": 5}, ValueError, "choose one of"),
+        ({"ops": ["gelu", "swiglu"]}, ValueError, r"unknown operator kind\(s\) \['swiglu'\]"),
+        ({"ops": {"layer_norm": 1}}, ValueError, "bits for layer_norm"),
+        ({"ops": "gelu"}, TypeError, "not the string"),
+        ({"dropout_mode": "x"}, ValueError, "dropout_mode"),
+        ({"attention_mode": "flash"}, ValueError, "attention_mode"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        s2a.compress_activations(nn.GELU(), **kwargs)
+
+
+def test_double_compress_and_non_module():
+    model = s2a.compress_activations(nn.Sequential(nn.GELU()))
+    with pytest.raises(RuntimeError, match="already compressed"):
+        s2a.compress_activations(model)
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        s2a.compress_activations(lambda x: x)
+
+
+def test_autocast_bf16_training_step():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    train_biases_only(model)
+    s2a.compress_activations(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 224, 224))
+    out.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_every_kind_is_documented():
+    assert {"gelu", "softmax", "attention", "layer_norm", "dropout", "conv"} <= set(OP_KINDS)

@@ -1,0 +1,333 @@
+"""The compressed autograd operators against PyTorch's own."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import cosine, saved_bytes
+from s2a.activations import functional as S
+from s2a.activations.packing import packed_nbytes
+
+NATIVE = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
+    "silu": F.silu,
+    "hardswish": F.hardswish,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "mish": F.mish,
+    "softplus": F.softplus,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
+    "hardtanh": F.hardtanh,
+}
+SMOOTH = [n for n in NATIVE if n not in S.EXACT_FUNCTIONS]
+
+
+def realistic(*shape, dtype=torch.float32):
+    # Pre-activations of a transformer MLP: shifted, wider than unit, a few outliers.
+    x = torch.randn(*shape) * 1.6 - 0.4
+    x.view(-1)[:: max(1, x.numel() // 50)] *= 4
+    return x.to(dtype)
+
+
+def grads(fn, x, g):
+    x = x.detach().clone().requires_grad_()
+    y = fn(x)
+    y.backward(g)
+    return y, x.grad
+
+
+@pytest.mark.parametrize("name", list(NATIVE))
+def test_forward_exact_and_backward_close(name):
+    x = realistic(32, 197, 96)
+    g = torch.randn_like(x)
+    y_ref, gx_ref = grads(NATIVE[name], x, g)
+    y, gx = grads(lambda t: S.activation(t, name, 4), x, g)
+    assert torch.equal(y, y_ref)
+    if name in S.EXACT_FUNCTIONS:
+        assert torch.equal(gx, gx_ref)
+    else:
+        assert cosine(gx, gx_ref) >= 0.99
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu", "tanh"])
+def test_more_bits_more_accurate(name):
+    x = realistic(4096)
+    g = torch.randn_like(x)
+    _, ref = grads(NATIVE[name], x, g)
+    errs = [(grads(lambda t, b=b: S.activation(t, name, b), x, g)[1] - ref).norm() for b in (1, 2, 3, 4, 8)]
+    assert all(a > b for a, b in itertools.pairwise(errs))
+    assert cosine(grads(lambda t: S.activation(t, name, 8), x, g)[1], ref) > 0.9999
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_saved_bytes_are_the_packed_codes(bits):
+    x = torch.randn(1000, requires_grad=True)
+    _, nbytes = saved_bytes(S.activation, x, "gelu", bits)
+    assert nbytes == packed_nbytes(1000, bits)
+    _, nbytes = saved_bytes(S.activation, x, "relu", bits)
+    assert nbytes == 125  # ReLU family: always one exact bit
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu", "relu", "hardswish"])
+def test_nan_and_inf(name):
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1.0, -1.0, 100.0, -100.0])
+    g = torch.ones_like(x)
+    _, ref = grads(NATIVE[name], x, g)
+    y, gx = grads(lambda t: S.activation(t, name, 4), x, g)
+    assert torch.equal(torch.isnan(y), torch.isnan(NATIVE[name](x)))
+    finite = torch.isfinite(ref)
+    assert torch.isfinite(gx[finite]).all()
+    if torch.isnan(ref[0]):
+        assert torch.isnan(gx[0])
+    else:  # PyTorch's ReLU and Hardswish pass the gradient at a NaN input; we match them
+        assert gx[0] == pytest.approx(ref[0].item(), abs=0.02)
+
+
+@pytest.mark.parametrize("name", ["gelu", "relu"])
+def test_empty_noncontiguous_channels_last(name):
+    e = torch.empty(0, 5, requires_grad=True)
+    y = S.activation(e, name)
+    y.sum().backward()
+    assert y.shape == (0, 5) and e.grad.shape == (0, 5)
+
+    base = realistic(8, 16, 12, 12)
+    for x in (base.transpose(1, 3), base.contiguous(memory_format=torch.channels_last)):
+        g = torch.randn_like(x)
+        _, ref = grads(NATIVE[name], x, g)
+        y, gx = grads(lambda t: S.activation(t, name), x, g)
+        assert torch.equal(y, NATIVE[name](x))
+        assert cosine(gx, ref) > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["gelu", "silu", "relu6"])
+def test_half_precision(name, dtype):
+    x = realistic(64, 256, dtype=dtype)
+    g = torch.randn_like(x)
+    y_ref, ref = grads(NATIVE[name], x, g)
+    y, gx = grads(lambda t: S.activation(t, name), x, g)
+    assert y.dtype == dtype and gx.dtype == dtype
+    assert torch.equal(y, y_ref)
+    assert cosine(gx, ref) > 0.99
+
+
+def test_inside_autocast():
+    lin = torch.nn.Linear(64, 64)
+    x = torch.randn(16, 64)
+    outs = []
+    for fn in (F.gelu, lambda t: S.activation(t, "gelu")):
+        lin.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(lin(x))
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        outs.append(lin.weight.grad.clone())
+    assert cosine(outs[0], outs[1]) > 0.99
+
+
+@pytest.mark.parametrize("bits", [0, 5, 7, "4", None])
+def test_bad_bits(bits):
+    with pytest.raises(ValueError, match="choose one of"):
+        S.activation(torch.randn(3, requires_grad=True), "gelu", bits)
+
+
+def test_unknown_activation():
+    with pytest.raises(ValueError, match="unknown activation 'elu'"):
+        S.activation(torch.randn(3, requires_grad=True), "elu")
+
+
+def test_no_grad_runs_native():
+    x = torch.randn(10)
+    _, nbytes = saved_bytes(S.activation, x, "gelu")
+    assert nbytes == 0
+
+
+# --- norms ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trainable", ["all", "bias", "none"])
+def test_layer_norm(trainable):
+    ln = torch.nn.LayerNorm(384)
+    torch.nn.init.normal_(ln.weight, 1.0, 0.3)
+    torch.nn.init.normal_(ln.bias, 0.0, 0.3)
+    ln.weight.requires_grad_(trainable == "all")
+    ln.bias.requires_grad_(trainable in ("all", "bias"))
+    x = realistic(16, 197, 384)
+    x[..., 7] += 30  # an outlier channel, as in pretrained ViTs and BERTs
+    g = torch.randn_like(x)
+    y_ref, gx_ref = grads(ln, x, g)
+    ref_grads = [p.grad.clone() if p.grad is not None else None for p in (ln.weight, ln.bias)]
+    ln.zero_grad(set_to_none=True)
+    y, gx = grads(lambda t: S.layer_norm(t, (384,), ln.weight, ln.bias, ln.eps), x, g)
+    assert torch.equal(y, y_ref)
+    assert cosine(gx, gx_ref) > 0.99
+    # Input gradients: >= 0.99 (the operator target); parameter gradients: >= 0.98.
+    for p, ref in zip((ln.weight, ln.bias), ref_grads, strict=True):
+        if ref is not None:
+            assert cosine(p.grad, ref) > 0.98
+
+
+def test_layer_norm_saved_bytes():
+    x = torch.randn(8, 50, 256, requires_grad=True)
+    w, b = torch.ones(256), torch.zeros(256, requires_grad=True)
+    _, nbytes = saved_bytes(S.layer_norm, x, (256,), w, b, 1e-5, exclude=(w, b))
+    rows = 8 * 50
+    # 4-bit codes + one fp32 scale per channel + one fp32 1/sigma per row
+    assert nbytes == 8 * 50 * 256 // 2 + 256 * 4 + rows * 4
+
+
+def test_rms_norm():
+    w = torch.randn(256, requires_grad=True)
+    x = realistic(8, 64, 256)
+    g = torch.randn_like(x)
+    y_ref, gx_ref = grads(lambda t: F.rms_norm(t, (256,), w, 1e-6), x, g)
+    gw_ref, w.grad = w.grad.clone(), None
+    y, gx = grads(lambda t: S.rms_norm(t, (256,), w, 1e-6), x, g)
+    torch.testing.assert_close(y, y_ref)
+    assert cosine(gx, gx_ref) > 0.99 and cosine(w.grad, gw_ref) > 0.99
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm(training):
+    bn = torch.nn.BatchNorm2d(16).train(training)
+    bn.running_var.fill_(2.0)
+    torch.nn.init.normal_(bn.weight, 1.0, 0.3)
+    x = realistic(8, 16, 14, 14) + 1
+    g = torch.randn_like(x)
+    stats = (bn.running_mean.clone(), bn.running_var.clone())
+    y_ref, gx_ref = grads(bn, x, g)
+    ref_stats = (bn.running_mean.clone(), bn.running_var.clone())
+    gw_ref = bn.weight.grad.clone()
+    bn.weight.grad = None
+    bn.running_mean.copy_(stats[0])
+    bn.running_var.copy_(stats[1])
+    y, gx = grads(lambda t: S.batch_norm(t, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                          training, 0.1, bn.eps), x, g)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(bn.running_mean, ref_stats[0])
+    torch.testing.assert_close(bn.running_var, ref_stats[1])
+    assert cosine(gx, gx_ref) > 0.99 and cosine(bn.weight.grad, gw_ref) > 0.98
+
+
+def test_batch_norm_eval_frozen_keeps_no_activation():
+    bn = torch.nn.BatchNorm2d(16).eval().requires_grad_(False)
+    bn.bias.requires_grad_(True)
+    x = torch.randn(8, 16, 14, 14, requires_grad=True)
+    _, nbytes = saved_bytes(S.batch_norm, x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                            False, 0.1, bn.eps, exclude=(bn.weight, bn.bias))
+    assert nbytes == 16 * 4  # 1/sigma per channel, nothing per element
+    _, native = saved_bytes(bn, x, exclude=(bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    assert native >= x.numel() * 4  # PyTorch keeps the whole input
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "batch_norm"])
+def test_norm_bad_bits(op):
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=f"bits for {op}"):
+        if op == "layer_norm":
+            S.layer_norm(x, (3,), bits=1)
+        else:
+            S.batch_norm(x, None, None, training=True, bits=5)
+
+
+# --- dropout and drop path ------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["regenerate", "bitmask"])
+def test_dropout(mode):
+    x = torch.randn(64, 100, requires_grad=True)
+    y, nbytes = saved_bytes(S.dropout, x, 0.3, True, mode=mode)
+    assert nbytes == (8 if mode == "regenerate" else 64 * 100 // 8)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(y != 0, x.grad != 0)
+    torch.testing.assert_close(y, x * x.grad)
+    assert 0.25 < (y == 0).float().mean() < 0.35
+
+
+def test_dropout_reproducible_and_validated():
+    x = torch.randn(1000, requires_grad=True)
+    torch.manual_seed(5)
+    a = S.dropout(x, 0.5)
+    torch.manual_seed(5)
+    b = S.dropout(x, 0.5)
+    assert torch.equal(a, b)
+    assert S.dropout(x, 0.5, training=False) is x
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        S.dropout(x, 1.5)
+    with pytest.raises(ValueError, match="mode"):
+        S.dropout(x, 0.5, mode="zip")
+
+
+def test_drop_path():
+    x = torch.randn(32, 10, 8, requires_grad=True)
+    y, nbytes = saved_bytes(S.drop_path, x, 0.5, True)
+    assert nbytes == 4  # one bit per sample
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(y, x * x.grad)
+    kept = (y.flatten(1) != 0).any(1)
+    assert 0 < kept.sum() < 32
+
+
+# --- frozen layers keep no inputs --------------------------------------------------
+
+
+def test_frozen_linear_keeps_no_input_natively():
+    # Guard on PyTorch's behaviour that S2A's bias module relies on.
+    lin = torch.nn.Linear(64, 64).requires_grad_(False)
+    lin.bias.requires_grad_(True)
+    x = torch.randn(8, 64, requires_grad=True)
+    _, nbytes = saved_bytes(lin, x, exclude=(lin.weight, lin.bias))
+    assert nbytes == 0
+    lin.weight.requires_grad_(True)
+    _, nbytes = saved_bytes(lin, x, exclude=(lin.weight, lin.bias))
+    assert nbytes == x.numel() * 4
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: torch.nn.Conv1d(8, 4, 3, padding=2, dilation=2), (2, 8, 20)),
+        (lambda: torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), (2, 8, 14, 14)),
+        (lambda: torch.nn.Conv2d(8, 4, 5, padding=2, bias=False), (2, 8, 9, 9)),
+        (lambda: torch.nn.Conv3d(4, 4, 3, padding=1), (1, 4, 6, 6, 6)),
+        (lambda: torch.nn.Conv2d(8, 4, 3), (8, 9, 9)),  # unbatched
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_frozen_conv_keeps_no_input(make, shape, channels_last):
+    conv = make()
+    conv.weight.requires_grad_(False)
+    x = torch.randn(shape)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _, native = saved_bytes(conv, x.requires_grad_(), exclude=(conv.weight,))
+    assert native >= x.numel() * 4  # PyTorch keeps the input of a frozen convolution
+    g = torch.randn_like(conv(x))
+    y_ref, gx_ref = grads(conv, x, g)
+    gb_ref = conv.bias.grad.clone() if conv.bias is not None else None
+    if conv.bias is not None:
+        conv.bias.grad = None
+    fn = lambda t: S.conv(t, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)  # noqa: E731
+    exclude = (conv.weight,) + ((conv.bias,) if conv.bias is not None else ())
+    _, nbytes = saved_bytes(fn, x.detach().requires_grad_(), exclude=exclude)
+    assert nbytes == 0
+    y, gx = grads(fn, x, g)
+    assert torch.equal(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    if gb_ref is not None:
+        torch.testing.assert_close(conv.bias.grad, gb_ref)
+
+
+def test_trainable_conv_is_native():
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    _, nbytes = saved_bytes(S.conv, x, conv.weight, conv.bias, exclude=(conv.weight,))
+    assert nbytes == x.numel() * 4
+    assert math.isfinite(nbytes)

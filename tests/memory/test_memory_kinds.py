@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import pytest
+
+from s2a.memory import kind_from_class_name
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("GeluBackward0", "gelu"),
+        ("SiluBackward0", "silu"),
+        ("NativeLayerNormBackward0", "layer_norm"),
+        ("ConvolutionBackward0", "conv"),
+        ("AddmmBackward0", "linear"),
+        ("MmBackward0", "linear"),
+        ("SoftmaxBackward0", "softmax"),
+        ("SafeSoftmaxBackward0", "softmax"),
+        ("ScaledDotProductFlashAttentionForCpuBackward0", "attention"),
+        ("ScaledDotProductEfficientAttentionBackward0", "attention"),
+        ("ScaledDotProductFlashAttentionBackward0", "attention"),
+        ("ScaledDotProductCudnnAttentionBackward0", "attention"),
+        ("NativeBatchNormBackward0", "batch_norm"),
+        ("CudnnBatchNormBackward0", "batch_norm"),
+        ("NativeDropoutBackward0", "dropout"),
+        ("UnsafeViewBackward0", "UnsafeViewBackward0"),
+    ],
+)
+def test_builtin_kinds(name, kind):
+    assert kind_from_class_name(name) == kind
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("_GELUFunctionBackward", "gelu"),
+        ("PackedSoftmaxBackward", "softmax"),
+        ("_LayerNormFnBackward", "layer_norm"),
+        ("CompressedSiLUBackward", "silu"),
+        ("HardSwishFunctionBackward", "hardswish"),
+        ("ReLU6Backward", "relu6"),
+        ("_DropoutMaskBackward", "dropout"),
+        ("QuantAttentionBackward", "attention"),
+    ],
+)
+def test_custom_kinds(name, kind):
+    assert kind_from_class_name(name, custom=True, origin="s2a") == f"{kind} (s2a)"
+    assert kind_from_class_name(name, custom=True) == f"{kind} (custom)"
+
+
+def test_custom_without_known_op_keeps_name():
+    assert kind_from_class_name("MyThingBackward", custom=True) == "MyThingBackward"

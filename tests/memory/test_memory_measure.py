@@ -1,0 +1,354 @@
+"""Exact saved-for-backward accounting on small hand-built models."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from s2a.memory import MemoryReport, measure
+
+F32 = 4
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+
+
+def test_mlp_exact_bytes_by_hand():
+    model = _mlp()
+    x = torch.randn(3, 8)  # a batch, no grad
+    report = measure(model, x)
+    # Linear(8,16): addmm saves its input x (3x8) because its weight needs a gradient; the
+    #   weight itself is needed only for dL/dx, and x needs none.
+    # GELU: saves its input, the first Linear's output (3x16).
+    # Linear(16,4): saves its input, the GELU output (3x16), and its weight (a parameter:
+    #   excluded).
+    # loss mean(y**2): pow saves y (3x4).
+    x_b, h_b, g_b, y_b = 3 * 8 * F32, 3 * 16 * F32, 3 * 16 * F32, 3 * 4 * F32
+    assert report.saved_bytes == x_b + h_b + g_b + y_b == 528
+    assert report.saved_input_bytes == x_b
+    assert report.num_saved_storages == 4
+    assert report.by_kind == {"linear": x_b + g_b, "gelu": h_b, "pow": y_b}
+    assert report.by_module == {"0": x_b, "1": h_b, "2": g_b, "<loss>": y_b}
+    # nothing saved by the loss if it is a plain sum
+    report = measure(model, x, loss_fn=lambda out, batch: out.sum())
+    assert report.saved_bytes == x_b + h_b + g_b
+    assert "<loss>" not in report.by_module
+
+
+def test_param_counts_and_bytes():
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    report = measure(model, torch.randn(3, 8))
+    total = 8 * 16 + 16 + 16 * 4 + 4
+    assert report.total_params == total
+    assert report.trainable_params == total - 8 * 16
+    assert abs(report.trainable_pct - 100.0 * (total - 128) / total) < 1e-9
+    assert report.param_bytes == total * F32
+    assert report.trainable_param_bytes == (total - 128) * F32
+    assert report.grad_bytes == (total - 128) * F32
+    assert report.optimizer_state_bytes is None
+
+
+class _TwoSavers(nn.Module):
+    """sin and cos both save h; h.t() @ ... saves a view of h: one storage, counted once."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.w = nn.Parameter(torch.randn(3, 5))
+
+    def forward(self, x):
+        h = self.lin(x)  # 3x8
+        return h.sin() + h.cos() + (h.t() @ self.w).sum()
+
+
+def test_storage_dedup_when_ops_share_a_tensor():
+    torch.manual_seed(0)
+    model = _TwoSavers()
+    x = torch.randn(3, 8)
+    report = measure(model, x, loss_fn=lambda out, batch: out.sum())
+    # x (linear input, 96 B) + h (96 B) once, although sin, cos and mm (as h.t()) all save it;
+    # mm also saves self.w (a parameter: excluded)
+    assert report.saved_bytes == 3 * 8 * F32 + 3 * 8 * F32
+    assert report.num_saved_tensors == 4  # x, h for sin, h for cos, h.t() for mm
+    assert report.num_saved_storages == 2
+    # h is attributed to the first op that saved it; unmapped nodes keep their class name
+    assert report.by_kind == {"linear": 3 * 8 * F32, "SinBackward0": 3 * 8 * F32}
+
+
+class _Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8))
+        self.register_buffer("s", torch.randn(8))
+
+    def forward(self, x):
+        return (x * self.w) * self.s
+
+
+def test_parameters_and_buffers_excluded():
+    model = _Scale()
+    x = torch.randn(4, 8, requires_grad=True)
+    report = measure(model, x, loss_fn=lambda out, batch: out.sum())
+    # x*w saves w (for dx: parameter, excluded) and x (for dw: batch input, counted);
+    # (x*w)*s saves s (for d(x*w): buffer, excluded), and nothing for ds (a buffer)
+    assert report.saved_bytes == 4 * 8 * F32
+    assert report.saved_input_bytes == 4 * 8 * F32
+
+
+def test_frozen_linear_keeps_no_input():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 32)
+    lin.weight.requires_grad_(False)  # BitFit: only the bias trains
+    for x in (torch.randn(5, 16), torch.randn(5, 16, requires_grad=True)):
+        report = measure(lin, x, loss_fn=lambda out, batch: out.sum())
+        # dL/db = sum(dL/dy) needs nothing; dL/dx = dL/dy W needs only W (a parameter)
+        assert report.saved_bytes == 0
+        assert report.by_kind.get("linear", 0) == 0
+        assert report.grad_bytes == 32 * F32
+
+
+def test_everything_frozen_saves_nothing():
+    model = _mlp().requires_grad_(False)
+    report = measure(model, torch.randn(3, 8))
+    assert report.saved_bytes == 0
+    assert report.trainable_params == 0
+    assert report.grad_bytes == 0
+
+
+def test_breakdowns_sum_to_total_and_kinds():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LayerNorm(8 * 6 * 6),
+        nn.Dropout(0.5),
+        nn.Linear(8 * 6 * 6, 10),
+        nn.Softmax(dim=-1),
+    )
+    report = measure(model, torch.randn(2, 3, 6, 6))
+    assert sum(report.by_kind.values()) == report.saved_bytes
+    assert sum(report.by_module.values()) == report.saved_bytes
+    for kind in ("conv", "batch_norm", "relu", "layer_norm", "dropout", "linear", "softmax"):
+        assert kind in report.by_kind, report.by_kind
+
+
+def test_attention_kind():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v)
+
+    report = measure(Attn(), torch.randn(2, 5, 16))
+    assert report.by_kind.get("attention", 0) > 0
+    assert report.by_module.get("<root>", 0) > 0  # sdpa runs in the root module's forward
+
+
+class _GELUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        codes = (x > 0).to(torch.uint8)  # stand-in for packed low-bit codes
+        ctx.save_for_backward(codes)
+        return F.gelu(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (codes,) = ctx.saved_tensors
+        return g * codes
+
+
+class _S2AGELUFunction(_GELUFunction):
+    pass
+
+
+_S2AGELUFunction.__module__ = "s2a.activations.fake"
+
+
+class _CustomAct(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fn.apply(self.lin(x))
+
+
+def test_custom_function_saved_tensors_are_counted_and_named():
+    x = torch.randn(3, 4)
+    report = measure(_CustomAct(_GELUFunction), x, loss_fn=lambda o, b: o.sum())
+    assert report.by_kind["gelu (custom)"] == 3 * 4  # uint8 codes
+    report = measure(_CustomAct(_S2AGELUFunction), x, loss_fn=lambda o, b: o.sum())
+    assert report.by_kind["gelu (s2a)"] == 3 * 4
+
+
+def test_outputs_not_in_loss_are_walked_and_unreachable_nodes_are_other():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.cache = None
+
+        def forward(self, x):
+            h = self.lin(x)
+            self.cache = h.sin()  # a graph kept alive outside the outputs: unreachable
+            return h, h.exp()  # the loss uses only h; exp's graph hangs off the outputs
+
+    x = torch.randn(3, 4)
+    report = measure(Branchy(), x, loss_fn=lambda out, batch: out[0].sum())
+    # x by the linear; h by sin, a node no walk reaches; exp's result by exp, reached from the
+    # second output although the loss ignores it
+    assert report.by_kind == {"linear": 3 * 4 * F32, "other": 3 * 4 * F32, "ExpBackward0": 3 * 4 * F32}
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.cache = None
+
+        def forward(self, x):
+            h = self.lin(x)
+            self.cache = (h * 2).sin()
+            return h
+
+    report = measure(Hidden(), x, loss_fn=lambda out, batch: out.sum())
+    assert report.by_kind == {"linear": 3 * 4 * F32, "other": 3 * 4 * F32}
+
+
+def _hook_counts(model: nn.Module) -> list[int]:
+    return [
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        + len(m._backward_pre_hooks)
+        for m in model.modules()
+    ]
+
+
+def test_model_left_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.3), nn.Linear(16, 4))
+    model[0].weight.requires_grad_(False)
+    existing = torch.full_like(model[3].bias, 7.0)
+    model[3].bias.grad = existing
+    model[2].eval()  # mixed training flags must survive
+    hooks, flags = _hook_counts(model), [m.training for m in model.modules()]
+    rg = [p.requires_grad for p in model.parameters()]
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    x = torch.randn(6, 8, requires_grad=True)
+    rng = torch.get_rng_state()
+
+    report = measure(model, x, optimizer_step=True)
+    assert isinstance(report, MemoryReport)
+
+    assert _hook_counts(model) == hooks
+    assert [m.training for m in model.modules()] == flags
+    assert [p.requires_grad for p in model.parameters()] == rg
+    assert model[3].bias.grad is existing and torch.equal(existing, torch.full_like(existing, 7.0))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "3.bias")
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))  # BN stats
+    assert x.grad is None
+    assert torch.equal(torch.get_rng_state(), rng)
+    # a second measurement sees exactly the same step
+    again = measure(model, x, optimizer_step=True)
+    assert again.saved_bytes == report.saved_bytes
+    assert again.by_kind == report.by_kind
+
+
+def test_optimizer_state_bytes():
+    model = _mlp()
+    report = measure(model, torch.randn(3, 8), optimizer_step=True)
+    n_tensors = len(list(model.parameters()))
+    # AdamW: exp_avg and exp_avg_sq per parameter, plus a float32 scalar step per parameter
+    assert report.optimizer_state_bytes == 2 * report.trainable_param_bytes + 4 * n_tensors
+
+
+def test_batch_forms_tuple_and_dict():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, a, b=None):
+            return self.lin(a) * b
+
+    a, b = torch.randn(2, 4), torch.randn(2, 4)
+    r1 = measure(Two(), (a, b))
+    r2 = measure(Two(), {"a": a, "b": b})
+    assert r1.saved_bytes == r2.saved_bytes > 0
+
+
+def test_default_loss_uses_model_loss_and_logits():
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):
+            logits = self.lin(x)
+            return {"loss": logits.sum(), "logits": logits}
+
+    # the model's own loss (a sum) saves nothing beyond the linear input
+    report = measure(WithLoss(), torch.randn(3, 4))
+    assert report.saved_bytes == 3 * 4 * F32
+
+
+class _GenericLUT(torch.autograd.Function):
+    """A generic custom Function that names its operator only through ctx.name."""
+
+    @staticmethod
+    def forward(ctx, x, name):
+        ctx.save_for_backward((x > 0).to(torch.uint8))
+        ctx.name = name
+        return F.silu(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (m,) = ctx.saved_tensors
+        return g * m, None
+
+
+class _Anonymous(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward((x > 0).to(torch.uint8))
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (m,) = ctx.saved_tensors
+        return g * m
+
+
+class _AnonReLU(nn.ReLU):
+    def forward(self, x):
+        return _Anonymous.apply(x)
+
+
+def test_custom_function_named_by_ctx_or_module():
+    x = torch.randn(3, 4)
+
+    class UsesCtxName(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return _GenericLUT.apply(self.lin(x), "silu")
+
+    report = measure(UsesCtxName(), x, loss_fn=lambda o, b: o.sum())
+    assert report.by_kind["silu (custom)"] == 12
+    model = nn.Sequential(nn.Linear(4, 4), _AnonReLU())
+    report = measure(model, x, loss_fn=lambda o, b: o.sum())
+    assert report.by_kind["relu (custom)"] == 12  # named after the module class
+    report = measure(_CustomAct(_Anonymous), x, loss_fn=lambda o, b: o.sum())
+    assert report.by_kind["_AnonymousBackward"] == 12  # nothing names it

