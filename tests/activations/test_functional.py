@@ -183,6 +183,33 @@ def test_layer_norm_saved_bytes():
     assert nbytes == 8 * 50 * 256 // 2 + 256 * 4 + rows * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_half_precision(dtype):
+    ln = torch.nn.LayerNorm(256).to(dtype)
+    x = realistic(4, 50, 256, dtype=dtype)
+    g = torch.randn_like(x)
+    y_ref, gx_ref = grads(ln, x, g)
+    y, gx = grads(lambda t: S.layer_norm(t, (256,), ln.weight, ln.bias, ln.eps), x, g)
+    assert y.dtype == dtype and gx.dtype == dtype
+    assert torch.equal(y, y_ref)
+    assert cosine(gx, gx_ref) > 0.99
+
+
+def test_layer_norm_nan_row_and_empty():
+    x = realistic(6, 64)
+    x[2, 5] = float("nan")
+    g = torch.randn_like(x)
+    _, ref = grads(lambda t: F.layer_norm(t, (64,)), x, g)
+    _, gx = grads(lambda t: S.layer_norm(t, (64,), torch.ones(64, requires_grad=True)), x, g)
+    assert torch.isnan(gx[2]).all() and torch.isnan(ref[2]).all()
+    keep = torch.arange(6) != 2
+    assert torch.isfinite(gx[keep]).all()
+    assert cosine(gx[keep], ref[keep]) > 0.99
+    e = torch.empty(0, 64, requires_grad=True)
+    S.layer_norm(e, (64,), torch.ones(64, requires_grad=True)).sum().backward()
+    assert e.grad.shape == (0, 64)
+
+
 def test_rms_norm():
     w = torch.randn(256, requires_grad=True)
     x = realistic(8, 64, 256)

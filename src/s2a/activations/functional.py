@@ -130,53 +130,68 @@ def _reduce_to(t: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor | Non
 
 
 class _LayerNorm(torch.autograd.Function):
-    """LayerNorm / RMSNorm over the trailing ``nd`` dims; stores x̂ row-quantised + 1/σ per row."""
+    """LayerNorm / RMSNorm over the trailing ``nd`` dims; stores x̂ at ``bits`` bits
+    (one scale per channel) + 1/σ per row."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, nd: int, rms: bool, bits: int):
         shape = x.shape
         norm_shape = shape[len(shape) - nd:]
-        rows = (-1, math.prod(norm_shape))
+        d = math.prod(norm_shape)
+        x2d = x.reshape(-1, d)
         if rms:
-            xf = x.float().reshape(rows)
+            xf = x2d.float()
             rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            xhat = xf * rstd
-            y = xhat * weight.float().reshape(-1) if weight is not None else xhat
+            mean = rstd  # unused by the RMS kernels
+            y = xf * rstd
+            y = y * weight.float().reshape(-1) if weight is not None else y
             y = y.reshape(shape).to(torch.result_type(x, weight) if weight is not None else x.dtype)
         else:
             # The native kernel gives the exact output and the per-row statistics.
             with torch.autocast(x.device.type, enabled=False):
                 y, mean, rstd = torch.native_layer_norm(x, norm_shape, weight, bias, eps)
             mean, rstd = mean.float().reshape(-1, 1), rstd.float().reshape(-1, 1)
-            xhat = (x.float().reshape(rows) - mean) * rstd
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        fast = bits != 3 and d % (8 // bits) == 0
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            # Only the bias trains: its gradient needs nothing.
+            packed, scale = x.new_zeros(0, dtype=torch.uint8), x.new_zeros(0)
+        elif fast:
+            _, mids = row_codebook(NORM_CODEBOOK, bits).tensors(x.device)
+            packed, scale = kernels.norm_encode(x2d, mean, rstd, mids, bits, rms)
+        else:
+            xhat = x2d.float() * rstd if rms else (x2d.float() - mean) * rstd
             packed, scale = _store_normalized(xhat, bits)
-        else:  # only the bias trains: its gradient needs nothing
-            packed, scale = xhat.new_zeros(0, dtype=torch.uint8), xhat.new_zeros(0)
         ctx.save_for_backward(packed, scale, rstd, weight, bias)
-        ctx.meta = (xhat.shape, shape, bits, rms, x.dtype)
+        ctx.meta = ((x2d.shape[0], d), shape, bits, rms, x.dtype, fast)
         return y
 
     @staticmethod
     def backward(ctx, g):
         packed, scale, rstd, weight, bias = ctx.saved_tensors
-        flat_shape, shape, bits, rms, in_dtype = ctx.meta
-        gf = g.float().reshape(flat_shape)
+        flat_shape, shape, bits, rms, in_dtype, fast = ctx.meta
+        g2d = g.reshape(flat_shape)
         gx = gw = gb = None
         if bias is not None and bias.requires_grad:
-            gb = _reduce_to(gf, bias)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            gb = _reduce_to(g2d.float(), bias)
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return gx, gw, gb, None, None, None, None
+        w = weight.float().reshape(-1) if weight is not None else torch.ones((), device=g.device)
+        if fast:
+            levels, _ = row_codebook(NORM_CODEBOOK, bits).tensors(g.device)
+            need_w = weight is not None and weight.requires_grad
+            gx2d, gw_all = kernels.norm_backward(packed, scale, levels, rstd, g2d, w, bits, rms, need_w)
+        else:
             xhat = _load_normalized(packed, scale, bits, flat_shape)
-            if weight is not None and weight.requires_grad:
-                gw = _reduce_to(gf * xhat, weight)
-            if ctx.needs_input_grad[0]:
-                wg = gf * weight.float().reshape(-1) if weight is not None else gf
-                proj = (wg * xhat).mean(-1, keepdim=True)
-                if rms:
-                    gx = rstd * (wg - xhat * proj)
-                else:
-                    gx = rstd * (wg - wg.mean(-1, keepdim=True) - xhat * proj)
-                gx = gx.reshape(shape).to(in_dtype)
+            gf = g2d.float()
+            wg = gf * w
+            proj = (wg * xhat).mean(-1, keepdim=True)
+            centred = wg if rms else wg - wg.mean(-1, keepdim=True)
+            gx2d = rstd * (centred - xhat * proj)
+            gw_all = (gf * xhat).sum(0)
+        if weight is not None and weight.requires_grad:
+            gw = gw_all.view(weight.shape).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            gx = gx2d.reshape(shape).to(in_dtype)
         return gx, gw, gb, None, None, None, None
 
 
@@ -187,7 +202,7 @@ def _check_row_bits(bits: int, what: str) -> None:
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5, bits: int = 4):
     """``F.layer_norm`` storing the normalised input at ``bits`` bits per element."""
     _check_row_bits(bits, "layer_norm")
-    if not _needs_grad(x, weight, bias):
+    if not _needs_grad(x, weight, bias) or x.numel() == 0:
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     nd = len(normalized_shape) if not isinstance(normalized_shape, int) else 1
     return _LayerNorm.apply(x, weight, bias, eps, nd, False, bits)
@@ -198,7 +213,7 @@ def rms_norm(x, normalized_shape, weight=None, eps: float | None = None, bits: i
     _check_row_bits(bits, "rms_norm")
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    if not _needs_grad(x, weight):
+    if not _needs_grad(x, weight) or x.numel() == 0:
         return F.rms_norm(x, normalized_shape, weight, eps)
     nd = len(normalized_shape) if not isinstance(normalized_shape, int) else 1
     return _LayerNorm.apply(x, weight, None, eps, nd, True, bits)

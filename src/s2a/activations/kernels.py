@@ -201,3 +201,68 @@ def decode_mask(packed: torch.Tensor, g: torch.Tensor, low: float, high: float) 
     low_t = torch.tensor(low, dtype=torch.float32, device=g.device)
     high_t = torch.tensor(high, dtype=torch.float32, device=g.device)
     return _run("decmask", _decode_mask_eager, packed, g, low_t, high_t).view(g.shape)
+
+
+# --- normalised inputs of LayerNorm / RMSNorm: one scale per channel -----------------
+#
+# Codes are packed *within each row*: plane j of a row holds channels
+# [j*D/per, (j+1)*D/per), so the per-channel scale broadcasts over the packed
+# bytes and a row of D codes takes exactly D*bits/8 bytes. Needs D % per == 0
+# (true of every real hidden size); callers fall back otherwise.
+
+
+def _norm_encode_eager(
+    x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, mids: torch.Tensor, bits: int, rms: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()
+    xhat = xf * rstd if rms else (xf - mean) * rstd
+    # A row holding NaN/inf must not spoil the scale of every other row: its own
+    # gradient is NaN anyway through its 1/sigma.
+    scale = torch.nan_to_num(xhat, nan=0.0, posinf=0.0, neginf=0.0).abs().amax(0)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    v = xhat / scale
+    if not torch.compiler.is_compiling():  # eager: one bucketize pass, same codes
+        codes = torch.bucketize(v, mids, out_int32=True).to(torch.uint8)
+    elif bits == 8:  # 8-bit levels are uniform on [-1, 1]: round instead of comparing 255 times
+        codes = ((v + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.int16).to(torch.uint8)
+    else:  # nearest level = number of midpoints below; the compares fuse into one loop
+        # (counted in float: inductor vectorises that, not uint8 accumulation)
+        count = torch.where(v > mids[0], 1.0, 0.0)
+        for j in range(1, (1 << bits) - 1):
+            count = count + torch.where(v > mids[j], 1.0, 0.0)
+        codes = count.to(torch.uint8)
+    per = 8 // bits
+    rows, d = x.shape
+    planes = codes.view(rows, per, d // per)
+    out = planes[:, 0]
+    for j in range(1, per):
+        out = out | (planes[:, j] << (bits * j))
+    return out, scale
+
+
+def _norm_backward_eager(
+    packed: torch.Tensor, scale: torch.Tensor, levels: torch.Tensor, rstd: torch.Tensor,
+    g: torch.Tensor, w: torch.Tensor, bits: int, rms: bool, need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    mask = (1 << bits) - 1
+    per = 8 // bits
+    xhat = torch.cat([levels[((packed >> (bits * j)) & mask).long()] for j in range(per)], dim=1)
+    xhat = xhat * scale
+    gf = g.float()
+    wg = gf * w
+    proj = (wg * xhat).mean(-1, keepdim=True)
+    centred = wg if rms else wg - wg.mean(-1, keepdim=True)
+    gx = rstd * (centred - xhat * proj)
+    gw = (gf * xhat).sum(0) if need_w else None
+    return gx, gw
+
+
+def norm_encode(x2d, mean, rstd, mids, bits: int, rms: bool):
+    """(packed (rows, D*bits/8) uint8, per-channel scale (D,)) of the normalised input."""
+    return _run(f"normenc{bits}/{rms}", _norm_encode_eager, x2d, mean, rstd, mids, bits, rms)
+
+
+def norm_backward(packed, scale, levels, rstd, g2d, w, bits: int, rms: bool, need_w: bool):
+    """(grad of the input (rows, D) float32, grad of the weight (D,) float32 or None)."""
+    key = f"normbwd{bits}/{rms}/{need_w}"
+    return _run(key, _norm_backward_eager, packed, scale, levels, rstd, g2d, w, bits, rms, need_w)

@@ -1,0 +1,728 @@
+"""Lite side branch: a small ladder network that reads the frozen backbone's hidden states.
+
+Each backbone block's output is shrunk by a parameter-free channel average pooling
+(:func:`channel_pool`, groups of ``k`` consecutive channels averaged, ``D -> D/k``) and fed,
+ladder fashion, into a few light side blocks of width ``D/k`` (:class:`LiteSideNetwork`). The
+prediction comes from the side state, optionally fused with a linear head on the backbone's
+pooled output through a learned gate. With the side branch as the only tuned module the backbone
+runs under ``torch.no_grad()``, so it keeps no activation for backward at all: what is stored is
+the side network's (pooled, ``1/k`` as wide) activations.
+
+Integration (:func:`attach_side`)
+---------------------------------
+``attach_side(model, info, config)`` is called by ``s2a.apply``. It needs only the attributes
+below (duck typing; see :class:`BackboneInfo` and :class:`SideConfig`):
+
+``info``
+    * ``blocks: list[tuple[str, nn.Module]]``: the backbone blocks whose outputs feed the side
+      network, in forward order (``(path, module)``).
+    * ``layouts: list[str]``: layout of each block's output, ``"tokens"`` (B, N, D),
+      ``"nchw"`` (B, C, H, W) or ``"nhwc"`` (B, H, W, C).
+    * ``dims: list[int]``: channel dimension of each block's output.
+    * ``pooled``: ``None`` or a callable ``pooled(output) -> Tensor | None`` giving the backbone's
+      pooled feature (B, D') from the model's forward output (needed only with ``fuse_side``).
+    * ``num_classes: int | None``: used when ``config.num_classes`` is None.
+    * optional ``pooled_dim: int``: width of ``pooled(output)`` (default ``dims[-1]``).
+    * optional ``token_mask(args, kwargs) -> Tensor | None``: the (B, N) padding mask of a call
+      (default: the forward's ``attention_mask`` argument when it is 2-D).
+
+``config``
+    ``side_reduction`` (k), ``side_depth``, ``fuse_side``, ``modules`` (tuple of str) and
+    ``num_classes``.
+
+Design choices (documented here once)
+-------------------------------------
+* **Width.** The side width is ``ceil(D_last / k)``. A block whose pooled width differs (the
+  stages of hierarchical models, CNNs) is projected to it by a small ``Linear``; blocks of the
+  side width enter without projection (plain ViT/BERT: no projection parameters at all).
+* **Feature maps** (``"nchw"``/``"nhwc"``): after channel pooling they are averaged spatially
+  to a ``feature_grid x feature_grid`` grid (default 1: global average pooling per stage), which
+  becomes ``feature_grid**2`` side tokens. Every stage thus gives the same token count.
+* **Token count changes** (e.g. Swin stages given as ``"tokens"``): when an input's token count
+  differs from the running state's, the state is first reduced to its (masked) mean token and
+  broadcast over the new tokens.
+* **Ladder.** Backbone block ``i`` (of ``L``) feeds side block ``rungs[i]``; the blocks are
+  spread evenly (``depth <= L``: consecutive groups, the last backbone block always feeds the
+  last side block; ``depth > L``: backbone blocks spread over the side blocks, some side blocks
+  only refine). Each input enters through a gate ``sigmoid(alpha_i)`` (``alpha_i = 0`` at
+  initialisation, gate 0.5) and is added to the running state (which starts from the first
+  input), then the side block updates the state residually.
+* **Side blocks.** ``mixer="mlp"`` (default): pre-norm MLP ``x + W2 GELU(W1 LN(x))`` with
+  hidden width ``mlp_ratio * width``, token-wise. ``mixer="attention"``: a tiny pre-norm
+  self-attention (key padding mask honoured) before that MLP.
+* **Readout.** Final LayerNorm, then the (masked) mean over tokens (``readout="mean"``) or the
+  first token (``readout="first"``, e.g. CLS), then a linear head. Heads are zero-initialised
+  (``zero_init_heads=True``), so the side network outputs exactly 0 at initialisation: combined
+  with other modules, the model's output at initialisation is the backbone's.
+* **Fusion** (``fuse=True``): ``logits = g * side + (1 - g) * Linear(backbone_pooled)`` with
+  ``g = sigmoid(beta)``, ``beta = 0`` at initialisation.
+* **Channel counts not divisible by k**: an error by default (``remainder="error"``, the message
+  lists the offending blocks and the reductions that would work); ``remainder="partial"``
+  averages the last, smaller group on its own (``ceil(D/k)`` outputs, no zero padding, so every
+  output is a true mean).
+* Pooling happens in the capture hooks, right after each block, so only the ``1/k``-size pooled
+  states stay alive until the side network runs. Side parameters are float32 on the model's
+  device; pooled states are cast to float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "LAYOUTS",
+    "BackboneInfo",
+    "LiteSideNetwork",
+    "SideBlockSpec",
+    "SideConfig",
+    "SideHandle",
+    "attach_side",
+    "channel_pool",
+]
+
+LAYOUTS = ("tokens", "nchw", "nhwc")
+_REMAINDERS = ("error", "partial")
+_MIXERS = ("mlp", "attention")
+_READOUTS = ("mean", "first")
+SIDE_ATTR = "s2a_side"
+
+
+# ---------------------------------------------------------------------------- protocols
+class BackboneInfo(Protocol):
+    """What :func:`attach_side` reads from the adapter's description of a backbone."""
+
+    blocks: list[tuple[str, nn.Module]]
+    layouts: list[str]
+    dims: list[int]
+    pooled: Callable[[Any], torch.Tensor | None] | None
+    num_classes: int | None
+
+
+class SideConfig(Protocol):
+    """What :func:`attach_side` reads from the S2A configuration."""
+
+    side_reduction: int
+    side_depth: int
+    fuse_side: bool
+    modules: tuple[str, ...]
+    num_classes: int | None
+
+
+class SideBlockSpec(NamedTuple):
+    """Description of one backbone block output: its channel count and layout."""
+
+    dim: int
+    layout: str = "tokens"
+
+
+# ---------------------------------------------------------------------------- pooling
+def _check_reduction(k: Any, name: str = "reduction") -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (the channel group size k), got {k!r}")
+    return k
+
+
+def _check_layout(layout: Any) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def pooled_width(dim: int, k: int, remainder: str = "error") -> int:
+    """Number of channels :func:`channel_pool` gives for ``dim`` channels."""
+    if remainder not in _REMAINDERS:
+        raise ValueError(f"remainder must be one of {_REMAINDERS}, got {remainder!r}")
+    _check_reduction(k)
+    if dim % k:
+        if remainder == "error":
+            raise ValueError(
+                f"channel_pool: {dim} channels are not divisible by reduction k={k}; choose a k "
+                f"that divides {dim} (e.g. {_divisors(dim)}) or pass remainder='partial'"
+            )
+        return -(-dim // k)
+    return dim // k
+
+
+def _divisors(n: int, limit: int = 64) -> list[int]:
+    return [d for d in range(2, min(n, limit) + 1) if n % d == 0][:8]
+
+
+def channel_pool(
+    x: torch.Tensor, k: int, layout: str = "tokens", *, remainder: str = "error"
+) -> torch.Tensor:
+    """Parameter-free channel average pooling: groups of ``k`` consecutive channels averaged.
+
+    ``layout``: ``"tokens"`` (channels last, any rank >= 2, e.g. (B, N, D)), ``"nhwc"``
+    (B, H, W, C) or ``"nchw"`` (B, C, H, W). The channel dimension ``D`` becomes ``D / k``;
+    output channel ``j`` is the mean of input channels ``j*k .. j*k+k-1``. Other dimensions and
+    the layout are unchanged. ``k = 1`` returns ``x`` itself.
+
+    ``D`` not divisible by ``k``: ``remainder="error"`` (default) raises ``ValueError``;
+    ``remainder="partial"`` averages the last ``D mod k`` channels as a smaller group
+    (``ceil(D / k)`` outputs; no zero padding, every output is a true mean).
+
+    The backward of the means stores nothing (only shapes), so the pooling adds no saved
+    activation even when gradients flow through it.
+    """
+    _check_layout(layout)
+    _check_reduction(k)
+    if layout == "nchw":
+        if x.dim() != 4:
+            raise ValueError(f"channel_pool: layout 'nchw' expects a 4-D tensor, got shape {tuple(x.shape)}")
+        cdim = 1
+    else:
+        if layout == "nhwc" and x.dim() != 4:
+            raise ValueError(f"channel_pool: layout 'nhwc' expects a 4-D tensor, got shape {tuple(x.shape)}")
+        if x.dim() < 2:
+            raise ValueError(f"channel_pool: layout 'tokens' expects rank >= 2, got shape {tuple(x.shape)}")
+        cdim = x.dim() - 1
+    d = x.shape[cdim]
+    pooled_width(d, k, remainder)  # validates
+    if k == 1:
+        return x
+    full = (d // k) * k
+    parts = []
+    if full:
+        head = x.narrow(cdim, 0, full) if full != d else x
+        parts.append(head.unflatten(cdim, (full // k, k)).mean(cdim + 1))
+    if full != d:
+        parts.append(x.narrow(cdim, full, d - full).mean(cdim, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=cdim)
+
+
+def _spatial_pool_nchw(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, grid*grid, C) tokens by spatial averaging."""
+    if grid == 1:
+        return x.mean(dim=(-2, -1)).unsqueeze(1)
+    h, w = x.shape[-2:]
+    if h % grid == 0 and w % grid == 0:  # reshape + mean: its backward saves nothing
+        x = x.unflatten(-1, (grid, w // grid)).unflatten(-3, (grid, h // grid)).mean(dim=(-3, -1))
+    else:
+        x = F.adaptive_avg_pool2d(x, grid)
+    return x.flatten(2).transpose(1, 2)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, keepdim: bool = False) -> torch.Tensor:
+    """Mean over dim 1 of (B, N, W); ``mask`` (B, N) (True/1 = real token) or None."""
+    if mask is None:
+        return x.mean(dim=1, keepdim=keepdim)
+    m = mask.to(x.dtype).unsqueeze(-1)
+    out = (x * m).sum(dim=1, keepdim=keepdim) / m.sum(dim=1, keepdim=keepdim).clamp_min(1.0)
+    return out
+
+
+# ---------------------------------------------------------------------------- side network
+class _SideBlock(nn.Module):
+    """Pre-norm residual side block: [attention] + MLP, width ``width``."""
+
+    def __init__(self, width: int, mlp_ratio: float, mixer: str) -> None:
+        super().__init__()
+        hidden = max(1, round(width * mlp_ratio))
+        self.attn: nn.Module | None = None
+        if mixer == "attention":
+            self.attn = _SideAttention(width)
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.attn is not None:
+            x = x + self.attn(x, mask)
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class _SideAttention(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        heads = next(h for h in range(max(1, width // 32), 0, -1) if width % h == 0)
+        self.heads = heads
+        self.norm = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, w // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn_mask = None
+        if mask is not None:
+            attn_mask = mask.to(torch.bool)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+def _rungs(num_blocks: int, depth: int) -> list[int]:
+    """Side block fed by each backbone block (see the module docstring)."""
+    if depth <= num_blocks:
+        return [-(-(i + 1) * depth // num_blocks) - 1 for i in range(num_blocks)]
+    if num_blocks == 1:
+        return [0]
+    return [round(i * (depth - 1) / (num_blocks - 1)) for i in range(num_blocks)]
+
+
+class LiteSideNetwork(nn.Module):
+    """Ladder side network at width ``D_last / k`` fed by channel-pooled backbone states.
+
+    Args:
+        blocks: one ``(dim, layout)`` per backbone block output, in forward order
+            (:class:`SideBlockSpec` or plain tuples); layout in :data:`LAYOUTS`.
+        reduction: channel pooling group size ``k``.
+        depth: number of light side blocks.
+        num_classes: outputs of the head.
+        backbone_dim: width of the backbone's pooled output (required with ``fuse``).
+        fuse: fuse the side logits with a linear head on the backbone's pooled output through a
+            learned gate ``sigmoid(beta)`` (``beta = 0`` at initialisation).
+        mlp_ratio: hidden width of the side MLPs relative to the side width.
+        mixer: ``"mlp"`` (token-wise MLP blocks) or ``"attention"`` (tiny attention + MLP).
+        readout: ``"mean"`` (masked mean over tokens) or ``"first"`` (first token, e.g. CLS).
+        feature_grid: feature maps are averaged to ``feature_grid x feature_grid`` side tokens.
+        remainder: ``"error"`` or ``"partial"``, see :func:`channel_pool`.
+        width: side width (default ``ceil(dims[-1] / k)``).
+        zero_init_heads: zero-initialise the heads (the network outputs 0 at initialisation).
+
+    See the module docstring for the design. Call it with the raw block outputs
+    (``forward(hiddens)``) or with states already pooled by :meth:`pool_hidden`
+    (``forward(pooled, pre_pooled=True)``).
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[SideBlockSpec | tuple[int, str]],
+        reduction: int,
+        depth: int,
+        num_classes: int,
+        backbone_dim: int | None = None,
+        fuse: bool = False,
+        *,
+        mlp_ratio: float = 2.0,
+        mixer: str = "mlp",
+        readout: str = "mean",
+        feature_grid: int = 1,
+        remainder: str = "error",
+        width: int | None = None,
+        zero_init_heads: bool = True,
+    ) -> None:
+        super().__init__()
+        specs = [SideBlockSpec(*b) if not isinstance(b, SideBlockSpec) else b for b in blocks]
+        if not specs:
+            raise ValueError("LiteSideNetwork needs at least one backbone block description")
+        k = _check_reduction(reduction, "reduction (side_reduction)")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth (side_depth) must be an integer >= 1, got {depth!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        for name, value, allowed in (
+            ("mixer", mixer, _MIXERS), ("readout", readout, _READOUTS), ("remainder", remainder, _REMAINDERS)
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if isinstance(feature_grid, bool) or not isinstance(feature_grid, int) or feature_grid < 1:
+            raise ValueError(f"feature_grid must be an integer >= 1, got {feature_grid!r}")
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
+        bad_dims = []
+        for i, spec in enumerate(specs):
+            _check_layout(spec.layout)
+            if isinstance(spec.dim, bool) or not isinstance(spec.dim, int) or spec.dim < 1:
+                raise ValueError(f"block {i}: dim must be a positive integer, got {spec.dim!r}")
+            if spec.dim < k or (spec.dim % k and remainder == "error"):
+                bad_dims.append((i, spec.dim))
+        if bad_dims:
+            dims = sorted({d for _, d in bad_dims})
+            common = [d for d in range(1, 65) if all(s.dim % d == 0 for s in specs)]
+            raise ValueError(
+                f"reduction (side_reduction) k={k} does not divide the channel count of blocks "
+                f"{[i for i, _ in bad_dims]} (channels {dims}); reductions dividing every block: "
+                f"{common}" + ("" if remainder == "partial" else "; or use remainder='partial'")
+            )
+        if fuse and backbone_dim is None:
+            raise ValueError("fuse=True needs backbone_dim (width of the backbone's pooled output)")
+
+        self.specs = specs
+        self.reduction = k
+        self.depth = depth
+        self.num_classes = num_classes
+        self.readout = readout
+        self.feature_grid = feature_grid
+        self.remainder = remainder
+        self.pooled_dims = [pooled_width(s.dim, k, remainder) for s in specs]
+        self.width = int(width) if width is not None else self.pooled_dims[-1]
+        self.rungs = _rungs(len(specs), depth)
+
+        self.gate_logits = nn.Parameter(torch.zeros(len(specs)))
+        self.proj = nn.ModuleList(
+            nn.Identity() if d == self.width else nn.Linear(d, self.width) for d in self.pooled_dims
+        )
+        self.blocks = nn.ModuleList(_SideBlock(self.width, mlp_ratio, mixer) for _ in range(depth))
+        self.norm = nn.LayerNorm(self.width)
+        self.head = nn.Linear(self.width, num_classes)
+        self.fuse = bool(fuse)
+        self.backbone_dim = backbone_dim
+        if self.fuse:
+            self.backbone_head = nn.Linear(int(backbone_dim), num_classes)
+            self.fuse_logit = nn.Parameter(torch.zeros(()))
+        if zero_init_heads:
+            heads = [self.head, self.backbone_head] if self.fuse else [self.head]
+            for h in heads:
+                nn.init.zeros_(h.weight)
+                nn.init.zeros_(h.bias)
+
+    # ------------------------------------------------------------------ pieces
+    def pool_hidden(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Pooled side input of backbone block ``index``: (B, tokens, pooled_dims[index]).
+
+        Channel pooling, then (feature maps) spatial averaging to ``feature_grid**2`` tokens.
+        Parameter-free; its backward stores nothing unless a non-divisible spatial grid needs
+        ``adaptive_avg_pool2d``.
+        """
+        spec = self.specs[index]
+        expected_rank = 3 if spec.layout == "tokens" else 4
+        if hidden.dim() != expected_rank:
+            raise ValueError(
+                f"side input {index}: layout {spec.layout!r} expects a {expected_rank}-D tensor, "
+                f"got shape {tuple(hidden.shape)}"
+            )
+        cdim = 1 if spec.layout == "nchw" else -1
+        if hidden.shape[cdim] != spec.dim:
+            raise ValueError(
+                f"side input {index}: expected {spec.dim} channels ({spec.layout}), got shape "
+                f"{tuple(hidden.shape)}"
+            )
+        x = channel_pool(hidden, self.reduction, spec.layout, remainder=self.remainder)
+        if spec.layout == "nhwc":
+            x = x.permute(0, 3, 1, 2)
+        if spec.layout != "tokens":
+            x = _spatial_pool_nchw(x, self.feature_grid)
+        return x
+
+    @staticmethod
+    def _mask_for(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        return mask if mask is not None and mask.shape[1] == n else None
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hiddens: Sequence[torch.Tensor],
+        backbone_pooled: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        *,
+        pre_pooled: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, num_classes) from the backbone block outputs ``hiddens`` (in order).
+
+        ``token_mask`` (B, N): 1/True for real tokens, 0/False for padding; the readout is then a
+        masked mean (attention mixers also mask the padded keys), so padded positions never
+        change the logits. It applies to side states with N tokens (text); others ignore it.
+        ``pre_pooled``: ``hiddens`` are already the outputs of :meth:`pool_hidden`.
+        """
+        if len(hiddens) != len(self.specs):
+            raise ValueError(
+                f"LiteSideNetwork expects {len(self.specs)} hidden states, got {len(hiddens)}"
+            )
+        if self.fuse and backbone_pooled is None:
+            raise ValueError("this side network fuses with the backbone: pass backbone_pooled")
+        dtype = self.gate_logits.dtype
+        if token_mask is not None:
+            if token_mask.dim() != 2:
+                raise ValueError(f"token_mask must be (B, N), got shape {tuple(token_mask.shape)}")
+            token_mask = token_mask.to(device=self.gate_logits.device, dtype=torch.bool)
+        gates = torch.sigmoid(self.gate_logits)
+        inputs: list[list[int]] = [[] for _ in range(self.depth)]
+        for i, rung in enumerate(self.rungs):
+            inputs[rung].append(i)
+
+        state: torch.Tensor | None = None
+        for j, block in enumerate(self.blocks):
+            for i in inputs[j]:
+                p = hiddens[i] if pre_pooled else self.pool_hidden(i, hiddens[i])
+                x = gates[i] * self.proj[i](p.to(dtype))
+                if state is None:
+                    state = x
+                elif state.shape[1] == x.shape[1]:
+                    state = state + x
+                else:  # token count changed: carry the mean token over
+                    state = _masked_mean(state, self._mask_for(token_mask, state.shape[1]), True) + x
+            if state is not None:
+                state = block(state, self._mask_for(token_mask, state.shape[1]))
+        assert state is not None  # the first side block always gets backbone block 0
+        state = self.norm(state)
+        if self.readout == "first":
+            feat = state[:, 0]
+        else:
+            feat = _masked_mean(state, self._mask_for(token_mask, state.shape[1]))
+        logits = self.head(feat)
+        if self.fuse:
+            assert backbone_pooled is not None
+            if backbone_pooled.dim() != 2 or backbone_pooled.shape[-1] != self.backbone_dim:
+                raise ValueError(
+                    f"backbone_pooled must be (B, {self.backbone_dim}), got shape "
+                    f"{tuple(backbone_pooled.shape)}"
+                )
+            g = torch.sigmoid(self.fuse_logit)
+            logits = g * logits + (1 - g) * self.backbone_head(backbone_pooled.to(dtype))
+        return logits
+
+    def extra_repr(self) -> str:
+        return (
+            f"blocks={len(self.specs)}, reduction={self.reduction}, width={self.width}, "
+            f"depth={self.depth}, rungs={self.rungs}, fuse={self.fuse}"
+        )
+
+
+# ---------------------------------------------------------------------------- integration
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"side branch: cannot find the hidden state in a block output of type {type(out).__name__}")
+
+
+def _get_logits(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        v = output.get("logits")
+        return v if isinstance(v, torch.Tensor) else None
+    v = getattr(output, "logits", None)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _hf_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss a transformers sequence-classification head computes (problem_type rules)."""
+    cfg = getattr(model, "config", None)
+    problem = getattr(cfg, "problem_type", None)
+    n = logits.shape[-1]
+    labels = labels.to(logits.device)
+    if problem is None:
+        if n == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression":
+        if n == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return F.mse_loss(logits, labels.to(logits.dtype))
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, n), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def _with_logits(model: nn.Module, output: Any, logits: torch.Tensor, labels: Any) -> Any:
+    """``output`` with its logits replaced (see :func:`attach_side`)."""
+    if isinstance(output, torch.Tensor):
+        return logits
+    loss = _hf_loss(model, logits, labels) if isinstance(labels, torch.Tensor) else None
+    if isinstance(output, tuple) and not hasattr(output, "_fields"):
+        if loss is not None:
+            return (loss, logits, *output[2:])
+        return (logits, *output[1:])
+    if isinstance(output, Mapping) and "logits" in output:
+        if hasattr(output, "__dataclass_fields__"):  # transformers ModelOutput: keys + attributes
+            output["logits"] = logits
+            if loss is not None:
+                output["loss"] = loss
+            return output
+        new = dict(output)
+        new["logits"] = logits
+        if loss is not None:
+            new["loss"] = loss
+        return new
+    if hasattr(output, "logits"):
+        output.logits = logits
+        if loss is not None and hasattr(output, "loss"):
+            output.loss = loss
+        return output
+    try:  # a transformers base model (no head): a classification output
+        from transformers.modeling_outputs import SequenceClassifierOutput
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return logits
+    return SequenceClassifierOutput(
+        loss=loss,
+        logits=logits,
+        hidden_states=getattr(output, "hidden_states", None),
+        attentions=getattr(output, "attentions", None),
+    )
+
+
+class SideHandle:
+    """What :func:`attach_side` returns: ``network``, ``side_only``, and ``remove()``."""
+
+    def __init__(self, model: nn.Module, network: LiteSideNetwork, side_only: bool) -> None:
+        self.model = model
+        self.network = network
+        self.side_only = side_only
+        self.hook_handles: list[Any] = []
+        self.active = 0
+        self.captured: dict[int, torch.Tensor] = {}
+        self.had_instance_forward = "forward" in model.__dict__
+        self.previous_forward = model.__dict__.get("forward")
+        self.wrapped_forward: Callable[..., Any] | None = None
+        self.removed = False
+
+    def remove(self) -> None:
+        """Undo :func:`attach_side`: hooks, the forward wrapper and ``model.s2a_side``."""
+        if self.removed:
+            return
+        current = self.model.__dict__.get("forward")
+        if current is not self.wrapped_forward:
+            raise RuntimeError(
+                "model.forward was replaced after attach_side; undo that wrapper first"
+            )
+        for h in self.hook_handles:
+            h.remove()
+        self.hook_handles.clear()
+        if self.had_instance_forward:
+            self.model.forward = self.previous_forward
+        else:
+            del self.model.__dict__["forward"]
+        if getattr(self.model, SIDE_ATTR, None) is self.network:
+            delattr(self.model, SIDE_ATTR)
+        self.captured.clear()
+        self.removed = True
+
+
+def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> SideHandle:
+    """Attach a :class:`LiteSideNetwork` to ``model`` in place; returns a :class:`SideHandle`.
+
+    * Registers the side network as ``model.s2a_side`` (its parameters live in the model's
+      ``state_dict`` and require grad).
+    * Forward hooks on ``info.blocks`` capture and pool each block's output while the wrapped
+      forward runs (detached when ``"side"`` is the only module, so no gradient reaches the
+      backbone).
+    * ``model.forward`` becomes an instance attribute that:
+
+      - side only: runs the original forward under ``torch.no_grad()`` (the backbone saves
+        nothing for backward), then the side network with autograd in the caller's grad mode;
+        the result replaces the model's logits;
+      - combined with other modules: runs the backbone normally; the side output is added to the
+        model's logits when they have ``num_classes`` columns, else it replaces them.
+
+      Outputs: a tensor becomes the logits tensor; an object with ``logits`` (transformers
+      ``ModelOutput``, dict) gets them replaced, and its ``loss`` recomputed from the new logits
+      when ``labels=`` was passed (transformers' ``problem_type`` rules); a transformers output
+      without ``logits`` (a base model) becomes a ``SequenceClassifierOutput``; a tuple gets its
+      first element (second after a loss, when labels were passed) replaced.
+    * The padding mask for text is ``info.token_mask(args, kwargs)`` if ``info`` has it, else
+      the forward's ``attention_mask`` argument when it is 2-D.
+    """
+    modules = tuple(getattr(config, "modules", ("side",)))
+    if "side" not in modules:
+        raise ValueError(f"attach_side called but 'side' is not in config.modules {modules}")
+    side_only = set(modules) == {"side"}
+    if hasattr(model, SIDE_ATTR):
+        raise RuntimeError(f"model already has a side network ({SIDE_ATTR}); remove it first")
+    blocks = list(info.blocks)
+    layouts = list(info.layouts)
+    dims = [int(d) for d in info.dims]
+    if not blocks:
+        raise ValueError("attach_side: info.blocks is empty")
+    if not len(blocks) == len(layouts) == len(dims):
+        raise ValueError(
+            f"attach_side: info.blocks ({len(blocks)}), info.layouts ({len(layouts)}) and "
+            f"info.dims ({len(dims)}) must have the same length"
+        )
+    num_classes = getattr(config, "num_classes", None) or getattr(info, "num_classes", None)
+    if num_classes is None:
+        raise ValueError("attach_side: num_classes is unknown (set config.num_classes)")
+    pooled_fn = getattr(info, "pooled", None)
+    fuse = bool(getattr(config, "fuse_side", False))
+    if fuse and pooled_fn is None:
+        raise ValueError(
+            "fuse_side=True but this backbone's adapter gives no pooled output (info.pooled is None)"
+        )
+    backbone_dim = getattr(info, "pooled_dim", None) or dims[-1]
+    network = LiteSideNetwork(
+        list(zip(dims, layouts, strict=True)),
+        reduction=config.side_reduction,
+        depth=config.side_depth,
+        num_classes=int(num_classes),
+        backbone_dim=backbone_dim if fuse else None,
+        fuse=fuse,
+    )
+    try:
+        ref = next(model.parameters())
+        network.to(device=ref.device)
+    except StopIteration:
+        pass
+    for p in network.parameters():
+        p.requires_grad_(True)
+
+    handle = SideHandle(model, network, side_only)
+    original_forward = model.forward
+    try:
+        signature: inspect.Signature | None = inspect.signature(original_forward)
+    except (TypeError, ValueError):
+        signature = None
+    mask_fn = getattr(info, "token_mask", None)
+
+    def capture(index: int, _module: nn.Module, _args: Any, output: Any) -> None:
+        if not handle.active:
+            return
+        hidden = _first_tensor(output)
+        if side_only:
+            hidden = hidden.detach()
+        handle.captured[index] = network.pool_hidden(index, hidden)
+
+    for index, (_path, block) in enumerate(blocks):
+        handle.hook_handles.append(block.register_forward_hook(functools.partial(capture, index)))
+
+    def find_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
+        if mask_fn is not None:
+            return mask_fn(args, kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is None and args and signature is not None:
+            try:
+                mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            except TypeError:
+                mask = None
+        return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    @functools.wraps(original_forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        handle.captured = {}
+        handle.active += 1
+        try:
+            if side_only:
+                with torch.no_grad():
+                    output = original_forward(*args, **kwargs)
+                    pooled = pooled_fn(output) if fuse else None
+            else:
+                output = original_forward(*args, **kwargs)
+                pooled = pooled_fn(output) if fuse else None
+        finally:
+            handle.active -= 1
+        captured, handle.captured = handle.captured, {}
+        missing = [blocks[i][0] for i in range(len(blocks)) if i not in captured]
+        if missing:
+            raise RuntimeError(f"side branch: these blocks did not run in the forward: {missing}")
+        if fuse and pooled is None:
+            raise RuntimeError("side branch: info.pooled(output) returned None but fuse_side=True")
+        if side_only and pooled is not None:
+            pooled = pooled.detach()
+        hiddens = [captured[i] for i in range(len(blocks))]
+        side = network(hiddens, pooled, find_mask(args, kwargs), pre_pooled=True)
+        logits = side
+        if not side_only:
+            own = _get_logits(output)
+            if own is not None and own.dim() == 2 and own.shape == side.shape:
+                logits = own + side
+        labels = kwargs.get("labels")
+        return _with_logits(model, output, logits, labels)
+
+    model.add_module(SIDE_ATTR, network)
+    model.forward = forward
+    handle.wrapped_forward = forward
+    return handle
