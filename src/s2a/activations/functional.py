@@ -31,17 +31,8 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 # --- pointwise nonlinearities ---------------------------------------------------------
 
-_FORWARD = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": SMOOTH_FUNCTIONS["quick_gelu"],
-    "silu": F.silu,
-    "hardswish": F.hardswish,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "mish": F.mish,
-    "softplus": F.softplus,
-}
+# The exact forward of each smooth function is the one its codebook was fitted on.
+_FORWARD = SMOOTH_FUNCTIONS
 
 
 class _CodebookActivation(torch.autograd.Function):
