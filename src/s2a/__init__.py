@@ -6,6 +6,8 @@ Public API:
   low-bit storage of what non-parametric operators keep for backward;
 * :func:`measure` / :class:`MemoryReport` / :func:`compare_table` — where the bytes
   of one training step go.
+* :class:`S2AConfig` / :func:`apply` / :func:`trainable_parameters` / :func:`save_tuned` /
+  :func:`load_tuned` / :func:`merge` — the tunable modules on a frozen backbone.
 """
 
 from .activations import (
@@ -15,16 +17,23 @@ from .activations import (
     restore,
 )
 from .memory import MemoryReport, compare_table, measure
+from .tuners import S2AConfig, apply, load_tuned, merge, save_tuned, trainable_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MemoryReport",
+    "S2AConfig",
     "UncoveredOperatorsError",
     "__version__",
+    "apply",
     "compare_table",
     "compress_activations",
     "compression_summary",
+    "load_tuned",
     "measure",
+    "merge",
     "restore",
+    "save_tuned",
+    "trainable_parameters",
 ]

@@ -123,11 +123,16 @@ def _own_code(fn: Callable) -> Callable:
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
 
 
+# Below this many elements the fixed cost of a compiled call (guards, wrappers)
+# exceeds the eager kernels' extra passes.
+SMALL = 1 << 16
+
+
 def _run(name: str, eager: Callable, *args):
     # One compiled variant per static configuration; floats travel as 0-d tensors
     # (a Python float would be baked into the graph and recompiled per value).
     name = f"{name}/{args[0].dtype}/{args[1].dtype}/{args[0].device.type}"
-    if not compile_enabled() or name in _FAILED:
+    if not compile_enabled() or name in _FAILED or args[0].numel() < SMALL:
         return eager(*args)
     fn = _COMPILED.get(name)
     if fn is None:
@@ -220,11 +225,11 @@ def _norm_encode_eager(
     # gradient is NaN anyway through its 1/sigma.
     scale = torch.nan_to_num(xhat, nan=0.0, posinf=0.0, neginf=0.0).abs().amax(0)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    v = xhat / scale
-    if not torch.compiler.is_compiling():  # eager: one bucketize pass, same codes
-        codes = torch.bucketize(v, mids, out_int32=True).to(torch.uint8)
-    elif bits == 8:  # 8-bit levels are uniform on [-1, 1]: round instead of comparing 255 times
+    v = torch.nan_to_num(xhat / scale, nan=0.0)
+    if bits == 8:  # 8-bit levels are uniform on [-1, 1]: round instead of comparing 255 times
         codes = ((v + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.int16).to(torch.uint8)
+    elif not torch.compiler.is_compiling():  # eager: one bucketize pass, same codes
+        codes = torch.bucketize(v, mids, out_int32=True).to(torch.uint8)
     else:  # nearest level = number of midpoints below; the compares fuse into one loop
         # (counted in float: inductor vectorises that, not uint8 accumulation)
         count = torch.where(v > mids[0], 1.0, 0.0)

@@ -13,16 +13,20 @@ Integration (:func:`attach_side`)
 ``attach_side(model, info, config)`` is called by ``s2a.apply``. It needs only the attributes
 below (duck typing; see :class:`BackboneInfo` and :class:`SideConfig`):
 
-``info``
-    * ``blocks: list[tuple[str, nn.Module]]``: the backbone blocks whose outputs feed the side
-      network, in forward order (``(path, module)``).
+``info`` (``s2a.models.BackboneInfo`` fits)
+    * ``blocks``: the backbone blocks whose outputs feed the side network, in forward order:
+      ``(path, module)`` tuples, or objects with ``name`` (the path) and optionally ``module``
+      (else ``model.get_submodule(name)``).
     * ``layouts: list[str]``: layout of each block's output, ``"tokens"`` (B, N, D),
       ``"nchw"`` (B, C, H, W) or ``"nhwc"`` (B, H, W, C).
     * ``dims: list[int]``: channel dimension of each block's output.
-    * ``pooled``: ``None`` or a callable ``pooled(output) -> Tensor | None`` giving the backbone's
-      pooled feature (B, D') from the model's forward output (needed only with ``fuse_side``).
     * ``num_classes: int | None``: used when ``config.num_classes`` is None.
-    * optional ``pooled_dim: int``: width of ``pooled(output)`` (default ``dims[-1]``).
+    * optional, for ``fuse_side`` only (first available wins): ``pooled(output) -> Tensor``
+      giving the backbone's pooled feature (B, D') from the forward output;
+      ``classifier_names`` (the input of the first classifier is captured); otherwise the last
+      block's output is pooled with ``pool(hidden, layout)`` if present, else a plain mean over
+      tokens / space. Its width: ``pooled_dim``, ``feature_dim``, the classifier's
+      ``in_features``, else ``dims[-1]``.
     * optional ``token_mask(args, kwargs) -> Tensor | None``: the (B, N) padding mask of a call
       (default: the forward's ``attention_mask`` argument when it is 2-D).
 
@@ -67,6 +71,7 @@ Design choices (documented here once)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
@@ -85,6 +90,7 @@ __all__ = [
     "SideHandle",
     "attach_side",
     "channel_pool",
+    "detach_side",
 ]
 
 LAYOUTS = ("tokens", "nchw", "nhwc")
@@ -92,16 +98,16 @@ _REMAINDERS = ("error", "partial")
 _MIXERS = ("mlp", "attention")
 _READOUTS = ("mean", "first")
 SIDE_ATTR = "s2a_side"
+HANDLE_ATTR = "_s2a_side_handle"
 
 
 # ---------------------------------------------------------------------------- protocols
 class BackboneInfo(Protocol):
     """What :func:`attach_side` reads from the adapter's description of a backbone."""
 
-    blocks: list[tuple[str, nn.Module]]
+    blocks: Sequence[Any]  # (path, module) tuples or objects with .name [and .module]
     layouts: list[str]
     dims: list[int]
-    pooled: Callable[[Any], torch.Tensor | None] | None
     num_classes: int | None
 
 
@@ -590,15 +596,61 @@ class SideHandle:
             del self.model.__dict__["forward"]
         if getattr(self.model, SIDE_ATTR, None) is self.network:
             delattr(self.model, SIDE_ATTR)
+        if self.model.__dict__.get(HANDLE_ATTR) is self:
+            del self.model.__dict__[HANDLE_ATTR]
         self.captured.clear()
         self.removed = True
+
+
+def _resolve_blocks(model: nn.Module, info: Any) -> list[tuple[str, nn.Module]]:
+    """``info.blocks`` as ``(path, module)``: tuples, or objects with ``name`` [and ``module``]."""
+    out = []
+    for b in info.blocks:
+        if isinstance(b, tuple):
+            name, module = b
+        else:
+            name = b.name
+            module = getattr(b, "module", None)
+            if module is None:
+                module = model.get_submodule(name)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"attach_side: block {name!r} is not an nn.Module ({type(module).__name__})")
+        out.append((str(name), module))
+    return out
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied when it is a view into a larger storage (a kept view keeps it all alive)."""
+    try:
+        larger = t.untyped_storage().nbytes() > t.numel() * t.element_size()
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - odd tensor subclasses
+        return t
+    return t.clone(memory_format=torch.contiguous_format) if larger else t
+
+
+def _pool_default(hidden: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "nchw":
+        return hidden.mean(dim=(2, 3))
+    if layout == "nhwc":
+        return hidden.mean(dim=(1, 2))
+    return hidden.mean(dim=1)
+
+
+def detach_side(model: nn.Module) -> bool:
+    """Undo :func:`attach_side` on ``model`` (if attached); True if something was removed."""
+    handle = model.__dict__.get(HANDLE_ATTR)
+    if handle is None:
+        return False
+    handle.remove()
+    return True
 
 
 def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> SideHandle:
     """Attach a :class:`LiteSideNetwork` to ``model`` in place; returns a :class:`SideHandle`.
 
     * Registers the side network as ``model.s2a_side`` (its parameters live in the model's
-      ``state_dict`` and require grad).
+      ``state_dict`` and require grad); the handle is also kept as ``model._s2a_side_handle``
+      (:func:`detach_side` finds it there).
     * Forward hooks on ``info.blocks`` capture and pool each block's output while the wrapped
       forward runs (detached when ``"side"`` is the only module, so no gradient reaches the
       backbone).
@@ -615,6 +667,12 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
       when ``labels=`` was passed (transformers' ``problem_type`` rules); a transformers output
       without ``logits`` (a base model) becomes a ``SequenceClassifierOutput``; a tuple gets its
       first element (second after a loss, when labels were passed) replaced.
+    * ``fuse_side``: the backbone's pooled feature is ``info.pooled(output)`` when ``info`` has
+      that callable; else the input of the first classifier ``info.classifier_names[0]``
+      (captured by a pre-hook; pooled by ``info.pool`` if still 3-D); else the last block's
+      output pooled by ``info.pool(hidden, layout)`` (or a plain token / spatial mean). Its
+      width is ``info.pooled_dim`` or ``info.feature_dim`` (classifier input), else
+      ``dims[-1]``.
     * The padding mask for text is ``info.token_mask(args, kwargs)`` if ``info`` has it, else
       the forward's ``attention_mask`` argument when it is 2-D.
     """
@@ -622,9 +680,9 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
     if "side" not in modules:
         raise ValueError(f"attach_side called but 'side' is not in config.modules {modules}")
     side_only = set(modules) == {"side"}
-    if hasattr(model, SIDE_ATTR):
+    if hasattr(model, SIDE_ATTR) or HANDLE_ATTR in model.__dict__:
         raise RuntimeError(f"model already has a side network ({SIDE_ATTR}); remove it first")
-    blocks = list(info.blocks)
+    blocks = _resolve_blocks(model, info)
     layouts = list(info.layouts)
     dims = [int(d) for d in info.dims]
     if not blocks:
@@ -637,13 +695,23 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
     num_classes = getattr(config, "num_classes", None) or getattr(info, "num_classes", None)
     if num_classes is None:
         raise ValueError("attach_side: num_classes is unknown (set config.num_classes)")
-    pooled_fn = getattr(info, "pooled", None)
+
+    # where the backbone's pooled feature comes from (fuse_side only)
     fuse = bool(getattr(config, "fuse_side", False))
+    pooled_fn = getattr(info, "pooled", None) if fuse else None
+    if pooled_fn is not None and not callable(pooled_fn):
+        raise TypeError("attach_side: info.pooled must be a callable pooled(output) -> Tensor")
+    classifier: nn.Module | None = None
+    backbone_dim = getattr(info, "pooled_dim", None)
     if fuse and pooled_fn is None:
-        raise ValueError(
-            "fuse_side=True but this backbone's adapter gives no pooled output (info.pooled is None)"
-        )
-    backbone_dim = getattr(info, "pooled_dim", None) or dims[-1]
+        names = tuple(getattr(info, "classifier_names", ()) or ())
+        if names:
+            classifier = model.get_submodule(names[0])
+            backbone_dim = backbone_dim or getattr(info, "feature_dim", None)
+            if backbone_dim is None and isinstance(classifier, nn.Linear):
+                backbone_dim = classifier.in_features
+    info_pool = getattr(info, "pool", None)
+    backbone_dim = int(backbone_dim or dims[-1])
     network = LiteSideNetwork(
         list(zip(dims, layouts, strict=True)),
         reduction=config.side_reduction,
@@ -652,11 +720,9 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
         backbone_dim=backbone_dim if fuse else None,
         fuse=fuse,
     )
-    try:
-        ref = next(model.parameters())
+    ref = next(model.parameters(), None)
+    if ref is not None:
         network.to(device=ref.device)
-    except StopIteration:
-        pass
     for p in network.parameters():
         p.requires_grad_(True)
 
@@ -667,6 +733,8 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
     except (TypeError, ValueError):
         signature = None
     mask_fn = getattr(info, "token_mask", None)
+    last = len(blocks) - 1
+    pool_last = fuse and pooled_fn is None and classifier is None
 
     def capture(index: int, _module: nn.Module, _args: Any, output: Any) -> None:
         if not handle.active:
@@ -674,10 +742,23 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
         hidden = _first_tensor(output)
         if side_only:
             hidden = hidden.detach()
-        handle.captured[index] = network.pool_hidden(index, hidden)
+        handle.captured[index] = _compact(network.pool_hidden(index, hidden))
+        if pool_last and index == last:
+            layout = layouts[index]
+            pooled = info_pool(hidden, layout) if callable(info_pool) else _pool_default(hidden, layout)
+            handle.captured[-1] = _compact(pooled)
+
+    def capture_classifier_input(_module: nn.Module, args: tuple) -> None:
+        if handle.active and -1 not in handle.captured and args:
+            x = args[0]
+            if x.dim() == 3:
+                x = info_pool(x) if callable(info_pool) else x.mean(dim=1)
+            handle.captured[-1] = _compact(x.detach() if side_only else x)
 
     for index, (_path, block) in enumerate(blocks):
         handle.hook_handles.append(block.register_forward_hook(functools.partial(capture, index)))
+    if classifier is not None:
+        handle.hook_handles.append(classifier.register_forward_pre_hook(capture_classifier_input))
 
     def find_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
         if mask_fn is not None:
@@ -695,13 +776,9 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
         handle.captured = {}
         handle.active += 1
         try:
-            if side_only:
-                with torch.no_grad():
-                    output = original_forward(*args, **kwargs)
-                    pooled = pooled_fn(output) if fuse else None
-            else:
+            with torch.no_grad() if side_only else contextlib.nullcontext():
                 output = original_forward(*args, **kwargs)
-                pooled = pooled_fn(output) if fuse else None
+                pooled = pooled_fn(output) if pooled_fn is not None else None
         finally:
             handle.active -= 1
         captured, handle.captured = handle.captured, {}
@@ -709,9 +786,11 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
         if missing:
             raise RuntimeError(f"side branch: these blocks did not run in the forward: {missing}")
         if fuse and pooled is None:
-            raise RuntimeError("side branch: info.pooled(output) returned None but fuse_side=True")
+            pooled = captured.get(-1)
+            if pooled is None:
+                raise RuntimeError("side branch: no pooled backbone output was found but fuse_side=True")
         if side_only and pooled is not None:
-            pooled = pooled.detach()
+            pooled = _compact(pooled.detach())
         hiddens = [captured[i] for i in range(len(blocks))]
         side = network(hiddens, pooled, find_mask(args, kwargs), pre_pooled=True)
         logits = side
@@ -719,10 +798,10 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
             own = _get_logits(output)
             if own is not None and own.dim() == 2 and own.shape == side.shape:
                 logits = own + side
-        labels = kwargs.get("labels")
-        return _with_logits(model, output, logits, labels)
+        return _with_logits(model, output, logits, kwargs.get("labels"))
 
     model.add_module(SIDE_ATTR, network)
     model.forward = forward
     handle.wrapped_forward = forward
+    model.__dict__[HANDLE_ATTR] = handle
     return handle

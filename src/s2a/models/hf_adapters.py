@@ -1,0 +1,125 @@
+"""Adapters for transformers: BERT-family encoders (BERT, RoBERTa, DistilBERT, MiniLM,
+which is a BertModel), ViTModel / ViTForImageClassification, and Llama-style decoders
+(LlamaModel / LlamaForCausalLM / LlamaForSequenceClassification and the SwiGLU + RMSNorm
+relatives that share their layout)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .registry import (
+    BlockSpec,
+    HeadSpec,
+    ModelAdapter,
+    default_image_input,
+    register_adapter,
+    text_input,
+)
+
+
+def _is_transformers(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+
+
+def _layers(model: nn.Module, layer_classes: tuple[str, ...]) -> list[str]:
+    """Paths of the children of the ModuleList holding the model's layers."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and type(m[0]).__name__ in layer_classes:
+            return [f"{name}.{i}" for i in range(len(m))]
+    return []
+
+
+def _last_linear(module: nn.Module, prefix: str) -> str | None:
+    if isinstance(module, nn.Linear):
+        return prefix
+    last = None
+    for n, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            last = f"{prefix}.{n}"
+    return last
+
+
+class HFAdapter(ModelAdapter):
+    model_types: tuple[str, ...] = ()
+    layer_classes: tuple[str, ...] = ()
+    # top-level children of *For... models that form the head, in forward order
+    head_children: tuple[str, ...] = ("pre_classifier", "classifier", "score")
+    lm_children: tuple[str, ...] = ("lm_head",)
+
+    def matches(self, model):
+        return _is_transformers(model) and getattr(model.config, "model_type", None) in self.model_types
+
+    def blocks(self, model):
+        return [BlockSpec(n, "tokens", 0, self.num_prefix_tokens(model))
+                for n in _layers(model, self.layer_classes)]
+
+    def head(self, model):
+        children = dict(model.named_children())
+        names = tuple(n for n in self.head_children if n in children)
+        if names:
+            last = _last_linear(children[names[-1]], names[-1])
+            return HeadSpec(names=names, classifiers=(last,) if last else ())
+        lm = tuple(n for n in self.lm_children if n in children)
+        if lm:
+            return HeadSpec(names=lm, classifiers=lm, trainable=False, task="lm")
+        return None
+
+    def replace_head(self, model, num_classes):
+        super().replace_head(model, num_classes)
+        model.config.num_labels = num_classes
+
+    def max_positions(self, model):
+        return getattr(model.config, "max_position_embeddings", None)
+
+    def example_input(self, model):
+        return text_input(model)
+
+    def pooling(self, model):
+        return "cls"
+
+
+@register_adapter
+class HFBertAdapter(HFAdapter):
+    """BERT, RoBERTa (and MiniLM / other BertModel checkpoints)."""
+
+    name = "hf-bert"
+    model_types = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+    layer_classes = ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "CamembertLayer", "ElectraLayer")
+
+
+@register_adapter
+class HFDistilBertAdapter(HFAdapter):
+    name = "hf-distilbert"
+    model_types = ("distilbert",)
+    layer_classes = ("TransformerBlock",)
+
+
+@register_adapter
+class HFViTAdapter(HFAdapter):
+    name = "hf-vit"
+    model_types = ("vit",)
+    layer_classes = ("ViTLayer",)
+
+    def num_prefix_tokens(self, model):
+        return 1
+
+    def max_positions(self, model):
+        return None
+
+    def example_input(self, model):
+        return {"pixel_values": default_image_input(model)}
+
+
+@register_adapter
+class HFLlamaAdapter(HFAdapter):
+    """Llama-style decoders: SwiGLU MLP, RMSNorm, rotary positions, causal attention."""
+
+    name = "hf-llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    layer_classes = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+    def pooling(self, model):
+        return "last"
+
+    def position_ids_kwarg(self, model):
+        return "position_ids"

@@ -1,0 +1,532 @@
+"""The adapter registry, the data it produces (:class:`BackboneInfo`) and the dry run
+that measures block shapes. See the package docstring for how to add an adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+LAYOUTS = ("tokens", "nchw", "nhwc")
+TASKS = ("classification", "lm", "features")
+# keyword names under which frameworks pass a block's hidden state
+HIDDEN_KWARGS = ("hidden_states", "hidden_state", "x", "input", "inputs")
+
+
+class UnsupportedModelError(TypeError):
+    """No adapter (not even the generic fallback) can find the blocks of a model."""
+
+
+# ---------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class BlockSpec:
+    """What an adapter declares about one block (shapes come from the dry run).
+
+    ``layout`` None lets the dry run infer it from the block input's rank.
+    """
+
+    name: str
+    layout: str | None = None
+    stage: int = 0
+    prefix_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The classifier head: ``names`` are the trainable head modules, ``classifiers``
+    the final ``nn.Linear`` (one per output head, e.g. DeiT's head and head_dist) that
+    :meth:`ModelAdapter.replace_head` replaces; ``trainable`` False for a language-model
+    head tied to the embeddings; ``task`` one of :data:`TASKS`."""
+
+    names: tuple[str, ...]
+    classifiers: tuple[str, ...]
+    trainable: bool = True
+    task: str = "classification"
+
+
+# ---------------------------------------------------------------------------- infos
+@dataclass
+class BlockInfo:
+    """One block: its INPUT gets the prompt, its OUTPUT feeds the side branch.
+
+    ``in_shape`` / ``out_shape`` exclude the batch dimension (as seen in the dry run).
+    """
+
+    name: str
+    layout: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    stage: int = 0
+    prefix_tokens: int = 0
+    module: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @staticmethod
+    def _dim(layout: str, shape: tuple[int, ...]) -> int:
+        return shape[0] if layout == "nchw" else shape[-1]
+
+    @staticmethod
+    def _grid(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if layout == "tokens":
+            return (shape[0],)
+        return tuple(shape[1:]) if layout == "nchw" else tuple(shape[:-1])
+
+    @property
+    def in_dim(self) -> int:
+        """Channels of the block input (D for tokens, C for feature maps)."""
+        return self._dim(self.layout, self.in_shape)
+
+    @property
+    def out_dim(self) -> int:
+        """Channels of the block output."""
+        return self._dim(self.layout, self.out_shape)
+
+    @property
+    def in_grid(self) -> tuple[int, ...]:
+        """(N,) for tokens, (H, W) for feature maps, of the block input."""
+        return self._grid(self.layout, self.in_shape)
+
+    @property
+    def out_grid(self) -> tuple[int, ...]:
+        return self._grid(self.layout, self.out_shape)
+
+    @property
+    def in_positions(self) -> int:
+        n = 1
+        for s in self.in_grid:
+            n *= s
+        return n
+
+
+@dataclass
+class BackboneInfo:
+    """Everything the tuners need to know about a backbone (see :func:`describe_backbone`).
+
+    Attributes:
+        family: name of the adapter that described it ("timm-vit", "hf-bert", "generic", ...).
+        model_class: class name of the model.
+        blocks: the blocks in forward order.
+        head_names / classifier_names / head_trainable / task: see :class:`HeadSpec`
+            (empty names and task "features" for a bare backbone).
+        pooling: how the backbone pools its last hidden state for the head:
+            "cls" (first token), "mean" (tokens or spatial average), "last" (last token).
+        num_prefix_tokens: class / distillation / register tokens in front of the patch
+            tokens (0 for text and CNNs).
+        max_positions: positions a prompt must cover for variable-length inputs (text:
+            the model's maximum sequence length); None: the dry run's grid is fixed.
+        position_ids_kwarg: keyword under which blocks receive position ids (decoders
+            with a KV cache), or None.
+        feature_dim / num_classes: input and output width of the (first) classifier.
+    """
+
+    family: str
+    model_class: str
+    blocks: list[BlockInfo]
+    head_names: tuple[str, ...] = ()
+    classifier_names: tuple[str, ...] = ()
+    head_trainable: bool = False
+    task: str = "features"
+    pooling: str = "mean"
+    num_prefix_tokens: int = 0
+    max_positions: int | None = None
+    position_ids_kwarg: str | None = None
+    feature_dim: int | None = None
+    num_classes: int | None = None
+    adapter: ModelAdapter | None = field(default=None, repr=False, compare=False)
+
+    # -- convenience accessors ------------------------------------------------------
+    @property
+    def block_names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    @property
+    def layouts(self) -> list[str]:
+        return [b.layout for b in self.blocks]
+
+    @property
+    def dims(self) -> list[int]:
+        """Output channels of every block (what the side branch reads)."""
+        return [b.out_dim for b in self.blocks]
+
+    def block_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [model.get_submodule(b.name) for b in self.blocks]
+
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [model.get_submodule(n) for n in self.head_names]
+
+    def classifier_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [model.get_submodule(n) for n in self.classifier_names]
+
+    # -- pooled features -------------------------------------------------------------
+    def pool(self, hidden: torch.Tensor, layout: str = "tokens") -> torch.Tensor:
+        """Pool one hidden state to (B, C) the way this backbone pools for its head."""
+        if layout == "nchw":
+            return hidden.mean(dim=(2, 3))
+        if layout == "nhwc":
+            return hidden.mean(dim=(1, 2))
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "last":
+            return hidden[:, -1]
+        return hidden[:, self.num_prefix_tokens:].mean(dim=1)
+
+    def pooled_features(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Run ``model`` and return the (B, F) features its classifier receives (for a
+        backbone without head: its last hidden state pooled by :meth:`pool`)."""
+        captured: dict[str, torch.Tensor] = {}
+        if self.classifier_names:
+            module = model.get_submodule(self.classifier_names[0])
+
+            def grab(mod, inputs):
+                captured.setdefault("x", inputs[0])
+
+            handle = module.register_forward_pre_hook(grab)
+            try:
+                model(*args, **kwargs)
+            finally:
+                handle.remove()
+            x = captured["x"]
+            return self.pool(x) if x.dim() == 3 else x
+        out = model(*args, **kwargs)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            hidden = first_tensor(out)
+        if hidden.dim() == 2:
+            return hidden
+        layout = self.blocks[-1].layout if hidden.dim() == 4 else "tokens"
+        return self.pool(hidden, layout)
+
+
+# ---------------------------------------------------------------------------- adapter API
+class ModelAdapter:
+    """Base class of a model-family adapter. Override :meth:`matches` and :meth:`blocks`;
+    the rest has sensible defaults."""
+
+    #: short family name shown in :class:`BackboneInfo`
+    name: str = "adapter"
+
+    def matches(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> list[BlockSpec]:
+        raise NotImplementedError
+
+    def head(self, model: nn.Module) -> HeadSpec | None:
+        return None
+
+    def pooling(self, model: nn.Module) -> str:
+        return "mean"
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return 0
+
+    def max_positions(self, model: nn.Module) -> int | None:
+        return None
+
+    def position_ids_kwarg(self, model: nn.Module) -> str | None:
+        return None
+
+    def example_input(self, model: nn.Module) -> Any:
+        """A default input for the dry run: a tensor, a tuple of args or a dict of kwargs."""
+        return default_image_input(model)
+
+    def replace_head(self, model: nn.Module, num_classes: int) -> None:
+        """Replace the classifier(s) by fresh ``nn.Linear`` with ``num_classes`` outputs."""
+        spec = self.head(model)
+        if spec is None or not spec.classifiers:
+            raise ValueError(
+                f"num_classes: {type(model).__name__} has no classification head to replace; "
+                "use a model class with a head (e.g. *ForSequenceClassification) or num_classes=None"
+            )
+        if spec.task == "lm":
+            raise ValueError(
+                f"num_classes: {type(model).__name__} is a language model (head {spec.classifiers}); "
+                "use num_classes=None or a *ForSequenceClassification model"
+            )
+        for path in spec.classifiers:
+            replace_linear(model, path, num_classes)
+
+
+_REGISTRY: list[ModelAdapter] = []
+
+
+def register_adapter(adapter: ModelAdapter | type[ModelAdapter], *, first: bool = True):
+    """Register an adapter (instance or class). ``first=True`` (default) puts it before the
+    built-in ones so that it can override them. Returns the adapter, so it works as a
+    class decorator."""
+    instance = adapter() if isinstance(adapter, type) else adapter
+    if not isinstance(instance, ModelAdapter):
+        raise TypeError(f"register_adapter expects a ModelAdapter, got {type(instance).__name__}")
+    if first:
+        _REGISTRY.insert(0, instance)
+    else:
+        _REGISTRY.append(instance)
+    return adapter
+
+
+def unregister_adapter(adapter: ModelAdapter | type[ModelAdapter]) -> None:
+    for a in list(_REGISTRY):
+        if a is adapter or type(a) is adapter:
+            _REGISTRY.remove(a)
+
+
+def registered_adapters() -> list[ModelAdapter]:
+    return list(_REGISTRY)
+
+
+def find_adapter(model: nn.Module) -> ModelAdapter:
+    for adapter in _REGISTRY:
+        if adapter.matches(model):
+            return adapter
+    from .generic import GENERIC
+
+    if GENERIC.matches(model):
+        return GENERIC
+    classes = sorted({type(m).__name__ for m in model.modules()})
+    raise UnsupportedModelError(
+        f"s2a cannot find the blocks of {type(model).__name__}: no registered adapter "
+        f"({', '.join(a.name for a in _REGISTRY)}) matches and the generic fallback found no "
+        "ModuleList/Sequential with >= 2 children of one class. Module classes found: "
+        f"{classes}. Add an adapter with s2a.models.register_adapter (see s2a.models)."
+    )
+
+
+# ---------------------------------------------------------------------------- helpers
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    """The hidden state inside a block output: a tensor, or the first tensor of a
+    tuple / list / ModelOutput."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        for v in obj:
+            t = first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+def hidden_from_call(args: tuple, kwargs: dict) -> tuple[str | int, torch.Tensor] | None:
+    """(where, tensor) of a block's hidden state in a forward call: position 0 or a
+    keyword of :data:`HIDDEN_KWARGS`."""
+    if args and isinstance(args[0], torch.Tensor):
+        return 0, args[0]
+    for key in HIDDEN_KWARGS:
+        v = kwargs.get(key)
+        if isinstance(v, torch.Tensor):
+            return key, v
+    return None
+
+
+def normalize_input(example_input: Any) -> tuple[tuple, dict]:
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,), {}
+    if isinstance(example_input, Mapping):
+        return (), dict(example_input)
+    if isinstance(example_input, (tuple, list)):
+        return tuple(example_input), {}
+    raise TypeError(
+        "example_input must be a tensor, a tuple of positional inputs or a dict of keyword "
+        f"inputs, got {type(example_input).__name__}"
+    )
+
+
+def default_image_input(model: nn.Module) -> torch.Tensor:
+    """zeros(1, C, H, W) at the model's own input size (timm ``patch_embed.img_size`` /
+    ``pretrained_cfg['input_size']``, transformers ``config.image_size``)."""
+    chans, size = None, None
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        size = tuple(pe.img_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        chans = cfg["input_size"][0]
+        size = size or tuple(cfg["input_size"][1:])
+    hf = getattr(model, "config", None)
+    if hf is not None and hasattr(hf, "image_size"):
+        s = hf.image_size
+        size = size or ((s, s) if isinstance(s, int) else tuple(s))
+        chans = chans or getattr(hf, "num_channels", 3)
+    if size is None:
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                chans, size = m.in_channels, (224, 224)
+                break
+    if size is None:
+        raise ValueError(
+            f"cannot guess an input for {type(model).__name__}: pass example_input= "
+            "(one batch of the size you will train with)"
+        )
+    return torch.zeros(1, chans or 3, *size)
+
+
+def text_input(model: nn.Module, length: int = 8) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.ones(1, length, dtype=torch.long)}
+
+
+def replace_linear(model: nn.Module, path: str, num_classes: int) -> nn.Linear:
+    old = model.get_submodule(path)
+    if not isinstance(old, nn.Linear):
+        raise ValueError(f"num_classes: head {path} is a {type(old).__name__}, not nn.Linear")
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    parent_name, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return new
+
+
+def module_path(model: nn.Module, module: nn.Module) -> str | None:
+    for n, m in model.named_modules():
+        if m is module:
+            return n
+    return None
+
+
+# ---------------------------------------------------------------------------- describe
+def _infer_layout(block: nn.Module, shape: tuple[int, ...]) -> str:
+    if len(shape) == 3:
+        return "tokens"
+    if len(shape) != 4:
+        raise UnsupportedModelError(
+            f"block input of rank {len(shape)} (shape {tuple(shape)}); s2a handles (B, N, D) "
+            "tokens and (B, C, H, W) / (B, H, W, C) feature maps"
+        )
+    for m in block.modules():
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+            c = m.in_channels if isinstance(m, nn.Conv2d) else m.num_features
+            if c == shape[1]:
+                return "nchw"
+            if c == shape[3]:
+                return "nhwc"
+        if isinstance(m, (nn.Linear, nn.LayerNorm)):
+            c = m.in_features if isinstance(m, nn.Linear) else m.normalized_shape[-1]
+            if c == shape[3]:
+                return "nhwc"
+            if c == shape[1]:
+                return "nchw"
+    return "nchw"
+
+
+def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
+    """Run one no-grad eval forward, recording each block's input and output shape."""
+    modules = [model.get_submodule(s.name) for s in specs]
+    shapes: dict[int, list] = {i: [None, None] for i in range(len(specs))}
+    handles = []
+
+    def pre(i):
+        def hook(mod, args, kwargs):
+            if shapes[i][0] is None:
+                found = hidden_from_call(args, kwargs)
+                if found is not None:
+                    shapes[i][0] = tuple(found[1].shape)
+        return hook
+
+    def post(i):
+        def hook(mod, args, output):
+            if shapes[i][1] is None:
+                t = first_tensor(output)
+                if t is not None:
+                    shapes[i][1] = tuple(t.shape)
+        return hook
+
+    for i, m in enumerate(modules):
+        handles.append(m.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(m.register_forward_hook(post(i)))
+    flags = [(m, m.training) for m in model.modules()]
+    args, kwargs = normalize_input(example_input)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in flags:
+            m.training = t
+    missing = [specs[i].name for i, (a, b) in shapes.items() if a is None or b is None]
+    if missing:
+        raise UnsupportedModelError(
+            f"the dry forward of {type(model).__name__} did not run blocks {missing} with a "
+            "tensor input/output; pass example_input= or register an adapter"
+        )
+    return modules, shapes
+
+
+def _on_model(model: nn.Module, example: Any) -> Any:
+    """A default input moved to the model's device, floats in the model's dtype."""
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if ref is None:
+        return example
+
+    def move(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(ref.device, ref.dtype) if t.is_floating_point() else t.to(ref.device)
+
+    if isinstance(example, Mapping):
+        return {k: move(v) for k, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return tuple(move(v) for v in example)
+    return move(example)
+
+
+def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneInfo:
+    """Find the blocks, layouts, dims, prefix tokens and head of ``model``.
+
+    One no-grad eval forward measures the shapes (on ``example_input`` or the adapter's
+    default input); the model's parameters, buffers and train/eval flags are unchanged.
+    On a model already prepared by :func:`s2a.apply` (and without ``example_input``) the
+    stored description is returned.
+    """
+    state = getattr(model, "_s2a_tuner", None)
+    if state is not None and example_input is None:
+        return state.info
+    adapter = find_adapter(model)
+    specs = adapter.blocks(model)
+    if len(specs) == 0:
+        raise UnsupportedModelError(f"adapter {adapter.name} found no blocks in {type(model).__name__}")
+    if example_input is None:
+        example_input = _on_model(model, adapter.example_input(model))
+    modules, shapes = _dry_run(model, specs, example_input)
+    blocks = []
+    for i, (spec, module) in enumerate(zip(specs, modules, strict=True)):
+        in_shape, out_shape = shapes[i]
+        layout = spec.layout or _infer_layout(module, in_shape)
+        if layout not in LAYOUTS:
+            raise ValueError(f"adapter {adapter.name}: layout {layout!r} not in {LAYOUTS}")
+        blocks.append(BlockInfo(spec.name, layout, in_shape[1:], out_shape[1:], spec.stage,
+                                spec.prefix_tokens, module))
+    info = BackboneInfo(
+        family=adapter.name,
+        model_class=type(model).__name__,
+        blocks=blocks,
+        pooling=adapter.pooling(model),
+        num_prefix_tokens=adapter.num_prefix_tokens(model),
+        max_positions=adapter.max_positions(model),
+        position_ids_kwarg=adapter.position_ids_kwarg(model),
+        adapter=adapter,
+    )
+    refresh_head(info, model)
+    return info
+
+
+def refresh_head(info: BackboneInfo, model: nn.Module) -> BackboneInfo:
+    """(Re)read the head of ``model`` into ``info`` (after a head replacement)."""
+    spec = info.adapter.head(model) if info.adapter is not None else None
+    if spec is None:
+        info.head_names, info.classifier_names = (), ()
+        info.head_trainable, info.task = False, "features"
+        info.feature_dim = info.num_classes = None
+        return info
+    info.head_names, info.classifier_names = tuple(spec.names), tuple(spec.classifiers)
+    info.head_trainable, info.task = spec.trainable, spec.task
+    info.feature_dim = info.num_classes = None
+    if spec.classifiers:
+        clf = model.get_submodule(spec.classifiers[0])
+        if isinstance(clf, nn.Linear):
+            info.feature_dim, info.num_classes = clf.in_features, clf.out_features
+    return info
+

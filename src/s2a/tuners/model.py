@@ -1,0 +1,247 @@
+"""``s2a.apply``: turn a pretrained model into an S2A fine-tuning model, in place.
+
+1. :func:`s2a.models.describe_backbone` finds the blocks, layouts and head (one
+   no-grad dry forward on ``example_input`` or a default input);
+2. every parameter is frozen;
+3. the classifier head is replaced (``num_classes``) or kept, and made trainable
+   (a language-model head tied to the embeddings stays frozen, and so does the head
+   when "side" is the only module: the side network then makes the prediction);
+4. the configured modules are inserted: "bias" (:mod:`s2a.tuners.bias`), "prompt"
+   (:mod:`s2a.tuners.prompt`), "side" (``s2a.tuners.side.attach_side``);
+5. BatchNorm layers keep their running statistics (``freeze_norm_stats``);
+6. :func:`s2a.compress_activations` with ``act_bits`` / ``op_bits`` (unless None).
+
+The configuration is stored as ``model.s2a_config``; the bookkeeping (what was
+inserted, the backbone's fingerprint, which tensors are tuned) as ``model._s2a_tuner``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from s2a.activations import compress_activations
+from s2a.models import BackboneInfo, describe_backbone, refresh_head
+
+from .bias import add_bias
+from .config import S2AConfig
+from .prompt import PROMPT_ATTR, LowRankPrompt, add_prompts
+
+STATE_ATTR = "_s2a_tuner"
+KINDS = ("bias", "prompt", "side", "head", "other")
+
+
+@dataclass
+class TunerState:
+    config: S2AConfig
+    info: BackboneInfo
+    fingerprint: dict[str, Any]
+    backbone_parameters: int
+    kinds: dict[str, str] = field(default_factory=dict)  # tuned tensor name -> module kind
+    tuned_keys: list[str] = field(default_factory=list)  # state-dict keys save_tuned writes
+    prompts: dict[str, LowRankPrompt] = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+    example_input: dict[str, Any] | None = None
+    merged: bool = False
+
+
+def get_state(model: nn.Module, what: str = "this") -> TunerState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"{what} needs a model prepared by s2a.apply(model, config)")
+    return state
+
+
+def is_applied(model: nn.Module) -> bool:
+    return getattr(model, STATE_ATTR, None) is not None
+
+
+# ---------------------------------------------------------------------------- fingerprint
+def _excluded(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def backbone_fingerprint(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Class name, tensor names and shapes (and their hash) of ``model``'s state dict,
+    leaving out the modules under ``exclude`` (a head that ``num_classes`` replaces)."""
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items() if not _excluded(k, exclude)}
+    digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
+    numel = sum(p.numel() for n, p in model.named_parameters() if not _excluded(n, exclude))
+    return {"class": type(model).__name__, "num_tensors": len(shapes), "num_parameters": numel,
+            "sha256": digest, "shapes": shapes}
+
+
+def fingerprint_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any]) -> str | None:
+    """None when the fingerprints agree, else a human-readable reason."""
+    if expected.get("class") != got.get("class"):
+        return f"the tuned tensors belong to a {expected.get('class')}, the model is a {got.get('class')}"
+    if expected.get("sha256") == got.get("sha256"):
+        return None
+    a, b = expected.get("shapes", {}), got.get("shapes", {})
+    missing = sorted(set(a) - set(b))
+    extra = sorted(set(b) - set(a))
+    differ = sorted(k for k in set(a) & set(b) if list(a[k]) != list(b[k]))
+    parts = []
+    if differ:
+        parts.append("shapes differ: " + ", ".join(f"{k} {a[k]} vs {b[k]}" for k in differ[:5])
+                     + (f" (+{len(differ) - 5} more)" if len(differ) > 5 else ""))
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing from the model, e.g. {missing[:3]}")
+    if extra:
+        parts.append(f"{len(extra)} tensor(s) not in the saved backbone, e.g. {extra[:3]}")
+    return (f"{got.get('class')} with {got.get('num_parameters'):,} parameters does not match the "
+            f"saved backbone with {expected.get('num_parameters'):,}: " + "; ".join(parts or ["hash differs"]))
+
+
+# ---------------------------------------------------------------------------- example input
+def describe_input(example_input: Any) -> dict[str, Any] | None:
+    """Shapes and dtypes of an example input (what a dry run on load needs)."""
+    def one(t):
+        return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+
+    if example_input is None:
+        return None
+    if isinstance(example_input, torch.Tensor):
+        return {"kind": "tensor", "value": one(example_input)}
+    if isinstance(example_input, Mapping):
+        if all(isinstance(v, torch.Tensor) for v in example_input.values()):
+            return {"kind": "kwargs", "value": {k: one(v) for k, v in example_input.items()}}
+        return None
+    if isinstance(example_input, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in example_input):
+        return {"kind": "args", "value": [one(v) for v in example_input]}
+    return None
+
+
+def rebuild_input(spec: Mapping[str, Any] | None, device: torch.device | None = None) -> Any:
+    """An input with the shapes of :func:`describe_input` (zeros; masks ones)."""
+    if spec is None:
+        return None
+
+    def one(d, name=""):
+        fill = torch.ones if name == "attention_mask" else torch.zeros
+        return fill(d["shape"], dtype=getattr(torch, d["dtype"]), device=device)
+
+    kind, value = spec["kind"], spec["value"]
+    if kind == "tensor":
+        return one(value)
+    if kind == "kwargs":
+        return {k: one(v, k) for k, v in value.items()}
+    return tuple(one(v) for v in value)
+
+
+# ---------------------------------------------------------------------------- apply
+def _keep_running_stats(module: nn.Module, args) -> None:
+    module.training = False
+
+
+def _side_attach():
+    try:
+        from .side import attach_side
+    except ImportError as e:
+        raise NotImplementedError("side branch not available yet") from e
+    return attach_side
+
+
+def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
+          example_input: Any = None) -> nn.Module:
+    """Prepare ``model`` for S2A fine-tuning, in place; returns ``model``.
+
+    Args:
+        model: a timm / transformers / plain PyTorch model (see :mod:`s2a.models`).
+        config: an :class:`S2AConfig` (or its dict); default ``S2AConfig()``: bias +
+            low-rank prompt, 4-bit activations.
+        example_input: one batch for the dry forward that measures the block shapes (a
+            tensor, a tuple of args or a dict of kwargs). Image models: the prompt of a
+            feature map is tied to this input size. Default: the model's own input size
+            (a short token sequence for text models).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"s2a.apply expects an nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = S2AConfig()
+    elif isinstance(config, Mapping):
+        config = S2AConfig.from_dict(config)
+    elif isinstance(config, S2AConfig):
+        config = config.replace()  # a validated copy: later edits of the caller's object do not leak in
+    else:
+        raise TypeError(f"config must be an S2AConfig or a dict, got {type(config).__name__}")
+    if is_applied(model):
+        raise RuntimeError("model is already prepared by s2a.apply; build a fresh model to change the config")
+    if config.act_bits is not None and getattr(model, "_s2a_compression", None) is not None:
+        raise RuntimeError("model is already compressed; call s2a.restore(model) first "
+                           "(s2a.apply compresses with config.act_bits)")
+    attach_side = _side_attach() if "side" in config.modules else None
+
+    info = describe_backbone(model, example_input)
+    replaced = info.head_names if config.num_classes is not None else ()
+    fingerprint = backbone_fingerprint(model, exclude=replaced)
+    backbone_parameters = sum(p.numel() for p in model.parameters())
+    original_keys = set(model.state_dict().keys())
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.num_classes is not None:
+        info.adapter.replace_head(model, config.num_classes)
+        refresh_head(info, model)
+
+    kinds: dict[str, str] = {}
+    # With the side branch alone the prediction comes from the side network (it replaces
+    # the model's logits), so the backbone's own head stays frozen.
+    side_only = config.modules == ("side",)
+    if info.head_trainable and not side_only:
+        for name in info.head_names:
+            for pn, p in model.get_submodule(name).named_parameters():
+                p.requires_grad_(True)
+                kinds[f"{name}.{pn}"] = "head"
+    hooks: list = []
+    prompts: dict[str, LowRankPrompt] = {}
+    if "bias" in config.modules:
+        names, handles = add_bias(model, add_missing=config.add_missing_bias)
+        hooks += handles
+        for n in names:
+            kinds.setdefault(n, "bias")
+    if "prompt" in config.modules:
+        prompts, handles = add_prompts(model, info, config.prompt_rank)
+        hooks += handles
+        for block, prompt in prompts.items():
+            for pn, _ in prompt.named_parameters():
+                kinds[f"{block}.{PROMPT_ATTR}.{pn}"] = "prompt"
+    if config.freeze_norm_stats:
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                hooks.append(m.register_forward_pre_hook(_keep_running_stats))
+
+    state = TunerState(config=config, info=info, fingerprint=fingerprint,
+                       backbone_parameters=backbone_parameters, kinds=kinds, prompts=prompts,
+                       hooks=hooks, example_input=describe_input(example_input))
+    setattr(model, STATE_ATTR, state)
+    model.s2a_config = config
+
+    if attach_side is not None:
+        before = {n for n, _ in model.named_parameters()}
+        attach_side(model, info, config)
+        for n, p in model.named_parameters():
+            if n not in before and p.requires_grad:
+                kinds.setdefault(n, "side")
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for n in trainable:
+        kinds.setdefault(n, "other")
+    replaced_keys = {k for k in model.state_dict() if any(k.startswith(h + ".") for h in replaced)}
+    tuned = [k for k in model.state_dict()
+             if k in trainable or k not in original_keys or k in replaced_keys]
+    if not config.freeze_norm_stats:
+        stats = ("running_mean", "running_var", "num_batches_tracked")
+        tuned += [k for k in model.state_dict() if k.rsplit(".", 1)[-1] in stats and k not in tuned]
+    state.tuned_keys = tuned
+
+    if config.act_bits is not None:
+        compress_activations(model, bits=config.act_bits, ops=config.compression_ops())
+    return model

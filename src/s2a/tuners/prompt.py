@@ -1,0 +1,149 @@
+"""The low-rank prompt module: ``X' = X + A·B`` at the input of every block.
+
+``A`` is (positions x r), ``B`` is (r x channels). Positions are the tokens of a
+(B, N, D) sequence (prefix tokens included), or the H*W grid of a block's
+(B, C, H, W) / (B, H, W, C) input. ``A`` starts at zero and ``B`` random
+(std ``r ** -0.5``, so that once A moves the prompt has A's scale), so the model's
+output at initialisation is exactly the pretrained one.
+
+Gradients: ``dL/dA = dL/dX' · B^T`` and ``dL/dB = A^T · dL/dX'`` (summed over the
+batch). Autograd keeps only A and B (parameters) for the matmul and nothing for the
+add: the block input is never stored for the prompt.
+
+Text: ``A`` covers the model's maximum sequence length and is sliced to the actual
+length; blocks that receive ``position_ids`` (decoders with a KV cache) gather the
+rows of their positions. Images: the grid is the one of the dry run
+(``example_input``), other sizes raise an error.
+
+Inserted as a child module ``s2a_prompt`` of each block (state-dict keys
+``<block>.s2a_prompt.A`` / ``.B``) and applied by a forward pre-hook on the block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from s2a.models import BackboneInfo
+from s2a.models.registry import hidden_from_call
+
+PROMPT_ATTR = "s2a_prompt"
+
+
+class LowRankPrompt(nn.Module):
+    """``x + A·B`` for one block input of ``layout`` "tokens" | "nchw" | "nhwc"."""
+
+    def __init__(self, layout: str, grid: tuple[int, ...], channels: int, rank: int,
+                 position_ids_kwarg: str | None = None, *, init_std: float | None = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if layout not in ("tokens", "nchw", "nhwc"):
+            raise ValueError(f"layout={layout!r}; expected 'tokens', 'nchw' or 'nhwc'")
+        self.layout = layout
+        self.grid = tuple(int(g) for g in grid)
+        self.channels = int(channels)
+        self.rank = int(rank)
+        self.position_ids_kwarg = position_ids_kwarg
+        self.merged = False
+        positions = math.prod(self.grid)
+        std = rank ** -0.5 if init_std is None else init_std
+        self.A = nn.Parameter(torch.zeros(positions, rank, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.randn(rank, channels, device=device, dtype=dtype) * std)
+
+    @property
+    def positions(self) -> int:
+        return math.prod(self.grid)
+
+    def extra_repr(self) -> str:
+        return (f"layout={self.layout}, grid={self.grid}, channels={self.channels}, "
+                f"rank={self.rank}{', merged' if self.merged else ''}")
+
+    # ------------------------------------------------------------------ the prompt
+    def _rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """(..., C) prompt of the given positions."""
+        if self.merged:
+            return self.prompt[rows]
+        return self.A[rows] @ self.B
+
+    def delta(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The term added to ``x`` (broadcastable to it)."""
+        if self.layout == "tokens":
+            n = x.shape[1]
+            if position_ids is not None:
+                if position_ids.device.type == "cpu" and int(position_ids.max()) >= self.positions:
+                    raise ValueError(
+                        f"low-rank prompt covers {self.positions} positions, got position "
+                        f"{int(position_ids.max())}")
+                return self._rows(position_ids)
+            if n > self.positions:
+                raise ValueError(
+                    f"sequence of {n} tokens, but the low-rank prompt covers {self.positions} "
+                    "positions (the maximum length, or the dry run's length for vision "
+                    "models: pass example_input= of the size you train with)")
+            return self._rows(slice(0, n))
+        grid = tuple(x.shape[2:]) if self.layout == "nchw" else tuple(x.shape[1:3])
+        if grid != self.grid:
+            raise ValueError(
+                f"feature map of size {grid} at a block whose low-rank prompt was built for "
+                f"{self.grid} (set by the input size of the dry run: pass example_input= of "
+                "the size you train with to s2a.apply)")
+        p = self._rows(slice(None))  # (H*W, C)
+        if self.layout == "nchw":
+            return p.t().reshape(self.channels, *self.grid)
+        return p.reshape(*self.grid, self.channels)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return x + self.delta(x, position_ids).to(x.dtype)
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook (``with_kwargs=True``) of the block: prompt its hidden state."""
+        found = hidden_from_call(args, kwargs)
+        if found is None:
+            return None
+        where, x = found
+        pos = kwargs.get(self.position_ids_kwarg) if self.position_ids_kwarg else None
+        y = self(x, pos if isinstance(pos, torch.Tensor) else None)
+        if where == 0:
+            return (y, *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs[where] = y
+        return args, kwargs
+
+    # ------------------------------------------------------------------ merge
+    @torch.no_grad()
+    def merge_(self) -> LowRankPrompt:
+        """Replace A and B by the constant ``A·B`` (a buffer): the output is unchanged."""
+        if self.merged:
+            return self
+        prompt = (self.A @ self.B).detach().clone()
+        del self.A
+        del self.B
+        self.register_buffer("prompt", prompt)
+        self.merged = True
+        return self
+
+
+def add_prompts(model: nn.Module, info: BackboneInfo, rank: int) -> tuple[dict[str, LowRankPrompt], list]:
+    """Insert a :class:`LowRankPrompt` before every block of ``info``.
+
+    Returns ({block name: prompt}, hook handles)."""
+    prompts, handles = {}, []
+    for block in info.blocks:
+        module = model.get_submodule(block.name)
+        if hasattr(module, PROMPT_ATTR):
+            raise RuntimeError(f"block {block.name} already has a low-rank prompt")
+        if block.layout == "tokens" and info.max_positions is not None:
+            grid = (max(info.max_positions, block.in_grid[0]),)
+        else:
+            grid = block.in_grid
+        ref = next(module.parameters(), None)
+        if ref is None or not ref.is_floating_point():
+            ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+        kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        prompt = LowRankPrompt(block.layout, grid, block.in_dim, rank, info.position_ids_kwarg, **kw)
+        module.add_module(PROMPT_ATTR, prompt)
+        handles.append(module.register_forward_pre_hook(prompt.pre_hook, with_kwargs=True))
+        prompts[block.name] = prompt
+    return prompts, handles

@@ -1,0 +1,262 @@
+"""What is trainable, saving / loading only the tuned tensors, and merging for inference."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from s2a.activations import restore
+
+from .config import S2AConfig
+from .model import (
+    KINDS,
+    STATE_ATTR,
+    apply,
+    backbone_fingerprint,
+    fingerprint_mismatch,
+    get_state,
+    is_applied,
+    rebuild_input,
+)
+
+TENSORS_FILE = "tuned.safetensors"
+CONFIG_FILE = "s2a_config.json"
+FORMAT = "s2a-tuned"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------- counting
+@dataclass
+class TrainableParameters:
+    """Trainable parameter counts of a model. ``str()`` prints PEFT's one-line summary;
+    :meth:`table` adds the split by S2A module kind and by top-level module."""
+
+    trainable: int
+    total: int
+    backbone: int | None = None
+    by_kind: dict[str, int] = field(default_factory=dict)
+    by_module: dict[str, int] = field(default_factory=dict)
+    by_name: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    @property
+    def percent_of_backbone(self) -> float | None:
+        return 100.0 * self.trainable / self.backbone if self.backbone else None
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
+                f"trainable%: {self.percent:.4f}")
+
+    def table(self) -> str:
+        lines = [str(self)]
+        if self.backbone:
+            lines.append(f"backbone params: {self.backbone:,d} || trainable / backbone: "
+                         f"{self.percent_of_backbone:.4f}%")
+        if self.by_kind:
+            lines.append("by module kind: " + ", ".join(f"{k}={v:,d}" for k, v in self.by_kind.items()))
+        if self.by_module:
+            lines.append("by module: " + ", ".join(f"{k}={v:,d}" for k, v in self.by_module.items()))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trainable": self.trainable, "total": self.total, "backbone": self.backbone,
+                "percent": self.percent, "percent_of_backbone": self.percent_of_backbone,
+                "by_kind": dict(self.by_kind), "by_module": dict(self.by_module)}
+
+
+def trainable_parameters(model: nn.Module) -> TrainableParameters:
+    """Count trainable parameters (``requires_grad``), in total, per S2A module kind
+    ("bias", "prompt", "side", "head", "other") and per top-level module."""
+    state = getattr(model, STATE_ATTR, None)
+    kinds = state.kinds if state is not None else {}
+    total = trainable = 0
+    by_kind: dict[str, int] = {}
+    by_module: dict[str, int] = {}
+    by_name: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if not p.requires_grad:
+            continue
+        trainable += p.numel()
+        by_name[name] = p.numel()
+        kind = kinds.get(name, "other")
+        by_kind[kind] = by_kind.get(kind, 0) + p.numel()
+        top = name.split(".", 1)[0] if "." in name else "<root>"
+        by_module[top] = by_module.get(top, 0) + p.numel()
+    by_kind = {k: by_kind[k] for k in KINDS if k in by_kind}
+    return TrainableParameters(trainable, total, state.backbone_parameters if state else None,
+                               by_kind, by_module, by_name)
+
+
+# ---------------------------------------------------------------------------- save / load
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def tuned_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tuned tensors of an applied model (trainable and inserted tensors), detached
+    CPU copies."""
+    state = get_state(model, "tuned_state_dict")
+    sd = model.state_dict()
+    return {k: sd[k].detach().to("cpu", copy=True).contiguous() for k in state.tuned_keys}
+
+
+def save_tuned(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write only the tuned tensors (``tuned.safetensors``) and ``s2a_config.json`` (the
+    config, the backbone's fingerprint, a checksum of the tensors) into ``directory``.
+    Each file is written to a temporary file and moved into place (``os.replace``), the
+    tensors first, so a reader never sees a half-written file. Returns the directory."""
+    from safetensors.torch import save
+
+    state = get_state(model, "save_tuned")
+    if state.merged:
+        raise RuntimeError("save_tuned: the model was merged for inference; save before s2a.merge")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = tuned_state_dict(model)
+    blob = save(tensors, metadata={"format": "pt", "s2a": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": state.config.to_dict(),
+        "backbone": state.fingerprint,
+        "family": state.info.family,
+        "example_input": state.example_input,
+        "tensors": {"file": TENSORS_FILE, "sha256": hashlib.sha256(blob).hexdigest(),
+                    "bytes": len(blob), "count": len(tensors),
+                    "numel": sum(t.numel() for t in tensors.values())},
+    }
+    _atomic_write(directory / TENSORS_FILE, blob)
+    _atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
+    return directory
+
+
+def read_tuned(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a :func:`save_tuned` directory, checked for corruption."""
+    from safetensors.torch import load
+
+    directory = Path(directory)
+    cfg_path, t_path = directory / CONFIG_FILE, directory / TENSORS_FILE
+    for p in (cfg_path, t_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"load_tuned: {p} not found (expected a directory written by s2a.save_tuned)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"load_tuned: {cfg_path} is corrupt (not valid JSON: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"load_tuned: {cfg_path} is not an s2a tuned-model config")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"load_tuned: {cfg_path} has format version {meta['format_version']}, "
+                         f"this s2a reads up to {FORMAT_VERSION}")
+    blob = t_path.read_bytes()
+    expected = meta.get("tensors", {}).get("sha256")
+    if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
+        raise ValueError(f"load_tuned: {t_path} is corrupt or does not belong to {cfg_path} "
+                         "(checksum mismatch)")
+    try:
+        tensors = load(blob)
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"load_tuned: {t_path} is corrupt ({type(e).__name__}: {e})") from None
+    return meta, tensors
+
+
+def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: Any = None) -> nn.Module:
+    """Load tuned tensors written by :func:`save_tuned` onto ``model``, in place.
+
+    ``model`` is a freshly built backbone (then the saved config is applied first, with
+    ``example_input`` or the saved input shape for the dry run) or one already prepared
+    by :func:`s2a.apply` with the same config. A backbone of another class or with other
+    tensor shapes, a corrupt file, or missing / unexpected tensors raise ``ValueError``.
+    """
+    meta, tensors = read_tuned(directory)
+    config = S2AConfig.from_dict(meta["config"])
+    saved_fp = meta.get("backbone", {})
+    if is_applied(model):
+        state = get_state(model)
+        if state.config != config:
+            raise ValueError(f"load_tuned: the model was prepared with {state.config}, the saved "
+                             f"tensors with {config}")
+        why = fingerprint_mismatch(saved_fp, state.fingerprint)
+        if why:
+            raise ValueError(f"load_tuned: backbone mismatch: {why}")
+    else:
+        replaced = ()
+        if config.num_classes is not None:
+            from s2a.models import find_adapter
+
+            head = find_adapter(model).head(model)
+            replaced = head.names if head is not None else ()
+        why = fingerprint_mismatch(saved_fp, backbone_fingerprint(model, exclude=replaced))
+        if why:
+            raise ValueError(f"load_tuned: backbone mismatch: {why}")
+        if example_input is None:
+            p = next(model.parameters(), None)
+            example_input = rebuild_input(meta.get("example_input"), p.device if p is not None else None)
+        apply(model, config, example_input=example_input)
+        state = get_state(model)
+    expected = set(state.tuned_keys)
+    missing = sorted(expected - set(tensors))
+    unexpected = sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"load_tuned: the saved tensors do not fit this model: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}")
+    sd = model.state_dict()
+    bad = [f"{k} {list(t.shape)} vs {list(sd[k].shape)}" for k, t in tensors.items() if t.shape != sd[k].shape]
+    if bad:
+        raise ValueError(f"load_tuned: tensor shapes differ (saved vs model): {bad[:5]}"
+                         " (for image models pass example_input= of the size used at save time)")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            sd[k].copy_(t)
+    return model
+
+
+# ---------------------------------------------------------------------------- merge
+def merge(model: nn.Module) -> nn.Module:
+    """Fold what can be folded for inference, in place; returns ``model``.
+
+    Removes the activation-compression wrappers (:func:`s2a.restore`, keeping the SDPA
+    attention path they selected), turns every low-rank prompt into a constant buffer
+    ``A·B``, freezes every parameter. Biases are already ordinary parameters of their
+    layers. The output is unchanged."""
+    state = get_state(model, "merge")
+    # Keep the attention code path the model ran with under s2a (compression switches
+    # timm / transformers attention to SDPA; restore would switch it back).
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
+    hf = [(m, m.config._attn_implementation) for m in model.modules()
+          if hasattr(m, "set_attn_implementation") and hasattr(getattr(m, "config", None), "_attn_implementation")]
+    restore(model)
+    for m in fused:
+        m.fused_attn = True
+    for m, impl in hf:
+        if m.config._attn_implementation != impl:
+            m.set_attn_implementation(impl)
+    for prompt in state.prompts.values():
+        prompt.merge_()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    state.merged = True
+    return model

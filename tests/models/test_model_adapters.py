@@ -1,0 +1,234 @@
+"""describe_backbone: blocks, layouts, dims, prefix tokens and heads per model family;
+the generic fallback; unsupported models; registering an adapter."""
+
+import pytest
+import timm
+import torch
+import transformers as T
+from torch import nn
+
+from s2a.models import (
+    BlockSpec,
+    HeadSpec,
+    ModelAdapter,
+    UnsupportedModelError,
+    describe_backbone,
+    find_adapter,
+    register_adapter,
+    unregister_adapter,
+)
+
+TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64)
+HFVIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+             image_size=32, patch_size=8)
+IMG = torch.zeros(1, 3, 32, 32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared CPU: one intra-op thread beats two contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def describe(model, x=None):
+    return describe_backbone(model.eval(), x)
+
+
+@pytest.mark.parametrize(
+    ("build", "x", "family", "n", "layout", "in_shape", "out_shape", "prefix", "clf", "pooling"),
+    [
+        (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=3), None,
+         "timm-vit", 2, "tokens", (5, 192), (5, 192), 1, ("head",), "cls"),
+        (lambda: timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, depth=2, num_classes=3), None,
+         "timm-vit", 2, "tokens", (6, 192), (6, 192), 2, ("head", "head_dist"), "cls"),
+        (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, reg_tokens=4, class_token=False,
+                                   global_pool="avg", num_classes=3), None,
+         "timm-vit", 2, "tokens", (8, 192), (8, 192), 4, ("head",), "mean"),
+        (lambda: timm.create_model("swin_tiny_patch4_window7_224", depths=(1, 1, 1, 1), embed_dim=48,
+                                   num_heads=(2, 2, 2, 2), img_size=64, window_size=4, num_classes=3), None,
+         "timm-swin", 4, "nhwc", (16, 16, 48), (2, 2, 384), 0, ("head.fc",), "mean"),
+        (lambda: timm.create_model("resnet18", num_classes=3), IMG,
+         "timm-resnet", 8, "nchw", (64, 8, 8), (512, 1, 1), 0, ("fc",), "mean"),
+        (lambda: timm.create_model("convnext_atto", num_classes=3), IMG,
+         "timm-convnext", 12, "nchw", (40, 8, 8), (320, 1, 1), 0, ("head.fc",), "mean"),
+        (lambda: timm.create_model("efficientnet_b0", num_classes=3), IMG,
+         "timm-efficientnet", 16, "nchw", (32, 16, 16), (320, 1, 1), 0, ("classifier",), "mean"),
+        (lambda: T.BertForSequenceClassification(T.BertConfig(**TEXT)), None,
+         "hf-bert", 2, "tokens", (8, 32), (8, 32), 0, ("classifier",), "cls"),
+        (lambda: T.RobertaForSequenceClassification(T.RobertaConfig(**TEXT)), None,
+         "hf-bert", 2, "tokens", (8, 32), (8, 32), 0, ("classifier.out_proj",), "cls"),
+        (lambda: T.DistilBertForSequenceClassification(T.DistilBertConfig(
+            vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64)), None,
+         "hf-distilbert", 2, "tokens", (8, 32), (8, 32), 0, ("classifier",), "cls"),
+        (lambda: T.ViTForImageClassification(T.ViTConfig(**HFVIT, num_labels=3)), None,
+         "hf-vit", 2, "tokens", (17, 32), (17, 32), 1, ("classifier",), "cls"),
+        (lambda: T.LlamaForSequenceClassification(T.LlamaConfig(**TEXT, pad_token_id=0)), None,
+         "hf-llama", 2, "tokens", (8, 32), (8, 32), 0, ("score",), "last"),
+    ],
+)
+def test_families(build, x, family, n, layout, in_shape, out_shape, prefix, clf, pooling):
+    torch.manual_seed(0)
+    model = build()
+    info = describe(model, x)
+    assert (info.family, len(info.blocks), info.num_prefix_tokens, info.pooling) == (family, n, prefix, pooling)
+    assert set(info.layouts) == {layout}
+    assert info.blocks[0].in_shape == in_shape and info.blocks[-1].out_shape == out_shape
+    assert info.classifier_names == clf and info.task == "classification" and info.head_trainable
+    assert all(b.module is model.get_submodule(b.name) for b in info.blocks)
+    assert info.block_modules(model) == [b.module for b in info.blocks]
+    assert info.dims == [b.out_dim for b in info.blocks]
+    assert info.blocks[0].in_dim == (in_shape[0] if layout == "nchw" else in_shape[-1])
+    assert [b.stage for b in info.blocks] == sorted(b.stage for b in info.blocks)
+    clf_module = info.classifier_modules(model)[0]
+    assert (info.feature_dim, info.num_classes) == (clf_module.in_features, clf_module.out_features)
+
+
+def test_hierarchical_stages_and_grids():
+    model = timm.create_model("resnet50", num_classes=3)
+    info = describe(model, torch.zeros(1, 3, 64, 64))
+    assert [sum(b.stage == s for b in info.blocks) for s in range(4)] == [3, 4, 6, 3]
+    assert info.blocks[0].in_grid == (16, 16) and info.blocks[0].in_positions == 256
+    assert info.blocks[3].in_dim == 256 and info.blocks[3].out_dim == 512 and info.blocks[3].out_grid == (8, 8)
+
+
+def test_bare_backbones_and_language_models():
+    for model, max_pos in [(T.BertModel(T.BertConfig(**TEXT)), 64), (T.ViTModel(T.ViTConfig(**HFVIT)), None),
+                           (T.LlamaModel(T.LlamaConfig(**TEXT)), 64)]:
+        info = describe(model)
+        assert info.task == "features" and info.head_names == () and not info.head_trainable
+        assert info.max_positions == max_pos
+    lm = describe(T.LlamaForCausalLM(T.LlamaConfig(**TEXT)))
+    assert lm.task == "lm" and lm.head_names == ("lm_head",) and not lm.head_trainable
+    assert lm.position_ids_kwarg == "position_ids"
+
+
+def test_pooled_features():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    info = describe(vit)
+    with torch.no_grad():
+        expect = vit.forward_head(vit.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(info.pooled_features(vit, x), expect)
+    bert = T.BertModel(T.BertConfig(**TEXT)).eval()
+    ids = torch.randint(1, 100, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(describe(bert).pooled_features(bert, ids), bert(ids).last_hidden_state[:, 0])
+    llama = T.LlamaForSequenceClassification(T.LlamaConfig(**TEXT, pad_token_id=0)).eval()
+    with torch.no_grad():
+        assert describe(llama).pooled_features(llama, ids).shape == (2, 32)
+
+
+def test_dry_run_leaves_model_untouched():
+    model = timm.create_model("resnet18", num_classes=3)
+    model.train()
+    model.layer1.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    describe_backbone(model, torch.randn(2, 3, 32, 32))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.training and not model.layer1.training and model.layer2.training
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+class TokenNet(nn.Module):
+    def __init__(self, d=16, n=3):
+        super().__init__()
+        self.embed = nn.Linear(4, d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(n))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x.mean(1))
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x).relu()
+
+
+def test_generic_fallback():
+    info = describe(TokenNet(), torch.zeros(1, 7, 4))
+    assert info.family == "generic" and info.block_names == ["layers.0", "layers.1", "layers.2"]
+    assert info.layouts == ["tokens"] * 3 and info.blocks[0].in_shape == (7, 16)
+    assert info.classifier_names == ("head",)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), ConvBlock(8), ConvBlock(8), nn.Flatten())
+    info = describe(conv)  # a Conv2d first: default input zeros(1, 3, 224, 224)
+    assert info.block_names == ["1", "2"] and info.layouts == ["nchw", "nchw"]
+    assert info.blocks[0].in_shape == (8, 222, 222) and info.task == "features"
+
+
+def test_unsupported_model_lists_its_module_classes():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Flatten())
+    with pytest.raises(UnsupportedModelError, match=r"Module classes found: \['Flatten', 'Linear', 'ReLU', 'Sequential'\]"):
+        find_adapter(model)
+    with pytest.raises(UnsupportedModelError, match="register_adapter"):
+        describe_backbone(model, torch.zeros(1, 4))
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))  # blocks found, but (B, D)
+    with pytest.raises(UnsupportedModelError, match="rank 2"):
+        describe_backbone(mlp, torch.zeros(1, 4))
+
+
+def test_generic_needs_an_input_when_it_cannot_guess():
+    with pytest.raises(ValueError, match="example_input"):
+        describe_backbone(TokenNet())
+
+
+def test_registered_adapter_takes_precedence():
+    class TokenNetAdapter(ModelAdapter):
+        name = "tokennet"
+
+        def matches(self, model):
+            return isinstance(model, TokenNet)
+
+        def blocks(self, model):
+            return [BlockSpec(f"layers.{i}", "tokens", prefix_tokens=1) for i in range(len(model.layers))]
+
+        def head(self, model):
+            return HeadSpec(names=("head",), classifiers=("head",))
+
+        def pooling(self, model):
+            return "cls"
+
+        def example_input(self, model):
+            return torch.zeros(1, 5, 4)
+
+    register_adapter(TokenNetAdapter)
+    try:
+        info = describe_backbone(TokenNet())
+        assert info.family == "tokennet" and info.pooling == "cls"
+        assert info.blocks[0].prefix_tokens == 1 and info.blocks[0].in_shape == (5, 16)
+    finally:
+        unregister_adapter(TokenNetAdapter)
+    assert find_adapter(TokenNet()).name == "generic"
+    with pytest.raises(TypeError, match="ModelAdapter"):
+        register_adapter(object())
+
+
+def test_default_input_follows_model_device_and_dtype():
+    with torch.device("meta"):
+        vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=3)
+    assert describe_backbone(vit).blocks[0].in_shape == (5, 192)
+    llama = T.LlamaModel(T.LlamaConfig(**TEXT)).to(torch.bfloat16)
+    assert describe_backbone(llama).blocks[0].in_shape == (8, 32)
+    half = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=3).to(torch.bfloat16)
+    assert describe_backbone(half).blocks[0].in_shape == (5, 192)

@@ -1,0 +1,192 @@
+"""The low-rank prompt and bias modules on their own."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from tuner_zoo import build, call, eager_kernels, example_of, one_thread, output
+
+import s2a
+from s2a.tuners import LowRankPrompt, add_bias
+
+pytestmark = pytest.mark.usefixtures(eager_kernels.__name__, one_thread.__name__)
+
+
+def saved_storages(fn, *args, **kwargs):
+    storages = []
+
+    def pack(t):
+        storages.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    return out, storages
+
+
+@pytest.mark.parametrize(("layout", "shape", "grid"), [
+    ("tokens", (3, 10, 16), (10,)),
+    ("nchw", (3, 16, 4, 5), (4, 5)),
+    ("nhwc", (3, 4, 5, 16), (4, 5)),
+])
+def test_prompt_is_zero_at_init_and_stores_no_input(layout, shape, grid):
+    p = LowRankPrompt(layout, grid, 16, rank=4)
+    x = torch.randn(shape, requires_grad=True)
+    assert torch.equal(p(x), x)
+    with torch.no_grad():
+        p.A.normal_()
+    y, storages = saved_storages(p, x)
+    params = {p.A.untyped_storage().data_ptr(), p.B.untyped_storage().data_ptr()}
+    assert set(storages) <= params  # only A and B (parameters), never the block input
+    assert x.untyped_storage().data_ptr() not in storages
+    # X' = X + A·B with positions laid out as the layout says
+    delta = p.A @ p.B  # (positions, C)
+    if layout == "tokens":
+        expect = x + delta
+    elif layout == "nchw":
+        expect = x + delta.t().reshape(16, *grid)
+    else:
+        expect = x + delta.reshape(*grid, 16)
+    torch.testing.assert_close(y, expect)
+    # gradients: dA = sum_batch dY · B^T, dB = A^T · dY
+    g = torch.randn_like(y)
+    y.backward(g)
+    gt = g if layout == "tokens" else (g.flatten(2).transpose(1, 2) if layout == "nchw" else g.flatten(1, 2))
+    torch.testing.assert_close(p.A.grad, (gt @ p.B.t()).sum(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(p.B.grad, (p.A.t() @ gt).sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_prompt_slices_for_shorter_sequences_and_refuses_longer():
+    p = LowRankPrompt("tokens", (8,), 4, rank=2)
+    with torch.no_grad():
+        p.A.normal_()
+    x = torch.zeros(1, 5, 4)
+    torch.testing.assert_close(p(x)[0], (p.A @ p.B)[:5])
+    with pytest.raises(ValueError, match="covers 8 positions"):
+        p(torch.zeros(1, 9, 4))
+    img = LowRankPrompt("nchw", (4, 4), 4, rank=2)
+    with pytest.raises(ValueError, match="example_input"):
+        img(torch.zeros(1, 4, 8, 8))
+
+
+def test_prompt_follows_position_ids():
+    p = LowRankPrompt("tokens", (8,), 4, rank=2, position_ids_kwarg="position_ids")
+    with torch.no_grad():
+        p.A.normal_()
+    full = (p.A @ p.B)
+    out = p(torch.zeros(2, 1, 4), torch.tensor([[6]]))  # one decoding step at position 6
+    torch.testing.assert_close(out, full[6].expand(2, 1, 4))
+
+
+def test_prompt_keeps_block_input_dtype():
+    p = LowRankPrompt("tokens", (4,), 8, rank=2)
+    assert p(torch.zeros(1, 4, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_text_prompt_covers_max_positions_any_length():
+    model, _ = build("bert_cls")
+    base = copy.deepcopy(model)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None))  # default dry run: 8 tokens
+    prompts = model._s2a_tuner.prompts
+    assert all(p.positions == model.config.max_position_embeddings for p in prompts.values())
+    for length in (3, 17, 64):
+        ids = torch.randint(1, 100, (2, length))
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, base(ids).logits)
+        with torch.no_grad():
+            next(iter(prompts.values())).A.add_(0.1)
+            assert not torch.equal(model(ids).logits, base(ids).logits)
+            next(iter(prompts.values())).A.zero_()
+
+
+def test_llama_prompt_consistent_with_kv_cache():
+    model, _ = build("llama_lm")
+    s2a.apply(model, s2a.S2AConfig(act_bits=None))
+    with torch.no_grad():
+        for p in model._s2a_tuner.prompts.values():
+            p.A.normal_()
+    ids = torch.randint(1, 100, (1, 6))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        first = model(ids[:, :5], use_cache=True)
+        cache = first.get("cache", first.get("past_key_values"))
+        key = "cache" if "cache" in first else "past_key_values"
+        step = model(ids[:, 5:], **{key: cache}, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "resnet", "bert_cls"])
+def test_block_inputs_are_never_saved(family):
+    """The prompt is an add: what a block receives before the prompt is never kept for
+    backward. (Without compression the previous block's last ReLU keeps its output, which
+    is this block's input: that is the ReLU's storage, removed by the 1-bit ReLU.)"""
+    model, batch = build(family)
+    s2a.apply(model, s2a.S2AConfig(modules=("prompt",)), example_input=example_of(batch))
+    inputs = []
+    for block in model._s2a_tuner.info.block_modules(model):
+        block.register_forward_pre_hook(
+            lambda _m, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"]),
+            prepend=True, with_kwargs=True)
+    out, storages = saved_storages(lambda: output(call(model, batch)))
+    assert len(inputs) == len(model._s2a_tuner.prompts)
+    assert not {x.untyped_storage().data_ptr() for x in inputs} & set(storages)
+    out.sum().backward()
+    assert all(p.A.grad is not None for p in model._s2a_tuner.prompts.values())
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(4, affine=False)
+        self.ln = nn.LayerNorm(4, bias=False)
+        self.gn = nn.GroupNorm(2, 4)
+        self.rms = nn.RMSNorm(4)
+        self.fc = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        x = self.gn(self.bn(self.conv(x)))
+        x = self.rms(self.ln(x.mean((2, 3))))
+        return self.fc(x)
+
+
+def test_bias_added_where_missing_registered_and_zero():
+    net = TinyNet().eval()
+    x = torch.randn(2, 3, 6, 6)
+    ref = net(x)
+    names, hooks = add_bias(net)
+    assert sorted(names) == ["bn.bias", "conv.bias", "fc.bias", "gn.bias", "ln.bias", "rms.bias"]
+    assert len(hooks) == 1  # RMSNorm: the forward has no bias term, a hook adds it
+    assert all(isinstance(net.get_parameter(n), nn.Parameter) for n in names)
+    assert set(names) <= set(net.state_dict())
+    assert torch.equal(net(x), ref)
+    # each bias really acts on the output
+    for n in names:
+        with torch.no_grad():
+            net.get_parameter(n).fill_(0.5)
+        assert not torch.equal(net(x), ref), n
+        with torch.no_grad():
+            net.get_parameter(n).zero_()
+
+
+def test_bias_without_adding_missing():
+    net = TinyNet()
+    names, _ = add_bias(net, add_missing=False)
+    assert names == ["gn.bias"]
+    assert net.conv.bias is None
+
+
+def test_apply_add_missing_bias_switch():
+    base, batch = build("llama_cls")
+    with_missing = copy.deepcopy(base)
+    s2a.apply(with_missing, s2a.S2AConfig(modules=("bias",), act_bits=None))
+    without = copy.deepcopy(base)
+    s2a.apply(without, s2a.S2AConfig(modules=("bias",), act_bits=None, add_missing_bias=False))
+    tp = s2a.trainable_parameters(without)
+    assert "bias" not in tp.by_kind  # Llama has no bias anywhere
+    n = s2a.trainable_parameters(with_missing).by_kind["bias"]
+    assert n > 0
+    assert "model.layers.0.input_layernorm.bias" in dict(with_missing.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(output(call(with_missing, batch)), output(call(base, batch)))
