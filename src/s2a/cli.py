@@ -1,5 +1,9 @@
 """Command-line interface: ``s2a <command> ...``.
 
+``s2a train --model NAME --data DATA --method full|linear|s2a --out DIR`` fine-tunes a model and
+writes a run directory (see :mod:`s2a.train`); ``s2a compare DIR DIR ...`` prints finished runs
+side by side.
+
 ``s2a memory --model NAME --batch-size B [--img-size S | --seq-len L] [--bits 4] [--json PATH]``
 measures one training step of a model under four set-ups, side by side: full fine-tuning,
 biases (+ classifier head) only, and each of them with 4-bit activation storage
@@ -347,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--details", action="store_true", help="print each report's breakdowns")
     mem.add_argument("--top", type=int, default=10, help="module rows in --details (default 10)")
     mem.set_defaults(func=run_memory)
+
+    from s2a.train.cli import add_compare_parser, add_train_parser
+
+    add_train_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

@@ -1,0 +1,179 @@
+"""Accuracy of S2A against full fine-tuning on real pretrained models and real data.
+
+Regimes (each: every method x every seed, one ``s2a train`` run each):
+
+* ``rt-1000`` / ``rt-all``: MiniLM-L6 (all-MiniLM-L6-v2) on Rotten Tomatoes, 1000 / all
+  training sentences, tested on the whole test split;
+* ``fm-1000`` / ``fm-10000``: ImageNet EfficientNet-Lite0 on Fashion-MNIST at 64 px,
+  1000 / 10000 training images, tested on the whole 10,000-image test split.
+
+Methods: ``full`` (full fine-tuning), ``s2a`` (bias + prompt, 4-bit activations) and
+``s2a-nocomp`` (the same structure, activations stored natively). Each method has its own
+learning rate (below), the same epochs, batch and seeds.
+
+    HF_HUB_OFFLINE=1 python benchmarks/accuracy.py                       # all regimes, 3 seeds
+    HF_HUB_OFFLINE=1 python benchmarks/accuracy.py --regimes rt-1000,fm-1000
+
+Runs are kept under ``benchmarks/runs/`` (not committed) and reused: a run with a report is
+not repeated, so the matrix can be completed over several invocations; the tables always show
+what has finished, with the number of seeds behind each mean. Writes
+``benchmarks/results/accuracy.json`` / ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, header, md_table, metadata, pass_fail, write_results
+
+RUNS = Path(__file__).resolve().parent / "runs"
+
+REGIMES: dict[str, dict[str, Any]] = {
+    "rt-1000": {"model": "minilm", "data": "rotten-tomatoes", "train_size": 1000, "epochs": 5},
+    "rt-all": {"model": "minilm", "data": "rotten-tomatoes", "train_size": None, "epochs": 3},
+    "fm-1000": {"model": "efficientnet_lite0", "data": "fashion-mnist", "train_size": 1000, "epochs": 5, "img_size": 64},
+    "fm-10000": {"model": "efficientnet_lite0", "data": "fashion-mnist", "train_size": 10000, "epochs": 3, "img_size": 64},
+}
+# method -> s2a train options; learning rates picked per method on the validation split of rt-1000 / fm-1000
+METHODS: dict[str, dict[str, Any]] = {
+    "full": {"method": "full"},
+    "s2a": {"method": "s2a", "modules": "bias,prompt", "act_bits": "4"},
+    "s2a-nocomp": {"method": "s2a", "modules": "bias,prompt", "act_bits": "none"},
+}
+LR = {("full", "text"): 5e-5, ("full", "image"): 1e-3, ("s2a", "text"): 1e-2, ("s2a", "image"): 1e-2}
+VAL_SIZE = 1000
+BATCH = 32
+
+
+def run_dir(regime: str, method: str, seed: int) -> Path:
+    return RUNS / "accuracy" / regime / method / f"seed{seed}"
+
+
+def command(regime: str, method: str, seed: int) -> list[str]:
+    r, m = REGIMES[regime], METHODS[method]
+    kind = "text" if r["data"] == "rotten-tomatoes" else "image"
+    args = [
+        sys.executable, "-m", "s2a.cli", "train", "--model", r["model"], "--data", r["data"],
+        "--epochs", str(r["epochs"]), "--batch-size", str(BATCH), "--val-size", str(VAL_SIZE),
+        "--seed", str(seed), "--lr", str(LR[(m["method"], kind)]), "--no-progress", "--overwrite",
+        "--out", str(run_dir(regime, method, seed)), "--method", m["method"],
+    ]  # fmt: skip
+    if r.get("train_size"):
+        args += ["--train-size", str(r["train_size"])]
+    if r.get("img_size"):
+        args += ["--img-size", str(r["img_size"])]
+    if "modules" in m:
+        args += ["--modules", m["modules"], "--act-bits", m["act_bits"]]
+    return args
+
+
+def finished(regime: str, method: str, seed: int) -> dict[str, Any] | None:
+    path = run_dir(regime, method, seed) / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summarise(regimes: list[str], seeds: list[int]) -> dict[str, Any]:
+    rows = []
+    for regime in regimes:
+        for method in METHODS:
+            reports = [rep for s in seeds if (rep := finished(regime, method, s)) is not None]
+            accs = [100 * rep["accuracy"] for rep in reports]
+            rows.append({
+                "regime": regime, "method": method, "seeds": [rep["seed"] for rep in reports],
+                "accuracy_mean": statistics.mean(accs) if accs else None,
+                "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None),
+                "accuracies": accs,
+                "trainable_percent": reports[0]["trainable_percent"] if reports else None,
+                "saved_activation_bytes": reports[0]["saved_activation_bytes"] if reports else None,
+                "num_train": reports[0]["num_train"] if reports else None,
+                "num_test": reports[0]["num_test"] if reports else None,
+                "lr": reports[0]["lr"] if reports else None,
+                "epochs": reports[0]["epochs"] if reports else None,
+            })  # fmt: skip
+    checks = []
+    for regime in regimes:
+        by = {r["method"]: r for r in rows if r["regime"] == regime}
+        full, s2a, nocomp = by["full"], by["s2a"], by["s2a-nocomp"]
+        if full["accuracy_mean"] is not None and s2a["accuracy_mean"] is not None:
+            gap = full["accuracy_mean"] - s2a["accuracy_mean"]
+            checks.append({"regime": regime, "check": "s2a within 1.0 point of full", "gap": gap, "ok": gap <= 1.0})
+        if nocomp["accuracy_mean"] is not None and s2a["accuracy_mean"] is not None:
+            gap = nocomp["accuracy_mean"] - s2a["accuracy_mean"]
+            checks.append({"regime": regime, "check": "4-bit within 0.3 point of no compression", "gap": gap,
+                           "ok": gap <= 0.3})  # fmt: skip
+    return {"rows": rows, "checks": checks}
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    def acc(r: dict[str, Any]) -> str:
+        if r["accuracy_mean"] is None:
+            return "not run"
+        return f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} (n={len(r['seeds'])})"
+
+    lines = header(
+        "Accuracy: S2A against full fine-tuning",
+        data["meta"],
+        notes=[
+            "Test accuracy (%) of the best-validation checkpoint, mean ± std over seeds (n = seeds finished); "
+            f"validation split capped at {VAL_SIZE} examples, batch {BATCH}, AdamW with warm-up + cosine, fp32, CPU.",
+            "s2a = bias + low-rank prompt + 4-bit activations; s2a-nocomp = the same structure with native "
+            "activation storage. Seeds change the few-shot subset, the head initialisation and the data order.",
+        ],
+    )
+    table = [
+        [r["regime"], r["method"], acc(r), r["num_train"] or "", r["num_test"] or "",
+         f"{r['trainable_percent']:.3f}%" if r["trainable_percent"] is not None else "", r["lr"] or "", r["epochs"] or ""]
+        for r in data["rows"]
+    ]  # fmt: skip
+    lines += md_table(["regime", "method", "test accuracy", "train", "test", "trainable", "lr", "epochs"], table)
+    lines += ["", "## Checks", ""]
+    lines += md_table(
+        ["regime", "check", "gap (points)", "result"],
+        [[c["regime"], c["check"], f"{c['gap']:+.2f}", pass_fail(c["ok"])] for c in data["checks"]],
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--regimes", default=",".join(REGIMES), help=f"comma separated, of {list(REGIMES)}")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma separated, of {list(METHODS)}")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--report-only", action="store_true", help="only tabulate the finished runs")
+    args = ap.parse_args()
+    regimes = [r for r in args.regimes.split(",") if r]
+    methods = [m for m in args.methods.split(",") if m]
+    for name, known in ((regimes, REGIMES), (methods, METHODS)):
+        bad = [n for n in name if n not in known]
+        if bad:
+            ap.error(f"unknown {bad}; known: {list(known)}")
+    seeds = list(range(args.seeds))
+    t0 = time.time()
+    if not args.report_only:
+        # seed-major order: every method gets seed 0 before any gets seed 1
+        for seed in seeds:
+            for regime in regimes:
+                for method in methods:
+                    if finished(regime, method, seed):
+                        continue
+                    cmd = command(regime, method, seed)
+                    print(f"[accuracy] {regime} {method} seed {seed}", flush=True)
+                    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    data = {"meta": metadata(repeats=f"{args.seeds} seeds", runtime_s=time.time() - t0), **summarise(regimes, seeds)}
+    write_results("accuracy", data, to_markdown(data))
+    print(to_markdown(data))
+
+
+if __name__ == "__main__":
+    main()

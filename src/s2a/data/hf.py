@@ -1,0 +1,158 @@
+"""Hugging Face ``datasets``: a directory written by ``save_to_disk`` or ``hf:NAME[:CONFIG]``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .core import (
+    DataBundle,
+    DataError,
+    Split,
+    complete_splits,
+    labels_to_ids,
+    split_fractions,
+)
+from .text import LABEL_COLUMN_GUESSES, TEXT_COLUMN_GUESSES
+
+__all__ = ["HF_INSTALL", "is_hf_disk_dir", "load_hf"]
+
+HF_INSTALL = "pip install datasets"
+IMAGE_COLUMN_GUESSES = ("image", "img", "picture", "pixel_values")
+SPLIT_ALIASES = {
+    "train": ("train",),
+    "val": ("validation", "val", "valid", "dev"),
+    "test": ("test",),
+}
+
+
+def is_hf_disk_dir(directory: str | os.PathLike) -> bool:
+    d = Path(directory)
+    return (d / "dataset_dict.json").is_file() or (
+        (d / "state.json").is_file() and (d / "dataset_info.json").is_file()
+    )
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"Hugging Face datasets are read with the package 'datasets'; install it with: {HF_INSTALL}") from None
+    return datasets
+
+
+class _HFColumn:
+    """A lazy view of one column of a ``datasets.Dataset`` (decodes images on access)."""
+
+    def __init__(self, ds: Any, column: str) -> None:
+        self.ds = ds
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.ds[int(i)][self.column]
+
+    def take(self, indices: list[int]) -> _HFColumn:
+        return _HFColumn(self.ds.select(indices), self.column)
+
+
+def _pick(columns: list[str], wanted: str | None, guesses: tuple[str, ...], role: str, where: str, flag: str) -> str | None:
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(f"{where}: {role} column {wanted!r} not found; columns found: {columns}. Pass the right one with {flag}.")
+        return wanted
+    return next((g for g in guesses if g in columns), None)
+
+
+def load_hf(
+    spec: str,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    image_column: str | None = None,
+    split_seed: int = 0,
+) -> DataBundle:
+    """Load ``spec``: a ``save_to_disk`` directory, or ``hf:NAME[:CONFIG]`` from the Hub (online)."""
+    datasets = _import_datasets()
+    if spec.startswith("hf:"):
+        ref = spec[3:]
+        name, _, config = ref.partition(":")
+        try:
+            loaded = datasets.load_dataset(name, config or None)
+        except Exception as exc:  # network, offline mode, unknown name: all surface here
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+            hint = " (HF_HUB_OFFLINE=1 is set: only datasets already in the local cache load)" if offline else ""
+            raise DataError(f"cannot load Hugging Face dataset {ref!r}{hint}: {type(exc).__name__}: {exc}") from None
+        where = ref
+    else:
+        try:
+            loaded = datasets.load_from_disk(spec)
+        except Exception as exc:
+            raise DataError(f"cannot load {spec} with datasets.load_from_disk: {type(exc).__name__}: {exc}") from None
+        where = spec
+    if isinstance(loaded, datasets.Dataset):
+        parts = {"all": loaded}
+    else:
+        parts = {}
+        for key, aliases in SPLIT_ALIASES.items():
+            for a in aliases:
+                if a in loaded:
+                    parts[key] = loaded[a]
+                    break
+        if "train" not in parts:
+            raise DataError(f"{where}: no 'train' split; splits found: {list(loaded)}")
+    first = next(iter(parts.values()))
+    columns = list(first.column_names)
+    lcol = _pick(columns, label_column, LABEL_COLUMN_GUESSES, "label", where, "--label-column")
+    if lcol is None:
+        raise DataError(f"{where}: no label column (looked for {list(LABEL_COLUMN_GUESSES)}); columns found: {columns}. Name it with --label-column.")
+    icol = _pick(columns, image_column, IMAGE_COLUMN_GUESSES, "image", where, "--image-column")
+    features = first.features
+    if icol is not None and text_column is None:
+        kind, xcol = "image", icol
+    else:
+        xcol = _pick(columns, text_column, TEXT_COLUMN_GUESSES, "text", where, "--text-column")
+        if xcol is None:
+            raise DataError(f"{where}: no text or image column (looked for {list(TEXT_COLUMN_GUESSES + IMAGE_COLUMN_GUESSES)}); columns found: {columns}. Name it with --text-column.")
+        kind = "text"
+    feature = features.get(lcol)
+    names = list(getattr(feature, "names", None) or [])
+    raws = {k: list(ds[lcol]) for k, ds in parts.items()}
+    if names:
+        classes = names
+        ids_by = raws
+    else:
+        flat = [v for k in parts for v in raws[k]]
+        ids, classes = labels_to_ids(flat, where=where)
+        ids_by, pos = {}, 0
+        for k in parts:
+            ids_by[k] = ids[pos : pos + len(raws[k])]
+            pos += len(raws[k])
+    splits = {}
+    for k, ds in parts.items():
+        items = list(ds[xcol]) if kind == "text" else _HFColumn(ds, xcol)
+        labels = ids_by[k]
+        if any(v is None or int(v) < 0 for v in labels):  # e.g. GLUE test splits have label -1
+            if k == "test":
+                continue
+            raise DataError(f"{where}: split {k!r} has unlabelled rows (label -1 or None)")
+        splits[k] = Split(items, labels)
+    notes = []
+    if "all" in splits:
+        train, val, test = split_fractions(splits["all"], (0.8, 0.1, 0.1), split_seed)
+        notes.append(f"single split: seeded 80/10/10 (split_seed={split_seed})")
+    else:
+        train, val, test = complete_splits(splits["train"], splits.get("val"), splits.get("test"), split_seed, notes)
+    return DataBundle(
+        name=Path(where).name if not spec.startswith("hf:") else where,
+        kind=kind,
+        classes=[str(c) for c in classes],
+        train=train,
+        val=val,
+        test=test,
+        source=f"Hugging Face datasets: {where} (columns {xcol!r}, {lcol!r})",
+        notes=notes,
+    )

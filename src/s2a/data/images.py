@@ -1,0 +1,308 @@
+"""Image datasets: Fashion-MNIST (IDX files), image folders (ImageNet layout), VTAB-1k lists."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .core import DataBundle, DataError, Split, carve, labels_to_ids, split_fractions
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIRS",
+    "FMNIST_INSTALL",
+    "IMAGE_SUFFIXES",
+    "find_idx_files",
+    "load_fashion_mnist",
+    "load_idx_dir",
+    "load_image_folder",
+    "load_vtab",
+    "read_idx",
+]
+
+FMNIST_INSTALL = "apt-get install dataset-fashion-mnist"
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_ENV = "S2A_FASHION_MNIST_DIR"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
+IDX_STEMS = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+VAL_NAMES = ("val", "valid", "validation")
+
+
+# ---------------------------------------------------------------------------- IDX
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) of unsigned bytes: ``(N, ...)`` uint8."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read IDX file {path}: {exc}") from None
+    if len(data) < 4:
+        raise DataError(f"{path}: too short to be an IDX file")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    header = 4 + 4 * ndim
+    dims = struct.unpack(">" + "I" * ndim, data[4:header])
+    size = int(np.prod(dims))
+    if len(data) - header != size:
+        raise DataError(f"{path}: header says {dims} = {size} bytes, file holds {len(data) - header}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def find_idx_files(directory: str | os.PathLike) -> dict[str, Path] | None:
+    """The four MNIST-style IDX files in ``directory`` (``.gz`` or not), or None if any is missing."""
+    directory = Path(directory)
+    found = {}
+    for key, stem in IDX_STEMS.items():
+        for name in (stem, stem + ".gz", stem.replace("-idx", ".idx")):
+            if (directory / name).is_file():
+                found[key] = directory / name
+                break
+        else:
+            return None
+    return found
+
+
+def load_idx_dir(
+    directory: str | os.PathLike,
+    *,
+    name: str | None = None,
+    classes: list[str] | None = None,
+    val_size: int = 5000,
+    split_seed: int = 0,
+) -> DataBundle:
+    """MNIST-style IDX files: the official train/test split, ``val_size`` images carved from train."""
+    files = find_idx_files(directory)
+    if files is None:
+        raise DataError(f"{directory}: missing MNIST-style IDX files {list(IDX_STEMS.values())}")
+    arrays = {k: read_idx(p) for k, p in files.items()}
+    for part in ("train", "test"):
+        imgs, labs = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        if imgs.ndim != 3 or labs.ndim != 1 or len(imgs) != len(labs):
+            raise DataError(f"{directory}: {part} images {imgs.shape} do not match labels {labs.shape}")
+    train = Split(arrays["train_images"], arrays["train_labels"].tolist())
+    test = Split(arrays["test_images"], arrays["test_labels"].tolist())
+    train, val = carve(train, min(val_size, len(train) // 5), split_seed)
+    if classes is None:
+        k = int(max(max(train.labels), max(test.labels))) + 1
+        classes = [str(i) for i in range(k)]
+    return DataBundle(
+        name=name or Path(directory).name,
+        kind="image",
+        classes=classes,
+        train=train,
+        val=val,
+        test=test,
+        source=f"{directory} (IDX), official test split, {len(val)} val images carved from train "
+        f"(split_seed={split_seed})",
+    )
+
+
+def fashion_mnist_dir() -> Path:
+    candidates = [os.environ[FASHION_MNIST_ENV]] if os.environ.get(FASHION_MNIST_ENV) else []
+    candidates += list(FASHION_MNIST_DIRS)
+    for c in candidates:
+        if find_idx_files(c) is not None:
+            return Path(c)
+    raise DataError(
+        "dataset 'fashion-mnist' not found (looked in "
+        + ", ".join(candidates)
+        + f"). Install it with: {FMNIST_INSTALL}  (Debian/Ubuntu; run apt-get update first if the "
+        f"package is not found), or point {FASHION_MNIST_ENV} at a directory holding the four IDX files."
+    )
+
+
+def load_fashion_mnist(*, split_seed: int = 0, val_size: int = 5000) -> DataBundle:
+    """Fashion-MNIST from the Debian package: 60000 train (``val_size`` carved out as val), 10000 test."""
+    bundle = load_idx_dir(
+        fashion_mnist_dir(),
+        name="fashion-mnist",
+        classes=list(FASHION_MNIST_CLASSES),
+        val_size=val_size,
+        split_seed=split_seed,
+    )
+    return bundle
+
+
+# ---------------------------------------------------------------------------- folders
+def _images_under(directory: Path) -> list[Path]:
+    return sorted(
+        p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+
+
+def _class_dirs(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _folder_split(directory: Path, classes: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+    """(paths, raw labels (class names), class names found) of one ``class/xxx.jpg`` folder."""
+    dirs = _class_dirs(directory)
+    paths, raw = [], []
+    for d in dirs:
+        if classes is not None and d.name not in classes:
+            raise DataError(
+                f"{directory}: class folder {d.name!r} does not exist in the train split "
+                f"(train classes: {classes[:10]}{'...' if len(classes) > 10 else ''})"
+            )
+        imgs = _images_under(d)
+        paths += [str(p) for p in imgs]
+        raw += [d.name] * len(imgs)
+    return paths, raw, [d.name for d in dirs]
+
+
+def load_image_folder(directory: str | os.PathLike, *, split_seed: int = 0) -> DataBundle:
+    """An image folder in the ImageNet layout.
+
+    * ``root/train/<class>/*.jpg`` (+ ``root/val/<class>/...``, ``root/test/<class>/...``):
+      the splits as given. Without ``test/``, ``val/`` becomes the test split (ImageNet
+      convention, where the public val set is the benchmark) and 10% of train is held out as
+      val, so the test split is never used for model selection. Without ``val/`` either,
+      10% of train becomes val and 10% test.
+    * ``root/<class>/*.jpg`` only: a seeded 80/10/10 split.
+
+    Class ids follow the sorted class folder names (as torchvision's ImageFolder does).
+    """
+    root = Path(directory)
+    sub = {p.name.lower(): p for p in _class_dirs(root)}
+    notes: list[str] = []
+    if "train" in sub:
+        t_paths, t_raw, classes = _folder_split(sub["train"], None)
+        if not t_paths:
+            raise DataError(f"{sub['train']}: no images ({', '.join(IMAGE_SUFFIXES)}) under class folders")
+        index = {c: i for i, c in enumerate(classes)}
+        train = Split(t_paths, [index[c] for c in t_raw])
+        val_dir = next((sub[v] for v in VAL_NAMES if v in sub), None)
+        test_dir = sub.get("test")
+
+        def load(d: Path) -> Split:
+            paths, raw, _ = _folder_split(d, classes)
+            if not paths:
+                raise DataError(f"{d}: no images under class folders")
+            return Split(paths, [index[c] for c in raw])
+
+        if test_dir is not None:
+            test = load(test_dir)
+            if val_dir is not None:
+                val = load(val_dir)
+            else:
+                train, val = carve(train, max(1, len(train) // 10), split_seed)
+                notes.append("no val/ folder: 10% of train held out as val")
+        elif val_dir is not None:
+            test = load(val_dir)
+            train, val = carve(train, max(1, len(train) // 10), split_seed)
+            notes.append(f"no test/ folder: {val_dir.name}/ used as the test split, 10% of train held out as val")
+        else:
+            train, val, test = split_fractions(train, (0.8, 0.1, 0.1), split_seed)
+            notes.append("only train/: seeded 80/10/10 train/val/test split")
+    else:
+        paths, raw, classes = _folder_split(root, None)
+        if not paths:
+            raise DataError(
+                f"{root}: no images found. Expected the ImageNet layout root/train/<class>/*.jpg "
+                f"(optionally val/ and test/) or root/<class>/*.jpg, with suffixes {', '.join(IMAGE_SUFFIXES)}"
+            )
+        index = {c: i for i, c in enumerate(classes)}
+        train, val, test = split_fractions(Split(paths, [index[c] for c in raw]), (0.8, 0.1, 0.1), split_seed)
+        notes.append(f"class folders only: seeded 80/10/10 split (split_seed={split_seed})")
+    return DataBundle(
+        name=root.name,
+        kind="image",
+        classes=classes,
+        train=train,
+        val=val,
+        test=test,
+        source=f"{root} (image folder)",
+        notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------- VTAB-1k
+VTAB_FILES = ("train800val200.txt", "train800.txt", "val200.txt", "test.txt")
+
+
+def is_vtab_dir(directory: str | os.PathLike) -> bool:
+    d = Path(directory)
+    return (d / "test.txt").is_file() and ((d / "train800val200.txt").is_file() or (d / "train800.txt").is_file())
+
+
+def _read_list(root: Path, name: str) -> tuple[list[str], list[str]]:
+    path = root / name
+    paths, raw = [], []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise DataError(f"{path}:{lineno}: expected 'relative/path label', got {line!r}")
+        rel, label = parts
+        p = (root / rel) if not os.path.isabs(rel) else Path(rel)
+        if not p.is_file():
+            raise DataError(f"{path}:{lineno}: image {p} does not exist")
+        paths.append(str(p))
+        raw.append(label)
+    if not paths:
+        raise DataError(f"{path}: empty list")
+    return paths, raw
+
+
+def load_vtab(directory: str | os.PathLike, *, split_seed: int = 0) -> DataBundle:
+    """The VTAB-1k layout used by VPT / NOAH: list files of ``path label`` lines.
+
+    ``train800.txt`` + ``val200.txt`` are train and val when both exist; otherwise 200
+    examples (20% if fewer than 1000) of ``train800val200.txt`` are carved out as val (seeded).
+    ``test.txt`` is the test split. Paths are relative to the directory.
+    """
+    root = Path(directory)
+    notes = []
+    names = ["test.txt"]
+    if (root / "train800.txt").is_file() and (root / "val200.txt").is_file():
+        names = ["train800.txt", "val200.txt", "test.txt"]
+    elif (root / "train800val200.txt").is_file():
+        names = ["train800val200.txt", "test.txt"]
+    else:
+        raise DataError(f"{root}: VTAB-1k layout needs train800val200.txt (or train800.txt + val200.txt) and test.txt")
+    lists = [_read_list(root, n) for n in names]
+    all_raw = [v for _, raw in lists for v in raw]
+    ids, classes = labels_to_ids(all_raw, where=str(root))
+    splits, pos = [], 0
+    for paths, _ in lists:
+        splits.append(Split(paths, ids[pos : pos + len(paths)]))
+        pos += len(paths)
+    if len(splits) == 3:
+        train, val, test = splits
+    else:
+        train, test = splits
+        n_val = 200 if len(train) >= 1000 else max(1, len(train) // 5)
+        train, val = carve(train, n_val, split_seed)
+        notes.append(f"val: {n_val} examples of train800val200.txt carved out (split_seed={split_seed})")
+    return DataBundle(
+        name=root.name,
+        kind="image",
+        classes=classes,
+        train=train,
+        val=val,
+        test=test,
+        source=f"{root} (VTAB-1k lists {', '.join(names)})",
+        notes=notes,
+    )

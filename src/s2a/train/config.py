@@ -1,0 +1,189 @@
+"""``TrainConfig``: every option of a training run, validated, with a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "METHODS",
+    "PRECISIONS",
+    "RUNTIME_FIELDS",
+    "TrainConfig",
+    "TrainError",
+    "default_lr",
+]
+
+METHODS = ("full", "linear", "s2a")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# options that may differ when a run is resumed (they do not change what is computed)
+RUNTIME_FIELDS = ("out", "device", "num_workers", "progress", "log_every", "stop_after")
+
+
+class TrainError(ValueError):
+    """A training run that cannot start or continue; the message says why and what to do."""
+
+
+def default_lr(method: str, kind: str) -> float:
+    """The learning rate used when none is given (AdamW, peak of the schedule)."""
+    if method == "full":
+        return 5e-5 if kind == "text" else 2e-4
+    # few tuned tensors on a frozen text encoder need a large step to move within a few
+    # hundred steps (MiniLM / Rotten Tomatoes, 1000 sentences: 1e-3 stays near chance)
+    return 1e-2 if kind == "text" else 1e-3
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class TrainConfig:
+    """Options of :class:`s2a.train.Trainer` (the CLI flags are the field names with dashes).
+
+    ``lr`` None: :func:`default_lr` for the method and model kind. ``act_bits`` None: 4 for
+    ``method="s2a"``, no activation compression for ``full`` / ``linear``; 0 turns it off for
+    ``s2a`` too. ``batch_size`` is the global micro-batch (summed over data-parallel
+    processes); one optimizer step sees ``batch_size * grad_accum`` examples.
+    ``max_length`` None: 128 tokens, or the model's limit if lower. ``warmup_ratio`` is the fraction of all optimizer steps spent warming up linearly before
+    the cosine decay to 0. ``max_grad_norm`` 0 disables clipping. ``save_every`` > 0 also
+    writes the last checkpoint every that many optimizer steps (it is always written at the
+    end of an epoch and when the run is interrupted). ``stop_after`` > 0 stops this invocation
+    after that many optimizer steps, writing ``last.pt`` (time-sliced jobs; ``--resume``
+    continues).
+    """
+
+    model: str
+    data: str
+    out: str
+    method: str = "s2a"
+    modules: tuple[str, ...] = ("bias", "prompt")
+    act_bits: int | None = None
+    train_size: int | None = None
+    val_size: int | None = None
+    test_size: int | None = None
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.0
+    precision: str = "fp32"
+    seed: int = 0
+    split_seed: int = 0
+    max_length: int | None = None
+    img_size: int | None = None
+    weights: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    device: str = "auto"
+    num_workers: int = 0
+    save_every: int = 0
+    log_every: int = 1
+    stop_after: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> TrainConfig:
+        def fail(name: str, expected: str) -> None:
+            raise TrainError(f"{name} ({_flag(name)}) must be {expected}, got {getattr(self, name)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("model", "data", "out"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                fail(name, "a non-empty string")
+        if self.method not in METHODS:
+            fail("method", f"one of {list(METHODS)}")
+        if isinstance(self.modules, str):
+            self.modules = tuple(m.strip() for m in self.modules.split(",") if m.strip())
+        self.modules = tuple(self.modules)
+        if not self.modules:
+            fail("modules", "a non-empty list such as bias,prompt")
+        if self.act_bits is not None and (not is_int(self.act_bits) or self.act_bits < 0):
+            fail("act_bits", "None, 0 (off) or a bit width such as 4")
+        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+            v = getattr(self, name)
+            if not is_int(v) or v < 1:
+                fail(name, "an integer >= 1")
+        for name in ("train_size", "val_size", "test_size", "eval_batch_size", "max_length"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v < 1):
+                fail(name, "an integer >= 1")
+        if self.img_size is not None and (not is_int(self.img_size) or self.img_size < 8):
+            fail("img_size", "an integer >= 8")
+        for name in ("num_workers", "save_every", "seed", "split_seed", "stop_after"):
+            v = getattr(self, name)
+            if not is_int(v) or v < 0:
+                fail(name, "an integer >= 0")
+        if self.lr is not None and (not is_num(self.lr) or self.lr <= 0):
+            fail("lr", "a number > 0")
+        if not is_num(self.weight_decay) or self.weight_decay < 0:
+            fail("weight_decay", "a number >= 0")
+        if not is_num(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            fail("warmup_ratio", "in [0, 1)")
+        if not is_num(self.max_grad_norm) or self.max_grad_norm < 0:
+            fail("max_grad_norm", "a number >= 0 (0 disables clipping)")
+        if not is_num(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
+            fail("label_smoothing", "in [0, 1)")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"one of {list(PRECISIONS)}")
+        if not isinstance(self.progress, bool):
+            fail("progress", "True or False")
+        return self
+
+    # ------------------------------------------------------------------ resolution
+    def resolved(self, kind: str) -> TrainConfig:
+        """A copy with ``lr`` / ``act_bits`` / ``eval_batch_size`` defaults filled in."""
+        lr = self.lr if self.lr is not None else default_lr(self.method, kind)
+        act_bits = self.act_bits
+        if act_bits is None and self.method == "s2a":
+            act_bits = 4
+        if act_bits == 0:
+            act_bits = None
+        eval_bs = self.eval_batch_size or max(self.batch_size, 64)
+        return dataclasses.replace(self, lr=lr, act_bits=act_bits if act_bits is not None else 0, eval_batch_size=eval_bs)
+
+    @property
+    def compression_bits(self) -> int | None:
+        """Bits of activation storage after :meth:`resolved` (None: no compression)."""
+        return self.act_bits or None
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["modules"] = list(self.modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise TrainError(f"unknown training option(s) {unknown}; known: {names}")
+        kwargs = dict(data)
+        if isinstance(kwargs.get("modules"), list):
+            kwargs["modules"] = tuple(kwargs["modules"])
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The options that determine the computation (everything but :data:`RUNTIME_FIELDS`)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}

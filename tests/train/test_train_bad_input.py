@@ -1,0 +1,128 @@
+"""Bad input to ``s2a train``: each gives a clear error (exit status 1, message on stderr)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from s2a.train import TrainConfig, Trainer, TrainError, load_checkpoint
+
+VIT = ["--model", "test_vit", "--img-size", "32", "--method", "full", "--epochs", "1", "--batch-size", "8"]
+
+
+def _error(run_cli, *args) -> str:
+    with pytest.raises(SystemExit) as info:
+        run_cli(*args)
+    assert info.value.code not in (0, None)
+    return str(info.value.code)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, image_folder):
+    """A finished tiny run, copied by the tests that damage it."""
+    from s2a.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "done"
+    assert main(["train", *VIT, "--data", str(image_folder), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def _copy(run, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_unknown_model_and_dataset_names(run_cli, tmp_path, image_folder):
+    msg = _error(run_cli, "--model", "vit_tinyy_patch16_224", "--data", str(image_folder), "--out", str(tmp_path / "r"))
+    assert "unknown model 'vit_tinyy_patch16_224'" in msg and "vit_tiny_patch16_224" in msg
+    msg = _error(run_cli, *VIT, "--data", "fashion-mnistt", "--out", str(tmp_path / "r"))
+    assert "unknown dataset 'fashion-mnistt'" in msg and "Did you mean: fashion-mnist" in msg
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_label_column_and_kind_mismatch(run_cli, tmp_path):
+    table = tmp_path / "t.jsonl"
+    table.write_text("".join(json.dumps({"text": f"s{i}", "stars": i % 2}) + "\n" for i in range(20)))
+    msg = _error(run_cli, "--model", "minilm", "--data", str(table), "--label-column", "label", "--out", str(tmp_path / "r"))
+    assert "label column 'label' not found; columns found: ['text', 'stars']" in msg
+    msg = _error(run_cli, *VIT, "--data", str(table), "--label-column", "stars", "--out", str(tmp_path / "r"))
+    assert "takes image but dataset" in msg and "holds text" in msg
+
+
+def test_existing_run_directory_is_refused(run_cli, tmp_path, image_folder, finished_run):
+    msg = _error(run_cli, *VIT, "--data", str(image_folder), "--out", str(finished_run))
+    assert "already exists" in msg and "--resume" in msg and "--overwrite" in msg
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "thesis.tex").write_text("precious")
+    msg = _error(run_cli, *VIT, "--data", str(image_folder), "--out", str(other))
+    assert "already exists" in msg
+    msg = _error(run_cli, *VIT, "--data", str(image_folder), "--out", str(other), "--overwrite")
+    assert "not an s2a run" in msg and "refusing to delete" in msg
+    assert (other / "thesis.tex").read_text() == "precious"
+    msg = _error(run_cli, "--out", str(tmp_path / "nothing"), "--resume")
+    assert "nothing to resume" in msg
+
+
+def test_overwrite_replaces_a_run(run_cli, tmp_path, image_folder, finished_run):
+    run = _copy(finished_run, tmp_path)
+    (run / "metrics.jsonl").write_text('{"event": "train", "global_step": 999, "loss": 1}\n')
+    assert run_cli(*VIT, "--data", str(image_folder), "--out", str(run), "--overwrite", "--seed", "3") == 0
+    steps = [json.loads(line)["global_step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert 999 not in steps
+    assert json.loads((run / "config.json").read_text())["config"]["seed"] == 3
+
+
+def test_resume_with_other_options_is_refused(run_cli, tmp_path, finished_run):
+    run = _copy(finished_run, tmp_path)
+    msg = _error(run_cli, "--out", str(run), "--resume", "--lr", "0.5")
+    assert "--resume continues a run with its own options" in msg and "--lr 0.5" in msg
+    # a finished run resumes to its report again (nothing left to train)
+    assert run_cli("--out", str(run), "--resume") == 0
+    cfg = TrainConfig.from_dict({**json.loads((run / "config.json").read_text())["config"], "lr": 0.5})
+    with pytest.raises(TrainError, match=r"--resume: the options differ .*--lr"):
+        Trainer(cfg, resume=True).fit()
+
+
+def test_corrupt_checkpoint(run_cli, tmp_path, finished_run):
+    run = _copy(finished_run, tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # a truncated write (not ours: ours are atomic)
+    msg = _error(run_cli, "--out", str(run), "--resume")
+    assert "corrupt or unreadable" in msg and "--overwrite" in msg
+    last.write_text("not a checkpoint")
+    assert "corrupt or unreadable" in _error(run_cli, "--out", str(run), "--resume")
+    torch.save({"hello": torch.zeros(1)}, last)
+    assert "not a checkpoint written by s2a train" in _error(run_cli, "--out", str(run), "--resume")
+
+
+def test_mismatched_checkpoint(run_cli, tmp_path, finished_run):
+    run = _copy(finished_run, tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    ckpt["trainable"]["head.weight"] = torch.zeros(7, 64)  # another number of classes
+    del ckpt["trainable"]["head.bias"]
+    torch.save(ckpt, last)
+    msg = _error(run_cli, "--out", str(run), "--resume")
+    assert "does not match this model and method" in msg and "head.weight" in msg and "head.bias" in msg
+    # a checkpoint of a run with other options (here: another seed) cannot continue this one
+    ckpt = load_checkpoint(finished_run / "checkpoints" / "last.pt")
+    fp = json.loads(ckpt["fingerprint"])
+    fp["seed"] = 12
+    ckpt["fingerprint"] = json.dumps(fp, sort_keys=True)
+    torch.save(ckpt, last)
+    msg = _error(run_cli, "--out", str(run), "--resume")
+    assert "written by a run with other options (seed)" in msg
+
+
+def test_resume_before_any_checkpoint_starts_over(run_cli, tmp_path, finished_run):
+    run = _copy(finished_run, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    (run / "report.json").unlink()
+    assert run_cli("--out", str(run), "--resume") == 0
+    assert json.loads((run / "report.json").read_text())["steps"] == 6

