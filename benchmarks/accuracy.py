@@ -51,7 +51,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "s2a": {"method": "s2a", "modules": "bias,prompt", "act_bits": "4"},
     "s2a-nocomp": {"method": "s2a", "modules": "bias,prompt", "act_bits": "none"},
 }
-LR = {("full", "text"): 5e-5, ("full", "image"): 1e-3, ("s2a", "text"): 1e-2, ("s2a", "image"): 1e-2}
+LR = {("full", "text"): 5e-5, ("full", "image"): 1e-3, ("s2a", "text"): 5e-3, ("s2a", "image"): 1e-2}
 VAL_SIZE = 1000
 BATCH = 32
 
@@ -62,11 +62,10 @@ def run_dir(regime: str, method: str, seed: int) -> Path:
 
 def command(regime: str, method: str, seed: int) -> list[str]:
     r, m = REGIMES[regime], METHODS[method]
-    kind = "text" if r["data"] == "rotten-tomatoes" else "image"
     args = [
         sys.executable, "-m", "s2a.cli", "train", "--model", r["model"], "--data", r["data"],
         "--epochs", str(r["epochs"]), "--batch-size", str(BATCH), "--val-size", str(VAL_SIZE),
-        "--seed", str(seed), "--lr", str(LR[(m["method"], kind)]), "--no-progress", "--overwrite",
+        "--seed", str(seed), "--lr", str(lr_of(regime, method)), "--no-progress", "--overwrite",
         "--out", str(run_dir(regime, method, seed)), "--method", m["method"],
     ]  # fmt: skip
     if r.get("train_size"):
@@ -78,9 +77,19 @@ def command(regime: str, method: str, seed: int) -> list[str]:
     return args
 
 
+def lr_of(regime: str, method: str) -> float:
+    kind = "text" if REGIMES[regime]["data"] == "rotten-tomatoes" else "image"
+    return LR[(METHODS[method]["method"], kind)]
+
+
 def finished(regime: str, method: str, seed: int) -> dict[str, Any] | None:
+    """The report of a finished run made with today's settings (a stale one is redone)."""
     path = run_dir(regime, method, seed) / "report.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    same = report.get("lr") == lr_of(regime, method) and report.get("epochs") == REGIMES[regime]["epochs"]
+    return report if same else None
 
 
 def summarise(regimes: list[str], seeds: list[int]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def test_config_defaults_roundtrip_and_resolution():
     assert cfg.modules == ("bias", "prompt")
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     r = cfg.resolved("text")
-    assert r.lr == 1e-2 and r.compression_bits == 4 and r.eval_batch_size == 64
+    assert r.lr == 5e-3 and r.compression_bits == 4 and r.eval_batch_size == 64
     assert cfg.resolved("image").lr == 1e-3
     assert r.resolved("text") == r  # idempotent
     off = TrainConfig(model="m", data="d", out="x", method="s2a", act_bits=0).resolved("text")

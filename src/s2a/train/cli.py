@@ -78,7 +78,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=int, help="global micro-batch (default 32)")
     o.add_argument("--eval-batch-size", type=int, help="default max(batch size, 64)")
     o.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    o.add_argument("--lr", type=float, help="peak learning rate (default: full 5e-5 text / 2e-4 image; s2a, linear 1e-2 text / 1e-3 image)")
+    o.add_argument("--lr", type=float, help="peak learning rate (default: full 5e-5 text / 2e-4 image; s2a, linear 5e-3 text / 1e-3 image)")
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.01)")
     o.add_argument("--warmup-ratio", type=float, help="fraction of steps of linear warm-up (default 0.1)")
     o.add_argument("--max-grad-norm", type=float, help="gradient clipping norm, 0 = off (default 1.0)")
