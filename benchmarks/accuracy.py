@@ -14,9 +14,10 @@ learning rate (below), the same epochs, batch and seeds.
     HF_HUB_OFFLINE=1 python benchmarks/accuracy.py                       # all regimes, 3 seeds
     HF_HUB_OFFLINE=1 python benchmarks/accuracy.py --regimes rt-1000,fm-1000
 
-Runs are kept under ``benchmarks/runs/`` (not committed) and reused: a run with a report is
-not repeated, so the matrix can be completed over several invocations; the tables always show
-what has finished, with the number of seeds behind each mean. Writes
+Runs are kept under ``benchmarks/runs/accuracy/`` and reused: a run whose report was made with
+today's settings is not repeated, so the matrix can be completed over several invocations (and
+sessions: each run's config.json, metrics.jsonl and report.json are committed, its checkpoints are not). The
+tables always show what has finished, with the number of seeds behind each mean. Writes
 ``benchmarks/results/accuracy.json`` / ``.md``.
 """
 
