@@ -265,10 +265,33 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], head_names: tuple[
     model.load_state_dict(keep, strict=False)
     notes = [f"weights loaded from {where}"]
     if skipped:
+        notes += _zero_head(model, head_names)
         notes.append(f"classifier re-initialised for the new classes (skipped {', '.join(skipped)})")
     elif not any(k in sd for k in head_keys) and head_keys:
-        notes.append("weights hold no classifier: it stays freshly initialised")
+        notes += _zero_head(model, head_names)
+        notes.append("weights hold no classifier: it starts at zero")
     return notes
+
+
+def _zero_head(model: nn.Module, head_names: tuple[str, ...]) -> list[str]:
+    """Zero the final Linear of a fresh classifier head.
+
+    timm's default head initialisation scales with 1/sqrt(num_classes) (EfficientNet's is
+    U(-0.32, 0.32) for 10 classes): on pretrained features the first logits are then large,
+    the initial loss is ~20 instead of ln(num_classes), and a tuned-structure run can collapse
+    to chance before it recovers. A zero head starts every method at ln(num_classes).
+    """
+    zeroed = []
+    for name in head_names:
+        head = model.get_submodule(name)
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        if linears:
+            with torch.no_grad():
+                linears[-1].weight.zero_()
+                if linears[-1].bias is not None:
+                    linears[-1].bias.zero_()
+            zeroed.append(name)
+    return [f"classifier {', '.join(zeroed)} initialised to zero"] if zeroed else []
 
 
 # ---------------------------------------------------------------------------- builders
@@ -322,6 +345,7 @@ def _build_timm(name: str, num_classes: int, weights: str | None, img_size: int 
         notes += _load_into(model, load_state_dict_file(weights), heads, str(weights))
     else:
         notes.append("random initialisation (pass --weights FILE for pretrained weights)")
+        notes += _zero_head(model, heads)
     return ZooModel(model, _image_preprocessor_timm(model, img_size), "image", name, "timm", heads, num_classes, notes)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,12 @@ def test_efficientnet_lite0_pretrained_recognises_a_photo():
     assert small.model.classifier.out_features == 10
     assert torch.equal(small.model.conv_stem.weight, zm.model.conv_stem.weight)
     assert any("re-initialised" in n for n in small.notes)
+    # the fresh classifier starts at zero: initial loss ln(10), not timm's large-logit init
+    assert not small.model.classifier.weight.any() and not small.model.classifier.bias.any()
+    with torch.no_grad():
+        logits = call_model(small.model.eval(), small.preprocess([str(photo)] * 2))
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]))
+    assert abs(float(loss) - math.log(10)) < 1e-6
 
 
 def test_timm_random_init_and_weights_file(tmp_path):
