@@ -359,7 +359,6 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
-        self.eval_done = False
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
         self.epoch_stats = [0.0, 0.0, 0.0]  # loss sum, correct, seen
@@ -461,7 +460,6 @@ class Trainer:
         ckpt = self._ckpt_common("last")
         ckpt.update(
             step_in_epoch=self.step_in_epoch,
-            eval_done=self.eval_done,
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
@@ -511,7 +509,6 @@ class Trainer:
             self.epoch = int(ckpt["epoch"])
             self.step_in_epoch = int(ckpt["step_in_epoch"])
             self.global_step = int(ckpt["global_step"])
-            self.eval_done = bool(ckpt["eval_done"])
             self.history = list(ckpt["history"])
             self.best = dict(ckpt["best"])
             self.epoch_stats = [float(v) for v in ckpt["epoch_stats"]]
