@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parent.parent
+RUNS = Path(__file__).resolve().parent / "runs"
 
 
 def cpu_model() -> str:
@@ -160,3 +162,40 @@ def ratio_of_medians(a: dict[str, float], b: dict[str, float]) -> float:
 def paired_ratio(a: dict[str, float], b: dict[str, float]) -> float:
     """Median of the per-round ratios b/a (robust to slow drifts of the machine's load)."""
     return statistics.median(y / x for x, y in zip(a["wall_ms"], b["wall_ms"], strict=True))
+
+
+# ---------------------------------------------------------------------------- s2a train runs
+def train_command(
+    out: Path, *, model: str, data: str, method: str, seed: int, lr: float, epochs: int,
+    batch: int, val_size: int, train_size: int | None = None, img_size: int | None = None,
+    modules: str | None = None, act_bits: str | None = None,
+) -> list[str]:
+    """The ``s2a train`` command of one cached benchmark run (``--overwrite``: a stale run is redone)."""
+    args = [
+        sys.executable, "-m", "s2a.cli", "train", "--model", model, "--data", data,
+        "--epochs", str(epochs), "--batch-size", str(batch), "--val-size", str(val_size),
+        "--seed", str(seed), "--lr", str(lr), "--no-progress", "--overwrite",
+        "--out", str(out), "--method", method,
+    ]  # fmt: skip
+    if train_size:
+        args += ["--train-size", str(train_size)]
+    if img_size:
+        args += ["--img-size", str(img_size)]
+    if modules is not None:
+        args += ["--modules", modules]
+    if act_bits is not None:
+        args += ["--act-bits", act_bits]
+    return args
+
+
+def finished_report(out: Path, *, lr: float, epochs: int) -> dict[str, Any] | None:
+    """The report of a finished run made with these settings (None: missing or stale)."""
+    path = out / "report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    return report if report.get("lr") == lr and report.get("epochs") == epochs else None
+
+
+def run_train(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})

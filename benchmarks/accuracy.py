@@ -24,10 +24,8 @@ tables always show what has finished, with the number of seeds behind each mean.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,9 +34,17 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, header, md_table, metadata, pass_fail, write_results
-
-RUNS = Path(__file__).resolve().parent / "runs"
+from _common import (
+    RUNS,
+    finished_report,
+    header,
+    md_table,
+    metadata,
+    pass_fail,
+    run_train,
+    train_command,
+    write_results,
+)
 
 REGIMES: dict[str, dict[str, Any]] = {
     "rt-1000": {"model": "minilm", "data": "rotten-tomatoes", "train_size": 1000, "epochs": 5},
@@ -63,19 +69,12 @@ def run_dir(regime: str, method: str, seed: int) -> Path:
 
 def command(regime: str, method: str, seed: int) -> list[str]:
     r, m = REGIMES[regime], METHODS[method]
-    args = [
-        sys.executable, "-m", "s2a.cli", "train", "--model", r["model"], "--data", r["data"],
-        "--epochs", str(r["epochs"]), "--batch-size", str(BATCH), "--val-size", str(VAL_SIZE),
-        "--seed", str(seed), "--lr", str(lr_of(regime, method)), "--no-progress", "--overwrite",
-        "--out", str(run_dir(regime, method, seed)), "--method", m["method"],
-    ]  # fmt: skip
-    if r.get("train_size"):
-        args += ["--train-size", str(r["train_size"])]
-    if r.get("img_size"):
-        args += ["--img-size", str(r["img_size"])]
-    if "modules" in m:
-        args += ["--modules", m["modules"], "--act-bits", m["act_bits"]]
-    return args
+    return train_command(
+        run_dir(regime, method, seed), model=r["model"], data=r["data"], method=m["method"],
+        seed=seed, lr=lr_of(regime, method), epochs=r["epochs"], batch=BATCH, val_size=VAL_SIZE,
+        train_size=r.get("train_size"), img_size=r.get("img_size"), modules=m.get("modules"),
+        act_bits=m.get("act_bits"),
+    )  # fmt: skip
 
 
 def lr_of(regime: str, method: str) -> float:
@@ -85,12 +84,7 @@ def lr_of(regime: str, method: str) -> float:
 
 def finished(regime: str, method: str, seed: int) -> dict[str, Any] | None:
     """The report of a finished run made with today's settings (a stale one is redone)."""
-    path = run_dir(regime, method, seed) / "report.json"
-    if not path.is_file():
-        return None
-    report = json.loads(path.read_text())
-    same = report.get("lr") == lr_of(regime, method) and report.get("epochs") == REGIMES[regime]["epochs"]
-    return report if same else None
+    return finished_report(run_dir(regime, method, seed), lr=lr_of(regime, method), epochs=REGIMES[regime]["epochs"])
 
 
 def summarise(regimes: list[str], seeds: list[int]) -> dict[str, Any]:
@@ -179,7 +173,7 @@ def main() -> None:
                         continue
                     cmd = command(regime, method, seed)
                     print(f"[accuracy] {regime} {method} seed {seed}", flush=True)
-                    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                    run_train(cmd)
     data = {"meta": metadata(repeats=f"{args.seeds} seeds", runtime_s=time.time() - t0), **summarise(regimes, seeds)}
     write_results("accuracy", data, to_markdown(data))
     print(to_markdown(data))

@@ -53,7 +53,7 @@ def test_config_defaults_roundtrip_and_resolution():
     with pytest.raises(TrainError, match="unknown training option"):
         TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(TrainError, match="method"):
-        TrainConfig(model="m", data="d", out="x", method="lora")
+        TrainConfig(model="m", data="d", out="x", method="dora")
     with pytest.raises(TrainError, match="precision"):
         TrainConfig(model="m", data="d", out="x", precision="fp8")
 

@@ -40,17 +40,27 @@ def _modules(text: str) -> tuple[str, ...]:
     return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
+def _methods_help() -> str:
+    from s2a.baselines import METHOD_SPECS
+
+    width = max(len(n) for n in METHOD_SPECS)
+    lines = [f"  {n:<{width}}  {s.description}" for n, s in METHOD_SPECS.items()]
+    return "\nmethods (--method):\n" + "\n".join(lines) + "\n"
+
+
 def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
-        help="fine-tune a model on a dataset (full, linear probe or S2A) and report accuracy and memory",
+        help="fine-tune a model on a dataset (S2A, full, LoRA, VPT, ... see --method) and report accuracy and memory",
         description=(
-            "Fine-tune a pretrained model: full fine-tuning, a linear probe, or S2A (frozen backbone, "
-            "bias / low-rank prompt / side modules, low-bit activation storage). Evaluates on the "
+            "Fine-tune a pretrained model with S2A (frozen backbone, bias / low-rank prompt / side "
+            "modules, low-bit activation storage) or one of the methods it is compared with (full "
+            "fine-tuning, linear probe, BitFit, VPT, peft LoRA / IA3 / prompt tuning, AdaptFormer, "
+            "Ladder Side-Tuning, checkpointing, Mesa- and Few-bit-style storage). Evaluates on the "
             "validation split every epoch, keeps the best and last checkpoints, and reports test "
             "accuracy, trainable parameters, activation memory and speed."
         ),
-        epilog=EPILOG,
+        epilog=EPILOG + _methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("what to train")
@@ -60,9 +70,16 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
         help="rotten-tomatoes, fashion-mnist, an image folder, a VTAB-1k directory, a CSV/JSONL file, "
         "a Hugging Face save_to_disk directory, or hf:NAME",
     )
-    g.add_argument("--method", choices=METHODS, help="full, linear (head only) or s2a (default)")
+    g.add_argument(
+        "--method", choices=METHODS, metavar="METHOD",
+        help="fine-tuning method (default s2a); see 'methods' below",
+    )  # fmt: skip
     g.add_argument("--modules", type=_modules, help="s2a modules, comma separated (default bias,prompt)")
-    g.add_argument("--act-bits", type=_act_bits, help="activation storage bits (s2a default 4; none = off)")
+    g.add_argument(
+        "--act-bits", type=_act_bits,
+        help="activation storage bits: s2a / s2a-lora default 4 (none = off); other methods default "
+        "native, a width compresses them on top; refused by mesa8, fewbit2, *-ckpt",
+    )  # fmt: skip
     g.add_argument("--weights", help="weights file for a timm model (.safetensors or a PyTorch state dict)")
     d = p.add_argument_group("data")
     d.add_argument("--train-size", type=int, help="few-shot: N training examples drawn with --seed")
@@ -78,7 +95,12 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=int, help="global micro-batch (default 32)")
     o.add_argument("--eval-batch-size", type=int, help="default max(batch size, 64)")
     o.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    o.add_argument("--lr", type=float, help="peak learning rate (default: full 5e-5 text / 2e-4 image; s2a, linear 5e-3 text / 1e-3 image)")
+    o.add_argument(
+        "--lr", type=float,
+        help="peak learning rate (default: full, full-ckpt, mesa8, fewbit2 5e-5 text / 2e-4 image; s2a, "
+        "linear, bitfit 5e-3 text / 1e-3 image; lora, lora-ckpt, s2a-lora, vpt, adaptformer 1e-3; "
+        "ia3, lst 3e-3; prompt-tuning 3e-2)",
+    )  # fmt: skip
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.01)")
     o.add_argument("--warmup-ratio", type=float, help="fraction of steps of linear warm-up (default 0.1)")
     o.add_argument("--max-grad-norm", type=float, help="gradient clipping norm, 0 = off (default 1.0)")

@@ -18,7 +18,15 @@ __all__ = [
     "default_lr",
 ]
 
-METHODS = ("full", "linear", "s2a")
+# every --method (s2a.baselines.METHOD_SPECS describes each one)
+METHODS = (
+    "full", "linear", "bitfit", "vpt", "lora", "ia3", "prompt-tuning", "adaptformer", "lst",
+    "full-ckpt", "lora-ckpt", "mesa8", "fewbit2", "s2a", "s2a-lora",
+)  # fmt: skip
+# methods that compress their activations by default (--act-bits None -> 4; 0 turns it off)
+COMPRESSED_BY_DEFAULT = ("s2a", "s2a-lora")
+# methods that fix their own activation storage, or recompute instead of storing: no --act-bits
+NO_ACT_BITS = ("mesa8", "fewbit2", "full-ckpt", "lora-ckpt")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # options that may differ when a run is resumed (they do not change what is computed)
 RUNTIME_FIELDS = ("out", "device", "num_workers", "progress", "log_every", "stop_after")
@@ -29,12 +37,28 @@ class TrainError(ValueError):
 
 
 def default_lr(method: str, kind: str) -> float:
-    """The learning rate used when none is given (AdamW, peak of the schedule)."""
-    if method == "full":
+    """The learning rate used when none is given (AdamW, peak of the schedule).
+
+    Measured: ``full`` and ``s2a`` (and ``linear``, which shares s2a's). Every other value is an
+    unmeasured default taken from the method's usual range, to be replaced by a sweep."""
+    if method in ("full", "full-ckpt", "mesa8", "fewbit2"):
+        # every weight moves: the usual full fine-tuning range (storage does not change it)
         return 5e-5 if kind == "text" else 2e-4
-    # few tuned tensors on a frozen text encoder need a large step to move within a few
-    # hundred steps; MiniLM / Rotten Tomatoes, 1000 sentences, 5 epochs, s2a: 1e-3 stays near
-    # chance, 1e-2 stalls two epochs before it learns, 3e-3 and 5e-3 learn steadily
+    if method in ("lora", "lora-ckpt", "s2a-lora", "vpt", "adaptformer"):
+        # unmeasured: new low-rank / adapter / prompt tensors from (near) zero; 1e-3 is the
+        # common AdamW setting for LoRA, adapters and VPT on ViT and BERT-size models
+        return 1e-3
+    if method in ("ia3", "lst"):
+        # unmeasured: IA3's scaling vectors and LST's freshly initialised side network are
+        # usually trained with 3e-3 (T-Few, LST)
+        return 3e-3
+    if method == "prompt-tuning":
+        # unmeasured: a handful of input embeddings must move far; prompt tuning is run with
+        # much larger steps than the other methods (0.3 with Adafactor in Lester et al.)
+        return 3e-2
+    # linear, bitfit, s2a: few tuned tensors on a frozen text encoder need a large step to move
+    # within a few hundred steps; MiniLM / Rotten Tomatoes, 1000 sentences, 5 epochs, s2a: 1e-3
+    # stays near chance, 1e-2 stalls two epochs before it learns, 3e-3 and 5e-3 learn steadily
     return 5e-3 if kind == "text" else 1e-3
 
 
@@ -47,8 +71,8 @@ class TrainConfig:
     """Options of :class:`s2a.train.Trainer` (the CLI flags are the field names with dashes).
 
     ``lr`` None: :func:`default_lr` for the method and model kind. ``act_bits`` None: 4 for
-    ``method="s2a"``, no activation compression for ``full`` / ``linear``; 0 turns it off for
-    ``s2a`` too. ``batch_size`` is the global micro-batch (summed over data-parallel
+    ``s2a`` and ``s2a-lora``, no activation compression for the other methods; 0 turns it off
+    for ``s2a`` / ``s2a-lora`` too; refused by ``mesa8``, ``fewbit2`` and the ``*-ckpt`` methods. ``batch_size`` is the global micro-batch (summed over data-parallel
     processes); one optimizer step sees ``batch_size * grad_accum`` examples.
     ``max_length`` None: 128 tokens, or the model's limit if lower. ``warmup_ratio`` is the fraction of all optimizer steps spent warming up linearly before
     the cosine decay to 0. ``max_grad_norm`` 0 disables clipping. ``save_every`` > 0 also
@@ -118,6 +142,11 @@ class TrainConfig:
             fail("modules", "a non-empty list such as bias,prompt")
         if self.act_bits is not None and (not is_int(self.act_bits) or self.act_bits < 0):
             fail("act_bits", "None, 0 (off) or a bit width such as 4")
+        if self.method in NO_ACT_BITS and self.act_bits:
+            raise TrainError(
+                f"--method {self.method} takes no --act-bits (got {self.act_bits}): it fixes its own "
+                "activation storage (mesa8, fewbit2) or recomputes activations (*-ckpt)"
+            )
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
             v = getattr(self, name)
             if not is_int(v) or v < 1:
@@ -153,7 +182,7 @@ class TrainConfig:
         """A copy with ``lr`` / ``act_bits`` / ``eval_batch_size`` defaults filled in."""
         lr = self.lr if self.lr is not None else default_lr(self.method, kind)
         act_bits = self.act_bits
-        if act_bits is None and self.method == "s2a":
+        if act_bits is None and self.method in COMPRESSED_BY_DEFAULT:
             act_bits = 4
         if act_bits == 0:
             act_bits = None

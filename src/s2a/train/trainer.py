@@ -312,7 +312,7 @@ class Trainer:
             raise TrainError(str(exc)) from None
         self.zoo = zm
         example = None
-        if cfg.method == "s2a":  # one real batch for s2a.apply's dry run (input size, token length)
+        if cfg.method not in ("full", "linear"):  # one real batch for the dry run that finds the blocks
             first = _Batches(data.train, zm.preprocess)
             example, _ = first.collate([first[i] for i in range(min(2, len(data.train)))])
         res = apply_method(

@@ -1,0 +1,376 @@
+"""Every fine-tuning method side by side: accuracy, parameters, memory and speed per backbone.
+
+Backbones (defaults; ``--batch-size`` / ``--img-size`` / ``--seq-len`` override):
+
+* ``minilm``: all-MiniLM-L6-v2 (real weights), batch 32, 128 tokens; accuracy from the
+  ``rt-1000`` regime of ``benchmarks/accuracy.py`` (Rotten Tomatoes, 1000 sentences);
+* ``efficientnet_lite0``: ImageNet EfficientNet-Lite0 (real weights), batch 32, 64 px; accuracy
+  from ``fm-1000`` (Fashion-MNIST, 1000 images);
+* ``vit_b16`` / ``swin_t``: timm ViT-B/16 and Swin-T, random weights, batch 64, 224 px, fp32:
+  memory and speed only;
+* ``vit_tiny``: timm ViT-Ti/16, random weights (a quick check of the script itself).
+
+Every method is measured in this one process, one after the other on a freshly built model:
+``s2a.measure`` (one training step with an AdamW step) gives the bytes saved for backward and
+the step's peak growth over the weights; ``peak_memory_bytes`` = parameter and buffer bytes +
+that peak (gradients and the optimizer's two fp32 tensors per trainable parameter included;
+the input batch is not). ``step_time_s`` is the median of ``--repeats`` timed training steps
+(forward, cross-entropy, backward, AdamW, zero_grad) after ``--warmup`` untimed ones;
+``throughput`` = batch / step time. Memory and speed use a synthetic batch of the configured
+shape (random token ids / pixels): they do not depend on the values.
+
+Accuracy (real backbones): mean and std over ``--seeds`` seeds of the test accuracy (%) of
+``s2a train`` runs cached under ``benchmarks/runs/accuracy/<regime>/<method>/seed<k>``, the
+same tree and settings as ``benchmarks/accuracy.py`` (``full`` and ``s2a`` runs are shared);
+``--run-missing`` launches the missing ones first. Rows without finished runs have accuracy null.
+
+    HF_HUB_OFFLINE=1 python benchmarks/compare.py                                # everything
+    HF_HUB_OFFLINE=1 python benchmarks/compare.py --backbones vit_tiny --methods full,lora,s2a \\
+        --batch-size 4 --name compare_quick                                      # a quick check
+
+Writes ``benchmarks/results/<name>.json`` (``rows``: one per backbone and method with
+``backbone, method, accuracy, accuracy_std, trainable_params, saved_activation_bytes,
+peak_memory_bytes, step_time_s, throughput`` and each as ``*_vs_full``), ``<name>.md`` and
+``<name>.png`` (accuracy against peak memory with the Pareto front for real backbones; peak
+memory and step time bars for the others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy as acc_bench
+from _common import (
+    RESULTS,
+    finished_report,
+    header,
+    md_table,
+    metadata,
+    mib,
+    run_train,
+    train_command,
+    write_results,
+)
+
+BACKBONES: dict[str, dict[str, Any]] = {
+    "minilm": {"model": "minilm", "kind": "text", "batch": 32, "seq_len": 128, "classes": 2, "regime": "rt-1000"},
+    "efficientnet_lite0": {"model": "efficientnet_lite0", "kind": "image", "batch": 32, "img_size": 64,
+                           "classes": 10, "regime": "fm-1000"},
+    "vit_b16": {"model": "vit_base_patch16_224", "kind": "image", "batch": 64, "img_size": 224, "classes": 100},
+    "swin_t": {"model": "swin_tiny_patch4_window7_224", "kind": "image", "batch": 64, "img_size": 224, "classes": 100},
+    "vit_tiny": {"model": "vit_tiny_patch16_224", "kind": "image", "batch": 8, "img_size": 224, "classes": 10},
+}  # fmt: skip
+# row label -> s2a train options (S2A's own rows: module sets and storage widths)
+VARIANTS: dict[str, dict[str, Any]] = {
+    **{m: {"method": m} for m in ("full", "linear", "bitfit", "vpt", "lora", "ia3", "prompt-tuning",
+                                  "adaptformer", "lst", "full-ckpt", "lora-ckpt", "mesa8", "fewbit2")},
+    "s2a": {"method": "s2a", "modules": "bias,prompt", "act_bits": "4"},
+    "s2a-2bit": {"method": "s2a", "modules": "bias,prompt", "act_bits": "2"},
+    "s2a-3bit": {"method": "s2a", "modules": "bias,prompt", "act_bits": "3"},
+    "s2a-8bit": {"method": "s2a", "modules": "bias,prompt", "act_bits": "8"},
+    "s2a-bias": {"method": "s2a", "modules": "bias", "act_bits": "4"},
+    "s2a-prompt": {"method": "s2a", "modules": "prompt", "act_bits": "4"},
+    "s2a-nocomp": {"method": "s2a", "modules": "bias,prompt", "act_bits": "none"},
+    "s2a-side": {"method": "s2a", "modules": "side", "act_bits": "4"},
+    "s2a-bias+prompt+side": {"method": "s2a", "modules": "bias,prompt,side", "act_bits": "4"},
+    "s2a-lora": {"method": "s2a-lora", "act_bits": "4"},
+}  # fmt: skip
+FIELDS = ("accuracy", "accuracy_std", "trainable_params", "saved_activation_bytes", "peak_memory_bytes",
+          "step_time_s", "throughput")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- accuracy
+def lr_of(label: str, kind: str) -> float:
+    """accuracy.py's measured rates for full / s2a (shared runs); default_lr otherwise."""
+    from s2a.train.config import default_lr
+
+    method = VARIANTS[label]["method"]
+    return acc_bench.LR.get((method, kind)) or default_lr(method, kind)
+
+
+def accuracy_runs(backbone: str, label: str, seeds: list[int]) -> tuple[list[Path], list[list[str]], float, int]:
+    b = BACKBONES[backbone]
+    regime = acc_bench.REGIMES[b["regime"]]
+    lr = lr_of(label, b["kind"])
+    opts = VARIANTS[label]
+    dirs = [acc_bench.run_dir(b["regime"], label, s) for s in seeds]
+    cmds = [
+        train_command(d, model=regime["model"], data=regime["data"], method=opts["method"], seed=s, lr=lr,
+                      epochs=regime["epochs"], batch=acc_bench.BATCH, val_size=acc_bench.VAL_SIZE,
+                      train_size=regime.get("train_size"), img_size=regime.get("img_size"),
+                      modules=opts.get("modules"), act_bits=opts.get("act_bits"))
+        for d, s in zip(dirs, seeds, strict=True)
+    ]  # fmt: skip
+    return dirs, cmds, lr, regime["epochs"]
+
+
+def accuracy_of(backbone: str, label: str, seeds: list[int], run_missing: bool) -> tuple[float | None, float | None, int]:
+    """(mean %, std %, seeds finished) of the cached runs, launching missing ones if asked."""
+    if "regime" not in BACKBONES[backbone]:
+        return None, None, 0
+    dirs, cmds, lr, epochs = accuracy_runs(backbone, label, seeds)
+    accs = []
+    for d, cmd in zip(dirs, cmds, strict=True):
+        report = finished_report(d, lr=lr, epochs=epochs)
+        if report is None and run_missing:
+            print(f"[compare] accuracy run {d}", flush=True)
+            run_train(cmd)
+            report = finished_report(d, lr=lr, epochs=epochs)
+        if report is not None:
+            accs.append(100 * report["accuracy"])
+    if not accs:
+        return None, None, 0
+    return statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0, len(accs)
+
+
+# ---------------------------------------------------------------------------- memory and speed
+def synthetic_batch(zm: Any, b: dict[str, Any], batch: int) -> tuple[Any, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, b["classes"], (batch,), generator=g)
+    if b["kind"] == "text":
+        vocab = zm.model.get_input_embeddings().num_embeddings
+        ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (batch, b["seq_len"]), generator=g)
+        inputs: Any = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                       "token_type_ids": torch.zeros_like(ids)}  # fmt: skip
+    else:
+        inputs = torch.randn(batch, 3, b["img_size"], b["img_size"], generator=g)
+    return inputs, labels
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_one(backbone: str, label: str, device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:
+    from s2a.memory import measure
+    from s2a.train.methods import apply_method
+    from s2a.zoo import call_model, load_model, logits_of
+
+    b = BACKBONES[backbone]
+    opts = VARIANTS[label]
+    torch.manual_seed(0)
+    zm = load_model(b["model"], b["classes"], max_length=b.get("seq_len"), img_size=b.get("img_size"))
+    inputs, labels = synthetic_batch(zm, b, b["batch"])
+    example = {k: v[:2] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:2]
+    bits = opts.get("act_bits")
+    act_bits = None if bits in (None, "none") else int(bits)
+    modules = tuple(opts.get("modules", "bias,prompt").split(","))
+    res = apply_method(zm.model, opts["method"], head_names=zm.head_names, modules=modules,
+                       act_bits=act_bits, example_input=example)  # fmt: skip
+    model = res.model.to(device).train()
+    inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
+    labels = labels.to(device)
+
+    def loss_fn(out: Any, _batch: Any) -> torch.Tensor:
+        return F.cross_entropy(logits_of(out).float(), labels)
+
+    report = measure(model, inputs, loss_fn, optimizer_step=True, name=f"{backbone} [{label}]")
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(call_model(model, inputs).float(), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    row = {
+        "backbone": backbone, "method": label,
+        "trainable_params": sum(p.numel() for p in params),
+        "saved_activation_bytes": report.saved_bytes,
+        "peak_memory_bytes": weights + report.peak_bytes if report.peak_bytes is not None else None,
+        "step_time_s": step, "throughput": b["batch"] / step,
+    }  # fmt: skip
+    detail = {
+        "backbone": backbone, "method": label, "options": opts, "total_params": report.total_params,
+        "weight_bytes": weights, "step_peak_bytes": report.peak_bytes, "peak_method": report.peak_method,
+        "grad_bytes": report.grad_bytes, "optimizer_state_bytes": report.optimizer_state_bytes,
+        "saved_by_kind": report.by_kind, "step_times_s": times, "notes": res.notes,
+    }  # fmt: skip
+    del model, res, zm, opt, report
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"row": row, "detail": detail}
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """``<field>_vs_full`` for every numeric field, against the backbone's ``full`` row."""
+    full = {r["backbone"]: r for r in rows if r["method"] == "full"}
+    for r in rows:
+        ref = full.get(r["backbone"])
+        for f in FIELDS:
+            if f == "accuracy_std":
+                continue
+            a, b = r.get(f), (ref or {}).get(f)
+            r[f"{f}_vs_full"] = a / b if a is not None and b else None
+
+
+# ---------------------------------------------------------------------------- outputs
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Points not dominated by one with less or equal memory and higher or equal accuracy."""
+    front, best = [], float("-inf")
+    for mem, acc, label in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((mem, acc, label))
+            best = acc
+    return front
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = list(dict.fromkeys(r["backbone"] for r in rows))
+    fig, axes = plt.subplots(1, len(backbones), figsize=(7 * len(backbones), 5.5), squeeze=False)
+    for ax, bb in zip(axes[0], backbones, strict=True):
+        rs = [r for r in rows if r["backbone"] == bb and r["peak_memory_bytes"] is not None]
+        pts = [(r["peak_memory_bytes"] / 2**20, r["accuracy"], r["method"]) for r in rs if r["accuracy"] is not None]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue")
+            for x, y, label in pts:
+                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            front = pareto(pts)
+            ax.plot([p[0] for p in front], [p[1] for p in front], "-o", color="tab:red", label="Pareto front")
+            ax.set_xlabel("peak training memory (MiB)")
+            ax.set_ylabel("test accuracy (%)")
+            ax.legend()
+        else:  # random weights (or no finished accuracy runs): memory and step time bars
+            labels = [r["method"] for r in rs]
+            x = range(len(rs))
+            ax.bar([i - 0.2 for i in x], [r["peak_memory_bytes"] / 2**20 for r in rs], 0.4, label="peak MiB")
+            ax.set_ylabel("peak training memory (MiB)")
+            ax2 = ax.twinx()
+            ax2.bar([i + 0.2 for i in x], [r["step_time_s"] for r in rs], 0.4, color="tab:orange", label="step s")
+            ax2.set_ylabel("step time (s)")
+            ax.set_xticks(list(x), labels, rotation=60, ha="right", fontsize=7)
+            ax.legend(loc="upper left")
+            ax2.legend(loc="upper right")
+        ax.set_title(bb)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    def ratio(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = header(
+        "Every method side by side", data["meta"],
+        notes=[
+            "Peak = parameters + buffers + the step's peak growth (activations, gradients, AdamW state); "
+            "saved = bytes kept for backward (s2a.measure). Ratios are to full fine-tuning of the same backbone.",
+            "Accuracy: test %, mean ± std over the finished seeds (n) of cached s2a train runs; '-' = not run.",
+            "mesa8 / fewbit2 are configurations of s2a's activation engine imitating Mesa and Few-bit / "
+            "Approx-BP, not those projects' code.",
+        ],
+    )  # fmt: skip
+    for bb in dict.fromkeys(r["backbone"] for r in data["rows"]):
+        cfg = data["backbones"][bb]
+        lines += ["", f"## {bb}", "", f"`{cfg['model']}`, batch {cfg['batch']}, "
+                  + (f"{cfg['seq_len']} tokens" if cfg["kind"] == "text" else f"{cfg['img_size']} px"), ""]
+        table = []
+        for r in (r for r in data["rows"] if r["backbone"] == bb):
+            n = data["seeds_finished"].get(f"{bb}/{r['method']}", 0)
+            acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f} (n={n})"
+            table.append([
+                r["method"], acc, f"{r['trainable_params']:,}", mib(r["saved_activation_bytes"]),
+                ratio(r["saved_activation_bytes_vs_full"]), mib(r["peak_memory_bytes"]),
+                ratio(r["peak_memory_bytes_vs_full"]), f"{r['step_time_s']:.3f}", f"{r['throughput']:.1f}",
+                ratio(r["step_time_s_vs_full"]),
+            ])  # fmt: skip
+        lines += md_table(["method", "accuracy %", "trainable", "saved MiB", "vs full", "peak MiB", "vs full",
+                           "step s", "ex/s", "step vs full"], table)  # fmt: skip
+        skipped = [s for s in data["skipped"] if s["backbone"] == bb]
+        if skipped:
+            lines += ["", "Not applicable: " + "; ".join(f"{s['method']} ({s['reason']})" for s in skipped)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbones", default="minilm,efficientnet_lite0,vit_b16,swin_t", help=f"of {list(BACKBONES)}")
+    ap.add_argument("--methods", default=",".join(VARIANTS), help=f"comma separated, of {list(VARIANTS)}")
+    ap.add_argument("--batch-size", type=int, help="override every backbone's batch")
+    ap.add_argument("--img-size", type=int, help="override the image side of image backbones")
+    ap.add_argument("--seq-len", type=int, help="override MiniLM's sequence length")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--run-missing", action="store_true", help="launch the missing accuracy runs first")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--name", default="compare", help="result file name under benchmarks/results/")
+    args = ap.parse_args()
+    backbones = [b for b in args.backbones.split(",") if b]
+    methods = [m for m in args.methods.split(",") if m]
+    for names, known in ((backbones, BACKBONES), (methods, VARIANTS)):
+        bad = [n for n in names if n not in known]
+        if bad:
+            ap.error(f"unknown {bad}; known: {list(known)}")
+    if "full" not in methods:
+        methods.insert(0, "full")  # the reference of every ratio
+    for b in backbones:
+        cfg = BACKBONES[b]
+        if args.batch_size:
+            cfg["batch"] = args.batch_size
+        if args.img_size and cfg["kind"] == "image":
+            cfg["img_size"] = args.img_size
+        if args.seq_len and cfg["kind"] == "text":
+            cfg["seq_len"] = args.seq_len
+    from s2a.train.config import TrainError
+
+    device = torch.device(args.device)
+    seeds = list(range(args.seeds))
+    t0 = time.time()
+    rows, details, skipped, finished = [], [], [], {}
+    for bb in backbones:
+        for label in methods:
+            print(f"[compare] {bb} {label}", flush=True)
+            try:
+                res = measure_one(bb, label, device, args.warmup, args.repeats)
+            except TrainError as exc:
+                reason = str(exc).split(" Methods that apply")[0].rstrip(".")
+                skipped.append({"backbone": bb, "method": label, "reason": reason})
+                continue
+            mean, std, n = accuracy_of(bb, label, seeds, args.run_missing)
+            res["row"]["accuracy"], res["row"]["accuracy_std"] = mean, std
+            finished[f"{bb}/{label}"] = n
+            rows.append({"backbone": bb, "method": label, **{f: res["row"].get(f) for f in FIELDS}})
+            details.append(res["detail"])
+    add_ratios(rows)
+    meta = metadata(repeats=f"{args.repeats} timed steps after {args.warmup} warm-up; accuracy over {args.seeds} seeds",
+                    runtime_s=time.time() - t0, device=str(device))  # fmt: skip
+    data = {"meta": meta, "backbones": {b: BACKBONES[b] for b in backbones}, "rows": rows,
+            "skipped": skipped, "seeds_finished": finished, "details": details}  # fmt: skip
+    md = to_markdown(data)
+    write_results(args.name, data, md)
+    plot(rows, RESULTS / f"{args.name}.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

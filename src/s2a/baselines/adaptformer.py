@@ -1,0 +1,102 @@
+"""AdaptFormer (Chen et al., 2022): a bottleneck adapter in parallel with each block's MLP.
+
+``MLP(x) + s * up(ReLU(down(x)))`` with ``down: D -> 64``, ``up: 64 -> D``, ``s = 0.1``
+(AdaptFormer's defaults); ``up`` starts at zero, so the model's output at initialisation is
+the frozen backbone's. The adapter reads the MLP's input: the pre-normalised tokens of pre-LN
+blocks (timm ViT / Swin, transformers ViT, Llama), the attention output of post-LN BERT and
+DistilBERT layers; its output joins the MLP's before the residual sum (BERT: before the
+output LayerNorm, by adding it to the residual input of ``BertOutput``, which is the same sum).
+
+The adapter is registered as a child ``adaptformer`` of the MLP module and the MLP's
+``forward`` is patched on the instance, so every backbone state-dict key is unchanged. The
+backbone is frozen; adapters and the classifier head train. CNNs have no MLP sub-layer:
+refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .registry import MethodContext, MethodResult, freeze, train_heads
+
+# family -> (path of the MLP inside a block, how it is called)
+#   "mlp":    forward(x) -> MLP(x); the adapter reads x
+#   "output": forward(hidden, input_tensor) -> LN(dense(hidden) + input_tensor) (BertOutput);
+#             the adapter reads input_tensor and is added to it
+MLP_PATHS: dict[str, tuple[str, str]] = {
+    "timm-vit": ("mlp", "mlp"),
+    "timm-swin": ("mlp", "mlp"),
+    "hf-vit": ("mlp", "mlp"),
+    "hf-llama": ("mlp", "mlp"),
+    "hf-distilbert": ("ffn", "mlp"),
+    "hf-bert": ("output", "output"),
+}
+ADAPTER_ATTR = "adaptformer"
+
+
+def supports_adaptformer(info: Any) -> str | None:
+    if info.family in MLP_PATHS:
+        return None
+    return (f"AdaptFormer puts an adapter beside the MLP of transformer blocks "
+            f"({', '.join(MLP_PATHS)}); this model has no such MLP sub-layer")
+
+
+class ParallelAdapter(nn.Module):
+    """``scale * up(ReLU(down(x)))``, ``up`` zero-initialised."""
+
+    def __init__(self, dim: int, bottleneck: int = 64, scale: float = 0.1) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.act = nn.ReLU()
+        self.up = nn.Linear(bottleneck, dim)
+        self.scale = scale
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(x))) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+def _mlp_forward(original, adapter: ParallelAdapter, x: torch.Tensor, *args: Any, **kwargs: Any):
+    return original(x, *args, **kwargs) + adapter(x)
+
+
+def _output_forward(original, adapter: ParallelAdapter, hidden: torch.Tensor, input_tensor: torch.Tensor):
+    return original(hidden, input_tensor + adapter(input_tensor))
+
+
+def add_adapters(model: nn.Module, info: Any, bottleneck: int = 64, scale: float = 0.1) -> list[str]:
+    """Insert one :class:`ParallelAdapter` per block (in place); returns the MLP paths."""
+    sub, call = MLP_PATHS[info.family]
+    ref = next(model.parameters())
+    paths = []
+    for block in info.blocks:
+        path = f"{block.name}.{sub}"
+        mlp = model.get_submodule(path)
+        adapter = ParallelAdapter(block.in_dim, bottleneck, scale).to(ref.device)
+        mlp.add_module(ADAPTER_ATTR, adapter)
+        fwd = _mlp_forward if call == "mlp" else _output_forward
+        mlp.forward = functools.partial(fwd, mlp.forward, adapter)
+        paths.append(path)
+    return paths
+
+
+def apply_adaptformer(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    info = ctx.info(model)
+    freeze(model)
+    paths = add_adapters(model, info)
+    heads = train_heads(model, ctx.head_names, ctx.method)
+    return MethodResult(model, [
+        f"AdaptFormer: parallel adapters (bottleneck 64, scale 0.1) beside {len(paths)} MLPs "
+        f"and the head {heads} train"
+    ])

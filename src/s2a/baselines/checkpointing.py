@@ -1,0 +1,61 @@
+"""Activation checkpointing of every block: ``full-ckpt`` and ``lora-ckpt``.
+
+Each backbone block's ``forward`` (the blocks of :func:`s2a.models.describe_backbone`) runs
+under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` while gradients are
+enabled: only the block's inputs are kept and its inside is recomputed in the backward pass
+(RNG state preserved, so dropout draws the same masks and the gradients equal those without
+checkpointing). Under ``no_grad`` (evaluation) the block runs directly. The patch is an
+instance attribute, so parameters and state-dict keys are unchanged.
+
+Applied after the method that chooses what trains (full fine-tuning, or peft LoRA: the peft
+layers live inside the blocks, whose module objects peft keeps).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .registry import MethodContext, MethodResult
+
+CKPT_FLAG = "_s2a_checkpointed"
+
+
+def _checkpointed(original, *args: Any, **kwargs: Any) -> Any:
+    if torch.is_grad_enabled():
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+    return original(*args, **kwargs)
+
+
+def checkpoint_blocks(blocks: list[nn.Module]) -> int:
+    """Wrap each block's forward in activation checkpointing (in place); returns the count."""
+    for block in blocks:
+        if getattr(block, CKPT_FLAG, False):
+            continue
+        block.forward = functools.partial(_checkpointed, block.forward)
+        setattr(block, CKPT_FLAG, True)
+    return len(blocks)
+
+
+def apply_full_ckpt(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    from .simple import apply_full
+
+    blocks = [b.module for b in ctx.info(model).blocks]
+    result = apply_full(model, ctx)
+    n = checkpoint_blocks(blocks)
+    result.notes.append(f"activation checkpointing of {n} blocks (torch.utils.checkpoint, non-reentrant)")
+    return result
+
+
+def apply_lora_ckpt(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    from .peft_methods import apply_lora
+
+    blocks = [b.module for b in ctx.info(model).blocks]  # before peft wraps the model
+    result = apply_lora(model, ctx)
+    n = checkpoint_blocks(blocks)
+    result.notes.append(f"activation checkpointing of {n} blocks (torch.utils.checkpoint, non-reentrant)")
+    return result

@@ -1,0 +1,153 @@
+"""Ladder Side-Tuning (Sung et al., 2022): a thin transformer beside a frozen, grad-free backbone.
+
+The backbone runs under ``torch.no_grad()`` (it keeps nothing for backward). Each block's
+output ``h_i`` is shrunk by a LEARNED linear down-projection ``D_i -> w`` (``w = D / r``,
+``r = 8`` as in LST) and merged into the side state through a gate,
+``s = mu_i * down_i(h_i) + (1 - mu_i) * s`` with ``mu_i = sigmoid(alpha_i / T)``, ``alpha_i = 0``,
+``T = 0.1``; one pre-norm transformer layer of width ``w`` (heads of 32 channels, feed-forward
+``4 w``, no dropout) follows every rung. The side state is read out like the backbone pools
+(first token for ``[CLS]``-pooled models, else the masked mean) and a fresh linear head
+(zero-initialised) makes the prediction: the backbone's own head is not used.
+Feature maps (CNNs, Swin) are averaged to a 2 x 2 grid of side tokens per block first.
+
+How this differs from S2A's ``side`` module (:mod:`s2a.tuners.side`), which is also a ladder:
+S2A shrinks the hidden states by PARAMETER-FREE channel average pooling (``D -> D/k``), so
+nothing of width ``D`` is stored for backward, and uses MLP side blocks. LST's learned
+down-projections must store every block's full-width hidden state (the input of a trainable
+Linear), which is what this baseline measures. LST also initialises its side network from the
+pruned backbone; here it starts randomly (no pruning), a simplification.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .registry import MethodContext, MethodNotApplicable, MethodResult, freeze
+
+REDUCTION = 8
+GRID = 2
+TEMPERATURE = 0.1
+LST_ATTR = "lst_side"
+
+
+class LadderSideNetwork(nn.Module):
+    """Down-projections, gates, side transformer layers and head (see the module docstring)."""
+
+    def __init__(self, dims: list[int], num_classes: int, readout: str = "mean",
+                 reduction: int = REDUCTION) -> None:
+        super().__init__()
+        width = max(8, math.ceil(dims[-1] / reduction))
+        heads = max(1, width // 32)
+        width = math.ceil(width / heads) * heads
+        self.width, self.readout = width, readout
+        self.down = nn.ModuleList(nn.Linear(d, width) for d in dims)
+        self.alpha = nn.Parameter(torch.zeros(len(dims)))
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in dims
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, hiddens: list[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+        pad = None if mask is None else ~mask.to(torch.bool)
+        state = None
+        for i, h in enumerate(hiddens):
+            x = self.down[i](h)
+            if state is None:
+                state = x
+            else:
+                mu = torch.sigmoid(self.alpha[i] / TEMPERATURE)
+                state = mu * x + (1 - mu) * state
+            keep = pad if pad is not None and pad.shape[1] == state.shape[1] else None
+            state = self.layers[i](state, src_key_padding_mask=keep)
+        state = self.norm(state)
+        if self.readout == "first":
+            pooled = state[:, 0]
+        elif mask is not None and mask.shape[1] == state.shape[1]:
+            m = mask.to(state.dtype).unsqueeze(-1)
+            pooled = (state * m).sum(1) / m.sum(1).clamp_min(1.0)
+        else:
+            pooled = state.mean(1)
+        return self.head(pooled)
+
+
+def _as_tokens(hidden: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "nhwc":
+        hidden = hidden.permute(0, 3, 1, 2)
+    if layout in ("nchw", "nhwc"):
+        return F.adaptive_avg_pool2d(hidden, GRID).flatten(2).transpose(1, 2)
+    return hidden
+
+
+def _set_logits(output: Any, logits: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return logits
+    if isinstance(output, dict) or hasattr(output, "logits"):
+        output["logits"] = logits  # a loss from labels= would still be the unused head's
+        return output
+    if isinstance(output, tuple):
+        return (logits, *output[1:])
+    raise TypeError(f"LST: cannot place logits in a model output of type {type(output).__name__}")
+
+
+def _keep_running_stats(module: nn.Module, args: tuple) -> None:
+    module.training = False
+
+
+def attach_lst(model: nn.Module, info: Any, num_classes: int) -> LadderSideNetwork:
+    """Attach the side network as ``model.lst_side`` and patch ``model.forward`` (in place)."""
+    layouts = [b.layout for b in info.blocks]
+    dims = [b.out_dim for b in info.blocks]
+    readout = "first" if info.pooling == "cls" and all(lay == "tokens" for lay in layouts) else "mean"
+    ref = next(model.parameters())
+    side = LadderSideNetwork(dims, num_classes, readout).to(ref.device)
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(index: int, _module: nn.Module, _args: Any, output: Any) -> None:
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        captured[index] = _as_tokens(hidden.detach(), layouts[index]).float().contiguous()
+
+    for i, block in enumerate(info.blocks):
+        model.get_submodule(block.name).register_forward_hook(functools.partial(capture, i))
+    for m in model.modules():  # the frozen backbone keeps its BatchNorm statistics
+        if isinstance(m, _BatchNorm):
+            m.register_forward_pre_hook(_keep_running_stats)
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        captured.clear()
+        with torch.no_grad():
+            output = original(*args, **kwargs)
+        hiddens = [captured.pop(i) for i in range(len(dims))]
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        return _set_logits(output, side(hiddens, mask))
+
+    model.add_module(LST_ATTR, side)
+    model.forward = forward
+    return side
+
+
+def apply_lst(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    info = ctx.info(model)
+    if info.num_classes is None:
+        raise MethodNotApplicable(f"--method lst: {type(model).__name__} has no classifier to take the class count from")
+    freeze(model)
+    side = attach_lst(model, info, info.num_classes)
+    n = sum(p.numel() for p in side.parameters())
+    return MethodResult(model, [
+        f"Ladder Side-Tuning: side network of width {side.width} over {len(info.blocks)} blocks "
+        f"({n:,} parameters) trains; backbone and its head frozen and run without gradients"
+    ])

@@ -1,0 +1,154 @@
+"""LoRA, IA3 and prompt tuning through Hugging Face ``peft`` itself (not re-implemented).
+
+``peft.get_peft_model`` wraps the model; the wrapper is what trains (its parameter names gain
+peft's ``base_model.model.`` prefix, which the trainer's checkpoints simply record). Target
+modules come from the model family found by :func:`s2a.models.describe_backbone`
+(:data:`TARGETS`); the classifier head is a peft ``modules_to_save`` module (a trainable copy
+beside the frozen original). Transformers sequence classifiers use
+``task_type="SEQ_CLS"`` (peft's ``PeftModelForSequenceClassification``); timm models, which
+peft treats as custom models, a plain ``PeftModel``.
+
+* ``lora``: ``LoraConfig(r=8, lora_alpha=16, lora_dropout=0)`` on the attention projections
+  (query and value for transformers, timm's fused ``qkv``) or, for EfficientNet, on the 1x1
+  convolutions of every block. ``B`` starts at zero: output at initialisation = backbone.
+  No LoRA dropout: a dropout mask would be stored per adapted layer, unlike the other methods.
+* ``ia3``: ``IA3Config`` scaling keys, values and the second MLP layer's input (peft's own
+  choice for BERT); EfficientNet: the 1x1 convolutions. Scales start at one: output unchanged.
+* ``prompt-tuning``: ``PromptTuningConfig(num_virtual_tokens=20)`` prepended to the input
+  embeddings of transformers text classifiers (initialised by sampling vocabulary embeddings);
+  image models and timm models are refused.
+* ``s2a-lora``: ``lora`` plus :func:`s2a.compress_activations` at ``act_bits`` (default 4):
+  S2A's activation storage on top of peft LoRA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .registry import MethodContext, MethodNotApplicable, MethodResult
+
+LORA_RANK = 8
+LORA_ALPHA = 16
+PROMPT_TOKENS = 20
+
+# family -> (LoRA targets, IA3 targets, IA3 feed-forward targets); names match module-name
+# suffixes the peft way
+TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
+    "timm-vit": (["qkv"], ["qkv", "mlp.fc2"], ["mlp.fc2"]),
+    "timm-swin": (["qkv"], ["qkv", "mlp.fc2"], ["mlp.fc2"]),
+    "timm-efficientnet": (["conv_pw", "conv_pwl"], ["conv_pw", "conv_pwl"], ["conv_pwl"]),
+    "hf-bert": (["query", "value"], ["key", "value", "output.dense"], ["output.dense"]),
+    "hf-distilbert": (["q_lin", "v_lin"], ["k_lin", "v_lin", "ffn.lin2"], ["ffn.lin2"]),
+    # transformers < 5 names the ViT projections query/key/value, >= 5 q_proj/k_proj/v_proj
+    "hf-vit": (["query", "value", "q_proj", "v_proj"], ["key", "value", "k_proj", "v_proj", "mlp.fc2"], ["mlp.fc2"]),
+    "hf-llama": (["q_proj", "v_proj"], ["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+}
+TEXT_FAMILIES = ("hf-bert", "hf-distilbert", "hf-llama")
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise MethodNotApplicable(
+            "LoRA, IA3 and prompt tuning use Hugging Face peft; install it with: pip install peft"
+        ) from None
+    return peft
+
+
+def supports_targets(info: Any) -> str | None:
+    if info.family in TARGETS:
+        return None
+    return f"no LoRA / IA3 target modules are known for this family (known: {', '.join(TARGETS)})"
+
+
+def supports_prompt_tuning(info: Any) -> str | None:
+    if info.family in TEXT_FAMILIES:
+        return None
+    return (f"peft prompt tuning prepends virtual tokens to the input embeddings of transformers "
+            f"text models ({', '.join(TEXT_FAMILIES)})")
+
+
+def _is_seq_cls(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.") and type(model).__name__.endswith(
+        "ForSequenceClassification")
+
+
+def _wrap(model: nn.Module, config: Any) -> nn.Module:
+    peft = _peft()
+    try:
+        return peft.get_peft_model(model, config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise MethodNotApplicable(f"peft cannot wrap {type(model).__name__}: {exc}") from None
+
+
+def _count(model: nn.Module) -> str:
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{n:,} trainable parameters"
+
+
+def apply_lora(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    peft = _peft()
+    info = ctx.info(model)
+    targets = TARGETS[info.family][0]
+    cfg = peft.LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets,
+        modules_to_save=list(ctx.head_names), task_type="SEQ_CLS" if _is_seq_cls(model) else None,
+    )
+    wrapped = _wrap(model, cfg)
+    return MethodResult(wrapped, [
+        f"peft LoRA r={LORA_RANK} alpha={LORA_ALPHA} on {targets}, head {list(ctx.head_names)} "
+        f"as modules_to_save ({_count(wrapped)})"
+    ])
+
+
+def apply_ia3(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    peft = _peft()
+    info = ctx.info(model)
+    _, targets, feedforward = TARGETS[info.family]
+    cfg = peft.IA3Config(
+        target_modules=targets, feedforward_modules=feedforward, modules_to_save=list(ctx.head_names),
+        task_type="SEQ_CLS" if _is_seq_cls(model) else None,
+    )
+    wrapped = _wrap(model, cfg)
+    return MethodResult(wrapped, [
+        f"peft IA3 on {targets} (feed-forward {feedforward}), head {list(ctx.head_names)} "
+        f"as modules_to_save ({_count(wrapped)})"
+    ])
+
+
+def apply_prompt_tuning(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    peft = _peft()
+    if not _is_seq_cls(model):
+        raise MethodNotApplicable(
+            f"--method prompt-tuning needs a transformers *ForSequenceClassification model, "
+            f"got {type(model).__name__}"
+        )
+    info = ctx.info(model)
+    hf = model.config
+    heads = getattr(hf, "num_attention_heads", None) or getattr(hf, "n_heads", None)
+    cfg = peft.PromptTuningConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=PROMPT_TOKENS,
+        # given explicitly: peft reads them from config names that not every family uses
+        token_dim=model.get_input_embeddings().embedding_dim, num_layers=len(info.blocks),
+        num_attention_heads=heads, num_transformer_submodules=1,
+        prompt_tuning_init=peft.PromptTuningInit.SAMPLE_VOCAB, modules_to_save=list(ctx.head_names),
+    )
+    wrapped = _wrap(model, cfg)
+    return MethodResult(wrapped, [
+        f"peft prompt tuning: {PROMPT_TOKENS} virtual tokens (sampled from the vocabulary), "
+        f"head {list(ctx.head_names)} as modules_to_save ({_count(wrapped)})"
+    ])
+
+
+def apply_s2a_lora(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    from s2a import compress_activations
+
+    result = apply_lora(model, ctx)
+    bits = ctx.act_bits
+    if bits:
+        compress_activations(result.model, bits=bits)
+        result.notes.append(f"activations stored at {bits} bits (s2a.compress_activations on the peft model)")
+    return result

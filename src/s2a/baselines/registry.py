@@ -1,0 +1,163 @@
+"""The method registry: ``--method`` name -> description, apply function, storage rule.
+
+Every fine-tuning method of ``s2a train`` (and of ``benchmarks/compare.py``) is one
+:class:`MethodSpec` in :data:`METHOD_SPECS`. :func:`apply_spec` is the only way in: it runs the
+method's apply function, turns "this method does not fit this model" into
+:class:`MethodNotApplicable` naming the method, the model family and the methods that do fit,
+and applies the optional extra activation compression (``act_bits``) uniformly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = [
+    "METHOD_SPECS",
+    "MethodContext",
+    "MethodNotApplicable",
+    "MethodResult",
+    "MethodSpec",
+    "apply_spec",
+    "backbone_info",
+    "register_method",
+]
+
+# How a method treats ``act_bits`` (--act-bits):
+#   "optional": None = native storage; a width compresses every operator on top of the method
+#   "default":  the method compresses itself, 4 bits unless --act-bits says otherwise (0 = off)
+#   "fixed":    the method *is* a storage configuration (mesa8, fewbit2); --act-bits is refused
+#   "never":    activation checkpointing recomputes instead of storing; --act-bits is refused
+STORAGE_RULES = ("optional", "default", "fixed", "never")
+
+
+class MethodNotApplicable(ValueError):
+    """A method that does not fit a model (VPT on a CNN, prompt tuning on an image model...).
+
+    The message names the method, the model family and the methods that do apply."""
+
+
+@dataclass
+class MethodResult:
+    """What a method did: the model to train (possibly a wrapper, e.g. a peft model), notes
+    for the run's report, and the S2A configuration when ``s2a.apply`` was used."""
+
+    model: nn.Module
+    notes: list[str] = field(default_factory=list)
+    s2a_config: dict[str, Any] | None = None
+
+
+@dataclass
+class MethodContext:
+    """Everything an apply function may use besides the model.
+
+    ``head_names``: module paths of the classifier head (kept trainable); ``modules``:
+    S2A modules (``s2a`` only); ``act_bits``: storage width or None; ``example_input``: one
+    preprocessed batch for dry runs (None: the adapter's default input)."""
+
+    method: str
+    head_names: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ("bias", "prompt")
+    act_bits: int | None = None
+    example_input: Any = None
+    _info: Any = field(default=None, repr=False)
+
+    def info(self, model: nn.Module) -> Any:
+        """:func:`backbone_info` of ``model``, computed once per context."""
+        if self._info is None:
+            self._info = backbone_info(model, self.example_input)
+        return self._info
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method: ``apply(model, ctx) -> MethodResult``; ``supports(info) -> None or the reason
+    it does not fit`` (None for methods that fit any model); ``storage``: see STORAGE_RULES."""
+
+    name: str
+    description: str
+    apply: Callable[[nn.Module, MethodContext], MethodResult]
+    supports: Callable[[Any], str | None] | None = None
+    storage: str = "optional"
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    if spec.storage not in STORAGE_RULES:
+        raise ValueError(f"{spec.name}: storage {spec.storage!r} not in {STORAGE_RULES}")
+    METHOD_SPECS[spec.name] = spec
+    return spec
+
+
+def backbone_info(model: nn.Module, example_input: Any = None) -> Any:
+    """:func:`s2a.models.describe_backbone` with the error turned into MethodNotApplicable."""
+    from s2a.models import UnsupportedModelError, describe_backbone
+
+    try:
+        return describe_backbone(model, example_input)
+    except UnsupportedModelError as exc:
+        raise MethodNotApplicable(str(exc)) from None
+
+
+def applicable_methods(info: Any) -> list[str]:
+    """Names of the registered methods whose ``supports`` accepts ``info``."""
+    return [n for n, s in METHOD_SPECS.items() if s.supports is None or s.supports(info) is None]
+
+
+def not_applicable(method: str, info: Any, reason: str) -> MethodNotApplicable:
+    return MethodNotApplicable(
+        f"--method {method} does not apply to {info.model_class} (model family {info.family}): "
+        f"{reason}. Methods that apply to it: {', '.join(applicable_methods(info))}"
+    )
+
+
+def apply_spec(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    """Configure ``model`` for ``ctx.method`` (in place where possible); see the module doc."""
+    spec = METHOD_SPECS.get(ctx.method)
+    if spec is None:
+        raise MethodNotApplicable(f"unknown method {ctx.method!r}; choose one of {list(METHOD_SPECS)}")
+    if spec.storage in ("fixed", "never") and ctx.act_bits:
+        why = "it fixes its own activation storage" if spec.storage == "fixed" else (
+            "activation checkpointing recomputes activations instead of storing them")
+        raise MethodNotApplicable(f"--method {ctx.method} takes no --act-bits: {why}")
+    if spec.supports is not None:
+        info = ctx.info(model)
+        reason = spec.supports(info)
+        if reason is not None:
+            raise not_applicable(ctx.method, info, reason)
+    result = spec.apply(model, ctx)
+    if spec.storage == "optional" and ctx.act_bits:
+        from s2a import compress_activations
+
+        try:
+            compress_activations(result.model, bits=ctx.act_bits)
+        except (ValueError, TypeError) as exc:
+            raise MethodNotApplicable(f"--act-bits {ctx.act_bits}: {exc}") from None
+        result.notes.append(f"activations stored at {ctx.act_bits} bits (s2a.compress_activations)")
+    return result
+
+
+# ---------------------------------------------------------------------------- shared helpers
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def train_heads(model: nn.Module, head_names: tuple[str, ...], method: str) -> list[str]:
+    """Make the classifier head(s) trainable; returns the names found (error if none)."""
+    modules = dict(model.named_modules())
+    found = [n for n in head_names if n in modules]
+    if not found:
+        raise MethodNotApplicable(
+            f"--method {method}: cannot find the classifier head of {type(model).__name__} "
+            f"(looked for {list(head_names)})"
+        )
+    for n in found:
+        for p in modules[n].parameters():
+            p.requires_grad_(True)
+    return found

@@ -1,0 +1,130 @@
+"""Every method on tiny real-architecture models: what trains, the output at initialisation, and
+what one optimizer step changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from util import HEADS, call, output, prepared, step, trainable
+
+from s2a.baselines import METHOD_SPECS
+from s2a.train.config import METHODS, TrainConfig, TrainError, default_lr
+
+
+def _head(name: str, family: str) -> bool:
+    return any(f".{h}." in f".{name}" for h in HEADS[family])
+
+
+# method -> predicate on a trainable parameter name (beyond the head unless said otherwise)
+DECLARED = {
+    "full": lambda n, f: True,
+    "full-ckpt": lambda n, f: True,
+    "mesa8": lambda n, f: True,
+    "fewbit2": lambda n, f: True,
+    "linear": lambda n, f: _head(n, f),
+    "bitfit": lambda n, f: n.endswith(".bias") or _head(n, f),
+    "vpt": lambda n, f: n == "vpt_prompts.prompts" or _head(n, f),
+    "adaptformer": lambda n, f: ".adaptformer." in n or _head(n, f),
+    "lst": lambda n, f: n.startswith("lst_side."),
+    "lora": lambda n, f: ".lora_" in n or ".modules_to_save." in n,
+    "lora-ckpt": lambda n, f: ".lora_" in n or ".modules_to_save." in n,
+    "s2a-lora": lambda n, f: ".lora_" in n or ".modules_to_save." in n,
+    "ia3": lambda n, f: ".ia3_l." in n or ".modules_to_save." in n,
+    "prompt-tuning": lambda n, f: "prompt_encoder" in n or ".modules_to_save." in n,
+}
+# zero-initialised methods and storage configurations: the output at initialisation is the backbone's
+SAME_OUTPUT = {"full", "full-ckpt", "mesa8", "fewbit2", "linear", "bitfit", "adaptformer", "lora",
+               "lora-ckpt", "ia3", "s2a-lora"}
+CASES = [("vit", m) for m in DECLARED if m != "prompt-tuning"] + [
+    ("bert_cls", m) for m in ("bitfit", "vpt", "adaptformer", "lst", "lora", "ia3", "prompt-tuning")
+] + [("efficientnet", m) for m in ("bitfit", "lora", "ia3", "lst")] + [
+    ("swin", m) for m in ("adaptformer", "lora")
+] + [("distilbert_cls", m) for m in ("vpt", "adaptformer")]
+
+
+def test_registry_matches_the_cli_methods():
+    assert tuple(METHOD_SPECS) == METHODS
+    for m in METHODS:
+        assert METHOD_SPECS[m].description
+        assert default_lr(m, "text") > 0 and default_lr(m, "image") > 0
+
+
+@pytest.mark.parametrize(("family", "method"), CASES)
+def test_declared_parameters_train_and_change(family, method):
+    ref, res, batch = prepared(family, method, act_bits=4 if method == "s2a-lora" else None)
+    model = res.model
+    names = trainable(model)
+    assert names, method
+    declared = DECLARED[method]
+    assert all(declared(n, family) for n in names), sorted(n for n in names if not declared(n, family))[:5]
+    if method not in ("lst", "full", "full-ckpt", "mesa8", "fewbit2"):
+        assert any(_head(n, family) for n in names), "the classifier head must train"
+    model.eval()
+    with torch.no_grad():
+        out = output(call(model, batch))
+    if method in SAME_OUTPUT:
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 if method in ("mesa8", "fewbit2") else 1e-6)
+    else:
+        assert out.shape == ref.shape and not torch.allclose(out, ref)
+    changed = step(model, batch)
+    assert changed == names, (sorted(changed - names)[:5], sorted(names - changed)[:5])
+
+
+def test_vpt_respects_padding():
+    """A padded sentence gives the logits of the same sentence alone: the prompt columns join
+    the attention mask and the padded keys stay masked."""
+    _, res, batch = prepared("bert_cls", "vpt")
+    model = res.model.eval()
+    with torch.no_grad():
+        both = call(model, batch).logits
+        n = int(batch["attention_mask"][1].sum())
+        alone = call(model, {k: v[1:, :n] for k, v in batch.items()}).logits
+    torch.testing.assert_close(both[1:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_lst_backbone_keeps_nothing_for_backward():
+    _, res, batch = prepared("vit", "lst")
+    model = res.model.train()
+    out = call(model, batch)
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("lst_side."))
+    assert all(p.grad is not None for p in model.lst_side.parameters())
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "words"),
+    [
+        ("efficientnet", "vpt", ["vpt", "timm-efficientnet", "lora", "s2a"]),
+        ("efficientnet", "adaptformer", ["adaptformer", "timm-efficientnet", "bitfit"]),
+        ("vit", "prompt-tuning", ["prompt-tuning", "timm-vit", "adaptformer"]),
+        ("swin", "vpt", ["vpt", "timm-swin", "adaptformer"]),
+        ("resnet", "lora", ["lora", "timm-resnet", "bitfit"]),
+    ],
+)
+def test_unsupported_combinations_name_method_family_and_alternatives(family, method, words):
+    from tuner_zoo import build
+
+    from s2a.train.methods import apply_method
+
+    model, batch = build(family)
+    with pytest.raises(TrainError) as err:
+        apply_method(model, method, head_names=("head", "head.fc", "fc", "classifier"), example_input=batch)
+    msg = str(err.value)
+    assert "Methods that apply" in msg or method == "prompt-tuning"
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+@pytest.mark.parametrize("method", ["mesa8", "fewbit2", "full-ckpt", "lora-ckpt"])
+def test_fixed_storage_methods_refuse_act_bits(method, tmp_path):
+    with pytest.raises(TrainError, match=f"--method {method} takes no --act-bits"):
+        TrainConfig(model="m", data="d", out=str(tmp_path), method=method, act_bits=4)
+    cfg = TrainConfig(model="m", data="d", out=str(tmp_path), method=method)
+    assert cfg.resolved("text").compression_bits is None
+
+
+def test_s2a_lora_compresses_by_default(tmp_path):
+    cfg = TrainConfig(model="m", data="d", out=str(tmp_path), method="s2a-lora")
+    assert cfg.resolved("text").compression_bits == 4
+    cfg = TrainConfig(model="m", data="d", out=str(tmp_path), method="s2a-lora", act_bits=0)
+    assert cfg.resolved("text").compression_bits is None
