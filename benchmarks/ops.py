@@ -4,9 +4,11 @@ Part 1, operators: forward + backward of each ``s2a`` operator (4 bits) against 
 operator on ViT-B-like shapes, fp32, ``torch.set_num_threads(2)``. The native op, the s2a op
 with its default kernels (``torch.compile``d pointwise encode/decode, warmed up first) and the
 s2a op with ``S2A_COMPILE=0`` (eager kernels) run round-robin; each gets ``--warmup`` untimed
-rounds, then ``--repeats`` timed ones; medians are reported. Only the pointwise activations
-(GELU, SiLU, ReLU...) have compiled kernels (``s2a.activations.kernels``); the other operators
-are plain eager PyTorch either way, so their eager column is not measured separately.
+rounds, then ``--repeats`` timed ones; medians are reported. The pointwise activations (GELU,
+SiLU, ReLU...) have compiled encode/decode kernels (``s2a.activations.kernels``), the row-wise
+operators (softmax, attention, LayerNorm, BatchNorm) compiled row kernels
+(``s2a.activations.rowquant``); the eager column is measured for the pointwise ones only
+(``S2A_COMPILE=0`` gives the same bytes and gradients for all).
 
 Part 2, whole step: timm ``vit_small_patch16_224`` (random init, biases + head trainable,
 batch 32, 224 px, cross-entropy on random labels): forward + backward + AdamW step, native vs
@@ -15,6 +17,7 @@ as a reference; interleaved, median of ``--steps`` steps after warm-up.
 
     python benchmarks/ops.py            # full sizes
     python benchmarks/ops.py --quick    # small shapes, ViT-Ti batch 2 (smoke test)
+    python benchmarks/ops.py --ops softmax,layer_norm --skip-step   # a subset, no files written
 
 Writes ``benchmarks/results/ops.json`` and ``ops.md`` (``ops_quick.*`` with --quick).
 """
@@ -185,9 +188,12 @@ def make_runner(case: dict[str, Any], fn: Callable, compile_on: bool | None):
     return run, forward_only
 
 
-def bench_ops(quick: bool, repeats: int, warmup: int) -> list[dict[str, Any]]:
+def bench_ops(quick: bool, repeats: int, warmup: int,
+              only: set[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for case in op_cases(quick):
+        if only is not None and case["op"].split()[0] not in only:
+            continue
         native, native_fwd = make_runner(case, case["native"], None)
         comp, comp_fwd = make_runner(case, case["s2a"], True)
         fns = [native, comp]
@@ -295,7 +301,7 @@ def to_markdown(data: dict[str, Any]) -> str:
         rows.append([
             r["op"], fmt_shape(r["shape"]), r["note"], f"{r['native_ms']:.1f}",
             f"{r['s2a_ms']:.1f}", f"**{r['ratio']:.2f}x**", f"{r['cpu_ratio']:.2f}x",
-            f"{r['eager_ms']:.1f} ({r['eager_ratio']:.2f}x)" if "eager_ms" in r else "same path",
+            f"{r['eager_ms']:.1f} ({r['eager_ratio']:.2f}x)" if "eager_ms" in r else "not measured",
             f"{r['native_saved_bytes'] / 2**20:.1f} -> {r['s2a_saved_bytes'] / 2**20:.2f}",
             pass_fail(r["pass"]),
         ])
@@ -352,7 +358,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, help="timed rounds per operator (default 9; quick 3)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds (default 2)")
     ap.add_argument("--steps", type=int, help="timed ViT steps (default 7; quick 2)")
-    ap.add_argument("--skip-step", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ops", help="comma-separated operators to run (e.g. softmax,layer_norm); "
+                    "a subset run prints its table and writes no result files")
+    ap.add_argument("--skip-step", action="store_true",
+                    help="skip the ViT step (prints only, writes no result files)")
     args = ap.parse_args()
     repeats = args.repeats or (3 if args.quick else 9)
     steps = args.steps or (2 if args.quick else 7)
@@ -362,8 +371,17 @@ def main() -> None:
     meta = metadata(repeats=f"operators: median of {repeats} after {warmup} warm-up rounds; "
                             f"ViT step: median of {steps} after {warmup} warm-up steps")
     data: dict[str, Any] = {"meta": meta, "quick": args.quick, "bits": BITS}
-    data["ops"] = bench_ops(args.quick, repeats, warmup)
+    only = set(args.ops.split(",")) if args.ops else None
+    data["ops"] = bench_ops(args.quick, repeats, warmup, only)
+    if args.skip_step or only is not None:
+        for r in data["ops"]:
+            print(f"{r['op']:24s} cpu-time ratio {r['cpu_ratio']:.2f}x  saved "
+                  f"{r['native_saved_bytes']} -> {r['s2a_saved_bytes']} B")
+        if args.skip_step:
+            return
     data["step"] = bench_step(args.quick, steps, warmup)
+    if only is not None:
+        return
     meta["runtime_s"] = time.perf_counter() - t0
     meta["load_avg_at_end"] = os.getloadavg()
     name = "ops_quick" if args.quick else "ops"

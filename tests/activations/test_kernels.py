@@ -73,3 +73,120 @@ def test_norm_kernels_match_eager():
 def test_eager_switch(monkeypatch):
     monkeypatch.setenv("S2A_COMPILE", "0")
     assert not K.compile_enabled()
+
+
+# --- row-wise kernels (softmax probabilities, Q/K/V, BatchNorm / LayerNorm inputs) -------
+
+ROW_CASES = [
+    ("probs", 4, (6, 197)),  # odd row length: the planar layout crosses rows
+    ("probs", 2, (3, 5, 33)),
+    ("probs", 8, (4, 7)),
+    ("uniform", 8, (5, 64)),
+    ("uniform", 4, (2, 3, 65)),
+    ("normal", 4, (9, 50)),
+    ("normal", 2, (4, 31)),
+    ("normal", 3, (5, 19)),
+]
+
+
+def row_inputs(kind, shape, dtype):
+    x = torch.randn(shape) * 3
+    if kind == "probs":
+        x = torch.softmax(x, -1)
+    x = x.reshape(-1, shape[-1])
+    x[1] = 0.0  # a row of zeros
+    x[2, 3] = float("nan")
+    x[-1, 0] = float("inf")
+    return x.reshape(shape).to(dtype)
+
+
+def _row_eager(monkeypatch_env, fn, *args, **kwargs):
+    monkeypatch_env.setenv("S2A_COMPILE", "0")
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        monkeypatch_env.setenv("S2A_COMPILE", "1")
+
+
+@pytest.mark.parametrize(("kind", "bits", "shape"), ROW_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("keep_nan", [False, True])
+def test_row_kernels_match_eager(monkeypatch, kind, bits, shape, dtype, keep_nan):
+    from s2a.activations import rowquant as R
+
+    cb = R.row_codebook(kind, bits)
+    x = row_inputs(kind, shape, dtype)
+    packed, scale = R.quantize_rows(x, cb, keep_nan=keep_nan)
+    ref_packed, ref_scale = _row_eager(monkeypatch, R.quantize_rows, x, cb, keep_nan=keep_nan)
+    assert torch.equal(packed, ref_packed)
+    assert torch.equal(scale.isnan(), ref_scale.isnan())
+    assert torch.equal(scale.nan_to_num(), ref_scale.nan_to_num())
+    from s2a.activations.packing import packed_nbytes
+
+    assert packed.numel() == packed_nbytes(x.numel(), bits)
+    for renorm in (False, True) if kind == "probs" else (False,):
+        out = R.dequantize_rows(packed, scale, cb, x.shape, renorm=renorm)
+        ref = _row_eager(monkeypatch, R.dequantize_rows, packed, scale, cb, x.shape, renorm=renorm)
+        # the decode itself is exact; renormalisation sums in another order
+        torch.testing.assert_close(out, ref, equal_nan=True, rtol=0 if not renorm else 1e-6,
+                                   atol=0 if not renorm else 1e-7)
+    if kind == "probs":
+        g = torch.randn(shape).to(dtype)
+        dx = R.softmax_backward_rows(packed, scale, cb, g)
+        ref = _row_eager(monkeypatch, R.softmax_backward_rows, packed, scale, cb, g)
+        torch.testing.assert_close(dx, ref, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+def test_row_kernels_non_contiguous_and_empty(monkeypatch):
+    from s2a.activations import rowquant as R
+
+    cb = R.row_codebook("probs", 4)
+    x = torch.softmax(torch.randn(5, 37, 6) * 2, 1).transpose(1, 2)  # rows along dim 1
+    assert not x.is_contiguous()
+    packed, scale = R.quantize_rows(x, cb)
+    ref_packed, ref_scale = R.quantize_rows(x.contiguous(), cb)
+    assert torch.equal(packed, ref_packed) and torch.equal(scale, ref_scale)
+    eager = _row_eager(monkeypatch, R.quantize_rows, x, cb)
+    assert torch.equal(packed, eager[0])
+    for bits in (2, 4, 8):
+        cb = R.row_codebook("uniform", bits)
+        e = torch.empty(0, 16)
+        packed, scale = R.quantize_rows(e, cb)
+        assert packed.numel() == 0 and scale.shape == (0, 1)
+        assert R.dequantize_rows(packed, scale, cb, (0, 16)).shape == (0, 16)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("n", [1, 7, 1001])
+def test_pack_codes_match_packing(bits, n):
+    from s2a.activations import rowquant as R
+    from s2a.activations.packing import pack
+
+    codes = torch.randint(0, 1 << bits, (n,), dtype=torch.uint8)
+    packed = R.pack_codes(codes, bits)
+    assert torch.equal(packed, pack(codes, bits))
+    assert torch.equal(R.unpack_codes(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_norm_compiled_matches_eager(monkeypatch, training, dtype):
+    from s2a.activations import functional as S
+
+    x0 = (torch.randn(4, 6, 5, 7) * 2 + 0.5).to(dtype)
+    x0[1, 2, 0, 0] = float("nan")
+    g = torch.randn(x0.shape).to(dtype)
+
+    def run():
+        x = x0.clone().requires_grad_()
+        w = (1 + 0.1 * torch.randn(6, generator=torch.Generator().manual_seed(0))).requires_grad_()
+        b = torch.zeros(6, requires_grad=True)
+        rm, rv = torch.zeros(6), torch.ones(6)
+        y = S.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, bits=4)
+        y.backward(g)
+        return y, x.grad, w.grad, b.grad, rm, rv
+
+    got = run()
+    ref = _row_eager(monkeypatch, run)
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r, equal_nan=True, rtol=1e-5, atol=1e-5)

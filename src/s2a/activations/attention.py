@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .packing import check_bits
-from .rowquant import ROW_BITS, dequantize_rows, quantize_rows, row_codebook
+from .rowquant import ROW_BITS, dequantize_rows, quantize_rows, row_codebook, softmax_backward_rows
 
 SDPA_MODES = ("probs", "recompute")
 DEFAULT_MODE = "probs"
@@ -120,8 +120,13 @@ class _Softmax(torch.autograd.Function):
         packed, scale = ctx.saved_tensors
         dim, bits, shape, dtype = ctx.meta
         cdt = torch.promote_types(dtype, torch.float32)
-        y = _renormalize(dequantize_rows(packed, scale, row_codebook("probs", bits), shape, cdt))
-        dx = _softmax_bwd(grad.movedim(dim, -1).to(cdt), y)
+        cb = row_codebook("probs", bits)
+        g = grad.movedim(dim, -1)
+        if cdt == torch.float32:  # decode + renormalise + backward: one fused kernel
+            dx = softmax_backward_rows(packed, scale, cb, g)
+        else:
+            y = _renormalize(dequantize_rows(packed, scale, cb, shape, cdt))
+            dx = _softmax_bwd(g.to(cdt), y)
         return dx.movedim(-1, dim).to(dtype), None, None
 
 
@@ -291,7 +296,7 @@ class _SDPA(torch.autograd.Function):
                 q_c = qh[..., i0:i1, :]
                 if cfg.mode == "probs":
                     rows_shape = (*p_batch, i1 - i0, S)
-                    p = _renormalize(dequantize_rows(p_packed[n], p_scales[n], cb_p, rows_shape, cdt))
+                    p = dequantize_rows(p_packed[n], p_scales[n], cb_p, rows_shape, cdt, renorm=True)
                 else:
                     p = _attn_probs(q_c * cfg.scale, kT, _rows(mask, i0, i1), cfg, i0, S)
                 g_c = g[..., i0:i1, :]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from . import rowquant as RQ
 from .codebooks import SMOOTH_FUNCTIONS, get_codebook
 from .packing import check_bits, pack, unpack
 from .rowquant import ROW_BITS, dequantize_rows, quantize_rows, row_codebook
@@ -210,6 +211,47 @@ def rms_norm(x, normalized_shape, weight=None, eps: float | None = None, bits: i
     return _LayerNorm.apply(x, weight, None, eps, nd, True, bits)
 
 
+def _bn_forward_body(x, mean, rstd, w, b, mids, *, bits: int, rule: str, quant: bool,
+                     has_w: bool, has_b: bool):
+    """(y, codes of x̂ per (sample, channel) row, row max |x̂|): one pass when compiled."""
+    # Shapes built with -1, not x.shape[1]: reading the channel count would make dynamo
+    # specialise on it and recompile for every layer width.
+    bshape = (1, -1) + (1,) * (x.dim() - 2)
+    xhat = (x.float() - mean.view(bshape)) * rstd.view(bshape)
+    y = xhat
+    if has_w:
+        y = y * w.float().view(bshape)
+    if has_b:
+        y = y + b.float().view(bshape)
+    y = y.to(x.dtype)
+    if not quant:
+        return y, None, None
+    rows = xhat.flatten(0, 1).flatten(1) if x.dim() > 2 else xhat.reshape(-1, 1)
+    scale, finite, safe = RQ._scale_of(rows, True)
+    return y, RQ._encode_codes(rows, finite, safe, mids, bits, rule, True), scale
+
+
+def _bn_backward_body(codes, scale, levels, g, rstd, w, *, bits: int, rule: str,
+                      batch_stats: bool, need_x: bool, need_w: bool, need_b: bool, has_w: bool):
+    """(grad x float32, grad weight, grad bias) from the stored x̂ codes: decode fused
+    into the two passes of the BatchNorm backward when compiled."""
+    bshape = (1, -1) + (1,) * (g.dim() - 2)
+    dims = [0, *range(2, g.dim())]
+    gf = g.float()
+    xhat = RQ._decode_codes(codes, scale, levels, bits, rule, True).view(g.shape)
+    gb = gf.sum(dims) if need_b else None
+    gw = (gf * xhat).sum(dims) if need_w else None
+    gx = None
+    if need_x:
+        wg = gf * w.float().view(bshape) if has_w else gf
+        if batch_stats:
+            proj = (wg * xhat).mean(dims, keepdim=True)
+            gx = rstd.view(bshape) * (wg - wg.mean(dims, keepdim=True) - xhat * proj)
+        else:
+            gx = rstd.view(bshape) * wg
+    return gx, gw, gb
+
+
 class _BatchNorm(torch.autograd.Function):
     """BatchNorm over dim 1; train mode stores x̂ (per (sample, channel) row scale),
     eval mode with a frozen weight stores nothing but 1/σ per channel."""
@@ -218,47 +260,55 @@ class _BatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mean, rstd, batch_stats: bool, bits: int):
         c = x.shape[1]
         bshape = [1, c] + [1] * (x.dim() - 2)
-        xf = x.float()
-        xhat = (xf - mean.view(bshape)) * rstd.view(bshape)
-        y = xhat
-        if weight is not None:
-            y = y * weight.float().view(bshape)
-        if bias is not None:
-            y = y + bias.float().view(bshape)
         keep_xhat = batch_stats or (weight is not None and weight.requires_grad)
-        rows = xhat.reshape(x.shape[0] * c, -1) if x.numel() else xhat.reshape(0, 1)
-        if (keep_xhat and ctx.needs_input_grad[0]) or (weight is not None and weight.requires_grad):
-            # One scale per (sample, channel) plane: BN's channels are its rows.
-            packed, scale = quantize_rows(rows, row_codebook(NORM_CODEBOOK, bits))
+        quant = (keep_xhat and ctx.needs_input_grad[0]) or (
+            weight is not None and weight.requires_grad)
+        cb = row_codebook(NORM_CODEBOOK, bits)
+        _, mids = cb.tensors(x.device)
+        # (parameters go in detached: dynamo gives nn.Parameter inputs static shapes,
+        # which would pin the channel count and recompile for every layer width)
+        y, codes, scale = RQ.run_fused(
+            _bn_forward_body, x, mean, rstd, (weight if weight is not None else mean).detach(),
+            (bias if bias is not None else mean).detach(), mids, bits=bits, rule=cb.rule, quant=quant,
+            has_w=weight is not None, has_b=bias is not None)
+        rows_shape = (x.shape[0] * c, x.numel() // max(x.shape[0] * c, 1))
+        if quant:  # one scale per (sample, channel) plane: BN's channels are its rows
+            _, scale = RQ._safe_scale(scale)
+            packed = RQ.pack_codes(codes, bits)
         else:
             packed, scale = x.new_zeros(0, dtype=torch.uint8), x.new_zeros(0)
         ctx.save_for_backward(packed, scale, rstd, weight, bias)
-        ctx.meta = (rows.shape, x.shape, bshape, batch_stats, bits, x.dtype)
-        return y.to(x.dtype)
+        ctx.meta = (rows_shape, x.shape, bshape, batch_stats, bits, x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, g):
         packed, scale, rstd, weight, bias = ctx.saved_tensors
-        rows_shape, shape, bshape, batch_stats, bits, in_dtype = ctx.meta
-        gf = g.float()
-        dims = [0, *range(2, gf.dim())]
-        gx = gw = gb = None
-        if bias is not None and bias.requires_grad:
-            gb = gf.sum(dims).to(bias.dtype)
-        xhat = None
+        rows_shape, _, bshape, batch_stats, bits, in_dtype = ctx.meta
+        need_w = weight is not None and weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        need_x = ctx.needs_input_grad[0]
         if packed.numel():
             cb = row_codebook(NORM_CODEBOOK, bits)
-            xhat = dequantize_rows(packed, scale, cb, rows_shape).view(shape)
-            if weight is not None and weight.requires_grad:
-                gw = (gf * xhat).sum(dims).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            wg = gf * (weight.float().view(bshape) if weight is not None else 1.0)
-            if batch_stats:
-                proj = (wg * xhat).mean(dims, keepdim=True)
-                gx = rstd.view(bshape) * (wg - wg.mean(dims, keepdim=True) - xhat * proj)
-            else:
-                gx = rstd.view(bshape) * wg
-            gx = gx.to(in_dtype)
+            levels, _ = cb.tensors(g.device)
+            codes = RQ.unpack_codes(packed, bits, math.prod(rows_shape)).view(rows_shape)
+            gx, gw, gb = RQ.run_fused(
+                _bn_backward_body, codes, scale, levels, g, rstd,
+                (weight if weight is not None else rstd).detach(), bits=bits, rule=cb.rule,
+                batch_stats=batch_stats, need_x=need_x, need_w=need_w, need_b=need_b,
+                has_w=weight is not None)
+        else:  # eval mode, frozen weight: grad x = rstd * w * g, nothing stored
+            gf = g.float()
+            dims = [0, *range(2, gf.dim())]
+            gw = None
+            gb = gf.sum(dims) if need_b else None
+            gx = None
+            if need_x:
+                gx = rstd.view(bshape) * (gf * weight.float().view(bshape) if weight is not None
+                                          else gf)
+        gx = gx.to(in_dtype) if gx is not None else None
+        gw = gw.to(weight.dtype) if gw is not None else None
+        gb = gb.to(bias.dtype) if gb is not None else None
         return gx, gw, gb, None, None, None, None
 
 

@@ -117,10 +117,32 @@ def compile_enabled() -> bool:
     return os.environ.get("S2A_COMPILE", "1") != "0"
 
 
-def _own_code(fn: Callable) -> Callable:
-    # Dynamo caches compiled graphs per code object; a private copy per variant keeps
-    # the variants (bit width, dtype) from sharing one recompile budget.
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+def _bind_static(fn: Callable, args: tuple) -> Callable:
+    """``fn`` with its non-tensor arguments frozen: returns ``g(*tensors)``.
+
+    The frozen values are constants of the traced graph. Ints travel as strings:
+    dynamo turns an int it reads (argument or closure) into a symbol under
+    ``dynamic=True``, which blocks constant folding (shifts, masks, bit widths) and
+    vectorisation. Each bound function gets a private code object: dynamo caches
+    compiled graphs per code object, so variants do not share one recompile budget.
+    """
+    layout = tuple(
+        None if isinstance(a, torch.Tensor) else (str(a), True) if type(a) is int else (a, False)
+        for a in args
+    )
+
+    def bound(*tensors):
+        full, k = [], 0
+        for item in layout:
+            if item is None:
+                full.append(tensors[k])
+                k += 1
+            else:
+                full.append(int(item[0]) if item[1] else item[0])
+        return fn(*full)
+
+    return types.FunctionType(bound.__code__.replace(), bound.__globals__, fn.__name__, None,
+                              bound.__closure__)
 
 
 # Below this many elements the fixed cost of a compiled call (guards, wrappers)
@@ -129,16 +151,18 @@ SMALL = 1 << 16
 
 
 def _run(name: str, eager: Callable, *args):
-    # One compiled variant per static configuration; floats travel as 0-d tensors
-    # (a Python float would be baked into the graph and recompiled per value).
-    name = f"{name}/{args[0].dtype}/{args[1].dtype}/{args[0].device.type}"
+    # One compiled variant per static configuration (non-tensor arguments and dtypes);
+    # floats that vary travel as 0-d tensors (a Python float would be baked in).
+    statics = "/".join(str(a) for a in args if not isinstance(a, torch.Tensor))
+    name = f"{name}/{statics}/{args[0].dtype}/{args[1].dtype}/{args[0].device.type}"
     if not compile_enabled() or name in _FAILED or args[0].numel() < SMALL:
         return eager(*args)
     fn = _COMPILED.get(name)
     if fn is None:
-        fn = _COMPILED[name] = torch.compile(_own_code(eager), dynamic=True, fullgraph=True)
+        fn = _COMPILED[name] = torch.compile(_bind_static(eager, args), dynamic=True,
+                                             fullgraph=True)
     try:
-        return fn(*args)
+        return fn(*(a for a in args if isinstance(a, torch.Tensor)))
     except Exception as exc:  # compiler missing or unsupported platform: stay correct, warn once
         _FAILED.add(name)
         warnings.warn(
@@ -245,20 +269,43 @@ def _norm_encode_eager(
     return out, scale
 
 
+def level_of(codes: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """``levels[codes]`` (float32). Compiled: a chain of selects, which vectorises,
+    where a gather from the table would run one element at a time."""
+    if bits == 8 or not torch.compiler.is_compiling():
+        return levels[codes.long()]
+    c = codes.float()  # float compares and blends: no uint8 -> float mask conversions
+    out = torch.where(c < 0.5, levels[0], levels[1])
+    for j in range(2, 1 << bits):
+        out = torch.where(c > j - 0.5, levels[j], out)
+    return out
+
+
+def _norm_decode(packed: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
+    # Row-wise planar bytes (rows, m) -> levels (rows, planes, m): one broadcast shift.
+    # Kept 3-D: flattened to (rows, D), inductor indexes the bytes with x % m and x // m
+    # and no longer vectorises the loops.
+    per = 8 // bits
+    rows, m = packed.shape
+    shifts = torch.arange(per, device=packed.device, dtype=torch.uint8).mul_(bits).view(1, per, 1)
+    codes = (packed.view(rows, 1, m) >> shifts) & ((1 << bits) - 1)
+    return level_of(codes, levels, bits)
+
+
 def _norm_backward_eager(
     packed: torch.Tensor, scale: torch.Tensor, levels: torch.Tensor, rstd: torch.Tensor,
     g: torch.Tensor, w: torch.Tensor, bits: int, rms: bool, need_w: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    mask = (1 << bits) - 1
+    rows, m = packed.shape
     per = 8 // bits
-    xhat = torch.cat([levels[((packed >> (bits * j)) & mask).long()] for j in range(per)], dim=1)
-    xhat = xhat * scale
-    gf = g.float()
-    wg = gf * w
-    proj = (wg * xhat).mean(-1, keepdim=True)
-    centred = wg if rms else wg - wg.mean(-1, keepdim=True)
-    gx = rstd * (centred - xhat * proj)
-    gw = (gf * xhat).sum(0) if need_w else None
+    d = per * m
+    xhat = _norm_decode(packed, levels, bits) * scale.view(per, m)  # (rows, planes, m)
+    gf = g.float().reshape(rows, per, m)
+    wg = gf * (w.view(per, m) if w.dim() else w)
+    proj = (wg * xhat).sum((1, 2), keepdim=True) / d
+    centred = wg if rms else wg - wg.sum((1, 2), keepdim=True) / d
+    gx = (rstd.view(rows, 1, 1) * (centred - xhat * proj)).view(rows, d)
+    gw = (gf * xhat).sum(0).view(d) if need_w else None
     return gx, gw
 
 

@@ -11,17 +11,40 @@ with arithmetic instead of ``bucketize``/gather (several times faster on CPU):
 uniform levels by rounding, and the ``probs`` levels ``(i/(k-1))**2`` by
 ``round(sqrt(x*(k-1)**2 - 1/4))``, which is exactly the nearest level: the
 midpoint between levels c and c+1 is (c*c + c + 1/2)/(k-1)**2. Other codebooks
-use ``bucketize`` on midpoints.
+use ``bucketize`` on midpoints (compiled: a count of midpoint compares).
+
+Compiled kernels. Each step is written once in plain torch ops (the eager
+reference) and, unless ``S2A_COMPILE=0``, run through ``torch.compile`` (dynamic
+shapes, one variant per bit width / codebook / dtype; a failed compile falls back
+to the same code eagerly after one warning):
+
+* encode: row max + encode in one loop per row (``_quantize_body``); packing is a
+  second, uint8-only loop (``pack_codes``). Fused into one loop, the planar layout
+  (byte k holds codes k and k + n/2, from different rows) needs a division per
+  element to find each code's row scale and inductor no longer vectorises it.
+* decode: unpack (``unpack_codes``) then decode per row, with the consumer fused in
+  (softmax backward ``p * (g - sum(g p))`` with p renormalised, BatchNorm backward in
+  ``functional.py``).
+
+Compiled and eager give the same bytes and scales; decoded values are equal, and
+everything that sums over a row (renormalisation, backward formulas) agrees to
+float32 rounding (the sums run in another order); ``tests/activations/test_kernels.py``.
+Rows that are not finite are encoded as rows of zeros (their codes carry nothing:
+the scale is NaN with ``keep_nan``, else 1).
 """
 
 from __future__ import annotations
 
+import math
+import types
+import warnings
 from dataclasses import dataclass
 from statistics import NormalDist
 
 import torch
 
-from .packing import check_bits, pack, unpack
+from . import kernels
+from .packing import check_bits, pack, packed_nbytes, unpack
 
 ROW_BITS = (2, 3, 4, 8)
 
@@ -110,6 +133,197 @@ def _to_codes(w: torch.Tensor) -> torch.Tensor:
     return w.to(torch.int16).to(torch.uint8)
 
 
+def _table_codes(v: torch.Tensor, mids: torch.Tensor, bits: int) -> torch.Tensor:
+    """Index of the nearest level = number of midpoints below ``v`` (``bucketize``;
+    NaN -> the top code, as ``bucketize`` does)."""
+    if not torch.compiler.is_compiling():  # eager: one bucketize pass
+        return torch.bucketize(v, mids, out_int32=True).to(torch.uint8)
+    # Compiled: the compares fuse into one loop (counted in float: inductor vectorises
+    # that, not uint8 accumulation). ``not (v <= mid)`` counts NaN as above every mid.
+    count = torch.where(v <= mids[0], 0.0, 1.0)
+    for j in range(1, (1 << bits) - 1):
+        count = count + torch.where(v <= mids[j], 0.0, 1.0)
+    return count.to(torch.uint8)
+
+
+def _safe_scale(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # A row of zeros gets scale 1 so the division stays finite.
+    finite = torch.isfinite(scale)
+    return finite, torch.where((scale > 0) & finite, scale, torch.ones_like(scale))
+
+
+def _scale_of(xf: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if signed:
+        scale = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg())
+    else:  # unsigned codebooks hold non-negative data (probabilities): the max
+        scale = xf.amax(dim=-1, keepdim=True)
+    return (scale, *_safe_scale(scale))
+
+
+def _encode_codes(
+    xf: torch.Tensor, finite: torch.Tensor, safe: torch.Tensor, mids: torch.Tensor,
+    bits: int, rule: str, signed: bool,
+) -> torch.Tensor:
+    """uint8 codes (unpacked) of float32 ``xf`` given its per-row ``safe`` scale."""
+    k = 1 << bits
+    top = float(k - 1)
+    # Rows that are not finite are encoded as rows of zeros (their codes carry no
+    # information: such a row's scale is NaN or 1), so no NaN reaches a conversion.
+    xf = torch.where(finite, xf, 0.0)
+    if rule == "table":
+        return _table_codes(xf / safe, mids, bits)
+    # |x| <= scale, so no clamping is needed. Adding 1/2 then truncating rounds to nearest.
+    if rule == "square":
+        # nearest level (c/(k-1))**2 is round(sqrt(u*(k-1)**2 - 1/4)) (module doc);
+        # clamp at 5/16 rather than 1/4: sqrt(0) is very slow on some CPUs.
+        w = (xf * ((top * top) / safe)).clamp_min(0.3125).sub(0.25).sqrt().add(0.5)
+    elif signed:
+        w = (xf * ((top / 2) / safe)).add(top / 2 + 0.5)
+    else:
+        w = (xf * (top / safe)).clamp_min(0.0).add(0.5)
+    # compiled: a vectorised float -> uint8 conversion (values are in range)
+    codes = w.to(torch.uint8) if torch.compiler.is_compiling() else _to_codes(w)
+    return codes if bits == 8 else codes & (k - 1)
+
+
+def _quantize_body(x, mids, *, bits: int, rule: str, signed: bool):
+    """(uint8 codes shaped like ``x``, per-row max |x|): row max + encode in one loop per
+    row when compiled. Packing is a separate cheap uint8 pass (``pack_codes``): fused
+    into this loop, the planar layout's cross-row indexing defeats vectorisation."""
+    xf = x.float()
+    scale, finite, safe = _scale_of(xf, signed)
+    return _encode_codes(xf, finite, safe, mids, bits, rule, signed), scale
+
+
+def _decode_codes(
+    codes: torch.Tensor, scale: torch.Tensor, levels: torch.Tensor, bits: int, rule: str,
+    signed: bool,
+) -> torch.Tensor:
+    top = float((1 << bits) - 1)
+    # (uint8 * float tensors is not vectorised on CPU: convert first, then scale.)
+    if rule == "square":
+        sq = (codes * codes).float() if bits <= 4 else codes.float().square()
+        return sq * (scale / (top * top))
+    if rule == "uniform" and signed:
+        return codes.float() * (scale * (2.0 / top)) - scale
+    if rule == "uniform":
+        return codes.float() * (scale / top)
+    return kernels.level_of(codes, levels, bits) * scale
+
+
+def _renorm_rows(p: torch.Tensor) -> torch.Tensor:
+    # Rounding breaks sum(p) == 1; rows of zeros stay zero (see attention._renormalize).
+    total = p.sum(-1, keepdim=True)
+    return p / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def _decode_body(codes, scale, levels, *, bits: int, rule: str, signed: bool, renorm: bool):
+    """float32 rows from unpacked codes (``renorm``: each row rescaled to sum 1)."""
+    out = _decode_codes(codes, scale, levels, bits, rule, signed)
+    return _renorm_rows(out) if renorm else out
+
+
+def _softmax_backward_body(codes, scale, levels, g, *, bits: int, rule: str):
+    """dx = p * (g - sum(g * p)), p decoded and renormalised in the same loop."""
+    p = _renorm_rows(_decode_codes(codes, scale, levels, bits, rule, False))
+    gf = g.float()
+    return p * (gf - (gf * p).sum(-1, keepdim=True))
+
+
+# --- compiled dispatch ------------------------------------------------------------
+
+_COMPILED: dict = {}
+_FAILED: set = set()
+
+
+def _bind(body, static: dict):
+    # Ints travel as strings: dynamo turns an int it reads (even from a closure) into a
+    # symbol under dynamic=True, which blocks constant folding and vectorisation.
+    ints = tuple(k for k, v in static.items() if type(v) is int)
+    frozen = {k: str(v) if k in ints else v for k, v in static.items()}
+
+    def bound(*tensors):
+        return body(*tensors, **{k: int(v) if k in ints else v for k, v in frozen.items()})
+
+    # A private code object per configuration: dynamo's recompile budget is per code
+    # object, and the static ints/strings live in the closure, so they are constants
+    # of the graph (a plain int argument would become symbolic under dynamic=True).
+    code = bound.__code__.replace()
+    return types.FunctionType(code, bound.__globals__, body.__name__, None, bound.__closure__)
+
+
+def run_fused(body, *tensors, **static):
+    """``body(*tensors, **static)``, ``torch.compile``d once per (body, static, dtypes,
+    device) with dynamic shapes; eager when ``S2A_COMPILE=0``, for small inputs, or
+    (after one warning) when the compiler fails."""
+    t0 = tensors[0]
+    key = (body.__name__, tuple(sorted(static.items())),
+           tuple(t.dtype for t in tensors), t0.device.type)
+    if not kernels.compile_enabled() or key in _FAILED or t0.numel() < kernels.SMALL:
+        return body(*tensors, **static)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = torch.compile(_bind(body, static), dynamic=True, fullgraph=True)
+    try:
+        return fn(*tensors)
+    except Exception as exc:  # compiler missing or unsupported platform: stay correct, warn once
+        _FAILED.add(key)
+        warnings.warn(
+            f"s2a: torch.compile of the row kernels failed ({type(exc).__name__}: {exc}); "
+            "using the eager kernels (same results, slower). Set S2A_COMPILE=0 to silence.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return body(*tensors, **static)
+
+
+def _pack_body(codes: torch.Tensor, *, bits: int) -> torch.Tensor:
+    planes, _ = kernels._planes(codes.reshape(-1), bits)  # zero codes pad the tail, as pack does
+    return kernels._combine(planes, bits)
+
+
+def _unpack_body(packed: torch.Tensor, *, bits: int) -> torch.Tensor:
+    # (planes, m) codes as one broadcast op (affine indexing: vectorises when compiled).
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.uint8).mul_(bits).view(per, 1)
+    return (packed.view(1, -1) >> shifts) & ((1 << bits) - 1)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`packing.pack` of uint8 codes (same bytes), compiled for 1, 2 and 4 bits."""
+    if bits in (3, 8) or codes.numel() == 0:
+        return pack(codes, bits)
+    # flattened outside: with several symbolic dims the generated loop is ~20x slower
+    return run_fused(_pack_body, codes.reshape(-1), bits=bits)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """:func:`packing.unpack` (same codes), compiled for 1, 2 and 4 bits."""
+    if bits in (3, 8) or numel == 0:
+        return unpack(packed, bits, numel)
+    if packed.numel() != packed_nbytes(numel, bits):
+        return unpack(packed, bits, numel)  # raises the size error
+    return run_fused(_unpack_body, packed, bits=bits).view(-1)[:numel]
+
+
+def _static(codebook: RowCodebook) -> dict:
+    return {"bits": codebook.bits, "rule": codebook.rule, "signed": codebook.signed}
+
+
+def encode_rows(
+    x: torch.Tensor, codebook: RowCodebook, *, keep_nan: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unpacked uint8 codes shaped like ``x``, per-row scale): see :func:`quantize_rows`."""
+    _, mids = codebook.tensors(x.device)
+    codes, scale = run_fused(_quantize_body, x, mids, **_static(codebook))
+    # The saved scale (O(rows), eager): 1 for rows of zeros; rows that are not finite
+    # get NaN (keep_nan) or 1.
+    finite, safe = _safe_scale(scale)
+    if keep_nan:
+        safe = torch.where(finite, safe, torch.full_like(safe, float("nan")))
+    return codes, safe
+
+
 def quantize_rows(
     x: torch.Tensor, codebook: RowCodebook, *, keep_nan: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,40 +333,16 @@ def quantize_rows(
     ``keep_nan=True`` a row holding a NaN or an infinity gets scale NaN, so it
     dequantizes to NaN everywhere (NaN propagates to gradients as in the exact
     operator); by default such a row gets scale 1 (its codes are then meaningless).
+
+    The row max and the encoding run as one ``torch.compile``d loop (``S2A_COMPILE=0``
+    or a failed compile: the same code eagerly; same bytes either way).
     """
-    xf = x.float()
-    if codebook.signed:
-        scale = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg_())
-    else:  # unsigned codebooks hold non-negative data (probabilities): the max
-        scale = xf.amax(dim=-1, keepdim=True)
-    # A row of zeros (or an empty one) gets scale 1 so the division stays finite.
-    finite = torch.isfinite(scale)
-    safe = torch.where((scale > 0) & finite, scale, torch.ones_like(scale))
-    k = 1 << codebook.bits
-    top = float(k - 1)
-    if codebook.rule == "table":
-        _, mids = codebook.tensors(x.device)
-        codes = torch.bucketize(xf / safe, mids).to(torch.uint8)
-    else:
-        # |x| <= scale in finite rows, so no clamping is needed; rows that are not
-        # finite get factor 0. Adding 1/2 then truncating rounds to nearest.
-        if codebook.rule == "square":
-            # nearest level (c/(k-1))**2 is round(sqrt(u*(k-1)**2 - 1/4)) (module doc);
-            # clamp at 5/16 rather than 1/4: sqrt(0) is very slow on some CPUs.
-            f = torch.where(finite, (top * top) / safe, torch.zeros_like(safe))
-            w = (xf * f).clamp_min_(0.3125).sub_(0.25).sqrt_().add_(0.5)
-        elif codebook.signed:
-            f = torch.where(finite, (top / 2) / safe, torch.zeros_like(safe))
-            w = (xf * f).add_(top / 2 + 0.5)
-        else:
-            f = torch.where(finite, top / safe, torch.zeros_like(safe))
-            w = (xf * f).clamp_min_(0.0).add_(0.5)
-        codes = _to_codes(w)
-        if codebook.bits < 8:
-            codes.bitwise_and_(k - 1)  # NaN entries cast to arbitrary bytes: keep codes in range
-    if keep_nan:
-        safe = torch.where(finite, safe, torch.full_like(safe, float("nan")))
-    return pack(codes, codebook.bits), safe
+    codes, scale = encode_rows(x, codebook, keep_nan=keep_nan)
+    return pack_codes(codes, codebook.bits), scale
+
+
+def _codes(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    return unpack_codes(packed, bits, math.prod(shape)).view(tuple(shape))
 
 
 def dequantize_rows(
@@ -161,21 +351,22 @@ def dequantize_rows(
     codebook: RowCodebook,
     shape: torch.Size | tuple[int, ...],
     dtype: torch.dtype = torch.float32,
+    *,
+    renorm: bool = False,
 ) -> torch.Tensor:
-    numel = 1
-    for s in shape:
-        numel *= s
-    codes = unpack(packed, codebook.bits, numel).view(shape)
-    top = float((1 << codebook.bits) - 1)
-    # (uint8 * float tensors is not vectorised on CPU: convert first, then scale.)
-    if codebook.rule == "square":
-        sq = (codes * codes).float() if codebook.bits <= 4 else codes.float().square_()
-        out = sq.mul_(scale / (top * top))
-    elif codebook.rule == "uniform" and codebook.signed:
-        out = codes.float().mul_(scale * (2.0 / top)).sub_(scale)
-    elif codebook.rule == "uniform":
-        out = codes.float().mul_(scale / top)
-    else:
-        levels, _ = codebook.tensors(packed.device)
-        out = levels[codes.long()] * scale
+    """Rebuild the rows (``renorm``: and rescale each row to sum 1, for probabilities)."""
+    levels, _ = codebook.tensors(packed.device)
+    codes = _codes(packed, codebook.bits, shape)
+    out = run_fused(_decode_body, codes, scale, levels, renorm=renorm, **_static(codebook))
     return out.to(dtype)
+
+
+def softmax_backward_rows(
+    packed: torch.Tensor, scale: torch.Tensor, codebook: RowCodebook, g: torch.Tensor
+) -> torch.Tensor:
+    """``p * (g - sum(g * p))`` over the last dim, float32, with ``p`` the stored
+    probabilities decoded and renormalised in the same fused loop."""
+    levels, _ = codebook.tensors(packed.device)
+    codes = _codes(packed, codebook.bits, g.shape)
+    return run_fused(_softmax_backward_body, codes, scale, levels, g,
+                     bits=codebook.bits, rule=codebook.rule)
