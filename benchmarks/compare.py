@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import sys
@@ -60,6 +61,7 @@ from _common import (
     md_table,
     metadata,
     mib,
+    pass_fail,
     run_train,
     train_command,
     write_results,
@@ -227,6 +229,48 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             r[f"{f}_vs_full"] = a / b if a is not None and b else None
 
 
+# ---------------------------------------------------------------------------- the issue's figures
+# rows that count as S2A, and the methods allowed to use less peak memory than S2A on ViT-B/16
+S2A_PREFIX = "s2a"
+SIDE_LIKE = ("linear", "lst", "s2a-side")
+
+
+def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The three figures of issue 5, on the rows that were measured (absent rows: no check)."""
+    out: list[dict[str, Any]] = []
+    by = {(r["backbone"], r["method"]): r for r in rows}
+    for bb in dict.fromkeys(r["backbone"] for r in rows):
+        full, s2a = by.get((bb, "full")), by.get((bb, "s2a"))
+        if full is None or s2a is None:
+            continue
+        if bb == "vit_b16":
+            ratio = full["peak_memory_bytes"] / s2a["peak_memory_bytes"]
+            out.append({"backbone": bb, "check": "s2a peak memory at least 6x below full",
+                        "value": f"{ratio:.2f}x", "ok": ratio >= 6.0})
+            lower = [r["method"] for r in rows if r["backbone"] == bb and r["method"] not in SIDE_LIKE
+                     and not r["method"].startswith(S2A_PREFIX)
+                     and r["peak_memory_bytes"] < s2a["peak_memory_bytes"]]  # fmt: skip
+            out.append({"backbone": bb, "check": "s2a peak below every method but side-tuning / linear",
+                        "value": ", ".join(lower) or "none lower", "ok": not lower})
+        ckpt = by.get((bb, "full-ckpt"))
+        slower = s2a["step_time_s"] >= full["step_time_s"] or (ckpt is not None and s2a["step_time_s"] >= ckpt["step_time_s"])
+        out.append({"backbone": bb, "check": "s2a step faster than full" + (" and full-ckpt" if ckpt else ""),
+                    "value": f"{s2a['step_time_s']:.3f} s vs {full['step_time_s']:.3f}"
+                             + (f" / {ckpt['step_time_s']:.3f}" if ckpt else ""),
+                    "ok": not slower})  # fmt: skip
+        scored = [r for r in rows if r["backbone"] == bb and r["accuracy"] is not None]
+        ours = [r for r in scored if r["method"].startswith(S2A_PREFIX)]
+        if ours:
+            best = max(ours, key=lambda r: r["accuracy"])
+            rivals = [r["method"] for r in scored if not r["method"].startswith(S2A_PREFIX)
+                      and r["accuracy"] >= best["accuracy"] - 0.5
+                      and r["peak_memory_bytes"] <= best["peak_memory_bytes"]]  # fmt: skip
+            out.append({"backbone": bb, "check": f"best S2A row ({best['method']}) on the Pareto front "
+                        "(no method within 0.5 points uses less memory)",
+                        "value": ", ".join(rivals) or "none", "ok": not rivals})  # fmt: skip
+    return out
+
+
 # ---------------------------------------------------------------------------- outputs
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
     """Points not dominated by one with less or equal memory and higher or equal accuracy."""
@@ -308,6 +352,10 @@ def to_markdown(data: dict[str, Any]) -> str:
         skipped = [s for s in data["skipped"] if s["backbone"] == bb]
         if skipped:
             lines += ["", "Not applicable: " + "; ".join(f"{s['method']} ({s['reason']})" for s in skipped)]
+    if data.get("checks"):
+        lines += ["", "## Checks (issue 5)", ""]
+        lines += md_table(["backbone", "check", "value", "result"],
+                          [[c["backbone"], c["check"], c["value"], pass_fail(c["ok"])] for c in data["checks"]])
     return "\n".join(lines) + "\n"
 
 
@@ -324,6 +372,8 @@ def main() -> None:
     ap.add_argument("--run-missing", action="store_true", help="launch the missing accuracy runs first")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--name", default="compare", help="result file name under benchmarks/results/")
+    ap.add_argument("--refresh-accuracy", action="store_true",
+                    help="only re-read the accuracy runs into an existing result (no measuring)")
     args = ap.parse_args()
     backbones = [b for b in args.backbones.split(",") if b]
     methods = [m for m in args.methods.split(",") if m]
@@ -345,6 +395,9 @@ def main() -> None:
 
     device = torch.device(args.device)
     seeds = list(range(args.seeds))
+    if args.refresh_accuracy:
+        refresh_accuracy(args.name, seeds, args.run_missing)
+        return
     t0 = time.time()
     rows, details, skipped, finished = [], [], [], {}
     for bb in backbones:
@@ -361,15 +414,46 @@ def main() -> None:
             finished[f"{bb}/{label}"] = n
             rows.append({"backbone": bb, "method": label, **{f: res["row"].get(f) for f in FIELDS}})
             details.append(res["detail"])
+            write_partial(args, backbones, rows, skipped, finished, details, t0)  # a long run may be cut short
+    write_partial(args, backbones, rows, skipped, finished, details, t0)
+
+
+def write_partial(args: argparse.Namespace, backbones: list[str], rows: list[dict[str, Any]],
+                  skipped: list[dict[str, Any]], finished: dict[str, int], details: list[dict[str, Any]],
+                  t0: float) -> None:
+    """Write the results measured so far (every row carries its own numbers)."""
+    rows = [dict(r) for r in rows]
     add_ratios(rows)
     meta = metadata(repeats=f"{args.repeats} timed steps after {args.warmup} warm-up; accuracy over {args.seeds} seeds",
-                    runtime_s=time.time() - t0, device=str(device))  # fmt: skip
+                    runtime_s=time.time() - t0, device=str(args.device))  # fmt: skip
     data = {"meta": meta, "backbones": {b: BACKBONES[b] for b in backbones}, "rows": rows,
             "skipped": skipped, "seeds_finished": finished, "details": details}  # fmt: skip
+    finish(args.name, data, quiet=True)
+
+
+def finish(name: str, data: dict[str, Any], quiet: bool = False) -> None:
+    data["checks"] = checks(data["rows"])
     md = to_markdown(data)
-    write_results(args.name, data, md)
-    plot(rows, RESULTS / f"{args.name}.png")
-    print(md)
+    write_results(name, data, md)
+    plot(data["rows"], RESULTS / f"{name}.png")
+    if not quiet:
+        print(md)
+
+
+def refresh_accuracy(name: str, seeds: list[int], run_missing: bool) -> None:
+    """Re-read the accuracy runs into an existing ``<name>.json`` (memory and speed are kept):
+    accuracy runs finish over hours, the measurements in minutes."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"--refresh-accuracy: {path} does not exist; run without it first")
+    data = json.loads(path.read_text())
+    for r in data["rows"]:
+        mean, std, n = accuracy_of(r["backbone"], r["method"], seeds, run_missing)
+        r["accuracy"], r["accuracy_std"] = mean, std
+        data["seeds_finished"][f"{r['backbone']}/{r['method']}"] = n
+    add_ratios(data["rows"])
+    data["meta"]["accuracy_refreshed"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    finish(name, data)
 
 
 if __name__ == "__main__":

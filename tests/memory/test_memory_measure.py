@@ -352,3 +352,39 @@ def test_custom_function_named_by_ctx_or_module():
     assert report.by_kind["relu (custom)"] == 12  # named after the module class
     report = measure(_CustomAct(_Anonymous), x, loss_fn=lambda o, b: o.sum())
     assert report.by_kind["_AnonymousBackward"] == 12  # nothing names it
+
+
+def test_checkpointed_blocks_are_not_recomputed_by_the_walk():
+    """Walking the graph must not unpack checkpoint holders (each unpack outside backward
+    would recompute the whole block); saved bytes are the checkpointed blocks' inputs."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return F.gelu(self.fc(x)) + x
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = checkpoint(b, x, use_reentrant=False)
+            return x
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(8, 16)
+    report = measure(net, x, lambda out, _batch: out.sum())  # a loss that saves nothing
+    # run A forward, run B forward, run B backward's recomputation: 3 calls per block
+    assert [b.calls for b in net.blocks] == [3, 3, 3]
+    # kept: each block's input (8 x 16 fp32); the batch itself is one of them
+    assert report.saved_bytes == 3 * 8 * 16 * 4
+    assert all(p.grad is None for p in net.parameters())

@@ -211,9 +211,24 @@ class _SavedTensorTracer:
 
     # --- graph walk
     def walk(self, roots: list[Any]) -> int:
-        """Unpack every saved tensor of every node reachable from ``roots``; number of nodes."""
+        """Unpack every saved tensor of every node reachable from ``roots``; number of nodes.
+
+        Saved tensors of activation-checkpointed regions hold no data: unpacking one outside
+        a backward pass makes ``torch.utils.checkpoint`` recompute the whole region, once per
+        tensor (each access gets a fresh graph-task id), which for a checkpointed model costs
+        many forward passes and their memory (a MiniLM step reached 10 GB). Those tensors were
+        packed by the checkpoint's hooks, not ours, so they carry nothing to attribute: any
+        module forward starting during the walk is a recomputation, and is stopped at once.
+        """
         seen: dict[int, Any] = {}  # holding the wrappers keeps their ids stable
         stack = [r for r in roots if r is not None]
+        stop_recompute = torch.nn.modules.module.register_module_forward_pre_hook(_refuse_recompute)
+        try:
+            return self._walk(stack, seen)
+        finally:
+            stop_recompute.remove()
+
+    def _walk(self, stack: list[Any], seen: dict[int, Any]) -> int:
         while stack:
             node = stack.pop()
             if id(node) in seen:
@@ -253,6 +268,14 @@ class _SavedTensorTracer:
 
 
 _SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
+
+
+class _RecomputeRefused(RuntimeError):
+    """Raised into a checkpoint recomputation triggered by the graph walk (see ``walk``)."""
+
+
+def _refuse_recompute(module: nn.Module, args: Any) -> None:
+    raise _RecomputeRefused(f"{type(module).__name__}: no recomputation during the saved-tensor walk")
 
 
 def _touch_saved(node: Any) -> None:
