@@ -292,6 +292,44 @@ def test_dropout_reproducible_and_validated():
         S.dropout(x, 0.5, mode="zip")
 
 
+def _corr(a, b):
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return float((a * b).mean() / (a.std() * b.std()))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_hash_mask_is_bernoulli(p):
+    """The CPU mask (hash of seed and index): keep rate 1 - p, no correlation between
+    neighbours, strided positions (rows, channels, planes) or seeds."""
+    from s2a.activations import kernels as K
+
+    n = 1 << 20
+    tol = 5 / math.sqrt(n)  # 5 sigma of a correlation / standardised mean on n samples
+    masks = [K.dropout_mask((n,), seed, p, torch.device("cpu")) for seed in (0, 1, 2**40)]
+    for keep in masks:
+        assert abs(keep.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+        for lag in (1, 2, 3, 8, 16, 64, 197, 768, 3072, 4096, 65536):
+            assert abs(_corr(keep[:-lag], keep[lag:])) < tol, lag
+    for a, b in itertools.combinations(masks, 2):
+        assert abs(_corr(a, b)) < tol
+
+
+def test_dropout_same_mask_forward_backward_and_fresh_per_call(monkeypatch):
+    from s2a.activations import kernels as K
+
+    x = torch.randn(256, 1031)  # above kernels.SMALL: the compiled kernel
+    for small in (K.SMALL, 1 << 30):  # compiled, then eager
+        monkeypatch.setattr(K, "SMALL", small)
+        xs = x.clone().requires_grad_()
+        y = S.dropout(xs, 0.2, True)
+        y.backward(torch.ones_like(y))
+        assert torch.equal(y != 0, xs.grad != 0)
+        assert torch.equal(y, x * xs.grad)
+        assert abs((y == 0).double().mean().item() - 0.2) < 0.005
+        z = S.dropout(xs, 0.2, True)
+        assert 0.6 < ((z != 0) == (y != 0)).double().mean().item() < 0.72  # 0.8^2 + 0.2^2
+
+
 def test_drop_path():
     x = torch.randn(32, 10, 8, requires_grad=True)
     y, nbytes = saved_bytes(S.drop_path, x, 0.5, True)

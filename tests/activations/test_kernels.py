@@ -32,11 +32,28 @@ def test_lut_kernels_match_eager(bits, n, dtype):
     x = inputs(n, dtype)
     packed = K.encode_lut(x, lut, bits, cb.nan_code)
     assert torch.equal(packed, K._encode_lut_eager(x, lut, bits, nan))
+    # with the runs the compiled kernel compares instead of looking up: same bytes
+    assert torch.equal(K.encode_lut(x, lut, bits, cb.nan_code, cb.runs), packed)
     g = torch.randn(n).to(dtype)
     out = K.decode_lut(packed, g, levels, bits)
     ref = K._decode_lut_eager(packed, g, levels, bits)
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref))
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu", "tanh", "hardswish", "softplus"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_compare_chain_matches_table_at_cell_edges(name, bits):
+    """Inputs on every run boundary, one ulp either side of it, outside the grid and NaN."""
+    cb = get_codebook(name, bits)
+    lut, _ = cb.tensors(torch.device("cpu"))
+    edges = torch.tensor([a / 256.0 - 8.0 for a, _ in cb.runs], dtype=torch.float32)
+    x = torch.cat([edges, edges.nextafter(torch.tensor(-1e9)), edges.nextafter(torch.tensor(1e9)),
+                   torch.tensor([float("nan"), float("inf"), -float("inf"), -8.0, 8.0, -9.0, 9.0]),
+                   torch.randn(997) * 5])
+    nan = -1 if cb.nan_code is None else cb.nan_code
+    ref = K._encode_lut_eager(x, lut, bits, nan)
+    assert torch.equal(K.encode_lut(x, lut, bits, cb.nan_code, cb.runs), ref)
 
 
 @pytest.mark.parametrize(("hi", "inclusive"), [(None, False), (None, True), (6.0, True)])
@@ -68,6 +85,21 @@ def test_norm_kernels_match_eager():
         ref_gx, ref_gw = K._norm_backward_eager(packed, scale, levels, rstd, g, w, bits, False, True)
         torch.testing.assert_close(gx, ref_gx, equal_nan=True)
         torch.testing.assert_close(gw, ref_gw, equal_nan=True)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dropout_kernel_matches_eager(n, dtype):
+    x = (torch.randn(n) * 3).to(dtype)
+    x[0] = float("inf")
+    for seed, p in ((0, 0.1), (2**62 - 1, 0.5), (12345, 0.9)):
+        out = K.dropout_apply(x, seed, p)
+        ref = K._dropout_eager(x, *K._dropout_args(x, seed, p))
+        assert out.dtype == dtype
+        assert torch.equal(out.isnan(), ref.isnan())
+        assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+        keep = K.dropout_mask((n,), seed, p, x.device)
+        assert torch.equal(out[1:] != 0, keep[1:] & (x[1:] != 0))
 
 
 def test_eager_switch(monkeypatch):

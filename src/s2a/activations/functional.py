@@ -42,7 +42,7 @@ class _CodebookActivation(torch.autograd.Function):
         cb = get_codebook(name, bits)
         lut, _ = cb.tensors(x.device)
         y = _FORWARD[name](x)
-        ctx.save_for_backward(kernels.encode_lut(x, lut, bits, cb.nan_code))
+        ctx.save_for_backward(kernels.encode_lut(x, lut, bits, cb.nan_code, cb.runs))
         ctx.name, ctx.bits = name, bits
         return y
 
@@ -353,24 +353,37 @@ def _mask_from_seed(seed: int, shape, p: float, device, dtype) -> torch.Tensor:
     return keep.to(dtype)
 
 
+def _hashed(device: torch.device) -> bool:
+    # CPU: the mask is a counter-based hash of (seed, index), recomputed inside the
+    # compiled pass that applies it (kernels.dropout_apply): ~2x cheaper than
+    # bernoulli_. Other devices, and the bitmask mode, keep bernoulli_.
+    return device.type == "cpu"
+
+
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p: float, regenerate: bool):
         seed = _fresh_seed(x.device)
-        keep = _mask_from_seed(int(seed), x.shape, p, x.device, x.dtype)
-        y = x * keep * (1.0 / (1 - p))
+        hashed = regenerate and _hashed(x.device)
+        if hashed:
+            y = kernels.dropout_apply(x, int(seed), p)
+        else:
+            keep = _mask_from_seed(int(seed), x.shape, p, x.device, x.dtype)
+            y = x * keep * (1.0 / (1 - p))
         if regenerate:  # 8 bytes: the mask is drawn again from the same seed in backward
             ctx.save_for_backward(seed)
         else:  # 1 bit per element
             ctx.save_for_backward(pack(keep.to(torch.uint8), 1))
-        ctx.meta = (p, regenerate, x.shape)
+        ctx.meta = (p, regenerate, x.shape, hashed)
         return y
 
     @staticmethod
     def backward(ctx, g):
         (state,) = ctx.saved_tensors
-        p, regenerate, shape = ctx.meta
+        p, regenerate, shape, hashed = ctx.meta
         if regenerate:
+            if hashed:
+                return kernels.dropout_apply(g, int(state), p), None, None
             keep = _mask_from_seed(int(state), shape, p, g.device, g.dtype)
         else:
             keep = unpack(state, 1, g.numel()).view(shape).to(g.dtype)

@@ -263,7 +263,8 @@ def run_fused(body, *tensors, **static):
         return body(*tensors, **static)
     fn = _COMPILED.get(key)
     if fn is None:
-        fn = _COMPILED[key] = torch.compile(_bind(body, static), dynamic=True, fullgraph=True)
+        fn = _COMPILED[key] = torch.compile(_bind(body, static), dynamic=True, fullgraph=True,
+                                               options=kernels.COMPILE_OPTIONS)
     try:
         return fn(*tensors)
     except Exception as exc:  # compiler missing or unsupported platform: stay correct, warn once
