@@ -133,6 +133,8 @@ def to_markdown(data: dict[str, Any]) -> str:
             f"validation split capped at {VAL_SIZE} examples, batch {BATCH}, AdamW with warm-up + cosine, fp32, CPU.",
             "s2a = bias + low-rank prompt + 4-bit activations; s2a-nocomp = the same structure with native "
             "activation storage. Seeds change the few-shot subset, the head initialisation and the data order.",
+            "MiniLM classifies from the mean of its token states (its sentence-transformers pooling, "
+            "s2a.models.sentence_pooling); the rt-1000 runs made with BERT's [CLS] pooler were redone.",
         ],
     )
     table = [

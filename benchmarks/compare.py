@@ -260,7 +260,11 @@ def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "ok": not slower})  # fmt: skip
         scored = [r for r in rows if r["backbone"] == bb and r["accuracy"] is not None]
         ours = [r for r in scored if r["method"].startswith(S2A_PREFIX)]
-        if ours:
+        others = [r for r in scored if not r["method"].startswith(S2A_PREFIX) and r["method"] != "full"]
+        if ours and not others:
+            out.append({"backbone": bb, "check": "best S2A row on the Pareto front",
+                        "value": "no baseline besides full has accuracy runs yet", "ok": None})
+        elif ours:
             best = max(ours, key=lambda r: r["accuracy"])
             rivals = [r["method"] for r in scored if not r["method"].startswith(S2A_PREFIX)
                       and r["accuracy"] >= best["accuracy"] - 0.5
@@ -352,10 +356,13 @@ def to_markdown(data: dict[str, Any]) -> str:
         skipped = [s for s in data["skipped"] if s["backbone"] == bb]
         if skipped:
             lines += ["", "Not applicable: " + "; ".join(f"{s['method']} ({s['reason']})" for s in skipped)]
+    if data.get("not_measured"):
+        lines += ["", f"Not measured (the run stopped before them): {', '.join(data['not_measured'])}"]
     if data.get("checks"):
         lines += ["", "## Checks (issue 5)", ""]
         lines += md_table(["backbone", "check", "value", "result"],
-                          [[c["backbone"], c["check"], c["value"], pass_fail(c["ok"])] for c in data["checks"]])
+                          [[c["backbone"], c["check"], c["value"], "NOT RUN" if c["ok"] is None else pass_fail(c["ok"])]
+                           for c in data["checks"]])
     return "\n".join(lines) + "\n"
 
 
@@ -383,6 +390,7 @@ def main() -> None:
             ap.error(f"unknown {bad}; known: {list(known)}")
     if "full" not in methods:
         methods.insert(0, "full")  # the reference of every ratio
+    args.methods_list = methods
     for b in backbones:
         cfg = BACKBONES[b]
         if args.batch_size:
@@ -426,8 +434,11 @@ def write_partial(args: argparse.Namespace, backbones: list[str], rows: list[dic
     add_ratios(rows)
     meta = metadata(repeats=f"{args.repeats} timed steps after {args.warmup} warm-up; accuracy over {args.seeds} seeds",
                     runtime_s=time.time() - t0, device=str(args.device))  # fmt: skip
+    planned = [f"{b}/{m}" for b in backbones for m in args.methods_list]
+    done = {f"{r['backbone']}/{r['method']}" for r in rows} | {f"{x['backbone']}/{x['method']}" for x in skipped}
     data = {"meta": meta, "backbones": {b: BACKBONES[b] for b in backbones}, "rows": rows,
-            "skipped": skipped, "seeds_finished": finished, "details": details}  # fmt: skip
+            "skipped": skipped, "seeds_finished": finished, "details": details,
+            "not_measured": [p for p in planned if p not in done]}  # fmt: skip
     finish(args.name, data, quiet=True)
 
 
