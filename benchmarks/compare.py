@@ -390,7 +390,6 @@ def main() -> None:
             ap.error(f"unknown {bad}; known: {list(known)}")
     if "full" not in methods:
         methods.insert(0, "full")  # the reference of every ratio
-    args.methods_list = methods
     for b in backbones:
         cfg = BACKBONES[b]
         if args.batch_size:
@@ -422,11 +421,11 @@ def main() -> None:
             finished[f"{bb}/{label}"] = n
             rows.append({"backbone": bb, "method": label, **{f: res["row"].get(f) for f in FIELDS}})
             details.append(res["detail"])
-            write_partial(args, backbones, rows, skipped, finished, details, t0)  # a long run may be cut short
-    write_partial(args, backbones, rows, skipped, finished, details, t0)
+            write_partial(args, backbones, methods, rows, skipped, finished, details, t0)  # a long run may be cut short
+    write_partial(args, backbones, methods, rows, skipped, finished, details, t0)
 
 
-def write_partial(args: argparse.Namespace, backbones: list[str], rows: list[dict[str, Any]],
+def write_partial(args: argparse.Namespace, backbones: list[str], methods: list[str], rows: list[dict[str, Any]],
                   skipped: list[dict[str, Any]], finished: dict[str, int], details: list[dict[str, Any]],
                   t0: float) -> None:
     """Write the results measured so far (every row carries its own numbers)."""
@@ -434,7 +433,7 @@ def write_partial(args: argparse.Namespace, backbones: list[str], rows: list[dic
     add_ratios(rows)
     meta = metadata(repeats=f"{args.repeats} timed steps after {args.warmup} warm-up; accuracy over {args.seeds} seeds",
                     runtime_s=time.time() - t0, device=str(args.device))  # fmt: skip
-    planned = [f"{b}/{m}" for b in backbones for m in args.methods_list]
+    planned = [f"{b}/{m}" for b in backbones for m in methods]
     done = {f"{r['backbone']}/{r['method']}" for r in rows} | {f"{x['backbone']}/{x['method']}" for x in skipped}
     data = {"meta": meta, "backbones": {b: BACKBONES[b] for b in backbones}, "rows": rows,
             "skipped": skipped, "seeds_finished": finished, "details": details,
