@@ -388,3 +388,18 @@ def test_checkpointed_blocks_are_not_recomputed_by_the_walk():
     # kept: each block's input (8 x 16 fp32); the batch itself is one of them
     assert report.saved_bytes == 3 * 8 * 16 * 4
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_measure_releases_the_step_graph():
+    """A saved *output* (softmax keeps its result) must not keep the graph alive afterwards:
+    measuring model after model in one process would otherwise grow without bound."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Softmax(dim=-1), nn.Linear(16, 4))
+    outputs: list[weakref.ref] = []
+    model[1].register_forward_hook(lambda _m, _a, out: outputs.append(weakref.ref(out)))
+    measure(model, torch.randn(4, 8))
+    gc.collect()
+    assert outputs and all(ref() is None for ref in outputs)

@@ -183,7 +183,9 @@ class _SavedTensorTracer:
     def pack(self, t: torch.Tensor) -> _Packed:
         token = self.num_packed
         self.num_packed += 1
-        packed = _Packed(token, t)
+        # Detached: a saved output (softmax, tanh, ...) would otherwise hold its own grad_fn,
+        # a cycle through C++ that Python's collector cannot see, leaking the whole graph.
+        packed = _Packed(token, t.detach())
         key, nbytes = storage_key(t)
         if key in self.excluded:
             self.num_excluded += 1
