@@ -28,6 +28,11 @@ same tree and settings as ``benchmarks/accuracy.py`` (``full`` and ``s2a`` runs 
     HF_HUB_OFFLINE=1 python benchmarks/compare.py --backbones vit_tiny --methods full,lora,s2a \\
         --batch-size 4 --name compare_quick                                      # a quick check
 
+Each backbone is measured in one invocation; backbones not named by ``--backbones`` keep their
+rows (and their own metadata) from an existing ``<name>.json``, so they can be measured in
+separate sittings. ``--time-methods`` times a subset (memory is always measured for every
+method): one ViT-B/16 step at batch 64 takes tens of seconds on a CPU.
+
 Writes ``benchmarks/results/<name>.json`` (``rows``: one per backbone and method with
 ``backbone, method, accuracy, accuracy_std, trainable_params, saved_activation_bytes,
 peak_memory_bytes, step_time_s, throughput`` and each as ``*_vs_full``), ``<name>.md`` and
@@ -157,7 +162,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_one(backbone: str, label: str, device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:
+def measure_one(backbone: str, label: str, device: torch.device, warmup: int, repeats: int,
+                timed: bool = True) -> dict[str, Any]:
     from s2a.memory import measure
     from s2a.train.methods import apply_method
     from s2a.zoo import call_model, load_model, logits_of
@@ -186,7 +192,7 @@ def measure_one(backbone: str, label: str, device: torch.device, warmup: int, re
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     times = []
-    for i in range(warmup + repeats):
+    for i in range(warmup + repeats if timed else 0):
         _sync(device)
         t0 = time.perf_counter()
         loss = F.cross_entropy(call_model(model, inputs).float(), labels)
@@ -196,13 +202,13 @@ def measure_one(backbone: str, label: str, device: torch.device, warmup: int, re
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
+    step = statistics.median(times) if times else None
     row = {
         "backbone": backbone, "method": label,
         "trainable_params": sum(p.numel() for p in params),
         "saved_activation_bytes": report.saved_bytes,
         "peak_memory_bytes": weights + report.peak_bytes if report.peak_bytes is not None else None,
-        "step_time_s": step, "throughput": b["batch"] / step,
+        "step_time_s": step, "throughput": b["batch"] / step if step else None,
     }  # fmt: skip
     detail = {
         "backbone": backbone, "method": label, "options": opts, "total_params": report.total_params,
@@ -253,11 +259,17 @@ def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"backbone": bb, "check": "s2a peak below every method but side-tuning / linear",
                         "value": ", ".join(lower) or "none lower", "ok": not lower})
         ckpt = by.get((bb, "full-ckpt"))
-        slower = s2a["step_time_s"] >= full["step_time_s"] or (ckpt is not None and s2a["step_time_s"] >= ckpt["step_time_s"])
-        out.append({"backbone": bb, "check": "s2a step faster than full" + (" and full-ckpt" if ckpt else ""),
-                    "value": f"{s2a['step_time_s']:.3f} s vs {full['step_time_s']:.3f}"
-                             + (f" / {ckpt['step_time_s']:.3f}" if ckpt else ""),
-                    "ok": not slower})  # fmt: skip
+        if ckpt is not None and ckpt["step_time_s"] is None:
+            ckpt = None
+        if s2a["step_time_s"] is None or full["step_time_s"] is None:
+            out.append({"backbone": bb, "check": "s2a step faster than full", "value": "not timed", "ok": None})
+        else:
+            slower = s2a["step_time_s"] >= full["step_time_s"] or (
+                ckpt is not None and s2a["step_time_s"] >= ckpt["step_time_s"])
+            out.append({"backbone": bb, "check": "s2a step faster than full" + (" and full-ckpt" if ckpt else ""),
+                        "value": f"{s2a['step_time_s']:.3f} s vs {full['step_time_s']:.3f}"
+                                 + (f" / {ckpt['step_time_s']:.3f}" if ckpt else ""),
+                        "ok": not slower})  # fmt: skip
         scored = [r for r in rows if r["backbone"] == bb and r["accuracy"] is not None]
         ours = [r for r in scored if r["method"].startswith(S2A_PREFIX)]
         others = [r for r in scored if not r["method"].startswith(S2A_PREFIX) and r["method"] != "full"]
@@ -266,12 +278,18 @@ def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "value": "no baseline besides full has accuracy runs yet", "ok": None})
         elif ours:
             best = max(ours, key=lambda r: r["accuracy"])
-            rivals = [r["method"] for r in scored if not r["method"].startswith(S2A_PREFIX)
-                      and r["accuracy"] >= best["accuracy"] - 0.5
+            leaner = [r for r in rows if r["backbone"] == bb and not r["method"].startswith(S2A_PREFIX)
                       and r["peak_memory_bytes"] <= best["peak_memory_bytes"]]  # fmt: skip
-            out.append({"backbone": bb, "check": f"best S2A row ({best['method']}) on the Pareto front "
-                        "(no method within 0.5 points uses less memory)",
-                        "value": ", ".join(rivals) or "none", "ok": not rivals})  # fmt: skip
+            rivals = [r["method"] for r in leaner if r["accuracy"] is not None
+                      and r["accuracy"] >= best["accuracy"] - 0.5]  # fmt: skip
+            unknown = [r["method"] for r in leaner if r["accuracy"] is None]
+            check = (f"best S2A row ({best['method']}) on the Pareto front "
+                     "(no method within 0.5 points uses less memory)")  # fmt: skip
+            if rivals or not unknown:
+                out.append({"backbone": bb, "check": check, "value": ", ".join(rivals) or "none", "ok": not rivals})
+            else:  # a leaner method without accuracy runs could still be a rival
+                out.append({"backbone": bb, "check": check, "ok": None,
+                            "value": "leaner methods without accuracy runs: " + ", ".join(unknown)})
     return out
 
 
@@ -312,7 +330,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.bar([i - 0.2 for i in x], [r["peak_memory_bytes"] / 2**20 for r in rs], 0.4, label="peak MiB")
             ax.set_ylabel("peak training memory (MiB)")
             ax2 = ax.twinx()
-            ax2.bar([i + 0.2 for i in x], [r["step_time_s"] for r in rs], 0.4, color="tab:orange", label="step s")
+            ax2.bar([i + 0.2 for i in x], [r["step_time_s"] or 0.0 for r in rs], 0.4, color="tab:orange",
+                    label="step s (0 = not timed)")
             ax2.set_ylabel("step time (s)")
             ax.set_xticks(list(x), labels, rotation=60, ha="right", fontsize=7)
             ax.legend(loc="upper left")
@@ -340,7 +359,13 @@ def to_markdown(data: dict[str, Any]) -> str:
     for bb in dict.fromkeys(r["backbone"] for r in data["rows"]):
         cfg = data["backbones"][bb]
         lines += ["", f"## {bb}", "", f"`{cfg['model']}`, batch {cfg['batch']}, "
-                  + (f"{cfg['seq_len']} tokens" if cfg["kind"] == "text" else f"{cfg['img_size']} px"), ""]
+                  + (f"{cfg['seq_len']} tokens" if cfg["kind"] == "text" else f"{cfg['img_size']} px")]
+        m = data.get("meta_by_backbone", {}).get(bb)
+        if m is not None:
+            la = m.get("load_avg_at_start")
+            lines[-1] += (f"; measured {m['date']}" + (f", load average {la[0]:.2f} at start" if la else "")
+                          + f", {m['repeats']}; `{m['command']}`")
+        lines.append("")
         table = []
         for r in (r for r in data["rows"] if r["backbone"] == bb):
             n = data["seeds_finished"].get(f"{bb}/{r['method']}", 0)
@@ -348,7 +373,9 @@ def to_markdown(data: dict[str, Any]) -> str:
             table.append([
                 r["method"], acc, f"{r['trainable_params']:,}", mib(r["saved_activation_bytes"]),
                 ratio(r["saved_activation_bytes_vs_full"]), mib(r["peak_memory_bytes"]),
-                ratio(r["peak_memory_bytes_vs_full"]), f"{r['step_time_s']:.3f}", f"{r['throughput']:.1f}",
+                ratio(r["peak_memory_bytes_vs_full"]),
+                "-" if r["step_time_s"] is None else f"{r['step_time_s']:.3f}",
+                "-" if r["throughput"] is None else f"{r['throughput']:.1f}",
                 ratio(r["step_time_s_vs_full"]),
             ])  # fmt: skip
         lines += md_table(["method", "accuracy %", "trainable", "saved MiB", "vs full", "peak MiB", "vs full",
@@ -375,6 +402,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, help="override MiniLM's sequence length")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--time-methods", help="time only these methods (comma separated; default every one): "
+                    "on ViT-B/16 at batch 64 a CPU step takes tens of seconds")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--run-missing", action="store_true", help="launch the missing accuracy runs first")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -390,6 +419,9 @@ def main() -> None:
             ap.error(f"unknown {bad}; known: {list(known)}")
     if "full" not in methods:
         methods.insert(0, "full")  # the reference of every ratio
+    timed = set(methods if args.time_methods is None else args.time_methods.split(","))
+    if timed - set(VARIANTS):
+        ap.error(f"--time-methods: unknown {sorted(timed - set(VARIANTS))}; known: {list(VARIANTS)}")
     for b in backbones:
         cfg = BACKBONES[b]
         if args.batch_size:
@@ -403,7 +435,7 @@ def main() -> None:
     device = torch.device(args.device)
     seeds = list(range(args.seeds))
     if args.refresh_accuracy:
-        refresh_accuracy(args.name, seeds, args.run_missing)
+        refresh_accuracy(args.name, seeds, args.run_missing, set(backbones), set(methods))
         return
     t0 = time.time()
     rows, details, skipped, finished = [], [], [], {}
@@ -411,7 +443,7 @@ def main() -> None:
         for label in methods:
             print(f"[compare] {bb} {label}", flush=True)
             try:
-                res = measure_one(bb, label, device, args.warmup, args.repeats)
+                res = measure_one(bb, label, device, args.warmup, args.repeats, timed=label in timed)
             except TrainError as exc:
                 reason = str(exc).split(" Methods that apply")[0].rstrip(".")
                 skipped.append({"backbone": bb, "method": label, "reason": reason})
@@ -435,10 +467,35 @@ def write_partial(args: argparse.Namespace, backbones: list[str], methods: list[
                     runtime_s=time.time() - t0, device=str(args.device))  # fmt: skip
     planned = [f"{b}/{m}" for b in backbones for m in methods]
     done = {f"{r['backbone']}/{r['method']}" for r in rows} | {f"{x['backbone']}/{x['method']}" for x in skipped}
-    data = {"meta": meta, "backbones": {b: BACKBONES[b] for b in backbones}, "rows": rows,
+    data = {"meta": meta, "meta_by_backbone": {b: meta for b in backbones},
+            "backbones": {b: BACKBONES[b] for b in backbones}, "rows": rows,
             "skipped": skipped, "seeds_finished": finished, "details": details,
             "not_measured": [p for p in planned if p not in done]}  # fmt: skip
-    finish(args.name, data, quiet=True)
+    finish(args.name, keep_other_backbones(args.name, data, backbones), quiet=True)
+
+
+def keep_other_backbones(name: str, data: dict[str, Any], backbones: list[str]) -> dict[str, Any]:
+    """Carry over, from an existing ``<name>.json``, the backbones this invocation did not measure
+    (each was measured in one run of its own, with its own metadata): a ViT-B/16 pass takes an
+    hour on a CPU, and need not be repeated to refresh another backbone."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return data
+    old = json.loads(path.read_text())
+    def other(x: dict[str, Any]) -> bool:
+        return x["backbone"] not in backbones
+
+    keep = [b for b in old.get("backbones", {}) if b not in backbones]
+    old_meta = old.get("meta_by_backbone") or {b: old["meta"] for b in keep}
+    data["meta_by_backbone"] = {**{b: old_meta[b] for b in keep if b in old_meta}, **data["meta_by_backbone"]}
+    data["backbones"] = {**{b: old["backbones"][b] for b in keep}, **data["backbones"]}
+    data["rows"] = [r for r in old["rows"] if other(r)] + data["rows"]
+    data["skipped"] = [x for x in old.get("skipped", []) if other(x)] + data["skipped"]
+    data["details"] = [x for x in old.get("details", []) if other(x)] + data["details"]
+    data["seeds_finished"] = {**{k: v for k, v in old.get("seeds_finished", {}).items()
+                                 if k.split("/")[0] in keep}, **data["seeds_finished"]}  # fmt: skip
+    data["not_measured"] = [p for p in old.get("not_measured", []) if p.split("/")[0] in keep] + data["not_measured"]
+    return data
 
 
 def finish(name: str, data: dict[str, Any], quiet: bool = False) -> None:
@@ -450,15 +507,17 @@ def finish(name: str, data: dict[str, Any], quiet: bool = False) -> None:
         print(md)
 
 
-def refresh_accuracy(name: str, seeds: list[int], run_missing: bool) -> None:
+def refresh_accuracy(name: str, seeds: list[int], run_missing: bool, backbones: set[str], methods: set[str]) -> None:
     """Re-read the accuracy runs into an existing ``<name>.json`` (memory and speed are kept):
-    accuracy runs finish over hours, the measurements in minutes."""
+    accuracy runs finish over hours, the measurements in minutes. With ``run_missing``, only the
+    rows of ``backbones`` x ``methods`` launch their missing runs."""
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         raise SystemExit(f"--refresh-accuracy: {path} does not exist; run without it first")
     data = json.loads(path.read_text())
     for r in data["rows"]:
-        mean, std, n = accuracy_of(r["backbone"], r["method"], seeds, run_missing)
+        launch = run_missing and r["backbone"] in backbones and r["method"] in methods
+        mean, std, n = accuracy_of(r["backbone"], r["method"], seeds, launch)
         r["accuracy"], r["accuracy_std"] = mean, std
         data["seeds_finished"][f"{r['backbone']}/{r['method']}"] = n
     add_ratios(data["rows"])
