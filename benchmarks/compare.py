@@ -28,9 +28,9 @@ same tree and settings as ``benchmarks/accuracy.py`` (``full`` and ``s2a`` runs 
     HF_HUB_OFFLINE=1 python benchmarks/compare.py --backbones vit_tiny --methods full,lora,s2a \\
         --batch-size 4 --name compare_quick                                      # a quick check
 
-Each backbone is measured in one invocation; backbones not named by ``--backbones`` keep their
-rows (and their own metadata) from an existing ``<name>.json``, so they can be measured in
-separate sittings. ``--time-methods`` times a subset (memory is always measured for every
+Rows this invocation does not measure are kept from an existing ``<name>.json``, each with the
+sitting (date, load, command) it was measured in, so backbones and methods can be measured in
+separate sittings (``full`` is re-measured each time: it is the reference of the ratios). ``--time-methods`` times a subset (memory is always measured for every
 method): one ViT-B/16 step at batch 64 takes tens of seconds on a CPU.
 
 Writes ``benchmarks/results/<name>.json`` (``rows``: one per backbone and method with
@@ -162,8 +162,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def sitting_of(t0: float) -> str:
+    """The key of one invocation's rows: its start time (metadata()'s date format)."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
+
+
 def measure_one(backbone: str, label: str, device: torch.device, warmup: int, repeats: int,
-                timed: bool = True) -> dict[str, Any]:
+                timed: bool = True, measured: str = "") -> dict[str, Any]:
     from s2a.memory import measure
     from s2a.train.methods import apply_method
     from s2a.zoo import call_model, load_model, logits_of
@@ -214,7 +219,7 @@ def measure_one(backbone: str, label: str, device: torch.device, warmup: int, re
         "backbone": backbone, "method": label, "options": opts, "total_params": report.total_params,
         "weight_bytes": weights, "step_peak_bytes": report.peak_bytes, "peak_method": report.peak_method,
         "grad_bytes": report.grad_bytes, "optimizer_state_bytes": report.optimizer_state_bytes,
-        "saved_by_kind": report.by_kind, "step_times_s": times, "notes": res.notes,
+        "saved_by_kind": report.by_kind, "step_times_s": times, "notes": res.notes, "measured": measured,
     }  # fmt: skip
     del model, res, zm, opt, report
     gc.collect()
@@ -360,11 +365,13 @@ def to_markdown(data: dict[str, Any]) -> str:
         cfg = data["backbones"][bb]
         lines += ["", f"## {bb}", "", f"`{cfg['model']}`, batch {cfg['batch']}, "
                   + (f"{cfg['seq_len']} tokens" if cfg["kind"] == "text" else f"{cfg['img_size']} px")]
-        m = data.get("meta_by_backbone", {}).get(bb)
-        if m is not None:
-            la = m.get("load_avg_at_start")
-            lines[-1] += (f"; measured {m['date']}" + (f", load average {la[0]:.2f} at start" if la else "")
-                          + f", {m['repeats']}; `{m['command']}`")
+        dates = sorted({d["measured"] for d in data["details"] if d["backbone"] == bb and "measured" in d})
+        for date in dates:
+            m = data.get("sittings", {}).get(date)
+            if m is not None:
+                la = m.get("load_avg_at_start")
+                lines.append(f"- measured {date}" + (f", load average {la[0]:.2f} at start" if la else "")
+                             + f", {m['repeats']}: `{m['command']}`")
         lines.append("")
         table = []
         for r in (r for r in data["rows"] if r["backbone"] == bb):
@@ -443,7 +450,8 @@ def main() -> None:
         for label in methods:
             print(f"[compare] {bb} {label}", flush=True)
             try:
-                res = measure_one(bb, label, device, args.warmup, args.repeats, timed=label in timed)
+                res = measure_one(bb, label, device, args.warmup, args.repeats, timed=label in timed,
+                                  measured=sitting_of(t0))
             except TrainError as exc:
                 reason = str(exc).split(" Methods that apply")[0].rstrip(".")
                 skipped.append({"backbone": bb, "method": label, "reason": reason})
@@ -465,36 +473,52 @@ def write_partial(args: argparse.Namespace, backbones: list[str], methods: list[
     add_ratios(rows)
     meta = metadata(repeats=f"{args.repeats} timed steps after {args.warmup} warm-up; accuracy over {args.seeds} seeds",
                     runtime_s=time.time() - t0, device=str(args.device))  # fmt: skip
+    meta["date"] = sitting_of(t0)
     planned = [f"{b}/{m}" for b in backbones for m in methods]
     done = {f"{r['backbone']}/{r['method']}" for r in rows} | {f"{x['backbone']}/{x['method']}" for x in skipped}
-    data = {"meta": meta, "meta_by_backbone": {b: meta for b in backbones},
+    data = {"meta": meta, "sittings": {meta["date"]: meta},
             "backbones": {b: BACKBONES[b] for b in backbones}, "rows": rows,
             "skipped": skipped, "seeds_finished": finished, "details": details,
             "not_measured": [p for p in planned if p not in done]}  # fmt: skip
-    finish(args.name, keep_other_backbones(args.name, data, backbones), quiet=True)
+    finish(args.name, keep_earlier_rows(args.name, data), quiet=True)
 
 
-def keep_other_backbones(name: str, data: dict[str, Any], backbones: list[str]) -> dict[str, Any]:
-    """Carry over, from an existing ``<name>.json``, the backbones this invocation did not measure
-    (each was measured in one run of its own, with its own metadata): a ViT-B/16 pass takes an
-    hour on a CPU, and need not be repeated to refresh another backbone."""
+def _with_sittings(old: dict[str, Any]) -> dict[str, Any]:
+    """Results written before rows carried their sitting: one per backbone (or one in all)."""
+    if "sittings" in old:
+        return old
+    metas = old.get("meta_by_backbone") or {b: old["meta"] for b in old.get("backbones", {})}
+    old["sittings"] = {m["date"]: m for m in metas.values()}
+    for d in old.get("details", []):
+        d.setdefault("measured", metas.get(d["backbone"], old["meta"])["date"])
+    return old
+
+
+def keep_earlier_rows(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Carry over, from an existing ``<name>.json``, every row this invocation did not measure:
+    a ViT-B/16 pass takes hours on a CPU, and need not be repeated to add or refresh other
+    rows. Each row's sitting (date, load, command) stays in ``sittings``, named per row."""
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         return data
-    old = json.loads(path.read_text())
-    def other(x: dict[str, Any]) -> bool:
-        return x["backbone"] not in backbones
+    old = _with_sittings(json.loads(path.read_text()))
+    new = {(r["backbone"], r["method"]) for r in data["rows"]} | {(x["backbone"], x["method"]) for x in data["skipped"]}
 
-    keep = [b for b in old.get("backbones", {}) if b not in backbones]
-    old_meta = old.get("meta_by_backbone") or {b: old["meta"] for b in keep}
-    data["meta_by_backbone"] = {**{b: old_meta[b] for b in keep if b in old_meta}, **data["meta_by_backbone"]}
-    data["backbones"] = {**{b: old["backbones"][b] for b in keep}, **data["backbones"]}
-    data["rows"] = [r for r in old["rows"] if other(r)] + data["rows"]
-    data["skipped"] = [x for x in old.get("skipped", []) if other(x)] + data["skipped"]
-    data["details"] = [x for x in old.get("details", []) if other(x)] + data["details"]
-    data["seeds_finished"] = {**{k: v for k, v in old.get("seeds_finished", {}).items()
-                                 if k.split("/")[0] in keep}, **data["seeds_finished"]}  # fmt: skip
-    data["not_measured"] = [p for p in old.get("not_measured", []) if p.split("/")[0] in keep] + data["not_measured"]
+    def earlier(x: dict[str, Any]) -> bool:
+        return (x["backbone"], x["method"]) not in new
+
+    now = data["meta"]["date"]
+    data["sittings"] = {**{k: v for k, v in old.get("sittings", {}).items() if k != now}, now: data["meta"]}
+    data["backbones"] = {**old.get("backbones", {}), **data["backbones"]}
+    order = {(b, m): i for i, (b, m) in enumerate((b, m) for b in BACKBONES for m in VARIANTS)}
+    data["rows"] = sorted([r for r in old["rows"] if earlier(r)] + data["rows"],
+                          key=lambda r: order.get((r["backbone"], r["method"]), len(order)))  # fmt: skip
+    data["skipped"] = [x for x in old.get("skipped", []) if earlier(x)] + data["skipped"]
+    data["details"] = [x for x in old.get("details", []) if earlier(x)] + data["details"]
+    data["seeds_finished"] = {**old.get("seeds_finished", {}), **data["seeds_finished"]}
+    done = {f"{b}/{m}" for b, m in new}
+    data["not_measured"] = [p for p in old.get("not_measured", []) if p not in done] + [
+        p for p in data["not_measured"] if p not in old.get("not_measured", [])]
     return data
 
 
