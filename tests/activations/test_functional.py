@@ -254,6 +254,109 @@ def test_batch_norm_eval_frozen_keeps_no_activation():
     assert native >= x.numel() * 4  # PyTorch keeps the whole input
 
 
+# Inputs above the compiled kernels' size floor (kernels.SMALL elements), so the default
+# path runs compiled: (shape, dtype, channels_last, training).
+BN_COMPILED_CASES = [
+    ((8, 16, 24, 24), torch.float32, False, True),  # even batch: codes packed in the forward
+    ((8, 16, 24, 24), torch.float32, True, True),  # channels_last
+    ((7, 16, 25, 25), torch.float32, False, True),  # odd batch: packed afterwards
+    ((4096, 24), torch.float32, False, True),  # BatchNorm1d (N, C)
+    ((16, 12, 400), torch.float32, False, True),  # BatchNorm1d (N, C, L)
+    ((8, 16, 24, 24), torch.float16, False, True),
+    ((8, 16, 24, 24), torch.bfloat16, False, True),
+    ((8, 16, 24, 24), torch.float32, False, False),  # eval mode, trainable weight
+]
+
+
+def _bn_run(shape, dtype, channels_last, training, fn):
+    gen = torch.Generator().manual_seed(0)
+    c = shape[1]
+    x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype)
+    x.view(-1)[:: max(1, x.numel() // 50)] *= 4
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    g = torch.randn(shape, generator=gen).to(dtype)
+    w = (1 + 0.1 * torch.randn(c, generator=gen)).to(dtype).requires_grad_()
+    b = (0.1 * torch.randn(c, generator=gen)).to(dtype).requires_grad_()
+    rm = (0.1 * torch.randn(c, generator=gen)).to(dtype)
+    rv = (1 + torch.rand(c, generator=gen)).to(dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fn(x, rm, rv, w, b, training, 0.1, 1e-5)
+    y.backward(g)
+    return {"y": y, "gx": x.grad, "gw": w.grad, "gb": b.grad, "rm": rm, "rv": rv,
+            "saved": saved, "x": x}
+
+
+@pytest.mark.parametrize(("shape", "dtype", "channels_last", "training"), BN_COMPILED_CASES)
+def test_batch_norm_compiled(monkeypatch, shape, dtype, channels_last, training):
+    """Compiled path: output and running statistics as F.batch_norm, the saved codes and
+    scales byte-identical to the eager kernels (S2A_COMPILE=0), gradients equal to float32
+    rounding, memory format kept."""
+    from s2a.activations import kernels
+
+    assert math.prod(shape) >= kernels.SMALL
+    case = (shape, dtype, channels_last, training)
+    got = _bn_run(*case, lambda *a: S.batch_norm(*a, bits=4))
+    ref = _bn_run(*case, F.batch_norm)
+    monkeypatch.setenv("S2A_COMPILE", "0")
+    eager = _bn_run(*case, lambda *a: S.batch_norm(*a, bits=4))
+
+    assert got["y"].dtype == dtype and got["gx"].dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got["y"], ref["y"])
+    else:  # computed in float32 then rounded, as natively: at most one unit in the last place
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(got["y"].float(), ref["y"].float(), rtol=eps, atol=eps)
+    # running statistics: momentum 0.1, unbiased variance, as natively
+    tol = {"rtol": 0, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got["rm"], ref["rm"], **tol)
+    torch.testing.assert_close(got["rv"], ref["rv"], **tol)
+    assert cosine(got["gx"], ref["gx"]) > 0.99 and cosine(got["gw"], ref["gw"]) > 0.98
+    # (sums of 10^4 terms in another order: float32 rounding well above 1e-5)
+    sum_tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got["gb"], ref["gb"], **sum_tol)
+    # saved: packed codes, row scales, 1/sigma (then weight, bias)
+    assert len(got["saved"]) == len(eager["saved"])
+    for a, e in zip(got["saved"][:3], eager["saved"][:3], strict=True):
+        assert a.dtype == e.dtype and torch.equal(a, e)
+    assert got["saved"][0].numel() == math.prod(shape) // 2  # 4 bits per element
+    for k in ("y", "gx", "gw", "gb", "rm", "rv"):
+        torch.testing.assert_close(got[k], eager[k], rtol=1e-5, atol=1e-5)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert got["y"].is_contiguous(memory_format=fmt)
+    assert got["gx"].stride() == got["x"].stride()
+
+
+def test_batch_norm_compiled_nan_channel(monkeypatch):
+    """A NaN poisons its channel (as natively) and nothing else; same bytes as eager."""
+    def run():
+        x = torch.randn(8, 16, 24, 24, generator=torch.Generator().manual_seed(0))
+        x[3, 5, 2, 2] = float("nan")
+        x.requires_grad_()
+        rm, rv = torch.zeros(16), torch.ones(16)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            y = S.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5, bits=4)
+        y.backward(torch.ones_like(y))
+        return y, x.grad, rm, saved
+
+    y, gx, rm, saved = run()
+    bad = torch.zeros(16, dtype=torch.bool)
+    bad[5] = True
+    assert y[:, bad].isnan().all() and not y[:, ~bad].isnan().any()
+    assert gx[:, bad].isnan().all() and not gx[:, ~bad].isnan().any()
+    assert rm[5].isnan() and not rm[~bad].isnan().any()
+    monkeypatch.setenv("S2A_COMPILE", "0")
+    _, gx_eager, _, saved_eager = run()
+    assert torch.equal(saved[0], saved_eager[0])
+    assert torch.equal(saved[1].isnan(), saved_eager[1].isnan())
+    assert torch.equal(saved[1].nan_to_num(), saved_eager[1].nan_to_num())
+    torch.testing.assert_close(gx, gx_eager, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("op", ["layer_norm", "batch_norm"])
 def test_norm_bad_bits(op):
     x = torch.randn(2, 4, 3, requires_grad=True)

@@ -211,105 +211,252 @@ def rms_norm(x, normalized_shape, weight=None, eps: float | None = None, bits: i
     return _LayerNorm.apply(x, weight, None, eps, nd, True, bits)
 
 
-def _bn_forward_body(x, mean, rstd, w, b, mids, *, bits: int, rule: str, quant: bool,
-                     has_w: bool, has_b: bool):
-    """(y, codes of x̂ per (sample, channel) row, row max |x̂|): one pass when compiled."""
-    # Shapes built with -1, not x.shape[1]: reading the channel count would make dynamo
-    # specialise on it and recompile for every layer width.
-    bshape = (1, -1) + (1,) * (x.dim() - 2)
-    xhat = (x.float() - mean.view(bshape)) * rstd.view(bshape)
-    y = xhat
-    if has_w:
-        y = y * w.float().view(bshape)
-    if has_b:
-        y = y + b.float().view(bshape)
-    y = y.to(x.dtype)
+# BatchNorm in train mode: the batch statistics, the output and the codes of x̂ come
+# out of one compiled pass over x (plus the per-row reductions); the backward decodes the
+# codes inside its two passes. x is viewed as (per, N/per, C, S) (S: the spatial size,
+# 1 for (N, C) input): row (j, n, c) is the plane x[j*N/per + n, c], with one scale each.
+
+
+def _bn_planes(n: int, bits: int) -> int:
+    """``per``: how many samples share a byte of the saved codes. :func:`packing.pack`
+    of the (N, C, S) codes puts the codes of samples n, n + N/per, ... (same channel and
+    position) in one byte, so when ``N % per == 0`` the forward writes the packed bytes
+    directly; else (``per`` = 1) it writes codes that are packed afterwards."""
+    per = 8 // bits
+    return per if bits in (2, 4) and n % per == 0 else 1
+
+
+_BN_TABLES: dict[int, tuple[str, str, bool]] = {}
+
+
+def _bn_tables(bits: int) -> tuple[str, str, bool]:
+    """(midpoints, levels, symmetric) of the codebook as static strings of float32 values:
+    the compiled bodies use them as constants, not table loads (inductor counts every
+    load as a read and stores, rather than recomputes, an expression with many reads)."""
+    if bits not in _BN_TABLES:
+        levels, mids = row_codebook(NORM_CODEBOOK, bits).tensors(torch.device("cpu"))
+        _BN_TABLES[bits] = (",".join(map(repr, mids.tolist())),
+                            ",".join(map(repr, levels.tolist())),
+                            bool(torch.equal(levels, -levels.flip(0))))
+    return _BN_TABLES[bits]
+
+
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",")]
+
+
+def _bn_forward_body(x, mean, rstd, eps, w, b, mids, *, bits: int, rule: str, per: int,
+                     batch_stats: bool, quant: bool, has_w: bool, has_b: bool, stack: bool,
+                     mids_str: str):
+    """BatchNorm forward of ``x`` (per, N/per, C, S): (y, codes, per-row max |x̂|
+    (per, N/per, C, 1), batch mean, biased batch variance, 1/σ). The batch statistics are
+    float64, None unless ``batch_stats``.
+
+    Codes: ``per`` > 1, packed bytes (N/per, C, S); else uint8 codes shaped like ``x``.
+    With ``batch_stats`` the mean and variance come from float64 row sums of x and x²,
+    taken in the same loop as the row max and min (E[x²] - mean² in float64 keeps ~9
+    digits more than float32 needs; only a mean 10^4 times the spread would show). The
+    compiled and eager paths add in different orders, but in float64: they round to the
+    same float32 mean and 1/σ (barring a near-tie at a rounding boundary), hence the same
+    codes. The row scale max |x̂| is computed from the row max and min of x:
+    x ↦ (x - mean) * rstd is monotone in float arithmetic, so it is the same value.
+    """
+    xf = x.float()
+    pmax, pmin = xf.amax(3), xf.amin(3)
+    stats = (None, None)
+    if batch_stats:
+        xd = xf.double()
+        mean_d = xd.mean(3).mean((0, 1))  # every row has S elements: the mean of row means
+        var = ((xd * xd).mean(3).mean((0, 1)) - mean_d * mean_d).clamp_min(0.0)
+        stats = (mean_d, var)
+        mean = mean_d.float()
+        rstd = torch.rsqrt(var + eps).float()
+    # Shapes built with -1: reading the channel count would make dynamo specialise on it
+    # and recompile for every layer width.
+    bshape = (1, -1, 1)
+    m3, r3 = mean.view(bshape), rstd.view(bshape)
+
+    def affine(xhat):
+        y = xhat
+        if has_w:
+            y = y * w.float().view(bshape)
+        if has_b:
+            y = y + b.float().view(bshape)
+        return y.to(x.dtype)
+
+    compiled = torch.compiler.is_compiling()
+    fused = quant and per > 1 and compiled
+    if not (fused and stack):
+        y = affine((xf - m3) * r3)
     if not quant:
-        return y, None, None
-    rows = xhat.flatten(0, 1).flatten(1) if x.dim() > 2 else xhat.reshape(-1, 1)
-    scale, finite, safe = RQ._scale_of(rows, True)
-    return y, RQ._encode_codes(rows, finite, safe, mids, bits, rule, True), scale
+        return y, None, None, *stats, rstd
+    scale = torch.maximum((pmax - mean) * rstd, (mean - pmin) * rstd).unsqueeze(-1)
+    finite, safe = RQ._safe_scale(scale)
+    if not fused:
+        xhat = (xf - m3) * r3
+        if not compiled:
+            xhat = xhat.contiguous()  # channels_last input: bucketize wants it contiguous
+        codes = RQ._encode_codes(xhat, finite, safe, mids, bits, rule, True)
+        return y, kernels._combine(codes, bits) if per > 1 else codes, scale, *stats, rstd
+    # One loop over the packed bytes: for each of the ``per`` samples sharing a byte, x̂,
+    # its output (``stack``: y written from the same loop) and its code, counted in float
+    # and summed into the byte in float (vectorises; uint8 masks and shifts do not).
+    mv = _floats(mids_str)
+    ys, out = [], None
+    for j in range(per):
+        xhat = (xf[j] - m3) * r3
+        if stack:
+            ys.append(affine(xhat))
+        v = torch.where(finite[j], xhat, 0.0) / safe[j]
+        count = torch.where(v <= mv[0], 0.0, 1.0)
+        for k in range(1, (1 << bits) - 1):
+            count = count + torch.where(v <= mv[k], 0.0, 1.0)
+        out = count if j == 0 else out + count * float(1 << (bits * j))
+    if stack:
+        y = torch.stack(ys)
+    return y, out.to(torch.uint8), scale, *stats, rstd
 
 
-def _bn_backward_body(codes, scale, levels, g, rstd, w, *, bits: int, rule: str,
-                      batch_stats: bool, need_x: bool, need_w: bool, need_b: bool, has_w: bool):
-    """(grad x float32, grad weight, grad bias) from the stored x̂ codes: decode fused
-    into the two passes of the BatchNorm backward when compiled."""
-    bshape = (1, -1) + (1,) * (g.dim() - 2)
-    dims = [0, *range(2, g.dim())]
-    gf = g.float()
-    xhat = RQ._decode_codes(codes, scale, levels, bits, rule, True).view(g.shape)
-    gb = gf.sum(dims) if need_b else None
-    gw = (gf * xhat).sum(dims) if need_w else None
+def _bn_backward_body(codes, scale, levels, g, rstd, w, *, bits: int, rule: str, per: int,
+                      batch_stats: bool, need_x: bool, need_w: bool, need_b: bool, has_w: bool,
+                      stack: bool, levels_str: str, symmetric: bool):
+    """(grad x float32 (per, N/per, C, S), grad weight, grad bias) from the saved codes
+    (``per`` > 1: packed (N/per, C, S), unpacked here; else (1, N, C, S)) and g viewed as
+    (per, N/per, C, S): decode fused into the two passes of the BatchNorm backward."""
+    lv = _floats(levels_str)
+
+    def decode(c, sc):
+        if rule != "table" or not torch.compiler.is_compiling():
+            return RQ._decode_codes(c, sc, levels, bits, rule, True)
+        cf = c.float()
+        if not symmetric:  # a chain of selects over the levels
+            out = torch.where(cf < 0.5, lv[0], lv[1])
+            for k in range(2, len(lv)):
+                out = torch.where(cf > k - 0.5, lv[k], out)
+            return out * sc
+        # Symmetric levels (lv[k-1-i] == -lv[i]): select among the k/2 magnitudes, then
+        # the sign; half the selects of the chain (the decode is most of this loop's work).
+        half = len(lv) // 2
+        neg = cf < half - 0.5
+        m = torch.where(neg, (half - 1) - cf, cf - half)
+        out = torch.where(m < 0.5, lv[half], lv[half + 1])
+        for k in range(2, half):
+            out = torch.where(m > k - 0.5, lv[half + k], out)
+        return torch.where(neg, -out, out) * sc
+
+    # Blocks of (codes, g), each 4-D: one per sample block when gx is written from the
+    # loop over the packed bytes (``stack``), else the whole tensor (g not contiguous,
+    # channels_last: gx keeps its layout; or ``per`` == 1: codes already unpacked).
+    bshape, dims = (1, 1, -1, 1), (0, 1, 3)
+    mask = (1 << bits) - 1
+    if per == 1:
+        blocks = [(decode(codes, scale), g)]
+    elif stack:
+        blocks = [(decode(((codes >> (bits * j)) & mask if j else codes & mask).unsqueeze(0),
+                          scale[j:j + 1]), g[j:j + 1]) for j in range(per)]
+    else:
+        shifts = torch.arange(per, device=codes.device, dtype=torch.uint8).mul_(bits)
+        blocks = [(decode((codes.unsqueeze(0) >> shifts.view(per, 1, 1, 1)) & mask, scale), g)]
+    blocks = [(xh, gb.float()) for xh, gb in blocks]
+    need_sums = need_x and batch_stats
+    sg = sum(gf.sum(dims) for _, gf in blocks) if need_b or need_sums else None
+    sgx = sum((gf * xh).sum(dims) for xh, gf in blocks) if need_w or need_sums else None
     gx = None
     if need_x:
-        wg = gf * w.float().view(bshape) if has_w else gf
+        r = rstd.view(bshape)
+        wv = w.float().view(bshape) if has_w else None
         if batch_stats:
-            proj = (wg * xhat).mean(dims, keepdim=True)
-            gx = rstd.view(bshape) * (wg - wg.mean(dims, keepdim=True) - xhat * proj)
-        else:
-            gx = rstd.view(bshape) * wg
-    return gx, gw, gb
+            n = per * g.shape[1] * g.shape[3]
+            mean_g, proj = (sg / n).view(bshape), (sgx / n).view(bshape)
+            if has_w:
+                mean_g, proj = mean_g * wv, proj * wv
+        outs = []
+        for xh, gf in blocks:
+            wg = gf * wv if has_w else gf
+            outs.append(r * (wg - mean_g - xh * proj) if batch_stats else r * wg)
+        gx = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return gx, (sgx if need_w else None), (sg if need_b else None)
 
 
 class _BatchNorm(torch.autograd.Function):
-    """BatchNorm over dim 1; train mode stores x̂ (per (sample, channel) row scale),
-    eval mode with a frozen weight stores nothing but 1/σ per channel."""
+    """BatchNorm over dim 1; train mode stores x̂ (one scale per (sample, channel) row),
+    eval mode with a frozen weight stores nothing but 1/σ per channel. With batch
+    statistics the outputs are (y, mean, biased variance), the statistics float64 and not
+    differentiable (for the running averages); else y. y is shaped (per, N/per, C, S)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, rstd, batch_stats: bool, bits: int):
-        c = x.shape[1]
-        bshape = [1, c] + [1] * (x.dim() - 2)
+    def forward(ctx, x, weight, bias, mean, rstd, batch_stats: bool, eps: float, bits: int):
+        ctx.set_materialize_grads(False)
+        n, c = x.shape[0], x.shape[1]
+        s = x.numel() // (n * c)
         keep_xhat = batch_stats or (weight is not None and weight.requires_grad)
         quant = (keep_xhat and ctx.needs_input_grad[0]) or (
             weight is not None and weight.requires_grad)
+        per = _bn_planes(n, bits) if quant else 1
         cb = row_codebook(NORM_CODEBOOK, bits)
         _, mids = cb.tensors(x.device)
+        eps_t = torch.tensor(eps, dtype=torch.float64, device=x.device)
+        if batch_stats:
+            mean = rstd = eps_t  # placeholders: the statistics come from the fused pass
+        x4 = x.reshape(per, n // per, c, s)  # a view, for channels_last input too
         # (parameters go in detached: dynamo gives nn.Parameter inputs static shapes,
         # which would pin the channel count and recompile for every layer width)
-        y, codes, scale = RQ.run_fused(
-            _bn_forward_body, x, mean, rstd, (weight if weight is not None else mean).detach(),
-            (bias if bias is not None else mean).detach(), mids, bits=bits, rule=cb.rule, quant=quant,
-            has_w=weight is not None, has_b=bias is not None)
-        rows_shape = (x.shape[0] * c, x.numel() // max(x.shape[0] * c, 1))
-        if quant:  # one scale per (sample, channel) plane: BN's channels are its rows
+        y, codes, scale, mean, var, rstd = RQ.run_fused(
+            _bn_forward_body, x4, mean, rstd, eps_t,
+            (weight if weight is not None else eps_t).detach(),
+            (bias if bias is not None else eps_t).detach(), mids, bits=bits, rule=cb.rule,
+            per=per, batch_stats=batch_stats, quant=quant, has_w=weight is not None,
+            has_b=bias is not None, stack=x4.is_contiguous(), mids_str=_bn_tables(bits)[0])
+        if quant:
             _, scale = RQ._safe_scale(scale)
-            packed = RQ.pack_codes(codes, bits)
+            packed = codes if per > 1 else RQ.pack_codes(codes, bits)
         else:
             packed, scale = x.new_zeros(0, dtype=torch.uint8), x.new_zeros(0)
         ctx.save_for_backward(packed, scale, rstd, weight, bias)
-        ctx.meta = (rows_shape, x.shape, bshape, batch_stats, bits, x.dtype)
-        return y
+        ctx.meta = ((per, n // per, c, s), x.shape, batch_stats, bits, x.dtype)
+        # y stays (per, N/per, C, S): reshaped here it would be a view created inside the
+        # Function, which autograd forbids modifying in place (an inplace ReLU after it).
+        if not batch_stats:
+            return y
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, *_):
         packed, scale, rstd, weight, bias = ctx.saved_tensors
-        rows_shape, _, bshape, batch_stats, bits, in_dtype = ctx.meta
+        view, shape, batch_stats, bits, in_dtype = ctx.meta
         need_w = weight is not None and weight.requires_grad
         need_b = bias is not None and bias.requires_grad
         need_x = ctx.needs_input_grad[0]
+        if g is None:
+            return (None,) * 8
+        g4 = g.reshape(view)
         if packed.numel():
             cb = row_codebook(NORM_CODEBOOK, bits)
             levels, _ = cb.tensors(g.device)
-            codes = RQ.unpack_codes(packed, bits, math.prod(rows_shape)).view(rows_shape)
+            per = view[0]
+            codes = packed if per > 1 else RQ.unpack_codes(
+                packed, bits, math.prod(view)).view(view)
+            _, levels_str, symmetric = _bn_tables(bits)
             gx, gw, gb = RQ.run_fused(
-                _bn_backward_body, codes, scale, levels, g, rstd,
+                _bn_backward_body, codes, scale, levels, g4, rstd,
                 (weight if weight is not None else rstd).detach(), bits=bits, rule=cb.rule,
-                batch_stats=batch_stats, need_x=need_x, need_w=need_w, need_b=need_b,
-                has_w=weight is not None)
+                per=per, batch_stats=batch_stats, need_x=need_x, need_w=need_w, need_b=need_b,
+                has_w=weight is not None, stack=g4.is_contiguous(), levels_str=levels_str,
+                symmetric=symmetric)
         else:  # eval mode, frozen weight: grad x = rstd * w * g, nothing stored
-            gf = g.float()
-            dims = [0, *range(2, gf.dim())]
+            gf = g4.float()
+            bshape = (1, 1, -1, 1)
             gw = None
-            gb = gf.sum(dims) if need_b else None
+            gb = gf.sum((0, 1, 3)) if need_b else None
             gx = None
             if need_x:
                 gx = rstd.view(bshape) * (gf * weight.float().view(bshape) if weight is not None
                                           else gf)
-        gx = gx.to(in_dtype) if gx is not None else None
+        gx = gx.reshape(shape).to(in_dtype) if gx is not None else None
         gw = gw.to(weight.dtype) if gw is not None else None
         gb = gb.to(bias.dtype) if gb is not None else None
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 def batch_norm(
@@ -320,22 +467,22 @@ def batch_norm(
     _check_row_bits(bits, "batch_norm")
     if not _needs_grad(x, weight, bias) or x.numel() == 0:
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    batch_stats = training or running_mean is None
-    if batch_stats:
-        dims = [0, *range(2, x.dim())]
-        with torch.no_grad():
-            xf = x.float()
-            var, mean = torch.var_mean(xf, dim=dims, correction=0)
-            if training and running_mean is not None:
-                n = x.numel() // x.shape[1]
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                unbiased = var * (n / max(n - 1, 1))
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-            rstd = torch.rsqrt(var + eps)
-    else:
+    if not training and running_mean is not None:
         mean = running_mean.float()
         rstd = torch.rsqrt(running_var.float() + eps)
-    return _BatchNorm.apply(x, weight, bias, mean, rstd, batch_stats, bits)
+        return _BatchNorm.apply(x, weight, bias, mean, rstd, False, eps, bits).reshape(x.shape)
+    # Batch statistics, computed in the fused forward pass.
+    y, mean, var = _BatchNorm.apply(x, weight, bias, None, None, True, eps, bits)
+    y = y.reshape(x.shape)
+    if training and running_mean is not None:
+        # As F.batch_norm: the unbiased variance, the update computed in float64 from the
+        # float64 statistics and rounded once.
+        with torch.no_grad():
+            n = x.numel() // x.shape[1]
+            unbiased = var * (n / max(n - 1, 1))
+            for buf, new in ((running_mean, mean), (running_var, unbiased)):
+                buf.copy_(buf.double() * (1 - momentum) + new * momentum)
+    return y
 
 
 # --- dropout ------------------------------------------------------------------------
