@@ -359,6 +359,10 @@ def to_markdown(data: dict[str, Any]) -> str:
             "Accuracy: test %, mean ± std over the finished seeds (n) of cached s2a train runs; '-' = not run.",
             "mesa8 / fewbit2 are configurations of s2a's activation engine imitating Mesa and Few-bit / "
             "Approx-BP, not those projects' code.",
+            "Known limitation: the peak is that of a first training step, whose AdamW state is allocated at "
+            "its end. In later steps that state (2 x the trainable bytes) is alive during forward and "
+            "backward too, so methods with many trainable parameters whose peak falls in the backward "
+            "(full-ckpt above all) are understated by up to their optimizer state; S2A's is a few MiB.",
         ],
     )  # fmt: skip
     for bb in dict.fromkeys(r["backbone"] for r in data["rows"]):
@@ -538,10 +542,13 @@ def refresh_accuracy(name: str, seeds: list[int], run_missing: bool, backbones: 
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         raise SystemExit(f"--refresh-accuracy: {path} does not exist; run without it first")
-    data = json.loads(path.read_text())
+    if run_missing:  # launch first: this can take hours, while other sittings add rows
+        for r in json.loads(path.read_text())["rows"]:
+            if r["backbone"] in backbones and r["method"] in methods:
+                accuracy_of(r["backbone"], r["method"], seeds, True)
+    data = json.loads(path.read_text())  # read now, not before the runs: rows written meanwhile stay
     for r in data["rows"]:
-        launch = run_missing and r["backbone"] in backbones and r["method"] in methods
-        mean, std, n = accuracy_of(r["backbone"], r["method"], seeds, launch)
+        mean, std, n = accuracy_of(r["backbone"], r["method"], seeds, False)
         r["accuracy"], r["accuracy_std"] = mean, std
         data["seeds_finished"][f"{r['backbone']}/{r['method']}"] = n
     add_ratios(data["rows"])
