@@ -488,13 +488,12 @@ def write_partial(args: argparse.Namespace, backbones: list[str], methods: list[
 
 
 def _with_sittings(old: dict[str, Any]) -> dict[str, Any]:
-    """Results written before rows carried their sitting: one per backbone (or one in all)."""
+    """Results written before rows carried their sitting were measured in one, ``meta``."""
     if "sittings" in old:
         return old
-    metas = old.get("meta_by_backbone") or {b: old["meta"] for b in old.get("backbones", {})}
-    old["sittings"] = {m["date"]: m for m in metas.values()}
+    old["sittings"] = {old["meta"]["date"]: old["meta"]}
     for d in old.get("details", []):
-        d.setdefault("measured", metas.get(d["backbone"], old["meta"])["date"])
+        d.setdefault("measured", old["meta"]["date"])
     return old
 
 
