@@ -99,8 +99,12 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]
 def write_results(name: str, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jp, mp = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
-    jp.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
-    mp.write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+    # written whole, then renamed: a reader (another benchmark merging rows) never sees half a file
+    for path, text in ((jp, json.dumps(data, indent=1, default=_jsonable) + "\n"),
+                       (mp, markdown if markdown.endswith("\n") else markdown + "\n")):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return jp, mp
 
 

@@ -43,12 +43,15 @@ memory and step time bars for the others).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import gc
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -359,10 +362,8 @@ def to_markdown(data: dict[str, Any]) -> str:
             "Accuracy: test %, mean ± std over the finished seeds (n) of cached s2a train runs; '-' = not run.",
             "mesa8 / fewbit2 are configurations of s2a's activation engine imitating Mesa and Few-bit / "
             "Approx-BP, not those projects' code.",
-            "Known limitation: the peak is that of a first training step, whose AdamW state is allocated at "
-            "its end. In later steps that state (2 x the trainable bytes) is alive during forward and "
-            "backward too, so methods with many trainable parameters whose peak falls in the backward "
-            "(full-ckpt above all) are understated by up to their optimizer state; S2A's is a few MiB.",
+            "The peak is that of a steady-state step: AdamW's state (2 x the trainable bytes) is allocated "
+            "before the forward, as it is in every step after the first.",
         ],
     )  # fmt: skip
     for bb in dict.fromkeys(r["backbone"] for r in data["rows"]):
@@ -413,8 +414,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, help="override MiniLM's sequence length")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--time-methods", help="time only these methods (comma separated; default every one): "
-                    "on ViT-B/16 at batch 64 a CPU step takes tens of seconds")
+    ap.add_argument("--time-methods", help="time only these methods (comma separated, or 'none'; default every "
+                    "one): on ViT-B/16 at batch 64 a CPU step takes tens of seconds")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--run-missing", action="store_true", help="launch the missing accuracy runs first")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -430,7 +431,10 @@ def main() -> None:
             ap.error(f"unknown {bad}; known: {list(known)}")
     if "full" not in methods:
         methods.insert(0, "full")  # the reference of every ratio
-    timed = set(methods if args.time_methods is None else args.time_methods.split(","))
+    if args.time_methods is None:
+        timed = set(methods)
+    else:
+        timed = set() if args.time_methods == "none" else set(args.time_methods.split(","))
     if timed - set(VARIANTS):
         ap.error(f"--time-methods: unknown {sorted(timed - set(VARIANTS))}; known: {list(VARIANTS)}")
     for b in backbones:
@@ -484,7 +488,21 @@ def write_partial(args: argparse.Namespace, backbones: list[str], methods: list[
             "backbones": {b: BACKBONES[b] for b in backbones}, "rows": rows,
             "skipped": skipped, "seeds_finished": finished, "details": details,
             "not_measured": [p for p in planned if p not in done]}  # fmt: skip
-    finish(args.name, keep_earlier_rows(args.name, data), quiet=True)
+    with _locked(args.name):
+        finish(args.name, keep_earlier_rows(args.name, data), quiet=True)
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """Hold ``<name>``'s lock while reading, merging and writing it: invocations measuring other
+    backbones may run at the same time, and each write merges the rows the others wrote."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f".{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _with_sittings(old: dict[str, Any]) -> dict[str, Any]:
@@ -545,14 +563,15 @@ def refresh_accuracy(name: str, seeds: list[int], run_missing: bool, backbones: 
         for r in json.loads(path.read_text())["rows"]:
             if r["backbone"] in backbones and r["method"] in methods:
                 accuracy_of(r["backbone"], r["method"], seeds, True)
-    data = json.loads(path.read_text())  # read now, not before the runs: rows written meanwhile stay
-    for r in data["rows"]:
-        mean, std, n = accuracy_of(r["backbone"], r["method"], seeds, False)
-        r["accuracy"], r["accuracy_std"] = mean, std
-        data["seeds_finished"][f"{r['backbone']}/{r['method']}"] = n
-    add_ratios(data["rows"])
-    data["meta"]["accuracy_refreshed"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    finish(name, data)
+    with _locked(name):  # read now, not before the runs: rows written meanwhile stay
+        data = json.loads(path.read_text())
+        for r in data["rows"]:
+            mean, std, n = accuracy_of(r["backbone"], r["method"], seeds, False)
+            r["accuracy"], r["accuracy_std"] = mean, std
+            data["seeds_finished"][f"{r['backbone']}/{r['method']}"] = n
+        add_ratios(data["rows"])
+        data["meta"]["accuracy_refreshed"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        finish(name, data)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from s2a.memory import MemoryReport, measure
+from s2a.memory.allocator import probe_for
 
 F32 = 4
 
@@ -403,3 +405,30 @@ def test_measure_releases_the_step_graph():
     measure(model, torch.randn(4, 8))
     gc.collect()
     assert outputs and all(ref() is None for ref in outputs)
+
+
+def test_peak_is_a_steady_state_step_with_the_optimizer_state_alive():
+    # A first step allocates AdamW's state only after backward has freed the activations, so
+    # its peak would leave the state out; every later step carries the state throughout.
+    if probe_for("cpu") is None:
+        pytest.skip("no allocator statistics on this platform")
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(1024, 1024), nn.GELU()]
+    model = nn.Sequential(*layers[:-1])
+    x = torch.randn(4096, 1024)  # activations (112 MiB) well above gradients + state (48 MiB)
+    params = [p.detach().clone() for p in model.parameters()]
+    without = measure(model, x)
+    report = measure(model, x, optimizer_step=True)
+    state = report.optimizer_state_bytes
+    assert state == 2 * report.trainable_param_bytes + 4 * 8
+    # forward and backward are the same step, now on top of the state
+    assert report.peak_bytes >= without.peak_bytes + 0.95 * state
+    # allocating the state changes no parameter, and the cross-check still sees only the step
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
+    assert abs(report.forward_live_bytes / report.expected_forward_live_bytes - 1) < 0.05
+    # any optimizer factory: SGD with momentum keeps one buffer per parameter
+    sgd = measure(model, x, optimizer_step=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    assert sgd.optimizer_state_bytes == report.trainable_param_bytes
+    assert sgd.peak_bytes >= without.peak_bytes + 0.95 * sgd.optimizer_state_bytes

@@ -28,6 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import functional as S
+from ._timm import lean_timm_forward
 from .codebooks import SMOOTH_FUNCTIONS
 from .packing import check_bits
 from .rowquant import ROW_BITS
@@ -394,6 +395,15 @@ def compress_activations(
                 state.hooks.append(module.register_forward_pre_hook(partial(_disable, state)))
                 state.hooks.append(module.register_forward_hook(partial(_enable, state), always_call=True))
             continue
+        lean = lean_timm_forward(
+            module, path, state, act_kind=lambda m: (_module_op(m, spec) or (None,))[0],
+            skipped=lambda p: _skipped(p, spec.skip),
+        )
+        if lean is not None:  # its children are patched too: they still run inside it
+            state.patched.append((module, lean[0], module.__dict__.get("forward")))
+            module.forward = lean[1]
+            if lean[0] != "attention":
+                continue
         if spec.enabled("attention") and _switch_attention(module, state):
             continue
         found = _module_op(module, spec)
@@ -478,4 +488,8 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
         return {}
     names = {id(m): n for n, m in model.named_modules()}
     spec = state.spec
-    return {names.get(id(m), "?"): f"{k}@{spec.bits_for(k)}" for m, k, _ in state.patched}
+
+    def bits(kind: str) -> int:
+        return spec.attention_storage()[1] if kind == "attention" else spec.bits_for(kind.split(":")[-1])
+
+    return {names.get(id(m), "?"): f"{k}@{bits(k)}" for m, k, _ in state.patched}

@@ -13,7 +13,8 @@
 * **Run B (allocator)**: a plain forward + loss without any hook, where the allocator's live
   bytes are read before and after (the cross-check), then the backward, with pre/post hooks on
   the autograd nodes sampling the allocator (peak on CPU), gradients, and optionally an
-  optimizer step.
+  optimizer step. With an optimizer, its state is allocated at the start of the window, so the
+  peak is that of a steady-state step (any step but the first), state alive throughout.
 
 Everything observable about the model is restored afterwards: hooks, ``.grad`` (of parameters
 and of batch tensors), buffers (BatchNorm running statistics), parameters (after an optimizer
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from s2a.activations.mlp import observer_hook
 from s2a.memory.allocator import AllocatorProbe, probe_for
 from s2a.memory.kinds import custom_origin, kind_from_class_name, node_kind
 from s2a.memory.report import MemoryReport
@@ -304,11 +306,13 @@ class _ModuleStack:
         for name, module in model.named_modules():
             path = name or ROOT_PATH
 
+            @observer_hook
             def pre(_m, _args, path=path):
                 stack.append(path)
                 if on_event is not None:
                     on_event()
 
+            @observer_hook
             def post(_m, _args, _out, path=path):
                 if on_event is not None:
                     on_event()
@@ -408,7 +412,9 @@ def measure(
     ``batch``: a tensor (``model(batch)``), a tuple/list (``model(*batch)``) or a mapping
     (``model(**batch)``). ``loss_fn(output, batch) -> scalar`` defaults to :func:`default_loss`.
     ``optimizer_step``: also take an optimizer step (``True``: AdamW; or a factory
-    ``params -> Optimizer``) and report its state; the parameters are restored afterwards.
+    ``params -> Optimizer``) and report its state; the parameters are restored afterwards. The
+    state is allocated before the forward (one step on zero gradients at learning rate 0), so
+    ``peak_bytes`` is that of a steady-state step, not of a first step.
     The model runs in its current ``training`` mode and is left exactly as it was.
     """
     loss_fn = loss_fn or default_loss
@@ -542,14 +548,25 @@ def _allocator_run(
 ) -> None:
     """Run B: hook-free forward + loss (cross-check), backward (peak, grads), optimizer step."""
     reset_rng()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if probe is not None:
         gc.collect()  # garbage from before the step must not be freed inside the window
     with _no_gc():  # ... nor by an automatic collection between the two readings
         base = probe.start() if probe is not None else 0
+        opt = None
+        primed = 0
+        if optimizer_step and trainable:
+            # Every step but the first runs with the optimizer state alive from forward to
+            # the update; a first step allocates it only at its end, after the activations
+            # are gone, and would understate the peak of methods with many trainable
+            # parameters. So the state is allocated here, inside the window.
+            opt = _make_optimizer(optimizer_step, trainable)
+            _allocate_state(opt, trainable)
+            primed = probe.live() - base if probe is not None else 0
         output = _call(model, batch)
         loss = loss_fn(output, batch)
         if probe is not None:
-            report.forward_live_bytes = probe.live() - base
+            report.forward_live_bytes = probe.live() - base - primed
             probe.sample()
     del output  # the loss keeps the graph alive; the outputs are not needed any more
 
@@ -567,15 +584,13 @@ def _allocator_run(
         probe.sample()
 
     grads: dict[StorageKey, int] = {}
-    trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         if p.grad is not None:
             key, nbytes = storage_key(p.grad)
             grads[key] = nbytes
     report.grad_bytes = sum(grads.values())
 
-    if optimizer_step and trainable:
-        opt = _make_optimizer(optimizer_step, trainable)
+    if opt is not None:
         opt.step()
         if probe is not None:
             probe.sample()
@@ -587,10 +602,32 @@ def _allocator_run(
 
     if probe is not None:
         peak = probe.peak() - base
-        if fwd_peak is not None:
-            peak = max(peak, fwd_peak)
+        if fwd_peak is not None:  # run A's forward, which ran without the optimizer state
+            peak = max(peak, fwd_peak + primed)
         report.peak_bytes = peak
         report.peak_method = probe.method
+
+
+def _allocate_state(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Have ``opt`` allocate its per-parameter state without changing any parameter.
+
+    One step on zero gradients with every learning rate set to 0 (AdamW's decoupled weight
+    decay is scaled by the learning rate too); the zero gradients are freed afterwards.
+    """
+    saved_lrs = [group.get("lr") for group in opt.param_groups]
+    for group in opt.param_groups:
+        if "lr" in group:
+            group["lr"] = 0.0 if not isinstance(group["lr"], torch.Tensor) else group["lr"] * 0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    try:
+        opt.step()
+    finally:
+        for p in params:
+            p.grad = None
+        for group, lr in zip(opt.param_groups, saved_lrs, strict=True):
+            if lr is not None:
+                group["lr"] = lr
 
 
 def _sample_in_backward(root: Any, probe: AllocatorProbe) -> list[Any]:

@@ -61,7 +61,8 @@ class MemoryReport:
       to ``saved_bytes``.
     * ``peak_bytes``: highest allocator-level live memory during the step minus the live memory
       before it (weights and batch excluded; activations, gradients, temporaries and optimizer
-      state included). Exact on CUDA; on CPU sampled at module and autograd-node boundaries
+      state included; with an optimizer step, its state is alive from the start of the step,
+      as in every step after the first). Exact on CUDA; on CPU sampled at module and autograd-node boundaries
       (``peak_method`` says which).
     * ``forward_live_bytes``: allocator-level growth after forward + loss, measured in a separate
       forward without saved-tensor hooks; ``expected_forward_live_bytes`` is what the hook-based

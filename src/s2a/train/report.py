@@ -141,7 +141,7 @@ def write_report(run_dir: str | os.PathLike, report: dict[str, Any], metrics: Se
         ("trainable params", f"{report.get('trainable_params'):,} of {report.get('total_params'):,} "
                              f"({report.get('trainable_percent'):.3f}%)"),
         ("saved activation bytes (one step)", _fmt_bytes(report.get("saved_activation_bytes"))),
-        ("peak memory (one step, above weights)", _fmt_bytes(report.get("peak_memory_bytes"))),
+        ("peak memory (one step with AdamW state, above weights)", _fmt_bytes(report.get("peak_memory_bytes"))),
         ("process peak memory", _fmt_bytes(report.get("process_peak_memory_bytes"))),
         ("step time", f"{report.get('step_time_s'):.4f} s" if report.get("step_time_s") else "n/a"),
         ("throughput", f"{report.get('throughput'):.1f} examples/s" if report.get("throughput") else "n/a"),

@@ -765,7 +765,10 @@ class Trainer:
         batch = inputs if isinstance(inputs, dict) else (inputs,)
         try:
             with self._autocast():
-                report = measure(self.model, batch, loss_fn, name=f"{self.rc.model} [{self.rc.method}]")
+                # AdamW's state, alive through every step after the first, belongs in the peak
+                report = measure(
+                    self.model, batch, loss_fn, optimizer_step=True, name=f"{self.rc.model} [{self.rc.method}]"
+                )
         except Exception as exc:  # the report must not be lost to a measurement problem
             return None, [f"memory not measured: {type(exc).__name__}: {exc}"]
         notes.append(f"memory measured by s2a.measure on one training micro-batch of {n} examples per process")

@@ -1,0 +1,126 @@
+"""Leaner forwards for timm's ``Mlp`` and ``Attention``: same results, smaller peaks.
+
+Once activations are stored at 4 bits, the peak of a ViT step is set by what a block
+holds *transiently* while the last block runs, not by what it saves:
+
+* ``Mlp``: ``fc1``'s output and the activation's output, each 4x the width. With both
+  weights frozen (when ``compress_activations`` runs, and still at each call) the block
+  runs as :func:`.mlp.frozen_mlp`, in chunks of rows.
+* ``Attention``: timm's forward keeps ``q``, ``k``, ``v`` (views of the 3x-width ``qkv``
+  output) as locals until it returns, through the output projection, although attention
+  has already stored what its backward needs. The forward here is timm's with those
+  locals dropped right after attention.
+
+Each is used only for the exact timm class whose forward reads exactly the attributes
+below (checked on the code object), so a timm release that changes the block falls back
+to timm's own forward instead of being silently mis-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .codebooks import SMOOTH_FUNCTIONS
+from .mlp import frozen_mlp, frozen_mlp_applies, has_foreign_hooks
+
+# Names each timm forward reads (co_names of timm 1.0.x). Any other: not ours to rewrite.
+_MLP_NAMES = frozenset({"act", "drop1", "drop2", "fc1", "fc2", "norm"})
+_ATTENTION_NAMES = frozenset({
+    "F", "attn_dim", "attn_drop", "fused_attn", "gate", "head_dim", "k_norm", "maybe_add_mask",
+    "norm", "num_heads", "p", "permute", "proj", "proj_drop", "q_norm", "qkv", "reshape",
+    "resolve_self_attn_mask", "scale", "scaled_dot_product_attention", "shape", "sigmoid",
+    "softmax", "training", "transpose", "unbind",
+})
+
+
+def _timm_class(name: str) -> Any:
+    try:
+        from timm import layers
+    except ImportError:
+        return None
+    cls = getattr(layers, name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def _reads_exactly(cls: type, names: frozenset[str]) -> bool:
+    code = getattr(cls.forward, "__code__", None)
+    return code is not None and frozenset(code.co_names) == names
+
+
+def lean_timm_forward(
+    module: nn.Module, path: str, state: Any,
+    act_kind: Callable[[nn.Module], str | None], skipped: Callable[[str], bool],
+) -> tuple[str, Callable[..., torch.Tensor]] | None:
+    """``(kind, forward)`` replacing ``module.forward``, or None if ``module`` is not one of ours.
+
+    A module whose forward was already replaced on the instance (an adapter wrapping it,
+    say) is left alone: the replacement would be lost."""
+    if "forward" in vars(module):
+        return None
+    mlp, attention = _timm_class("Mlp"), _timm_class("Attention")
+    if mlp is not None and type(module) is mlp and _reads_exactly(mlp, _MLP_NAMES):
+        return _mlp_forward(module, path, state, act_kind, skipped)
+    if (attention is not None and type(module) is attention and _reads_exactly(attention, _ATTENTION_NAMES)
+            and state.spec.enabled("attention")):
+        return "attention", _attention_forward(module)
+    return None
+
+
+def _mlp_forward(module, path, state, act_kind, skipped):
+    if type(module.fc1) is not nn.Linear or type(module.fc2) is not nn.Linear:
+        return None  # timm's use_conv variant, or a peft-wrapped layer
+    if type(module.norm) is not nn.Identity or type(module.drop1) is not nn.Dropout:
+        return None
+    if module.fc1.weight.requires_grad or module.fc2.weight.requires_grad:
+        return None  # weights that train need fc1's and fc2's inputs: nothing to fuse
+    if any(skipped(f"{path}.{c}" if path else c) for c in ("fc1", "act", "drop1", "fc2")):
+        return None
+    kind = act_kind(module.act)
+    if kind not in SMOOTH_FUNCTIONS or not state.spec.enabled(kind):
+        return None
+    bits = state.spec.bits_for(kind)
+    parts = (module.fc1, module.act, module.drop1, module.norm, module.fc2)
+    unfused = type(module).forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        fc1, fc2 = module.fc1, module.fc2
+        b1, b2 = fc1.bias, fc2.bias
+        if (
+            state.disabled
+            or (module.drop1.training and module.drop1.p > 0)
+            or not frozen_mlp_applies(x, fc1.weight, fc2.weight, kind)
+            or not (x.requires_grad or (b1 is not None and b1.requires_grad) or (b2 is not None and b2.requires_grad))
+            or has_foreign_hooks(*parts)
+        ):
+            return unfused(module, x)
+        return module.drop2(frozen_mlp(x, fc1.weight, b1, fc2.weight, b2, kind, bits))
+
+    return f"frozen_mlp:{kind}", forward
+
+
+def _attention_forward(m: nn.Module) -> Callable[..., torch.Tensor]:
+    def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if not m.fused_attn:  # the eager path materialises the probabilities anyway
+            return type(m).forward(m, x, attn_mask=attn_mask, is_causal=is_causal)
+        B, N, _ = x.shape
+        gate = m.gate(x).sigmoid() if m.gate is not None else None
+        qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        del qkv
+        q, k = m.q_norm(q), m.k_norm(k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=m.attn_drop.p if m.training else 0.0, is_causal=is_causal
+        )
+        del q, k, v  # the 3x-width qkv output: attention stored its own copy for backward
+        y = y.transpose(1, 2).reshape(B, N, m.attn_dim)
+        y = m.norm(y)
+        if gate is not None:
+            y = y * gate
+        return m.proj_drop(m.proj(y))
+
+    return forward

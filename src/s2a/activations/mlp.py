@@ -1,0 +1,169 @@
+"""A transformer MLP block, ``fc2(act(fc1(x)))``, for when both weights are frozen.
+
+Compressing the activation stores its derivative codes at 4 bits, but an unfused MLP
+still materialises the whole hidden layer twice during forward: ``fc1``'s output (the
+activation's input) and the activation's output (``fc2``'s input), each 4x the block's
+width. In a ViT-B/16 at batch 64 that is 2 x 148 MiB at the moment the last block runs,
+on top of everything stored for backward: the step's peak.
+
+With frozen weights nothing in the block needs those tensors after the block, so they
+are processed in chunks of rows: a chunk of ``fc1`` output is made, encoded, passed
+through the activation and ``fc2``, and dropped. Backward does the same from the saved
+codes (``dh = (dy @ W2) * f'(codes)``, ``dx = dh @ W1``). What is saved is exactly what
+the unfused compressed block saves (the activation's codes; frozen linears keep no
+input); only the transient memory changes. Trainable biases get their gradients.
+
+If either weight requires grad (full fine-tuning, LoRA merged into the weight...) the
+block runs unfused, each operator compressed on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .codebooks import SMOOTH_FUNCTIONS, get_codebook
+
+# Hidden-layer elements materialised at a time (fp32: 32 MiB, for fc1's output and the
+# activation's each). Larger chunks gain nothing measurable on CPU matmuls of this size.
+CHUNK_ELEMS = 1 << 23
+
+__all__ = ["CHUNK_ELEMS", "frozen_mlp", "frozen_mlp_applies", "has_foreign_hooks", "observer_hook"]
+
+_OBSERVER = "_s2a_observer"
+
+
+def observer_hook(fn):
+    """Mark a module hook as one that only observes (``s2a.measure``'s path tracking): it does
+    not stop the fused block from bypassing its submodules' forwards."""
+    setattr(fn, _OBSERVER, True)
+    return fn
+
+
+def has_foreign_hooks(*modules: torch.nn.Module) -> bool:
+    """Whether any hook other than an :func:`observer_hook` would see these modules run:
+    fusing them would silently skip such a hook, so the block then runs unfused."""
+    from torch.nn.modules import module as M
+
+    dicts = [M._global_forward_pre_hooks, M._global_forward_hooks, M._global_backward_hooks,
+             getattr(M, "_global_backward_pre_hooks", {})]
+    for m in modules:
+        dicts += [m._forward_pre_hooks, m._forward_hooks, m._backward_hooks, m._backward_pre_hooks]
+    return any(not getattr(h, _OBSERVER, False) for d in dicts for h in d.values())
+
+
+def _row_chunks(rows: int, hidden: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMS // max(hidden, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` would compute in here (autocast's, if it is on)."""
+    try:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+    except (RuntimeError, ValueError, TypeError):  # device type without autocast
+        pass
+    return torch.promote_types(x.dtype, w.dtype)
+
+
+class _MLPFrozenWeights(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, name: str, bits: int):
+        dtype = _compute_dtype(x, w1)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        w1c, w2c = w1.to(dtype), w2.to(dtype)
+        b1c = None if b1 is None else b1.to(dtype)
+        b2c = None if b2 is None else b2.to(dtype)
+        cb = get_codebook(name, bits)
+        lut, _ = cb.tensors(x.device)
+        act = SMOOTH_FUNCTIONS[name]
+        rows, hidden = x2.shape[0], w1.shape[0]
+        out = x2.new_empty(rows, w2.shape[0])
+        packed = []
+        for r0, r1 in _row_chunks(rows, hidden):
+            h = F.linear(x2[r0:r1], w1c, b1c)
+            packed.append(kernels.encode_lut(h, lut, bits, cb.nan_code, cb.runs))
+            a = act(h)
+            del h
+            if b2c is None:
+                torch.mm(a, w2c.t(), out=out[r0:r1])
+            else:
+                torch.addmm(b2c, a, w2c.t(), out=out[r0:r1])
+        ctx.save_for_backward(w1, w2, *packed)
+        ctx.name, ctx.bits, ctx.dtype = name, bits, dtype
+        ctx.x_meta = (x.shape, x.dtype)
+        ctx.b_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
+        return out.reshape(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        w1, w2, *packed = ctx.saved_tensors
+        x_shape, x_dtype = ctx.x_meta
+        b1_dtype, b2_dtype = ctx.b_dtypes
+        dtype = ctx.dtype
+        _, levels = get_codebook(ctx.name, ctx.bits).tensors(g.device)
+        g2 = g.reshape(-1, g.shape[-1]).to(dtype)
+        w1c, w2c = w1.to(dtype), w2.to(dtype)
+        need_x, need_b1, need_b2 = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+        rows, hidden = g2.shape[0], w1.shape[0]
+        gx = g2.new_empty(rows, w1.shape[1]) if need_x else None
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        gb1 = g2.new_zeros(hidden, dtype=acc) if need_b1 else None
+        for (r0, r1), codes in zip(_row_chunks(rows, hidden), packed, strict=True):
+            da = torch.mm(g2[r0:r1], w2c)
+            dh = kernels.decode_lut(codes, da, levels, ctx.bits)
+            del da
+            if need_b1:
+                gb1 += dh.sum(0, dtype=acc)
+            if need_x:
+                torch.mm(dh, w1c, out=gx[r0:r1])
+        gx = gx.reshape(x_shape).to(x_dtype) if need_x else None
+        gb1 = gb1.to(b1_dtype) if need_b1 else None
+        gb2 = g2.sum(0, dtype=acc).to(b2_dtype) if need_b2 else None
+        return gx, None, gb1, None, gb2, None, None
+
+
+def frozen_mlp_applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, name: str) -> bool:
+    """Whether :func:`frozen_mlp` can stand in for the unfused block here."""
+    return (
+        torch.is_grad_enabled()
+        and not w1.requires_grad
+        and not w2.requires_grad
+        and name in SMOOTH_FUNCTIONS
+        and x.dim() >= 2
+        and x.is_floating_point()
+        and w1.dim() == 2
+        and w2.dim() == 2
+        and x.shape[-1] == w1.shape[1]
+        and w2.shape[1] == w1.shape[0]
+    )
+
+
+def frozen_mlp(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+    activation: str = "gelu",
+    bits: int = 4,
+) -> torch.Tensor:
+    """``F.linear(act(F.linear(x, W1, b1)), W2, b2)`` with frozen ``W1``, ``W2``.
+
+    Same saved state as the unfused compressed block (``bits``-bit codes of ``act``'s
+    derivative), chunked so that the hidden layer never exists whole. Callers check
+    :func:`frozen_mlp_applies` first; a weight that requires grad is refused here.
+    """
+    if fc1_weight.requires_grad or fc2_weight.requires_grad:
+        raise ValueError("frozen_mlp: both weights must be frozen (requires_grad=False); "
+                         "run the block unfused when a weight trains")
+    if activation not in SMOOTH_FUNCTIONS:
+        raise ValueError(f"frozen_mlp: unknown activation {activation!r}; supported: {sorted(SMOOTH_FUNCTIONS)}")
+    if x.shape[-1] != fc1_weight.shape[1] or fc2_weight.shape[1] != fc1_weight.shape[0]:
+        raise ValueError(
+            f"frozen_mlp: shapes do not chain: x (..., {x.shape[-1]}), fc1 weight "
+            f"{tuple(fc1_weight.shape)}, fc2 weight {tuple(fc2_weight.shape)}"
+        )
+    return _MLPFrozenWeights.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, bits)
