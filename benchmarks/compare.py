@@ -165,9 +165,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+LOAD_AT_START: list[float] = []
+
+
 def sitting_of(t0: float) -> str:
-    """The key of one invocation's rows: its start time (metadata()'s date format)."""
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
+    """The key of one invocation's rows: its start time to the second and its process id
+    (invocations on different backbones may start together)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t0)) + f" pid {os.getpid()}"
 
 
 def measure_one(backbone: str, label: str, device: torch.device, warmup: int, repeats: int,
@@ -453,6 +457,7 @@ def main() -> None:
         refresh_accuracy(args.name, seeds, args.run_missing, set(backbones), set(methods))
         return
     t0 = time.time()
+    LOAD_AT_START[:] = os.getloadavg() if hasattr(os, "getloadavg") else ()
     rows, details, skipped, finished = [], [], [], {}
     for bb in backbones:
         for label in methods:
@@ -482,6 +487,8 @@ def write_partial(args: argparse.Namespace, backbones: list[str], methods: list[
     meta = metadata(repeats=f"{args.repeats} timed steps after {args.warmup} warm-up; accuracy over {args.seeds} seeds",
                     runtime_s=time.time() - t0, device=str(args.device))  # fmt: skip
     meta["date"] = sitting_of(t0)
+    if LOAD_AT_START:  # metadata() reads the load now, at this write; the sitting began earlier
+        meta["load_avg_at_start"] = list(LOAD_AT_START)
     planned = [f"{b}/{m}" for b in backbones for m in methods]
     done = {f"{r['backbone']}/{r['method']}" for r in rows} | {f"{x['backbone']}/{x['method']}" for x in skipped}
     data = {"meta": meta, "sittings": {meta["date"]: meta},
