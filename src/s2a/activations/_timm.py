@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .codebooks import SMOOTH_FUNCTIONS
+from .functional import _needs_grad
 from .mlp import frozen_mlp, frozen_mlp_applies, has_foreign_hooks
 
 # Names each timm forward reads (co_names of timm 1.0.x). Any other: not ours to rewrite.
@@ -94,7 +95,7 @@ def _mlp_forward(module, path, state, act_kind, skipped):
             state.disabled
             or (module.drop1.training and module.drop1.p > 0)
             or not frozen_mlp_applies(x, fc1.weight, fc2.weight, kind)
-            or not (x.requires_grad or (b1 is not None and b1.requires_grad) or (b2 is not None and b2.requires_grad))
+            or not _needs_grad(x, b1, b2)
             or has_foreign_hooks(*parts)
         ):
             return unfused(module, x)

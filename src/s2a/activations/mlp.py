@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .attention import _autocast_dtype
 from .codebooks import SMOOTH_FUNCTIONS, get_codebook
 
 # Hidden-layer elements materialised at a time (fp32: 32 MiB, for fc1's output and the
@@ -60,12 +61,7 @@ def _row_chunks(rows: int, hidden: int) -> list[tuple[int, int]]:
 
 def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     """The dtype ``F.linear`` would compute in here (autocast's, if it is on)."""
-    try:
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-    except (RuntimeError, ValueError, TypeError):  # device type without autocast
-        pass
-    return torch.promote_types(x.dtype, w.dtype)
+    return _autocast_dtype(x.device.type) or torch.promote_types(x.dtype, w.dtype)
 
 
 class _MLPFrozenWeights(torch.autograd.Function):
