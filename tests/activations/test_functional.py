@@ -254,6 +254,44 @@ def test_batch_norm_eval_frozen_keeps_no_activation():
     assert native >= x.numel() * 4  # PyTorch keeps the whole input
 
 
+@pytest.mark.parametrize("shape", [(8, 16, 14, 14), (64, 16), (8, 16, 30)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_eval_frozen_weight_is_native_affine(shape, channels_last):
+    """Eval mode, frozen weight, float32: one native addcmul (keeps C floats), outputs and
+    gradients as F.batch_norm to float32 rounding, NaN confined as natively."""
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels_last needs 4 dims")
+    gen = torch.Generator().manual_seed(0)
+    c = shape[1]
+    x = torch.randn(shape, generator=gen) * 2 + 0.5
+    x.view(-1)[7] = float("nan")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, rm, rv = 1 + 0.1 * torch.randn(c, generator=gen), torch.randn(c, generator=gen), 1 + torch.rand(c, generator=gen)
+    g = torch.randn(shape, generator=gen)
+    out = {}
+    for name, fn in (("s2a", S.batch_norm), ("native", F.batch_norm)):
+        xi, b = x.clone().requires_grad_(), torch.zeros(c, requires_grad=True)
+        saved: list[torch.Tensor] = []
+
+        def keep(t, saved=saved):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            y = fn(xi, rm, rv, w, b, False, 0.1, 1e-5)
+        y.backward(g)
+        out[name] = (y, xi.grad, b.grad, saved)
+    (y, gx, gb, saved), (y_ref, gx_ref, gb_ref, _) = out["s2a"], out["native"]
+    assert sum(t.numel() * t.element_size() for t in saved) == c * 4
+    torch.testing.assert_close(y, y_ref, equal_nan=True)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gb, gb_ref, equal_nan=True)
+    assert torch.isnan(y).sum() == 1 and torch.isfinite(gx).all()
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
 # Inputs above the compiled kernels' size floor (kernels.SMALL elements), so the default
 # path runs compiled: (shape, dtype, channels_last, training).
 BN_COMPILED_CASES = [

@@ -459,6 +459,19 @@ class _BatchNorm(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
+def _affine_batch_norm(x, mean, rstd, weight, bias):
+    """Eval-mode BatchNorm with a frozen weight is ``x * a + (bias - mean * a)``, a per
+    channel. As one native ``addcmul`` autograd keeps only ``a`` (C floats) and the
+    backward is native too: no Python Function and no compiled call per layer, which
+    dominated the step time of small CNNs (EfficientNet-Lite0 at 64 px: 147 of them)."""
+    a = rstd * weight.detach().float() if weight is not None else rstd
+    shift = -mean * a
+    if bias is not None:
+        shift = bias.float() + shift if bias.dtype != torch.float32 else bias + shift
+    shape = (x.shape[1],) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(shape), x, a.view(shape))
+
+
 def batch_norm(
     x, running_mean, running_var, weight=None, bias=None, training: bool = False,
     momentum: float = 0.1, eps: float = 1e-5, bits: int = 4,
@@ -470,6 +483,8 @@ def batch_norm(
     if not training and running_mean is not None:
         mean = running_mean.float()
         rstd = torch.rsqrt(running_var.float() + eps)
+        if x.dtype == torch.float32 and x.dim() >= 2 and not (weight is not None and weight.requires_grad):
+            return _affine_batch_norm(x, mean, rstd, weight, bias)
         return _BatchNorm.apply(x, weight, bias, mean, rstd, False, eps, bits).reshape(x.shape)
     # Batch statistics, computed in the fused forward pass.
     y, mean, var = _BatchNorm.apply(x, weight, bias, None, None, True, eps, bits)

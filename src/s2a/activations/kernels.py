@@ -270,6 +270,19 @@ def decode_lut(packed: torch.Tensor, g: torch.Tensor, levels: torch.Tensor, bits
     return _run(f"dec{bits}", _decode_lut_eager, packed, g, levels, bits).view(g.shape)
 
 
+_SCALARS: dict = {}
+
+
+def _scalar(value: float, device: torch.device) -> torch.Tensor:
+    # The mask levels and bounds are a handful of constants: one 0-d tensor each, made
+    # once (a torch.tensor per call is a measurable share of a small CNN's step).
+    key = (value, device)
+    t = _SCALARS.get(key)
+    if t is None:
+        t = _SCALARS[key] = torch.tensor(value, dtype=torch.float32, device=device)
+    return t
+
+
 def encode_mask(x: torch.Tensor, lo: float, hi: float | None, inclusive: bool) -> torch.Tensor:
     """1-bit packed 'gradient passes' mask for ReLU-like functions (exact)."""
     if x.is_cuda:
@@ -280,8 +293,8 @@ def encode_mask(x: torch.Tensor, lo: float, hi: float | None, inclusive: bool) -
     flat = x.reshape(-1)
     if flat.numel() == 0:
         return flat.new_zeros(0, dtype=torch.uint8)
-    lo_t = torch.tensor(lo, dtype=torch.float32, device=flat.device)
-    hi_t = torch.tensor(0.0 if hi is None else hi, dtype=torch.float32, device=flat.device)
+    lo_t = _scalar(lo, flat.device)
+    hi_t = _scalar(0.0 if hi is None else hi, flat.device)
     key = f"encmask/{inclusive}/{hi is not None}"
     return _run(key, _encode_mask_eager, flat, lo_t, hi_t, inclusive, hi is not None)
 
@@ -295,8 +308,7 @@ def decode_mask(packed: torch.Tensor, g: torch.Tensor, low: float, high: float) 
             return triton_kernels.decode_mask(packed, g, low, high)
     if g.numel() == 0:
         return torch.empty_like(g)
-    low_t = torch.tensor(low, dtype=torch.float32, device=g.device)
-    high_t = torch.tensor(high, dtype=torch.float32, device=g.device)
+    low_t, high_t = _scalar(low, g.device), _scalar(high, g.device)
     return _run("decmask", _decode_mask_eager, packed, g, low_t, high_t).view(g.shape)
 
 
