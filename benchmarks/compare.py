@@ -283,7 +283,10 @@ def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                  + (f" / {ckpt['step_time_s']:.3f}" if ckpt else ""),
                         "ok": not slower})  # fmt: skip
         scored = [r for r in rows if r["backbone"] == bb and r["accuracy"] is not None]
-        ours = [r for r in scored if r["method"].startswith(S2A_PREFIX)]
+        # S2A's configurations are the compressed ones: s2a-nocomp is the ablation without
+        # the activation storage ("A"), a yardstick for the 4-bit cost, not a setting to pick.
+        ours = [r for r in scored if r["method"].startswith(S2A_PREFIX)
+                and VARIANTS.get(r["method"], {}).get("act_bits") != "none"]  # fmt: skip
         others = [r for r in scored if not r["method"].startswith(S2A_PREFIX) and r["method"] != "full"]
         if ours and not others:
             out.append({"backbone": bb, "check": "best S2A row on the Pareto front",

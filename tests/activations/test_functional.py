@@ -531,6 +531,20 @@ def test_frozen_conv_keeps_no_input(make, shape, channels_last):
         torch.testing.assert_close(conv.bias.grad, gb_ref)
 
 
+def test_frozen_conv_under_bf16_autocast():
+    conv = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+    conv.weight.requires_grad_(False)
+    x = torch.randn(4, 8, 15, 15)
+    g = torch.randn(4, 8, 8, 8)
+    fn = lambda t: S.conv(t, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, gx_ref = grads(conv, x, g.bfloat16())
+        y, gx = grads(fn, x, g.bfloat16())
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and gx.dtype == gx_ref.dtype == torch.float32
+    assert torch.equal(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref, rtol=2e-2, atol=2e-2)
+
+
 def test_trainable_conv_is_native():
     conv = torch.nn.Conv2d(3, 4, 3)
     x = torch.randn(1, 3, 8, 8, requires_grad=True)
