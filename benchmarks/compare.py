@@ -108,7 +108,10 @@ def lr_of(label: str, kind: str) -> float:
     from s2a.train.config import default_lr
 
     method = VARIANTS[label]["method"]
-    return acc_bench.LR.get((method, kind)) or default_lr(method, kind)
+    # Checkpointing and Mesa / Few-bit storage change how full fine-tuning stores its
+    # activations, not what it optimises: they train at full fine-tuning's rate.
+    tuned_as = "full" if method in ("full-ckpt", "mesa8", "fewbit2") else method
+    return acc_bench.LR.get((tuned_as, kind)) or default_lr(method, kind)
 
 
 def accuracy_runs(backbone: str, label: str, seeds: list[int]) -> tuple[list[Path], list[list[str]], float, int]:
