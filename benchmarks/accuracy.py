@@ -166,6 +166,7 @@ def main() -> None:
             ap.error(f"unknown {bad}; known: {list(known)}")
     seeds = list(range(args.seeds))
     t0 = time.time()
+    meta = metadata(repeats=f"{args.seeds} seeds")  # the load and date of the start, not of the end
     if not args.report_only:
         # seed-major order: every method gets seed 0 before any gets seed 1
         for seed in seeds:
@@ -176,7 +177,8 @@ def main() -> None:
                     cmd = command(regime, method, seed)
                     print(f"[accuracy] {regime} {method} seed {seed}", flush=True)
                     run_train(cmd)
-    data = {"meta": metadata(repeats=f"{args.seeds} seeds", runtime_s=time.time() - t0), **summarise(regimes, seeds)}
+    meta["runtime_s"] = time.time() - t0
+    data = {"meta": meta, **summarise(regimes, seeds)}
     write_results("accuracy", data, to_markdown(data))
     print(to_markdown(data))
 
