@@ -109,8 +109,9 @@ def lr_of(label: str, kind: str) -> float:
 
     method = VARIANTS[label]["method"]
     # Checkpointing and Mesa / Few-bit storage change how full fine-tuning stores its
-    # activations, not what it optimises: they train at full fine-tuning's rate.
-    tuned_as = "full" if method in ("full-ckpt", "mesa8", "fewbit2") else method
+    # activations, not what it optimises: they train at full fine-tuning's rate. BitFit
+    # trains biases only, a subset of what s2a trains: it gets s2a's tuned rate.
+    tuned_as = {"full-ckpt": "full", "mesa8": "full", "fewbit2": "full", "bitfit": "s2a"}.get(method, method)
     return acc_bench.LR.get((tuned_as, kind)) or default_lr(method, kind)
 
 
