@@ -468,7 +468,7 @@ def _affine_batch_norm(x, mean, rstd, weight, bias):
     a = rstd * weight.detach().float() if weight is not None else rstd
     shift = -mean * a
     if bias is not None:
-        shift = bias.float() + shift if bias.dtype != torch.float32 else bias + shift
+        shift = bias.float() + shift
     shape = (x.shape[1],) + (1,) * (x.dim() - 2)
     return torch.addcmul(shift.view(shape), x, a.view(shape))
 
