@@ -51,15 +51,16 @@ from _common import (
     write_results,
 )
 
+_MINILM_RT = {"model": "minilm", "data": "rotten-tomatoes"}
+_EFFNET_FM = {"model": "efficientnet_lite0", "data": "fashion-mnist"}
 REGIMES: dict[str, dict[str, Any]] = {
-    "rt-1000": {"model": "minilm", "data": "rotten-tomatoes", "train_size": 1000, "epochs": 5},
-    "rt-all": {"model": "minilm", "data": "rotten-tomatoes", "train_size": None, "epochs": 3},
-    "fm-1000": {"model": "efficientnet_lite0", "data": "fashion-mnist", "train_size": 1000, "epochs": 5, "img_size": 64},
-    "fm-10000": {"model": "efficientnet_lite0", "data": "fashion-mnist", "train_size": 10000, "epochs": 3, "img_size": 64},
-    "fm-1000-112px": {"model": "efficientnet_lite0", "data": "fashion-mnist", "train_size": 1000, "epochs": 5, "img_size": 112},
-    "fm-1000-112px-10ep": {"model": "efficientnet_lite0", "data": "fashion-mnist", "train_size": 1000, "epochs": 10,
-                           "img_size": 112},
-    "fm-10000-112px": {"model": "efficientnet_lite0", "data": "fashion-mnist", "train_size": 10000, "epochs": 3, "img_size": 112},
+    "rt-1000": {**_MINILM_RT, "train_size": 1000, "epochs": 5},
+    "rt-all": {**_MINILM_RT, "train_size": None, "epochs": 3},
+    "fm-1000": {**_EFFNET_FM, "train_size": 1000, "epochs": 5, "img_size": 64},
+    "fm-10000": {**_EFFNET_FM, "train_size": 10000, "epochs": 3, "img_size": 64},
+    "fm-1000-112px": {**_EFFNET_FM, "train_size": 1000, "epochs": 5, "img_size": 112},
+    "fm-1000-112px-10ep": {**_EFFNET_FM, "train_size": 1000, "epochs": 10, "img_size": 112},
+    "fm-10000-112px": {**_EFFNET_FM, "train_size": 10000, "epochs": 3, "img_size": 112},
 }
 # method -> s2a train options; learning rates picked per method on the validation split of rt-1000 / fm-1000
 METHODS: dict[str, dict[str, Any]] = {
