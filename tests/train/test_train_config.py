@@ -28,6 +28,7 @@ BASE = ["--model", "test_vit", "--data", "rotten-tomatoes"]
         ("--weight-decay", "-0.5", "weight_decay (--weight-decay) must be a number >= 0"),
         ("--max-length", "0", "max_length (--max-length) must be an integer >= 1"),
         ("--img-size", "4", "img_size (--img-size) must be an integer >= 8"),
+        ("--prompt-rank", "0", "prompt_rank (--prompt-rank) must be an integer >= 1"),
     ],
 )
 def test_out_of_range_hyper_parameters_are_clear_cli_errors(run_cli, tmp_path, flag, value, needle):
@@ -56,6 +57,13 @@ def test_config_defaults_roundtrip_and_resolution():
         TrainConfig(model="m", data="d", out="x", method="dora")
     with pytest.raises(TrainError, match="precision"):
         TrainConfig(model="m", data="d", out="x", precision="fp8")
+
+
+@pytest.mark.parametrize(("method", "modules"), [("full", "bias,prompt"), ("lora", "bias,prompt"), ("s2a", "bias,side")])
+def test_prompt_rank_needs_the_s2a_prompt_module(method, modules):
+    with pytest.raises(TrainError, match="--prompt-rank 8 applies only to --method s2a with the prompt module"):
+        TrainConfig(model="m", data="d", out="x", method=method, modules=modules, prompt_rank=8)
+    assert TrainConfig(model="m", data="d", out="x", method="s2a", prompt_rank=8).prompt_rank == 8
 
 
 def test_cli_needs_model_and_data(run_cli, tmp_path):

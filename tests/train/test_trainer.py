@@ -71,6 +71,17 @@ def test_linear_probe_trains_only_the_head(run_cli, image_folder, tmp_path):
     assert report["accuracy"] > 0.5  # colours are easy even for a frozen random backbone
 
 
+def test_prompt_rank_sets_the_rank_of_every_prompt(run_cli, image_folder, tmp_path):
+    out = tmp_path / "rank6"
+    run_cli("--model", "test_vit", "--img-size", "32", "--data", str(image_folder), "--method", "s2a",
+            "--prompt-rank", "6", "--epochs", "1", "--batch-size", "8", "--out", str(out))  # fmt: skip
+    trainable = load_checkpoint(out / "checkpoints" / "last.pt")["trainable"]
+    prompts = {k: v.shape for k, v in trainable.items() if k.endswith((".A", ".B"))}
+    assert prompts and all(s[1] == 6 for k, s in prompts.items() if k.endswith(".A"))
+    assert all(s[0] == 6 for k, s in prompts.items() if k.endswith(".B"))
+    assert json.loads((out / "config.json").read_text())["config"]["prompt_rank"] == 6
+
+
 def test_precisions_and_accumulation(run_cli, image_folder, tmp_path):
     for precision in ("bf16", "fp16"):
         out = tmp_path / precision

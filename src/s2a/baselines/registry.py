@@ -55,14 +55,16 @@ class MethodContext:
     """Everything an apply function may use besides the model.
 
     ``head_names``: module paths of the classifier head (kept trainable); ``modules``:
-    S2A modules (``s2a`` only); ``act_bits``: storage width or None; ``example_input``: one
-    preprocessed batch for dry runs (None: the adapter's default input)."""
+    S2A modules and ``prompt_rank``: rank of S2A's low-rank prompt (``s2a`` only);
+    ``act_bits``: storage width or None; ``example_input``: one preprocessed batch for dry runs
+    (None: the adapter's default input)."""
 
     method: str
     head_names: tuple[str, ...] = ()
     modules: tuple[str, ...] = ("bias", "prompt")
     act_bits: int | None = None
     example_input: Any = None
+    prompt_rank: int = 4
     _info: Any = field(default=None, repr=False)
 
     def info(self, model: nn.Module) -> Any:

@@ -47,8 +47,11 @@ def apply_s2a(model: nn.Module, ctx: MethodContext) -> MethodResult:
     from s2a import S2AConfig, apply
 
     try:
-        cfg = S2AConfig(modules=tuple(ctx.modules), act_bits=ctx.act_bits)
+        cfg = S2AConfig(modules=tuple(ctx.modules), prompt_rank=ctx.prompt_rank, act_bits=ctx.act_bits)
     except (ValueError, TypeError) as exc:
-        raise MethodNotApplicable(f"invalid --modules/--act-bits for s2a: {exc}") from None
+        raise MethodNotApplicable(f"invalid --modules/--prompt-rank/--act-bits for s2a: {exc}") from None
     model = apply(model, cfg, example_input=ctx.example_input)
-    return MethodResult(model, [f"s2a.apply(modules={list(ctx.modules)}, act_bits={ctx.act_bits})"], cfg.to_dict())
+    rank = f", prompt_rank={ctx.prompt_rank}" if "prompt" in cfg.modules else ""
+    return MethodResult(
+        model, [f"s2a.apply(modules={list(ctx.modules)}{rank}, act_bits={ctx.act_bits})"], cfg.to_dict()
+    )

@@ -75,6 +75,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
         help="fine-tuning method (default s2a); see 'methods' below",
     )  # fmt: skip
     g.add_argument("--modules", type=_modules, help="s2a modules, comma separated (default bias,prompt)")
+    g.add_argument("--prompt-rank", type=int, help="rank r of the s2a low-rank prompt X + A·B (default 4)")
     g.add_argument(
         "--act-bits", type=_act_bits,
         help="activation storage bits: s2a / s2a-lora default 4 (none = off); other methods default "
@@ -126,7 +127,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 OPTION_FIELDS = (
-    "model", "data", "method", "modules", "act_bits", "weights", "train_size", "val_size", "test_size",
+    "model", "data", "method", "modules", "prompt_rank", "act_bits", "weights", "train_size", "val_size", "test_size",
     "split_seed", "text_column", "label_column", "max_length", "img_size", "epochs", "batch_size",
     "eval_batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
     "label_smoothing", "precision", "seed", "out", "device", "num_workers", "save_every", "log_every",

@@ -87,6 +87,7 @@ class TrainConfig:
     out: str
     method: str = "s2a"
     modules: tuple[str, ...] = ("bias", "prompt")
+    prompt_rank: int = 4
     act_bits: int | None = None
     train_size: int | None = None
     val_size: int | None = None
@@ -140,6 +141,14 @@ class TrainConfig:
         self.modules = tuple(self.modules)
         if not self.modules:
             fail("modules", "a non-empty list such as bias,prompt")
+        if not is_int(self.prompt_rank) or self.prompt_rank < 1:
+            fail("prompt_rank", "an integer >= 1")
+        if self.prompt_rank != 4 and (self.method != "s2a" or "prompt" not in self.modules):
+            raise TrainError(
+                f"--prompt-rank {self.prompt_rank} applies only to --method s2a with the prompt module "
+                f"(got --method {self.method}, --modules {','.join(self.modules)}); drop --prompt-rank "
+                "or add prompt to --modules"
+            )
         if self.act_bits is not None and (not is_int(self.act_bits) or self.act_bits < 0):
             fail("act_bits", "None, 0 (off) or a bit width such as 4")
         if self.method in NO_ACT_BITS and self.act_bits:

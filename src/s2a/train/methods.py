@@ -28,6 +28,7 @@ def apply_method(
     *,
     head_names: tuple[str, ...],
     modules: tuple[str, ...] = ("bias", "prompt"),
+    prompt_rank: int = 4,
     act_bits: int | None = None,
     example_input: Any = None,
 ) -> MethodResult:
@@ -37,7 +38,9 @@ def apply_method(
     ``example_input``: one preprocessed batch of the real data, for the dry run that finds the
     blocks (an image prompt is tied to the input size, which ``--img-size`` may change).
     """
-    ctx = MethodContext(method, tuple(head_names), tuple(modules), act_bits, example_input)
+    ctx = MethodContext(
+        method, tuple(head_names), tuple(modules), act_bits, example_input, prompt_rank=prompt_rank
+    )
     try:
         return apply_spec(model, ctx)
     except MethodNotApplicable as exc:

@@ -317,7 +317,7 @@ class Trainer:
             example, _ = first.collate([first[i] for i in range(min(2, len(data.train)))])
         res = apply_method(
             zm.model, cfg.method, head_names=zm.head_names, modules=cfg.modules,
-            act_bits=rc.compression_bits, example_input=example,
+            prompt_rank=cfg.prompt_rank, act_bits=rc.compression_bits, example_input=example,
         )  # fmt: skip
         self.model = res.model.to(info.device)
         self.model.train()
