@@ -66,6 +66,13 @@ def test_prompt_rank_needs_the_s2a_prompt_module(method, modules):
     assert TrainConfig(model="m", data="d", out="x", method="s2a", prompt_rank=8).prompt_rank == 8
 
 
+def test_default_prompt_rank_is_s2a_configs():
+    from s2a import S2AConfig
+    from s2a.train.config import DEFAULT_PROMPT_RANK
+
+    assert S2AConfig().prompt_rank == DEFAULT_PROMPT_RANK
+
+
 def test_cli_needs_model_and_data(run_cli, tmp_path):
     with pytest.raises(SystemExit) as info:
         run_cli("--data", "rotten-tomatoes", "--out", str(tmp_path / "r"))

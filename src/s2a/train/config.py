@@ -62,6 +62,10 @@ def default_lr(method: str, kind: str) -> float:
     return 5e-3 if kind == "text" else 1e-3
 
 
+# S2AConfig.prompt_rank's default, kept here so this module stays free of torch (a test checks they agree)
+DEFAULT_PROMPT_RANK = 4
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -87,7 +91,7 @@ class TrainConfig:
     out: str
     method: str = "s2a"
     modules: tuple[str, ...] = ("bias", "prompt")
-    prompt_rank: int = 4
+    prompt_rank: int = DEFAULT_PROMPT_RANK
     act_bits: int | None = None
     train_size: int | None = None
     val_size: int | None = None
@@ -143,7 +147,7 @@ class TrainConfig:
             fail("modules", "a non-empty list such as bias,prompt")
         if not is_int(self.prompt_rank) or self.prompt_rank < 1:
             fail("prompt_rank", "an integer >= 1")
-        if self.prompt_rank != 4 and (self.method != "s2a" or "prompt" not in self.modules):
+        if self.prompt_rank != DEFAULT_PROMPT_RANK and (self.method != "s2a" or "prompt" not in self.modules):
             raise TrainError(
                 f"--prompt-rank {self.prompt_rank} applies only to --method s2a with the prompt module "
                 f"(got --method {self.method}, --modules {','.join(self.modules)}); drop --prompt-rank "
