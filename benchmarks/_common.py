@@ -172,7 +172,7 @@ def paired_ratio(a: dict[str, float], b: dict[str, float]) -> float:
 def train_command(
     out: Path, *, model: str, data: str, method: str, seed: int, lr: float, epochs: int,
     batch: int, val_size: int, train_size: int | None = None, img_size: int | None = None,
-    modules: str | None = None, act_bits: str | None = None,
+    modules: str | None = None, act_bits: str | None = None, extra: tuple[str, ...] = (),
 ) -> list[str]:
     """The ``s2a train`` command of one cached benchmark run (``--overwrite``: a stale run is redone)."""
     args = [
@@ -189,7 +189,7 @@ def train_command(
         args += ["--modules", modules]
     if act_bits is not None:
         args += ["--act-bits", act_bits]
-    return args
+    return args + list(extra)
 
 
 def finished_report(out: Path, *, lr: float, epochs: int) -> dict[str, Any] | None:
