@@ -179,10 +179,9 @@ def to_markdown(data: dict[str, Any]) -> str:
             "fm-1000 / fm-10000 feed Fashion-MNIST to EfficientNet-Lite0 at 64 px, where its last stages see 2x2 "
             "feature maps, a stress case for a frozen backbone; the -112px regimes (3x the compute per step) are "
             "the closer test. fm-1000-112px-10ep gives every method twice the epochs.",
-            "val = mean best validation accuracy, the only figure used to choose between settings; the "
-            "s2a-* variants (learning rate x2, prompt rank 1, label smoothing 0.1, biases only) and "
-            "full-ls0.1 are screens of settings, not checked; in brackets, the base method's val on the "
-            "same seeds.",
+            "val = mean best validation accuracy, the only figure used to choose between settings; "
+            f"{', '.join(m for m in METHODS if m not in CHECKED)} are screens of settings (see "
+            "benchmarks/accuracy.py), not checked; in brackets, the base method's val on the same seeds.",
             "MiniLM classifies from the mean of its token states (its sentence-transformers pooling, "
             "s2a.models.sentence_pooling); the rt-1000 runs made with BERT's [CLS] pooler were redone.",
         ],
