@@ -15,7 +15,7 @@ learning rate (below), the same epochs, batch and seeds. ``fm-1000-112px-10ep`` 
 schedule for every method: s2a's validation accuracy is still rising at the end of 5 epochs,
 but so is full fine-tuning's once it is given 10, so a longer schedule for s2a alone would
 not be a fair comparison. The ``s2a-*`` variants (learning rate x2, prompt rank 1, label
-smoothing 0.1, biases only, twice the epochs) screen s2a's own settings on the validation split,
+smoothing 0.1, biases only, two or four times the epochs) screen s2a's own settings on the validation split,
 and ``full-ls0.1`` / ``full-2xep`` give full fine-tuning the same change; they run only when
 ``--methods`` names them and are not checked.
 
@@ -81,6 +81,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "full-ls0.1": {"method": "full", "extra": ("--label-smoothing", "0.1")},
     # Twice the epochs: at 10k examples s2a is still under-fitting when the schedule ends.
     "s2a-2xep": {**_S2A, "epochs_scale": 2},
+    "s2a-4xep": {**_S2A, "epochs_scale": 4},
     "full-2xep": {"method": "full", "epochs_scale": 2},
 }
 CHECKED = ("full", "s2a", "s2a-nocomp")
