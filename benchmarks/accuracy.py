@@ -15,8 +15,8 @@ learning rate (below), the same epochs, batch and seeds. ``fm-1000-112px-10ep`` 
 schedule for every method: s2a's validation accuracy is still rising at the end of 5 epochs,
 but so is full fine-tuning's once it is given 10, so a longer schedule for s2a alone would
 not be a fair comparison. The ``s2a-*`` variants (learning rate x2, prompt rank 1, label
-smoothing 0.1, biases only, two or four times the epochs) screen s2a's own settings on the validation split,
-and ``full-ls0.1`` / ``full-2xep`` give full fine-tuning the same change; they run only when
+smoothing 0.1, biases only, two or four times the epochs) screen s2a's own settings on the
+validation split, and ``full-ls0.1`` / ``full-2xep`` give full fine-tuning the same change; they run only when
 ``--methods`` names them and are not checked.
 
     HF_HUB_OFFLINE=1 python benchmarks/accuracy.py                       # all regimes, 3 seeds
@@ -79,7 +79,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "s2a-ls0.1": {**_S2A, "extra": ("--label-smoothing", "0.1")},
     "s2a-biasonly": {**_S2A, "modules": "bias"},
     "full-ls0.1": {"method": "full", "extra": ("--label-smoothing", "0.1")},
-    # Twice the epochs: at 10k examples s2a is still under-fitting when the schedule ends.
+    # Longer schedules: at 10k examples s2a is still under-fitting when the schedule ends.
     "s2a-2xep": {**_S2A, "epochs_scale": 2},
     "s2a-4xep": {**_S2A, "epochs_scale": 4},
     "full-2xep": {"method": "full", "epochs_scale": 2},
@@ -216,6 +216,7 @@ def to_markdown(data: dict[str, Any]) -> str:
     lines += md_table(
         ["regime", "method", "test accuracy", "val", "of full", "train", "test", "trainable", "lr", "epochs"], table
     )
+
     def se(c: dict[str, Any]) -> str:
         return f"± {c['paired_se']:.2f}" if c.get("paired_se") is not None else ""
 
