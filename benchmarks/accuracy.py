@@ -146,7 +146,7 @@ def summarise(regimes: list[str], seeds: list[int]) -> dict[str, Any]:
             continue
         base = METHODS[row["method"]]["method"]
         base_row = next(r for r in rows if r["regime"] == row["regime"] and r["method"] == base)
-        base_vals = dict(zip(base_row["seeds"], base_row["val_accuracies"], strict=True))
+        base_vals = by_seed(base_row, "val_accuracies")
         same = [base_vals[s] for s in row["seeds"] if s in base_vals]
         row["base_val_same_seeds"] = statistics.mean(same) if len(same) == len(row["seeds"]) else None
     checks = []
@@ -162,11 +162,15 @@ def summarise(regimes: list[str], seeds: list[int]) -> dict[str, Any]:
     return {"rows": rows, "checks": checks}
 
 
+def by_seed(row: dict[str, Any], key: str) -> dict[int, float]:
+    """A row's per-seed values of ``key`` (a list parallel to ``row["seeds"]``), keyed by seed."""
+    return dict(zip(row["seeds"], row[key], strict=True))
+
+
 def paired_se(ref: dict[str, Any], row: dict[str, Any]) -> float | None:
     """Standard error of the mean per-seed gap (same seed = same subset and data order), or None
     below 2 shared seeds: how far the mean gap could move by seed chance alone."""
-    a = dict(zip(ref["seeds"], ref["accuracies"], strict=True))
-    b = dict(zip(row["seeds"], row["accuracies"], strict=True))
+    a, b = by_seed(ref, "accuracies"), by_seed(row, "accuracies")
     diffs = [a[s] - b[s] for s in a if s in b]
     return statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
 
