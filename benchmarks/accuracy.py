@@ -14,7 +14,7 @@ Methods: ``full`` (full fine-tuning), ``s2a`` (bias + prompt, 4-bit activations)
 learning rate (below), the same epochs, batch and seeds. ``fm-1000-112px-10ep`` doubles the
 schedule for every method: s2a's validation accuracy is still rising at the end of 5 epochs,
 but so is full fine-tuning's once it is given 10, so a longer schedule for s2a alone would
-not be a fair comparison. The ``s2a-*`` variants (learning rate x2, prompt rank 1, label
+not be a fair comparison. The ``s2a-*`` variants (learning rate x2, prompt rank 1 or 16, label
 smoothing 0.1, biases only, two or four times the epochs) screen s2a's own settings on the
 validation split, and ``full-ls0.1`` / ``full-2xep`` give full fine-tuning the same change; they run only when
 ``--methods`` names them and are not checked.
@@ -76,6 +76,7 @@ METHODS: dict[str, dict[str, Any]] = {
     # fine-tuning (and whether the same change helps full too); not checked, run only when named.
     "s2a-lr2x": {**_S2A, "lr_scale": 2},
     "s2a-rank1": {**_S2A, "extra": ("--prompt-rank", "1")},
+    "s2a-rank16": {**_S2A, "extra": ("--prompt-rank", "16")},
     "s2a-ls0.1": {**_S2A, "extra": ("--label-smoothing", "0.1")},
     "s2a-biasonly": {**_S2A, "modules": "bias"},
     "full-ls0.1": {"method": "full", "extra": ("--label-smoothing", "0.1")},
@@ -83,6 +84,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "s2a-2xep": {**_S2A, "epochs_scale": 2},
     "s2a-4xep": {**_S2A, "epochs_scale": 4},
     "full-2xep": {"method": "full", "epochs_scale": 2},
+    "s2a-rank16-4xep": {**_S2A, "epochs_scale": 4, "extra": ("--prompt-rank", "16")},
 }
 CHECKED = ("full", "s2a", "s2a-nocomp")
 LR = {("full", "text"): 5e-5, ("full", "image"): 1e-3, ("s2a", "text"): 5e-3, ("s2a", "image"): 1e-2}
