@@ -16,8 +16,8 @@ schedule for every method: s2a's validation accuracy is still rising at the end 
 but so is full fine-tuning's once it is given 10, so a longer schedule for s2a alone would
 not be a fair comparison. The ``s2a-*`` variants (learning rate x2, prompt rank 1 or 16, label
 smoothing 0.1, biases only, two or four times the epochs) screen s2a's own settings on the
-validation split, and ``full-ls0.1`` / ``full-2xep`` give full fine-tuning the same change; they run only when
-``--methods`` names them and are not checked.
+validation split, and ``full-ls0.1`` / ``full-2xep`` give full fine-tuning the same change;
+they run only when ``--methods`` names them and are not checked.
 
     HF_HUB_OFFLINE=1 python benchmarks/accuracy.py                       # all regimes, 3 seeds
     HF_HUB_OFFLINE=1 python benchmarks/accuracy.py --regimes rt-1000,fm-1000
