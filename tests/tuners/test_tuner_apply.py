@@ -220,5 +220,7 @@ def test_pretrained_efficientnet_lite0_4bit_gradients_equal_native():
     assert grads[4].keys() == grads[None].keys()
     # all but the prompts' B factors, which get no gradient while their A starts at zero
     assert sum(bool(g.any()) for g in grads[None].values()) > 100
+    # Rounding depends on the CPU's kernels: the worst element is 1.9e-6 of its tensor's largest on
+    # one Xeon, less on an EPYC; 4-bit quantisation errors would be ~1e-2 of it.
     for name, ref in grads[None].items():
-        torch.testing.assert_close(grads[4][name], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()), msg=name)
+        torch.testing.assert_close(grads[4][name], ref, rtol=1e-4, atol=2e-5 * float(ref.abs().max()), msg=name)
