@@ -16,8 +16,9 @@ schedule for every method: s2a's validation accuracy is still rising at the end 
 but so is full fine-tuning's once it is given 10, so a longer schedule for s2a alone would
 not be a fair comparison. The ``s2a-*`` variants (learning rate x2, prompt rank 1 or 16, label
 smoothing 0.1, biases only, two or four times the epochs, 8-bit storage, LoRA in place of
-bias + prompt) screen s2a's own settings on the validation split, and ``full-ls0.1`` / ``full-2xep`` give full fine-tuning the same change;
-they run only when ``--methods`` names them and are not checked.
+bias + prompt) screen s2a's own settings on the validation split, and ``full-ls0.1`` /
+``full-2xep`` give full fine-tuning the same change; they run only when ``--methods`` names
+them and are not checked.
 
 The report ends with the noise floor of the 4-bit check: per-seed differences between two
 methods whose gradients agree to float rounding (``NOISE_PAIRS``), i.e. how far a run moves when
@@ -195,8 +196,7 @@ def noise_floor(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             by = {r["method"]: r for r in rows if r["regime"] == regime}
             if a not in by or b not in by:
                 continue
-            va, vb = by_seed(by[a], "accuracies"), by_seed(by[b], "accuracies")
-            diffs += [{"regime": regime, "seed": s, "diff": va[s] - vb[s]} for s in sorted(va) if s in vb]
+            diffs += [{"regime": regime, "seed": s, "diff": d} for s, d in seed_diffs(by[a], by[b]).items()]
         if diffs:
             rms = (sum(d["diff"] ** 2 for d in diffs) / len(diffs)) ** 0.5
             out.append({"model": model, "pair": [a, b], "kind": kind, "diffs": diffs, "rms": rms})
@@ -214,11 +214,16 @@ def by_seed(row: dict[str, Any], key: str) -> dict[int, float]:
     return dict(zip(row["seeds"], row[key], strict=True))
 
 
+def seed_diffs(a: dict[str, Any], b: dict[str, Any]) -> dict[int, float]:
+    """Test accuracy of row ``a`` minus row ``b`` on each seed both finished, in seed order."""
+    va, vb = by_seed(a, "accuracies"), by_seed(b, "accuracies")
+    return {s: va[s] - vb[s] for s in sorted(va) if s in vb}
+
+
 def paired_se(ref: dict[str, Any], row: dict[str, Any]) -> float | None:
     """Standard error of the mean per-seed gap (same seed = same subset and data order), or None
     below 2 shared seeds: how far the mean gap could move by seed chance alone."""
-    a, b = by_seed(ref, "accuracies"), by_seed(row, "accuracies")
-    diffs = [a[s] - b[s] for s in a if s in b]
+    diffs = list(seed_diffs(ref, row).values())
     return statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
 
 
