@@ -92,6 +92,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "s2a-rank16-4xep": {**_S2A, "epochs_scale": 4, "extra": ("--prompt-rank", "16")},
     # 8-bit storage: MiniLM's near-exact case, for the noise floor below (compare.py runs it too).
     "s2a-8bit": {**_S2A, "act_bits": "8"},
+    # The norm module on top: LayerNorm scales, free in activation memory on MiniLM.
+    "s2a-norm": {**_S2A, "modules": "bias,norm,prompt"},
     # Another structure under the same 4-bit storage: peft LoRA (compare.py's s2a-lora, its rate).
     "s2a-lora": {"method": "s2a-lora", "act_bits": "4"},
 }

@@ -23,14 +23,15 @@ def test_defaults():
 def test_modules_are_canonical():
     assert S2AConfig(modules=["prompt", "bias", "prompt"]).modules == ("bias", "prompt")
     assert S2AConfig(modules="side").modules == ("side",)
+    assert S2AConfig(modules=("prompt", "norm", "bias")).modules == ("bias", "norm", "prompt")
 
 
 @pytest.mark.parametrize(
     ("kwargs", "field", "allowed"),
     [
-        ({"modules": ("bias", "lora")}, "modules", "'bias', 'prompt', 'side'"),
-        ({"modules": ()}, "modules", "'bias', 'prompt', 'side'"),
-        ({"modules": 3}, "modules", "'bias', 'prompt', 'side'"),
+        ({"modules": ("bias", "lora")}, "modules", "'bias', 'norm', 'prompt', 'side'"),
+        ({"modules": ()}, "modules", "'bias', 'norm', 'prompt', 'side'"),
+        ({"modules": 3}, "modules", "'bias', 'norm', 'prompt', 'side'"),
         ({"prompt_rank": 0}, "prompt_rank", ">= 1"),
         ({"prompt_rank": 2.0}, "prompt_rank", ">= 1"),
         ({"side_reduction": True}, "side_reduction", ">= 1"),

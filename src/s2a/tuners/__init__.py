@@ -1,12 +1,12 @@
 """The "S" of S2A: activation-friendly tunable modules on a frozen backbone.
 
 * :class:`S2AConfig` — what to insert and how to store activations;
-* :func:`apply` — freeze, insert bias / low-rank prompt / side branch, keep the head
+* :func:`apply` — freeze, insert bias / norm scales / low-rank prompt / side branch, keep the head
   trainable, compress activations (in place);
 * :func:`trainable_parameters`, :func:`save_tuned`, :func:`load_tuned`, :func:`merge`.
 """
 
-from .bias import add_bias
+from .bias import add_bias, train_norm_weights
 from .config import S2AConfig
 from .model import TunerState, apply, backbone_fingerprint, get_state, is_applied
 from .prompt import LowRankPrompt, add_prompts
@@ -35,6 +35,7 @@ __all__ = [
     "merge",
     "read_tuned",
     "save_tuned",
+    "train_norm_weights",
     "trainable_parameters",
     "tuned_state_dict",
 ]

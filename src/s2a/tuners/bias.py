@@ -10,6 +10,9 @@ Layers whose forward reads ``self.bias`` (Linear, ConvNd, BatchNorm / InstanceNo
 LayerNorm, GroupNorm) simply get the parameter. RMSNorm-type layers, whose forward
 has no bias term, get the parameter plus a forward hook that adds it to the output
 (``out + b``: its gradient needs nothing stored either).
+
+The norm module (``train_norm_weights``) lives here too: it trains the other half of a
+normalisation layer's affine, its scale.
 """
 
 from __future__ import annotations
@@ -79,3 +82,23 @@ def add_bias(model: nn.Module, add_missing: bool = True, exclude: tuple[str, ...
             continue
         names.append(f"{path}.bias" if path else "bias")
     return names, handles
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (_NormBase, nn.LayerNorm, nn.GroupNorm)) or _is_rms_norm(module)
+
+
+def train_norm_weights(model: nn.Module) -> list[str]:
+    """Make the scale (``weight``) of every normalisation layer of ``model`` trainable (in place).
+
+    The "norm" module. ``dL/dw = sum dL/dy * x̂`` needs the normalised input x̂, which a
+    LayerNorm / RMSNorm whose input needs a gradient stores for its own backward anyway, so
+    there it costs no activation memory. Returns the names of the weights made trainable;
+    norms without an affine weight are skipped."""
+    names = []
+    for path, module in model.named_modules():
+        weight = module._parameters.get("weight") if _is_norm(module) else None
+        if isinstance(weight, nn.Parameter):
+            weight.requires_grad_(True)
+            names.append(f"{path}.weight" if path else "weight")
+    return names

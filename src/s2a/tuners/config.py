@@ -20,7 +20,7 @@ from s2a.activations import OP_KINDS
 from s2a.activations.functional import POINTWISE_BITS
 from s2a.activations.rowquant import ROW_BITS
 
-MODULES = ("bias", "prompt", "side")
+MODULES = ("bias", "norm", "prompt", "side")
 # act_bits applies to every operator kind, so it must suit the pointwise and the row-wise ones.
 ACT_BITS = tuple(b for b in POINTWISE_BITS if b in ROW_BITS)
 _ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm")
@@ -39,8 +39,11 @@ class S2AConfig:
     """Configuration of :func:`s2a.apply`.
 
     Attributes:
-        modules: tunable modules to insert, any non-empty subset of ``("bias", "prompt",
-            "side")``; default bias + low-rank prompt.
+        modules: tunable modules to insert, any non-empty subset of ``("bias", "norm",
+            "prompt", "side")``; default bias + low-rank prompt. ``norm`` trains the scale
+            (weight) of every normalisation layer: free for LayerNorm / RMSNorm, whose
+            backward stores the normalised input anyway; a BatchNorm on frozen statistics
+            then has to store it (at ``act_bits``), where otherwise it stores nothing.
         prompt_rank: r of the low-rank prompt ``X + A·B`` (A: positions x r, B: r x channels).
         side_reduction: k of the side branch's channel average pooling (D -> D/k).
         side_depth: number of light blocks in the side branch.

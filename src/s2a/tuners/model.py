@@ -30,12 +30,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from s2a.activations import compress_activations
 from s2a.models import BackboneInfo, describe_backbone, refresh_head
 
-from .bias import add_bias
+from .bias import add_bias, train_norm_weights
 from .config import S2AConfig
 from .prompt import PROMPT_ATTR, LowRankPrompt, add_prompts
 
 STATE_ATTR = "_s2a_tuner"
-KINDS = ("bias", "prompt", "side", "head", "other")
+KINDS = ("bias", "norm", "prompt", "side", "head", "other")
 
 
 @dataclass
@@ -207,6 +207,9 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
         hooks += handles
         for n in names:
             kinds.setdefault(n, "bias")
+    if "norm" in config.modules:
+        for n in train_norm_weights(model):
+            kinds.setdefault(n, "norm")
     if "prompt" in config.modules:
         prompts, handles = add_prompts(model, info, config.prompt_rank)
         hooks += handles

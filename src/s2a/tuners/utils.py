@@ -77,7 +77,7 @@ class TrainableParameters:
 
 def trainable_parameters(model: nn.Module) -> TrainableParameters:
     """Count trainable parameters (``requires_grad``), in total, per S2A module kind
-    ("bias", "prompt", "side", "head", "other") and per top-level module."""
+    ("bias", "norm", "prompt", "side", "head", "other") and per top-level module."""
     state = getattr(model, STATE_ATTR, None)
     kinds = state.kinds if state is not None else {}
     total = trainable = 0
