@@ -151,10 +151,9 @@ def test_modules_subsets():
 
 
 def _norm_weights(model):
-    from s2a.tuners.bias import _is_norm
-
+    # Written apart from s2a's own test of what a norm is: every *Norm* class with a weight.
     return {f"{path}.weight": m.weight.numel() for path, m in model.named_modules()
-            if _is_norm(m) and isinstance(m.weight, torch.nn.Parameter)}
+            if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), torch.nn.Parameter)}
 
 
 @pytest.mark.parametrize(("family", "free"), [("vit", True), ("llama_cls", True), ("bert_cls", False),

@@ -276,18 +276,15 @@ def _module_op(module: nn.Module, spec: CompressionSpec):
             spec, x, module.normalized_shape, module.weight, module.eps)
     if name in _HF_RMSNORM and hasattr(module, "variance_epsilon"):
         def hf_rms(x):
+            # A trainable scale (s2a's "norm" module) goes into the compressed op, whose stored
+            # x̂ also serves dL/dw; outside, autograd would keep y at full width. (transformers
+            # rounds y to the input dtype before the product: one rounding apart in bf16 /
+            # fp16, identical in fp32.)
             w = module.weight
-            if w.requires_grad:
-                # A trainable scale (s2a's "norm" module) goes into the compressed op, whose
-                # stored x̂ also serves dL/dw; outside, autograd would keep y at full width.
-                # (transformers rounds y to the input dtype before the product: one rounding
-                # apart in bf16 / fp16, identical in fp32.)
-                y = S.rms_norm(x.float(), (x.shape[-1],), w, module.variance_epsilon,
-                               bits=spec.bits_for("rms_norm"))
-                return y.to(torch.result_type(x, w))
-            y = S.rms_norm(x.float(), (x.shape[-1],), None, module.variance_epsilon,
+            inside = w.requires_grad
+            y = S.rms_norm(x.float(), (x.shape[-1],), w if inside else None, module.variance_epsilon,
                            bits=spec.bits_for("rms_norm"))
-            return w * y.to(x.dtype)
+            return y.to(torch.result_type(x, w)) if inside else w * y.to(x.dtype)
         return "rms_norm", hf_rms
     if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         return "batch_norm", partial(_patched_batch_norm, module, spec)
