@@ -120,6 +120,24 @@ def test_mismatched_checkpoint(run_cli, tmp_path, finished_run):
     assert "written by a run with other options (seed)" in msg
 
 
+def test_checkpoint_from_before_an_option_existed_still_resumes(run_cli, tmp_path, finished_run):
+    run = _copy(finished_run, tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    fp = json.loads(ckpt["fingerprint"])
+    del fp["dropout"]  # written before --dropout existed: the model's own rates, today's default
+    ckpt["fingerprint"] = json.dumps(fp, sort_keys=True)
+    torch.save(ckpt, last)
+    (run / "report.json").unlink()
+    assert run_cli("--out", str(run), "--resume") == 0
+    assert json.loads((run / "report.json").read_text())["steps"] == 6
+    fp["dropout"] = 0.0  # the same key with another value is another run
+    ckpt["fingerprint"] = json.dumps(fp, sort_keys=True)
+    torch.save(ckpt, last)
+    (run / "report.json").unlink()
+    assert "written by a run with other options (dropout)" in _error(run_cli, "--out", str(run), "--resume")
+
+
 def test_resume_before_any_checkpoint_starts_over(run_cli, tmp_path, finished_run):
     run = _copy(finished_run, tmp_path)
     shutil.rmtree(run / "checkpoints")

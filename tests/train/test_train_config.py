@@ -22,6 +22,8 @@ BASE = ["--model", "test_vit", "--data", "rotten-tomatoes"]
         ("--train-size", "0", "train_size (--train-size) must be an integer >= 1"),
         ("--label-smoothing", "1.0", "label_smoothing (--label-smoothing) must be in [0, 1)"),
         ("--label-smoothing", "-0.1", "label_smoothing (--label-smoothing) must be in [0, 1)"),
+        ("--dropout", "1.0", "dropout (--dropout) must be in [0, 1)"),
+        ("--dropout", "-0.1", "dropout (--dropout) must be in [0, 1)"),
         ("--grad-accum", "0", "grad_accum (--grad-accum) must be an integer >= 1"),
         ("--warmup-ratio", "1", "warmup_ratio (--warmup-ratio) must be in [0, 1)"),
         ("--max-grad-norm", "-1", "max_grad_norm (--max-grad-norm) must be a number >= 0"),

@@ -18,6 +18,7 @@ from s2a.train import (
     TrainInterrupted,
     load_checkpoint,
 )
+from s2a.train.trainer import set_dropout
 
 TINY_TEXT = ["--train-size", "64", "--max-length", "32", "--val-size", "32", "--test-size", "32",
              "--batch-size", "16", "--epochs", "1"]  # fmt: skip
@@ -117,6 +118,40 @@ def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
     assert plot.stat().st_size > 1000 and md.read_text().startswith("| ")
     with pytest.raises(SystemExit, match="no finished run"):
         main(["compare", str(a), str(tmp_path / "nowhere")])
+
+
+def test_dropout_option_sets_every_dropout_rate(minilm_ready, tmp_path):
+    cfg = TrainConfig(model="minilm", data="rotten-tomatoes", method="s2a", dropout=0.0, train_size=16,
+                      max_length=16, val_size=16, test_size=16, batch_size=16, epochs=1, progress=False,
+                      out=str(tmp_path / "run"))  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.fit()
+    # MiniLM: embeddings, 6 x (attention probabilities, attention output, feed-forward output), head
+    rates = [m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(rates) == 20 and set(rates) == {0.0}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["dropout"] == 0.0
+    # without the option the model keeps its own rate (0.1 in all-MiniLM-L6-v2's config)
+    from s2a.zoo import load_model
+
+    assert {m.p for m in load_model("minilm", 2).model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+
+
+def test_set_dropout_reaches_functional_rates_and_refuses_a_model_without_dropout():
+    import timm
+
+    vit = timm.create_model("test_vit", num_classes=3, drop_rate=0.2, proj_drop_rate=0.2, attn_drop_rate=0.1)
+    assert set_dropout(vit, 0.05) > 1 and {m.p for m in vit.modules() if isinstance(m, torch.nn.Dropout)} == {0.05}
+    x = torch.randn(2, 3, *vit.default_cfg["input_size"][1:])
+    set_dropout(vit, 0.0)
+    vit.train()
+    with torch.no_grad():
+        assert torch.equal(vit(x), vit.eval()(x))  # rate 0: training mode computes what eval does
+    effnet = timm.create_model("efficientnet_lite0", num_classes=3, drop_rate=0.2)
+    assert set_dropout(effnet, 0.05) == 1 and effnet.drop_rate == 0.05  # its head's functional dropout
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    assert set_dropout(plain, 0.0) == 0
+    with pytest.raises(ValueError, match="no dropout layer"):
+        set_dropout(plain, 0.1)
 
 
 # ---------------------------------------------------------------------------- determinism

@@ -107,6 +107,8 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     o.add_argument("--warmup-ratio", type=float, help="fraction of steps of linear warm-up (default 0.1)")
     o.add_argument("--max-grad-norm", type=float, help="gradient clipping norm, 0 = off (default 1.0)")
     o.add_argument("--label-smoothing", type=float, help="in [0, 1) (default 0)")
+    o.add_argument("--dropout", type=float,
+                   help="rate of every dropout layer of the model, in [0, 1); 0 turns dropout off (default: the model's own)")
     o.add_argument("--precision", choices=PRECISIONS, help="autocast precision (default fp32)")
     o.add_argument("--seed", type=int, help="default 0")
     r = p.add_argument_group("run")
@@ -131,7 +133,7 @@ OPTION_FIELDS = (
     "model", "data", "method", "modules", "prompt_rank", "act_bits", "weights", "train_size", "val_size", "test_size",
     "split_seed", "text_column", "label_column", "max_length", "img_size", "epochs", "batch_size",
     "eval_batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
-    "label_smoothing", "precision", "seed", "out", "device", "num_workers", "save_every", "log_every",
+    "label_smoothing", "dropout", "precision", "seed", "out", "device", "num_workers", "save_every", "log_every",
     "stop_after", "progress",
 )  # fmt: skip
 

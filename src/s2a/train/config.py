@@ -78,7 +78,8 @@ class TrainConfig:
     ``s2a`` and ``s2a-lora``, no activation compression for the other methods; 0 turns it off
     for ``s2a`` / ``s2a-lora`` too; refused by ``mesa8``, ``fewbit2`` and the ``*-ckpt`` methods. ``batch_size`` is the global micro-batch (summed over data-parallel
     processes); one optimizer step sees ``batch_size * grad_accum`` examples.
-    ``max_length`` None: 128 tokens, or the model's limit if lower. ``warmup_ratio`` is the fraction of all optimizer steps spent warming up linearly before
+    ``dropout`` None keeps the model's dropout rates; a number sets the rate of every dropout
+    layer (0 turns dropout off). ``max_length`` None: 128 tokens, or the model's limit if lower. ``warmup_ratio`` is the fraction of all optimizer steps spent warming up linearly before
     the cosine decay to 0. ``max_grad_norm`` 0 disables clipping. ``save_every`` > 0 also
     writes the last checkpoint every that many optimizer steps (it is always written at the
     end of an epoch and when the run is interrupted). ``stop_after`` > 0 stops this invocation
@@ -105,6 +106,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     label_smoothing: float = 0.0
+    dropout: float | None = None
     precision: str = "fp32"
     seed: int = 0
     split_seed: int = 0
@@ -184,6 +186,8 @@ class TrainConfig:
             fail("max_grad_norm", "a number >= 0 (0 disables clipping)")
         if not is_num(self.label_smoothing) or not 0 <= self.label_smoothing < 1:
             fail("label_smoothing", "in [0, 1)")
+        if self.dropout is not None and (not is_num(self.dropout) or not 0 <= self.dropout < 1):
+            fail("dropout", "in [0, 1), or None to keep the model's own rates")
         if self.precision not in PRECISIONS:
             fail("precision", f"one of {list(PRECISIONS)}")
         if not isinstance(self.progress, bool):

@@ -20,6 +20,7 @@ and resumed gives the tensors of the uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -91,6 +92,32 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The training order of epoch ``epoch``: depends only on ``(n, seed, epoch)``."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+# float attributes holding a dropout rate applied functionally: timm's head dropout, the
+# attention dropout of HF decoders (Llama, Mistral, Qwen2: no nn.Dropout module there)
+_DROPOUT_RATE_ATTRS = ("drop_rate", "attention_dropout")
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> int:
+    """Set the rate of every dropout layer of ``model`` to ``p``; returns how many were set.
+
+    Dropout modules (``nn.Dropout`` and its variants, whose ``p`` HF and timm blocks read at
+    call time, fused attention included) and the float rates of :data:`_DROPOUT_RATE_ATTRS`.
+    Stochastic depth (timm's ``DropPath``) is not dropout and keeps its rate. A model with no
+    dropout is left as it is for ``p == 0`` and refused (``ValueError``) for ``p > 0``."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = p
+            n += 1
+        for attr in _DROPOUT_RATE_ATTRS:
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, p)
+                n += 1
+    if not n and p > 0:
+        raise ValueError(f"{type(model).__name__} has no dropout layer to set to {p}")
+    return n
 
 
 def _rss_bytes() -> int | None:
@@ -311,6 +338,11 @@ class Trainer:
         except ZooError as exc:
             raise TrainError(str(exc)) from None
         self.zoo = zm
+        if cfg.dropout is not None:
+            try:
+                set_dropout(zm.model, cfg.dropout)
+            except ValueError as exc:
+                raise TrainError(f"--dropout {cfg.dropout}: {exc}; drop --dropout for model {cfg.model!r}") from None
         example = None
         if cfg.method not in ("full", "linear"):  # one real batch for the dry run that finds the blocks
             first = _Batches(data.train, zm.preprocess)
@@ -487,11 +519,14 @@ class Trainer:
             except (TypeError, ValueError):
                 theirs = {}
             mine = self.config.fingerprint()
-            diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise CheckpointError(
-                f"{where} was written by a run with other options ({', '.join(diffs) or 'unknown'}); "
-                "it cannot continue this one. Use --overwrite to start over."
-            )
+            # an option added after the checkpoint was written had its default then
+            defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+            diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k, defaults.get(k)))
+            if diffs or not theirs:
+                raise CheckpointError(
+                    f"{where} was written by a run with other options ({', '.join(diffs) or 'unknown'}); "
+                    "it cannot continue this one. Use --overwrite to start over."
+                )
         load_model_tensors(self.model, ckpt, where)
         if not math.isclose(float(ckpt.get("frozen_checksum", 0.0)), self.frozen_sum, rel_tol=0, abs_tol=0):
             raise CheckpointError(
