@@ -82,13 +82,13 @@ METHODS: dict[str, dict[str, Any]] = {
     # Settings screened on the validation split, to learn whether tuning s2a closes the gap to full
     # fine-tuning (and whether the same change helps full too); not checked, run only when named.
     "s2a-lr2x": {**_S2A, "lr_scale": 2},
-    # rt-all takes 6x rt-1000's steps, where the rate was picked: s2a's val still rises as the rate anneals.
+    # rt-all takes 6x rt-1000's steps, where the rate was picked: is it too high there?
     "s2a-lr0.4x": {**_S2A, "lr_scale": 0.4},
     "s2a-rank1": {**_S2A, "extra": ("--prompt-rank", "1")},
     "s2a-rank16": {**_S2A, "extra": ("--prompt-rank", "16")},
     "s2a-ls0.1": {**_S2A, "extra": ("--label-smoothing", "0.1")},
     "s2a-biasonly": {**_S2A, "modules": "bias"},
-    # s2a under-fits rt-all (train accuracy ~ val accuracy): the backbone's dropout only slows it.
+    # s2a under-fits rt-all (train accuracy ~ val accuracy): does the backbone's dropout slow it?
     "s2a-nodrop": {**_S2A, "extra": ("--dropout", "0")},
     "full-ls0.1": {"method": "full", "extra": ("--label-smoothing", "0.1")},
     # Longer schedules: at 10k examples s2a is still under-fitting when the schedule ends.
