@@ -61,6 +61,23 @@ def test_config_defaults_roundtrip_and_resolution():
         TrainConfig(model="m", data="d", out="x", precision="fp8")
 
 
+def test_fingerprint_changes_name_each_option_that_differs():
+    cfg = TrainConfig(model="minilm", data="rotten-tomatoes", out="x", seed=3, dropout=0.0)
+    saved = cfg.fingerprint()
+    assert cfg.fingerprint_changes(saved) == {}
+    assert TrainConfig(model="minilm", data="rotten-tomatoes", out="elsewhere", seed=3, dropout=0.0,
+                       progress=False).fingerprint_changes(saved) == {}  # fmt: skip  # runtime options
+    assert TrainConfig(model="minilm", data="rotten-tomatoes", out="x", seed=4, dropout=0.0,
+                       modules="bias").fingerprint_changes(saved) == {
+        "modules": (["bias", "prompt"], ["bias"]), "seed": (3, 4)}  # fmt: skip
+    # a fingerprint written before an option existed: that run had the option's default
+    old = {k: v for k, v in saved.items() if k not in ("dropout", "modules")}
+    assert TrainConfig(model="minilm", data="rotten-tomatoes", out="x", seed=3).fingerprint_changes(old) == {}
+    assert cfg.fingerprint_changes(old) == {"dropout": (None, 0.0)}
+    # an option the saved run had and today's config does not know differs too
+    assert cfg.fingerprint_changes({**saved, "retired_option": 1}) == {"retired_option": (1, None)}
+
+
 @pytest.mark.parametrize(("method", "modules"), [("full", "bias,prompt"), ("lora", "bias,prompt"), ("s2a", "bias,side")])
 def test_prompt_rank_needs_the_s2a_prompt_module(method, modules):
     with pytest.raises(TrainError, match="--prompt-rank 8 applies only to --method s2a with the prompt module"):

@@ -130,6 +130,10 @@ def test_dropout_option_sets_every_dropout_rate(minilm_ready, tmp_path):
     rates = [m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(rates) == 20 and set(rates) == {0.0}
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["dropout"] == 0.0
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["dropout"] == 0.0
+    assert "| weight decay, label smoothing, dropout | 0.01, 0.0, 0.0 (every dropout layer) |" in (
+        tmp_path / "run" / "report.md"
+    ).read_text()
     # without the option the model keeps its own rate (0.1 in all-MiniLM-L6-v2's config)
     from s2a.zoo import load_model
 

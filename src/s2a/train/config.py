@@ -234,3 +234,25 @@ class TrainConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The options that determine the computation (everything but :data:`RUNTIME_FIELDS`)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+    def fingerprint_changes(self, saved: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Options whose value differs from ``saved`` (an earlier run's :meth:`fingerprint`), as
+        ``name: (saved value, value now)``. An option the saved fingerprint lacks was added after
+        that run was written, which therefore ran with its default: it counts as changed only
+        when today's value is not that default, so adding an option never strands older runs."""
+        defaults = self._fingerprint_defaults()
+        mine = self.fingerprint()
+        return {
+            k: (saved.get(k, defaults.get(k)), mine.get(k))
+            for k in sorted(set(mine) | set(saved))
+            if mine.get(k) != saved.get(k, defaults.get(k))
+        }
+
+    @classmethod
+    def _fingerprint_defaults(cls) -> dict[str, Any]:
+        # as to_dict writes them (tuples as lists), so they compare equal to a loaded fingerprint
+        return {
+            f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING
+        }

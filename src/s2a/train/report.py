@@ -119,6 +119,10 @@ def _md_table(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _dropout_text(rate: Any) -> str:
+    return "the model's own rates" if rate is None else f"{rate} (every dropout layer)"
+
+
 def write_report(run_dir: str | os.PathLike, report: dict[str, Any], metrics: Sequence[Mapping[str, Any]]) -> None:
     """Write ``report.json``, ``report.md``, ``memory_by_operator.png`` and ``curves.png``."""
     run_dir = Path(run_dir)
@@ -149,6 +153,8 @@ def write_report(run_dir: str | os.PathLike, report: dict[str, Any], metrics: Se
         ("examples train / val / test", f"{report.get('num_train')} / {report.get('num_val')} / {report.get('num_test')}"),
         ("epochs / optimizer steps", f"{report.get('epochs')} / {report.get('steps')}"),
         ("batch x accumulation, lr", f"{report.get('batch_size')} x {report.get('grad_accum')}, {report.get('lr')}"),
+        ("weight decay, label smoothing, dropout", f"{report.get('weight_decay')}, {report.get('label_smoothing')}, "
+                                                   f"{_dropout_text(report.get('dropout'))}"),
         ("precision, device, processes", f"{report.get('precision')}, {report.get('device')}, {report.get('world_size')}"),
     ]  # fmt: skip
     parts = [f"# s2a train: {title}", "", _md_table(rows), ""]

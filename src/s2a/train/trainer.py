@@ -20,7 +20,6 @@ and resumed gives the tensors of the uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -262,11 +261,7 @@ class Trainer:
                 saved_cfg = TrainConfig.from_dict(saved["config"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise TrainError(f"{d}/config.json is unreadable ({exc}); start again with --overwrite") from None
-            diffs = {
-                k: (saved_cfg.fingerprint().get(k), v)
-                for k, v in self.config.fingerprint().items()
-                if saved_cfg.fingerprint().get(k) != v
-            }
+            diffs = self.config.fingerprint_changes(saved_cfg.fingerprint())
             if diffs:
                 raise TrainError(
                     f"--resume: the options differ from those {d} was started with: "
@@ -512,21 +507,16 @@ class Trainer:
         atomic_save(ckpt, self.run_dir / CKPT_DIR / "best.pt")
 
     def _check_ckpt(self, ckpt: dict[str, Any], where: str) -> None:
-        fp = json.dumps(self.config.fingerprint(), sort_keys=True)
-        if ckpt.get("fingerprint") != fp:
-            try:
-                theirs = json.loads(ckpt.get("fingerprint") or "{}")
-            except (TypeError, ValueError):
-                theirs = {}
-            mine = self.config.fingerprint()
-            # an option added after the checkpoint was written had its default then
-            defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-            diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k, defaults.get(k)))
-            if diffs or not theirs:
-                raise CheckpointError(
-                    f"{where} was written by a run with other options ({', '.join(diffs) or 'unknown'}); "
-                    "it cannot continue this one. Use --overwrite to start over."
-                )
+        try:
+            theirs = json.loads(ckpt.get("fingerprint") or "{}")
+        except (TypeError, ValueError):
+            theirs = None
+        diffs = self.config.fingerprint_changes(theirs) if isinstance(theirs, dict) and theirs else None
+        if diffs is None or diffs:
+            raise CheckpointError(
+                f"{where} was written by a run with other options ({', '.join(diffs or ()) or 'unknown'}); "
+                "it cannot continue this one. Use --overwrite to start over."
+            )
         load_model_tensors(self.model, ckpt, where)
         if not math.isclose(float(ckpt.get("frozen_checksum", 0.0)), self.frozen_sum, rel_tol=0, abs_tol=0):
             raise CheckpointError(
@@ -858,6 +848,9 @@ class Trainer:
             "lr": rc.lr,
             "batch_size": rc.batch_size,
             "grad_accum": rc.grad_accum,
+            "weight_decay": rc.weight_decay,
+            "label_smoothing": rc.label_smoothing,
+            "dropout": rc.dropout,
             "precision": rc.precision,
             "seed": rc.seed,
             "world_size": info.world_size,
