@@ -76,15 +76,16 @@ class TrainConfig:
 
     ``lr`` None: :func:`default_lr` for the method and model kind. ``act_bits`` None: 4 for
     ``s2a`` and ``s2a-lora``, no activation compression for the other methods; 0 turns it off
-    for ``s2a`` / ``s2a-lora`` too; refused by ``mesa8``, ``fewbit2`` and the ``*-ckpt`` methods. ``batch_size`` is the global micro-batch (summed over data-parallel
-    processes); one optimizer step sees ``batch_size * grad_accum`` examples.
-    ``dropout`` None keeps the model's dropout rates; a number sets the rate of every dropout
-    layer (0 turns dropout off). ``max_length`` None: 128 tokens, or the model's limit if lower. ``warmup_ratio`` is the fraction of all optimizer steps spent warming up linearly before
-    the cosine decay to 0. ``max_grad_norm`` 0 disables clipping. ``save_every`` > 0 also
-    writes the last checkpoint every that many optimizer steps (it is always written at the
-    end of an epoch and when the run is interrupted). ``stop_after`` > 0 stops this invocation
-    after that many optimizer steps, writing ``last.pt`` (time-sliced jobs; ``--resume``
-    continues).
+    for ``s2a`` / ``s2a-lora`` too; refused by ``mesa8``, ``fewbit2`` and the ``*-ckpt``
+    methods. ``batch_size`` is the global micro-batch (summed over data-parallel processes);
+    one optimizer step sees ``batch_size * grad_accum`` examples. ``dropout`` None keeps the
+    model's dropout rates; a number sets the rate of every dropout layer (0 turns dropout
+    off). ``max_length`` None: 128 tokens, or the model's limit if lower. ``warmup_ratio`` is
+    the fraction of all optimizer steps spent warming up linearly before the cosine decay to 0.
+    ``max_grad_norm`` 0 disables clipping. ``save_every`` > 0 also writes the last checkpoint
+    every that many optimizer steps (it is always written at the end of an epoch and when the
+    run is interrupted). ``stop_after`` > 0 stops this invocation after that many optimizer
+    steps, writing ``last.pt`` (time-sliced jobs; ``--resume`` continues).
     """
 
     model: str
