@@ -477,7 +477,10 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
     else:
         from transformers import AutoImageProcessor
 
-        proc = AutoImageProcessor.from_pretrained(path)
+        try:
+            proc = AutoImageProcessor.from_pretrained(path)
+        except Exception as exc:
+            raise ZooError(f"{path}: cannot load the image processor (preprocessor_config.json): {exc}") from None
         size = getattr(proc, "size", None) or {}
         h = size.get("height") or size.get("shortest_edge") or getattr(config, "image_size", 224)
         w = size.get("width") or h

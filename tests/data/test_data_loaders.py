@@ -123,6 +123,9 @@ def test_image_folder_train_val_test(image_tree):
     assert d.classes == ["blue", "green", "red"]
     assert (len(d.train), len(d.val), len(d.test)) == (15, 6, 9)
     assert all("/test/" in p for p in d.test.items)
+    few = load_data(str(root), train_size=2, seed=0)  # 2 images cannot cover 3 classes
+    assert any("1 of 3 classes have no training example in the subset" in n for n in few.notes)
+    assert not any("no training example" in n for n in load_data(str(root), train_size=12, seed=0).notes)
 
 
 def test_image_folder_imagenet_layout_uses_val_as_test(image_tree):
@@ -144,6 +147,16 @@ def test_image_folder_flat_classes_and_unknown_val_class(image_tree, write_pngs,
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images found"):
         load_data(str(tmp_path / "empty"))
+
+
+def test_image_folder_layout_mistakes_are_named(image_tree, tmp_path):
+    root = image_tree({"train": 3, "test": 2}, name="hollow")
+    (root / "train" / "yellow").mkdir()  # would be a class no model could learn
+    with pytest.raises(DataError, match=r"hollow/train/yellow: class folder with no images"):
+        load_data(str(root))
+    root2 = image_tree({"val": 2, "test": 2}, name="no-train")  # train/ forgotten: not 2 classes
+    with pytest.raises(DataError, match=r"has test/, val/ but no train/ folder"):
+        load_data(str(root2))
 
 
 def test_vtab_layout(tmp_path, write_pngs):
@@ -186,6 +199,28 @@ def test_csv_and_jsonl_tables(tmp_path):
     assert d2.classes == ["0", "1"] and len(d2.test) == 6 and len(d2.val) == 2 and len(d2.train) == 18
 
 
+def test_table_rows_and_labels_that_do_not_fit(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("text,label\nnice,1\nbad,0.0\nok,1.0\nmeh,0\n")
+    d = load_data(str(p))
+    assert d.classes == ["0", "1"]  # 1 and 1.0 (a float-typed CSV column) are one class
+    p.write_text("text,label\nnice,1\nbad, really bad,0\n")  # an unquoted comma
+    with pytest.raises(DataError, match=r"t.csv:3: 3 fields where the header has 2; quote values that contain"):
+        load_data(str(p))
+    p.write_text("text,label\nnice,1\nbad\n")
+    with pytest.raises(DataError, match=r"t.csv:3: 1 fields where the header has 2"):
+        load_data(str(p))
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "train.jsonl").write_text("".join(json.dumps({"text": f"s{i}", "label": i % 2}) + "\n" for i in range(10)))
+    (split / "test.jsonl").write_text(json.dumps({"text": "t", "label": 2}) + "\n")
+    with pytest.raises(DataError, match=r"test labels \[2\] never occur in the train split"):
+        load_data(str(split))
+    (split / "train.jsonl").write_text("".join(json.dumps({"text": f"s{i}", "label": 0.5 * i}) + "\n" for i in range(10)))
+    with pytest.raises(DataError, match=r"train row 2: label 0.5 is a fractional number"):
+        load_data(str(split))
+
+
 def test_missing_label_column_names_the_columns(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("sentence,stars\nnice,5\nbad,1\nok,3\n")
@@ -216,10 +251,38 @@ def test_unknown_dataset_and_bad_sizes(tmp_path):
 
 
 def test_labels_to_ids_and_split_helpers():
-    assert labels_to_ids(["b", "a", "b"], where="x") == ([1, 0, 1], ["a", "b"])
-    assert labels_to_ids(["2", 0, 1.0], where="x") == ([2, 0, 1], ["0", "1", "2"])
-    with pytest.raises(DataError, match=">= 0"):
-        labels_to_ids([-1, 1], where="x")
+    assert labels_to_ids({"train": ["b", "a", "b"]}, where="x") == ({"train": [1, 0, 1]}, ["a", "b"])
+    ids, classes = labels_to_ids({"train": ["2", 0, 1.0, " 1 "], "test": ["1.0", 2]}, where="x")
+    assert ids == {"train": [2, 0, 1, 1], "test": [1, 2]} and classes == ["0", "1", "2"]
+    # ids in numeric order, and only the classes that occur: -1/1 sentiment, 1-based stars
+    assert labels_to_ids({"train": [-1, 1, 1]}, where="x") == ({"train": [0, 1, 1]}, ["-1", "1"])
+    assert labels_to_ids({"train": [1, 2, 10]}, where="x")[1] == ["1", "2", "10"]
+    assert labels_to_ids({"train": [True, False]}, where="x")[1] == ["False", "True"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"train": [1, 1, 1]}, "the train split holds 1 class ([1]); a classifier needs at least 2"),
+        ({"train": ["pos", "neg"], "test": ["pos", "neutral"]}, "test labels ['neutral'] never occur in the train split"),
+        ({"train": [0, 1], "val": [0, 2]}, "val labels [2] never occur in the train split"),
+        ({"train": [0, 1, "cat"]}, "the labels mix integers (e.g. 0) with names (e.g. 'cat')"),
+        ({"train": ["0", "1"], "test": ["neg"]}, "mix integers"),
+        ({"train": [0.5, 1.0]}, "train row 1: label 0.5 is a fractional number"),
+        ({"train": ["1", "0.5"]}, "train row 2: label '0.5' is not an integer"),
+        ({"train": [0, float("nan")]}, "label nan is nan (a missing value?)"),
+        ({"train": ["a", " "]}, "train row 2: label ' ' is empty"),
+        ({"train": ["a", None]}, "label None is empty"),
+        ({"train": ["a", ["b"]]}, "label ['b'] is a list"),
+    ],
+)
+def test_bad_labels_are_named(raw, needle):
+    with pytest.raises(DataError) as info:
+        labels_to_ids(raw, where="t.csv")
+    assert needle in str(info.value) and str(info.value).startswith("t.csv: ")
+
+
+def test_split_helpers():
     s = Split(list("abcdefghij"), [0, 1] * 5)
     assert s.sample(4, seed=1).items == s.sample(4, seed=1).items
     with pytest.raises(DataError, match="items but"):
@@ -241,3 +304,25 @@ def test_hugging_face_save_to_disk(tmp_path):
     assert d.kind == "text" and len(d.test) == 2 and len(d.train) + len(d.val) == 30
     with pytest.raises(DataError, match=r"label column 'stars' not found; columns found: \['sentence', 'label'\]"):
         load_data(str(path), label_column="stars")
+    # plain integer labels (no ClassLabel) with an unlabelled test split, as GLUE ships its test sets
+    glue = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"sentence": [f"s{i}" for i in range(30)], "label": [i % 2 for i in range(30)]}),
+            "validation": datasets.Dataset.from_dict({"sentence": ["v0", "v1"], "label": [1, 0]}),
+            "test": datasets.Dataset.from_dict({"sentence": ["t0", "t1"], "label": [-1, -1]}),
+        }
+    )
+    glue.save_to_disk(str(tmp_path / "glue"))
+    d = load_data(str(tmp_path / "glue"))
+    assert d.classes == ["0", "1"] and d.test.items == ["v0", "v1"]
+    assert any("test split is unlabelled" in n for n in d.notes)
+
+
+def test_hugging_face_without_datasets_names_the_install_command(monkeypatch, tmp_path):
+    import sys
+
+    (tmp_path / "hfds").mkdir()
+    (tmp_path / "hfds" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    monkeypatch.setitem(sys.modules, "datasets", None)  # what an environment without it imports
+    with pytest.raises(DataError, match="install it with: pip install datasets"):
+        load_data(str(tmp_path / "hfds"))

@@ -99,6 +99,11 @@ def test_corrupt_checkpoint(run_cli, tmp_path, finished_run):
     assert "corrupt or unreadable" in _error(run_cli, "--out", str(run), "--resume")
     torch.save({"hello": torch.zeros(1)}, last)
     assert "not a checkpoint written by s2a train" in _error(run_cli, "--out", str(run), "--resume")
+    run = _copy(finished_run, tmp_path / "b")
+    best = run / "checkpoints" / "best.pt"
+    best.write_bytes(best.read_bytes()[:1000])  # the finished run re-tests its best checkpoint
+    msg = _error(run_cli, "--out", str(run), "--resume")
+    assert f"checkpoint {best} is corrupt or unreadable" in msg and "--overwrite" in msg
 
 
 def test_mismatched_checkpoint(run_cli, tmp_path, finished_run):
@@ -127,10 +132,13 @@ def test_checkpoint_from_before_an_option_existed_still_resumes(run_cli, tmp_pat
     fp = json.loads(ckpt["fingerprint"])
     del fp["dropout"]  # written before --dropout existed: the model's own rates, today's default
     ckpt["fingerprint"] = json.dumps(fp, sort_keys=True)
+    del ckpt["step_times"], ckpt["step_samples"]  # nor did last.pt hold step times
     torch.save(ckpt, last)
-    (run / "report.json").unlink()
+    before = json.loads((run / "report.json").read_text())
     assert run_cli("--out", str(run), "--resume") == 0
-    assert json.loads((run / "report.json").read_text())["steps"] == 6
+    after = json.loads((run / "report.json").read_text())
+    assert after["steps"] == 6 and after["accuracy"] == before["accuracy"]
+    assert after["step_time_s"] == before["step_time_s"] > 0  # kept from the report it rewrites
     fp["dropout"] = 0.0  # the same key with another value is another run
     ckpt["fingerprint"] = json.dumps(fp, sort_keys=True)
     torch.save(ckpt, last)
@@ -142,5 +150,52 @@ def test_resume_before_any_checkpoint_starts_over(run_cli, tmp_path, finished_ru
     run = _copy(finished_run, tmp_path)
     shutil.rmtree(run / "checkpoints")
     (run / "report.json").unlink()
+    assert run_cli("--out", str(run), "--resume") == 0
+    assert json.loads((run / "report.json").read_text())["steps"] == 6
+
+
+def test_diverging_loss_stops_before_saving_bad_state(run_cli, tmp_path, image_folder):
+    run = tmp_path / "r"
+    args = [*VIT, "--data", str(image_folder), "--out", str(run), "--save-every", "1", "--max-grad-norm", "0"]
+    msg = _error(run_cli, *args, "--lr", "1e30")
+    assert "the training loss became nan" in msg and "training diverged" in msg
+    assert "lower --lr (this step ran at 1e+30)" in msg and "--max-grad-norm" in msg
+    step = int(msg.split(" at step ")[1].split("/")[0])
+    assert step >= 2 and f"last.pt (step {step - 1}) is untouched" in msg
+    last = load_checkpoint(run / "checkpoints" / "last.pt", kind="last")
+    assert last["global_step"] == step - 1
+    assert all(torch.isfinite(t).all() for t in last["trainable"].values())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("loss") is None or r["loss"] == r["loss"] for r in rows)  # no NaN logged
+    assert not (run / "report.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "needle"),
+    [
+        ("tpu", "device (--device) must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        ("bogus", "device (--device) must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+        ("cuda:99", "cuda:99" if torch.cuda.is_available() else "CUDA is not available"),
+    ],
+)
+def test_unusable_device(run_cli, tmp_path, image_folder, device, needle):
+    msg = _error(run_cli, *VIT, "--data", str(image_folder), "--out", str(tmp_path / "r"), "--device", device)
+    assert needle in msg
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_mid_run_is_named_and_the_run_resumes(run_cli, tmp_path, image_folder, workers):
+    data = tmp_path / "imgs"
+    shutil.copytree(image_folder, data)
+    victim = sorted((data / "train" / "red").iterdir())[5]
+    good = victim.read_bytes()
+    victim.write_bytes(b"not a png")  # found only when its batch is built
+    run = tmp_path / "r"
+    args = [*VIT, "--data", str(data), "--out", str(run), "--save-every", "1", "--num-workers", str(workers)]
+    msg = _error(run_cli, *args)
+    assert msg.startswith(f"s2a: error: cannot read image {victim}: cannot identify image file")
+    assert "Traceback" not in msg and f"s2a train --out {run} --resume" in msg
+    victim.write_bytes(good)
     assert run_cli("--out", str(run), "--resume") == 0
     assert json.loads((run / "report.json").read_text())["steps"] == 6

@@ -31,6 +31,14 @@ BASE = ["--model", "test_vit", "--data", "rotten-tomatoes"]
         ("--max-length", "0", "max_length (--max-length) must be an integer >= 1"),
         ("--img-size", "4", "img_size (--img-size) must be an integer >= 8"),
         ("--prompt-rank", "0", "prompt_rank (--prompt-rank) must be an integer >= 1"),
+        ("--act-bits", "5", "act_bits (--act-bits) must be None, 0 (off) or one of the bit widths [2, 3, 4, 8]"),
+        ("--act-bits", "-4", "act_bits (--act-bits) must be None, 0 (off) or one of the bit widths"),
+        ("--eval-batch-size", "0", "eval_batch_size (--eval-batch-size) must be an integer >= 1"),
+        ("--val-size", "0", "val_size (--val-size) must be an integer >= 1"),
+        ("--test-size", "0", "test_size (--test-size) must be an integer >= 1"),
+        ("--num-workers", "-1", "num_workers (--num-workers) must be an integer >= 0"),
+        ("--save-every", "-1", "save_every (--save-every) must be an integer >= 0"),
+        ("--stop-after", "-2", "stop_after (--stop-after) must be an integer >= 0"),
     ],
 )
 def test_out_of_range_hyper_parameters_are_clear_cli_errors(run_cli, tmp_path, flag, value, needle):

@@ -233,6 +233,12 @@ def test_interrupted_runs_resume_without_losing_anything(reference_runs, tmp_pat
     assert report["history"] == reports["a"]["history"]
     assert report["accuracy"] == reports["a"]["accuracy"]
     assert (out / "report.md").is_file()
+    # step times travel in last.pt: the report times all 6 steps, not just the last run's 2
+    assert len(got["step_times"]) == 6 and report["step_time_s"] > 0 and report["throughput"] > 0
+
+    again = _fit(out, resume=True)  # resuming a finished run tests it again: the same report
+    for key in ("accuracy", "step_time_s", "throughput", "train_time_s", "history", "steps"):
+        assert again[key] == report[key], key
 
 
 def test_fashion_mnist_with_pretrained_efficientnet_lite0(run_cli, tmp_path):

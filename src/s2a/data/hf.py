@@ -67,6 +67,10 @@ def _pick(columns: list[str], wanted: str | None, guesses: tuple[str, ...], role
     return next((g for g in guesses if g in columns), None)
 
 
+def _unlabelled(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v < 0)
+
+
 def load_hf(
     spec: str,
     *,
@@ -121,26 +125,22 @@ def load_hf(
     feature = features.get(lcol)
     names = list(getattr(feature, "names", None) or [])
     raws = {k: list(ds[lcol]) for k, ds in parts.items()}
+    notes = []
+    for k in list(raws):
+        if any(_unlabelled(v) for v in raws[k]):  # e.g. GLUE's test splits: every label is -1
+            if k != "test":
+                raise DataError(f"{where}: split {k!r} has unlabelled rows (label -1 or None)")
+            del raws[k], parts[k]
+            notes.append("the test split is unlabelled (label -1 or None): not used")
     if names:
         classes = names
         ids_by = raws
     else:
-        flat = [v for k in parts for v in raws[k]]
-        ids, classes = labels_to_ids(flat, where=where)
-        ids_by, pos = {}, 0
-        for k in parts:
-            ids_by[k] = ids[pos : pos + len(raws[k])]
-            pos += len(raws[k])
+        ids_by, classes = labels_to_ids(raws, where=where)
     splits = {}
     for k, ds in parts.items():
         items = list(ds[xcol]) if kind == "text" else _HFColumn(ds, xcol)
-        labels = ids_by[k]
-        if any(v is None or int(v) < 0 for v in labels):  # e.g. GLUE test splits have label -1
-            if k == "test":
-                continue
-            raise DataError(f"{where}: split {k!r} has unlabelled rows (label -1 or None)")
-        splits[k] = Split(items, labels)
-    notes = []
+        splits[k] = Split(items, ids_by[k])
     if "all" in splits:
         train, val, test = split_fractions(splits["all"], (0.8, 0.1, 0.1), split_seed)
         notes.append(f"single split: seeded 80/10/10 (split_seed={split_seed})")

@@ -161,6 +161,10 @@ def _folder_split(directory: Path, classes: list[str] | None) -> tuple[list[str]
                 f"(train classes: {classes[:10]}{'...' if len(classes) > 10 else ''})"
             )
         imgs = _images_under(d)
+        if not imgs and classes is None:  # a class with no training image could never be predicted
+            raise DataError(
+                f"{d}: class folder with no images ({', '.join(IMAGE_SUFFIXES)}); add its images or remove it"
+            )
         paths += [str(p) for p in imgs]
         raw += [d.name] * len(imgs)
     return paths, raw, [d.name for d in dirs]
@@ -211,6 +215,12 @@ def load_image_folder(directory: str | os.PathLike, *, split_seed: int = 0) -> D
             train, val, test = split_fractions(train, (0.8, 0.1, 0.1), split_seed)
             notes.append("only train/: seeded 80/10/10 train/val/test split")
     else:
+        split_dirs = sorted(n for n in sub if n in VAL_NAMES or n == "test")
+        if split_dirs:
+            raise DataError(
+                f"{root}: has {', '.join(n + '/' for n in split_dirs)} but no train/ folder; put the "
+                "training images in root/train/<class>/ (or use root/<class>/ alone for a seeded split)"
+            )
         paths, raw, classes = _folder_split(root, None)
         if not paths:
             raise DataError(
@@ -282,13 +292,9 @@ def load_vtab(directory: str | os.PathLike, *, split_seed: int = 0) -> DataBundl
         names = ["train800val200.txt", "test.txt"]
     else:
         raise DataError(f"{root}: VTAB-1k layout needs train800val200.txt (or train800.txt + val200.txt) and test.txt")
-    lists = [_read_list(root, n) for n in names]
-    all_raw = [v for _, raw in lists for v in raw]
-    ids, classes = labels_to_ids(all_raw, where=str(root))
-    splits, pos = [], 0
-    for paths, _ in lists:
-        splits.append(Split(paths, ids[pos : pos + len(paths)]))
-        pos += len(paths)
+    lists = {n: _read_list(root, n) for n in names}
+    ids, classes = labels_to_ids({n: raw for n, (_, raw) in lists.items()}, where=str(root))
+    splits = [Split(paths, ids[n]) for n, (paths, _) in lists.items()]
     if len(splits) == 3:
         train, val, test = splits
     else:

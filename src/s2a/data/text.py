@@ -102,7 +102,16 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         if suffix in (".csv", ".tsv"):
             with path.open(newline="", encoding="utf-8-sig") as fh:
                 reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-                rows = list(reader)
+                rows = []
+                for row in reader:
+                    if None in row or None in row.values():  # more (or fewer) fields than the header
+                        n = len(reader.fieldnames or ()) + len(row.get(None) or ()) - list(row.values()).count(None)
+                        raise DataError(
+                            f"{path}:{reader.line_num}: {n} fields where the header has "
+                            f"{len(reader.fieldnames or ())}; quote values that contain the delimiter "
+                            f"({'tab' if suffix == '.tsv' else 'comma'})"
+                        )
+                    rows.append(row)
                 columns = list(reader.fieldnames or [])
             return rows, columns
         if suffix == ".json":
@@ -196,7 +205,7 @@ def load_text_table(
     ``train.*`` (+ ``val.*``/``validation.*``/``dev.*``, ``test.*``) files.
 
     Columns default to the first of ``text``/``sentence``/``review``/... and
-    ``label``/``labels``/``category``/``class``. Labels may be integer ids or names (sorted).
+    ``label``/``labels``/``category``/``class``. Labels are integers or names (:func:`labels_to_ids`).
     A missing val split is carved from train (10%); a missing test split too (10%).
     """
     path = Path(path)
@@ -211,15 +220,8 @@ def load_text_table(
         parts = {k: _table_split(p, text_column, label_column) for k, p in files.items()}
     else:
         parts = {"all": _table_split(path, text_column, label_column)}
-    order = list(parts)
-    all_raw = [v for k in order for v in parts[k][1]]
-    ids, classes = labels_to_ids(all_raw, where=str(path))
-    splits: dict[str, Split] = {}
-    pos = 0
-    for k in order:
-        n = len(parts[k][0])
-        splits[k] = Split(parts[k][0], ids[pos : pos + n])
-        pos += n
+    ids, classes = labels_to_ids({k: raw for k, (_, raw) in parts.items()}, where=str(path))
+    splits = {k: Split(texts, ids[k]) for k, (texts, _) in parts.items()}
     if "all" in splits:
         train, val, test = split_fractions(splits["all"], (0.8, 0.1, 0.1), split_seed)
         notes.append(f"one file: seeded 80/10/10 train/val/test split (split_seed={split_seed})")

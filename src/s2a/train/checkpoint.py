@@ -74,7 +74,7 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc}). "
-            "Start the run again with --overwrite (or delete the file)."
+            "Start the run again with --overwrite."
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint written by s2a train (format {FORMAT!r} expected)")

@@ -206,12 +206,15 @@ def run_train(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
     def mib(v: Any) -> str:
         return "n/a" if v is None else f"{v / 2**20:.2f} MiB"
 
+    def num(v: Any, fmt: str, unit: str) -> str:
+        return "n/a" if v is None else f"{v:{fmt}} {unit}"
+
     print(
         f"accuracy {report['accuracy']:.4f} (test, {report['num_test']} examples; best val "
         f"{report['val_accuracy']:.4f} at epoch {report['best_epoch']}) | trainable "
         f"{report['trainable_params']:,} ({report['trainable_percent']:.3f}%) | saved for backward "
         f"{mib(report['saved_activation_bytes'])} | step peak {mib(report['peak_memory_bytes'])} | "
-        f"step {report['step_time_s'] or float('nan'):.3f} s | {report['throughput'] or float('nan'):.1f} ex/s",
+        f"step {num(report['step_time_s'], '.3f', 's')} | {num(report['throughput'], '.1f', 'ex/s')}",
         file=out,
     )
     print(f"wrote {Path(cfg.out) / 'report.md'}", file=out)

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from s2a.tuners.config import ACT_BITS
+
 __all__ = [
     "METHODS",
     "PRECISIONS",
@@ -156,8 +158,8 @@ class TrainConfig:
                 f"(got --method {self.method}, --modules {','.join(self.modules)}); drop --prompt-rank "
                 "or add prompt to --modules"
             )
-        if self.act_bits is not None and (not is_int(self.act_bits) or self.act_bits < 0):
-            fail("act_bits", "None, 0 (off) or a bit width such as 4")
+        if self.act_bits is not None and (not is_int(self.act_bits) or self.act_bits not in (0, *ACT_BITS)):
+            fail("act_bits", f"None, 0 (off) or one of the bit widths {list(ACT_BITS)}")
         if self.method in NO_ACT_BITS and self.act_bits:
             raise TrainError(
                 f"--method {self.method} takes no --act-bits (got {self.act_bits}): it fixes its own "

@@ -48,6 +48,11 @@ def _pick_device(pref: str, local_rank: int) -> torch.device:
             raise TrainError(f"--device {pref} requested but CUDA is not available")
         if dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
+        if dev.index >= torch.cuda.device_count():
+            raise TrainError(
+                f"--device {pref}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     elif dev.type != "cpu":
         raise TrainError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {pref!r}")
     return dev

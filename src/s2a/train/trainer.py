@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from s2a.data import DataBundle, Split, load_data
+from s2a.data import DataBundle, DataError, Split, load_data
 from s2a.zoo import ZooError, ZooModel, call_model, load_model, model_kind
 
 from .checkpoint import (
@@ -197,6 +198,7 @@ class Trainer:
         self._stop = False
         self._planned_stop = False
         self._steps_this_run = 0
+        self._last_saved_step: int | None = None
         self.dist: DistInfo | None = None
 
     # ------------------------------------------------------------------ public
@@ -396,9 +398,16 @@ class Trainer:
         last = self.run_dir / CKPT_DIR / "last.pt"
         if saved is not None and last.is_file():
             self._restore(load_checkpoint(last, kind="last"), str(last))
-            self._log(
-                f"resumed {self.run_dir} at epoch {self.epoch + 1}, step {self.global_step}/{self.total_steps}"
-            )
+            self._last_saved_step = self.global_step
+            if self.epoch >= rc.epochs:
+                self._log(
+                    f"{self.run_dir} already finished its {rc.epochs} epochs: testing its best checkpoint again "
+                    "and rewriting the report"
+                )
+            else:
+                self._log(
+                    f"resumed {self.run_dir} at epoch {self.epoch + 1}, step {self.global_step}/{self.total_steps}"
+                )
         elif saved is not None:
             self._log(f"{self.run_dir} has no last checkpoint yet: starting from the beginning")
         barrier(info)
@@ -496,8 +505,12 @@ class Trainer:
             best=self.best,
             epoch_stats=list(self.epoch_stats),
             train_time=self.train_time,
+            # the report's step time and throughput cover every step, across resumes
+            step_times=list(self.step_times),
+            step_samples=list(self.step_samples),
         )
         atomic_save(ckpt, self.run_dir / CKPT_DIR / "last.pt")
+        self._last_saved_step = self.global_step
 
     def _save_best(self) -> None:
         if not self.dist or not self.dist.is_main:
@@ -538,6 +551,8 @@ class Trainer:
             self.best = dict(ckpt["best"])
             self.epoch_stats = [float(v) for v in ckpt["epoch_stats"]]
             self.train_time = float(ckpt.get("train_time", 0.0))
+            self.step_times = [float(v) for v in ckpt.get("step_times", [])]
+            self.step_samples = [int(v) for v in ckpt.get("step_samples", [])]
             info = self.dist
             assert info is not None
             per_rank = ckpt.get("rng_per_rank") or []
@@ -582,7 +597,25 @@ class Trainer:
             # (that would shift dropout masks between a resumed and an uninterrupted run)
             generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
-        return iter(loader)
+        return self._readable(iter(loader))
+
+    def _readable(self, batches: Iterator[tuple[Any, torch.Tensor]]) -> Iterator[tuple[Any, torch.Tensor]]:
+        """The batches, with an unreadable file (found only when its batch is built) turned into
+        an error that names it and says how to go on; a DataLoader worker wraps the original in
+        its traceback, of which the last line is the message."""
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (ZooError, DataError) as exc:
+                text = re.sub(r"^[\w.]+Error: ", "", str(exc).strip().splitlines()[-1])
+                since = f" from step {self._last_saved_step}" if self._last_saved_step else ""
+                raise TrainError(
+                    f"{text}. Replace the file with a readable one and continue{since} with: s2a train --out "
+                    f"{self.run_dir} --resume; or remove it and start over with --overwrite"
+                ) from None
+            yield batch
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -674,6 +707,29 @@ class Trainer:
             planned=self._planned_stop,
         )
 
+    def _diverged(self, loss: float, lr: float) -> None:
+        """Stop before a non-finite step reaches a checkpoint, the metrics or a report: what the
+        run directory holds stays the last good state. Resuming would replay the same step, so
+        the advice is to start over with other options."""
+        rc = self.rc
+        last = self.run_dir / CKPT_DIR / "last.pt"
+        kept = (
+            f"{last} (step {self._last_saved_step}) is untouched"
+            if self._last_saved_step is not None
+            else "no checkpoint was written this run"
+        )
+        hints = [f"lower --lr (this step ran at {lr:.3g})"]
+        if rc.precision == "fp16":
+            hints.append("use --precision bf16 or fp32 (fp16 overflows more easily)")
+        if rc.max_grad_norm <= 0:
+            hints.append("clip gradients with --max-grad-norm 1.0")
+        hints.append("check the inputs for NaN or infinite values")
+        raise TrainError(
+            f"the training loss became {loss} at step {self.global_step + 1}/{self.total_steps} "
+            f"(epoch {self.epoch + 1}): training diverged; {kept}. Start over (--overwrite) after one of: "
+            f"{'; '.join(hints)}."
+        )
+
     def _fit(self) -> dict[str, Any]:
         self._setup()
         info = self.dist
@@ -702,6 +758,9 @@ class Trainer:
                         lr = self.optimizer.param_groups[0]["lr"]
                         loss_sum, correct, seen = self._train_step(entries, loader)
                         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], info)
+                        if not math.isfinite(loss_sum):  # the sum is global: every process stops here
+                            bar.close()
+                            self._diverged(loss_sum, lr)
                         dt = time.perf_counter() - t0
                         self.train_time += dt
                         self.step_times.append(dt)
@@ -799,6 +858,13 @@ class Trainer:
         notes.append(f"memory measured by s2a.measure on one training micro-batch of {n} examples per process")
         return report, notes
 
+    def _earlier_timing(self) -> tuple[float | None, float | None]:
+        try:
+            old = json.loads((self.run_dir / "report.json").read_text(encoding="utf-8"))
+            return old.get("step_time_s"), old.get("throughput")
+        except (OSError, ValueError, AttributeError):
+            return None, None
+
     def _finish(self) -> dict[str, Any]:
         info = self.dist
         assert info is not None
@@ -814,6 +880,8 @@ class Trainer:
         samples = self.step_samples[1:] if len(self.step_samples) > 1 else self.step_samples
         step_time = statistics.median(times) if times else None
         throughput = (sum(samples) / sum(times)) if times and sum(times) > 0 else None
+        if step_time is None:  # a finished run resumed from a checkpoint older than saved step times
+            step_time, throughput = self._earlier_timing()
         dev = info.device
         last = self.history[-1] if self.history else {}
         report: dict[str, Any] = {
