@@ -199,3 +199,19 @@ def test_unreadable_image_mid_run_is_named_and_the_run_resumes(run_cli, tmp_path
     victim.write_bytes(good)
     assert run_cli("--out", str(run), "--resume") == 0
     assert json.loads((run / "report.json").read_text())["steps"] == 6
+
+
+def test_resume_on_changed_data_is_refused(run_cli, tmp_path, image_folder):
+    data = tmp_path / "imgs"
+    shutil.copytree(image_folder, data)
+    run = tmp_path / "r"
+    args = [*VIT, "--data", str(data), "--out", str(run), "--stop-after", "2"]
+    assert run_cli(*args) == 0  # a planned stop, resumable
+    sorted((data / "train" / "red").iterdir())[0].unlink()
+    msg = _error(run_cli, "--out", str(run), "--resume")
+    assert "the dataset" in msg and "changed since" in msg and "train 48 then, 47 now" in msg
+    for split in ("train", "val", "test"):  # same counts, another class
+        (data / split / "red").rename(data / split / "crimson")
+    shutil.copy(sorted((data / "train" / "blue").iterdir())[0], data / "train" / "crimson" / "extra.png")
+    msg = _error(run_cli, "--out", str(run), "--resume")
+    assert "classes ['blue', 'green', 'red'] then, ['blue', 'crimson', 'green'] now" in msg

@@ -298,6 +298,21 @@ class Trainer:
         (d / CKPT_DIR).mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ setup
+    def _check_same_data(self, then: dict[str, Any]) -> None:
+        """A resumed run must see the data it started on: the same options can read other data
+        when files were added, removed or relabelled in between."""
+        now = self.data.summary()
+        changed = [
+            f"{key} {then[key]!r} then, {now[key]!r} now" if key == "classes" else f"{key} {then[key]} then, {now[key]} now"
+            for key in ("classes", "train", "val", "test")
+            if key in then and then[key] != now[key]
+        ]
+        if changed:
+            raise TrainError(
+                f"--resume: the dataset {self.config.data!r} changed since {self.run_dir} started "
+                f"({'; '.join(changed)}); resume with the same data, or start over with --overwrite"
+            )
+
     def _log(self, msg: str) -> None:
         if self.dist is None or self.dist.is_main:
             print(f"s2a train: {msg}", file=sys.stderr, flush=True)
@@ -325,6 +340,8 @@ class Trainer:
         if data.kind != mkind:
             raise TrainError(f"model {cfg.model!r} takes {mkind} but dataset {cfg.data!r} holds {data.kind} examples")
         self.data: DataBundle = data
+        if saved is not None:
+            self._check_same_data(saved.get("data") or {})
         rc = cfg.resolved(data.kind)
         self.rc = rc
         if rc.batch_size < info.world_size:
