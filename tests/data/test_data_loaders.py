@@ -208,16 +208,19 @@ def test_table_rows_and_labels_that_do_not_fit(tmp_path):
     with pytest.raises(DataError, match=r"t.csv:3: 3 fields where the header has 2; quote values that contain"):
         load_data(str(p))
     p.write_text("text,label\nnice,1\nbad\n")
-    with pytest.raises(DataError, match=r"t.csv:3: 1 fields where the header has 2"):
+    with pytest.raises(DataError, match=r"t.csv:3: 1 of the header's 2 fields; no value for \['label'\]"):
         load_data(str(p))
+    p.write_text("text,label\nnice,1,\nbad,0,\nok,1,\nmeh,0,\n")  # trailing commas: empty extra fields
+    assert load_data(str(p)).classes == ["0", "1"]
     split = tmp_path / "split"
     split.mkdir()
     (split / "train.jsonl").write_text("".join(json.dumps({"text": f"s{i}", "label": i % 2}) + "\n" for i in range(10)))
     (split / "test.jsonl").write_text(json.dumps({"text": "t", "label": 2}) + "\n")
-    with pytest.raises(DataError, match=r"test labels \[2\] never occur in the train split"):
-        load_data(str(split))
+    d = load_data(str(split))  # a class only the test split holds: kept (its id is 2), and said
+    assert d.classes == ["0", "1", "2"] and d.test.labels == [2]
+    assert "1 of 3 classes have no train example ([2]): the model cannot learn them" in d.notes
     (split / "train.jsonl").write_text("".join(json.dumps({"text": f"s{i}", "label": 0.5 * i}) + "\n" for i in range(10)))
-    with pytest.raises(DataError, match=r"train row 2: label 0.5 is a fractional number"):
+    with pytest.raises(DataError, match=r"train row 2: label 0.5 is not a class: labels must be class ids \(integers\) or class names"):
         load_data(str(split))
 
 
@@ -251,28 +254,36 @@ def test_unknown_dataset_and_bad_sizes(tmp_path):
 
 
 def test_labels_to_ids_and_split_helpers():
-    assert labels_to_ids({"train": ["b", "a", "b"]}, where="x") == ({"train": [1, 0, 1]}, ["a", "b"])
-    ids, classes = labels_to_ids({"train": ["2", 0, 1.0, " 1 "], "test": ["1.0", 2]}, where="x")
-    assert ids == {"train": [2, 0, 1, 1], "test": [1, 2]} and classes == ["0", "1", "2"]
-    # ids in numeric order, and only the classes that occur: -1/1 sentiment, 1-based stars
-    assert labels_to_ids({"train": [-1, 1, 1]}, where="x") == ({"train": [0, 1, 1]}, ["-1", "1"])
-    assert labels_to_ids({"train": [1, 2, 10]}, where="x")[1] == ["1", "2", "10"]
+    assert labels_to_ids({"train": ["b", "a", "b"]}, where="x") == ({"train": [1, 0, 1]}, ["a", "b"], [])
+    ids, classes, notes = labels_to_ids({"train": ["2", 0, 1.0, " 1 "], "test": ["1.0", 2]}, where="x")
+    assert ids == {"train": [2, 0, 1, 1], "test": [1, 2]} and classes == ["0", "1", "2"] and notes == []
+    # integer labels are the class ids: 1-based stars leave class 0 empty (noted), as does a
+    # class that only val/test hold (VTAB-1k SUN397: 1000 training images, 397 classes)
+    ids, classes, notes = labels_to_ids({"train": [1, 2, 2], "test": [3, 1]}, where="x")
+    assert ids == {"train": [1, 2, 2], "test": [3, 1]} and classes == ["0", "1", "2", "3"]
+    assert notes == ["2 of 4 classes have no train example ([0, 3]): the model cannot learn them"]
+    assert labels_to_ids({"train": ["pos", "neg"], "test": ["neutral"]}, where="x")[1] == ["neg", "neutral", "pos"]
     assert labels_to_ids({"train": [True, False]}, where="x")[1] == ["False", "True"]
+    # text that is not all integers is names, sorted: "3+" and decimal-looking names included
+    assert labels_to_ids({"train": ["1", "2", "3+"]}, where="x")[1] == ["1", "2", "3+"]
+    assert labels_to_ids({"train": ["2.5", "3.5"]}, where="x")[1] == ["2.5", "3.5"]
+    with pytest.raises(TypeError, match="mapping"):
+        labels_to_ids(["a", "b"], where="x")
 
 
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
         ({"train": [1, 1, 1]}, "the train split holds 1 class ([1]); a classifier needs at least 2"),
-        ({"train": ["pos", "neg"], "test": ["pos", "neutral"]}, "test labels ['neutral'] never occur in the train split"),
-        ({"train": [0, 1], "val": [0, 2]}, "val labels [2] never occur in the train split"),
-        ({"train": [0, 1, "cat"]}, "the labels mix integers (e.g. 0) with names (e.g. 'cat')"),
-        ({"train": ["0", "1"], "test": ["neg"]}, "mix integers"),
-        ({"train": [0.5, 1.0]}, "train row 1: label 0.5 is a fractional number"),
-        ({"train": ["1", "0.5"]}, "train row 2: label '0.5' is not an integer"),
-        ({"train": [0, float("nan")]}, "label nan is nan (a missing value?)"),
-        ({"train": ["a", " "]}, "train row 2: label ' ' is empty"),
-        ({"train": ["a", None]}, "label None is empty"),
+        ({"train": ["a", "a"], "test": ["b"]}, "the train split holds 1 class (['a'])"),
+        ({"train": [0, 1, "cat"]}, "the labels mix numbers (e.g. 0) with names (e.g. 'cat')"),
+        ({"train": [-1, 1]}, "integer labels are class ids and must be >= 0, found -1"),
+        ({"train": ["0", "12345678901234567891"]}, "integer label 12345678901234567891 is implausibly large"),
+        ({"train": [0.5, 1.0]}, "train row 1: label 0.5 is not a class"),
+        ({"train": [0, float("nan")]}, "label nan is missing"),
+        ({"train": ["a", "NaN"]}, "train row 2: label 'NaN' is missing"),
+        ({"train": ["a", " "]}, "train row 2: label ' ' is missing"),
+        ({"train": ["a", None]}, "label None is missing"),
         ({"train": ["a", ["b"]]}, "label ['b'] is a list"),
     ],
 )

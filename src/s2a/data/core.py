@@ -107,44 +107,44 @@ def split_fractions(split: Split, fractions: tuple[float, float, float], seed: i
 
 
 _INTEGER = re.compile(r"[+-]?\d+(?:\.0*)?")  # "3", "-1", "3.0" (CSV writers turn int columns into floats)
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_MISSING = ("", "nan", "none", "null", "<na>")
+MAX_CLASS_ID = 100_000
 
 
 def _parse_label(v: Any) -> int | str:
-    """A class id (int) or a class name (str); ValueError says why ``v`` is neither."""
-    if v is None or (isinstance(v, str) and not v.strip()):
-        raise ValueError("is empty")
+    """A class id (int) or a text label (str, possibly "3" to be read as an id later);
+    ValueError says why ``v`` is neither."""
+    if v is None or type(v).__name__ in ("NAType", "NaTType") or (isinstance(v, str) and v.strip().lower() in _MISSING):
+        raise ValueError("is missing")
     if isinstance(v, (bool, np.bool_)):
         return str(bool(v))
     if isinstance(v, (int, np.integer)):
         return int(v)
     if isinstance(v, (float, np.floating)):
-        if not math.isfinite(v):
-            raise ValueError(f"is {v} (a missing value?)")
-        if not float(v).is_integer():
-            raise ValueError("is a fractional number; labels must be class ids (integers) or class names")
+        if math.isnan(v):
+            raise ValueError("is missing")
+        if not math.isfinite(v) or not float(v).is_integer():
+            raise ValueError("is not a class: labels must be class ids (integers) or class names")
         return int(v)
     if isinstance(v, str):
-        text = v.strip()
-        if _INTEGER.fullmatch(text):
-            return int(float(text))
-        if _NUMBER.fullmatch(text) or text.lower() in ("nan", "inf", "-inf"):
-            raise ValueError("is not an integer; labels must be class ids (integers) or class names")
-        return text
-    raise ValueError(f"is a {type(v).__name__}; labels must be class ids (integers) or class names")
+        return v.strip()
+    raise ValueError(f"is a {type(v).__name__}: labels must be class ids (integers) or class names")
 
 
-def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict[str, list[int]], list[str]]:
-    """Map each split's raw labels to class ids; returns ``({split: ids}, class_names)``.
+def labels_to_ids(
+    raw: Mapping[str, Sequence[Any]], *, where: str
+) -> tuple[dict[str, list[int]], list[str], list[str]]:
+    """Map each split's raw labels to class ids; returns ``({split: ids}, class_names, notes)``.
 
-    The first split is the training split: the classes are the sorted distinct labels found
-    there (integers in numeric order, named ``"0"``, ``"1"``..., so integer ids 0..k-1 are kept
-    as they are), and every other split may use only those. Labels are all integers (``3`` and
-    ``"3.0"`` are the same class) or all names; a mix of the two, an empty or fractional label,
-    or fewer than two classes in training is an error, not a silent extra class.
+    The first split is the training split. Integer labels (numbers, or text that is all
+    integers: ``"3"`` and ``"3.0"`` alike) are the class ids themselves, classes ``0..max``
+    over all splits; other text labels are names, ids in sorted order. A class without a
+    training example (VTAB-1k's SUN397 has ~30 of 397) is noted, not refused. Refused: empty,
+    missing (NaN) or fractional numbers, negative or huge ids, numbers mixed with names, and
+    fewer than two classes in training.
     """
-    if not raw:
-        raise DataError(f"{where}: no labels")
+    if not isinstance(raw, Mapping) or not raw:
+        raise TypeError("labels_to_ids takes a non-empty mapping {split name: labels}, training split first")
     parsed: dict[str, list[int | str]] = {}
     for split, values in raw.items():
         out = parsed[split] = []
@@ -153,29 +153,43 @@ def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict
                 out.append(_parse_label(v))
             except ValueError as exc:
                 raise DataError(f"{where}: {split} row {row}: label {v!r} {exc}") from None
-    if len({type(v) for vs in parsed.values() for v in vs}) > 1:
-        a = next(v for vs in parsed.values() for v in vs if isinstance(v, int))
-        b = next(v for vs in parsed.values() for v in vs if isinstance(v, str))
+    flat = [v for vs in parsed.values() for v in vs]
+    texts = [v for v in flat if isinstance(v, str)]
+    if texts and all(_INTEGER.fullmatch(v) for v in texts):  # a CSV column of ids
+        parsed = {k: [int(v.split(".")[0]) if isinstance(v, str) else v for v in vs] for k, vs in parsed.items()}
+    elif texts and len(texts) < len(flat):
+        a = next(v for v in flat if isinstance(v, int))
+        b = next(v for v in texts if not _INTEGER.fullmatch(v))
         raise DataError(
-            f"{where}: the labels mix integers (e.g. {a}) with names (e.g. {b!r}); "
+            f"{where}: the labels mix numbers (e.g. {a}) with names (e.g. {b!r}); "
             "use class ids or class names throughout"
         )
-    train_split = next(iter(parsed))
-    classes = sorted(set(parsed[train_split]))  # type: ignore[type-var]
-    if len(classes) < 2:
-        raise DataError(
-            f"{where}: the {train_split} split holds {len(classes)} class ({classes}); a classifier "
-            "needs at least 2. Is --label-column the right column?"
-        )
+    flat = [v for vs in parsed.values() for v in vs]
+    if isinstance(flat[0], int):
+        ids = [v for v in flat if isinstance(v, int)]
+        if min(ids) < 0:
+            raise DataError(f"{where}: integer labels are class ids and must be >= 0, found {min(ids)}")
+        if max(ids) > MAX_CLASS_ID:
+            raise DataError(f"{where}: integer label {max(ids)} is implausibly large for a class id")
+        classes: list[int | str] = list(range(max(ids) + 1))
+    else:
+        classes = sorted({str(v) for v in flat})
     index = {c: i for i, c in enumerate(classes)}
-    for split, values in parsed.items():
-        unseen = sorted({v for v in values if v not in index}, key=str)
-        if unseen:
-            raise DataError(
-                f"{where}: {split} labels {unseen[:5]} never occur in the {train_split} split, so no "
-                f"model could learn them (its classes: {classes[:20]}); fix the labels or the splits"
-            )
-    return {split: [index[v] for v in values] for split, values in parsed.items()}, [str(c) for c in classes]
+    train_split = next(iter(parsed))
+    in_train = set(parsed[train_split])
+    if len(in_train) < 2:
+        raise DataError(
+            f"{where}: the {train_split} split holds {len(in_train)} class ({sorted(in_train, key=str)}); a "
+            "classifier needs at least 2. Is --label-column the right column?"
+        )
+    notes = []
+    absent = [c for c in classes if c not in in_train]
+    if absent:
+        notes.append(
+            f"{len(absent)} of {len(classes)} classes have no {train_split} example "
+            f"({absent[:10]}{'...' if len(absent) > 10 else ''}): the model cannot learn them"
+        )
+    return {k: [index[v] for v in vs] for k, vs in parsed.items()}, [str(c) for c in classes], notes
 
 
 def complete_splits(

@@ -136,7 +136,8 @@ def load_hf(
         classes = names
         ids_by = raws
     else:
-        ids_by, classes = labels_to_ids(raws, where=where)
+        ids_by, classes, label_notes = labels_to_ids(raws, where=where)
+        notes += label_notes
     splits = {}
     for k, ds in parts.items():
         items = list(ds[xcol]) if kind == "text" else _HFColumn(ds, xcol)

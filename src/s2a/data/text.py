@@ -103,13 +103,19 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             with path.open(newline="", encoding="utf-8-sig") as fh:
                 reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
                 rows = []
+                width = len(reader.fieldnames or ())
                 for row in reader:
-                    if None in row or None in row.values():  # more (or fewer) fields than the header
-                        n = len(reader.fieldnames or ()) + len(row.get(None) or ()) - list(row.values()).count(None)
+                    extra = row.pop(None, None)  # fields beyond the header's
+                    if extra and any(str(v).strip() for v in extra):
                         raise DataError(
-                            f"{path}:{reader.line_num}: {n} fields where the header has "
-                            f"{len(reader.fieldnames or ())}; quote values that contain the delimiter "
-                            f"({'tab' if suffix == '.tsv' else 'comma'})"
+                            f"{path}:{reader.line_num}: {width + len(extra)} fields where the header has {width}; "
+                            f"quote values that contain the delimiter ({'tab' if suffix == '.tsv' else 'comma'})"
+                        )
+                    missing = [k for k, v in row.items() if v is None]
+                    if missing:
+                        raise DataError(
+                            f"{path}:{reader.line_num}: {width - len(missing)} of the header's {width} fields; "
+                            f"no value for {missing}"
                         )
                     rows.append(row)
                 columns = list(reader.fieldnames or [])
@@ -220,7 +226,8 @@ def load_text_table(
         parts = {k: _table_split(p, text_column, label_column) for k, p in files.items()}
     else:
         parts = {"all": _table_split(path, text_column, label_column)}
-    ids, classes = labels_to_ids({k: raw for k, (_, raw) in parts.items()}, where=str(path))
+    ids, classes, label_notes = labels_to_ids({k: raw for k, (_, raw) in parts.items()}, where=str(path))
+    notes += label_notes
     splits = {k: Split(texts, ids[k]) for k, (texts, _) in parts.items()}
     if "all" in splits:
         train, val, test = split_fractions(splits["all"], (0.8, 0.1, 0.1), split_seed)

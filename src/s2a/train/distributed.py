@@ -38,23 +38,28 @@ class DistInfo:
 
 def _pick_device(pref: str, local_rank: int) -> torch.device:
     if pref == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(pref)
-    except RuntimeError:
-        raise TrainError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {pref!r}") from None
-    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        dev = torch.device(f"cuda:{local_rank}")
+    else:
+        try:
+            dev = torch.device(pref)
+        except RuntimeError:
+            raise TrainError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {pref!r}") from None
+        if dev.type == "cpu":
+            return dev
+        if dev.type != "cuda":
+            raise TrainError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {pref!r}")
         if not torch.cuda.is_available():
             raise TrainError(f"--device {pref} requested but CUDA is not available")
         if dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
-        if dev.index >= torch.cuda.device_count():
-            raise TrainError(
-                f"--device {pref}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
-            )
-    elif dev.type != "cpu":
-        raise TrainError(f"device (--device) must be auto, cpu, cuda or cuda:N, got {pref!r}")
+    count = torch.cuda.device_count()
+    if dev.index >= count:  # e.g. torchrun with more processes per node than GPUs
+        raise TrainError(
+            f"--device {pref} (process {local_rank} of this node) needs {dev}, but this machine has "
+            f"{count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
     return dev
 
 

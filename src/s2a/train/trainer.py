@@ -20,6 +20,7 @@ and resumed gives the tensors of the uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -301,16 +302,23 @@ class Trainer:
     def _check_same_data(self, then: dict[str, Any]) -> None:
         """A resumed run must see the data it started on: the same options can read other data
         when files were added, removed or relabelled in between."""
-        now = self.data.summary()
-        changed = [
-            f"{key} {then[key]!r} then, {now[key]!r} now" if key == "classes" else f"{key} {then[key]} then, {now[key]} now"
-            for key in ("classes", "train", "val", "test")
-            if key in then and then[key] != now[key]
-        ]
+        now = _data_record(self.data)
+        changed = []
+        for key in ("num_classes", "classes", "classes_sha256", "train", "val", "test"):
+            if key not in then or then[key] == now[key]:
+                continue
+            if key == "classes":
+                i = next((i for i, (a, b) in enumerate(zip(then[key], now[key], strict=False)) if a != b), None)
+                if i is not None:  # the lists are the same length here: num_classes agreed
+                    changed.append(f"class {i} {then[key][i]!r} then, {now[key][i]!r} now")
+            elif key == "classes_sha256":
+                changed.append("other class names")
+            else:
+                changed.append(f"{key} {then[key]} then, {now[key]} now")
         if changed:
             raise TrainError(
                 f"--resume: the dataset {self.config.data!r} changed since {self.run_dir} started "
-                f"({'; '.join(changed)}); resume with the same data, or start over with --overwrite"
+                f"({changed[0]}); resume with the same data, or start over with --overwrite"
             )
 
     def _log(self, msg: str) -> None:
@@ -441,7 +449,7 @@ class Trainer:
         doc = {
             "config": self.config.to_dict(),
             "resolved": self.rc.to_dict(),
-            "data": self.data.summary(),
+            "data": _data_record(self.data),
             "model": self.zoo.describe(),
             "method_notes": self.method_notes,
             "s2a_config": self.s2a_config,
@@ -454,8 +462,6 @@ class Trainer:
             "device": str(info.device),
             "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
         }
-        if len(doc["data"]["classes"]) > 100:
-            doc["data"]["classes"] = [*doc["data"]["classes"][:100], "..."]
         path = self.run_dir / "config.json"
         tmp = path.with_name(".config.json.tmp")
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -508,6 +514,7 @@ class Trainer:
 
             per_rank = [None] * self.dist.world_size
             tdist.all_gather_object(per_rank, rng)
+        self._last_saved_step = self.global_step  # every process: each one words its own errors
         if not self.dist.is_main:
             return
         ckpt = self._ckpt_common("last")
@@ -527,7 +534,6 @@ class Trainer:
             step_samples=list(self.step_samples),
         )
         atomic_save(ckpt, self.run_dir / CKPT_DIR / "last.pt")
-        self._last_saved_step = self.global_step
 
     def _save_best(self) -> None:
         if not self.dist or not self.dist.is_main:
@@ -628,9 +634,10 @@ class Trainer:
             except (ZooError, DataError) as exc:
                 text = re.sub(r"^[\w.]+Error: ", "", str(exc).strip().splitlines()[-1])
                 since = f" from step {self._last_saved_step}" if self._last_saved_step else ""
+                fix = "Replace the file with a readable one" if text.startswith("cannot read") else "Fix that example"
                 raise TrainError(
-                    f"{text}. Replace the file with a readable one and continue{since} with: s2a train --out "
-                    f"{self.run_dir} --resume; or remove it and start over with --overwrite"
+                    f"{text}. {fix} and continue{since} with: s2a train --out {self.run_dir} --resume; "
+                    "or remove it and start over with --overwrite"
                 ) from None
             yield batch
 
@@ -956,6 +963,17 @@ class Trainer:
             )
         barrier(info)
         return report
+
+
+def _data_record(data: DataBundle) -> dict[str, Any]:
+    """The dataset as config.json records it: a long class list cut to its first 100 names,
+    with a hash of all of them, so that a resume can still tell whether they changed."""
+    record = data.summary()
+    names = record["classes"]
+    record["classes_sha256"] = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
+    if len(names) > 100:
+        record["classes"] = [*names[:100], "..."]
+    return record
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
