@@ -7,7 +7,8 @@ Regimes (each: every method x every seed, one ``s2a train`` run each):
 * ``fm-1000-112px`` / ``fm-10000-112px``: ImageNet EfficientNet-Lite0 on Fashion-MNIST at 112 px,
   1000 / 10000 training images, tested on the whole 10,000-image test split;
 * ``fm-1000`` / ``fm-10000``: the same at 64 px, where the last stages see 2x2 feature maps:
-  a stress regime for a frozen backbone (and the one compare.py times, being 3x cheaper).
+  a stress regime for a frozen backbone (and the one compare.py times, being 3x cheaper);
+* ``fm-1000-224px`` / ``fm-10000-224px``: the same at EfficientNet-Lite0's own 224 px.
 
 Methods: ``full`` (full fine-tuning), ``s2a`` (bias + prompt, 4-bit activations) and
 ``s2a-nocomp`` (the same structure, activations stored natively). Each method has its own
@@ -72,6 +73,7 @@ REGIMES: dict[str, dict[str, Any]] = {
     "fm-10000-112px": {**_EFFNET_FM, "train_size": 10000, "epochs": 3, "img_size": 112},
     # EfficientNet-Lite0's own input size (ImageNet, 224 px): 4x the compute of 112 px.
     "fm-1000-224px": {**_EFFNET_FM, "train_size": 1000, "epochs": 5, "img_size": 224},
+    "fm-10000-224px": {**_EFFNET_FM, "train_size": 10000, "epochs": 3, "img_size": 224},
 }
 # method -> s2a train options; learning rates picked per method on the validation split of rt-1000 / fm-1000
 _S2A = {"method": "s2a", "modules": "bias,prompt", "act_bits": "4"}
@@ -259,8 +261,9 @@ def to_markdown(data: dict[str, Any]) -> str:
             "s2a = bias + low-rank prompt + 4-bit activations; s2a-nocomp = the same structure with native "
             "activation storage. Seeds change the few-shot subset, the head initialisation and the data order.",
             "fm-1000 / fm-10000 feed Fashion-MNIST to EfficientNet-Lite0 at 64 px, where its last stages see 2x2 "
-            "feature maps, a stress case for a frozen backbone; the -112px regimes (3x the compute per step) are "
-            "the closer test. fm-1000-112px-10ep gives every method twice the epochs.",
+            "feature maps, a stress case for a frozen backbone; the -112px regimes take 3x the compute per step, "
+            "the -224px ones (EfficientNet-Lite0's own ImageNet input size) 12x. fm-1000-112px-10ep gives every "
+            "method twice the epochs.",
             "val = mean best validation accuracy, the only figure used to choose between settings; "
             f"{', '.join(m for m in METHODS if m not in CHECKED)} are screens of settings (see "
             "benchmarks/accuracy.py), not checked; in brackets, the base method's val on the same seeds.",
