@@ -33,7 +33,16 @@ import difflib
 import os
 from pathlib import Path
 
-from .core import DataBundle, DataError, Split, carve, labels_to_ids, seeded_order, split_fractions
+from .core import (
+    DataBundle,
+    DataError,
+    Split,
+    carve,
+    classes_missing_note,
+    labels_to_ids,
+    seeded_order,
+    split_fractions,
+)
 from .hf import HF_INSTALL, is_hf_disk_dir, load_hf
 from .images import (
     FASHION_MNIST_CLASSES,
@@ -173,13 +182,10 @@ def load_data(
         if train_size < len(bundle.train):
             bundle.train = bundle.train.sample(train_size, seed)
             bundle.notes.append(f"few-shot: {train_size} training examples drawn with seed {seed}")
-            counts = bundle.train.class_counts(bundle.num_classes)
-            absent = [c for c, n in zip(bundle.classes, counts, strict=True) if n == 0]
-            if absent:
-                bundle.notes.append(
-                    f"few-shot: {len(absent)} of {bundle.num_classes} classes have no training example in the "
-                    f"subset ({absent[:10]}{'...' if len(absent) > 10 else ''}); the model cannot learn them"
-                )
+            present = {bundle.classes[i] for i in set(bundle.train.labels)}
+            note = classes_missing_note(bundle.classes, present, "no training example in the subset")
+            if note:
+                bundle.notes.append(f"few-shot: {note}")
     for name, cap in (("val", val_size), ("test", test_size)):
         split = getattr(bundle, name)
         if cap is not None and cap < len(split):

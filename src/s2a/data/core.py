@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ __all__ = [
     "DataError",
     "Split",
     "carve",
+    "classes_missing_note",
     "labels_to_ids",
     "seeded_order",
     "split_fractions",
@@ -182,14 +183,18 @@ def labels_to_ids(
             f"{where}: the {train_split} split holds {len(in_train)} class ({sorted(in_train, key=str)}); a "
             "classifier needs at least 2. Is --label-column the right column?"
         )
-    notes = []
-    absent = [c for c in classes if c not in in_train]
-    if absent:
-        notes.append(
-            f"{len(absent)} of {len(classes)} classes have no {train_split} example "
-            f"({absent[:10]}{'...' if len(absent) > 10 else ''}): the model cannot learn them"
-        )
+    note = classes_missing_note(classes, in_train, f"no {train_split} example")
+    notes = [note] if note else []
     return {k: [index[v] for v in vs] for k, vs in parsed.items()}, [str(c) for c in classes], notes
+
+
+def classes_missing_note(classes: Sequence[Any], present: Collection[Any], lacking: str) -> str | None:
+    """A note naming the classes outside ``present`` (e.g. with no training example), or None."""
+    absent = [c for c in classes if c not in present]
+    if not absent:
+        return None
+    shown = f"{absent[:10]}{'...' if len(absent) > 10 else ''}"
+    return f"{len(absent)} of {len(classes)} classes have {lacking} ({shown}): the model cannot learn them"
 
 
 def complete_splits(
