@@ -165,14 +165,13 @@ def labels_to_ids(
             f"{where}: the labels mix numbers (e.g. {a}) with names (e.g. {b!r}); "
             "use class ids or class names throughout"
         )
-    flat = [v for vs in parsed.values() for v in vs]
+    flat = [v for vs in parsed.values() for v in vs]  # all ids or all names from here on
     if isinstance(flat[0], int):
-        ids = [v for v in flat if isinstance(v, int)]
-        if min(ids) < 0:
-            raise DataError(f"{where}: integer labels are class ids and must be >= 0, found {min(ids)}")
-        if max(ids) > MAX_CLASS_ID:
-            raise DataError(f"{where}: integer label {max(ids)} is implausibly large for a class id")
-        classes: list[int | str] = list(range(max(ids) + 1))
+        if min(flat) < 0:
+            raise DataError(f"{where}: integer labels are class ids and must be >= 0, found {min(flat)}")
+        if max(flat) > MAX_CLASS_ID:
+            raise DataError(f"{where}: integer label {max(flat)} is implausibly large for a class id")
+        classes: list[int | str] = list(range(max(flat) + 1))
     else:
         classes = sorted({str(v) for v in flat})
     index = {c: i for i, c in enumerate(classes)}
