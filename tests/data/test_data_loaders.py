@@ -300,6 +300,22 @@ def test_split_helpers():
         Split(["a"], [0, 1])
 
 
+def test_split_fingerprint_tells_other_data_from_the_same():
+    def fp(items, labels):
+        return Split(items, labels).fingerprint()
+
+    texts = fp(["good film", "bad film"], [1, 0])
+    assert texts == fp(["good film", "bad film"], [1, 0])
+    assert len({texts, fp(["good film", "bad film"], [0, 1]), fp(["good film", "bad  film"], [1, 0]),
+                fp(["bad film", "good film"], [0, 1])}) == 4  # relabelled, edited, reordered  # fmt: skip
+    assert fp(["a", "bc"], [0, 1]) != fp(["ab", "c"], [0, 1])  # items are delimited
+    pixels = np.zeros((2, 4, 4), np.uint8)
+    edited = pixels.copy()
+    edited[1, 3, 3] = 1
+    assert fp(pixels, [0, 1]) == fp(pixels.copy(), [0, 1]) != fp(edited, [0, 1])
+    assert fp(pixels, [0, 1]) != fp(pixels.reshape(2, 16), [0, 1])  # same bytes, other shape
+
+
 def test_hugging_face_save_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets", reason="pip install datasets")
     ds = datasets.DatasetDict(

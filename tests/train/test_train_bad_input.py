@@ -225,14 +225,25 @@ def test_resume_on_changed_data_is_refused(run_cli, tmp_path, image_folder):
     run = tmp_path / "r"
     args = [*VIT, "--data", str(data), "--out", str(run), "--stop-after", "2"]
     assert run_cli(*args) == 0  # a planned stop, resumable
-    sorted((data / "train" / "red").iterdir())[0].unlink()
+    removed = sorted((data / "train" / "red").iterdir())[0]
+    removed.rename(tmp_path / "aside.png")
     msg = _error(run_cli, "--out", str(run), "--resume")
     assert "the dataset" in msg and "changed since" in msg and "train 48 then, 47 now" in msg
+    (tmp_path / "aside.png").rename(removed)
     for split in ("train", "val", "test"):  # same counts, another class
         (data / split / "red").rename(data / split / "crimson")
-    shutil.copy(sorted((data / "train" / "blue").iterdir())[0], data / "train" / "crimson" / "extra.png")
     msg = _error(run_cli, "--out", str(run), "--resume")
     assert "(class 1 'green' then, 'crimson' now)" in msg
+    for split in ("train", "val", "test"):
+        (data / split / "crimson").rename(data / split / "red")
+    red, blue = (sorted((data / "train" / c).iterdir())[0] for c in ("red", "blue"))
+    red.rename(data / "train" / "blue" / "moved.png")  # one image relabelled each way: same counts
+    blue.rename(data / "train" / "red" / "moved.png")
+    msg = _error(run_cli, "--out", str(run), "--resume")
+    assert "(other train examples or labels, same count)" in msg
+    (data / "train" / "blue" / "moved.png").rename(red)
+    (data / "train" / "red" / "moved.png").rename(blue)
+    assert run_cli("--out", str(run), "--resume") == 0  # the same data again
 
 
 def test_resume_with_more_classes_than_config_json_lists(run_cli, tmp_path):

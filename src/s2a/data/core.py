@@ -9,7 +9,9 @@ NumPy and PyTorch versions).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import random
 import re
 from collections.abc import Collection, Mapping, Sequence
@@ -75,6 +77,20 @@ class Split:
         if n >= len(self):
             return self.subset(seeded_order(len(self), seed))
         return self.subset(seeded_order(len(self), seed)[:n])
+
+    def fingerprint(self) -> str:
+        """sha256 of the labels, in order, and of the items held in memory: texts, image file
+        paths and pixel arrays. Lazy items (a Hugging Face image column) count by their labels
+        only: hashing them would read every image."""
+        h = hashlib.sha256(np.asarray(self.labels, dtype=np.int64).tobytes())
+        items = self.items
+        if isinstance(items, np.ndarray):
+            h.update(str((items.dtype, items.shape)).encode())
+            h.update(np.ascontiguousarray(items).tobytes())
+        elif isinstance(items, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in items):
+            for v in items:
+                h.update(os.fspath(v).encode("utf-8", "surrogatepass") + b"\0")
+        return h.hexdigest()
 
     def class_counts(self, num_classes: int) -> list[int]:
         counts = [0] * num_classes
@@ -258,6 +274,7 @@ class DataBundle:
             "train": len(self.train),
             "val": len(self.val),
             "test": len(self.test),
+            "sha256": {k: getattr(self, k).fingerprint() for k in ("train", "val", "test")},
             "source": self.source,
             "notes": list(self.notes),
         }

@@ -301,13 +301,17 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _check_same_data(self, then: dict[str, Any]) -> None:
         """A resumed run must see the data it started on: the same options can read other data
-        when files were added, removed or relabelled in between."""
+        when files were added, removed, renamed or relabelled in between. Run directories made
+        before a key was recorded are checked on the keys they have."""
         now = _data_record(self.data)
         changed = []
-        for key in ("num_classes", "classes", "classes_sha256", "train", "val", "test"):
+        for key in ("num_classes", "classes", "classes_sha256", "train", "val", "test", "sha256"):
             if key not in then or then[key] == now[key]:
                 continue
-            if key == "classes":
+            if key == "sha256":  # same counts (checked first), other examples, labels or order
+                split = next(k for k in now[key] if then[key].get(k) != now[key][k])
+                changed.append(f"other {split} examples or labels, same count")
+            elif key == "classes":
                 i = next((i for i, (a, b) in enumerate(zip(then[key], now[key], strict=False)) if a != b), None)
                 if i is not None:  # the lists are the same length here: num_classes agreed
                     changed.append(f"class {i} {then[key][i]!r} then, {now[key][i]!r} now")
