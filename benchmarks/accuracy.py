@@ -104,6 +104,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "s2a-norm": {**_S2A, "modules": "bias,norm,prompt"},
     # Another structure under the same 4-bit storage: peft LoRA (compare.py's s2a-lora, its rate).
     "s2a-lora": {"method": "s2a-lora", "act_bits": "4"},
+    # More capacity (compare.py's method of that name): a lite side branch (D/8 wide, 4 blocks)
+    # reading every block's output, its prediction added to the backbone's.
+    "s2a-bias+prompt+side": {**_S2A, "modules": "bias,prompt,side"},
 }
 CHECKED = ("full", "s2a", "s2a-nocomp")
 # Per model, two methods whose gradients agree to float rounding: EfficientNet-Lite0 with frozen
