@@ -274,7 +274,6 @@ class DataBundle:
             "train": len(self.train),
             "val": len(self.val),
             "test": len(self.test),
-            "sha256": {k: getattr(self, k).fingerprint() for k in ("train", "val", "test")},
             "source": self.source,
             "notes": list(self.notes),
         }

@@ -971,10 +971,12 @@ class Trainer:
 
 def _data_record(data: DataBundle) -> dict[str, Any]:
     """The dataset as config.json records it: a long class list cut to its first 100 names,
-    with a hash of all of them, so that a resume can still tell whether they changed."""
+    with a hash of all of them, and a hash of each split, so that a resume can tell whether
+    they changed."""
     record = data.summary()
     names = record["classes"]
     record["classes_sha256"] = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
+    record["sha256"] = {k: getattr(data, k).fingerprint() for k in ("train", "val", "test")}
     if len(names) > 100:
         record["classes"] = [*names[:100], "..."]
     return record
