@@ -11,6 +11,8 @@ If no input requires grad (inference, frozen prefix) the native op runs as is.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +194,10 @@ def _check_row_bits(bits: int, what: str) -> None:
     check_bits(bits, ROW_BITS, what=f"bits for {what}")
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5, bits: int = 4):
+def layer_norm(
+    x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, eps: float = 1e-5, bits: int = 4,
+) -> torch.Tensor:
     """``F.layer_norm`` storing the normalised input at ``bits`` bits per element."""
     _check_row_bits(bits, "layer_norm")
     if not _needs_grad(x, weight, bias) or x.numel() == 0:
@@ -201,7 +206,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5, b
     return _LayerNorm.apply(x, weight, bias, eps, nd, False, bits)
 
 
-def rms_norm(x, normalized_shape, weight=None, eps: float | None = None, bits: int = 4):
+def rms_norm(
+    x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None,
+    eps: float | None = None, bits: int = 4,
+) -> torch.Tensor:
     """``F.rms_norm`` storing the normalised input at ``bits`` bits per element."""
     _check_row_bits(bits, "rms_norm")
     if eps is None:
@@ -476,7 +484,7 @@ def _affine_batch_norm(x, mean, rstd, weight, bias):
 def batch_norm(
     x, running_mean, running_var, weight=None, bias=None, training: bool = False,
     momentum: float = 0.1, eps: float = 1e-5, bits: int = 4,
-):
+) -> torch.Tensor:
     """``F.batch_norm`` storing the normalised input low-bit (or nothing in eval mode with frozen affine)."""
     _check_row_bits(bits, "batch_norm")
     if not _needs_grad(x, weight, bias) or x.numel() == 0:
@@ -553,7 +561,9 @@ class _Dropout(torch.autograd.Function):
         return g * keep * (1.0 / (1 - p)), None, None
 
 
-def dropout(x, p: float = 0.5, training: bool = True, inplace: bool = False, mode: str = "regenerate"):
+def dropout(
+    x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, mode: str = "regenerate"
+) -> torch.Tensor:
     """``F.dropout`` whose mask costs 0 bytes (``regenerate``) or 1 bit per element (``bitmask``)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
@@ -586,7 +596,7 @@ class _DropPath(torch.autograd.Function):
         return g * keep, None, None
 
 
-def drop_path(x, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True):
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True) -> torch.Tensor:
     """Stochastic depth (timm semantics) keeping one bit per sample."""
     if drop_prob == 0.0 or not training:
         return x
@@ -637,7 +647,10 @@ def _tuple(v, n: int) -> list[int]:
     return list(v) if isinstance(v, (tuple, list)) else [int(v)] * n
 
 
-def conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1,
+) -> torch.Tensor:
     """``F.conv{1,2,3}d`` that keeps no input when the weight is frozen."""
     d = weight.dim() - 2
     native = (F.conv1d, F.conv2d, F.conv3d)[d - 1]

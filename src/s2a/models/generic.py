@@ -5,6 +5,8 @@ inferred from the dry run; the head is a top-level ``head`` / ``fc`` / ``classif
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .registry import BlockSpec, HeadSpec, ModelAdapter, default_image_input
@@ -38,13 +40,13 @@ class GenericAdapter(ModelAdapter):
                     best, best_key = [f"{prefix}{n}" for n, _ in members], key
         return best
 
-    def matches(self, model):
+    def matches(self, model: nn.Module) -> bool:
         return bool(self._blocks(model))
 
-    def blocks(self, model):
+    def blocks(self, model: nn.Module) -> list[BlockSpec]:
         return [BlockSpec(n) for n in self._blocks(model)]
 
-    def head(self, model):
+    def head(self, model: nn.Module) -> HeadSpec | None:
         children = dict(model.named_children())
         for n in HEAD_NAMES:
             m = children.get(n)
@@ -57,7 +59,7 @@ class GenericAdapter(ModelAdapter):
                 return HeadSpec(names=(n,), classifiers=(linears[-1],))
         return None
 
-    def example_input(self, model):
+    def example_input(self, model: nn.Module) -> Any:
         return default_image_input(model)
 
 

@@ -5,6 +5,8 @@ relatives that share their layout)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .registry import (
@@ -46,14 +48,14 @@ class HFAdapter(ModelAdapter):
     head_children: tuple[str, ...] = ("pre_classifier", "classifier", "score")
     lm_children: tuple[str, ...] = ("lm_head",)
 
-    def matches(self, model):
+    def matches(self, model: nn.Module) -> bool:
         return _is_transformers(model) and getattr(model.config, "model_type", None) in self.model_types
 
-    def blocks(self, model):
+    def blocks(self, model: nn.Module) -> list[BlockSpec]:
         return [BlockSpec(n, "tokens", 0, self.num_prefix_tokens(model))
                 for n in _layers(model, self.layer_classes)]
 
-    def head(self, model):
+    def head(self, model: nn.Module) -> HeadSpec | None:
         children = dict(model.named_children())
         names = tuple(n for n in self.head_children if n in children)
         if names:
@@ -64,17 +66,17 @@ class HFAdapter(ModelAdapter):
             return HeadSpec(names=lm, classifiers=lm, trainable=False, task="lm")
         return None
 
-    def replace_head(self, model, num_classes):
+    def replace_head(self, model: nn.Module, num_classes: int) -> None:
         super().replace_head(model, num_classes)
         model.config.num_labels = num_classes
 
-    def max_positions(self, model):
+    def max_positions(self, model: nn.Module) -> int | None:
         return getattr(model.config, "max_position_embeddings", None)
 
-    def example_input(self, model):
+    def example_input(self, model: nn.Module) -> Any:
         return text_input(model)
 
-    def pooling(self, model):
+    def pooling(self, model: nn.Module) -> str:
         return "cls"
 
 
@@ -100,13 +102,13 @@ class HFViTAdapter(HFAdapter):
     model_types = ("vit",)
     layer_classes = ("ViTLayer",)
 
-    def num_prefix_tokens(self, model):
+    def num_prefix_tokens(self, model: nn.Module) -> int:
         return 1
 
-    def max_positions(self, model):
+    def max_positions(self, model: nn.Module) -> int | None:
         return None
 
-    def example_input(self, model):
+    def example_input(self, model: nn.Module) -> Any:
         return {"pixel_values": default_image_input(model)}
 
 
@@ -118,8 +120,8 @@ class HFLlamaAdapter(HFAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     layer_classes = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
-    def pooling(self, model):
+    def pooling(self, model: nn.Module) -> str:
         return "last"
 
-    def position_ids_kwarg(self, model):
+    def position_ids_kwarg(self, model: nn.Module) -> str | None:
         return "position_ids"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -250,9 +250,10 @@ class ModelAdapter:
 
 
 _REGISTRY: list[ModelAdapter] = []
+_A = TypeVar("_A", bound="ModelAdapter | type[ModelAdapter]")
 
 
-def register_adapter(adapter: ModelAdapter | type[ModelAdapter], *, first: bool = True):
+def register_adapter(adapter: _A, *, first: bool = True) -> _A:
     """Register an adapter (instance or class). ``first=True`` (default) puts it before the
     built-in ones so that it can override them. Returns the adapter, so it works as a
     class decorator."""

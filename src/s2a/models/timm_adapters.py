@@ -54,14 +54,14 @@ class TimmViTAdapter(TimmAdapter):
     name = "timm-vit"
     module, cls_name = "timm.models.vision_transformer", "VisionTransformer"
 
-    def blocks(self, model):
+    def blocks(self, model: nn.Module) -> list[BlockSpec]:
         return [BlockSpec(f"blocks.{i}", "tokens", 0, model.num_prefix_tokens)
                 for i in range(len(model.blocks))]
 
-    def pooling(self, model):
+    def pooling(self, model: nn.Module) -> str:
         return "cls" if getattr(model, "global_pool", "token") == "token" else "mean"
 
-    def num_prefix_tokens(self, model):
+    def num_prefix_tokens(self, model: nn.Module) -> int:
         return int(getattr(model, "num_prefix_tokens", 0))
 
 
@@ -70,7 +70,7 @@ class TimmSwinAdapter(TimmAdapter):
     name = "timm-swin"
     module, cls_name = "timm.models.swin_transformer", "SwinTransformer"
 
-    def blocks(self, model):
+    def blocks(self, model: nn.Module) -> list[BlockSpec]:
         return [BlockSpec(f"layers.{s}.blocks.{i}", "nhwc", s)
                 for s, stage in enumerate(model.layers) for i in range(len(stage.blocks))]
 
@@ -80,7 +80,7 @@ class TimmResNetAdapter(TimmAdapter):
     name = "timm-resnet"
     module, cls_name = "timm.models.resnet", "ResNet"
 
-    def blocks(self, model):
+    def blocks(self, model: nn.Module) -> list[BlockSpec]:
         return [BlockSpec(f"layer{s + 1}.{i}", "nchw", s)
                 for s in range(4) for i in range(len(getattr(model, f"layer{s + 1}")))]
 
@@ -90,7 +90,7 @@ class TimmConvNeXtAdapter(TimmAdapter):
     name = "timm-convnext"
     module, cls_name = "timm.models.convnext", "ConvNeXt"
 
-    def blocks(self, model):
+    def blocks(self, model: nn.Module) -> list[BlockSpec]:
         return [BlockSpec(f"stages.{s}.blocks.{i}", "nchw", s)
                 for s, stage in enumerate(model.stages) for i in range(len(stage.blocks))]
 
@@ -100,6 +100,6 @@ class TimmEfficientNetAdapter(TimmAdapter):
     name = "timm-efficientnet"
     module, cls_name = "timm.models.efficientnet", "EfficientNet"
 
-    def blocks(self, model):
+    def blocks(self, model: nn.Module) -> list[BlockSpec]:
         return [BlockSpec(f"blocks.{s}.{i}", "nchw", s)
                 for s, stage in enumerate(model.blocks) for i in range(len(stage))]
