@@ -482,7 +482,8 @@ def _affine_batch_norm(x, mean, rstd, weight, bias):
 
 
 def batch_norm(
-    x, running_mean, running_var, weight=None, bias=None, training: bool = False,
+    x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
     momentum: float = 0.1, eps: float = 1e-5, bits: int = 4,
 ) -> torch.Tensor:
     """``F.batch_norm`` storing the normalised input low-bit (or nothing in eval mode with frozen affine)."""
