@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -107,3 +109,32 @@ def test_bad_bits_is_a_clear_error():
     with pytest.raises(SystemExit) as info:
         main(["memory", "--model", "vit_tiny_patch16_224", "--batch-size", "1", "--bits", "5"])
     assert "--bits 5" in str(info.value.code)
+
+
+@pytest.mark.parametrize(
+    "body, code, stderr",
+    [
+        ("pass", 0, ""),
+        ("raise SystemExit(130)", 130, ""),
+        ("raise CliError('bad --data')", 1, "s2a: error: bad --data"),
+        ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
+    ],
+)
+def test_torchrun_worker_leaves_with_the_status_and_message_of_its_run(body, code, stderr):
+    """Under torchrun the CLI leaves with os._exit (interpreter teardown after gloo can abort a
+    finished worker); the status and the message must still be the run's own."""
+    script = (
+        "import os, sys\n"
+        "os.environ.update(WORLD_SIZE='2', LOCAL_RANK='0')\n"
+        "from s2a.cli import CliError, _is_torchrun_worker, _run_then_exit\n"
+        "assert _is_torchrun_worker()\n"
+        "def run():\n"
+        "    print('ran', flush=False)\n"
+        f"    {body}\n"
+        "_run_then_exit(run)\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == "ran\n"  # flushed before os._exit; nothing after it runs
+    assert stderr in proc.stderr

@@ -362,8 +362,39 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if _is_torchrun_worker():
+        _run_then_exit(lambda: args.func(args))
     args.func(args)
     return 0
+
+
+def _is_torchrun_worker() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+
+
+def _run_then_exit(run: Callable[[], Any]) -> None:
+    """Run, then leave the process with ``os._exit``. After a gloo process group, the
+    interpreter's own teardown can abort a worker whose run finished (SIGABRT, "terminate
+    called without an active exception", more often on a loaded machine), and torchrun then
+    reports the whole job as failed. By this point the process group is destroyed and every
+    file the run writes is closed; only stdio needs flushing."""
+    code = 0
+    try:
+        run()
+    except SystemExit as exc:  # CliError and argparse carry their message as the code
+        if isinstance(exc.code, int):
+            code = exc.code
+        elif exc.code is not None:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
