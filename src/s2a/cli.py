@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -372,7 +372,7 @@ def _is_torchrun_worker() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
 
 
-def _run_then_exit(run: Callable[[], Any]) -> None:
+def _run_then_exit(run: Callable[[], Any]) -> NoReturn:
     """Run, then leave the process with ``os._exit``. After a gloo process group, the
     interpreter's own teardown can abort a worker whose run finished (SIGABRT, "terminate
     called without an active exception", more often on a loaded machine), and torchrun then
