@@ -389,12 +389,18 @@ def _norm_backward_eager(
     return gx, gw
 
 
-def norm_encode(x2d, mean, rstd, mids, bits: int, rms: bool):
+def norm_encode(
+    x2d: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, mids: torch.Tensor, bits: int,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed (rows, D*bits/8) uint8, per-channel scale (D,)) of the normalised input."""
     return _run(f"normenc{bits}/{rms}", _norm_encode_eager, x2d, mean, rstd, mids, bits, rms)
 
 
-def norm_backward(packed, scale, levels, rstd, g2d, w, bits: int, rms: bool, need_w: bool):
+def norm_backward(
+    packed: torch.Tensor, scale: torch.Tensor, levels: torch.Tensor, rstd: torch.Tensor,
+    g2d: torch.Tensor, w: torch.Tensor, bits: int, rms: bool, need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad of the input (rows, D) float32, grad of the weight (D,) float32 or None)."""
     key = f"normbwd{bits}/{rms}/{need_w}"
     return _run(key, _norm_backward_eager, packed, scale, levels, rstd, g2d, w, bits, rms, need_w)

@@ -19,6 +19,9 @@ block runs unfused, each operator compressed on its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 
@@ -33,9 +36,10 @@ CHUNK_ELEMS = 1 << 23
 __all__ = ["CHUNK_ELEMS", "frozen_mlp", "frozen_mlp_applies", "has_foreign_hooks", "observer_hook"]
 
 _OBSERVER = "_s2a_observer"
+_Hook = TypeVar("_Hook", bound=Callable[..., object])
 
 
-def observer_hook(fn):
+def observer_hook(fn: _Hook) -> _Hook:
     """Mark a module hook as one that only observes (``s2a.measure``'s path tracking): it does
     not stop the fused block from bypassing its submodules' forwards."""
     setattr(fn, _OBSERVER, True)

@@ -38,8 +38,10 @@ from __future__ import annotations
 import math
 import types
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Any
 
 import torch
 
@@ -252,7 +254,7 @@ def _bind(body, static: dict):
     return types.FunctionType(code, bound.__globals__, body.__name__, None, bound.__closure__)
 
 
-def run_fused(body, *tensors, **static):
+def run_fused(body: Callable[..., Any], *tensors: torch.Tensor, **static: object) -> Any:
     """``body(*tensors, **static)``, ``torch.compile``d once per (body, static, dtypes,
     device) with dynamic shapes; eager when ``S2A_COMPILE=0``, for small inputs, or
     (after one warning) when the compiler fails."""

@@ -97,7 +97,9 @@ class LowRankPrompt(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return x + self.delta(x, position_ids).to(x.dtype)
 
-    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+    def pre_hook(
+        self, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
         """Forward pre-hook (``with_kwargs=True``) of the block: prompt its hidden state."""
         found = hidden_from_call(args, kwargs)
         if found is None:
