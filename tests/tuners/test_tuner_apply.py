@@ -234,21 +234,20 @@ def test_per_operator_bits_reach_compression():
     assert model._s2a_compression.spec.attention_storage() == ("recompute", 8)
 
 
-def test_side_module():
-    try:
-        from s2a.tuners.side import attach_side  # noqa: F401
-    except ImportError:
-        model, batch = build("vit")
-        with pytest.raises(NotImplementedError, match="side branch not available yet"):
-            s2a.apply(model, s2a.S2AConfig(modules=("side",)), example_input=example_of(batch))
-        pytest.skip("s2a.tuners.side.attach_side not available yet")
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_side_alone_trains_only_the_side(num_classes):
+    # With "side" alone the side network makes the prediction: the backbone's head, a new
+    # one from num_classes included, must stay frozen (no trainable tensor without a gradient).
     model, batch = build("vit")
-    s2a.apply(model, s2a.S2AConfig(modules=("side",), act_bits=None), example_input=example_of(batch))
+    s2a.apply(model, s2a.S2AConfig(modules=("side",), act_bits=None, num_classes=num_classes),
+              example_input=example_of(batch))
     tp = s2a.trainable_parameters(model)
-    assert "side" in tp.by_kind
+    assert set(tp.by_kind) == {"side"}
+    assert not any(p.requires_grad for p in model.head.parameters())
     forward(model, batch, grad=True).float().pow(2).mean().backward()
-    backbone = {n for n, p in model.named_parameters() if tp.by_name.get(n) is None}
-    assert all(dict(model.named_parameters())[n].grad is None for n in backbone)
+    params = dict(model.named_parameters())
+    assert all(params[n].grad is not None for n in tp.by_name)
+    assert all(p.grad is None for n, p in params.items() if n not in tp.by_name)
 
 
 def test_pretrained_efficientnet_lite0_4bit_gradients_equal_native():

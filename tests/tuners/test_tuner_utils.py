@@ -37,6 +37,10 @@ def test_trainable_parameters_counts_and_prints_like_peft():
     assert tp.by_kind["prompt"] == len(model.blocks) * (tokens * rank + rank * dim)
     assert tp.by_kind["head"] == 192 * 5 + 5
     assert f"{tp.trainable:,d}" in str(tp) and "by module kind: bias=" in tp.table()
+    # A head that num_classes replaces is not part of the backbone the tuned modules sit on.
+    _, replaced, _ = applied("vit", s2a.S2AConfig(act_bits=None, num_classes=3))
+    head = sum(p.numel() for p in base.head.parameters())
+    assert s2a.trainable_parameters(replaced).backbone == tp.backbone - head
     assert tp.to_dict()["percent"] == pytest.approx(100 * tp.trainable / tp.total)
     plain = s2a.trainable_parameters(base)  # works on any model
     assert plain.trainable == plain.total and plain.by_kind == {"other": plain.total}

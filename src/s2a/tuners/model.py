@@ -33,6 +33,7 @@ from s2a.models import BackboneInfo, describe_backbone, refresh_head
 from .bias import add_bias, train_norm_weights
 from .config import S2AConfig
 from .prompt import PROMPT_ATTR, LowRankPrompt, add_prompts
+from .side import attach_side
 
 STATE_ATTR = "_s2a_tuner"
 KINDS = ("bias", "norm", "prompt", "side", "head", "other")
@@ -141,14 +142,6 @@ def _keep_running_stats(module: nn.Module, args) -> None:
     module.training = False
 
 
-def _side_attach():
-    try:
-        from .side import attach_side
-    except ImportError as e:
-        raise NotImplementedError("side branch not available yet") from e
-    return attach_side
-
-
 def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
           example_input: Any = None) -> nn.Module:
     """Prepare ``model`` for S2A fine-tuning, in place; returns ``model``.
@@ -177,19 +170,18 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
     if config.act_bits is not None and getattr(model, "_s2a_compression", None) is not None:
         raise RuntimeError("model is already compressed; call s2a.restore(model) first "
                            "(s2a.apply compresses with config.act_bits)")
-    attach_side = _side_attach() if "side" in config.modules else None
 
     info = describe_backbone(model, example_input)
     replaced = info.head_names if config.num_classes is not None else ()
     fingerprint = backbone_fingerprint(model, exclude=replaced)
-    backbone_parameters = sum(p.numel() for p in model.parameters())
     original_keys = set(model.state_dict().keys())
 
-    for p in model.parameters():
-        p.requires_grad_(False)
     if config.num_classes is not None:
         info.adapter.replace_head(model, config.num_classes)
         refresh_head(info, model)
+    # After the head swap: a new head starts trainable, and with "side" alone it must not.
+    for p in model.parameters():
+        p.requires_grad_(False)
 
     kinds: dict[str, str] = {}
     # With the side branch alone the prediction comes from the side network (it replaces
@@ -222,12 +214,12 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
                 hooks.append(m.register_forward_pre_hook(_keep_running_stats))
 
     state = TunerState(config=config, info=info, fingerprint=fingerprint,
-                       backbone_parameters=backbone_parameters, kinds=kinds, prompts=prompts,
+                       backbone_parameters=fingerprint["num_parameters"], kinds=kinds, prompts=prompts,
                        hooks=hooks, example_input=describe_input(example_input))
     setattr(model, STATE_ATTR, state)
     model.s2a_config = config
 
-    if attach_side is not None:
+    if "side" in config.modules:
         before = {n for n, _ in model.named_parameters()}
         attach_side(model, info, config)
         for n, p in model.named_parameters():
