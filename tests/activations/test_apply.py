@@ -155,8 +155,14 @@ def test_strict_mode_catches_functional_calls():
             return F.elu(x)
 
     model = s2a.compress_activations(Custom(), strict=True)
-    with pytest.raises(s2a.UncoveredOperatorsError, match="elu"):
+    with pytest.raises(s2a.UncoveredOperatorsError, match=r"\['elu'\]; add the modules that call them to skip"):
         model(torch.randn(3, requires_grad=True))
+
+    # A skipped module's functional calls are accepted, as its module classes are.
+    model = nn.Sequential(nn.Linear(3, 3), Custom(), nn.GELU())
+    s2a.compress_activations(model, strict=True, skip=["1"])
+    model(torch.randn(2, 3, requires_grad=True)).sum().backward()
+    assert s2a.compression_summary(model) == {"2": "gelu@4"}
 
 
 @pytest.mark.parametrize(

@@ -222,7 +222,8 @@ class _CompressMode(TorchFunctionMode):
             kind, handler = entry
             if state.spec.enabled(kind):
                 return handler(state.spec, *args, **kwargs)
-        elif state.spec.strict and func in _UNCOVERED_FUNCTIONS and torch.is_grad_enabled():
+        elif (state.spec.strict and state.disabled == 0 and func in _UNCOVERED_FUNCTIONS
+              and torch.is_grad_enabled()):
             state.uncovered_calls.add(_UNCOVERED_FUNCTIONS[func])
         return func(*args, **kwargs)
 
@@ -378,8 +379,8 @@ def compress_activations(
             ``{kind: bits}`` for per-operator widths.
         skip: ``fnmatch`` patterns of module paths left untouched (with their children).
         strict: raise :class:`UncoveredOperatorsError` listing operators that would keep
-            full-precision activations (module classes now, functional calls at the
-            first forward).
+            full-precision activations (module classes now, functional calls during each
+            forward), outside the ``skip`` subtrees.
         attention_mode: ``"probs"`` (Q/K/V at 8 bits, probabilities at ``bits``) or
             ``"recompute"`` (Q/K/V at the attention bits, 8 unless ``ops`` says
             otherwise; probabilities recomputed). None: ``"recompute"``, see
@@ -451,7 +452,8 @@ def _exit(state: _State, module, args, output):
             calls = sorted(state.uncovered_calls)
             state.uncovered_calls.clear()
             raise UncoveredOperatorsError(
-                f"the forward pass called functions that keep full-precision activations: {calls}"
+                f"the forward pass called functions that keep full-precision activations: {calls}; "
+                "add the modules that call them to skip=[...], or pass strict=False to accept them"
             )
 
 
