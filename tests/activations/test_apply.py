@@ -171,6 +171,10 @@ def test_strict_mode_catches_functional_calls():
         ({"bits": 5}, ValueError, "choose one of"),
         ({"ops": ["gelu", "swiglu"]}, ValueError, r"unknown operator kind\(s\) \['swiglu'\]"),
         ({"ops": {"layer_norm": 1}}, ValueError, "bits for layer_norm"),
+        # 1 bit suits pointwise kinds only: all row-wise kinds named, in OP_KINDS order
+        ({"bits": 1}, ValueError,
+         r"bits=1 does not suit \['softmax', 'attention', 'layer_norm', 'rms_norm', 'batch_norm'\]"),
+        ({"bits": 1, "ops": ["gelu", "layer_norm"]}, ValueError, r"does not suit \['layer_norm'\]"),
         ({"ops": "gelu"}, TypeError, "not the string"),
         ({"dropout_mode": "x"}, ValueError, "dropout_mode"),
         ({"attention_mode": "flash"}, ValueError, "attention_mode"),
@@ -179,6 +183,12 @@ def test_strict_mode_catches_functional_calls():
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         s2a.compress_activations(nn.GELU(), **kwargs)
+
+
+def test_one_bit_for_pointwise_kinds():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LayerNorm(4))
+    s2a.compress_activations(model, bits=1, ops={"relu": 1, "layer_norm": 2})
+    assert s2a.compression_summary(model) == {"1": "relu@1", "2": "layer_norm@2"}
 
 
 def test_double_compress_and_non_module():

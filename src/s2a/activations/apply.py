@@ -41,6 +41,12 @@ OP_KINDS = (
 _ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm")
 
 
+def bits_allowed(kind: str) -> tuple[int, ...]:
+    """Bit widths operator ``kind`` can store at: row-wise kinds (norms, softmax,
+    attention) need 2-8 bits, pointwise ones also take 1."""
+    return ROW_BITS if kind in _ROW_KINDS else S.POINTWISE_BITS
+
+
 class UncoveredOperatorsError(RuntimeError):
     """Raised in strict mode when operators that keep activations would stay uncompressed."""
 
@@ -89,10 +95,14 @@ def _validate(bits, ops, dropout_mode, attention_mode) -> CompressionSpec:
     unknown = sorted(kinds - set(OP_KINDS))
     if unknown:
         raise ValueError(f"unknown operator kind(s) {unknown}; known kinds: {list(OP_KINDS)}")
-    for kind in kinds:
-        b = op_bits.get(kind, bits)
-        allowed = ROW_BITS if kind in _ROW_KINDS else S.POINTWISE_BITS
-        check_bits(b, allowed, what=f"bits for {kind}")
+    for kind, b in op_bits.items():
+        check_bits(b, bits_allowed(kind), what=f"bits for {kind}")
+    defaulted = [k for k in OP_KINDS if k in kinds and k not in op_bits and bits not in bits_allowed(k)]
+    if defaulted:
+        raise ValueError(
+            f"bits={bits} does not suit {defaulted} (they take {list(ROW_BITS)}); give them their "
+            "own width with ops={kind: bits, ...}, or leave them out of ops"
+        )
     if dropout_mode not in ("regenerate", "bitmask"):
         raise ValueError(f"dropout_mode={dropout_mode!r}; choose 'regenerate' or 'bitmask'")
     if attention_mode not in (None, "probs", "recompute"):

@@ -17,17 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from s2a.activations import OP_KINDS
+from s2a.activations.apply import bits_allowed
 from s2a.activations.functional import POINTWISE_BITS
 from s2a.activations.rowquant import ROW_BITS
 
 MODULES = ("bias", "norm", "prompt", "side")
 # act_bits applies to every operator kind, so it must suit the pointwise and the row-wise ones.
 ACT_BITS = tuple(b for b in POINTWISE_BITS if b in ROW_BITS)
-_ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm")
-
-
-def _op_bits_allowed(kind: str) -> tuple[int, ...]:
-    return ROW_BITS if kind in _ROW_KINDS else POINTWISE_BITS
 
 
 def _is_int(v: Any) -> bool:
@@ -109,7 +105,7 @@ class S2AConfig:
         for kind, bits in op_bits.items():
             if kind not in OP_KINDS:
                 raise ValueError(f"op_bits: unknown operator kind {kind!r}; allowed kinds: {list(OP_KINDS)}")
-            allowed = _op_bits_allowed(kind)
+            allowed = bits_allowed(kind)
             if not _is_int(bits) or bits not in allowed:
                 raise ValueError(f"op_bits[{kind!r}]={bits!r}: expected one of {list(allowed)}")
         if op_bits and self.act_bits is None:
