@@ -386,7 +386,9 @@ def compress_activations(
     Args:
         bits: default bit width (1, 2, 3, 4 or 8; norms, softmax and attention take 2-8).
         ops: operator kinds to compress (default: all of ``OP_KINDS``), or a dict
-            ``{kind: bits}`` for per-operator widths.
+            ``{kind: bits}``: only those kinds, each at its own width (kinds left out stay
+            full precision; ``S2AConfig.op_bits`` instead overrides some kinds and keeps
+            the rest at ``act_bits``).
         skip: ``fnmatch`` patterns of module paths left untouched (with their children).
         strict: raise :class:`UncoveredOperatorsError` listing operators that would keep
             full-precision activations (module classes now, functional calls during each
