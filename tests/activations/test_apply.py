@@ -211,3 +211,14 @@ def test_autocast_bf16_training_step():
 
 def test_every_kind_is_documented():
     assert {"gelu", "softmax", "attention", "layer_norm", "dropout", "conv"} <= set(OP_KINDS)
+
+
+def test_summary_says_what_each_operator_keeps():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Dropout(0.1), nn.GELU(), nn.Conv2d(4, 4, 1))
+    model[0].requires_grad_(False)
+    s2a.compress_activations(model, bits=4)
+    assert s2a.compression_summary(model) == {
+        "0": "conv@none", "1": "relu@1", "2": "dropout@seed", "3": "gelu@4", "4": "conv@native"}
+    s2a.restore(model)
+    s2a.compress_activations(model, bits=2, dropout_mode="bitmask")
+    assert s2a.compression_summary(model)["2"] == "dropout@1"

@@ -502,14 +502,31 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 def compression_summary(model: nn.Module) -> dict[str, str]:
-    """Module path -> ``"kind@bits"`` for every patched module of a compressed model."""
+    """Module path -> ``"kind@storage"`` for every patched module of a compressed model.
+
+    ``storage`` is what the operator keeps for backward, as of now: a bit width per element
+    (ReLU-type functions always 1, exact; ``drop_path`` 1 bit per sample; attention the
+    width of Q/K/V), ``seed`` (dropout regenerating its mask), ``none`` (a convolution
+    whose weight is frozen keeps no input) or ``native`` (a convolution with a trainable
+    weight keeps its full-precision input, as PyTorch does).
+    """
     state = getattr(model, "_s2a_compression", None)
     if state is None:
         return {}
     names = {id(m): n for n, m in model.named_modules()}
     spec = state.spec
 
-    def bits(kind: str) -> int:
-        return spec.attention_storage()[1] if kind == "attention" else spec.bits_for(kind.split(":")[-1])
+    def storage(kind: str, module: nn.Module) -> str | int:
+        op = kind.split(":")[-1]
+        if kind == "attention":
+            return spec.attention_storage()[1]
+        if op in S.EXACT_FUNCTIONS or op == "drop_path":
+            return 1
+        if op == "dropout":
+            return 1 if spec.dropout_mode == "bitmask" else "seed"
+        if op == "conv":
+            weight = getattr(module, "weight", None)
+            return "native" if isinstance(weight, torch.Tensor) and weight.requires_grad else "none"
+        return spec.bits_for(op)
 
-    return {names.get(id(m), "?"): f"{k}@{bits(k)}" for m, k, _ in state.patched}
+    return {names.get(id(m), "?"): f"{k}@{storage(k, m)}" for m, k, _ in state.patched}
