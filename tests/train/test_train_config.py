@@ -31,6 +31,7 @@ BASE = ["--model", "test_vit", "--data", "rotten-tomatoes"]
         ("--max-length", "0", "max_length (--max-length) must be an integer >= 1"),
         ("--img-size", "4", "img_size (--img-size) must be an integer >= 8"),
         ("--prompt-rank", "0", "prompt_rank (--prompt-rank) must be an integer >= 1"),
+        ("--modules", "bias,bais", "modules (--modules) must be names from ['bias', 'norm', 'prompt', 'side'] (unknown: ['bais'])"),
         ("--act-bits", "5", "act_bits (--act-bits) must be None, 0 (off) or one of the bit widths [2, 3, 4, 8]"),
         ("--act-bits", "-4", "act_bits (--act-bits) must be None, 0 (off) or one of the bit widths"),
         ("--eval-batch-size", "0", "eval_batch_size (--eval-batch-size) must be an integer >= 1"),
@@ -84,6 +85,14 @@ def test_fingerprint_changes_name_each_option_that_differs():
     assert cfg.fingerprint_changes(old) == {"dropout": (None, 0.0)}
     # an option the saved run had and today's config does not know differs too
     assert cfg.fingerprint_changes({**saved, "retired_option": 1}) == {"retired_option": (1, None)}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "linear"])
+def test_modules_apply_only_to_s2a(method):
+    with pytest.raises(TrainError, match=f"--modules side applies only to --method s2a .got --method {method}"):
+        TrainConfig(model="m", data="d", out="x", method=method, modules="side")
+    assert TrainConfig(model="m", data="d", out="x", method=method).modules == ("bias", "prompt")
+    assert TrainConfig(model="m", data="d", out="x", method="s2a", modules="side").modules == ("side",)
 
 
 @pytest.mark.parametrize(("method", "modules"), [("full", "bias,prompt"), ("lora", "bias,prompt"), ("s2a", "bias,side")])

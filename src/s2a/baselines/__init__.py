@@ -64,7 +64,7 @@ for _spec in (
                engine.apply_mesa8, storage="fixed"),
     MethodSpec("fewbit2", "full fine-tuning, 2-bit GELU/SiLU derivative codes (Few-bit / Approx-BP style)",
                engine.apply_fewbit2, storage="fixed"),
-    MethodSpec("s2a", "S2A: --modules (bias, prompt, side) on a frozen backbone, --act-bits storage",
+    MethodSpec("s2a", "S2A: --modules (bias, norm, prompt, side) on a frozen backbone, --act-bits storage",
                simple.apply_s2a, storage="default"),
     MethodSpec("s2a-lora", "peft LoRA with S2A's --act-bits activation storage (default 4)",
                peft_methods.apply_s2a_lora, _TARGETS, storage="default"),

@@ -75,7 +75,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
         help="fine-tuning method (default s2a); see 'methods' below",
     )  # fmt: skip
     g.add_argument("--modules", type=_modules,
-                   help="s2a modules, comma separated, of bias, norm, prompt, side (default bias,prompt)")
+                   help="s2a modules, comma separated, of bias, norm, prompt, side (default bias,prompt; --method s2a only)")
     g.add_argument("--prompt-rank", type=int, help="rank r of the s2a low-rank prompt X + A·B (default 4)")
     g.add_argument(
         "--act-bits", type=_act_bits,

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from s2a.tuners.config import ACT_BITS
+from s2a.tuners.config import ACT_BITS, MODULES
 
 __all__ = [
     "METHODS",
@@ -66,6 +66,7 @@ def default_lr(method: str, kind: str) -> float:
 
 # S2AConfig.prompt_rank's default, kept here so this module stays free of torch (a test checks they agree)
 DEFAULT_PROMPT_RANK = 4
+DEFAULT_MODULES = ("bias", "prompt")
 
 
 def _flag(name: str) -> str:
@@ -94,7 +95,7 @@ class TrainConfig:
     data: str
     out: str
     method: str = "s2a"
-    modules: tuple[str, ...] = ("bias", "prompt")
+    modules: tuple[str, ...] = DEFAULT_MODULES
     prompt_rank: int = DEFAULT_PROMPT_RANK
     act_bits: int | None = None
     train_size: int | None = None
@@ -150,6 +151,14 @@ class TrainConfig:
         self.modules = tuple(self.modules)
         if not self.modules:
             fail("modules", "a non-empty list such as bias,prompt")
+        unknown = [m for m in self.modules if m not in MODULES]
+        if unknown:
+            fail("modules", f"names from {list(MODULES)} (unknown: {unknown})")
+        if self.modules != DEFAULT_MODULES and self.method != "s2a":
+            raise TrainError(
+                f"--modules {','.join(self.modules)} applies only to --method s2a (got --method "
+                f"{self.method}, which chooses its own trainable parameters); drop --modules"
+            )
         if not is_int(self.prompt_rank) or self.prompt_rank < 1:
             fail("prompt_rank", "an integer >= 1")
         if self.prompt_rank != DEFAULT_PROMPT_RANK and (self.method != "s2a" or "prompt" not in self.modules):
