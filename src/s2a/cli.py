@@ -117,7 +117,6 @@ def build_model(
     if img_size is not None and img_size <= 0:
         raise CliError(f"--img-size must be positive, got {img_size}")
     torch.manual_seed(seed)
-    notes = []
     try:
         if img_size is None:
             model = timm.create_model(name, pretrained=False)
@@ -139,7 +138,6 @@ def build_model(
         label=name,
         source="timm",
         input_desc=f"images {tuple(x.shape)}",
-        notes=notes,
     )
 
 
@@ -198,14 +196,6 @@ def set_bias_only(model: nn.Module) -> None:
             p.requires_grad_(True)
 
 
-def _load_compressor() -> tuple[Callable[..., Any] | None, str | None]:
-    try:
-        from s2a.activations import compress_activations
-    except Exception as exc:  # ImportError, or the module failing to import
-        return None, f"{type(exc).__name__}: {exc}"
-    return compress_activations, None
-
-
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -217,6 +207,7 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
+    from s2a.activations import compress_activations
     from s2a.memory import compare_table, measure
 
     out = sys.stdout if out is None else out
@@ -236,19 +227,12 @@ def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         ("full", set_full, False),
         ("bias", set_bias_only, False),
     ]
-    compress, why = _load_compressor()
-    if compress is None:
-        notes.append(
-            "activation compression unavailable (s2a.activations.compress_activations could not "
-            f"be imported: {why}); only the uncompressed set-ups are shown"
-        )
-    else:
-        try:  # reject a bad --bits before spending time on the uncompressed set-ups
-            compress(nn.Sequential(nn.Linear(2, 2), nn.GELU()), bits=args.bits)
-        except (ValueError, TypeError) as exc:
-            raise CliError(f"--bits {args.bits}: {exc}") from None
-        tag = f"{args.bits}-bit"
-        setups += [(f"full+{tag}", set_full, True), (f"bias+{tag}", set_bias_only, True)]
+    try:  # reject a bad --bits before spending time on the uncompressed set-ups
+        compress_activations(nn.Sequential(nn.Linear(2, 2), nn.GELU()), bits=args.bits)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"--bits {args.bits}: {exc}") from None
+    tag = f"{args.bits}-bit"
+    setups += [(f"full+{tag}", set_full, True), (f"bias+{tag}", set_bias_only, True)]
     if classifier_head(base) is None:
         notes.append("model has no classifier head: 'bias' trains the biases only")
 
@@ -257,13 +241,10 @@ def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         model = copy.deepcopy(base)
         configure(model)
         if compressed:
-            assert compress is not None
             try:
-                ret = compress(model, bits=args.bits)
+                compress_activations(model, bits=args.bits)
             except Exception as exc:
                 raise CliError(f"compress_activations(bits={args.bits}) failed: {exc}") from exc
-            if isinstance(ret, nn.Module):
-                model = ret
         try:
             reports[label] = measure(
                 model, batch, optimizer_step=args.optimizer_step, name=f"{spec.label} [{label}]"

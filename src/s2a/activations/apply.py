@@ -342,7 +342,7 @@ def _switch_attention(module: nn.Module, state: _State) -> bool:
         return True
     config = getattr(module, "config", None)
     impl = getattr(config, "_attn_implementation", None)
-    if impl in (None, "eager") and hasattr(module, "set_attn_implementation") and impl is not None:
+    if impl == "eager" and hasattr(module, "set_attn_implementation"):
         try:
             module.set_attn_implementation("sdpa")
         except (ValueError, ImportError, AttributeError):

@@ -120,16 +120,6 @@ def row_codebook(kind: str, bits: int) -> RowCodebook:
     return RowCodebook(kind, bits, tuple(levels), rule)
 
 
-@dataclass
-class RowQuantized:
-    """Packed codes + one scale per row: everything needed to rebuild the tensor."""
-
-    packed: torch.Tensor
-    scale: torch.Tensor  # shape (*rows, 1), float32
-    shape: torch.Size
-    dtype: torch.dtype
-
-
 def _to_codes(w: torch.Tensor) -> torch.Tensor:
     # float -> uint8 by truncation; via int16 it is ~3x faster on CPU than directly.
     return w.to(torch.int16).to(torch.uint8)

@@ -860,10 +860,8 @@ class Trainer:
         notes: list[str] = []
         info = self.dist
         assert info is not None
-        try:
-            from s2a.memory import measure
-        except ImportError as exc:
-            return None, [f"memory not measured: s2a.memory unavailable ({exc})"]
+        from s2a.memory import measure
+
         n = min(len(self.data.train), math.ceil(self.rc.batch_size / info.world_size))
         inputs, labels = self.train_ds.collate([self.train_ds[i] for i in range(n)])
         inputs, labels = _to_device(inputs, info.device), labels.to(info.device)
