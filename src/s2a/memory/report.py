@@ -100,6 +100,7 @@ class MemoryReport:
     # ------------------------------------------------------------------ derived values
     @property
     def trainable_pct(self) -> float:
+        """Trainable parameters as a percentage of all parameters."""
         return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
 
     @property
@@ -111,26 +112,33 @@ class MemoryReport:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field, plus ``trainable_pct``."""
         data = dataclasses.asdict(self)
         data["trainable_pct"] = self.trainable_pct
         data["cross_check_ratio"] = self.cross_check_ratio
         return data
 
     def to_json(self, **kwargs: Any) -> str:
+        """JSON text of :meth:`to_dict` (indented unless ``kwargs`` say otherwise)."""
         kwargs.setdefault("indent", 2)
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MemoryReport:
+        """Report from :meth:`to_dict`'s output; derived keys such as ``trainable_pct``
+        are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
     def from_json(cls, text: str) -> MemoryReport:
+        """Report from :meth:`to_json`'s text."""
         return cls.from_dict(json.loads(text))
 
     # ------------------------------------------------------------------ printing
     def table(self, top_modules: int = 10) -> str:
+        """Human-readable summary: peak and saved bytes, the split by operator kind, and
+        the ``top_modules`` modules that keep the most."""
         lines = []
         title = f"Memory report: {self.model_name or 'model'} on {self.device}"
         lines.append(title)

@@ -71,6 +71,8 @@ class S2AConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> S2AConfig:
+        """Normalise the fields in place (``modules`` as a tuple) and raise ValueError
+        naming a bad one; returns self."""
         mods = self.modules
         if isinstance(mods, str):
             mods = (mods,)
@@ -136,10 +138,12 @@ class S2AConfig:
         return ops
 
     def replace(self, **changes: Any) -> S2AConfig:
+        """A validated copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict; :meth:`from_dict` reads it back."""
         d = dataclasses.asdict(self)
         d["modules"] = list(self.modules)
         d["op_bits"] = dict(self.op_bits)
@@ -147,6 +151,7 @@ class S2AConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> S2AConfig:
+        """Config from :meth:`to_dict`'s output; unknown keys or bad values raise ValueError."""
         if not isinstance(data, Mapping):
             raise ValueError(f"S2AConfig.from_dict expects a mapping, got {type(data).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
@@ -159,12 +164,14 @@ class S2AConfig:
         return cls(**kwargs)
 
     def to_json(self, **kwargs: Any) -> str:
+        """JSON text (indented, sorted keys unless ``kwargs`` say otherwise)."""
         kwargs.setdefault("indent", 2)
         kwargs.setdefault("sort_keys", True)
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
     def from_json(cls, text: str) -> S2AConfig:
+        """Config from :meth:`to_json`'s text; malformed JSON raises ValueError."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
