@@ -224,6 +224,18 @@ def test_table_rows_and_labels_that_do_not_fit(tmp_path):
         load_data(str(split))
 
 
+def test_tsv_is_read_without_quoting(tmp_path):
+    # GLUE-style TSV: a sentence may open with a quote; CSV quoting would swallow the rows after it
+    texts = ['"Heat', *(f"sentence {i}" for i in range(18)), 'Quiz Show" is fine']
+    p = tmp_path / "t.tsv"
+    p.write_text("text\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(texts)))
+    d = load_data(str(p))
+    assert sorted(d.train.items + d.val.items + d.test.items) == sorted(texts)
+    p.write_text("text\tlabel\nnice\t1\nbad\tworse\t0\n")
+    with pytest.raises(DataError, match=r"t.tsv:3: 3 fields where the header has 2; a TSV is read without quoting"):
+        load_data(str(p))
+
+
 def test_missing_label_column_names_the_columns(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("sentence,stars\nnice,5\nbad,1\nok,3\n")

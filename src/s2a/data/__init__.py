@@ -22,7 +22,8 @@
 
 Splits are fixed by ``split_seed`` alone (default 0), so runs with different training seeds
 evaluate on the same test set. ``train_size`` draws a few-shot subset of the training split
-with ``seed`` (the VTAB-1k regime is ``train_size=1000``); ``val_size`` / ``test_size`` cap
+with ``seed`` (``train_size=1000`` is the VTAB-1k regime's size for other datasets; a VTAB-1k
+directory already holds it: 800 train + 200 val); ``val_size`` / ``test_size`` cap
 the evaluation splits (seeded with ``split_seed``). The test split is never used for
 selection: :mod:`s2a.train` picks its best checkpoint on ``val``.
 """

@@ -96,12 +96,17 @@ def load_rotten_tomatoes(*, split_seed: int = 0) -> DataBundle:
 
 # ---------------------------------------------------------------------------- tables
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows (dicts) and column names of a CSV / TSV / JSONL / JSON file."""
+    """Rows (dicts) and column names of a CSV / TSV / JSONL / JSON file.
+
+    TSV is read as plain tab-separated lines, without quoting (as GLUE's files are): with CSV
+    quoting, a sentence that opens with ``"`` would silently swallow the rows up to the next
+    quote. Tables that need quoting are CSV."""
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
             with path.open(newline="", encoding="utf-8-sig") as fh:
-                reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+                reader = (csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv"
+                          else csv.DictReader(fh))
                 rows = []
                 width = len(reader.fieldnames or ())
                 for row in reader:
@@ -109,7 +114,9 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                     if extra and any(str(v).strip() for v in extra):
                         raise DataError(
                             f"{path}:{reader.line_num}: {width + len(extra)} fields where the header has {width}; "
-                            f"quote values that contain the delimiter ({'tab' if suffix == '.tsv' else 'comma'})"
+                            + ("a TSV is read without quoting, so a value may not contain a tab: save the "
+                               "table as CSV with quoted values" if suffix == ".tsv"
+                               else "quote values that contain a comma")
                         )
                     missing = [k for k, v in row.items() if v is None]
                     if missing:
