@@ -97,30 +97,59 @@ class TextPreprocessor:
         return {"tokenizer": type(self.tokenizer).__name__, "max_length": self.max_length}
 
 
+def _pil_to_rgb(img: Any) -> np.ndarray:
+    """PIL image of any mode -> (H, W, 3) uint8. 16-bit grey (I;16) is scaled from [0, 65535],
+    32-bit grey (I) from [0, 255] or [0, 65535] and float grey (F) from [0, 1] or [0, 255]:
+    PIL's own convert("RGB") clips them at 255, turning a 16-bit image almost white."""
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        peak = a.max() if a.size else 0.0
+        if img.mode.startswith("I;16"):
+            top = 65535.0
+        elif img.mode == "F":
+            top = 1.0 if peak <= 1.0 else 255.0
+        else:
+            top = 255.0 if peak <= 255 else 65535.0
+        if a.size and (a.min() < 0 or a.max() > top):
+            raise ZooError(f"{img.mode} image with values in [{a.min():g}, {a.max():g}]: expected "
+                           "[0, 1], [0, 255] or [0, 65535]")
+        grey = np.rint(a * (255.0 / top)).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(img.convert("RGB"))
+
+
 def _to_chw_uint8(item: Any) -> torch.Tensor:
     """One image (path, PIL image, array or tensor) -> (3, H, W) uint8 tensor."""
+    from_pil = False
     if isinstance(item, (str, os.PathLike)):
         from PIL import Image
 
         try:
             with Image.open(item) as img:
-                item = img.convert("RGB")
+                item = _pil_to_rgb(img)
         except (OSError, ValueError) as exc:
             raise ZooError(f"cannot read image {item}: {exc}") from None
-    if not isinstance(item, (np.ndarray, torch.Tensor)):
-        convert = getattr(item, "convert", None)
-        if callable(convert):  # PIL image: L, P, RGBA, CMYK, I;16 ... -> RGB
-            item = np.asarray(convert("RGB"))
-        else:
+        from_pil = True
+    elif not isinstance(item, (np.ndarray, torch.Tensor, list)):
+        if not callable(getattr(item, "convert", None)):
             raise ZooError(f"cannot use an object of type {type(item).__name__} as an image")
+        item = _pil_to_rgb(item)  # PIL image: L, P, RGBA, CMYK, I;16 ... -> RGB
+        from_pil = True
+    if isinstance(item, list):  # e.g. a Hugging Face pixel array column
+        item = np.asarray(item)
     t = torch.from_numpy(np.array(item, copy=True)) if isinstance(item, np.ndarray) else item
     if t.dtype != torch.uint8:
         t = t.float()
+        if t.numel() and t.min() < 0:
+            raise ZooError(f"image values reach {t.min().item():g}: pass unnormalised pixels "
+                           "([0, 1] or [0, 255]); the preprocessor normalises them")
         if t.max() <= 1.0:
             t = t * 255.0
         t = t.round().clamp(0, 255).to(torch.uint8)
     if t.ndim == 2:  # H, W grey
         t = t.unsqueeze(0)
+    elif from_pil:
+        t = t.permute(2, 0, 1)  # PIL arrays are H, W, C whatever the height
     elif t.ndim == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4):
         t = t.permute(2, 0, 1)  # H, W, C -> C, H, W
     elif t.ndim == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] > 4:

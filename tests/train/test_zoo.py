@@ -122,6 +122,28 @@ def test_image_preprocessor_grey_rgba_and_paths(tmp_path):
         pre([str(tmp_path / "missing.png")])
 
 
+def test_image_preprocessor_16_bit_short_images_and_pixel_lists(tmp_path):
+    from PIL import Image
+
+    from s2a.zoo import _to_chw_uint8
+
+    # 16-bit grey is scaled from its own range (PIL's convert("RGB") clips it at 255)
+    grey16 = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    t = _to_chw_uint8(str(tmp_path / "g16.png"))
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    assert torch.equal(t[0], torch.from_numpy(np.rint(grey16 / 257.0).astype(np.uint8)))
+    # a PIL image is H, W, C even when it is 1, 3 or 4 pixels high
+    red = np.zeros((3, 8, 3), np.uint8)
+    red[..., 0] = 200
+    t = _to_chw_uint8(Image.fromarray(red))
+    assert t.shape == (3, 3, 8) and t[0].eq(200).all() and t[1:].eq(0).all()
+    # pixel lists (a Hugging Face array column) and [0, 1] floats; normalised floats are refused
+    assert torch.equal(_to_chw_uint8(np.full((5, 5, 3), 0.5).tolist()), torch.full((3, 5, 5), 128, dtype=torch.uint8))
+    with pytest.raises(ZooError, match="pass unnormalised pixels"):
+        _to_chw_uint8(torch.full((3, 4, 4), -1.0))
+
+
 def _tiny_llama_dir(path):
     """A tiny random Llama with a word-level tokenizer that has an EOS but no pad token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
