@@ -94,6 +94,20 @@ def test_precisions_and_accumulation(run_cli, image_folder, tmp_path):
         assert 0.0 <= report["accuracy"] <= 1.0
 
 
+def test_accumulation_weighs_every_example_of_a_short_last_step_alike(run_cli, image_folder, tmp_path):
+    # 13 images: micro-batches 4+4 | 4+1 with --grad-accum 2 are the steps 8 | 5 of --batch-size 8,
+    # so both runs must end at the same weights (the lone image is 1/5 of the last step, not 1/2)
+    common = ["--model", "test_vit", "--img-size", "32", "--data", str(image_folder), "--method", "full",
+              "--epochs", "1", "--train-size", "13", "--lr", "3e-3"]  # fmt: skip
+    run_cli(*common, "--batch-size", "4", "--grad-accum", "2", "--out", str(tmp_path / "accum"))
+    run_cli(*common, "--batch-size", "8", "--out", str(tmp_path / "big"))
+    ta = load_checkpoint(tmp_path / "accum" / "checkpoints" / "last.pt")["trainable"]
+    tb = load_checkpoint(tmp_path / "big" / "checkpoints" / "last.pt")["trainable"]
+    flat_a = torch.cat([ta[k].flatten() for k in sorted(ta)])
+    flat_b = torch.cat([tb[k].flatten() for k in sorted(ta)])
+    assert float((flat_a - flat_b).norm() / flat_a.norm()) < 1e-5
+
+
 def test_s2a_method(minilm_ready, run_cli, tmp_path):
     out = tmp_path / "s2a"
     run_cli("--model", "minilm", "--data", "rotten-tomatoes", "--method", "s2a", "--modules", "bias,prompt",

@@ -682,15 +682,17 @@ class Trainer:
         info = self.dist
         assert info is not None
         loss_sum = correct = seen = 0.0
-        n_micro = len(entries)
-        for share, n_global in entries:
+        # The mean over every example of the step, however its micro-batches are sized (the
+        # last step of an epoch may end with a short one); times world_size, which
+        # all_reduce_grads divides by.
+        weight_per_example = info.world_size / sum(n_global for _, n_global in entries)
+        for share, _n_global in entries:
             inputs, labels = next(loader)
             inputs, labels = _to_device(inputs, info.device), labels.to(info.device)
             with self._autocast():
                 logits = call_model(self.model, inputs)
             per = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=self.rc.label_smoothing)
-            weight = 0.0 if not share else info.world_size / (n_global * n_micro)
-            loss = per.sum() * weight
+            loss = per.sum() * (weight_per_example if share else 0.0)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
             else:
