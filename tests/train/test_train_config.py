@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from s2a.train import TrainConfig, TrainError
@@ -85,6 +87,8 @@ def test_fingerprint_changes_name_each_option_that_differs():
     assert cfg.fingerprint_changes(old) == {"dropout": (None, 0.0)}
     # an option the saved run had and today's config does not know differs too
     assert cfg.fingerprint_changes({**saved, "retired_option": 1}) == {"retired_option": (1, None)}
+    # --save-every only decides when last.pt is written: older runs that fingerprinted it resume
+    assert "save_every" not in saved and cfg.fingerprint_changes({**saved, "save_every": 50}) == {}
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "linear"])
@@ -116,3 +120,16 @@ def test_cli_needs_model_and_data(run_cli, tmp_path):
     with pytest.raises(SystemExit) as info:  # argparse: --resume and --overwrite exclude each other
         run_cli(*BASE, "--out", str(tmp_path / "r"), "--resume", "--overwrite")
     assert info.value.code == 2
+
+
+def test_resume_keeps_the_runs_save_every_unless_given(tmp_path):
+    from s2a.cli import build_parser
+    from s2a.train.cli import config_from_args
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = TrainConfig(model="minilm", data="rotten-tomatoes", out=str(run), save_every=5)
+    (run / "config.json").write_text(json.dumps({"config": saved.to_dict()}))
+    resume = ["train", "--out", str(run), "--resume"]
+    assert config_from_args(build_parser().parse_args(resume)).save_every == 5
+    assert config_from_args(build_parser().parse_args([*resume, "--save-every", "2"])).save_every == 2

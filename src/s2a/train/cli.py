@@ -164,8 +164,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 "--resume continues a run with its own options; these differ: " + ", ".join(conflicts)
                 + ". Drop them, or start a new run (other --out, or --overwrite)."
             )
-        # runtime options (device, workers, --stop-after...) come from this command, not the run
-        merged = {k: v for k, v in saved.items() if k not in RUNTIME_FIELDS}
+        # runtime options (device, workers, --stop-after...) come from this command, not the run;
+        # --save-every, when not given, stays the run's (a preemptible job keeps saving)
+        merged = {k: v for k, v in saved.items() if k not in RUNTIME_FIELDS or k == "save_every"}
         merged.update({k: v for k, v in given.items() if k in RUNTIME_FIELDS})
         return TrainConfig.from_dict(merged)
     missing = [f"--{k}" for k in ("model", "data") if k not in given]

@@ -31,7 +31,7 @@ COMPRESSED_BY_DEFAULT = ("s2a", "s2a-lora")
 NO_ACT_BITS = ("mesa8", "fewbit2", "full-ckpt", "lora-ckpt")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # options that may differ when a run is resumed (they do not change what is computed)
-RUNTIME_FIELDS = ("out", "device", "num_workers", "progress", "log_every", "stop_after")
+RUNTIME_FIELDS = ("out", "device", "num_workers", "progress", "log_every", "stop_after", "save_every")
 
 
 class TrainError(ValueError):
@@ -251,12 +251,14 @@ class TrainConfig:
         """Options whose value differs from ``saved`` (an earlier run's :meth:`fingerprint`), as
         ``name: (saved value, value now)``. An option the saved fingerprint lacks was added after
         that run was written, which therefore ran with its default: it counts as changed only
-        when today's value is not that default, so adding an option never strands older runs."""
+        when today's value is not that default, so adding an option never strands older runs;
+        a runtime option in ``saved`` (one that counted before it was known not to change the
+        computation, such as ``save_every``) is ignored."""
         defaults = self._fingerprint_defaults()
         mine = self.fingerprint()
         return {
             k: (saved.get(k, defaults.get(k)), mine.get(k))
-            for k in sorted(set(mine) | set(saved))
+            for k in sorted(set(mine) | (set(saved) - set(RUNTIME_FIELDS)))
             if mine.get(k) != saved.get(k, defaults.get(k))
         }
 
