@@ -249,6 +249,11 @@ def test_interrupted_runs_resume_without_losing_anything(reference_runs, tmp_pat
     assert (out / "report.md").is_file()
     # step times travel in last.pt: the report times all 6 steps, not just the last run's 2
     assert len(got["step_times"]) == 6 and report["step_time_s"] > 0 and report["throughput"] > 0
+    # each of the 3 process starts' first step (warm-up) is left out of the timing
+    assert got["warmup_steps"] == [0, 2, 4]
+    steady = [1, 3, 5]
+    assert report["throughput"] == pytest.approx(
+        sum(got["step_samples"][i] for i in steady) / sum(got["step_times"][i] for i in steady))
 
     again = _fit(out, resume=True)  # resuming a finished run tests it again: the same report
     for key in ("accuracy", "step_time_s", "throughput", "train_time_s", "history", "steps"):

@@ -422,6 +422,9 @@ class Trainer:
         self.epoch_stats = [0.0, 0.0, 0.0]  # loss sum, correct, seen
         self.step_times: list[float] = []
         self.step_samples: list[int] = []
+        # index in step_times of each process start's first step (allocator and compiler
+        # warm-up): left out of the report's timing, for a resumed run as for a fresh one
+        self.warmup_steps: list[int] = []
         self.train_time = 0.0
 
         last = self.run_dir / CKPT_DIR / "last.pt"
@@ -536,6 +539,7 @@ class Trainer:
             # the report's step time and throughput cover every step, across resumes
             step_times=list(self.step_times),
             step_samples=list(self.step_samples),
+            warmup_steps=list(self.warmup_steps),
         )
         atomic_save(ckpt, self.run_dir / CKPT_DIR / "last.pt")
 
@@ -580,6 +584,7 @@ class Trainer:
             self.train_time = float(ckpt.get("train_time", 0.0))
             self.step_times = [float(v) for v in ckpt.get("step_times", [])]
             self.step_samples = [int(v) for v in ckpt.get("step_samples", [])]
+            self.warmup_steps = [int(v) for v in ckpt.get("warmup_steps", [0])]
             info = self.dist
             assert info is not None
             per_rank = ckpt.get("rng_per_rank") or []
@@ -793,6 +798,8 @@ class Trainer:
                             self._diverged(loss_sum, lr)
                         dt = time.perf_counter() - t0
                         self.train_time += dt
+                        if self._steps_this_run == 0:
+                            self.warmup_steps.append(len(self.step_times))
                         self.step_times.append(dt)
                         self.step_samples.append(int(seen))
                         self.step_in_epoch += 1
@@ -904,8 +911,10 @@ class Trainer:
         test = self.evaluate(self.data.test)
         self._emit({"event": "test", "global_step": self.global_step, "epoch": best["epoch"], **test})
         mem, mem_notes = (self._measure() if info.is_main else (None, []))
-        times = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
-        samples = self.step_samples[1:] if len(self.step_samples) > 1 else self.step_samples
+        warm = set(self.warmup_steps)
+        steady = [i for i in range(len(self.step_times)) if i not in warm] or list(range(len(self.step_times)))
+        times = [self.step_times[i] for i in steady]
+        samples = [self.step_samples[i] for i in steady]
         step_time = statistics.median(times) if times else None
         throughput = (sum(samples) / sum(times)) if times and sum(times) > 0 else None
         if step_time is None:  # a finished run resumed from a checkpoint older than saved step times
