@@ -132,6 +132,14 @@ def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
     assert plot.stat().st_size > 1000 and md.read_text().startswith("| ")
     with pytest.raises(SystemExit, match="no finished run"):
         main(["compare", str(a), str(tmp_path / "nowhere")])
+    # runs of one method get distinct labels (the plot would draw them as one bar); output
+    # folders are created, and a path that cannot be written is a clear error
+    md = tmp_path / "new" / "cmp.md"
+    main(["compare", str(a), str(a), "--md", str(md)])
+    header = md.read_text().splitlines()[0].split(" | ")
+    assert len(header) == 3 and header[1].endswith("#1") and header[2].startswith(header[1][:-1])
+    with pytest.raises(SystemExit, match="cannot write"):
+        main(["compare", str(a), "--md", str(plot / "x.md")])
 
 
 def test_dropout_option_sets_every_dropout_rate(minilm_ready, tmp_path):

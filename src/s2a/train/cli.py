@@ -243,11 +243,14 @@ def run_compare(args: argparse.Namespace, out: Any = None) -> str:
     out = sys.stdout if out is None else out
     try:
         table = compare_runs(args.runs, plot=args.plot)
+        if args.md:
+            Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.md).write_text(table + "\n", encoding="utf-8")
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot write {exc.filename or 'the output'}: {exc.strerror or exc}") from None
     print(table, file=out)
-    if args.md:
-        Path(args.md).write_text(table + "\n", encoding="utf-8")
     for path in (args.plot, args.md):
         if path:
             print(f"wrote {path}", file=out)

@@ -215,12 +215,18 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
     """
     reports = [load_report(d) for d in run_dirs]
     ref = reports[0]
+    labels = [_run_label(r) for r in reports]
+    if len(set(labels)) < len(labels):  # two runs of one method: tell them apart by directory
+        labels = [f"{lab} [{Path(d).name}]" if labels.count(lab) > 1 else lab
+                  for lab, d in zip(labels, run_dirs, strict=True)]
+        if len(set(labels)) < len(labels):
+            labels = [f"{lab} #{i + 1}" for i, lab in enumerate(labels)]
 
     def ratio(key: str, r: Mapping[str, Any]) -> str:
         a, b = r.get(key), ref.get(key)
         return "" if not a or not b or r is ref else f" ({a / b:.2f}x)"
 
-    header = ["", *(_run_label(r) for r in reports)]
+    header = ["", *labels]
     rows = [
         ["test accuracy", *(f"{100 * r['accuracy']:.2f}%" for r in reports)],
         ["trainable params", *(f"{r['trainable_params']:,} ({r['trainable_percent']:.3f}%)" for r in reports)],
@@ -235,7 +241,6 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     if plot is not None:
         fig = _figure(9, 3.6)
-        labels = [_run_label(r) for r in reports]
         ax1, ax2 = fig.subplots(1, 2)
         ax1.barh(labels, [100 * r["accuracy"] for r in reports], color="tab:blue")
         ax1.set_xlabel("test accuracy (%)")
@@ -244,5 +249,6 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
         ax2.set_yticks([])
         fig.suptitle(f"{ref.get('model')} on {ref.get('data')}")
         fig.tight_layout()
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot)
     return "\n".join(lines)
