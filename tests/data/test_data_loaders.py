@@ -276,6 +276,8 @@ def test_labels_to_ids_and_split_helpers():
     assert notes == ["2 of 4 classes have no train example ([0, 3]): the model cannot learn them"]
     assert labels_to_ids({"train": ["pos", "neg"], "test": ["neutral"]}, where="x")[1] == ["neg", "neutral", "pos"]
     assert labels_to_ids({"train": [True, False]}, where="x")[1] == ["False", "True"]
+    # "none" and "null" are class names (an intent task's "none" class), not empty cells
+    assert labels_to_ids({"train": ["none", "spam", "null"]}, where="x")[1] == ["none", "null", "spam"]
     # text that is not all integers is names, sorted: "3+" and decimal-looking names included
     assert labels_to_ids({"train": ["1", "2", "3+"]}, where="x")[1] == ["1", "2", "3+"]
     assert labels_to_ids({"train": ["2.5", "3.5"]}, where="x")[1] == ["2.5", "3.5"]
@@ -295,7 +297,8 @@ def test_labels_to_ids_and_split_helpers():
         ({"train": [0, float("nan")]}, "label nan is missing"),
         ({"train": ["a", "NaN"]}, "train row 2: label 'NaN' is missing"),
         ({"train": ["a", " "]}, "train row 2: label ' ' is missing"),
-        ({"train": ["a", None]}, "label None is missing"),
+        ({"train": ["a", None]}, "label None is missing: give that row a label or drop it"),
+        ({"all": ["a", ""]}, "t.csv: row 2: label '' is missing"),
         ({"train": ["a", ["b"]]}, "label ['b'] is a list"),
     ],
 )

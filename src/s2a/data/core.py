@@ -124,7 +124,9 @@ def split_fractions(split: Split, fractions: tuple[float, float, float], seed: i
 
 
 _INTEGER = re.compile(r"[+-]?\d+(?:\.0*)?")  # "3", "-1", "3.0" (CSV writers turn int columns into floats)
-_MISSING = ("", "nan", "none", "null", "<na>")
+# What a table writer leaves in an empty cell; "none" and "null" are class names (an intent
+# or toxicity task's "none" class), a JSON null is None.
+_MISSING = ("", "nan", "<na>")
 MAX_CLASS_ID = 100_000
 
 
@@ -132,14 +134,14 @@ def _parse_label(v: Any) -> int | str:
     """A class id (int) or a text label (str, possibly "3" to be read as an id later);
     ValueError says why ``v`` is neither."""
     if v is None or type(v).__name__ in ("NAType", "NaTType") or (isinstance(v, str) and v.strip().lower() in _MISSING):
-        raise ValueError("is missing")
+        raise ValueError("is missing: give that row a label or drop it")
     if isinstance(v, (bool, np.bool_)):
         return str(bool(v))
     if isinstance(v, (int, np.integer)):
         return int(v)
     if isinstance(v, (float, np.floating)):
         if math.isnan(v):
-            raise ValueError("is missing")
+            raise ValueError("is missing: give that row a label or drop it")
         if not math.isfinite(v) or not float(v).is_integer():
             raise ValueError("is not a class: labels must be class ids (integers) or class names")
         return int(v)
@@ -169,7 +171,8 @@ def labels_to_ids(
             try:
                 out.append(_parse_label(v))
             except ValueError as exc:
-                raise DataError(f"{where}: {split} row {row}: label {v!r} {exc}") from None
+                rows = "row" if split == "all" else f"{split} row"  # "all": one file, not yet split
+                raise DataError(f"{where}: {rows} {row}: label {v!r} {exc}") from None
     flat = [v for vs in parsed.values() for v in vs]
     texts = [v for v in flat if isinstance(v, str)]
     if texts and all(_INTEGER.fullmatch(v) for v in texts):  # a CSV column of ids
