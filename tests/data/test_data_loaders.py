@@ -189,6 +189,8 @@ def test_csv_and_jsonl_tables(tmp_path):
     d = load_data(str(csv_path), text_column="review", label_column="sentiment")
     assert d.kind == "text" and d.classes == ["neg", "pos"]
     assert len(d.train) + len(d.val) + len(d.test) == 40 and len(d.test) == 4
+    # each sentence 10 times: every test row is also a training row, and the notes say so
+    assert "4 of 4 test and 4 of 4 val texts also appear in train (duplicate rows)" in " ".join(d.notes)
     jl = tmp_path / "split"
     jl.mkdir()
     for split, n in (("train", 20), ("test", 6)):

@@ -28,6 +28,7 @@ __all__ = [
     "classes_missing_note",
     "labels_to_ids",
     "seeded_order",
+    "shared_texts_note",
     "split_fractions",
 ]
 
@@ -213,6 +214,17 @@ def classes_missing_note(classes: Sequence[Any], present: Collection[Any], lacki
         return None
     shown = f"{absent[:10]}{'...' if len(absent) > 10 else ''}"
     return f"{len(absent)} of {len(classes)} classes have {lacking} ({shown}): the model cannot learn them"
+
+
+def shared_texts_note(train: Split, val: Split, test: Split) -> str | None:
+    """A note counting val/test texts that also appear in train (a table with duplicates,
+    split by row), or None: their accuracy is optimistic."""
+    seen = {str(t).strip() for t in train.items}
+    hits = {name: sum(str(t).strip() in seen for t in s.items) for name, s in (("test", test), ("val", val))}
+    if not any(hits.values()):
+        return None
+    return (f"{hits['test']} of {len(test)} test and {hits['val']} of {len(val)} val texts also appear in "
+            "train (duplicate rows): their accuracy is optimistic; deduplicate the data to avoid it")
 
 
 def complete_splits(

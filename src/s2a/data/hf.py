@@ -12,6 +12,7 @@ from .core import (
     Split,
     complete_splits,
     labels_to_ids,
+    shared_texts_note,
     split_fractions,
 )
 from .text import LABEL_COLUMN_GUESSES, TEXT_COLUMN_GUESSES
@@ -147,6 +148,8 @@ def load_hf(
         notes.append(f"single split: seeded 80/10/10 (split_seed={split_seed})")
     else:
         train, val, test = complete_splits(splits["train"], splits.get("val"), splits.get("test"), split_seed, notes)
+    if kind == "text":
+        notes += filter(None, [shared_texts_note(train, val, test)])
     return DataBundle(
         name=Path(where).name if not spec.startswith("hf:") else where,
         kind=kind,
