@@ -360,6 +360,21 @@ def test_hugging_face_save_to_disk(tmp_path):
     d = load_data(str(tmp_path / "glue"))
     assert d.classes == ["0", "1"] and d.test.items == ["v0", "v1"]
     assert any("test split is unlabelled" in n for n in d.notes)
+    # an image column under another name, held as pixel lists: --image-column names it
+    import torch
+
+    from s2a.zoo import _to_chw_uint8
+
+    rng = np.random.default_rng(0)
+    pix = datasets.Dataset.from_dict({"photo": rng.integers(0, 256, (20, 6, 6, 3)).tolist(), "label": [i % 2 for i in range(20)]})
+    pix.save_to_disk(str(tmp_path / "pix"))
+    with pytest.raises(DataError, match="Name it with --text-column or --image-column"):
+        load_data(str(tmp_path / "pix"))
+    d = load_data(str(tmp_path / "pix"), image_column="photo")
+    assert d.kind == "image" and _to_chw_uint8(d.train.items[0]).shape == (3, 6, 6)
+    assert _to_chw_uint8(d.train.items[0]).dtype == torch.uint8
+    with pytest.raises(DataError, match="--image-column applies to Hugging Face datasets"):
+        load_data("rotten-tomatoes", image_column="photo")
 
 
 def test_hugging_face_without_datasets_names_the_install_command(monkeypatch, tmp_path):

@@ -149,6 +149,7 @@ def load_data(
     split_seed: int = 0,
     text_column: str | None = None,
     label_column: str | None = None,
+    image_column: str | None = None,
 ) -> DataBundle:
     """Load ``spec`` (see the module docstring) and apply the few-shot subset and caps."""
     for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
@@ -161,12 +162,15 @@ def load_data(
         raise DataError(
             f"--text-column / --label-column apply to tables and Hugging Face datasets, not to {spec!r} ({kind})"
         )
+    if image_column is not None and kind not in ("hf-hub", "hf-disk"):
+        raise DataError(f"--image-column applies to Hugging Face datasets, not to {spec!r} ({kind})")
     if kind == "builtin:rotten-tomatoes":
         bundle = load_rotten_tomatoes(split_seed=split_seed)
     elif kind == "builtin:fashion-mnist":
         bundle = load_fashion_mnist(split_seed=split_seed)
     elif kind in ("hf-hub", "hf-disk"):
-        bundle = load_hf(spec, text_column=text_column, label_column=label_column, split_seed=split_seed)
+        bundle = load_hf(spec, text_column=text_column, label_column=label_column, image_column=image_column,
+                         split_seed=split_seed)
     elif kind in ("table", "table-dir"):
         bundle = load_text_table(spec, text_column=text_column, label_column=label_column, split_seed=split_seed)
     elif kind == "vtab":

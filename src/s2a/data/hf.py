@@ -116,12 +116,14 @@ def load_hf(
         raise DataError(f"{where}: no label column (looked for {list(LABEL_COLUMN_GUESSES)}); columns found: {columns}. Name it with --label-column.")
     icol = _pick(columns, image_column, IMAGE_COLUMN_GUESSES, "image", where, "--image-column")
     features = first.features
+    if image_column is not None and text_column is not None:
+        raise DataError(f"{where}: pass --text-column or --image-column, not both")
     if icol is not None and text_column is None:
         kind, xcol = "image", icol
     else:
         xcol = _pick(columns, text_column, TEXT_COLUMN_GUESSES, "text", where, "--text-column")
         if xcol is None:
-            raise DataError(f"{where}: no text or image column (looked for {list(TEXT_COLUMN_GUESSES + IMAGE_COLUMN_GUESSES)}); columns found: {columns}. Name it with --text-column.")
+            raise DataError(f"{where}: no text or image column (looked for {list(TEXT_COLUMN_GUESSES + IMAGE_COLUMN_GUESSES)}); columns found: {columns}. Name it with --text-column or --image-column.")
         kind = "text"
     feature = features.get(lcol)
     names = list(getattr(feature, "names", None) or [])

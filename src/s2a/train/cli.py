@@ -89,6 +89,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     d.add_argument("--test-size", type=int, help="cap the test split (seeded; default: the whole split)")
     d.add_argument("--split-seed", type=int, help="seed of the train/val/test split (default 0)")
     d.add_argument("--text-column", help="text column of a table / Hugging Face dataset")
+    d.add_argument("--image-column", help="image column of a Hugging Face dataset (default: image, img, ...)")
     d.add_argument("--label-column", help="label column of a table / Hugging Face dataset")
     d.add_argument("--max-length", type=int, help="tokens per sentence (default 128, or the model's limit if lower)")
     d.add_argument("--img-size", type=int, help="image side (default: the model's input size)")
@@ -131,7 +132,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
 
 OPTION_FIELDS = (
     "model", "data", "method", "modules", "prompt_rank", "act_bits", "weights", "train_size", "val_size", "test_size",
-    "split_seed", "text_column", "label_column", "max_length", "img_size", "epochs", "batch_size",
+    "split_seed", "text_column", "image_column", "label_column", "max_length", "img_size", "epochs", "batch_size",
     "eval_batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "max_grad_norm",
     "label_smoothing", "dropout", "precision", "seed", "out", "device", "num_workers", "save_every", "log_every",
     "stop_after", "progress",

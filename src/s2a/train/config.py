@@ -118,6 +118,7 @@ class TrainConfig:
     img_size: int | None = None
     weights: str | None = None
     text_column: str | None = None
+    image_column: str | None = None
     label_column: str | None = None
     device: str = "auto"
     num_workers: int = 0

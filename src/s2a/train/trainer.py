@@ -347,6 +347,7 @@ class Trainer:
             seed=cfg.seed,
             split_seed=cfg.split_seed,
             text_column=cfg.text_column,
+            image_column=cfg.image_column,
             label_column=cfg.label_column,
         )
         if data.kind != mkind:
