@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,12 +370,33 @@ def _image_preprocessor_timm(model: nn.Module, img_size: int | None) -> ImagePre
     return ImagePreprocessor((h, w), cfg["mean"], cfg["std"], cfg.get("interpolation", "bilinear"))
 
 
+def _timm_adapt(model: nn.Module, sd: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
+    """Weights made at another input size (ViT position embeddings, Swin relative-position
+    tables) resampled to ``model`` by its timm family's own ``checkpoint_filter_fn``, as
+    ``timm.create_model(pretrained=True, img_size=...)`` does; ``sd`` unchanged otherwise."""
+    own = model.state_dict()
+    if not any(k in own and own[k].shape != v.shape for k, v in sd.items()):
+        return sd
+    adapt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if not callable(adapt):
+        return sd
+    try:
+        out = adapt(dict(sd), model)
+    except Exception:  # not this family's layout: _load_into names the mismatch
+        return sd
+    changed = sorted(k for k, v in out.items() if k in sd and sd[k].shape != v.shape and k in own)
+    if changed:
+        notes.append(f"resampled to the model's input size by timm: {', '.join(changed[:4])}"
+                     + (" ..." if len(changed) > 4 else ""))
+    return dict(out)
+
+
 def _build_timm(name: str, num_classes: int, weights: str | None, img_size: int | None) -> ZooModel:
     model = _timm_create(name, num_classes, img_size)
     heads = _timm_head_names(model)
     notes = [f"timm {name}"]
     if weights is not None:
-        notes += _load_into(model, load_state_dict_file(weights), heads, str(weights))
+        notes += _load_into(model, _timm_adapt(model, load_state_dict_file(weights), notes), heads, str(weights))
     else:
         notes.append("random initialisation (pass --weights FILE for pretrained weights)")
         notes += _zero_head(model, heads)

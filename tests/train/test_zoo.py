@@ -82,6 +82,11 @@ def test_timm_random_init_and_weights_file(tmp_path):
     pt = tmp_path / "w.pt"
     torch.save({"state_dict": src.model.state_dict()}, pt)
     assert torch.equal(load_model("test_vit", 5, img_size=32, weights=pt).model.head.weight, src.model.head.weight)
+    # weights made at another input size: the position embedding is resampled, as timm does
+    bigger = load_model("test_vit", 5, img_size=48, weights=path)
+    assert bigger.model.pos_embed.shape[1] > src.model.pos_embed.shape[1]
+    assert torch.equal(bigger.model.blocks[0].attn.qkv.weight, src.model.blocks[0].attn.qkv.weight)
+    assert any("resampled to the model's input size by timm: pos_embed" in n for n in bigger.notes)
 
 
 def test_weights_file_errors(tmp_path):
