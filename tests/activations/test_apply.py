@@ -1,5 +1,8 @@
 """compress_activations / restore on real timm and transformers models."""
 
+import copy
+import io
+
 import pytest
 import timm
 import torch
@@ -222,3 +225,27 @@ def test_summary_says_what_each_operator_keeps():
     s2a.restore(model)
     s2a.compress_activations(model, bits=2, dropout_mode="bitmask")
     assert s2a.compression_summary(model)["2"] == "dropout@1"
+
+
+def test_deepcopy_of_a_compressed_model_runs_on_its_own_tensors():
+    # an EMA / teacher copy: every patched forward (timm's fused MLP and lean attention too)
+    # must follow the copy's modules, not keep running on the original's
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, num_classes=3)
+    train_biases_only(model)
+    s2a.compress_activations(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    plain = copy.deepcopy(twin)
+    s2a.restore(plain)
+    x = torch.randn(2, 3, 32, 32)
+    y = twin(x)
+    torch.testing.assert_close(y, plain(x), rtol=1e-4, atol=1e-5)
+    y.sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert any(p.grad is not None for p in twin.parameters())
+    s2a.restore(twin)  # undoes the copy only
+    assert s2a.compression_summary(model) and not s2a.compression_summary(twin)
+    torch.save(model, io.BytesIO())  # and the compressed model pickles

@@ -19,6 +19,7 @@ to timm's own forward instead of being silently mis-run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -85,43 +86,45 @@ def _mlp_forward(module, path, state, act_kind, skipped):
     if kind not in SMOOTH_FUNCTIONS or not state.spec.enabled(kind):
         return None
     bits = state.spec.bits_for(kind)
-    parts = (module.fc1, module.act, module.drop1, module.norm, module.fc2)
-    unfused = type(module).forward
+    # partials, not closures: a deepcopy of the model rebinds them to the copy's modules
+    return f"frozen_mlp:{kind}", partial(_fused_mlp_forward, module, state, kind, bits)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        fc1, fc2 = module.fc1, module.fc2
-        b1, b2 = fc1.bias, fc2.bias
-        if (
-            state.disabled
-            or (module.drop1.training and module.drop1.p > 0)
-            or not frozen_mlp_applies(x, fc1.weight, fc2.weight, kind)
-            or not _needs_grad(x, b1, b2)
-            or has_foreign_hooks(*parts)
-        ):
-            return unfused(module, x)
-        return module.drop2(frozen_mlp(x, fc1.weight, b1, fc2.weight, b2, kind, bits))
 
-    return f"frozen_mlp:{kind}", forward
+def _fused_mlp_forward(module: nn.Module, state: Any, kind: str, bits: int, x: torch.Tensor) -> torch.Tensor:
+    fc1, fc2 = module.fc1, module.fc2
+    b1, b2 = fc1.bias, fc2.bias
+    if (
+        state.disabled
+        or (module.drop1.training and module.drop1.p > 0)
+        or not frozen_mlp_applies(x, fc1.weight, fc2.weight, kind)
+        or not _needs_grad(x, b1, b2)
+        or has_foreign_hooks(fc1, module.act, module.drop1, module.norm, fc2)
+    ):
+        return type(module).forward(module, x)
+    return module.drop2(frozen_mlp(x, fc1.weight, b1, fc2.weight, b2, kind, bits))
 
 
 def _attention_forward(m: nn.Module) -> Callable[..., torch.Tensor]:
-    def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if not m.fused_attn:  # the eager path materialises the probabilities anyway
-            return type(m).forward(m, x, attn_mask=attn_mask, is_causal=is_causal)
-        B, N, _ = x.shape
-        gate = m.gate(x).sigmoid() if m.gate is not None else None
-        qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        del qkv
-        q, k = m.q_norm(q), m.k_norm(k)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=m.attn_drop.p if m.training else 0.0, is_causal=is_causal
-        )
-        del q, k, v  # the 3x-width qkv output: attention stored its own copy for backward
-        y = y.transpose(1, 2).reshape(B, N, m.attn_dim)
-        y = m.norm(y)
-        if gate is not None:
-            y = y * gate
-        return m.proj_drop(m.proj(y))
+    return partial(_lean_attention_forward, m)
 
-    return forward
+
+def _lean_attention_forward(
+    m: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+) -> torch.Tensor:
+    if not m.fused_attn:  # the eager path materialises the probabilities anyway
+        return type(m).forward(m, x, attn_mask=attn_mask, is_causal=is_causal)
+    B, N, _ = x.shape
+    gate = m.gate(x).sigmoid() if m.gate is not None else None
+    qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    del qkv
+    q, k = m.q_norm(q), m.k_norm(k)
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=m.attn_drop.p if m.training else 0.0, is_causal=is_causal
+    )
+    del q, k, v  # the 3x-width qkv output: attention stored its own copy for backward
+    y = y.transpose(1, 2).reshape(B, N, m.attn_dim)
+    y = m.norm(y)
+    if gate is not None:
+        y = y * gate
+    return m.proj_drop(m.proj(y))

@@ -260,54 +260,88 @@ _SUSPECT_WORDS = ("GELU", "ReLU", "SiLU", "Swish", "Mish", "Sigmoid", "Tanh", "S
 
 
 def _module_op(module: nn.Module, spec: CompressionSpec):
-    """(kind, patched forward) for modules we know how to compress, else None."""
+    """(kind, patched forward) for modules we know how to compress, else None.
+
+    Each forward is a ``partial`` of a module-level function over ``module``: a deepcopy of
+    the model (an EMA or teacher copy) then rebinds it to the copy's own module, and the
+    model still pickles; a closure would keep running on the original's tensors."""
     name = type(module).__name__
     kind = _ACTIVATION_CLASSES.get(name)
     if kind is not None and not any(True for _ in module.parameters()):
         if kind == "gelu" and getattr(module, "approximate", "none") == "tanh":
             kind = "gelu_tanh"
-        if kind == "leaky_relu":
-            return kind, lambda x: _act(kind, spec, x, module.negative_slope)
-        if kind == "hardtanh":
-            return kind, lambda x: _act(kind, spec, x, module.min_val, module.max_val)
-        if kind == "softplus":
-            return kind, lambda x: _act(kind, spec, x, module.beta, module.threshold)
-        return kind, lambda x: S.activation(x, kind, spec.bits_for(kind))
+        return kind, partial(_activation_forward, kind, spec, module)
     if isinstance(module, nn.Softmax):
-        return "softmax", lambda x: _softmax(spec, x, module.dim)
+        return "softmax", partial(_softmax_forward, spec, module)
     if isinstance(module, nn.LayerNorm) and type(module).forward in (nn.LayerNorm.forward, *_timm_ln()):
-        return "layer_norm", lambda x: _layer_norm(
-            spec, x, module.normalized_shape, module.weight, module.bias, module.eps)
+        return "layer_norm", partial(_layer_norm_forward, spec, module)
     if name == "LayerNorm2d" and hasattr(module, "normalized_shape"):
-        return "layer_norm", lambda x: _layer_norm(
-            spec, x.permute(0, 2, 3, 1), module.normalized_shape, module.weight, module.bias,
-            module.eps).permute(0, 3, 1, 2)
+        return "layer_norm", partial(_layer_norm2d_forward, spec, module)
     if isinstance(module, nn.RMSNorm) or name == "RmsNorm":
-        return "rms_norm", lambda x: _rms_norm(
-            spec, x, module.normalized_shape, module.weight, module.eps)
+        return "rms_norm", partial(_rms_norm_forward, spec, module)
     if name in _HF_RMSNORM and hasattr(module, "variance_epsilon"):
-        def hf_rms(x):
-            # A trainable scale (s2a's "norm" module) goes into the compressed op, whose stored
-            # x̂ also serves dL/dw; outside, autograd would keep y at full width. (transformers
-            # rounds y to the input dtype before the product: one rounding apart in bf16 /
-            # fp16, identical in fp32.)
-            w = module.weight
-            inside = w.requires_grad
-            y = S.rms_norm(x.float(), (x.shape[-1],), w if inside else None, module.variance_epsilon,
-                           bits=spec.bits_for("rms_norm"))
-            return y.to(torch.result_type(x, w)) if inside else w * y.to(x.dtype)
-        return "rms_norm", hf_rms
+        return "rms_norm", partial(_hf_rms_norm_forward, spec, module)
     if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         return "batch_norm", partial(_patched_batch_norm, module, spec)
     if type(module) is nn.Dropout:
-        return "dropout", lambda x: _dropout(spec, x, module.p, module.training)
+        return "dropout", partial(_dropout_forward, spec, module)
     if name == "DropPath" and hasattr(module, "drop_prob"):
-        return "drop_path", lambda x: S.drop_path(
-            x, module.drop_prob, module.training, getattr(module, "scale_by_keep", True))
+        return "drop_path", partial(_drop_path_forward, module)
     if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.padding_mode == "zeros":
-        return "conv", lambda x: _conv(spec, x, module.weight, module.bias, module.stride,
-                                        module.padding, module.dilation, module.groups)
+        return "conv", partial(_conv_forward, spec, module)
     return None
+
+
+def _activation_forward(kind: str, spec: CompressionSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if kind == "leaky_relu":
+        return _act(kind, spec, x, module.negative_slope)
+    if kind == "hardtanh":
+        return _act(kind, spec, x, module.min_val, module.max_val)
+    if kind == "softplus":
+        return _act(kind, spec, x, module.beta, module.threshold)
+    return S.activation(x, kind, spec.bits_for(kind))
+
+
+def _softmax_forward(spec: CompressionSpec, module: nn.Softmax, x: torch.Tensor) -> torch.Tensor:
+    return _softmax(spec, x, module.dim)
+
+
+def _layer_norm_forward(spec: CompressionSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _layer_norm(spec, x, module.normalized_shape, module.weight, module.bias, module.eps)
+
+
+def _layer_norm2d_forward(spec: CompressionSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = _layer_norm(spec, x.permute(0, 2, 3, 1), module.normalized_shape, module.weight, module.bias, module.eps)
+    return y.permute(0, 3, 1, 2)
+
+
+def _rms_norm_forward(spec: CompressionSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _rms_norm(spec, x, module.normalized_shape, module.weight, module.eps)
+
+
+def _hf_rms_norm_forward(spec: CompressionSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # A trainable scale (s2a's "norm" module) goes into the compressed op, whose stored x̂
+    # also serves dL/dw; outside, autograd would keep y at full width. (transformers rounds
+    # y to the input dtype before the product: one rounding apart in bf16 / fp16, identical
+    # in fp32.)
+    w = module.weight
+    inside = w.requires_grad
+    y = S.rms_norm(x.float(), (x.shape[-1],), w if inside else None, module.variance_epsilon,
+                   bits=spec.bits_for("rms_norm"))
+    return y.to(torch.result_type(x, w)) if inside else w * y.to(x.dtype)
+
+
+def _dropout_forward(spec: CompressionSpec, module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    return _dropout(spec, x, module.p, module.training)
+
+
+def _drop_path_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return S.drop_path(x, module.drop_prob, module.training, getattr(module, "scale_by_keep", True))
+
+
+def _conv_forward(spec: CompressionSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _conv(spec, x, module.weight, module.bias, module.stride, module.padding, module.dilation,
+                 module.groups)
 
 
 def _timm_ln() -> tuple:
