@@ -249,3 +249,13 @@ def test_deepcopy_of_a_compressed_model_runs_on_its_own_tensors():
     s2a.restore(twin)  # undoes the copy only
     assert s2a.compression_summary(model) and not s2a.compression_summary(twin)
     torch.save(model, io.BytesIO())  # and the compressed model pickles
+
+
+@pytest.mark.parametrize("layer", [nn.GELU(), nn.LayerNorm(8), nn.Softmax(-1)])
+def test_double_backward_is_refused_not_silently_wrong(layer):
+    # the stored codes give f'(x) only: a gradient penalty through them would drop f''
+    model = s2a.compress_activations(nn.Sequential(nn.Linear(8, 8), layer, nn.Linear(8, 8)))
+    x = torch.randn(5, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(model(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.pow(2).sum().backward()

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .packing import check_bits
 from .rowquant import ROW_BITS, dequantize_rows, quantize_rows, row_codebook, softmax_backward_rows
@@ -116,6 +117,7 @@ class _Softmax(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the stored codes give f'(x), not f'': refuse double backward
     def backward(ctx, grad: torch.Tensor):
         packed, scale = ctx.saved_tensors
         dim, bits, shape, dtype = ctx.meta
@@ -271,6 +273,7 @@ class _SDPA(torch.autograd.Function):
         return out.to(q.dtype)
 
     @staticmethod
+    @once_differentiable  # the stored codes give f'(x), not f'': refuse double backward
     def backward(ctx, grad_out):
         cfg: _Cfg = ctx.cfg
         q_shape, k_shape, v_shape, q_dt, k_dt, v_dt, batch, p_batch, n_p = ctx.meta

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import kernels
 from . import rowquant as RQ
@@ -50,6 +51,7 @@ class _CodebookActivation(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the stored codes give f'(x), not f'': refuse double backward
     def backward(ctx, g: torch.Tensor):
         (packed,) = ctx.saved_tensors
         _, levels = get_codebook(ctx.name, ctx.bits).tensors(g.device)
@@ -161,6 +163,7 @@ class _LayerNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the stored codes give f'(x), not f'': refuse double backward
     def backward(ctx, g):
         packed, scale, rstd, weight, bias = ctx.saved_tensors
         flat_shape, shape, bits, rms, in_dtype, fast = ctx.meta
@@ -431,6 +434,7 @@ class _BatchNorm(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
+    @once_differentiable  # the stored codes give f'(x), not f'': refuse double backward
     def backward(ctx, g, *_):
         packed, scale, rstd, weight, bias = ctx.saved_tensors
         view, shape, batch_stats, bits, in_dtype = ctx.meta

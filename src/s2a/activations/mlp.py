@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import kernels
 from .attention import _autocast_dtype
@@ -98,6 +99,7 @@ class _MLPFrozenWeights(torch.autograd.Function):
         return out.reshape(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
+    @once_differentiable  # the stored codes give f'(x), not f'': refuse double backward
     def backward(ctx, g):
         w1, w2, *packed = ctx.saved_tensors
         x_shape, x_dtype = ctx.x_meta
