@@ -544,3 +544,31 @@ def test_trainable_conv_is_native():
     _, nbytes = saved_bytes(S.conv, x, conv.weight, conv.bias, exclude=(conv.weight,))
     assert nbytes == x.numel() * 4
     assert math.isfinite(nbytes)
+
+
+@pytest.mark.parametrize(("d", "bits"), [(16, 4), (15, 4), (16, 3)])  # the fast kernel, then the slow path twice
+def test_layer_norm_with_an_infinite_token_keeps_the_other_rows_gradients(d, bits):
+    torch.manual_seed(0)
+    x = torch.randn(64, d)
+    x[5, 3] = float("inf")
+    x.requires_grad_(True)
+    w, g = torch.randn(d, requires_grad=True), torch.randn(64, d)
+    grads = []
+    for fn in (lambda: S.layer_norm(x, (d,), w, None, 1e-5, bits), lambda: F.layer_norm(x, (d,), w, None, 1e-5)):
+        (gx,) = torch.autograd.grad((fn() * g).sum(), x)
+        grads.append(gx)
+    finite = torch.ones(64, dtype=torch.bool)
+    finite[5] = False
+    assert cosine(grads[0][finite], grads[1][finite]) > 0.99
+
+
+def test_norms_keep_native_dtypes():
+    # F.rms_norm returns the input's dtype whatever the weight's; float64 runs natively (exact)
+    w = torch.ones(8, requires_grad=True)
+    assert S.rms_norm(torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True), (8,), w).dtype == torch.bfloat16
+    x64 = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(S.rms_norm(x64, (8,), w.double()), F.rms_norm(x64, (8,), w.double()))
+    x64 = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    assert torch.equal(S.batch_norm(x64, rm.clone(), rv.clone(), training=True),
+                       F.batch_norm(x64, rm.clone(), rv.clone(), training=True))

@@ -110,9 +110,12 @@ def _store_normalized(xhat: torch.Tensor, bits: int):
 
     Per channel, not per row: pretrained transformers have a few outlier channels
     (values 20-100x the rest, the same channels in every token); a per-row scale
-    would spend all levels on them and round the other channels to zero.
+    would spend all levels on them and round the other channels to zero. A token row
+    holding NaN/inf is zeroed first, as the fast kernel does: it would otherwise put a
+    NaN in every channel and spoil every scale (its own gradient is NaN through 1/σ).
     """
-    return quantize_rows(xhat.t(), row_codebook(NORM_CODEBOOK, bits))
+    finite = torch.nan_to_num(xhat, nan=0.0, posinf=0.0, neginf=0.0)
+    return quantize_rows(finite.t().contiguous(), row_codebook(NORM_CODEBOOK, bits))
 
 
 def _load_normalized(packed, scale, bits, shape) -> torch.Tensor:
@@ -142,7 +145,7 @@ class _LayerNorm(torch.autograd.Function):
             mean = rstd  # unused by the RMS kernels
             y = xf * rstd
             y = y * weight.float().reshape(-1) if weight is not None else y
-            y = y.reshape(shape).to(torch.result_type(x, weight) if weight is not None else x.dtype)
+            y = y.reshape(shape).to(x.dtype)  # as F.rms_norm: the input's dtype, whatever the weight's
         else:
             # The native kernel gives the exact output and the per-row statistics.
             with torch.autocast(x.device.type, enabled=False):
@@ -213,11 +216,12 @@ def rms_norm(
     x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None,
     eps: float | None = None, bits: int = 4,
 ) -> torch.Tensor:
-    """``F.rms_norm`` storing the normalised input at ``bits`` bits per element."""
+    """``F.rms_norm`` storing the normalised input at ``bits`` bits per element (float64
+    input runs natively: its kernels compute in float32)."""
     _check_row_bits(bits, "rms_norm")
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    if not _needs_grad(x, weight) or x.numel() == 0:
+    if not _needs_grad(x, weight) or x.numel() == 0 or x.dtype == torch.float64:
         return F.rms_norm(x, normalized_shape, weight, eps)
     nd = len(normalized_shape) if not isinstance(normalized_shape, int) else 1
     return _LayerNorm.apply(x, weight, None, eps, nd, True, bits)
@@ -490,9 +494,10 @@ def batch_norm(
     weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
     momentum: float = 0.1, eps: float = 1e-5, bits: int = 4,
 ) -> torch.Tensor:
-    """``F.batch_norm`` storing the normalised input low-bit (or nothing in eval mode with frozen affine)."""
+    """``F.batch_norm`` storing the normalised input low-bit (or nothing in eval mode with
+    frozen affine); float64 input runs natively (its kernels compute in float32)."""
     _check_row_bits(bits, "batch_norm")
-    if not _needs_grad(x, weight, bias) or x.numel() == 0:
+    if not _needs_grad(x, weight, bias) or x.numel() == 0 or x.dtype == torch.float64:
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if not training and running_mean is not None:
         mean = running_mean.float()
