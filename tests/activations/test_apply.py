@@ -259,3 +259,27 @@ def test_double_backward_is_refused_not_silently_wrong(layer):
     (gx,) = torch.autograd.grad(model(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.pow(2).sum().backward()
+
+
+def test_softmax_without_dim_keeps_torchs_implicit_dim():
+    model = s2a.compress_activations(nn.Sequential(nn.Linear(8, 8), nn.Softmax()))  # no dim: the legacy form
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    with pytest.warns(UserWarning, match="Implicit dimension"):
+        native = F.softmax(model[0](x), dim=None)
+    torch.testing.assert_close(model(x), native)  # dim 0 for a 3-D input, as torch picks
+
+
+def test_a_forward_replaced_on_the_instance_is_kept():
+    norm = nn.LayerNorm(8)
+    original = norm.forward
+    norm.forward = lambda x: original(x) * 2 + 100  # an offload hook or a user's wrapper
+    model = s2a.compress_activations(nn.Sequential(nn.Linear(8, 8), norm))
+    assert "1" not in s2a.compression_summary(model)
+    assert model(torch.randn(2, 8, requires_grad=True)).min() > 90
+
+
+def test_strict_mode_names_multihead_attention():
+    model = nn.Sequential(nn.Linear(8, 8))
+    model.append(nn.MultiheadAttention(8, 2, batch_first=True))
+    with pytest.raises(s2a.UncoveredOperatorsError, match="1: MultiheadAttention"):
+        s2a.compress_activations(model, strict=True)

@@ -116,8 +116,8 @@ def _validate(bits, ops, dropout_mode, attention_mode) -> CompressionSpec:
 def _softmax(spec, x, dim=None, dtype=None, **_):
     from .attention import softmax
 
-    if dim is None:
-        dim = -1
+    if dim is None:  # torch's legacy implicit dim, which nn.Softmax() and F.softmax(x) use
+        dim = 0 if x.dim() in (0, 1, 3) else 1
     if dtype is not None:
         x = x.to(dtype)
     return softmax(x, dim, bits=spec.bits_for("softmax"))
@@ -216,6 +216,8 @@ _UNCOVERED_FUNCTIONS = {
     F.softsign: "softsign", torch.erf: "erf", torch.exp: "exp", torch.rsqrt: "rsqrt",
     F.dropout1d: "dropout1d", F.dropout2d: "dropout2d", F.dropout3d: "dropout3d",
     F.conv_transpose1d: "conv_transpose", F.conv_transpose2d: "conv_transpose",
+    # a Python composite: while the mode handles it, its inner softmax / SDPA run natively
+    F.multi_head_attention_forward: "multi_head_attention_forward",
 }
 
 
@@ -459,7 +461,9 @@ def compress_activations(
                 continue
         if spec.enabled("attention") and _switch_attention(module, state):
             continue
-        found = _module_op(module, spec)
+        # A forward replaced on the instance (accelerate's offload hooks, a user's wrapper) would
+        # be lost: leave the module to the function mode, as lean_timm_forward does.
+        found = None if "forward" in vars(module) else _module_op(module, spec)
         if found is not None:
             kind, fwd = found
             if spec.enabled(kind):
@@ -468,8 +472,8 @@ def compress_activations(
             continue
         name = type(module).__name__
         leaf = not any(True for _ in module.children())
-        if (leaf and any(w.lower() in name.lower() for w in _SUSPECT_WORDS)
-                and name not in _COVERED_BY_MODE):
+        if ((leaf and any(w.lower() in name.lower() for w in _SUSPECT_WORDS) and name not in _COVERED_BY_MODE)
+                or isinstance(module, nn.MultiheadAttention)):  # its functional core runs natively
             uncovered.append(f"{path or '<root>'}: {name}")
     if strict and uncovered:
         _undo(model, state)
