@@ -88,3 +88,26 @@ def test_lut_tensors_are_cached_per_device():
     a = cb.tensors(torch.device("cpu"))
     assert a[0] is cb.tensors(torch.device("cpu"))[0]
     assert a[0].dtype == torch.uint8 and a[0].numel() == GRID_CELLS
+
+
+@pytest.mark.parametrize("name", sorted(SMOOTH_FUNCTIONS))
+def test_derivative_at_nan_table_matches_autograd(name):
+    from s2a.activations.codebooks import DERIVATIVE_AT_NAN, derivative
+
+    at_nan = float(derivative(name, np.array([math.nan]))[0])
+    expected = DERIVATIVE_AT_NAN.get(name, math.nan)
+    assert (math.isnan(at_nan) and math.isnan(expected)) or at_nan == expected
+
+
+def test_first_use_of_a_codebook_runs_no_autograd_inside_the_forward():
+    # the first compressed call of a (function, bits) pair in a process, under a saved-tensor
+    # hook: only the op's own codes may be saved (non-reentrant checkpointing counts them)
+    from s2a.activations import codebooks
+    from s2a.activations import functional as S
+
+    codebooks.get_codebook("silu", 3).__dict__.pop("nan_code", None)  # as in a fresh process
+    seen = []
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.dtype) or t, lambda t: t):
+        S.activation(x, "silu", 3)
+    assert seen == [torch.uint8]
