@@ -283,3 +283,23 @@ def test_strict_mode_names_multihead_attention():
     model.append(nn.MultiheadAttention(8, 2, batch_first=True))
     with pytest.raises(s2a.UncoveredOperatorsError, match="1: MultiheadAttention"):
         s2a.compress_activations(model, strict=True)
+
+
+def test_non_reentrant_checkpointing_recomputes_under_compression():
+    # checkpointing recomputes each block during backward, outside the model's own forward:
+    # its functional calls (timm's F.gelu / SDPA) must save the same codes again
+    from s2a.activations.mlp import has_foreign_hooks
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, num_classes=3)
+    train_biases_only(model)
+    reference = copy.deepcopy(model)
+    s2a.compress_activations(model)
+    mlp = model.blocks[0].mlp
+    assert not has_foreign_hooks(mlp.fc1, mlp.act, mlp.drop1, mlp.norm, mlp.fc2)  # still fuses
+    model.set_grad_checkpointing(True)
+    x = torch.randn(4, 3, 32, 32)
+    for m in (reference, model):
+        m(x).pow(2).sum().backward()
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad]) for m in (reference, model)]
+    assert cosine(*grads) > 0.99

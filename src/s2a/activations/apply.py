@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from . import functional as S
 from ._timm import lean_timm_forward
 from .codebooks import SMOOTH_FUNCTIONS
+from .mlp import observer_hook
 from .packing import check_bits
 from .rowquant import ROW_BITS
 
@@ -482,8 +483,14 @@ def compress_activations(
             f"(pass skip=[...] to accept them): {uncovered}"
         )
     state.mode = _CompressMode(state)
-    state.hooks.append(model.register_forward_pre_hook(partial(_enter, state)))
-    state.hooks.append(model.register_forward_hook(partial(_exit, state), always_call=True))
+    # Every module outside skip enters the function mode too (a no-op inside the root's
+    # forward): activation checkpointing recomputes a block during backward, outside the
+    # root's forward, and its functional calls must save what they saved the first time.
+    # Marked as observers, so timm's fused MLP still fuses.
+    for path, module in model.named_modules():
+        if module is model or not _skipped(path, spec.skip):
+            state.hooks.append(module.register_forward_pre_hook(observer_hook(partial(_enter, state))))
+            state.hooks.append(module.register_forward_hook(observer_hook(partial(_exit, state)), always_call=True))
     model._s2a_compression = state
     return model
 
