@@ -303,3 +303,29 @@ def test_non_reentrant_checkpointing_recomputes_under_compression():
         m(x).pow(2).sum().backward()
     grads = [torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad]) for m in (reference, model)]
     assert cosine(*grads) > 0.99
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_transformers_gradient_checkpointing_with_dropout_matches_no_checkpointing(reentrant):
+    # pretrained MiniLM in train mode (hidden and attention dropout 0.1): a reentrant checkpoint
+    # runs each layer without grad, then recomputes it with grad; both passes must draw
+    # s2a's dropout masks, so the output and the gradients equal the uncheckpointed run's
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    base = AutoModel.from_pretrained(minilm_path())
+    base.train()
+    for name, p in base.named_parameters():
+        p.requires_grad_(name.endswith("bias"))
+    ids = torch.randint(100, 2000, (2, 16))
+    runs = []
+    for checkpointing in (False, True):
+        model = s2a.compress_activations(copy.deepcopy(base))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        torch.manual_seed(1)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        out.pow(2).mean().backward()
+        runs.append((out.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    assert cosine(runs[0][1], runs[1][1]) > 0.9999

@@ -231,9 +231,11 @@ class _CompressMode(TorchFunctionMode):
         kwargs = kwargs or {}
         entry = _FUNCTIONS.get(func)
         state = self.state
-        if entry is not None and state.disabled == 0 and torch.is_grad_enabled():
+        if entry is not None and state.disabled == 0:
             kind, handler = entry
-            if state.spec.enabled(kind):
+            # Random kinds are routed without grad too: a reentrant checkpoint runs the block
+            # without grad, then recomputes it with grad, and both must draw s2a's mask.
+            if state.spec.enabled(kind) and (torch.is_grad_enabled() or kind in ("dropout", "attention")):
                 return handler(state.spec, *args, **kwargs)
         elif (state.spec.strict and state.disabled == 0 and func in _UNCOVERED_FUNCTIONS
               and torch.is_grad_enabled()):

@@ -361,8 +361,9 @@ def scaled_dot_product_attention(
       (by reference, it is an input).
 
     plus 8 bytes (one int64 seed) when ``dropout_p > 0``. Falls back to the native
-    op (its own saved state) when no input needs a gradient, grad mode is off, the
-    mask requires grad, or a tensor is empty.
+    op (its own saved state) when no input needs a gradient or grad mode is off (with
+    ``dropout_p == 0``: with dropout the same mask as with grad is drawn), the mask
+    requires grad, or a tensor is empty.
     """
     check_bits(bits, ROW_BITS, "bits")
     check_bits(qkv_bits, ROW_BITS, "qkv_bits")
@@ -387,8 +388,11 @@ def scaled_dot_product_attention(
         and (attn_mask.dtype == torch.bool or attn_mask.is_floating_point())
         and not is_causal
     )
+    # Without grad, dropout still draws s2a's mask (one seed of the default generator), not
+    # native SDPA's: a reentrant checkpoint runs this forward without grad, then recomputes
+    # it with grad, and both must drop the same probabilities.
     if (
-        not needs_grad
+        (not needs_grad and dropout_p == 0.0)
         or not mask_ok
         or q.numel() == 0
         or k.numel() == 0

@@ -541,16 +541,22 @@ def _hashed(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def _dropout_masked(x: torch.Tensor, p: float, regenerate: bool):
+    """(output, seed, keep mask or None, hashed): the mask drawn from one seed of the default
+    generator, with or without autograd: a reentrant checkpoint runs the forward without
+    grad and recomputes it with grad, and both must draw the same mask."""
+    seed = _fresh_seed(x.device)
+    hashed = regenerate and _hashed(x.device)
+    if hashed:
+        return kernels.dropout_apply(x, int(seed), p), seed, None, True
+    keep = _mask_from_seed(int(seed), x.shape, p, x.device, x.dtype)
+    return x * keep * (1.0 / (1 - p)), seed, keep, False
+
+
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p: float, regenerate: bool):
-        seed = _fresh_seed(x.device)
-        hashed = regenerate and _hashed(x.device)
-        if hashed:
-            y = kernels.dropout_apply(x, int(seed), p)
-        else:
-            keep = _mask_from_seed(int(seed), x.shape, p, x.device, x.dtype)
-            y = x * keep * (1.0 / (1 - p))
+        y, seed, keep, hashed = _dropout_masked(x, p, regenerate)
         if regenerate:  # 8 bytes: the mask is drawn again from the same seed in backward
             ctx.save_for_backward(seed)
         else:  # 1 bit per element
@@ -581,8 +587,11 @@ def dropout(
         raise ValueError(f"dropout mode {mode!r} is not supported; choose 'regenerate' or 'bitmask'")
     if not training or p == 0.0:
         return x
-    if p == 1.0 or not _needs_grad(x):
+    if p == 1.0:
         return F.dropout(x, p, training, inplace)
+    if not _needs_grad(x):
+        y = _dropout_masked(x, p, mode == "regenerate")[0]
+        return x.copy_(y) if inplace else y
     return _Dropout.apply(x, p, mode == "regenerate")
 
 
