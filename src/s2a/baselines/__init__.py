@@ -48,7 +48,7 @@ for _spec in (
                vpt.apply_vpt, vpt.supports_vpt),
     MethodSpec("lora", "LoRA r=8 through peft on the attention projections, and the head",
                peft_methods.apply_lora, _TARGETS),
-    MethodSpec("ia3", "IA3 through peft (key, value and MLP scaling vectors), and the head",
+    MethodSpec("ia3", "IA3 through peft (key, value and MLP scaling vectors; on timm's fused qkv, query too), and the head",
                peft_methods.apply_ia3, _TARGETS),
     MethodSpec("prompt-tuning", "prompt tuning through peft: 20 virtual input tokens (text), and the head",
                peft_methods.apply_prompt_tuning, peft_methods.supports_prompt_tuning),
