@@ -321,7 +321,9 @@ def test_transformers_gradient_checkpointing_with_dropout_matches_no_checkpointi
     runs = []
     for checkpointing in (False, True):
         model = s2a.compress_activations(copy.deepcopy(base))
-        if checkpointing:
+        if checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        elif checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         torch.manual_seed(1)
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
