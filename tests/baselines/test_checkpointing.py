@@ -51,3 +51,20 @@ def test_checkpointing_on_text_keeps_less_and_evaluates_directly():
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6, msg=n)
     with torch.no_grad():
         torch.testing.assert_close(ckpt.eval()(**batch).logits, plain.eval()(**batch).logits)
+
+
+def test_checkpointing_updates_batchnorm_statistics_once_per_step():
+    # the recomputation runs the block in train mode again; its BatchNorm statistics must stay
+    # those of the step's one forward, as without checkpointing
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    models = []
+    for method in ("full", "full-ckpt"):
+        torch.manual_seed(0)
+        m = timm.create_model("resnet18", num_classes=5)
+        models.append(apply_method(m, method, head_names=("fc",), example_input=x).model)
+    for m in models:
+        _grads(m, x)
+    (a, b) = (dict(m.named_buffers()) for m in models)
+    assert a.keys() == b.keys() and any(k.endswith("num_batches_tracked") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], msg=k)

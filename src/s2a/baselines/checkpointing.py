@@ -4,8 +4,10 @@ Each backbone block's ``forward`` (the blocks of :func:`s2a.models.describe_back
 under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` while gradients are
 enabled: only the block's inputs are kept and its inside is recomputed in the backward pass
 (RNG state preserved, so dropout draws the same masks and the gradients equal those without
-checkpointing). Under ``no_grad`` (evaluation) the block runs directly. The patch is an
-instance attribute, so parameters and state-dict keys are unchanged.
+checkpointing). BatchNorm running statistics are restored after the recomputation, so a
+step updates them once, as without checkpointing. Under ``no_grad`` (evaluation) the block
+runs directly. The patch is an instance attribute, so parameters and state-dict keys are
+unchanged.
 
 Applied after the method that chooses what trains (full fine-tuning, or peft LoRA: the peft
 layers live inside the blocks, whose module objects peft keeps).
@@ -13,11 +15,13 @@ layers live inside the blocks, whose module objects peft keeps).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from .registry import MethodContext, MethodResult
@@ -25,9 +29,34 @@ from .registry import MethodContext, MethodResult
 CKPT_FLAG = "_s2a_checkpointed"
 
 
-def _checkpointed(original, *args: Any, **kwargs: Any) -> Any:
+class _RunningStatsKept:
+    """Leave the block's BatchNorm running statistics as they were before a recomputation (a
+    training-mode recompute would update them a second time in the same step). Reusable: a
+    step may recompute a block more than once (``s2a.measure`` unpacks saved tensors too)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.saved: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
+
+    def __enter__(self) -> None:
+        self.saved = [
+            (m, {k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None})
+            for m in self.block.modules()
+            if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+        ]
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for m, bufs in self.saved:
+                for k, b in bufs.items():
+                    getattr(m, k).copy_(b)
+        self.saved = []
+
+
+def _checkpointed(block: nn.Module, original, *args: Any, **kwargs: Any) -> Any:
     if torch.is_grad_enabled():
-        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+        return checkpoint(original, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _RunningStatsKept(block)), **kwargs)
     return original(*args, **kwargs)
 
 
@@ -36,7 +65,7 @@ def checkpoint_blocks(blocks: list[nn.Module]) -> int:
     for block in blocks:
         if getattr(block, CKPT_FLAG, False):
             continue
-        block.forward = functools.partial(_checkpointed, block.forward)
+        block.forward = functools.partial(_checkpointed, block, block.forward)
         setattr(block, CKPT_FLAG, True)
     return len(blocks)
 
