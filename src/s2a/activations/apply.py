@@ -446,9 +446,18 @@ def compress_activations(
     spec.skip = tuple(skip)
     spec.strict = strict
     state = _State(spec)
+    state.mode = _CompressMode(state)
     uncovered = []
     for path, module in model.named_modules():
-        if _skipped(path, spec.skip):
+        skipped = _skipped(path, spec.skip)
+        if module is model or not skipped:
+            # Every module outside skip enters the function mode (a no-op inside the root's
+            # forward): activation checkpointing recomputes a block during backward, outside
+            # the root's forward, and its functional calls must save what they saved the first
+            # time. Marked as observers, so timm's fused MLP still fuses.
+            state.hooks.append(module.register_forward_pre_hook(observer_hook(partial(_enter, state))))
+            state.hooks.append(module.register_forward_hook(observer_hook(partial(_exit, state)), always_call=True))
+        if skipped:
             if path and module is not model:
                 state.hooks.append(module.register_forward_pre_hook(partial(_disable, state)))
                 state.hooks.append(module.register_forward_hook(partial(_enable, state), always_call=True))
@@ -484,15 +493,6 @@ def compress_activations(
             "these modules keep full-precision activations and s2a cannot compress them "
             f"(pass skip=[...] to accept them): {uncovered}"
         )
-    state.mode = _CompressMode(state)
-    # Every module outside skip enters the function mode too (a no-op inside the root's
-    # forward): activation checkpointing recomputes a block during backward, outside the
-    # root's forward, and its functional calls must save what they saved the first time.
-    # Marked as observers, so timm's fused MLP still fuses.
-    for path, module in model.named_modules():
-        if module is model or not _skipped(path, spec.skip):
-            state.hooks.append(module.register_forward_pre_hook(observer_hook(partial(_enter, state))))
-            state.hooks.append(module.register_forward_hook(observer_hook(partial(_exit, state)), always_call=True))
     model._s2a_compression = state
     return model
 
