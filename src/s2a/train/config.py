@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from s2a.tuners.config import ACT_BITS, MODULES
+from s2a.tuners.config import ACT_BITS, DEFAULT_MODULES, MODULES
 
 __all__ = [
     "METHODS",
@@ -66,7 +66,6 @@ def default_lr(method: str, kind: str) -> float:
 
 # S2AConfig.prompt_rank's default, kept here so this module stays free of torch (a test checks they agree)
 DEFAULT_PROMPT_RANK = 4
-DEFAULT_MODULES = ("bias", "prompt")
 
 
 def _flag(name: str) -> str:

@@ -22,6 +22,7 @@ from s2a.activations.functional import POINTWISE_BITS
 from s2a.activations.rowquant import ROW_BITS
 
 MODULES = ("bias", "norm", "prompt", "side")
+DEFAULT_MODULES = ("bias", "prompt")
 # act_bits applies to every operator kind, so it must suit the pointwise and the row-wise ones.
 ACT_BITS = tuple(b for b in POINTWISE_BITS if b in ROW_BITS)
 
@@ -55,7 +56,7 @@ class S2AConfig:
             statistics in training (the backbone's buffers then never change).
     """
 
-    modules: tuple[str, ...] = ("bias", "prompt")
+    modules: tuple[str, ...] = DEFAULT_MODULES
     prompt_rank: int = 4
     side_reduction: int = 8
     side_depth: int = 4
