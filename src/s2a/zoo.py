@@ -104,15 +104,15 @@ def _pil_to_rgb(img: Any) -> np.ndarray:
     PIL's own convert("RGB") clips them at 255, turning a 16-bit image almost white."""
     if img.mode.startswith("I") or img.mode == "F":
         a = np.asarray(img, dtype=np.float64)
-        peak = a.max() if a.size else 0.0
+        low, peak = (a.min(), a.max()) if a.size else (0.0, 0.0)
         if img.mode.startswith("I;16"):
             top = 65535.0
         elif img.mode == "F":
             top = 1.0 if peak <= 1.0 else 255.0
         else:
             top = 255.0 if peak <= 255 else 65535.0
-        if a.size and (a.min() < 0 or a.max() > top):
-            raise ZooError(f"{img.mode} image with values in [{a.min():g}, {a.max():g}]: expected "
+        if low < 0 or peak > top:
+            raise ZooError(f"{img.mode} image with values in [{low:g}, {peak:g}]: expected "
                            "[0, 1], [0, 255] or [0, 65535]")
         grey = np.rint(a * (255.0 / top)).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
