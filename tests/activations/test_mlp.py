@@ -137,7 +137,9 @@ def _unpatch_lean(model):
             module.__dict__.pop("forward")
 
 
-def test_lean_timm_blocks_change_nothing_but_the_peak():
+def test_lean_timm_blocks_change_nothing_but_the_forward_peak(monkeypatch):
+    # 17-row chunks of the 136 x 768 hidden layer: the whole layer never exists at once
+    monkeypatch.setattr(M, "CHUNK_ELEMS", 17 * 768)
     model = _vit()
     x = torch.randn(8, 3, 64, 64)
     s2a.compress_activations(model)
@@ -153,9 +155,10 @@ def test_lean_timm_blocks_change_nothing_but_the_peak():
     for n in grads:
         torch.testing.assert_close(lean_grads[n], grads[n], rtol=1e-4, atol=1e-6)
     assert lean.saved_bytes == plain.saved_bytes and lean.by_kind == plain.by_kind
-    if lean.peak_bytes is not None:
-        # at least one hidden layer (8 x 17 tokens x 768 fp32) less at the peak
-        assert lean.peak_bytes <= plain.peak_bytes - 8 * 17 * 768 * 4
+    if lean.forward_peak_bytes is not None:
+        # timm's block holds fc1's output and GELU's (2 x 8 x 17 tokens x 768 fp32) at its peak,
+        # the chunked one 17-row pieces: at least half a hidden layer less (measured: 0.84)
+        assert lean.forward_peak_bytes <= plain.forward_peak_bytes - 8 * 17 * 768 * 4 // 2
     s2a.restore(model)
     assert "forward" not in model.blocks[0].mlp.__dict__ and "forward" not in model.blocks[0].attn.__dict__
 

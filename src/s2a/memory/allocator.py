@@ -1,10 +1,14 @@
 """Allocator-level memory probes, independent of autograd's saved-tensor hooks.
 
-Two probes, chosen by the device the model lives on:
+Three probes, chosen by the device the model lives on:
 
 * ``CudaProbe``: the CUDA caching allocator's own counters, ``torch.cuda.memory_allocated`` and
   ``torch.cuda.max_memory_allocated`` (bytes handed out to tensors, exact, peak included);
-* ``HostProbe``: glibc's ``mallinfo2()`` read through :mod:`ctypes`. PyTorch's CPU allocator
+* ``ProfilerProbe`` (CPU): the PyTorch profiler's allocation events, one per tensor allocation
+  and free, summed in order: the CPU counterpart of the CUDA counters (tensor bytes only, exact,
+  peak included, even a buffer one backward node allocates and frees);
+* ``HostProbe`` (CPU, when the profiler cannot be used, e.g. the caller is already profiling):
+  glibc's ``mallinfo2()`` read through :mod:`ctypes`. PyTorch's CPU allocator
   takes tensor memory from ``malloc`` (``posix_memalign``), so the bytes currently handed out,
   ``uordblks`` (in use in the arenas, all arenas summed) + ``hblkhd`` (in use in mmap'ed chunks),
   rise and fall with tensor allocations. They also count every other ``malloc`` user of the
@@ -16,9 +20,12 @@ Two probes, chosen by the device the model lives on:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 import sys
-from typing import Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import torch
 
@@ -26,6 +33,7 @@ __all__ = [
     "AllocatorProbe",
     "CudaProbe",
     "HostProbe",
+    "ProfilerProbe",
     "host_live_bytes",
     "probe_for",
 ]
@@ -102,6 +110,10 @@ class AllocatorProbe(Protocol):
         """Highest live bytes seen since :meth:`start` (exact or sampled)."""
         ...
 
+    def close(self) -> None:
+        """Release what :meth:`start` acquired (idempotent)."""
+        ...
+
 
 class HostProbe:
     """glibc heap counters; the peak is the max over explicit :meth:`sample` calls."""
@@ -132,6 +144,9 @@ class HostProbe:
         self.sample()
         return self._peak
 
+    def close(self) -> None:
+        pass
+
 
 class CudaProbe:
     """CUDA caching-allocator counters (exact peak)."""
@@ -157,12 +172,139 @@ class CudaProbe:
         torch.cuda.synchronize(self.device)
         return int(torch.cuda.max_memory_allocated(self.device))
 
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 for a moment: Kineto logs every profiler start and stop (and,
+    without a GPU, a "gpuGetDeviceCount failed" error) from C++, below Python's ``sys.stderr``."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (embedded interpreter)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class ProfilerProbe:
+    """CPU tensor bytes from the profiler's allocation events; exact live bytes and peak.
+
+    Each :meth:`live` reading stops the profiler, adds up its events and starts it again, so no
+    event list grows over a whole step. Only allocations through PyTorch's CPU allocator are
+    seen (tensors and their kernels' scratch buffers), the counterpart of the CUDA counters;
+    C++ objects such as autograd nodes are not. Uses the private ``torch.autograd`` profiler
+    entry points that ``torch.profiler.profile`` wraps (the public object adds a costly
+    post-processing of every event); :func:`probe_for` falls back to :class:`HostProbe` when
+    they are missing or a profiler is already running.
+    """
+
+    exact_peak = True
+    method = "torch profiler allocation events (exact peak)"
+
+    def __init__(self) -> None:
+        from torch._C._profiler import _ExperimentalConfig
+        from torch.autograd import ProfilerActivity, ProfilerConfig, ProfilerState
+
+        self._config = ProfilerConfig(
+            ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig()
+        )
+        self._activities = {ProfilerActivity.CPU}
+        self._running = False
+        self._live = 0
+        self._peak = 0
+
+    @staticmethod
+    def available() -> bool:
+        """Whether the profiler can be started here now (it does not nest)."""
+        try:
+            from torch._C._profiler import _ExperimentalConfig  # noqa: F401
+            from torch.autograd import (  # noqa: F401
+                _disable_profiler,
+                _enable_profiler,
+                _prepare_profiler,
+                _profiler_enabled,
+            )
+        except ImportError:
+            return False
+        return not _profiler_enabled()
+
+    def _begin(self) -> None:
+        from torch.autograd import _enable_profiler, _prepare_profiler
+
+        with _quiet_stderr():
+            _prepare_profiler(self._config, self._activities)
+            _enable_profiler(self._config, self._activities)
+        self._running = True
+
+    def _collect(self, restart: bool) -> None:
+        if not self._running:
+            return
+        from torch.autograd import DeviceType, _disable_profiler
+
+        with _quiet_stderr():
+            result = _disable_profiler()
+        self._running = False
+        events: list[Any] = [
+            e
+            for e in result.events()
+            if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+        ]
+        events.sort(key=lambda e: e.start_ns())  # stable: same-instant events keep their order
+        live = peak = self._live
+        for e in events:
+            live += e.nbytes()
+            if live > peak:
+                peak = live
+        self._live, self._peak = live, max(self._peak, peak)
+        if restart:
+            self._begin()
+
+    def live(self) -> int:
+        if not self._running:
+            raise RuntimeError("ProfilerProbe.live() outside start() ... peak()")
+        self._collect(restart=True)
+        return self._live
+
+    def start(self) -> int:
+        self.close()
+        self._live = self._peak = 0
+        self._begin()
+        return 0
+
+    def sample(self) -> None:  # every allocation is an event
+        pass
+
+    def peak(self) -> int:
+        self._collect(restart=True)  # stays on until close(): a reading may follow
+        return self._peak
+
+    def close(self) -> None:
+        if self._running:
+            from torch.autograd import _disable_profiler
+
+            with _quiet_stderr():
+                _disable_profiler()
+            self._running = False
+
 
 def probe_for(device: torch.device | str) -> AllocatorProbe | None:
     """The probe for ``device``, or None when no allocator statistics are available there."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return CudaProbe(device)
-    if device.type == "cpu" and host_live_bytes() is not None:
-        return HostProbe()
+    if device.type == "cpu":
+        if ProfilerProbe.available():
+            return ProfilerProbe()
+        if host_live_bytes() is not None:
+            return HostProbe()
     return None

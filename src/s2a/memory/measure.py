@@ -11,9 +11,10 @@
   the node is "current", so the unpack hook learns which node owns each packed token. The graph
   is then dropped without a backward.
 * **Run B (allocator)**: a plain forward + loss without any hook, where the allocator's live
-  bytes are read before and after (the cross-check), then the backward, with pre/post hooks on
-  the autograd nodes sampling the allocator (peak on CPU), gradients, and optionally an
-  optimizer step. With an optimizer, its state is allocated at the start of the window, so the
+  bytes are read before and after (the cross-check), then the backward (peak), gradients, and
+  optionally an optimizer step. The peak is exact on CUDA (the caching allocator's counters)
+  and on CPU (the profiler's allocation events); only the fallback CPU probe (glibc counters,
+  when a profiler is already running) samples it, between autograd nodes. With an optimizer, its state is allocated at the start of the window, so the
   peak is that of a steady-state step (any step but the first), state alive throughout.
 
 Everything observable about the model is restored afterwards: hooks, ``.grad`` (of parameters
@@ -463,6 +464,8 @@ def measure(
                 state.snapshot_trainable()
             _allocator_run(model, batch, loss_fn, probe, report, reset_rng, optimizer_step, fwd_peak)
         finally:
+            if probe is not None:
+                probe.close()  # an exception mid-step must not leave the profiler running
             state.restore()
     if probe is None:
         notes.append(f"no allocator statistics for device {device}: peak and cross-check skipped")
@@ -495,6 +498,7 @@ def _instrumented_run(
     finally:
         modules.remove()
     fwd_peak = probe.peak() - base if probe is not None else None
+    report.forward_peak_bytes = fwd_peak
 
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")

@@ -62,14 +62,17 @@ class MemoryReport:
     * ``peak_bytes``: highest allocator-level live memory during the step minus the live memory
       before it (weights and batch excluded; activations, gradients, temporaries and optimizer
       state included; with an optimizer step, its state is alive from the start of the step,
-      as in every step after the first). Exact on CUDA; on CPU sampled at module and autograd-node boundaries
-      (``peak_method`` says which).
+      as in every step after the first). Exact on CUDA (the caching allocator's counters) and
+      on CPU (the profiler's allocation events: tensor bytes); sampled between autograd nodes
+      only by the CPU fallback used while another profiler runs (``peak_method`` says which).
+    * ``forward_peak_bytes``: the same, over the forward and loss alone (without the optimizer
+      state): where a backward transient sets ``peak_bytes``, this shows what the forward holds.
     * ``forward_live_bytes``: allocator-level growth after forward + loss, measured in a separate
       forward without saved-tensor hooks; ``expected_forward_live_bytes`` is what the hook-based
       count predicts for it (``saved_bytes - saved_input_bytes`` + output and loss storages not
-      saved), ``cross_check_ratio`` the ratio of the two. The allocator also sees a roughly
-      constant overhead of autograd bookkeeping (a few hundred KiB for a 6-layer transformer),
-      so the ratio is meaningful for steps of some MiB and up. Tensors a custom Function keeps
+      saved), ``cross_check_ratio`` the ratio of the two. The CPU fallback probe (glibc's
+      counters) also sees a roughly constant overhead of autograd bookkeeping (a few hundred KiB
+      for a 6-layer transformer), so its ratio is meaningful for steps of some MiB and up. Tensors a custom Function keeps
       as ``ctx.attr`` instead of ``save_for_backward`` escape the hooks but not the allocator.
     * ``output_bytes``: storages of the model outputs (parameters excluded).
     * ``grad_bytes``: parameter gradients after backward; ``optimizer_state_bytes``: state after
@@ -90,6 +93,7 @@ class MemoryReport:
     optimizer_state_bytes: int | None = None
     peak_bytes: int | None = None
     peak_method: str | None = None
+    forward_peak_bytes: int | None = None
     forward_live_bytes: int | None = None
     expected_forward_live_bytes: int | None = None
     output_bytes: int = 0
@@ -158,7 +162,10 @@ class MemoryReport:
             f"storages / {self.num_saved_tensors} tensors (batch inputs "
             f"{format_bytes(self.saved_input_bytes)})"
         )
-        lines.append(f"peak step memory   {format_bytes(self.peak_bytes)} [{self.peak_method or 'n/a'}]")
+        lines.append(
+            f"peak step memory   {format_bytes(self.peak_bytes)} [{self.peak_method or 'n/a'}]"
+            f" (forward alone {format_bytes(self.forward_peak_bytes)})"
+        )
         ratio = self.cross_check_ratio
         lines.append(
             f"allocator check    forward live {format_bytes(self.forward_live_bytes)} vs expected "
