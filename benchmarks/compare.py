@@ -30,8 +30,10 @@ same tree and settings as ``benchmarks/accuracy.py`` (``full`` and ``s2a`` runs 
 
 Rows this invocation does not measure are kept from an existing ``<name>.json``, each with the
 sitting (date, load, command) it was measured in, so backbones and methods can be measured in
-separate sittings (``full`` is re-measured each time: it is the reference of the ratios). ``--time-methods`` times a subset (memory is always measured for every
-method): one ViT-B/16 step at batch 64 takes tens of seconds on a CPU.
+separate sittings (``full`` is re-measured each time: it is the reference of the ratios).
+``--time-methods`` times a subset (memory is always measured for every method): one ViT-B/16
+step at batch 64 takes tens of seconds on a CPU. A row re-measured untimed keeps the step time
+of its earlier sitting, which the Markdown names ("step times measured ...").
 
 Writes ``benchmarks/results/<name>.json`` (``rows``: one per backbone and method with
 ``backbone, method, accuracy, accuracy_std, trainable_params, saved_activation_bytes,
@@ -381,12 +383,16 @@ def to_markdown(data: dict[str, Any]) -> str:
         cfg = data["backbones"][bb]
         lines += ["", f"## {bb}", "", f"`{cfg['model']}`, batch {cfg['batch']}, "
                   + (f"{cfg['seq_len']} tokens" if cfg["kind"] == "text" else f"{cfg['img_size']} px")]
-        dates = sorted({d["measured"] for d in data["details"] if d["backbone"] == bb and "measured" in d})
-        for date in dates:
+        mine = [d for d in data["details"] if d["backbone"] == bb]
+        memory_dates = {d["measured"] for d in mine if "measured" in d}
+        timing_dates = {d.get("timed", d.get("measured")) for d in mine if d.get("step_times_s")}
+        for date in sorted((memory_dates | timing_dates) - {None}):
             m = data.get("sittings", {}).get(date)
             if m is not None:
+                what = {(True, True): "measured", (True, False): "memory measured",
+                        (False, True): "step times measured"}[(date in memory_dates, date in timing_dates)]
                 la = m.get("load_avg_at_start")
-                lines.append(f"- measured {date}" + (f", load average {la[0]:.2f} at start" if la else "")
+                lines.append(f"- {what} {date}" + (f", load average {la[0]:.2f} at start" if la else "")
                              + f", {m['repeats']}: `{m['command']}`")
         lines.append("")
         table = []
@@ -489,9 +495,14 @@ def write_partial(args: argparse.Namespace, backbones: list[str], methods: list[
                   skipped: list[dict[str, Any]], finished: dict[str, int], details: list[dict[str, Any]],
                   t0: float) -> None:
     """Write the results measured so far (every row carries its own numbers)."""
-    rows = [dict(r) for r in rows]
+    rows, details = [dict(r) for r in rows], [dict(d) for d in details]  # the merge edits them
     add_ratios(rows)
-    meta = metadata(repeats=f"{args.repeats} timed steps after {args.warmup} warm-up; accuracy over {args.seeds} seeds",
+    timing = f"{args.repeats} timed steps after {args.warmup} warm-up"
+    if args.time_methods == "none":
+        timing = "memory only, no timed steps"
+    elif args.time_methods:
+        timing += f" (timed: {args.time_methods})"
+    meta = metadata(repeats=f"{timing}; accuracy over {args.seeds} seeds",
                     runtime_s=time.time() - t0, device=str(args.device))  # fmt: skip
     meta["date"] = sitting_of(t0)
     if LOAD_AT_START:  # metadata() reads the load now, at this write; the sitting began earlier
@@ -550,11 +561,32 @@ def keep_earlier_rows(name: str, data: dict[str, Any]) -> dict[str, Any]:
                           key=lambda r: order.get((r["backbone"], r["method"]), len(order)))  # fmt: skip
     data["skipped"] = [x for x in old.get("skipped", []) if earlier(x)] + data["skipped"]
     data["details"] = [x for x in old.get("details", []) if earlier(x)] + data["details"]
+    _keep_earlier_times(old, data)
     data["seeds_finished"] = {**old.get("seeds_finished", {}), **data["seeds_finished"]}
     done = {f"{b}/{m}" for b, m in new}
     data["not_measured"] = [p for p in old.get("not_measured", []) if p not in done] + [
         p for p in data["not_measured"] if p not in old.get("not_measured", [])]
     return data
+
+
+def _keep_earlier_times(old: dict[str, Any], data: dict[str, Any]) -> None:
+    """A row re-measured without timing (``--time-methods``) keeps its earlier step time, and its
+    detail names the sitting that timed it (``timed``): memory is refreshed in an hour, a ViT-B/16
+    timing pass takes several."""
+    old_rows = {(r["backbone"], r["method"]): r for r in old["rows"]}
+    old_details = {(d["backbone"], d["method"]): d for d in old.get("details", [])}
+    details = {(d["backbone"], d["method"]): d for d in data["details"]}
+    for r in data["rows"]:
+        key = (r["backbone"], r["method"])
+        prev, prev_detail, detail = old_rows.get(key), old_details.get(key), details.get(key)
+        if r["step_time_s"] is not None or prev is None or prev.get("step_time_s") is None:
+            continue
+        if detail is None or prev_detail is None:
+            continue
+        r["step_time_s"], r["throughput"] = prev["step_time_s"], prev["throughput"]
+        detail["step_times_s"] = prev_detail.get("step_times_s", [])
+        detail["timed"] = prev_detail.get("timed", prev_detail.get("measured"))
+    add_ratios(data["rows"])
 
 
 def finish(name: str, data: dict[str, Any], quiet: bool = False) -> None:

@@ -130,6 +130,7 @@ def summary_rows(results: list[dict]) -> list[dict[str, Any]]:
                 if base and setup.endswith("4bit") else None,
                 ratio_vs_full=rep["saved_bytes"] / full["saved_bytes"] if full else None,
                 peak_bytes=rep["peak_bytes"],
+                peak_method=rep.get("peak_method"),
                 peak_ratio_vs_full=rep["peak_bytes"] / full["peak_bytes"]
                 if full and rep["peak_bytes"] and full["peak_bytes"] else None,
                 max_rss_bytes=r["max_rss_bytes"],
@@ -187,8 +188,8 @@ def to_markdown(data: dict[str, Any]) -> str:
         "Saved bytes: tensors autograd keeps for backward (`s2a.memory.measure`: one count per "
         "storage, parameters and buffers excluded, batch tensors included). Peak: highest "
         "allocator-level live memory during the step minus before it (activations, grads, "
-        "AdamW state, temporaries; CPU glibc mallinfo2, sampled at module / autograd-node "
-        "boundaries, so a short transient can be missed). Max RSS: whole process (weights, "
+        "AdamW state, temporaries; method per row in the JSON's `peak_method`: on CPU the "
+        "PyTorch profiler's tensor allocation events, exact). Max RSS: whole process (weights, "
         "Python, libraries) of that set-up's own subprocess; it is an upper bound, not a "
         "training-step figure: `measure` runs the forward twice (a hooked one whose graph is "
         "dropped, then the real step) and glibc does not hand all freed memory back to the OS.",
