@@ -232,6 +232,28 @@ def _reduce_kv(g: torch.Tensor, shape: torch.Size, groups: int) -> torch.Tensor:
     return g.sum_to_size(shape)
 
 
+def _batch_slices(q, k, v, mask, batch: torch.Size, L: int, S: int) -> list[slice] | None:
+    """Slices of the leading batch dim so that one slice's logits stay near ``CHUNK_ELEMS``, or
+    None to run the whole batch at once (a single slice suffices, or an input broadcasts along
+    that dim). Backward then rebuilds Q, K, V and P one slice at a time, not whole."""
+    if not batch or any(t.dim() != len(batch) + 2 or t.size(0) != batch[0] for t in (q, k, v)):
+        return None
+    if mask is not None and mask.dim() == len(batch) + 2 and mask.size(0) not in (1, batch[0]):
+        return None
+    per_item = math.prod(batch[1:]) * L * S
+    step = max(1, CHUNK_ELEMS // max(per_item, 1))
+    if step >= batch[0]:
+        return None
+    return [slice(b, min(b + step, batch[0])) for b in range(0, batch[0], step)]
+
+
+def _bslice(t: torch.Tensor | None, sl: slice | None, n_batch: int) -> torch.Tensor | None:
+    """``t`` restricted to batch slice ``sl`` (unchanged where it broadcasts along that dim)."""
+    if t is None or sl is None or t.dim() < n_batch + 2 or t.size(0) == 1:
+        return t
+    return t[sl]
+
+
 class _SDPA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, cfg: _Cfg):
@@ -241,100 +263,130 @@ class _SDPA(torch.autograd.Function):
         cb_x = row_codebook(_QKV_KIND, qkv_bits)
         cb_p = row_codebook("probs", cfg.bits)
         with _no_autocast(dev.type):
-            qp, qs = quantize_rows(q, cb_x, keep_nan=True)
-            kp, ks = quantize_rows(k, cb_x, keep_nan=True)
-            vp, vs = quantize_rows(v, cb_x, keep_nan=True)
-            qc = q.to(cdt) * cfg.scale
-            kT = _expand_kv(k.to(cdt), cfg.groups).transpose(-1, -2)
-            vc = _expand_kv(v.to(cdt), cfg.groups)
             L, S = q.size(-2), k.size(-2)
-            batch = torch.broadcast_shapes(q.shape[:-2], kT.shape[:-2], vc.shape[:-2])
+            batch = torch.broadcast_shapes(
+                q.shape[:-2], _expand_kv(k[..., :0, :], cfg.groups).shape[:-2],
+                _expand_kv(v[..., :0, :], cfg.groups).shape[:-2],
+            )
+            nb = len(batch)
+            slices = _batch_slices(q, k, v, mask, batch, L, S) or [None]
             seed_t, gen = None, None
             if cfg.dropout_p > 0:
                 seed = _draw_seed()
                 seed_t = torch.tensor([seed], dtype=torch.int64)
                 gen = _dropout_generator(seed, dev)
-            outs, p_packed, p_scales = [], [], []
-            p_batch = batch
-            for i0, i1 in _chunk_bounds(L, math.prod(batch) * S):
-                p = _attn_probs(qc[..., i0:i1, :], kT, _rows(mask, i0, i1), cfg, i0, S)
-                p_batch = p.shape[:-2]  # batch of P (v may broadcast beyond it)
-                if cfg.mode == "probs":
-                    pk, ps = quantize_rows(p, cb_p, keep_nan=True)
-                    p_packed.append(pk)
-                    p_scales.append(ps)
-                if gen is not None:
-                    p.mul_(_keep_scale(gen, p, cfg.dropout_p))
-                outs.append(torch.matmul(p, vc))
-                del p
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+            out = None
+            qkv_state, p_state, p_batches = [], [], []
+            for sl in slices:
+                qs_, ks_, vs_ = (_bslice(t, sl, nb) for t in (q, k, v))
+                for t in (qs_, ks_, vs_):
+                    qkv_state.extend(quantize_rows(t, cb_x, keep_nan=True))
+                qc = qs_.to(cdt) * cfg.scale
+                kT = _expand_kv(ks_.to(cdt), cfg.groups).transpose(-1, -2)
+                vc = _expand_kv(vs_.to(cdt), cfg.groups)
+                m = _bslice(mask, sl, nb)
+                sl_batch = torch.broadcast_shapes(qc.shape[:-2], kT.shape[:-2], vc.shape[:-2])
+                for i0, i1 in _chunk_bounds(L, math.prod(sl_batch) * S):
+                    p = _attn_probs(qc[..., i0:i1, :], kT, _rows(m, i0, i1), cfg, i0, S)
+                    p_batches.append(p.shape[:-2])  # batch of P (v may broadcast beyond it)
+                    if cfg.mode == "probs":
+                        p_state.extend(quantize_rows(p, cb_p, keep_nan=True))
+                    if gen is not None:
+                        p.mul_(_keep_scale(gen, p, cfg.dropout_p))
+                    o = torch.matmul(p, vc)
+                    del p
+                    if out is None:
+                        out = o.new_empty(*batch, L, o.size(-1))
+                    out[(sl if sl is not None else slice(None), Ellipsis, slice(i0, i1), slice(None))] = o
+                    del o
+                del qc, kT, vc
         saved_mask = mask if cfg.mode == "recompute" else None
-        n_p = len(p_packed)
-        ctx.save_for_backward(qp, qs, kp, ks, vp, vs, seed_t, saved_mask, *p_packed, *p_scales)
+        ctx.save_for_backward(seed_t, saved_mask, *qkv_state, *p_state)
         ctx.cfg = cfg
-        ctx.meta = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, batch, p_batch, n_p)
+        ctx.meta = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, batch, p_batches, slices)
         return out.to(q.dtype)
 
     @staticmethod
     @once_differentiable  # the stored codes give f'(x), not f'': refuse double backward
     def backward(ctx, grad_out):
         cfg: _Cfg = ctx.cfg
-        q_shape, k_shape, v_shape, q_dt, k_dt, v_dt, batch, p_batch, n_p = ctx.meta
-        qp, qs, kp, ks, vp, vs, seed_t, mask, *p_state = ctx.saved_tensors
-        p_packed, p_scales = p_state[:n_p], p_state[n_p:]
+        q_shape, k_shape, v_shape, q_dt, k_dt, v_dt, batch, p_batches, slices = ctx.meta
+        seed_t, mask, *state = ctx.saved_tensors
+        qkv_state, p_state = state[: 6 * len(slices)], state[6 * len(slices):]
         dev = grad_out.device
         cdt = torch.promote_types(q_dt, torch.float32)
         cb_x = row_codebook(_QKV_KIND, cfg.qkv_bits if cfg.mode == "probs" else cfg.bits)
         cb_p = row_codebook("probs", cfg.bits)
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        nb = len(batch)
         with _no_autocast(dev.type):
-            qh = dequantize_rows(qp, qs, cb_x, q_shape, cdt)
-            kh = _expand_kv(dequantize_rows(kp, ks, cb_x, k_shape, cdt), cfg.groups)
-            vh = _expand_kv(dequantize_rows(vp, vs, cb_x, v_shape, cdt), cfg.groups)
             g = grad_out.to(cdt)
             L, S = q_shape[-2], k_shape[-2]
             gen = None
             if seed_t is not None:
                 gen = _dropout_generator(int(seed_t.item()), dev)
-            kT = kh.transpose(-1, -2)
-            dqs, dk, dv = [], None, None
-            for n, (i0, i1) in enumerate(_chunk_bounds(L, math.prod(batch) * S)):
-                q_c = qh[..., i0:i1, :]
-                if cfg.mode == "probs":
-                    rows_shape = (*p_batch, i1 - i0, S)
-                    p = dequantize_rows(p_packed[n], p_scales[n], cb_p, rows_shape, cdt, renorm=True)
-                else:
-                    p = _attn_probs(q_c * cfg.scale, kT, _rows(mask, i0, i1), cfg, i0, S)
-                g_c = g[..., i0:i1, :]
-                keep = None if gen is None else _keep_scale(gen, p, cfg.dropout_p)
-                if need_v:
-                    pd = p if keep is None else p * keep
-                    dv_c = torch.matmul(pd.transpose(-1, -2), g_c)
-                    dv = dv_c if dv is None else dv.add_(dv_c)
-                    del pd
-                if need_q or need_k:
-                    dp = torch.matmul(g_c, vh.transpose(-1, -2))
-                    if dp.shape != p.shape:  # v broadcast P over more batch dims
-                        dp = dp.sum_to_size(p.shape)
-                    if keep is not None:
-                        dp.mul_(keep)
-                    ds = _softmax_bwd(dp, p)  # P * (dP - rowsum(P dP)); scale applied below
-                    if need_q:
-                        dqs.append(torch.matmul(ds, kh).mul_(cfg.scale))
-                    if need_k:
-                        dk_c = torch.matmul(ds.transpose(-1, -2), q_c)
-                        dk = dk_c if dk is None else dk.add_(dk_c)
-                    del dp, ds
-                del p, keep
-            dq = None
+            # gradients in the broadcast (and GQA-expanded) batch shape, reduced at the end
+            dq = g.new_zeros(*batch, L, q_shape[-1]) if need_q else None
+            dk = g.new_zeros(*batch, S, k_shape[-1]) if need_k else None
+            dv = g.new_zeros(*batch, S, v_shape[-1]) if need_v else None
+            n = 0
+            for j, sl in enumerate(slices):
+                where = sl if sl is not None else slice(None)
+                qp, qsc, kp, ksc, vp, vsc = qkv_state[6 * j: 6 * j + 6]
+                qh = dequantize_rows(qp, qsc, cb_x, _sliced_shape(q_shape, sl, nb), cdt)
+                kh = _expand_kv(dequantize_rows(kp, ksc, cb_x, _sliced_shape(k_shape, sl, nb), cdt), cfg.groups)
+                vh = _expand_kv(dequantize_rows(vp, vsc, cb_x, _sliced_shape(v_shape, sl, nb), cdt), cfg.groups)
+                kT = kh.transpose(-1, -2)
+                m = _bslice(mask, sl, nb)
+                g_s = g[where]
+                sl_batch = torch.broadcast_shapes(qh.shape[:-2], kT.shape[:-2], vh.shape[:-2])
+                for i0, i1 in _chunk_bounds(L, math.prod(sl_batch) * S):
+                    q_c = qh[..., i0:i1, :]
+                    if cfg.mode == "probs":
+                        rows_shape = (*p_batches[n], i1 - i0, S)
+                        p = dequantize_rows(p_state[2 * n], p_state[2 * n + 1], cb_p, rows_shape, cdt, renorm=True)
+                    else:
+                        p = _attn_probs(q_c * cfg.scale, kT, _rows(m, i0, i1), cfg, i0, S)
+                    n += 1
+                    g_c = g_s[..., i0:i1, :]
+                    keep = None if gen is None else _keep_scale(gen, p, cfg.dropout_p)
+                    if need_v:
+                        pd = p if keep is None else p * keep
+                        _accumulate(dv, where, torch.matmul(pd.transpose(-1, -2), g_c))
+                        del pd
+                    if need_q or need_k:
+                        dp = torch.matmul(g_c, vh.transpose(-1, -2))
+                        if dp.shape != p.shape:  # v broadcast P over more batch dims
+                            dp = dp.sum_to_size(p.shape)
+                        if keep is not None:
+                            dp.mul_(keep)
+                        ds = _softmax_bwd(dp, p)  # P * (dP - rowsum(P dP)); scale applied below
+                        if need_q:
+                            _accumulate(dq, (where, Ellipsis, slice(i0, i1), slice(None)), torch.matmul(ds, kh))
+                        if need_k:
+                            _accumulate(dk, where, torch.matmul(ds.transpose(-1, -2), q_c))
+                        del dp, ds
+                    del p, keep
+                del qh, kh, vh, kT
             if need_q:
-                dq = dqs[0] if len(dqs) == 1 else torch.cat(dqs, dim=-2)
-                dq = dq.sum_to_size(q_shape).to(q_dt)
+                dq = dq.mul_(cfg.scale).sum_to_size(q_shape).to(q_dt)
             if need_k:
                 dk = _reduce_kv(dk.mul_(cfg.scale), k_shape, cfg.groups).to(k_dt)
             if need_v:
                 dv = _reduce_kv(dv, v_shape, cfg.groups).to(v_dt)
         return dq, dk, dv, None, None
+
+
+def _sliced_shape(shape: torch.Size, sl: slice | None, n_batch: int) -> torch.Size:
+    if sl is None or len(shape) < n_batch + 2 or shape[0] == 1:
+        return shape
+    return torch.Size((sl.stop - sl.start, *shape[1:]))
+
+
+def _accumulate(total: torch.Tensor, where, part: torch.Tensor) -> None:
+    """``total[where] += part``, ``part`` summed over the dims it has beyond ``total[where]``."""
+    view = total[where]
+    view.add_(part.sum_to_size(view.shape) if part.shape != view.shape else part)
 
 
 def scaled_dot_product_attention(
