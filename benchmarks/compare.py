@@ -253,6 +253,30 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             r[f"{f}_vs_full"] = a / b if a is not None and b else None
 
 
+def timed_in(detail: dict[str, Any] | None) -> str | None:
+    """The sitting that timed a row (its own, unless an untimed re-measure kept the time)."""
+    if not detail or not detail.get("step_times_s"):
+        return None
+    return detail.get("timed", detail.get("measured"))
+
+
+def step_ratios(data: dict[str, Any]) -> None:
+    """Step time and throughput against full fine-tuning timed in the *same* sitting: sittings
+    ran on different machines, so a time is only compared with times taken beside it."""
+    details = {(d["backbone"], d["method"]): d for d in data.get("details", [])}
+    refs = data.setdefault("full_step_times", {})
+    for r in data["rows"]:
+        sitting = timed_in(details.get((r["backbone"], r["method"])))
+        if r["method"] == "full" and sitting and r["step_time_s"]:
+            refs.setdefault(r["backbone"], {})[sitting] = r["step_time_s"]
+    for r in data["rows"]:
+        sitting = timed_in(details.get((r["backbone"], r["method"])))
+        ref = refs.get(r["backbone"], {}).get(sitting) if sitting else None
+        ok = ref and r["step_time_s"]
+        r["step_time_s_vs_full"] = r["step_time_s"] / ref if ok else None
+        r["throughput_vs_full"] = ref / r["step_time_s"] if ok else None
+
+
 # ---------------------------------------------------------------------------- the issue's figures
 # rows that count as S2A, and the methods allowed to use less peak memory than S2A on ViT-B/16
 S2A_PREFIX = "s2a"
@@ -276,17 +300,18 @@ def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      and r["peak_memory_bytes"] < s2a["peak_memory_bytes"]]  # fmt: skip
             out.append({"backbone": bb, "check": "s2a peak below every method but side-tuning / linear",
                         "value": ", ".join(lower) or "none lower", "ok": not lower})
+        # step times compare only within a sitting: each against full fine-tuning timed beside it
         ckpt = by.get((bb, "full-ckpt"))
-        if ckpt is not None and ckpt["step_time_s"] is None:
+        if ckpt is not None and ckpt.get("step_time_s_vs_full") is None:
             ckpt = None
-        if s2a["step_time_s"] is None or full["step_time_s"] is None:
-            out.append({"backbone": bb, "check": "s2a step faster than full", "value": "not timed", "ok": None})
+        mine = s2a.get("step_time_s_vs_full")
+        if mine is None:
+            out.append({"backbone": bb, "check": "s2a step faster than full",
+                        "value": "not timed beside full", "ok": None})  # fmt: skip
         else:
-            slower = s2a["step_time_s"] >= full["step_time_s"] or (
-                ckpt is not None and s2a["step_time_s"] >= ckpt["step_time_s"])
+            slower = mine >= 1.0 or (ckpt is not None and mine >= ckpt["step_time_s_vs_full"])
             out.append({"backbone": bb, "check": "s2a step faster than full" + (" and full-ckpt" if ckpt else ""),
-                        "value": f"{s2a['step_time_s']:.3f} s vs {full['step_time_s']:.3f}"
-                                 + (f" / {ckpt['step_time_s']:.3f}" if ckpt else ""),
+                        "value": f"{mine:.2f} x full" + (f" vs {ckpt['step_time_s_vs_full']:.2f} x full" if ckpt else ""),
                         "ok": not slower})  # fmt: skip
         scored = [r for r in rows if r["backbone"] == bb and r["accuracy"] is not None]
         # S2A's configurations are the compressed ones: s2a-nocomp is the ablation without
@@ -392,23 +417,33 @@ def to_markdown(data: dict[str, Any]) -> str:
                 what = {(True, True): "measured", (True, False): "memory measured",
                         (False, True): "step times measured"}[(date in memory_dates, date in timing_dates)]
                 la = m.get("load_avg_at_start")
-                lines.append(f"- {what} {date}" + (f", load average {la[0]:.2f} at start" if la else "")
+                machine = f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"
+                lines.append(f"- {what} {date} on {machine}" + (f", load average {la[0]:.2f} at start" if la else "")
                              + f", {m['repeats']}: `{m['command']}`")
         lines.append("")
         table = []
+        by_method = {d["method"]: d for d in mine}
+        full_sitting = timed_in(by_method.get("full"))
+        marked = False
         for r in (r for r in data["rows"] if r["backbone"] == bb):
+            sitting = timed_in(by_method.get(r["method"]))
+            mark = "" if sitting is None or sitting == full_sitting else " *"
+            marked = marked or bool(mark)
             n = data["seeds_finished"].get(f"{bb}/{r['method']}", 0)
             acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f} (n={n})"
             table.append([
                 r["method"], acc, f"{r['trainable_params']:,}", mib(r["saved_activation_bytes"]),
                 ratio(r["saved_activation_bytes_vs_full"]), mib(r["peak_memory_bytes"]),
                 ratio(r["peak_memory_bytes_vs_full"]),
-                "-" if r["step_time_s"] is None else f"{r['step_time_s']:.3f}",
+                "-" if r["step_time_s"] is None else f"{r['step_time_s']:.3f}{mark}",
                 "-" if r["throughput"] is None else f"{r['throughput']:.1f}",
                 ratio(r["step_time_s_vs_full"]),
             ])  # fmt: skip
         lines += md_table(["method", "accuracy %", "trainable", "saved MiB", "vs full", "peak MiB", "vs full",
                            "step s", "ex/s", "step vs full"], table)  # fmt: skip
+        if marked:
+            lines += ["", "\\* timed in another sitting than the `full` row above (see the sitting lines): its "
+                      "'step vs full' is against full fine-tuning timed in that same sitting, on that machine."]
         skipped = [s for s in data["skipped"] if s["backbone"] == bb]
         if skipped:
             lines += ["", "Not applicable: " + "; ".join(f"{s['method']} ({s['reason']})" for s in skipped)]
@@ -563,6 +598,9 @@ def keep_earlier_rows(name: str, data: dict[str, Any]) -> dict[str, Any]:
     data["details"] = [x for x in old.get("details", []) if earlier(x)] + data["details"]
     _keep_earlier_times(old, data)
     data["seeds_finished"] = {**old.get("seeds_finished", {}), **data["seeds_finished"]}
+    if "full_step_times" not in old:  # written before it was kept: the full rows' own sittings
+        step_ratios(old)
+    data["full_step_times"] = old["full_step_times"]
     done = {f"{b}/{m}" for b, m in new}
     data["not_measured"] = [p for p in old.get("not_measured", []) if p not in done] + [
         p for p in data["not_measured"] if p not in old.get("not_measured", [])]
@@ -590,6 +628,7 @@ def _keep_earlier_times(old: dict[str, Any], data: dict[str, Any]) -> None:
 
 
 def finish(name: str, data: dict[str, Any], quiet: bool = False) -> None:
+    step_ratios(data)
     data["checks"] = checks(data["rows"])
     md = to_markdown(data)
     write_results(name, data, md)
