@@ -23,8 +23,10 @@ every byte:
     Dropout on P costs no bytes: a seed drawn from the default CPU generator
     (``torch.manual_seed`` makes runs reproducible) seeds a private
     ``torch.Generator`` that draws the mask; the seed is saved as one int64 and the
-    mask redrawn in backward. Long sequences are processed in chunks of query rows
-    (``CHUNK_ELEMS`` logits at a time) so the float32 logits never exceed that.
+    mask redrawn in backward. The batch is processed in slices and each slice's
+    query rows in chunks (``CHUNK_ELEMS`` logits at a time), so the float32 logits
+    never exceed that much more than one batch item's, and backward rebuilds Q, K, V
+    one slice at a time.
 
 Why the functional default is ``"probs"`` at 4 bits: measured on ViT-B-like inputs (B=8, 12 heads,
 N=197, d=64, logit std 2-4, ``benchmarks/results/attention_modes.md``) it is the
@@ -51,10 +53,11 @@ from .rowquant import ROW_BITS, dequantize_rows, quantize_rows, row_codebook, so
 
 SDPA_MODES = ("probs", "recompute")
 DEFAULT_MODE = "probs"
-# Logits (float32) materialised at a time in attention; rows of queries are chunked. Backward
-# holds about five such blocks (P, dP, dS and temporaries): on ViT-B/16 at batch 64 (CPU, exact
-# peak), 2**22 gave a step peak 68 MiB below 2**24 at no loss of speed, 2**20 36 MiB less again
-# but a 1.9x slower step (5-row chunks).
+# Logits (float32) materialised at a time in attention: the batch is cut in slices, and a
+# slice's query rows in chunks, of about this many. Backward holds about five such blocks (P, dP,
+# dS and temporaries). On ViT-B/16 at batch 64 (CPU, exact peak, before batch slicing), 2**22 gave
+# a step peak 68 MiB below 2**24 at no loss of speed, 2**20 36 MiB less again but a 1.9x slower
+# step (5-row chunks).
 CHUNK_ELEMS = 1 << 22
 # Q/K/V rows (head dim, per-row absmax): uniform levels. With absmax scaling of
 # 32-128 Gaussian-like values they are as accurate as normal-quantile levels
