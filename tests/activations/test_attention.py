@@ -342,6 +342,18 @@ def test_attention_broadcast_batch():
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_attention_value_wider_than_query_batch(mode):
+    # V carries a batch dim that Q and K broadcast along: P is (H, L, S), dP is summed to it
+    q, k, v, g = make_qkv(B=3, L=12)
+    q, k = q[0], k[0]
+    ref_out, ref = reference(q, k, v, g)
+    out, got = attn_grads(ours(mode, bits=8), q, k, v, g)
+    assert out.shape == ref_out.shape and got[0].shape == q.shape and got[2].shape == v.shape
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    assert_grads_close(got, ref, 0.999)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_attention_custom_scale_and_value_dim(mode):
     q, k, v, g = make_qkv(L=30, S=50, E=32, Ev=48)
     ref_out, ref = reference(q, k, v, g, scale=0.3)

@@ -329,9 +329,10 @@ class _SDPA(torch.autograd.Function):
             if seed_t is not None:
                 gen = _dropout_generator(int(seed_t.item()), dev)
             # gradients in the broadcast (and GQA-expanded) batch shape, reduced at the end
-            dq = g.new_zeros(*batch, L, q_shape[-1]) if need_q else None
-            dk = g.new_zeros(*batch, S, k_shape[-1]) if need_k else None
-            dv = g.new_zeros(*batch, S, v_shape[-1]) if need_v else None
+            dq_shape = torch.Size((*batch, L, q_shape[-1]))
+            dk_shape = torch.Size((*batch, S, k_shape[-1]))
+            dv_shape = torch.Size((*batch, S, v_shape[-1]))
+            dq = dk = dv = None
             n = 0
             for j, sl in enumerate(slices):
                 where = sl if sl is not None else slice(None)
@@ -351,11 +352,12 @@ class _SDPA(torch.autograd.Function):
                     else:
                         p = _attn_probs(q_c * cfg.scale, kT, _rows(m, i0, i1), cfg, i0, S)
                     n += 1
+                    whole_rows = sl is None and (i0, i1) == (0, L)  # this part is all of dq
                     g_c = g_s[..., i0:i1, :]
                     keep = None if gen is None else _keep_scale(gen, p, cfg.dropout_p)
                     if need_v:
                         pd = p if keep is None else p * keep
-                        _accumulate(dv, where, torch.matmul(pd.transpose(-1, -2), g_c))
+                        dv = _accumulate(dv, dv_shape, where, torch.matmul(pd.transpose(-1, -2), g_c), sl is None)
                         del pd
                     if need_q or need_k:
                         dp = torch.matmul(g_c, vh.transpose(-1, -2))
@@ -365,9 +367,10 @@ class _SDPA(torch.autograd.Function):
                             dp.mul_(keep)
                         ds = _softmax_bwd(dp, p)  # P * (dP - rowsum(P dP)); scale applied below
                         if need_q:
-                            _accumulate(dq, (where, Ellipsis, slice(i0, i1), slice(None)), torch.matmul(ds, kh))
+                            rows = (where, Ellipsis, slice(i0, i1), slice(None))
+                            dq = _accumulate(dq, dq_shape, rows, torch.matmul(ds, kh), whole_rows)
                         if need_k:
-                            _accumulate(dk, where, torch.matmul(ds.transpose(-1, -2), q_c))
+                            dk = _accumulate(dk, dk_shape, where, torch.matmul(ds.transpose(-1, -2), q_c), sl is None)
                         del dp, ds
                     del p, keep
                 del qh, kh, vh, kT
@@ -386,10 +389,22 @@ def _sliced_shape(shape: torch.Size, sl: slice | None, n_batch: int) -> torch.Si
     return torch.Size((sl.stop - sl.start, *shape[1:]))
 
 
-def _accumulate(total: torch.Tensor, where, part: torch.Tensor) -> None:
-    """``total[where] += part``, ``part`` summed over the dims it has beyond ``total[where]``."""
+def _accumulate(
+    total: torch.Tensor | None, shape: torch.Size, where, part: torch.Tensor, whole: bool
+) -> torch.Tensor:
+    """``total[where] += part`` (``part`` summed over the dims it has beyond that region, or
+    broadcast over those it lacks); returns ``total``. On first use ``total`` is zeros of
+    ``shape``, unless ``part`` already is all of it (``whole``, one slice and one chunk): then
+    it is ``part`` itself, so an unsliced call holds no second full-size gradient."""
+    if total is None:
+        if whole and part.shape == shape:
+            return part
+        total = part.new_zeros(shape)
     view = total[where]
-    view.add_(part.sum_to_size(view.shape) if part.shape != view.shape else part)
+    if part.shape != view.shape and part.numel() > view.numel():
+        part = part.sum_to_size(view.shape)
+    view.add_(part)
+    return total
 
 
 def scaled_dot_product_attention(
