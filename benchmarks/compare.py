@@ -242,12 +242,13 @@ def measure_one(backbone: str, label: str, device: torch.device, warmup: int, re
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """``<field>_vs_full`` for every numeric field, against the backbone's ``full`` row."""
+    """``<field>_vs_full`` for every numeric field, against the backbone's ``full`` row (step time
+    and throughput: :func:`step_ratios`, against the ``full`` row of the same sitting)."""
     full = {r["backbone"]: r for r in rows if r["method"] == "full"}
     for r in rows:
         ref = full.get(r["backbone"])
         for f in FIELDS:
-            if f == "accuracy_std":
+            if f in ("accuracy_std", "step_time_s", "throughput"):
                 continue
             a, b = r.get(f), (ref or {}).get(f)
             r[f"{f}_vs_full"] = a / b if a is not None and b else None
@@ -410,7 +411,7 @@ def to_markdown(data: dict[str, Any]) -> str:
                   + (f"{cfg['seq_len']} tokens" if cfg["kind"] == "text" else f"{cfg['img_size']} px")]
         mine = [d for d in data["details"] if d["backbone"] == bb]
         memory_dates = {d["measured"] for d in mine if "measured" in d}
-        timing_dates = {d.get("timed", d.get("measured")) for d in mine if d.get("step_times_s")}
+        timing_dates = {timed_in(d) for d in mine}
         for date in sorted((memory_dates | timing_dates) - {None}):
             m = data.get("sittings", {}).get(date)
             if m is not None:
@@ -624,7 +625,6 @@ def _keep_earlier_times(old: dict[str, Any], data: dict[str, Any]) -> None:
         r["step_time_s"], r["throughput"] = prev["step_time_s"], prev["throughput"]
         detail["step_times_s"] = prev_detail.get("step_times_s", [])
         detail["timed"] = prev_detail.get("timed", prev_detail.get("measured"))
-    add_ratios(data["rows"])
 
 
 def finish(name: str, data: dict[str, Any], quiet: bool = False) -> None:
