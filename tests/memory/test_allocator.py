@@ -52,17 +52,12 @@ def test_peak_sees_a_transient_inside_one_backward_node():
 
 
 @pytest.mark.skipif(host_live_bytes() is None, reason="needs glibc mallinfo2 (Linux)")
-def test_sampled_fallback_misses_that_transient():
+def test_sampled_fallback_misses_that_transient(monkeypatch):
     # why the exact probe exists: sampling before and after each node never sees the buffer
     import sys
 
-    measure_module = sys.modules["s2a.memory.measure"]
-    original = measure_module.probe_for
-    measure_module.probe_for = lambda device: HostProbe()
-    try:
-        report = measure(_model(), torch.randn(8, 64))
-    finally:
-        measure_module.probe_for = original
+    monkeypatch.setattr(sys.modules["s2a.memory.measure"], "probe_for", lambda device: HostProbe())
+    report = measure(_model(), torch.randn(8, 64))
     assert "sampled" in report.peak_method
     assert report.peak_bytes < 64 * MIB
 

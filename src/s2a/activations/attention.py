@@ -337,9 +337,9 @@ class _SDPA(torch.autograd.Function):
             for j, sl in enumerate(slices):
                 where = sl if sl is not None else slice(None)
                 qp, qsc, kp, ksc, vp, vsc = qkv_state[6 * j: 6 * j + 6]
-                qh = dequantize_rows(qp, qsc, cb_x, _sliced_shape(q_shape, sl, nb), cdt)
-                kh = _expand_kv(dequantize_rows(kp, ksc, cb_x, _sliced_shape(k_shape, sl, nb), cdt), cfg.groups)
-                vh = _expand_kv(dequantize_rows(vp, vsc, cb_x, _sliced_shape(v_shape, sl, nb), cdt), cfg.groups)
+                qh = dequantize_rows(qp, qsc, cb_x, _sliced_shape(q_shape, sl), cdt)
+                kh = _expand_kv(dequantize_rows(kp, ksc, cb_x, _sliced_shape(k_shape, sl), cdt), cfg.groups)
+                vh = _expand_kv(dequantize_rows(vp, vsc, cb_x, _sliced_shape(v_shape, sl), cdt), cfg.groups)
                 kT = kh.transpose(-1, -2)
                 m = _bslice(mask, sl, nb)
                 g_s = g[where]
@@ -383,10 +383,10 @@ class _SDPA(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _sliced_shape(shape: torch.Size, sl: slice | None, n_batch: int) -> torch.Size:
-    if sl is None or len(shape) < n_batch + 2 or shape[0] == 1:
-        return shape
-    return torch.Size((sl.stop - sl.start, *shape[1:]))
+def _sliced_shape(shape: torch.Size, sl: slice | None) -> torch.Size:
+    """Shape of one batch slice of Q, K or V (:func:`_batch_slices` slices only when all three
+    carry the whole batch dim, so none of them broadcasts along it)."""
+    return shape if sl is None else torch.Size((sl.stop - sl.start, *shape[1:]))
 
 
 def _accumulate(

@@ -246,14 +246,20 @@ class ProfilerProbe:
             _enable_profiler(self._config, self._activities)
         self._running = True
 
-    def _collect(self, restart: bool) -> None:
-        if not self._running:
-            return
-        from torch.autograd import DeviceType, _disable_profiler
+    def _stop(self) -> Any:
+        from torch.autograd import _disable_profiler
 
         with _quiet_stderr():
             result = _disable_profiler()
         self._running = False
+        return result
+
+    def _collect(self, restart: bool) -> None:
+        if not self._running:
+            return
+        from torch.autograd import DeviceType
+
+        result = self._stop()
         events: list[Any] = [
             e
             for e in result.events()
@@ -290,11 +296,7 @@ class ProfilerProbe:
 
     def close(self) -> None:
         if self._running:
-            from torch.autograd import _disable_profiler
-
-            with _quiet_stderr():
-                _disable_profiler()
-            self._running = False
+            self._stop()
 
 
 def probe_for(device: torch.device | str) -> AllocatorProbe | None:

@@ -14,8 +14,9 @@
   bytes are read before and after (the cross-check), then the backward (peak), gradients, and
   optionally an optimizer step. The peak is exact on CUDA (the caching allocator's counters)
   and on CPU (the profiler's allocation events); only the fallback CPU probe (glibc counters,
-  when a profiler is already running) samples it, between autograd nodes. With an optimizer, its state is allocated at the start of the window, so the
-  peak is that of a steady-state step (any step but the first), state alive throughout.
+  when a profiler is already running) samples it, between autograd nodes. With an optimizer,
+  its state is allocated at the start of the window, so the peak is that of a steady-state
+  step (any step but the first), state alive throughout.
 
 Everything observable about the model is restored afterwards: hooks, ``.grad`` (of parameters
 and of batch tensors), buffers (BatchNorm running statistics), parameters (after an optimizer
