@@ -6,8 +6,10 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from s2a.train import TrainConfig, Trainer, TrainError, load_checkpoint
 
@@ -243,6 +245,12 @@ def test_resume_on_changed_data_is_refused(run_cli, tmp_path, image_folder):
     assert "(other train examples or labels, same count)" in msg
     (data / "train" / "blue" / "moved.png").rename(red)
     (data / "train" / "red" / "moved.png").rename(blue)
+    kept = red.read_bytes()  # same paths and labels, another image under one name
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(red)
+    assert red.stat().st_size != len(kept)
+    msg = _error(run_cli, "--out", str(run), "--resume")
+    assert "(a train image file was replaced or edited in place: its size changed)" in msg
+    red.write_bytes(kept)
     assert run_cli("--out", str(run), "--resume") == 0  # the same data again
 
 

@@ -93,6 +93,24 @@ class Split:
                 h.update(os.fspath(v).encode("utf-8", "surrogatepass") + b"\0")
         return h.hexdigest()
 
+    def file_sizes_fingerprint(self) -> str | None:
+        """sha256 of the byte size of each item, read as a file path (-1: missing), or None when
+        the items are not strings or paths (call it on image splits: text items are texts). :meth:`fingerprint` hashes the paths only, so an image
+        replaced under the same name would go unnoticed; its size rarely stays the same.
+        Sizes, not contents or times: reading every image is slow, and a copied dataset gets
+        new modification times but is the same data."""
+        items = self.items
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, os.PathLike)) for v in items):
+            return None
+        h = hashlib.sha256()
+        for v in items:
+            try:
+                size = os.stat(v).st_size
+            except OSError:
+                size = -1
+            h.update(f"{size}\0".encode())
+        return h.hexdigest()
+
     def class_counts(self, num_classes: int) -> list[int]:
         counts = [0] * num_classes
         for v in self.labels:

@@ -305,12 +305,16 @@ class Trainer:
         before a key was recorded are checked on the keys they have."""
         now = _data_record(self.data)
         changed = []
-        for key in ("num_classes", "classes", "classes_sha256", "train", "val", "test", "sha256"):
-            if key not in then or then[key] == now[key]:
+        for key in ("num_classes", "classes", "classes_sha256", "train", "val", "test", "sha256",
+                    "file_sizes_sha256"):
+            if key not in then or then[key] == now.get(key):
                 continue
             if key == "sha256":  # same counts (checked first), other examples, labels or order
                 split = next(k for k in now[key] if then[key].get(k) != now[key][k])
                 changed.append(f"other {split} examples or labels, same count")
+            elif key == "file_sizes_sha256":  # same paths and labels, other bytes
+                split = next(k for k in then[key] if then[key][k] != (now.get(key) or {}).get(k))
+                changed.append(f"a {split} image file was replaced or edited in place: its size changed")
             elif key == "classes":
                 i = next((i for i, (a, b) in enumerate(zip(then[key], now[key], strict=False)) if a != b), None)
                 if i is not None:  # the lists are the same length here: num_classes agreed
@@ -987,6 +991,10 @@ def _data_record(data: DataBundle) -> dict[str, Any]:
     names = record["classes"]
     record["classes_sha256"] = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
     record["sha256"] = {k: getattr(data, k).fingerprint() for k in ("train", "val", "test")}
+    if data.kind == "image":  # text items are the texts themselves, not paths
+        sizes = {k: getattr(data, k).file_sizes_fingerprint() for k in ("train", "val", "test")}
+        if any(v is not None for v in sizes.values()):
+            record["file_sizes_sha256"] = sizes
     if len(names) > 100:
         record["classes"] = [*names[:100], "..."]
     return record
