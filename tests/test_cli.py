@@ -116,12 +116,15 @@ def test_bad_bits_is_a_clear_error(bits, needle):
 )
 def test_torchrun_worker_leaves_with_the_status_and_message_of_its_run(body, code, stderr):
     """Under torchrun the CLI leaves with os._exit (interpreter teardown after gloo can abort a
-    finished worker); the status and the message must still be the run's own."""
+    finished worker); the status and the message must still be the run's own, and the
+    atexit functions (logging, trackers) still run."""
     script = (
         "import os, sys\n"
         "os.environ.update(WORLD_SIZE='2', LOCAL_RANK='0')\n"
         "from s2a.cli import CliError, _is_torchrun_worker, _run_then_exit\n"
         "assert _is_torchrun_worker()\n"
+        "import atexit\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
         "def run():\n"
         "    print('ran', flush=False)\n"
         f"    {body}\n"
@@ -130,5 +133,5 @@ def test_torchrun_worker_leaves_with_the_status_and_message_of_its_run(body, cod
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == code, proc.stderr
-    assert proc.stdout == "ran\n"  # flushed before os._exit; nothing after it runs
+    assert proc.stdout == "ran\natexit ran\n"  # atexit functions ran, stdout flushed; nothing after
     assert stderr in proc.stderr

@@ -13,6 +13,7 @@ biases (+ classifier head) only, and each of them with 4-bit activation storage
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import difflib
 import json
@@ -358,7 +359,8 @@ def _run_then_exit(run: Callable[[], Any]) -> NoReturn:
     interpreter's own teardown can abort a worker whose run finished (SIGABRT, "terminate
     called without an active exception", more often on a loaded machine), and torchrun then
     reports the whole job as failed. By this point the process group is destroyed and every
-    file the run writes is closed; only stdio needs flushing."""
+    file the run writes is closed. The ``atexit`` functions still run (logging handlers,
+    experiment trackers a user registered): the abort comes later, from C++ teardown."""
     code = 0
     try:
         run()
@@ -373,6 +375,7 @@ def _run_then_exit(run: Callable[[], Any]) -> NoReturn:
 
         traceback.print_exc()
         code = 1
+    atexit._run_exitfuncs()  # what a normal exit runs first (it reports a failing one, never raises)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
