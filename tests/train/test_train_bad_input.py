@@ -216,7 +216,15 @@ def test_unreadable_image_mid_run_is_named_and_the_run_resumes(run_cli, tmp_path
     msg = _error(run_cli, *args)
     assert msg.startswith(f"s2a: error: cannot read image {victim}: cannot identify image file")
     assert "Traceback" not in msg and f"s2a train --out {run} --resume" in msg
-    victim.write_bytes(good)
+    # as told: another readable image in its place (not the bytes it had when the run started)
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(victim, "PNG")
+    assert victim.stat().st_size not in (len(good), len(b"not a png"))
+    if workers == 0:  # any other file that changed is still caught
+        other = sorted((data / "train" / "blue").iterdir())[0]
+        kept = other.read_bytes()
+        other.write_bytes(kept + b"\0")
+        assert "(a train image file was replaced or edited in place" in _error(run_cli, "--out", str(run), "--resume")
+        other.write_bytes(kept)
     assert run_cli("--out", str(run), "--resume") == 0
     assert json.loads((run / "report.json").read_text())["steps"] == 6
 

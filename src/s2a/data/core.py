@@ -93,17 +93,21 @@ class Split:
                 h.update(os.fspath(v).encode("utf-8", "surrogatepass") + b"\0")
         return h.hexdigest()
 
-    def file_sizes_fingerprint(self) -> str | None:
-        """sha256 of the byte size of each item, read as a file path (-1: missing), or None when
-        the items are not strings or paths (call it on image splits: text items are texts). :meth:`fingerprint` hashes the paths only, so an image
-        replaced under the same name would go unnoticed; its size rarely stays the same.
-        Sizes, not contents or times: reading every image is slow, and a copied dataset gets
-        new modification times but is the same data."""
+    def file_sizes_fingerprint(self, skip: Collection[str] = ()) -> str | None:
+        """sha256 of the byte size of each item, read as a file path (-1: missing; ``skip``:
+        paths whose size does not count), or None when the items are not strings or paths
+        (call it on image splits: text items are texts). :meth:`fingerprint` hashes the paths
+        only, so an image replaced under the same name would go unnoticed; its size rarely
+        stays the same. Sizes, not contents or times: reading every image is slow, and a
+        copied dataset gets new modification times but is the same data."""
         items = self.items
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, os.PathLike)) for v in items):
             return None
         h = hashlib.sha256()
         for v in items:
+            if os.fspath(v) in skip:
+                h.update(b"?\0")
+                continue
             try:
                 size = os.stat(v).st_size
             except OSError:

@@ -303,7 +303,7 @@ class Trainer:
         """A resumed run must see the data it started on: the same options can read other data
         when files were added, removed, renamed or relabelled in between. Run directories made
         before a key was recorded are checked on the keys they have."""
-        now = _data_record(self.data)
+        now = _data_record(self.data, then.get("replaceable_files") or ())
         changed = []
         for key in ("num_classes", "classes", "classes_sha256", "train", "val", "test", "sha256",
                     "file_sizes_sha256"):
@@ -648,12 +648,35 @@ class Trainer:
             except (ZooError, DataError) as exc:
                 text = re.sub(r"^[\w.]+Error: ", "", str(exc).strip().splitlines()[-1])
                 since = f" from step {self._last_saved_step}" if self._last_saved_step else ""
-                fix = "Replace the file with a readable one" if text.startswith("cannot read") else "Fix that example"
+                fix = "Fix that example"
+                if text.startswith("cannot read image "):
+                    fix = "Replace the file with a readable one"
+                    self._allow_replacing(text)
                 raise TrainError(
                     f"{text}. {fix} and continue{since} with: s2a train --out {self.run_dir} --resume; "
                     "or remove it and start over with --overwrite"
                 ) from None
             yield batch
+
+    def _allow_replacing(self, message: str) -> None:
+        """Record in config.json that the image named by ``message`` ("cannot read image PATH:
+        ...") may change before ``--resume``: the error tells the user to replace it."""
+        info = self.dist
+        if info is None or not info.is_main or self.data.kind != "image":
+            return
+        splits = (self.data.train, self.data.val, self.data.test)
+        paths = {os.fspath(v) for s in splits if isinstance(s.items, (list, tuple))
+                 for v in s.items if isinstance(v, (str, os.PathLike))}
+        bad = next((p for p in paths if message.startswith(f"cannot read image {p}: ")), None)
+        path = self.run_dir / "config.json"
+        if bad is None or not path.is_file():
+            return
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        allowed = {*(doc["data"].get("replaceable_files") or ()), bad}
+        doc["data"] = _data_record(self.data, sorted(allowed))
+        tmp = path.with_name(".config.json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -983,18 +1006,22 @@ class Trainer:
         return report
 
 
-def _data_record(data: DataBundle) -> dict[str, Any]:
+def _data_record(data: DataBundle, replaceable: Sequence[str] = ()) -> dict[str, Any]:
     """The dataset as config.json records it: a long class list cut to its first 100 names,
     with a hash of all of them, and a hash of each split, so that a resume can tell whether
-    they changed."""
+    they changed. ``replaceable``: image files a stopped run could not read, which the user
+    was told to replace (their sizes do not count)."""
     record = data.summary()
     names = record["classes"]
     record["classes_sha256"] = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
     record["sha256"] = {k: getattr(data, k).fingerprint() for k in ("train", "val", "test")}
     if data.kind == "image":  # text items are the texts themselves, not paths
-        sizes = {k: getattr(data, k).file_sizes_fingerprint() for k in ("train", "val", "test")}
+        skip = set(replaceable)
+        sizes = {k: getattr(data, k).file_sizes_fingerprint(skip) for k in ("train", "val", "test")}
         if any(v is not None for v in sizes.values()):
             record["file_sizes_sha256"] = sizes
+            if replaceable:
+                record["replaceable_files"] = sorted(skip)
     if len(names) > 100:
         record["classes"] = [*names[:100], "..."]
     return record
