@@ -114,6 +114,18 @@ def test_num_classes_replaces_head_and_loads_on_any_head(tmp_path):
         assert torch.equal(fresh(x), model(x))
 
 
+@pytest.mark.parametrize("family", ["bert_cls", "distilbert_cls", "llama_cls", "hf_vit_cls"])
+def test_num_classes_reaches_the_transformers_loss(family):
+    """transformers classifiers compute their ``labels=`` loss from ``self.num_labels``."""
+    model, batch = build(family)
+    s2a.apply(model, s2a.S2AConfig(num_classes=7, act_bits=None), example_input=example_of(batch))
+    labels = torch.tensor([6, 0])
+    out = call(model, {**batch, "labels": labels} if isinstance(batch, dict) else
+               {"pixel_values": batch, "labels": labels})
+    assert out.logits.shape == (2, 7) and model.num_labels == model.config.num_labels == 7
+    assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+
+
 def test_apply_validates_and_refuses_twice():
     model, batch = build("resnet")
     with pytest.raises(TypeError, match="S2AConfig"):

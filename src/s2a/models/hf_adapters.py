@@ -69,6 +69,8 @@ class HFAdapter(ModelAdapter):
     def replace_head(self, model: nn.Module, num_classes: int) -> None:
         super().replace_head(model, num_classes)
         model.config.num_labels = num_classes
+        if hasattr(model, "num_labels"):  # the classification models' loss reshapes logits by it
+            model.num_labels = num_classes
 
     def max_positions(self, model: nn.Module) -> int | None:
         return getattr(model.config, "max_position_embeddings", None)
