@@ -507,3 +507,49 @@ def test_fused_pooled_view_does_not_keep_the_token_tensor():
     report = s2a.measure(model, x)
     assert backbone_bytes(report) == {}
     assert report.by_module[f"{SIDE}.backbone_head"] == 2 * model.embed_dim * 4
+
+
+@pytest.mark.parametrize("modules", [("side",), ("bias", "side")])
+def test_deepcopy_and_pickle_give_models_of_their_own(modules, tmp_path):
+    """An EMA / teacher copy of a side model must run, and train, its own side network."""
+    import copy
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=NUM_CLASSES)
+    s2a.apply(model, s2a.S2AConfig(modules=modules, side_reduction=4, act_bits=None))
+    randomize_heads(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    twin = copy.deepcopy(model)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        for p in getattr(model, SIDE).parameters():
+            p.add_(0.5)
+        assert not torch.allclose(model(x), before)
+        torch.testing.assert_close(twin(x), before, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), before, rtol=0, atol=0)
+    twin(x).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(twin, SIDE).parameters())
+
+
+def test_transformers_tuple_outputs_and_positional_labels():
+    """return_dict=False and labels passed by position give what the keyword / dict call gives."""
+    import inspect
+
+    model, info, batch = bert_tiny(head=True)
+    model.eval()
+    attach_side(model, info, config(modules=("bias", "side")))
+    randomize_heads(model)
+    assert "labels" in inspect.signature(model.forward).parameters  # what HF Trainer reads
+    labels = torch.tensor([1, 3])
+    ref = model(**batch, labels=labels)
+    plain = model(**batch, return_dict=False)
+    torch.testing.assert_close(plain[0], ref.logits, rtol=0, atol=0)
+    with_loss = model(**batch, labels=labels, return_dict=False)
+    torch.testing.assert_close(with_loss[0], ref.loss, rtol=0, atol=0)
+    torch.testing.assert_close(with_loss[1], ref.logits, rtol=0, atol=0)
+    positional = model(batch["input_ids"], batch["attention_mask"], None, None, None, labels)
+    torch.testing.assert_close(positional.loss, ref.loss, rtol=0, atol=0)
+    torch.testing.assert_close(positional.loss, F.cross_entropy(ref.logits, labels))

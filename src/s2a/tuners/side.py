@@ -494,9 +494,15 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"side branch: cannot find the hidden state in a block output of type {type(out).__name__}")
 
 
-def _get_logits(output: Any) -> torch.Tensor | None:
+def _get_logits(output: Any, with_loss: bool = False) -> torch.Tensor | None:
+    """The logits in a forward output; ``with_loss``: labels were passed, so a plain tuple
+    (transformers' ``return_dict=False``) starts with the loss."""
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, tuple) and not hasattr(output, "_fields"):
+        i = 1 if with_loss else 0
+        v = output[i] if len(output) > i else None
+        return v if isinstance(v, torch.Tensor) else None
     if isinstance(output, Mapping):
         v = output.get("logits")
         return v if isinstance(v, torch.Tensor) else None
@@ -564,7 +570,12 @@ def _with_logits(model: nn.Module, output: Any, logits: torch.Tensor, labels: An
 
 
 class SideHandle:
-    """What :func:`attach_side` returns: ``network``, ``side_only``, and ``remove()``."""
+    """What :func:`attach_side` returns: ``network``, ``side_only``, and ``remove()``.
+
+    It also holds everything the wrapped forward and the capture hooks use: they are
+    ``partial`` objects of module-level functions over this handle, never closures, so that a
+    deepcopy of the model (an EMA or teacher copy) gets its own handle bound to its own
+    modules, and the model still pickles."""
 
     def __init__(self, model: nn.Module, network: LiteSideNetwork, side_only: bool) -> None:
         self.model = model
@@ -575,8 +586,17 @@ class SideHandle:
         self.captured: dict[int, torch.Tensor] = {}
         self.had_instance_forward = "forward" in model.__dict__
         self.previous_forward = model.__dict__.get("forward")
+        self.original_forward: Callable[..., Any] = model.forward
         self.wrapped_forward: Callable[..., Any] | None = None
         self.removed = False
+        # set by attach_side
+        self.block_paths: list[str] = []
+        self.layouts: list[str] = []
+        self.fuse = False
+        self.pool_last = False
+        self.pooled_fn: Callable[[Any], torch.Tensor] | None = None
+        self.pool_fn: Callable[..., torch.Tensor] | None = None
+        self.mask_fn: Callable[[tuple, dict], torch.Tensor | None] | None = None
 
     def remove(self) -> None:
         """Undo :func:`attach_side`: hooks, the forward wrapper and ``model.s2a_side``."""
@@ -600,6 +620,92 @@ class SideHandle:
             del self.model.__dict__[HANDLE_ATTR]
         self.captured.clear()
         self.removed = True
+
+    def call_argument(self, name: str, args: tuple, kwargs: dict) -> Any:
+        """The value the original forward receives as ``name`` (keyword or positional)."""
+        if name in kwargs:
+            return kwargs[name]
+        try:
+            params = list(inspect.signature(self.original_forward).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        for i, p in enumerate(params[: len(args)]):
+            if p.kind is p.VAR_POSITIONAL:
+                return None
+            if p.name == name and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                return args[i]
+        return None
+
+
+class _SideForward:
+    """``model.forward`` while a side branch is attached (see :func:`attach_side`). A class, not
+    a closure, for deepcopy and pickling; it shows the original forward's signature (the
+    transformers Trainer reads it to pick the batch columns)."""
+
+    def __init__(self, handle: SideHandle) -> None:
+        self.handle = handle
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.handle.original_forward)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        h = self.handle
+        h.captured = {}
+        h.active += 1
+        try:
+            with torch.no_grad() if h.side_only else contextlib.nullcontext():
+                output = h.original_forward(*args, **kwargs)
+                pooled = h.pooled_fn(output) if h.pooled_fn is not None else None
+        finally:
+            h.active -= 1
+        captured, h.captured = h.captured, {}
+        missing = [h.block_paths[i] for i in range(len(h.block_paths)) if i not in captured]
+        if missing:
+            raise RuntimeError(f"side branch: these blocks did not run in the forward: {missing}")
+        if h.fuse and pooled is None:
+            pooled = captured.get(-1)
+            if pooled is None:
+                raise RuntimeError("side branch: no pooled backbone output was found but fuse_side=True")
+        if h.side_only and pooled is not None:
+            pooled = _compact(pooled.detach())
+        hiddens = [captured[i] for i in range(len(h.block_paths))]
+        side = h.network(hiddens, pooled, self._mask(args, kwargs), pre_pooled=True)
+        labels = h.call_argument("labels", args, kwargs)
+        logits = side
+        if not h.side_only:
+            own = _get_logits(output, with_loss=isinstance(labels, torch.Tensor))
+            if own is not None and own.dim() == 2 and own.shape == side.shape:
+                logits = own + side
+        return _with_logits(h.model, output, logits, labels)
+
+    def _mask(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        h = self.handle
+        if h.mask_fn is not None:
+            return h.mask_fn(args, kwargs)
+        mask = h.call_argument("attention_mask", args, kwargs)
+        return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def _capture_block(handle: SideHandle, index: int, _module: nn.Module, _args: Any, output: Any) -> None:
+    if not handle.active:
+        return
+    hidden = _first_tensor(output)
+    if handle.side_only:
+        hidden = hidden.detach()
+    handle.captured[index] = _compact(handle.network.pool_hidden(index, hidden))
+    if handle.pool_last and index == len(handle.block_paths) - 1:
+        layout = handle.layouts[index]
+        pooled = handle.pool_fn(hidden, layout) if handle.pool_fn is not None else _pool_default(hidden, layout)
+        handle.captured[-1] = _compact(pooled)
+
+
+def _capture_classifier_input(handle: SideHandle, _module: nn.Module, args: tuple) -> None:
+    if handle.active and -1 not in handle.captured and args:
+        x = args[0]
+        if x.dim() == 3:
+            x = handle.pool_fn(x) if handle.pool_fn is not None else x.mean(dim=1)
+        handle.captured[-1] = _compact(x.detach() if handle.side_only else x)
 
 
 def _resolve_blocks(model: nn.Module, info: Any) -> list[tuple[str, nn.Module]]:
@@ -710,7 +816,6 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
             backbone_dim = backbone_dim or getattr(info, "feature_dim", None)
             if backbone_dim is None and isinstance(classifier, nn.Linear):
                 backbone_dim = classifier.in_features
-    info_pool = getattr(info, "pool", None)
     backbone_dim = int(backbone_dim or dims[-1])
     network = LiteSideNetwork(
         list(zip(dims, layouts, strict=True)),
@@ -727,79 +832,20 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
         p.requires_grad_(True)
 
     handle = SideHandle(model, network, side_only)
-    original_forward = model.forward
-    try:
-        signature: inspect.Signature | None = inspect.signature(original_forward)
-    except (TypeError, ValueError):
-        signature = None
-    mask_fn = getattr(info, "token_mask", None)
-    last = len(blocks) - 1
-    pool_last = fuse and pooled_fn is None and classifier is None
-
-    def capture(index: int, _module: nn.Module, _args: Any, output: Any) -> None:
-        if not handle.active:
-            return
-        hidden = _first_tensor(output)
-        if side_only:
-            hidden = hidden.detach()
-        handle.captured[index] = _compact(network.pool_hidden(index, hidden))
-        if pool_last and index == last:
-            layout = layouts[index]
-            pooled = info_pool(hidden, layout) if callable(info_pool) else _pool_default(hidden, layout)
-            handle.captured[-1] = _compact(pooled)
-
-    def capture_classifier_input(_module: nn.Module, args: tuple) -> None:
-        if handle.active and -1 not in handle.captured and args:
-            x = args[0]
-            if x.dim() == 3:
-                x = info_pool(x) if callable(info_pool) else x.mean(dim=1)
-            handle.captured[-1] = _compact(x.detach() if side_only else x)
-
+    handle.block_paths = [path for path, _ in blocks]
+    handle.layouts = layouts
+    handle.fuse = fuse
+    handle.pool_last = fuse and pooled_fn is None and classifier is None
+    handle.pooled_fn = pooled_fn
+    info_pool = getattr(info, "pool", None)
+    handle.pool_fn = info_pool if callable(info_pool) else None
+    handle.mask_fn = getattr(info, "token_mask", None)
     for index, (_path, block) in enumerate(blocks):
-        handle.hook_handles.append(block.register_forward_hook(functools.partial(capture, index)))
+        handle.hook_handles.append(block.register_forward_hook(functools.partial(_capture_block, handle, index)))
     if classifier is not None:
-        handle.hook_handles.append(classifier.register_forward_pre_hook(capture_classifier_input))
-
-    def find_mask(args: tuple, kwargs: dict) -> torch.Tensor | None:
-        if mask_fn is not None:
-            return mask_fn(args, kwargs)
-        mask = kwargs.get("attention_mask")
-        if mask is None and args and signature is not None:
-            try:
-                mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
-            except TypeError:
-                mask = None
-        return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-
-    @functools.wraps(original_forward)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        handle.captured = {}
-        handle.active += 1
-        try:
-            with torch.no_grad() if side_only else contextlib.nullcontext():
-                output = original_forward(*args, **kwargs)
-                pooled = pooled_fn(output) if pooled_fn is not None else None
-        finally:
-            handle.active -= 1
-        captured, handle.captured = handle.captured, {}
-        missing = [blocks[i][0] for i in range(len(blocks)) if i not in captured]
-        if missing:
-            raise RuntimeError(f"side branch: these blocks did not run in the forward: {missing}")
-        if fuse and pooled is None:
-            pooled = captured.get(-1)
-            if pooled is None:
-                raise RuntimeError("side branch: no pooled backbone output was found but fuse_side=True")
-        if side_only and pooled is not None:
-            pooled = _compact(pooled.detach())
-        hiddens = [captured[i] for i in range(len(blocks))]
-        side = network(hiddens, pooled, find_mask(args, kwargs), pre_pooled=True)
-        logits = side
-        if not side_only:
-            own = _get_logits(output)
-            if own is not None and own.dim() == 2 and own.shape == side.shape:
-                logits = own + side
-        return _with_logits(model, output, logits, kwargs.get("labels"))
-
+        handle.hook_handles.append(
+            classifier.register_forward_pre_hook(functools.partial(_capture_classifier_input, handle)))
+    forward = _SideForward(handle)
     model.add_module(SIDE_ATTR, network)
     model.forward = forward
     handle.wrapped_forward = forward
