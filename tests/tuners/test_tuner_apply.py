@@ -290,3 +290,47 @@ def test_pretrained_efficientnet_lite0_4bit_gradients_equal_native():
     # one Xeon, less on an EPYC; 4-bit quantisation errors would be ~1e-2 of it.
     for name, ref in grads[None].items():
         torch.testing.assert_close(grads[4][name], ref, rtol=1e-4, atol=2e-5 * float(ref.abs().max()), msg=name)
+
+
+def test_a_config_that_does_not_fit_leaves_the_model_untouched():
+    model, batch = build("vit")  # width 192: side_reduction 5 does not divide it
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=r"side_reduction\) k=5 .*reductions dividing every block") as info:
+        s2a.apply(model, s2a.S2AConfig(modules=("bias", "prompt", "side"), side_reduction=5),
+                  example_input=example_of(batch))
+    assert "remainder" not in str(info.value)  # not an S2AConfig option
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert list(model.state_dict()) == keys and not hasattr(model, "s2a_config")
+    s2a.apply(model, s2a.S2AConfig(modules=("bias", "prompt", "side"), side_reduction=4),
+              example_input=example_of(batch))
+
+
+def test_an_apply_that_fails_part_way_marks_the_model(monkeypatch, tmp_path):
+    import s2a.tuners.model as tuner_model
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(tuner_model, "attach_side", broken)
+    model, batch = build("vit")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        s2a.apply(model, s2a.S2AConfig(modules=("bias", "side"), side_reduction=4), example_input=example_of(batch))
+    for call_it in (lambda: s2a.apply(model, s2a.S2AConfig()), lambda: s2a.save_tuned(model, tmp_path),
+                    lambda: s2a.merge(model)):
+        with pytest.raises(RuntimeError, match=r"failed part way on this model \(RuntimeError: disk on fire\)"):
+            call_it()
+
+
+@pytest.mark.parametrize("family", ["bert", "hf_vit"])
+def test_side_on_a_backbone_without_head_predicts_num_classes(family, tmp_path):
+    model, batch = build(family)
+    fresh = copy.deepcopy(model)
+    s2a.apply(model, s2a.S2AConfig(modules=("side",), side_reduction=4, num_classes=3, act_bits=None),
+              example_input=example_of(batch))
+    out = call(model, batch)
+    assert type(out).__name__ == "SequenceClassifierOutput" and out.logits.shape == (2, 3)
+    s2a.save_tuned(model, tmp_path)
+    s2a.load_tuned(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(call(fresh, batch).logits, call(model, batch).logits)

@@ -33,9 +33,10 @@ from s2a.models import BackboneInfo, describe_backbone, refresh_head
 from .bias import add_bias, train_norm_weights
 from .config import S2AConfig
 from .prompt import PROMPT_ATTR, LowRankPrompt, add_prompts
-from .side import attach_side
+from .side import attach_side, check_side
 
 STATE_ATTR = "_s2a_tuner"
+FAILED_ATTR = "_s2a_apply_failed"  # the error of an apply that stopped part way
 KINDS = ("bias", "norm", "prompt", "side", "head", "other")
 
 
@@ -53,7 +54,15 @@ class TunerState:
     merged: bool = False
 
 
+def _refuse_failed(model: nn.Module) -> None:
+    failed = model.__dict__.get(FAILED_ATTR)
+    if failed is not None:
+        raise RuntimeError(f"s2a.apply failed part way on this model ({failed}), which is left half "
+                           "prepared; build a fresh model")
+
+
 def get_state(model: nn.Module, what: str = "this") -> TunerState:
+    _refuse_failed(model)
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         raise ValueError(f"{what} needs a model prepared by s2a.apply(model, config)")
@@ -165,6 +174,7 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
         config = config.replace()  # a validated copy: later edits of the caller's object do not leak in
     else:
         raise TypeError(f"config must be an S2AConfig or a dict, got {type(config).__name__}")
+    _refuse_failed(model)
     if is_applied(model):
         raise RuntimeError("model is already prepared by s2a.apply; build a fresh model to change the config")
     if config.act_bits is not None and getattr(model, "_s2a_compression", None) is not None:
@@ -172,13 +182,28 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
                            "(s2a.apply compresses with config.act_bits)")
 
     info = describe_backbone(model, example_input)
-    replaced = info.head_names if config.num_classes is not None else ()
+    # A backbone without a head (timm num_classes=0, a transformers AutoModel) takes
+    # num_classes as the side branch's output width: the side network makes the prediction.
+    new_head = config.num_classes is not None and not ("side" in config.modules and not info.head_names)
+    replaced = info.head_names if new_head else ()
+    if "side" in config.modules:
+        check_side(info, config)
     fingerprint = backbone_fingerprint(model, exclude=replaced)
     original_keys = set(model.state_dict().keys())
-
-    if config.num_classes is not None:
+    if new_head:  # refuses a model without a head (or a language model) before changing it
         info.adapter.replace_head(model, config.num_classes)
         refresh_head(info, model)
+    try:
+        return _prepare(model, config, info, example_input, fingerprint, replaced, original_keys)
+    except BaseException as exc:
+        model.__dict__[FAILED_ATTR] = f"{type(exc).__name__}: {exc}"
+        raise
+
+
+def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_input: Any,
+             fingerprint: dict[str, Any], replaced: tuple[str, ...], original_keys: set[str]) -> nn.Module:
+    """The changes :func:`apply` makes once the config is known to fit the model (a failure
+    here is unexpected; the model is then marked half prepared)."""
     # After the head swap: a new head starts trainable, and with "side" alone it must not.
     for p in model.parameters():
         p.requires_grad_(False)

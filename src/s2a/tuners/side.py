@@ -90,6 +90,7 @@ __all__ = [
     "SideHandle",
     "attach_side",
     "channel_pool",
+    "check_side",
     "detach_side",
 ]
 
@@ -334,21 +335,9 @@ class LiteSideNetwork(nn.Module):
             raise ValueError(f"feature_grid must be an integer >= 1, got {feature_grid!r}")
         if not mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio!r}")
-        bad_dims = []
-        for i, spec in enumerate(specs):
-            _check_layout(spec.layout)
-            if isinstance(spec.dim, bool) or not isinstance(spec.dim, int) or spec.dim < 1:
-                raise ValueError(f"block {i}: dim must be a positive integer, got {spec.dim!r}")
-            if spec.dim < k or (spec.dim % k and remainder == "error"):
-                bad_dims.append((i, spec.dim))
-        if bad_dims:
-            dims = sorted({d for _, d in bad_dims})
-            common = [d for d in range(1, 65) if all(s.dim % d == 0 for s in specs)]
-            raise ValueError(
-                f"reduction (side_reduction) k={k} does not divide the channel count of blocks "
-                f"{[i for i, _ in bad_dims]} (channels {dims}); reductions dividing every block: "
-                f"{common}" + ("" if remainder == "partial" else "; or use remainder='partial'")
-            )
+        problem = _reduction_problem(specs, k, remainder)
+        if problem:
+            raise ValueError(problem + ("" if remainder == "partial" else "; or use remainder='partial'"))
         if fuse and backbone_dim is None:
             raise ValueError("fuse=True needs backbone_dim (width of the backbone's pooled output)")
 
@@ -481,6 +470,39 @@ class LiteSideNetwork(nn.Module):
             f"blocks={len(self.specs)}, reduction={self.reduction}, width={self.width}, "
             f"depth={self.depth}, rungs={self.rungs}, fuse={self.fuse}"
         )
+
+
+def _reduction_problem(specs: Sequence[SideBlockSpec], k: int, remainder: str) -> str | None:
+    """Why ``k`` cannot pool these blocks (None if it can); validates each block's layout/dim."""
+    bad_dims = []
+    for i, spec in enumerate(specs):
+        _check_layout(spec.layout)
+        if isinstance(spec.dim, bool) or not isinstance(spec.dim, int) or spec.dim < 1:
+            raise ValueError(f"block {i}: dim must be a positive integer, got {spec.dim!r}")
+        if spec.dim < k or (spec.dim % k and remainder == "error"):
+            bad_dims.append((i, spec.dim))
+    if not bad_dims:
+        return None
+    dims = sorted({d for _, d in bad_dims})
+    common = [d for d in range(1, 65) if all(s.dim % d == 0 for s in specs)]
+    return (f"reduction (side_reduction) k={k} does not divide the channel count of blocks "
+            f"{[i for i, _ in bad_dims]} (channels {dims}); reductions dividing every block: {common}")
+
+
+def check_side(info: BackboneInfo, config: SideConfig) -> None:
+    """Raise the ValueError :func:`attach_side` would raise for this backbone and config, before
+    anything is changed (``s2a.apply`` calls it first, so that a bad config leaves the model
+    untouched)."""
+    dims = [int(d) for d in info.dims]
+    if not dims:
+        raise ValueError("the side branch needs blocks, and this backbone has none that s2a found")
+    if not (getattr(config, "num_classes", None) or getattr(info, "num_classes", None)):
+        raise ValueError("the side branch makes the prediction: set num_classes (this backbone has no "
+                         "classifier head to take it from)")
+    problem = _reduction_problem([SideBlockSpec(d, lay) for d, lay in zip(dims, info.layouts, strict=True)],
+                                 _check_reduction(config.side_reduction, "side_reduction"), "error")
+    if problem:
+        raise ValueError(problem)
 
 
 # ---------------------------------------------------------------------------- integration
