@@ -84,6 +84,25 @@ def test_mismatched_backbone_refused(family, other, tmp_path):
         s2a.load_tuned(wrong, tmp_path)
 
 
+@pytest.mark.parametrize("family", ["vit", "bert_cls"])
+def test_other_weights_of_the_same_architecture_refused(family, tmp_path):
+    """Tuned tensors belong to the weights they were trained on: the same architecture with
+    other weights (a forgotten pretrained=True) is refused, a copy in bf16 is not."""
+    model, batch = build(family, seed=0)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=example_of(batch))
+    s2a.save_tuned(model, tmp_path)
+    other, _ = build(family, seed=1)
+    with pytest.raises(ValueError, match=r"backbone mismatch: the weights of \d+ of \d+ backbone tensors differ"
+                                         r".*check_weights=False"):
+        s2a.load_tuned(copy.deepcopy(other), tmp_path)
+    s2a.load_tuned(other, tmp_path, check_weights=False)
+    same, _ = build(family, seed=0)
+    s2a.load_tuned(same.bfloat16(), tmp_path)
+    s2a.merge(model)
+    with pytest.raises(RuntimeError, match="merged for inference"):
+        s2a.load_tuned(model, tmp_path)
+
+
 def test_same_class_other_shapes_refused(tmp_path):
     import timm
 

@@ -79,13 +79,51 @@ def _excluded(name: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def backbone_fingerprint(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Class name, tensor names and shapes (and their hash) of ``model``'s state dict,
-    leaving out the modules under ``exclude`` (a head that ``num_classes`` replaces)."""
+    """Class name, tensor names and shapes (and their hash) of ``model``'s state dict, and a
+    :func:`weight_signature` of each parameter, leaving out the modules under ``exclude`` (a
+    head that ``num_classes`` replaces)."""
     shapes = {k: list(v.shape) for k, v in model.state_dict().items() if not _excluded(k, exclude)}
     digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
-    numel = sum(p.numel() for n, p in model.named_parameters() if not _excluded(n, exclude))
-    return {"class": type(model).__name__, "num_tensors": len(shapes), "num_parameters": numel,
-            "sha256": digest, "shapes": shapes}
+    params = [(n, p) for n, p in model.named_parameters() if not _excluded(n, exclude)]
+    weights = {n: weight_signature(p) for n, p in params if not p.is_meta}
+    return {"class": type(model).__name__, "num_tensors": len(shapes),
+            "num_parameters": sum(p.numel() for _, p in params), "sha256": digest, "shapes": shapes,
+            "weights": weights}
+
+
+_SIGNATURE_SAMPLES = 1024
+# Two backbones agree when their projections differ by at most this fraction of the sample's
+# norm: a copy in bf16 / fp16 differs by ~2**-9 of it, another initialisation by ~1.4.
+WEIGHT_TOLERANCE = 0.02
+
+
+def weight_signature(p: torch.Tensor) -> list[float]:
+    """``[projection, norm]`` of up to 1024 evenly spaced elements of ``p`` (float64): their
+    dot product with fixed pseudo-random signs, and their Euclidean norm. Cheap at any model
+    size, and it tells pretrained weights from another checkpoint or a random initialisation
+    while a copy in another dtype still agrees."""
+    flat = p.detach().reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return [0.0, 0.0]
+    index = torch.linspace(0, n - 1, min(n, _SIGNATURE_SAMPLES), device=flat.device).long()
+    sample = flat[index].double().cpu()
+    signs = torch.randint(0, 2, (sample.numel(),), generator=torch.Generator().manual_seed(0)).double() * 2 - 1
+    return [float(sample @ signs), float(sample.norm())]
+
+
+def weights_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any]) -> str | None:
+    """None when the backbones' weights agree (see :func:`weight_signature`; fingerprints without
+    signatures, e.g. of a model on the meta device, agree with anything), else a reason."""
+    a, b = expected.get("weights") or {}, got.get("weights") or {}
+    common = sorted(set(a) & set(b))
+    differ = [k for k in common if abs(a[k][0] - b[k][0]) > WEIGHT_TOLERANCE * max(a[k][1], b[k][1])
+              or abs(a[k][1] - b[k][1]) > WEIGHT_TOLERANCE * max(a[k][1], b[k][1])]
+    if not differ:
+        return None
+    return (f"the weights of {len(differ)} of {len(common)} backbone tensors differ from those the tuned "
+            f"tensors were trained on (e.g. {differ[:3]}): load the same pretrained weights (a model "
+            "built without them, e.g. pretrained=False, has other values)")
 
 
 def fingerprint_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any]) -> str | None:
@@ -129,14 +167,20 @@ def describe_input(example_input: Any) -> dict[str, Any] | None:
     return None
 
 
-def rebuild_input(spec: Mapping[str, Any] | None, device: torch.device | None = None) -> Any:
-    """An input with the shapes of :func:`describe_input` (zeros; masks ones)."""
+def rebuild_input(spec: Mapping[str, Any] | None, device: torch.device | None = None,
+                  float_dtype: torch.dtype | None = None) -> Any:
+    """An input with the shapes of :func:`describe_input` (zeros; masks ones); floating
+    tensors in ``float_dtype`` when given (the model's: it may be loaded in another precision
+    than the one it was saved from)."""
     if spec is None:
         return None
 
     def one(d, name=""):
         fill = torch.ones if name == "attention_mask" else torch.zeros
-        return fill(d["shape"], dtype=getattr(torch, d["dtype"]), device=device)
+        dtype = getattr(torch, d["dtype"])
+        if float_dtype is not None and dtype.is_floating_point:
+            dtype = float_dtype
+        return fill(d["shape"], dtype=dtype, device=device)
 
     kind, value = spec["kind"], spec["value"]
     if kind == "tensor":

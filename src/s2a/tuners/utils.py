@@ -25,6 +25,7 @@ from .model import (
     get_state,
     is_applied,
     rebuild_input,
+    weights_mismatch,
 )
 
 TENSORS_FILE = "tuned.safetensors"
@@ -182,25 +183,30 @@ def read_tuned(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     return meta, tensors
 
 
-def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: Any = None) -> nn.Module:
+def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: Any = None, *,
+               check_weights: bool = True) -> nn.Module:
     """Load tuned tensors written by :func:`save_tuned` onto ``model``, in place.
 
     ``model`` is a freshly built backbone (then the saved config is applied first, with
     ``example_input`` or the saved input shape for the dry run) or one already prepared
     by :func:`s2a.apply` with the same config. A backbone of another class or with other
-    tensor shapes, a corrupt file, or missing / unexpected tensors raise ``ValueError``.
+    tensor shapes, a corrupt file, or missing / unexpected tensors raise ``ValueError``; so
+    do backbone weights other than those the tensors were trained on (a sampled signature,
+    see :func:`s2a.tuners.model.weight_signature`; another dtype passes) unless
+    ``check_weights=False``.
     """
     meta, tensors = read_tuned(directory)
     config = S2AConfig.from_dict(meta["config"])
     saved_fp = meta.get("backbone", {})
     if is_applied(model):
         state = get_state(model)
+        if state.merged:
+            raise RuntimeError("load_tuned: the model was merged for inference (prompts folded into "
+                               "constants); load onto a freshly built backbone instead")
         if state.config != config:
             raise ValueError(f"load_tuned: the model was prepared with {state.config}, the saved "
                              f"tensors with {config}")
-        why = fingerprint_mismatch(saved_fp, state.fingerprint)
-        if why:
-            raise ValueError(f"load_tuned: backbone mismatch: {why}")
+        now = state.fingerprint
     else:
         replaced = ()
         if config.num_classes is not None:
@@ -208,12 +214,18 @@ def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: An
 
             head = find_adapter(model).head(model)
             replaced = head.names if head is not None else ()
-        why = fingerprint_mismatch(saved_fp, backbone_fingerprint(model, exclude=replaced))
-        if why:
-            raise ValueError(f"load_tuned: backbone mismatch: {why}")
+        now = backbone_fingerprint(model, exclude=replaced)
+    why = fingerprint_mismatch(saved_fp, now)
+    if why:
+        raise ValueError(f"load_tuned: backbone mismatch: {why}")
+    why = weights_mismatch(saved_fp, now) if check_weights else None
+    if why:
+        raise ValueError(f"load_tuned: backbone mismatch: {why}; or pass check_weights=False to load anyway")
+    if not is_applied(model):
         if example_input is None:
-            p = next(model.parameters(), None)
-            example_input = rebuild_input(meta.get("example_input"), p.device if p is not None else None)
+            p = next((p for p in model.parameters() if p.is_floating_point()), None)
+            example_input = rebuild_input(meta.get("example_input"), p.device if p is not None else None,
+                                          p.dtype if p is not None else None)
         apply(model, config, example_input=example_input)
         state = get_state(model)
     expected = set(state.tuned_keys)
