@@ -70,6 +70,23 @@ def test_prompt_slices_for_shorter_sequences_and_refuses_longer():
         img(torch.zeros(1, 4, 8, 8))
 
 
+def test_image_token_prompt_refuses_other_sizes():
+    """A ViT's tokens are the dry run's patches: another image size must not slice the prompt."""
+    import timm
+
+    import s2a
+
+    p = LowRankPrompt("tokens", (17,), 4, rank=2, fixed_length=True)
+    with pytest.raises(ValueError, match=r"built for 17 .*image size of the dry run"):
+        p(torch.zeros(1, 5, 4))
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, dynamic_img_size=True)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=torch.randn(1, 3, 64, 64))
+    model(torch.randn(2, 3, 64, 64))
+    for size in ((32, 32), (48, 32), (80, 64)):
+        with pytest.raises(ValueError, match="built for 17 "):
+            model(torch.randn(2, 3, *size))
+
+
 def test_prompt_follows_position_ids():
     p = LowRankPrompt("tokens", (8,), 4, rank=2, position_ids_kwarg="position_ids")
     with torch.no_grad():

@@ -12,8 +12,8 @@ add: the block input is never stored for the prompt.
 
 Text: ``A`` covers the model's maximum sequence length and is sliced to the actual
 length; blocks that receive ``position_ids`` (decoders with a KV cache) gather the
-rows of their positions. Images: the grid is the one of the dry run
-(``example_input``), other sizes raise an error.
+rows of their positions. Images (feature maps, and the tokens of ViTs): the grid is the
+one of the dry run (``example_input``), other sizes raise an error.
 
 Inserted as a child module ``s2a_prompt`` of each block (state-dict keys
 ``<block>.s2a_prompt.A`` / ``.B``) and applied by a forward pre-hook on the block.
@@ -37,7 +37,7 @@ class LowRankPrompt(nn.Module):
 
     def __init__(self, layout: str, grid: tuple[int, ...], channels: int, rank: int,
                  position_ids_kwarg: str | None = None, *, init_std: float | None = None,
-                 device=None, dtype=None) -> None:
+                 fixed_length: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         if layout not in ("tokens", "nchw", "nhwc"):
             raise ValueError(f"layout={layout!r}; expected 'tokens', 'nchw' or 'nhwc'")
@@ -46,6 +46,9 @@ class LowRankPrompt(nn.Module):
         self.channels = int(channels)
         self.rank = int(rank)
         self.position_ids_kwarg = position_ids_kwarg
+        # Image tokens: row i belongs to one patch of the dry run's grid, so a sequence of
+        # another length (another image size) would put the rows on the wrong patches.
+        self.fixed_length = bool(fixed_length)
         self.merged = False
         positions = math.prod(self.grid)
         std = rank ** -0.5 if init_std is None else init_std
@@ -77,6 +80,11 @@ class LowRankPrompt(nn.Module):
                         f"low-rank prompt covers {self.positions} positions, got position "
                         f"{int(position_ids.max())}")
                 return self._rows(position_ids)
+            if self.fixed_length and n != self.positions:
+                raise ValueError(
+                    f"sequence of {n} tokens at a block whose low-rank prompt was built for "
+                    f"{self.positions} (the image size of the dry run): its rows belong to that "
+                    "grid's patches; pass example_input= of the size you train with to s2a.apply")
             if n > self.positions:
                 raise ValueError(
                     f"sequence of {n} tokens, but the low-rank prompt covers {self.positions} "
@@ -144,7 +152,11 @@ def add_prompts(model: nn.Module, info: BackboneInfo, rank: int) -> tuple[dict[s
         if ref is None or not ref.is_floating_point():
             ref = next((p for p in model.parameters() if p.is_floating_point()), None)
         kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        prompt = LowRankPrompt(block.layout, grid, block.in_dim, rank, info.position_ids_kwarg, **kw)
+        # max_positions None: the dry run fixed the token count (image models); the generic
+        # fallback may be a text model, whose shorter sequences take the first rows.
+        fixed = block.layout == "tokens" and info.max_positions is None and info.family != "generic"
+        prompt = LowRankPrompt(block.layout, grid, block.in_dim, rank, info.position_ids_kwarg,
+                               fixed_length=fixed, **kw)
         module.add_module(PROMPT_ATTR, prompt)
         handles.append(module.register_forward_pre_hook(prompt.pre_hook, with_kwargs=True))
         prompts[block.name] = prompt
