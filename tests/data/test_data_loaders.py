@@ -385,3 +385,22 @@ def test_hugging_face_without_datasets_names_the_install_command(monkeypatch, tm
     monkeypatch.setitem(sys.modules, "datasets", None)  # what an environment without it imports
     with pytest.raises(DataError, match="install it with: pip install datasets"):
         load_data(str(tmp_path / "hfds"))
+
+
+def test_hugging_face_class_labels_are_matched_by_name_across_splits(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+
+    def split(texts, names, labels):
+        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        return datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+    train = split([f"good {i}" if i % 2 else f"bad {i}" for i in range(20)], ["neg", "pos"], [i % 2 for i in range(20)])
+    test = split(["good t", "bad t", "meh t"], ["pos", "neg", "meh"], [0, 1, 2])  # other order, one more name
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "swapped"))
+    d = load_data(str(tmp_path / "swapped"))
+    assert d.classes == ["neg", "pos", "meh"]
+    assert [d.classes[i] for i in d.test.labels] == ["pos", "neg", "meh"]
+    plain = datasets.Dataset.from_dict({"text": ["good t", "bad t"], "label": [1, 0]})
+    datasets.DatasetDict({"train": train, "test": plain}).save_to_disk(str(tmp_path / "mixed"))
+    with pytest.raises(DataError, match=r"is a ClassLabel in some splits but not in \['test'\]"):
+        load_data(str(tmp_path / "mixed"))
