@@ -161,8 +161,7 @@ def load_hf(
     if any(names_by.values()):
         ids_by, classes = _class_label_ids(raws, names_by, lcol, where)
     else:
-        ids_by, classes, label_notes = labels_to_ids(raws, where=where)
-        notes += label_notes
+        ids_by, classes = labels_to_ids(raws, where=where)
     splits = {}
     for k, ds in parts.items():
         items = list(ds[xcol]) if kind == "text" else _HFColumn(ds, xcol)

@@ -293,8 +293,7 @@ def load_vtab(directory: str | os.PathLike, *, split_seed: int = 0) -> DataBundl
     else:
         raise DataError(f"{root}: VTAB-1k layout needs train800val200.txt (or train800.txt + val200.txt) and test.txt")
     lists = {n: _read_list(root, n) for n in names}
-    ids, classes, label_notes = labels_to_ids({n: raw for n, (_, raw) in lists.items()}, where=str(root))
-    notes += label_notes
+    ids, classes = labels_to_ids({n: raw for n, (_, raw) in lists.items()}, where=str(root))
     splits = [Split(paths, ids[n]) for n, (paths, _) in lists.items()]
     if len(splits) == 3:
         train, val, test = splits

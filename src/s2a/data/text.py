@@ -234,8 +234,7 @@ def load_text_table(
         parts = {k: _table_split(p, text_column, label_column) for k, p in files.items()}
     else:
         parts = {"all": _table_split(path, text_column, label_column)}
-    ids, classes, label_notes = labels_to_ids({k: raw for k, (_, raw) in parts.items()}, where=str(path))
-    notes += label_notes
+    ids, classes = labels_to_ids({k: raw for k, (_, raw) in parts.items()}, where=str(path))
     splits = {k: Split(texts, ids[k]) for k, (texts, _) in parts.items()}
     if "all" in splits:
         train, val, test = split_fractions(splits["all"], (0.8, 0.1, 0.1), split_seed)
