@@ -442,3 +442,12 @@ def test_hugging_face_class_label_training_classes_are_checked(tmp_path):
     datasets.DatasetDict({"train": one_class, "test": one_class}).save_to_disk(str(tmp_path / "neg"))
     with pytest.raises(DataError, match=r"neg: the train split holds 1 class \(\['neg'\]\)"):
         load_data(str(tmp_path / "neg"))
+
+
+@pytest.mark.parametrize("train_list", ["train800val200.txt", "train800.txt"])
+def test_vtab_without_test_list_is_refused(image_tree, train_list):
+    root = image_tree({"all": 4}, flat=True, name="vtab-no-test")  # class folders: an image folder otherwise
+    (root / train_list).write_text("".join(f"blue/img_{i:03d}.png 0\n" for i in range(4)))
+    assert resolve_kind(str(root)) == "vtab"
+    with pytest.raises(DataError, match=r"vtab-no-test: VTAB-1k layout needs test.txt"):
+        load_data(str(root))
