@@ -71,6 +71,15 @@ def test_existing_run_directory_is_refused(run_cli, tmp_path, image_folder, fini
     assert "nothing to resume" in msg
 
 
+def test_run_directory_inside_the_image_folder_is_refused(run_cli, tmp_path, image_folder):
+    data = tmp_path / "imgs"
+    shutil.copytree(image_folder, data)
+    for out in (data / "train" / "run", data / "train" / "red" / "run"):  # a class, or inside one
+        msg = _error(run_cli, *VIT, "--data", str(data), "--out", str(out))
+        assert f"--out {out} is inside the image folder --data {data}" in msg and "outside the dataset" in msg
+        assert not out.exists()
+
+
 def test_overwrite_replaces_a_run(run_cli, tmp_path, image_folder, finished_run):
     run = _copy(finished_run, tmp_path)
     (run / "metrics.jsonl").write_text('{"event": "train", "global_step": 999, "loss": 1}\n')

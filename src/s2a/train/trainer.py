@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from s2a.data import DataBundle, DataError, Split, load_data
+from s2a.data import DataBundle, DataError, Split, load_data, resolve_kind
 from s2a.zoo import ZooError, ZooModel, call_model, load_model, model_kind
 
 from .checkpoint import (
@@ -255,6 +255,15 @@ class Trainer:
         if exists and not d.is_dir():
             raise TrainError(f"--out {d} exists and is not a directory")
         entries = sorted(p.name for p in d.iterdir()) if exists else []
+        data = Path(self.config.data).expanduser()
+        # Refused, not skipped when listing class folders: images are found at any depth under
+        # a class folder, so a run anywhere inside (root/cat/run/curves.png) would lend a class
+        # its plots, and no rule about where a run sits would catch them all.
+        if data.is_dir() and resolve_kind(str(data)) == "image-folder" and d.resolve().is_relative_to(data.resolve()):
+            raise TrainError(
+                f"--out {d} is inside the image folder --data {data}: the next run would read this run's "
+                "files (curves.png, ...) as training images. Choose an --out outside the dataset."
+            )
         is_run = (d / "config.json").is_file()
         if self.resume:
             if not is_run:
