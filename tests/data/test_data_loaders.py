@@ -451,3 +451,25 @@ def test_vtab_without_test_list_is_refused(image_tree, train_list):
     assert resolve_kind(str(root)) == "vtab"
     with pytest.raises(DataError, match=r"vtab-no-test: VTAB-1k layout needs test.txt"):
         load_data(str(root))
+
+
+def test_missing_texts_are_refused_naming_the_row(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("text,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(9)) + ",1\n")
+    with pytest.raises(DataError, match=r"t.csv: row 10: text '' is missing: give that row a text or drop it"):
+        load_data(str(p))
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "train.jsonl").write_text("".join(json.dumps({"text": f"s{i}" if i != 3 else None, "label": i % 2}) + "\n" for i in range(10)))
+    with pytest.raises(DataError, match=r"train.jsonl: row 4: text None is missing"):
+        load_data(str(split))
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+    texts = [f"s{i}" for i in range(10)]
+    test = datasets.Dataset.from_dict({"text": ["t0", "  "], "label": [0, 1]})
+    train = datasets.Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(10)]})
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(DataError, match=r"hf: test row 2: text '  ' is missing"):
+        load_data(str(tmp_path / "hf"))
+    datasets.Dataset.from_dict({"text": [*texts[:9], None], "label": [i % 2 for i in range(10)]}).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(DataError, match=r"one: row 10: text None is missing"):
+        load_data(str(tmp_path / "one"))

@@ -14,7 +14,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "seeded_order",
     "shared_texts_note",
     "split_fractions",
+    "texts_of",
 ]
 
 KINDS = ("text", "image")
@@ -173,6 +174,23 @@ def _parse_label(v: Any) -> int | str:
     raise ValueError(f"is a {type(v).__name__}: labels must be class ids (integers) or class names")
 
 
+def _row_name(split: str, row: int) -> str:
+    return f"row {row}" if split == "all" else f"{split} row {row}"  # "all": one file, not yet split
+
+
+def texts_of(values: Iterable[Any], *, where: str, split: str) -> list[str]:
+    """A split's texts as ``str``; a missing one (None, NaN, blank) is refused, naming its row,
+    as :func:`labels_to_ids` refuses a missing label: trained on as ``""`` or ``"None"``, it
+    would be an example with nothing to learn from, and only the user knows whether to fill
+    or drop it."""
+    out = []
+    for row, v in enumerate(values, 1):
+        if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+            raise DataError(f"{where}: {_row_name(split, row)}: text {v!r} is missing: give that row a text or drop it")
+        out.append(str(v))
+    return out
+
+
 def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict[str, list[int]], list[str]]:
     """Map each split's raw labels to class ids; returns ``({split: ids}, class_names)``.
 
@@ -191,8 +209,7 @@ def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict
             try:
                 out.append(_parse_label(v))
             except ValueError as exc:
-                rows = "row" if split == "all" else f"{split} row"  # "all": one file, not yet split
-                raise DataError(f"{where}: {rows} {row}: label {v!r} {exc}") from None
+                raise DataError(f"{where}: {_row_name(split, row)}: label {v!r} {exc}") from None
     flat = [v for vs in parsed.values() for v in vs]
     texts = [v for v in flat if isinstance(v, str)]
     if texts and all(_INTEGER.fullmatch(v) for v in texts):  # a CSV column of ids

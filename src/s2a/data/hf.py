@@ -14,6 +14,7 @@ from .core import (
     labels_to_ids,
     shared_texts_note,
     split_fractions,
+    texts_of,
 )
 from .text import LABEL_COLUMN_GUESSES, TEXT_COLUMN_GUESSES
 
@@ -164,7 +165,7 @@ def load_hf(
         ids_by, classes = labels_to_ids(raws, where=where)
     splits = {}
     for k, ds in parts.items():
-        items = list(ds[xcol]) if kind == "text" else _HFColumn(ds, xcol)
+        items = texts_of(ds[xcol], where=where, split=k) if kind == "text" else _HFColumn(ds, xcol)
         splits[k] = Split(items, ids_by[k])
     if "all" in splits:
         train, val, test = split_fractions(splits["all"], (0.8, 0.1, 0.1), split_seed)

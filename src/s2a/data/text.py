@@ -19,6 +19,7 @@ from .core import (
     labels_to_ids,
     shared_texts_note,
     split_fractions,
+    texts_of,
 )
 
 __all__ = [
@@ -186,15 +187,10 @@ def _table_split(path: Path, text_column: str | None, label_column: str | None) 
         raise DataError(f"{path}: no rows")
     tcol = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text", str(path), "--text-column")
     lcol = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label", str(path), "--label-column")
-    texts, raw = [], []
-    for i, r in enumerate(rows):
-        if tcol not in r or lcol not in r or r[lcol] is None or r[lcol] == "":
-            missing = tcol if tcol not in r else lcol
-            raise DataError(f"{path}: row {i + 1} has no value in column {missing!r}")
-        text = r[tcol]
-        texts.append("" if text is None else str(text))
-        raw.append(r[lcol])
-    return texts, raw
+    for i, r in enumerate(rows):  # an empty or null value is refused with the others, by texts_of / labels_to_ids
+        if tcol not in r or lcol not in r:
+            raise DataError(f"{path}: row {i + 1} has no value in column {tcol if tcol not in r else lcol!r}")
+    return texts_of((r[tcol] for r in rows), where=str(path), split="all"), [r[lcol] for r in rows]
 
 
 def _split_files(directory: Path) -> dict[str, Path]:
