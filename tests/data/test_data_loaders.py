@@ -473,3 +473,20 @@ def test_missing_texts_are_refused_naming_the_row(tmp_path):
     datasets.Dataset.from_dict({"text": [*texts[:9], None], "label": [i % 2 for i in range(10)]}).save_to_disk(str(tmp_path / "one"))
     with pytest.raises(DataError, match=r"one: row 10: text None is missing"):
         load_data(str(tmp_path / "one"))
+
+
+def test_utf8_bom_is_dropped_from_json_jsonl_and_vtab_lists(tmp_path, write_pngs):
+    bom = "\ufeff"
+    rows = [{"text": f"s{i}", "label": i % 2} for i in range(10)]
+    (tmp_path / "t.jsonl").write_text(bom + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "t.json").write_text(bom + json.dumps(rows), encoding="utf-8")
+    for name in ("t.jsonl", "t.json"):
+        assert load_data(str(tmp_path / name)).classes == ["0", "1"]
+    root = tmp_path / "vtab-bom"
+    lines = {"train800val200.txt": [], "test.txt": []}
+    for ci in range(2):
+        for i, p in enumerate(write_pngs(root / "images" / f"c{ci}", 6, ci, seed=ci)):
+            lines["train800val200.txt" if i < 4 else "test.txt"].append(f"images/c{ci}/{p.name} {ci}")
+    for name, ls in lines.items():
+        (root / name).write_text(bom + "\n".join(ls) + "\n", encoding="utf-8")
+    assert len(load_data(str(root)).test) == 4

@@ -257,7 +257,7 @@ def _read_list(root: Path, name: str) -> tuple[list[str], list[str]]:
     path = root / name
     paths, raw = [], []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: drops a BOM (Windows editors write one)
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     for lineno, line in enumerate(lines, 1):

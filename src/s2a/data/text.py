@@ -102,7 +102,8 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
     TSV is read as plain tab-separated lines, without quoting (as GLUE's files are): with CSV
     quoting, a sentence that opens with ``"`` would silently swallow the rows up to the next
-    quote. Tables that need quoting are CSV."""
+    quote. Tables that need quoting are CSV. Every format is read as utf-8-sig: a BOM (Notepad,
+    Excel's "CSV UTF-8") would otherwise cling to the first column name or break the JSON."""
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
@@ -130,7 +131,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                 columns = list(reader.fieldnames or [])
             return rows, columns
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):  # {"data": [...]} or column-oriented {"col": [...]}
                 lists = {k: v for k, v in data.items() if isinstance(v, list)}
                 if len(lists) == 1 and all(isinstance(r, dict) for r in next(iter(lists.values()))):
@@ -143,7 +144,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             rows = data
         else:  # .jsonl / .ndjson
             rows = []
-            with path.open(encoding="utf-8") as fh:
+            with path.open(encoding="utf-8-sig") as fh:
                 for lineno, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
