@@ -63,7 +63,8 @@ def test_existing_run_directory_is_refused(run_cli, tmp_path, image_folder, fini
     other.mkdir()
     (other / "thesis.tex").write_text("precious")
     msg = _error(run_cli, *VIT, "--data", str(image_folder), "--out", str(other))
-    assert "already exists" in msg
+    assert "already exists" in msg and "not an s2a run (no config.json): choose another --out, or empty it" in msg
+    assert "--resume" not in msg and "--overwrite" not in msg  # both refuse a directory that is not a run
     msg = _error(run_cli, *VIT, "--data", str(image_folder), "--out", str(other), "--overwrite")
     assert "not an s2a run" in msg and "refusing to delete" in msg
     assert (other / "thesis.tex").read_text() == "precious"

@@ -283,11 +283,12 @@ class Trainer:
             return saved
         if entries:
             if not self.overwrite:
-                what = "an s2a run" if is_run else "files"
+                # --resume and --overwrite both refuse a directory that is not a run: not offered
+                todo = ("Pass --resume to continue it or --overwrite to replace it, or choose another --out."
+                        if is_run else "It is not an s2a run (no config.json): choose another --out, or empty it.")
                 raise TrainError(
-                    f"run directory {d} already exists and holds {what} ({', '.join(entries[:6])}"
-                    f"{' ...' if len(entries) > 6 else ''}). Pass --resume to continue it or "
-                    "--overwrite to replace it, or choose another --out."
+                    f"run directory {d} already exists and holds {'an s2a run' if is_run else 'files'} "
+                    f"({', '.join(entries[:6])}{' ...' if len(entries) > 6 else ''}). {todo}"
                 )
             if not is_run:
                 raise TrainError(
