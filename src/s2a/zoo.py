@@ -130,6 +130,13 @@ def _to_chw_uint8(item: Any) -> torch.Tensor:
                 item = _pil_to_rgb(img)
         except (OSError, ValueError) as exc:
             raise ZooError(f"cannot read image {item}: {exc}") from None
+        except Image.DecompressionBombError as exc:  # not an OSError: PIL's guard against huge images
+            raise ZooError(
+                f"cannot read image {item}: PIL refuses it as a possible decompression bomb ({exc}). "
+                "Resize the image, or if you trust it, raise PIL.Image.MAX_IMAGE_PIXELS (now "
+                f"{Image.MAX_IMAGE_PIXELS}, refusing images over twice that; None lifts the limit) "
+                "in the Python process that trains"
+            ) from None
         from_pil = True
     elif not isinstance(item, (np.ndarray, torch.Tensor, list)):
         if not callable(getattr(item, "convert", None)):

@@ -203,7 +203,7 @@ def test_csv_and_jsonl_tables(tmp_path):
 
 def test_table_rows_and_labels_that_do_not_fit(tmp_path):
     p = tmp_path / "t.csv"
-    p.write_text("text,label\nnice,1\nbad,0.0\nok,1.0\nmeh,0\n")
+    p.write_text("text,label\n" + "nice,1\nbad,0.0\nok,1.0\nmeh,0\n" * 3)  # 3 rows each: train keeps both
     d = load_data(str(p))
     assert d.classes == ["0", "1"]  # 1 and 1.0 (a float-typed CSV column) are one class
     p.write_text("text,label\nnice,1\nbad, really bad,0\n")  # an unquoted comma
@@ -212,7 +212,7 @@ def test_table_rows_and_labels_that_do_not_fit(tmp_path):
     p.write_text("text,label\nnice,1\nbad\n")
     with pytest.raises(DataError, match=r"t.csv:3: 1 of the header's 2 fields; no value for \['label'\]"):
         load_data(str(p))
-    p.write_text("text,label\nnice,1,\nbad,0,\nok,1,\nmeh,0,\n")  # trailing commas: empty extra fields
+    p.write_text("text,label\n" + "nice,1,\nbad,0,\nok,1,\nmeh,0,\n" * 3)  # trailing commas: empty extra fields
     assert load_data(str(p)).classes == ["0", "1"]
     split = tmp_path / "split"
     split.mkdir()
@@ -220,7 +220,7 @@ def test_table_rows_and_labels_that_do_not_fit(tmp_path):
     (split / "test.jsonl").write_text(json.dumps({"text": "t", "label": 2}) + "\n")
     d = load_data(str(split))  # a class only the test split holds: kept (its id is 2), and said
     assert d.classes == ["0", "1", "2"] and d.test.labels == [2]
-    assert "1 of 3 classes have no train example ([2]): the model cannot learn them" in d.notes
+    assert "1 of 3 classes have no train example (['2']): the model cannot learn them" in d.notes
     (split / "train.jsonl").write_text("".join(json.dumps({"text": f"s{i}", "label": 0.5 * i}) + "\n" for i in range(10)))
     with pytest.raises(DataError, match=r"train row 2: label 0.5 is not a class: labels must be class ids \(integers\) or class names"):
         load_data(str(split))
@@ -268,14 +268,13 @@ def test_unknown_dataset_and_bad_sizes(tmp_path):
 
 
 def test_labels_to_ids_and_split_helpers():
-    assert labels_to_ids({"train": ["b", "a", "b"]}, where="x") == ({"train": [1, 0, 1]}, ["a", "b"], [])
-    ids, classes, notes = labels_to_ids({"train": ["2", 0, 1.0, " 1 "], "test": ["1.0", 2]}, where="x")
-    assert ids == {"train": [2, 0, 1, 1], "test": [1, 2]} and classes == ["0", "1", "2"] and notes == []
-    # integer labels are the class ids: 1-based stars leave class 0 empty (noted), as does a
-    # class that only val/test hold (VTAB-1k SUN397: 1000 training images, 397 classes)
-    ids, classes, notes = labels_to_ids({"train": [1, 2, 2], "test": [3, 1]}, where="x")
+    assert labels_to_ids({"train": ["b", "a", "b"]}, where="x") == ({"train": [1, 0, 1]}, ["a", "b"])
+    ids, classes = labels_to_ids({"train": ["2", 0, 1.0, " 1 "], "test": ["1.0", 2]}, where="x")
+    assert ids == {"train": [2, 0, 1, 1], "test": [1, 2]} and classes == ["0", "1", "2"]
+    # integer labels are the class ids: 1-based stars leave class 0 empty, as does a class
+    # that only val/test hold (VTAB-1k SUN397: 1000 training images, 397 classes)
+    ids, classes = labels_to_ids({"train": [1, 2, 2], "test": [3, 1]}, where="x")
     assert ids == {"train": [1, 2, 2], "test": [3, 1]} and classes == ["0", "1", "2", "3"]
-    assert notes == ["2 of 4 classes have no train example ([0, 3]): the model cannot learn them"]
     assert labels_to_ids({"train": ["pos", "neg"], "test": ["neutral"]}, where="x")[1] == ["neg", "neutral", "pos"]
     assert labels_to_ids({"train": [True, False]}, where="x")[1] == ["False", "True"]
     # "none" and "null" are class names (an intent task's "none" class), not empty cells
@@ -290,8 +289,6 @@ def test_labels_to_ids_and_split_helpers():
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
-        ({"train": [1, 1, 1]}, "the train split holds 1 class ([1]); a classifier needs at least 2"),
-        ({"train": ["a", "a"], "test": ["b"]}, "the train split holds 1 class (['a'])"),
         ({"train": [0, 1, "cat"]}, "the labels mix numbers (e.g. 0) with names (e.g. 'cat')"),
         ({"train": [-1, 1]}, "integer labels are class ids and must be >= 0, found -1"),
         ({"train": ["0", "12345678901234567891"]}, "integer label 12345678901234567891 is implausibly large"),
@@ -385,3 +382,111 @@ def test_hugging_face_without_datasets_names_the_install_command(monkeypatch, tm
     monkeypatch.setitem(sys.modules, "datasets", None)  # what an environment without it imports
     with pytest.raises(DataError, match="install it with: pip install datasets"):
         load_data(str(tmp_path / "hfds"))
+
+
+def test_hugging_face_class_labels_are_matched_by_name_across_splits(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+
+    def split(texts, names, labels):
+        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        return datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+    train = split([f"good {i}" if i % 2 else f"bad {i}" for i in range(20)], ["neg", "pos"], [i % 2 for i in range(20)])
+    test = split(["good t", "bad t", "meh t"], ["pos", "neg", "meh"], [0, 1, 2])  # other order, one more name
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "swapped"))
+    d = load_data(str(tmp_path / "swapped"))
+    assert d.classes == ["neg", "pos", "meh"]
+    assert [d.classes[i] for i in d.test.labels] == ["pos", "neg", "meh"]
+    plain = datasets.Dataset.from_dict({"text": ["good t", "bad t"], "label": [1, 0]})
+    datasets.DatasetDict({"train": train, "test": plain}).save_to_disk(str(tmp_path / "mixed"))
+    with pytest.raises(DataError, match=r"is a ClassLabel in some splits but not in \['test'\]"):
+        load_data(str(tmp_path / "mixed"))
+
+
+def test_training_classes_are_checked_on_the_final_splits(tmp_path, image_tree, write_pngs):
+    """After val/test are carved out of train, whatever the source: fewer than 2 training
+    classes are refused, and a class training lacks is noted."""
+    root = image_tree({"all": 8}, flat=True, name="rare")
+    write_pngs(root / "zebra", 1, 0, seed=5)  # one image: the carving may take it out of train
+    noted = []
+    for split_seed in range(12):
+        d = load_data(str(root), split_seed=split_seed)
+        note = "1 of 4 classes have no train example (['zebra']): the model cannot learn them"
+        in_train = d.classes.index("zebra") in d.train.labels
+        assert in_train != (note in d.notes)
+        noted.append(not in_train)
+    assert any(noted)
+    table = tmp_path / "t.jsonl"
+    table.write_text("".join(json.dumps({"text": f"s{i}", "label": "b" if i == 0 else "a"}) + "\n" for i in range(20)))
+    for split_seed in range(12):  # the one 'b' row carved into val or test leaves train one class
+        try:
+            d = load_data(str(table), split_seed=split_seed)
+        except DataError as exc:
+            assert "t.jsonl: the train split holds 1 class (['a']); a classifier needs at least 2" in str(exc)
+        else:
+            assert d.classes.index("b") in d.train.labels
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "train.jsonl").write_text("".join(json.dumps({"text": f"s{i}", "label": "a"}) + "\n" for i in range(10)))
+    (split / "test.jsonl").write_text(json.dumps({"text": "t", "label": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"the train split holds 1 class \(\['a'\]\)"):
+        load_data(str(split))
+    with pytest.raises(DataError, match=r"few-shot subset \(--train-size 1, seed 0\) holds 1 class"):
+        load_data(str(root), train_size=1)
+
+
+def test_hugging_face_class_label_training_classes_are_checked(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    one_class = datasets.Dataset.from_dict({"text": [f"s{i}" for i in range(20)], "label": [0] * 20}, features=features)
+    datasets.DatasetDict({"train": one_class, "test": one_class}).save_to_disk(str(tmp_path / "neg"))
+    with pytest.raises(DataError, match=r"neg: the train split holds 1 class \(\['neg'\]\)"):
+        load_data(str(tmp_path / "neg"))
+
+
+@pytest.mark.parametrize("train_list", ["train800val200.txt", "train800.txt"])
+def test_vtab_without_test_list_is_refused(image_tree, train_list):
+    root = image_tree({"all": 4}, flat=True, name="vtab-no-test")  # class folders: an image folder otherwise
+    (root / train_list).write_text("".join(f"blue/img_{i:03d}.png 0\n" for i in range(4)))
+    assert resolve_kind(str(root)) == "vtab"
+    with pytest.raises(DataError, match=r"vtab-no-test: VTAB-1k layout needs test.txt"):
+        load_data(str(root))
+
+
+def test_missing_texts_are_refused_naming_the_row(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("text,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(9)) + ",1\n")
+    with pytest.raises(DataError, match=r"t.csv: row 10: text '' is missing: give that row a text or drop it"):
+        load_data(str(p))
+    split = tmp_path / "split"
+    split.mkdir()
+    (split / "train.jsonl").write_text("".join(json.dumps({"text": f"s{i}" if i != 3 else None, "label": i % 2}) + "\n" for i in range(10)))
+    with pytest.raises(DataError, match=r"train.jsonl: row 4: text None is missing"):
+        load_data(str(split))
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+    texts = [f"s{i}" for i in range(10)]
+    test = datasets.Dataset.from_dict({"text": ["t0", "  "], "label": [0, 1]})
+    train = datasets.Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(10)]})
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(DataError, match=r"hf: test row 2: text '  ' is missing"):
+        load_data(str(tmp_path / "hf"))
+    datasets.Dataset.from_dict({"text": [*texts[:9], None], "label": [i % 2 for i in range(10)]}).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(DataError, match=r"one: row 10: text None is missing"):
+        load_data(str(tmp_path / "one"))
+
+
+def test_utf8_bom_is_dropped_from_json_jsonl_and_vtab_lists(tmp_path, write_pngs):
+    bom = "\ufeff"
+    rows = [{"text": f"s{i}", "label": i % 2} for i in range(10)]
+    (tmp_path / "t.jsonl").write_text(bom + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "t.json").write_text(bom + json.dumps(rows), encoding="utf-8")
+    for name in ("t.jsonl", "t.json"):
+        assert load_data(str(tmp_path / name)).classes == ["0", "1"]
+    root = tmp_path / "vtab-bom"
+    lines = {"train800val200.txt": [], "test.txt": []}
+    for ci in range(2):
+        for i, p in enumerate(write_pngs(root / "images" / f"c{ci}", 6, ci, seed=ci)):
+            lines["train800val200.txt" if i < 4 else "test.txt"].append(f"images/c{ci}/{p.name} {ci}")
+    for name, ls in lines.items():
+        (root / name).write_text(bom + "\n".join(ls) + "\n", encoding="utf-8")
+    assert len(load_data(str(root)).test) == 4

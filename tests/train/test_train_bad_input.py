@@ -63,12 +63,22 @@ def test_existing_run_directory_is_refused(run_cli, tmp_path, image_folder, fini
     other.mkdir()
     (other / "thesis.tex").write_text("precious")
     msg = _error(run_cli, *VIT, "--data", str(image_folder), "--out", str(other))
-    assert "already exists" in msg
+    assert "already exists" in msg and "not an s2a run (no config.json): choose another --out, or empty it" in msg
+    assert "--resume" not in msg and "--overwrite" not in msg  # both refuse a directory that is not a run
     msg = _error(run_cli, *VIT, "--data", str(image_folder), "--out", str(other), "--overwrite")
     assert "not an s2a run" in msg and "refusing to delete" in msg
     assert (other / "thesis.tex").read_text() == "precious"
     msg = _error(run_cli, "--out", str(tmp_path / "nothing"), "--resume")
     assert "nothing to resume" in msg
+
+
+def test_run_directory_inside_the_image_folder_is_refused(run_cli, tmp_path, image_folder):
+    data = tmp_path / "imgs"
+    shutil.copytree(image_folder, data)
+    for out in (data / "train" / "run", data / "train" / "red" / "run"):  # a class, or inside one
+        msg = _error(run_cli, *VIT, "--data", str(data), "--out", str(out))
+        assert f"--out {out} is inside the image folder --data {data}" in msg and "outside the dataset" in msg
+        assert not out.exists()
 
 
 def test_overwrite_replaces_a_run(run_cli, tmp_path, image_folder, finished_run):

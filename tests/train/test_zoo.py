@@ -127,6 +127,19 @@ def test_image_preprocessor_grey_rgba_and_paths(tmp_path):
         pre([str(tmp_path / "missing.png")])
 
 
+def test_decompression_bomb_image_names_the_file_and_the_limit(tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64 pixels: over twice the limit, PIL refuses
+    pre = ImagePreprocessor((8, 8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    with pytest.raises(ZooError) as info:
+        pre([str(tmp_path / "big.png")])
+    msg = str(info.value)
+    assert msg.startswith(f"cannot read image {tmp_path / 'big.png'}: PIL refuses it as a possible decompression bomb")
+    assert "raise PIL.Image.MAX_IMAGE_PIXELS (now 10, refusing images over twice that" in msg
+
+
 def test_image_preprocessor_16_bit_short_images_and_pixel_lists(tmp_path):
     from PIL import Image
 

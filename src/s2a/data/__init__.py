@@ -39,7 +39,6 @@ from .core import (
     DataError,
     Split,
     carve,
-    classes_missing_note,
     labels_to_ids,
     seeded_order,
     split_fractions,
@@ -187,8 +186,8 @@ def load_data(
         if train_size < len(bundle.train):
             bundle.train = bundle.train.sample(train_size, seed)
             bundle.notes.append(f"few-shot: {train_size} training examples drawn with seed {seed}")
-            present = {bundle.classes[i] for i in set(bundle.train.labels)}
-            note = classes_missing_note(bundle.classes, present, "no training example in the subset")
+            what = f"few-shot subset (--train-size {train_size}, seed {seed})"
+            note = bundle.check_train_classes("no training example in the subset", what)
             if note:
                 bundle.notes.append(f"few-shot: {note}")
     for name, cap in (("val", val_size), ("test", test_size)):

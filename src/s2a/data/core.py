@@ -14,7 +14,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "seeded_order",
     "shared_texts_note",
     "split_fractions",
+    "texts_of",
 ]
 
 KINDS = ("text", "image")
@@ -173,20 +174,34 @@ def _parse_label(v: Any) -> int | str:
     raise ValueError(f"is a {type(v).__name__}: labels must be class ids (integers) or class names")
 
 
-def labels_to_ids(
-    raw: Mapping[str, Sequence[Any]], *, where: str
-) -> tuple[dict[str, list[int]], list[str], list[str]]:
-    """Map each split's raw labels to class ids; returns ``({split: ids}, class_names, notes)``.
+def _row_name(split: str, row: int) -> str:
+    return f"row {row}" if split == "all" else f"{split} row {row}"  # "all": one file, not yet split
 
-    The first split is the training split. Integer labels (numbers, or text that is all
-    integers: ``"3"`` and ``"3.0"`` alike) are the class ids themselves, classes ``0..max``
-    over all splits; other text labels are names, ids in sorted order. A class without a
-    training example (VTAB-1k's SUN397 has ~30 of 397) is noted, not refused. Refused: empty,
-    missing (NaN) or fractional numbers, negative or huge ids, numbers mixed with names, and
-    fewer than two classes in training.
+
+def texts_of(values: Iterable[Any], *, where: str, split: str) -> list[str]:
+    """A split's texts as ``str``; a missing one (None, NaN, blank) is refused, naming its row,
+    as :func:`labels_to_ids` refuses a missing label: trained on as ``""`` or ``"None"``, it
+    would be an example with nothing to learn from, and only the user knows whether to fill
+    or drop it."""
+    out = []
+    for row, v in enumerate(values, 1):
+        if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+            raise DataError(f"{where}: {_row_name(split, row)}: text {v!r} is missing: give that row a text or drop it")
+        out.append(str(v))
+    return out
+
+
+def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict[str, list[int]], list[str]]:
+    """Map each split's raw labels to class ids; returns ``({split: ids}, class_names)``.
+
+    Integer labels (numbers, or text that is all integers: ``"3"`` and ``"3.0"`` alike) are
+    the class ids themselves, classes ``0..max`` over all splits; other text labels are names,
+    ids in sorted order. Refused: empty, missing (NaN) or fractional numbers, negative or huge
+    ids, and numbers mixed with names. Which classes training holds is checked by
+    :class:`DataBundle`, on the final splits.
     """
     if not isinstance(raw, Mapping) or not raw:
-        raise TypeError("labels_to_ids takes a non-empty mapping {split name: labels}, training split first")
+        raise TypeError("labels_to_ids takes a non-empty mapping {split name: labels}")
     parsed: dict[str, list[int | str]] = {}
     for split, values in raw.items():
         out = parsed[split] = []
@@ -194,8 +209,7 @@ def labels_to_ids(
             try:
                 out.append(_parse_label(v))
             except ValueError as exc:
-                rows = "row" if split == "all" else f"{split} row"  # "all": one file, not yet split
-                raise DataError(f"{where}: {rows} {row}: label {v!r} {exc}") from None
+                raise DataError(f"{where}: {_row_name(split, row)}: label {v!r} {exc}") from None
     flat = [v for vs in parsed.values() for v in vs]
     texts = [v for v in flat if isinstance(v, str)]
     if texts and all(_INTEGER.fullmatch(v) for v in texts):  # a CSV column of ids
@@ -217,16 +231,7 @@ def labels_to_ids(
     else:
         classes = sorted({str(v) for v in flat})
     index = {c: i for i, c in enumerate(classes)}
-    train_split = next(iter(parsed))
-    in_train = set(parsed[train_split])
-    if len(in_train) < 2:
-        raise DataError(
-            f"{where}: the {train_split} split holds {len(in_train)} class ({sorted(in_train, key=str)}); a "
-            "classifier needs at least 2. Is --label-column the right column?"
-        )
-    note = classes_missing_note(classes, in_train, f"no {train_split} example")
-    notes = [note] if note else []
-    return {k: [index[v] for v in vs] for k, vs in parsed.items()}, [str(c) for c in classes], notes
+    return {k: [index[v] for v in vs] for k, vs in parsed.items()}, [str(c) for c in classes]
 
 
 def classes_missing_note(classes: Sequence[Any], present: Collection[Any], lacking: str) -> str | None:
@@ -272,7 +277,9 @@ def complete_splits(
 class DataBundle:
     """A dataset ready for training: train / val / test splits and the class names.
 
-    ``test`` is only ever used for the final evaluation; model selection uses ``val``.
+    ``test`` is only ever used for the final evaluation; model selection uses ``val``. Built
+    from the final splits (after val/test are carved out of train), it checks the classes
+    training holds for every loader alike (:meth:`check_train_classes`).
     """
 
     name: str
@@ -288,8 +295,6 @@ class DataBundle:
         if self.kind not in KINDS:
             raise DataError(f"dataset kind must be one of {KINDS}, got {self.kind!r}")
         k = len(self.classes)
-        if k < 2:
-            raise DataError(f"{self.name}: a classification dataset needs at least 2 classes, found {k}")
         for split_name in ("train", "val", "test"):
             split = getattr(self, split_name)
             if len(split) == 0:
@@ -297,6 +302,23 @@ class DataBundle:
             bad = [v for v in split.labels if not 0 <= v < k]
             if bad:
                 raise DataError(f"{self.name}: {split_name} label {bad[0]} is outside 0..{k - 1}")
+        note = self.check_train_classes("no train example")
+        if note:
+            self.notes.append(note)
+
+    def check_train_classes(self, lacking: str, what: str = "train split") -> str | None:
+        """Refuse a training split of fewer than 2 classes; return a note naming the classes
+        it lacks (``lacking`` says how), or None. A class that only val/test hold keeps its
+        output rather than being refused (VTAB-1k's SUN397 lacks ~30 of 397 in its 1000
+        training images): the note tells why its examples all count as errors."""
+        present = sorted(set(self.train.labels))
+        if len(present) < 2:
+            raise DataError(
+                f"{self.name}: the {what} holds {len(present)} class ({[self.classes[i] for i in present]}); "
+                "a classifier needs at least 2. Is the label column (--label-column) right, and does "
+                "the training data hold more than one class?"
+            )
+        return classes_missing_note(self.classes, {self.classes[i] for i in present}, lacking)
 
     @property
     def num_classes(self) -> int:

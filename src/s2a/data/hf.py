@@ -14,6 +14,7 @@ from .core import (
     labels_to_ids,
     shared_texts_note,
     split_fractions,
+    texts_of,
 )
 from .text import LABEL_COLUMN_GUESSES, TEXT_COLUMN_GUESSES
 
@@ -72,6 +73,31 @@ def _unlabelled(v: Any) -> bool:
     return v is None or (isinstance(v, int) and not isinstance(v, bool) and v < 0)
 
 
+def _class_label_ids(
+    raws: dict[str, list[int]], names_by: dict[str, list[str]], lcol: str, where: str
+) -> tuple[dict[str, list[int]], list[str]]:
+    """Class ids over one class list, for splits whose ClassLabels may list the same names in
+    other orders: each split's ids index its own names, so they are mapped by name (train's
+    order first, then names that only other splits list)."""
+    plain = [k for k, names in names_by.items() if not names]
+    if plain:  # plain integers could follow any split's names: guessing would relabel silently
+        raise DataError(
+            f"{where}: label column {lcol!r} is a ClassLabel in some splits but not in {plain}, so "
+            "their labels cannot be matched by name; cast the column to one ClassLabel in every split "
+            "(Dataset.cast_column) and save the dataset again"
+        )
+    classes = list(dict.fromkeys(n for names in names_by.values() for n in names))
+    index = {c: i for i, c in enumerate(classes)}
+    ids_by = {}
+    for k, values in raws.items():
+        names = names_by[k]
+        bad = next((v for v in values if not 0 <= v < len(names)), None)
+        if bad is not None:
+            raise DataError(f"{where}: split {k!r} has label {bad}, outside its ClassLabel's {len(names)} names")
+        ids_by[k] = [index[names[v]] for v in values]
+    return ids_by, classes
+
+
 def load_hf(
     spec: str,
     *,
@@ -115,7 +141,6 @@ def load_hf(
     if lcol is None:
         raise DataError(f"{where}: no label column (looked for {list(LABEL_COLUMN_GUESSES)}); columns found: {columns}. Name it with --label-column.")
     icol = _pick(columns, image_column, IMAGE_COLUMN_GUESSES, "image", where, "--image-column")
-    features = first.features
     if image_column is not None and text_column is not None:
         raise DataError(f"{where}: pass --text-column or --image-column, not both")
     if icol is not None and text_column is None:
@@ -125,8 +150,6 @@ def load_hf(
         if xcol is None:
             raise DataError(f"{where}: no text or image column (looked for {list(TEXT_COLUMN_GUESSES + IMAGE_COLUMN_GUESSES)}); columns found: {columns}. Name it with --text-column or --image-column.")
         kind = "text"
-    feature = features.get(lcol)
-    names = list(getattr(feature, "names", None) or [])
     raws = {k: list(ds[lcol]) for k, ds in parts.items()}
     notes = []
     for k in list(raws):
@@ -135,15 +158,14 @@ def load_hf(
                 raise DataError(f"{where}: split {k!r} has unlabelled rows (label -1 or None)")
             del raws[k], parts[k]
             notes.append("the test split is unlabelled (label -1 or None): not used")
-    if names:
-        classes = names
-        ids_by = raws
+    names_by = {k: list(getattr(parts[k].features.get(lcol), "names", None) or []) for k in raws}
+    if any(names_by.values()):
+        ids_by, classes = _class_label_ids(raws, names_by, lcol, where)
     else:
-        ids_by, classes, label_notes = labels_to_ids(raws, where=where)
-        notes += label_notes
+        ids_by, classes = labels_to_ids(raws, where=where)
     splits = {}
     for k, ds in parts.items():
-        items = list(ds[xcol]) if kind == "text" else _HFColumn(ds, xcol)
+        items = texts_of(ds[xcol], where=where, split=k) if kind == "text" else _HFColumn(ds, xcol)
         splits[k] = Split(items, ids_by[k])
     if "all" in splits:
         train, val, test = split_fractions(splits["all"], (0.8, 0.1, 0.1), split_seed)

@@ -247,15 +247,17 @@ VTAB_FILES = ("train800val200.txt", "train800.txt", "val200.txt", "test.txt")
 
 
 def is_vtab_dir(directory: str | os.PathLike) -> bool:
+    """A training list makes it VTAB-1k, with or without test.txt: :func:`load_vtab` then names
+    what is missing, where an image-folder reading would train on whatever folders are there."""
     d = Path(directory)
-    return (d / "test.txt").is_file() and ((d / "train800val200.txt").is_file() or (d / "train800.txt").is_file())
+    return (d / "train800val200.txt").is_file() or (d / "train800.txt").is_file()
 
 
 def _read_list(root: Path, name: str) -> tuple[list[str], list[str]]:
     path = root / name
     paths, raw = [], []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: drops a BOM (Windows editors write one)
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     for lineno, line in enumerate(lines, 1):
@@ -285,7 +287,11 @@ def load_vtab(directory: str | os.PathLike, *, split_seed: int = 0) -> DataBundl
     """
     root = Path(directory)
     notes = []
-    names = ["test.txt"]
+    if not (root / "test.txt").is_file():
+        raise DataError(
+            f"{root}: VTAB-1k layout needs test.txt (lines 'relative/path label') beside its training "
+            "list; add it, or remove the train800*.txt files to read the directory as an image folder"
+        )
     if (root / "train800.txt").is_file() and (root / "val200.txt").is_file():
         names = ["train800.txt", "val200.txt", "test.txt"]
     elif (root / "train800val200.txt").is_file():
@@ -293,8 +299,7 @@ def load_vtab(directory: str | os.PathLike, *, split_seed: int = 0) -> DataBundl
     else:
         raise DataError(f"{root}: VTAB-1k layout needs train800val200.txt (or train800.txt + val200.txt) and test.txt")
     lists = {n: _read_list(root, n) for n in names}
-    ids, classes, label_notes = labels_to_ids({n: raw for n, (_, raw) in lists.items()}, where=str(root))
-    notes += label_notes
+    ids, classes = labels_to_ids({n: raw for n, (_, raw) in lists.items()}, where=str(root))
     splits = [Split(paths, ids[n]) for n, (paths, _) in lists.items()]
     if len(splits) == 3:
         train, val, test = splits

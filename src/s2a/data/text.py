@@ -19,6 +19,7 @@ from .core import (
     labels_to_ids,
     shared_texts_note,
     split_fractions,
+    texts_of,
 )
 
 __all__ = [
@@ -101,7 +102,8 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
     TSV is read as plain tab-separated lines, without quoting (as GLUE's files are): with CSV
     quoting, a sentence that opens with ``"`` would silently swallow the rows up to the next
-    quote. Tables that need quoting are CSV."""
+    quote. Tables that need quoting are CSV. Every format is read as utf-8-sig: a BOM (Notepad,
+    Excel's "CSV UTF-8") would otherwise cling to the first column name or break the JSON."""
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):
@@ -129,7 +131,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                 columns = list(reader.fieldnames or [])
             return rows, columns
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):  # {"data": [...]} or column-oriented {"col": [...]}
                 lists = {k: v for k, v in data.items() if isinstance(v, list)}
                 if len(lists) == 1 and all(isinstance(r, dict) for r in next(iter(lists.values()))):
@@ -142,7 +144,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
             rows = data
         else:  # .jsonl / .ndjson
             rows = []
-            with path.open(encoding="utf-8") as fh:
+            with path.open(encoding="utf-8-sig") as fh:
                 for lineno, line in enumerate(fh, 1):
                     if not line.strip():
                         continue
@@ -186,15 +188,10 @@ def _table_split(path: Path, text_column: str | None, label_column: str | None) 
         raise DataError(f"{path}: no rows")
     tcol = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text", str(path), "--text-column")
     lcol = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label", str(path), "--label-column")
-    texts, raw = [], []
-    for i, r in enumerate(rows):
-        if tcol not in r or lcol not in r or r[lcol] is None or r[lcol] == "":
-            missing = tcol if tcol not in r else lcol
-            raise DataError(f"{path}: row {i + 1} has no value in column {missing!r}")
-        text = r[tcol]
-        texts.append("" if text is None else str(text))
-        raw.append(r[lcol])
-    return texts, raw
+    for i, r in enumerate(rows):  # an empty or null value is refused with the others, by texts_of / labels_to_ids
+        if tcol not in r or lcol not in r:
+            raise DataError(f"{path}: row {i + 1} has no value in column {tcol if tcol not in r else lcol!r}")
+    return texts_of((r[tcol] for r in rows), where=str(path), split="all"), [r[lcol] for r in rows]
 
 
 def _split_files(directory: Path) -> dict[str, Path]:
@@ -234,8 +231,7 @@ def load_text_table(
         parts = {k: _table_split(p, text_column, label_column) for k, p in files.items()}
     else:
         parts = {"all": _table_split(path, text_column, label_column)}
-    ids, classes, label_notes = labels_to_ids({k: raw for k, (_, raw) in parts.items()}, where=str(path))
-    notes += label_notes
+    ids, classes = labels_to_ids({k: raw for k, (_, raw) in parts.items()}, where=str(path))
     splits = {k: Split(texts, ids[k]) for k, (texts, _) in parts.items()}
     if "all" in splits:
         train, val, test = split_fractions(splits["all"], (0.8, 0.1, 0.1), split_seed)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from s2a.data import DataBundle, DataError, Split, load_data
+from s2a.data import DataBundle, DataError, Split, load_data, resolve_kind
 from s2a.zoo import ZooError, ZooModel, call_model, load_model, model_kind
 
 from .checkpoint import (
@@ -255,6 +255,15 @@ class Trainer:
         if exists and not d.is_dir():
             raise TrainError(f"--out {d} exists and is not a directory")
         entries = sorted(p.name for p in d.iterdir()) if exists else []
+        data = Path(self.config.data).expanduser()
+        # Refused, not skipped when listing class folders: images are found at any depth under
+        # a class folder, so a run anywhere inside (root/cat/run/curves.png) would lend a class
+        # its plots, and no rule about where a run sits would catch them all.
+        if data.is_dir() and resolve_kind(str(data)) == "image-folder" and d.resolve().is_relative_to(data.resolve()):
+            raise TrainError(
+                f"--out {d} is inside the image folder --data {data}: the next run would read this run's "
+                "files (curves.png, ...) as training images. Choose an --out outside the dataset."
+            )
         is_run = (d / "config.json").is_file()
         if self.resume:
             if not is_run:
@@ -274,11 +283,12 @@ class Trainer:
             return saved
         if entries:
             if not self.overwrite:
-                what = "an s2a run" if is_run else "files"
+                # --resume and --overwrite both refuse a directory that is not a run: not offered
+                todo = ("Pass --resume to continue it or --overwrite to replace it, or choose another --out."
+                        if is_run else "It is not an s2a run (no config.json): choose another --out, or empty it.")
                 raise TrainError(
-                    f"run directory {d} already exists and holds {what} ({', '.join(entries[:6])}"
-                    f"{' ...' if len(entries) > 6 else ''}). Pass --resume to continue it or "
-                    "--overwrite to replace it, or choose another --out."
+                    f"run directory {d} already exists and holds {'an s2a run' if is_run else 'files'} "
+                    f"({', '.join(entries[:6])}{' ...' if len(entries) > 6 else ''}). {todo}"
                 )
             if not is_run:
                 raise TrainError(
