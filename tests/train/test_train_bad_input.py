@@ -56,6 +56,16 @@ def test_missing_label_column_and_kind_mismatch(run_cli, tmp_path):
     assert "takes image but dataset" in msg and "holds text" in msg
 
 
+def test_options_of_the_other_modality_are_refused(run_cli, tmp_path, image_folder):
+    msg = _error(run_cli, *VIT, "--data", str(image_folder), "--max-length", "64", "--out", str(tmp_path / "r"))
+    assert "--max-length applies to text models; 'test_vit' takes image: drop --max-length" in msg
+    table = tmp_path / "t.jsonl"
+    table.write_text("".join(json.dumps({"text": f"s{i}", "label": i % 2}) + "\n" for i in range(20)))
+    msg = _error(run_cli, "--model", "minilm", "--data", str(table), "--img-size", "64", "--out", str(tmp_path / "r"))
+    assert "--img-size applies to image models; 'minilm' takes text" in msg
+    assert not (tmp_path / "r").exists()
+
+
 def test_existing_run_directory_is_refused(run_cli, tmp_path, image_folder, finished_run):
     msg = _error(run_cli, *VIT, "--data", str(image_folder), "--out", str(finished_run))
     assert "already exists" in msg and "--resume" in msg and "--overwrite" in msg

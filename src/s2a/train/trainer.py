@@ -366,6 +366,9 @@ class Trainer:
         )
         if data.kind != mkind:
             raise TrainError(f"model {cfg.model!r} takes {mkind} but dataset {cfg.data!r} holds {data.kind} examples")
+        for option, value, kind in (("--max-length", cfg.max_length, "text"), ("--img-size", cfg.img_size, "image")):
+            if value is not None and mkind != kind:
+                raise TrainError(f"{option} applies to {kind} models; {cfg.model!r} takes {mkind}: drop {option}")
         self.data: DataBundle = data
         if saved is not None:
             self._check_same_data(saved.get("data") or {})
