@@ -249,6 +249,19 @@ def test_unreadable_image_mid_run_is_named_and_the_run_resumes(run_cli, tmp_path
     assert json.loads((run / "report.json").read_text())["steps"] == 6
 
 
+def test_resume_from_another_directory_names_where_relative_paths_start(run_cli, tmp_path, image_folder, monkeypatch):
+    shutil.copytree(image_folder, tmp_path / "imgs")
+    run = tmp_path / "r"
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(*VIT, "--data", "imgs", "--out", str(run), "--stop-after", "2") == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    msg = _error(run_cli, "--out", str(run), "--resume")
+    assert f"--data 'imgs' is a path relative to {tmp_path}, where {run} started; resume from there" in msg
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("--out", str(run), "--resume") == 0
+
+
 def test_resume_on_changed_data_is_refused(run_cli, tmp_path, image_folder):
     data = tmp_path / "imgs"
     shutil.copytree(image_folder, data)

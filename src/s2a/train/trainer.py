@@ -339,6 +339,21 @@ class Trainer:
                 f"({changed[0]}); resume with the same data, or start over with --overwrite"
             )
 
+    def _check_relative_paths(self, started_in: str | None) -> None:
+        """config.json keeps --data, --model and --weights as given; a relative one names
+        another file when the run is resumed from another directory."""
+        if not started_in or Path(started_in) == Path.cwd():
+            return
+        for option in ("data", "model", "weights"):
+            value = getattr(self.config, option)
+            if not value or Path(value).is_absolute() or Path(value).exists():
+                continue
+            if (Path(started_in) / value).exists():
+                raise TrainError(
+                    f"--resume: --{option} {value!r} is a path relative to {started_in}, where {self.run_dir} "
+                    f"started; resume from there (cd {started_in})"
+                )
+
     def _log(self, msg: str) -> None:
         if self.dist is None or self.dist.is_main:
             print(f"s2a train: {msg}", file=sys.stderr, flush=True)
@@ -348,6 +363,8 @@ class Trainer:
         info = self.dist
         assert info is not None
         saved = self._check_run_dir()
+        if saved is not None:
+            self._check_relative_paths(saved.get("cwd"))
         try:
             mkind = model_kind(cfg.model)
         except ZooError as exc:
@@ -485,6 +502,7 @@ class Trainer:
             "warmup_steps": self.warmup_steps,
             "world_size": info.world_size,
             "device": str(info.device),
+            "cwd": os.getcwd(),  # relative --data / --model / --weights paths start here
             "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
         }
         path = self.run_dir / "config.json"
