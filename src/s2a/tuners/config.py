@@ -49,7 +49,9 @@ class S2AConfig:
         op_bits: per-operator bits ``{kind: bits}``, kinds from ``s2a.activations.OP_KINDS``;
             kinds not listed use ``act_bits`` (attention keeps its own 8-bit default).
         num_classes: replace the classifier head by a fresh one with this many outputs;
-            None keeps the model's head.
+            None keeps the model's head. On a backbone without a head (timm ``num_classes=0``,
+            a transformers ``AutoModel``) with ``"side"`` in ``modules``: the side branch's
+            output width (it makes the prediction).
         add_missing_bias: give Linear/Conv/Norm layers without a bias a zero-initialised one.
         fuse_side: fuse the side branch's prediction with the backbone's through a learned gate.
         freeze_norm_stats: keep BatchNorm layers of the frozen backbone on their running
