@@ -221,6 +221,16 @@ def test_rms_norm():
     assert cosine(gx, gx_ref) > 0.99 and cosine(w.grad, gw_ref) > 0.99
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_default_eps_is_atens(dtype):
+    # eps=None: ATen adds the epsilon of its float32 compute type, not bf16's 7.8e-3,
+    # which would shrink the output of small-magnitude input (RMS 0.47 instead of 1).
+    x = (torch.randn(4, 33, 64) * 0.05).to(dtype).requires_grad_()
+    w = torch.randn(64, dtype=dtype, requires_grad=True)
+    for weight in (None, w):
+        assert torch.equal(S.rms_norm(x, (64,), weight), F.rms_norm(x, (64,), weight))
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_batch_norm(training):
     bn = torch.nn.BatchNorm2d(16).train(training)

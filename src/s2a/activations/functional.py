@@ -219,10 +219,12 @@ def rms_norm(
     """``F.rms_norm`` storing the normalised input at ``bits`` bits per element (float64
     input runs natively: its kernels compute in float32)."""
     _check_row_bits(bits, "rms_norm")
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
     if not _needs_grad(x, weight) or x.numel() == 0 or x.dtype == torch.float64:
         return F.rms_norm(x, normalized_shape, weight, eps)
+    if eps is None:
+        # As ATen: the epsilon of the type it computes in (float32 for bf16 / fp16 input),
+        # not of the input's (bf16's 7.8e-3 would swamp the mean square of small inputs).
+        eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
     nd = len(normalized_shape) if not isinstance(normalized_shape, int) else 1
     return _LayerNorm.apply(x, weight, None, eps, nd, True, bits)
 
