@@ -227,6 +227,20 @@ def test_default_mode_is_probs():
     assert set(A.SDPA_MODES) == set(MODES)
 
 
+@pytest.mark.parametrize("op", ["softmax", *MODES])
+def test_outputs_can_be_modified_in_place(op):
+    # As native outputs: `y = op(x); y += 1` works (no view created inside the Function).
+    q, k, v, _ = make_qkv(L=10, S=12)
+
+    def run(in_place: bool):
+        xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        y = softmax(xs[0], -1) if op == "softmax" else ours(op)(*xs)
+        y = y.add_(1) if in_place else y + 1
+        return torch.autograd.grad(y, xs[0], torch.ones_like(y))
+
+    assert torch.equal(run(True)[0], run(False)[0])
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_attention_forward_matches_native(mode):
     q, k, v, g = make_qkv(L=50, S=70)

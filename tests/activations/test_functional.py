@@ -436,6 +436,20 @@ def test_dropout_reproducible_and_validated():
         S.dropout(x, 0.5, mode="zip")
 
 
+@pytest.mark.parametrize("mode", ["regenerate", "bitmask"])
+def test_dropout_in_place_with_grad(mode):
+    # As F.dropout(inplace=True): x itself is dropped (a caller may ignore the return value)
+    # and the gradient flows through the mask; a leaf that requires grad raises.
+    leaf = torch.ones(64, 100, requires_grad=True)
+    x = leaf * 1.0
+    y = S.dropout(x, 0.3, True, inplace=True, mode=mode)
+    assert y is x and 0.25 < (x == 0).float().mean() < 0.35
+    x.backward(torch.ones_like(x))
+    assert torch.equal(leaf.grad, x.detach())
+    with pytest.raises(RuntimeError, match="leaf Variable"):
+        S.dropout(leaf, 0.3, True, inplace=True, mode=mode)
+
+
 def _corr(a, b):
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
     return float((a * b).mean() / (a.std() * b.std()))
@@ -582,3 +596,42 @@ def test_norms_keep_native_dtypes():
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     assert torch.equal(S.batch_norm(x64, rm.clone(), rv.clone(), training=True),
                        F.batch_norm(x64, rm.clone(), rv.clone(), training=True))
+
+
+_W = torch.randn(16, requires_grad=True)
+_CONV_W = torch.randn(16, 16, 3, 3)
+IN_PLACE_OPS = {
+    "gelu": lambda t: S.activation(t, "gelu"),
+    "relu": lambda t: S.activation(t, "relu"),
+    "layer_norm": lambda t: S.layer_norm(t, (16,), _W, _W),
+    "rms_norm": lambda t: S.rms_norm(t, (16,), _W),
+    "rms_norm_2d": lambda t: S.rms_norm(t, (8, 16)),
+    "batch_norm_train": lambda t: S.batch_norm(t, None, None, _W, _W, True),
+    "batch_norm_eval": lambda t: S.batch_norm(t, torch.zeros(16), torch.ones(16), _W, _W, False),
+    "dropout": lambda t: S.dropout(t, 0.3),
+    "dropout_bitmask": lambda t: S.dropout(t, 0.3, mode="bitmask"),
+    "drop_path": lambda t: S.drop_path(t, 0.3, True),
+    "conv": lambda t: S.conv(t, _CONV_W, None, 1, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE_OPS))
+def test_outputs_can_be_modified_in_place(name):
+    # As native outputs: `y = op(x); y += 1` works (no view created inside the Function).
+    fn = IN_PLACE_OPS[name]
+    x = torch.randn(4, 16, 8, 16)
+
+    def grad(in_place: bool) -> torch.Tensor:
+        xs = x.clone().requires_grad_()
+        torch.manual_seed(0)
+        y = fn(xs)
+        if in_place:
+            y += 1
+            y.mul_(2)
+        else:
+            y = (y + 1) * 2
+        y.backward(torch.ones_like(y))
+        return xs.grad
+
+    assert torch.equal(grad(True), grad(False))
+

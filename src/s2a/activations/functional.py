@@ -140,12 +140,13 @@ class _LayerNorm(torch.autograd.Function):
         d = math.prod(norm_shape)
         x2d = x.reshape(-1, d)
         if rms:
-            xf = x2d.float()
-            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            rstd = torch.rsqrt(x2d.float().pow(2).mean(-1, keepdim=True) + eps)
             mean = rstd  # unused by the RMS kernels
-            y = xf * rstd
-            y = y * weight.float().reshape(-1) if weight is not None else y
-            y = y.reshape(shape).to(x.dtype)  # as F.rms_norm: the input's dtype, whatever the weight's
+            # y is computed in x's shape, not reshaped from 2-D: a view made inside the
+            # Function could not be modified in place by the caller.
+            y = x.float() * rstd.view(*shape[:len(shape) - nd], *(1,) * nd)
+            y = y * weight.float() if weight is not None else y
+            y = y.to(x.dtype)  # as F.rms_norm: the input's dtype, whatever the weight's
         else:
             # The native kernel gives the exact output and the per-row statistics.
             with torch.autocast(x.device.type, enabled=False):
@@ -546,7 +547,8 @@ def _hashed(device: torch.device) -> bool:
 def _dropout_masked(x: torch.Tensor, p: float, regenerate: bool):
     """(output, seed, keep mask or None, hashed): the mask drawn from one seed of the default
     generator, with or without autograd: a reentrant checkpoint runs the forward without
-    grad and recomputes it with grad, and both must draw the same mask."""
+    grad and recomputes it with grad, and both must draw the same mask. The output is
+    flat when ``hashed`` (callers view it as ``x.shape``), else shaped like ``x``."""
     seed = _fresh_seed(x.device)
     hashed = regenerate and _hashed(x.device)
     if hashed:
@@ -572,7 +574,7 @@ class _Dropout(torch.autograd.Function):
         p, regenerate, shape, hashed = ctx.meta
         if regenerate:
             if hashed:
-                return kernels.dropout_apply(g, int(state), p), None, None
+                return kernels.dropout_apply(g, int(state), p).view(shape), None, None
             keep = _mask_from_seed(int(state), shape, p, g.device, g.dtype)
         else:
             keep = unpack(state, 1, g.numel()).view(shape).to(g.dtype)
@@ -593,8 +595,14 @@ def dropout(
         return F.dropout(x, p, training, inplace)
     if not _needs_grad(x):
         y = _dropout_masked(x, p, mode == "regenerate")[0]
-        return x.copy_(y) if inplace else y
-    return _Dropout.apply(x, p, mode == "regenerate")
+    else:
+        # The Function may return the flat output: viewed here, outside it, the result can
+        # be modified in place (a view made inside an autograd Function cannot).
+        y = _Dropout.apply(x, p, mode == "regenerate")
+    y = y.view(x.shape)
+    # inplace: x itself holds the result, as with F.dropout (with grad, autograd records the
+    # copy; a leaf that requires grad raises, as natively).
+    return x.copy_(y) if inplace else y
 
 
 class _DropPath(torch.autograd.Function):

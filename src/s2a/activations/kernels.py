@@ -468,13 +468,14 @@ def _dropout_args(x: torch.Tensor, seed: int, p: float):
 
 
 def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """``x`` times the dropout mask of ``seed`` (scaled by 1/(1-p)); the mask depends only
-    on (seed, p, position in row-major order), not on strides or on the kernel used."""
+    """``x`` times the dropout mask of ``seed`` (scaled by 1/(1-p)), flattened in row-major
+    order: the caller views it in ``x``'s shape, outside any autograd Function (a view made
+    inside one cannot be modified in place). The mask depends only on (seed, p, position in
+    row-major order), not on strides or on the kernel used."""
     flat = x.reshape(-1)
     if flat.numel() == 0:
-        return x.clone()
-    out = _run("dropout", _dropout_eager, flat, *_dropout_args(x, seed, p))
-    return out.view(x.shape)
+        return flat.clone()
+    return _run("dropout", _dropout_eager, flat, *_dropout_args(x, seed, p))
 
 
 def dropout_mask(shape, seed: int, p: float, device) -> torch.Tensor:
