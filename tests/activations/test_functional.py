@@ -210,6 +210,30 @@ def test_layer_norm_nan_row_and_empty():
     assert e.grad.shape == (0, 64)
 
 
+@pytest.mark.parametrize("bits", [4, 3])  # the fused kernels; the generic row storage
+def test_norms_of_constant_rows_give_zero_weight_grad(bits):
+    # x̂ is 0 everywhere: stored with scale 0 it decodes to 0, so dL/dw = sum(g x̂) is 0
+    # (with scale 1 every x̂ decoded to a codebook level near 0, dL/dw = -0.25 per row).
+    w = torch.ones(64, requires_grad=True)
+    x = torch.full((6, 64), 3.0, requires_grad=True)
+    (gw,) = torch.autograd.grad(S.layer_norm(x, (64,), w, None, bits=bits), w, torch.ones(6, 64))
+    assert not gw.any()
+    x = torch.randn(6, 64)
+    x[:, 5] = 0.0  # a channel of zeros for RMSNorm
+    (gw,) = torch.autograd.grad(S.rms_norm(x.requires_grad_(), (64,), w, bits=bits), w,
+                                torch.ones(6, 64))
+    assert gw[5] == 0
+
+
+def test_batch_norm_constant_channel_gives_zero_weight_grad():
+    w = torch.ones(4, requires_grad=True)
+    x = torch.randn(8, 4, 5, 5) * 1e-3
+    x[:, 2] = 0.5
+    y = S.batch_norm(x.requires_grad_(), None, None, w, None, True)
+    (gw,) = torch.autograd.grad(y, w, torch.ones_like(y))
+    assert gw[2] == 0
+
+
 def test_rms_norm():
     w = torch.randn(256, requires_grad=True)
     x = realistic(8, 64, 256)
