@@ -255,6 +255,20 @@ def test_attention_zero_key_rows_at_small_scale(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk", [A.CHUNK_ELEMS, 3 * 12])  # one chunk; 3 query rows at a time
+def test_attention_unbatched_2d(monkeypatch, mode, chunk):
+    # (L, E) query, key and value, as the native op takes (no batch dim at all).
+    monkeypatch.setattr(A, "CHUNK_ELEMS", chunk)
+    q, k, v, g = (t[0, 0] for t in make_qkv(L=10, S=12, E=8))
+    mask = torch.rand(10, 12) > 0.3
+    out, got = attn_grads(ours(mode, bits=8), q, k, v, g, attn_mask=mask)
+    ref_out, ref = reference(q, k, v, g, attn_mask=mask)
+    assert out.shape == (10, 8)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    assert_grads_close(got, ref, 0.999)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_attention_forward_matches_native(mode):
     q, k, v, g = make_qkv(L=50, S=70)
     out, _ = attn_grads(ours(mode), q, k, v, g)
