@@ -135,7 +135,15 @@ def _sdpa(spec, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
 
 
 def _act(kind, spec, x, *args, **kwargs):
-    kwargs.pop("inplace", None)
+    inplace = kwargs.pop("inplace", False)
+    y = _act_value(kind, spec, x, *args, **kwargs)
+    # As natively, x itself must hold the result (a caller may ignore the return value): the
+    # compressed op writes a new tensor, copied into x (autograd records the copy; a leaf
+    # that requires grad raises, as natively). Only inplace calls pay for the copy.
+    return x.copy_(y) if inplace else y
+
+
+def _act_value(kind, spec, x, *args, **kwargs):
     if kind == "gelu":
         approximate = kwargs.pop("approximate", args[0] if args else "none")
         kind = "gelu_tanh" if approximate == "tanh" else "gelu"
@@ -231,7 +239,9 @@ class _CompressMode(TorchFunctionMode):
         kwargs = kwargs or {}
         entry = _FUNCTIONS.get(func)
         state = self.state
-        if entry is not None and state.disabled == 0:
+        # out= runs natively: such a call records no autograd history (with an input that
+        # requires grad it raises, as natively), so there is nothing to compress.
+        if entry is not None and state.disabled == 0 and "out" not in kwargs:
             kind, handler = entry
             # Random kinds are routed without grad too: a reentrant checkpoint runs the block
             # without grad, then recomputes it with grad, and both must draw s2a's mask.
