@@ -277,6 +277,15 @@ def test_batch_norm(training):
     assert cosine(gx, gx_ref) > 0.99 and cosine(bn.weight.grad, gw_ref) > 0.98
 
 
+def test_batch_norm_one_value_per_channel_raises_in_training():
+    x = torch.randn(1, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        S.batch_norm(x, torch.zeros(4), torch.ones(4), training=True)
+    rm, rv = torch.zeros(4), torch.ones(4)  # eval mode: one sample is fine
+    w = torch.ones(4, requires_grad=True)
+    assert torch.equal(S.batch_norm(x, rm, rv, w), F.batch_norm(x, rm, rv, w))
+
+
 def test_batch_norm_eval_frozen_keeps_no_activation():
     bn = torch.nn.BatchNorm2d(16).eval().requires_grad_(False)
     bn.bias.requires_grad_(True)

@@ -508,6 +508,9 @@ def batch_norm(
         if x.dtype == torch.float32 and x.dim() >= 2 and not (weight is not None and weight.requires_grad):
             return _affine_batch_norm(x, mean, rstd, weight, bias)
         return _BatchNorm.apply(x, weight, bias, mean, rstd, False, eps, bits).reshape(x.shape)
+    if training and x.numel() // x.shape[1] == 1:
+        # As F.batch_norm: a batch variance of one value is 0, and the output would be silently 0.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     # Batch statistics, computed in the fused forward pass.
     y, mean, var = _BatchNorm.apply(x, weight, bias, None, None, True, eps, bits)
     y = y.reshape(x.shape)
