@@ -222,6 +222,22 @@ def test_strict_mode_catches_functional_calls():
     assert s2a.compression_summary(model) == {"2": "gelu@4"}
 
 
+def test_strict_mode_reports_pooling():
+    # Max pooling keeps its whole input plus int64 indices for backward (on resnet18 with
+    # biases and head trainable, most of the saved bytes): strict mode must name it.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, 1), nn.ReLU())
+    with pytest.raises(s2a.UncoveredOperatorsError, match="1: MaxPool2d"):
+        s2a.compress_activations(model, strict=True)
+
+    class Pools(nn.Module):
+        def forward(self, x):
+            return F.avg_pool2d(F.max_pool2d(x, 2), 2) + F.adaptive_max_pool2d(x, 1)
+
+    model = s2a.compress_activations(Pools(), strict=True)
+    with pytest.raises(s2a.UncoveredOperatorsError, match=r"\['avg_pool', 'max_pool'\]"):
+        model(torch.randn(1, 2, 8, 8, requires_grad=True))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -225,6 +225,14 @@ _UNCOVERED_FUNCTIONS = {
     F.softsign: "softsign", torch.erf: "erf", torch.exp: "exp", torch.rsqrt: "rsqrt",
     F.dropout1d: "dropout1d", F.dropout2d: "dropout2d", F.dropout3d: "dropout3d",
     F.conv_transpose1d: "conv_transpose", F.conv_transpose2d: "conv_transpose",
+    # Max pooling keeps its whole input and int64 indices; average pooling its input.
+    **{f: "max_pool" for f in (
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.max_pool1d_with_indices,
+        F.max_pool2d_with_indices, F.max_pool3d_with_indices, torch.max_pool1d, torch.max_pool2d,
+        torch.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+        F.adaptive_max_pool1d_with_indices, F.adaptive_max_pool2d_with_indices,
+        F.adaptive_max_pool3d_with_indices, F.fractional_max_pool2d, F.fractional_max_pool3d)},
+    **{f: "avg_pool" for f in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)},
     # a Python composite: while the mode handles it, its inner softmax / SDPA run natively
     F.multi_head_attention_forward: "multi_head_attention_forward",
 }
@@ -271,7 +279,7 @@ _HF_RMSNORM = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
 _COVERED_BY_MODE = ("BatchNormAct2d", "FrozenBatchNormAct2d", "LayerNormAct", "LayerNormAct2d",
                     "SyncBatchNormAct", "Attention", "SelfAttention")
 _SUSPECT_WORDS = ("GELU", "ReLU", "SiLU", "Swish", "Mish", "Sigmoid", "Tanh", "Softmax", "Norm",
-                  "Dropout", "DropPath", "ELU", "GLU", "Softplus", "Hardswish", "Activation")
+                  "Dropout", "DropPath", "ELU", "GLU", "Softplus", "Hardswish", "Activation", "MaxPool")
 
 
 def _module_op(module: nn.Module, spec: CompressionSpec):
