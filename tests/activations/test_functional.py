@@ -234,6 +234,22 @@ def test_batch_norm_constant_channel_gives_zero_weight_grad():
     assert gw[2] == 0
 
 
+@pytest.mark.parametrize("bits", [4, 3])  # the fused kernels; the generic row storage
+@pytest.mark.parametrize("rms", [False, True])
+def test_norm_weight_grad_keeps_the_nan_of_a_nan_row(bits, rms):
+    # Natively a NaN row's x̂ is NaN and makes every dL/dw NaN, even where g is 0 on that row.
+    x = torch.randn(4, 8)
+    x[1, 2] = float("nan")
+    w = torch.ones(8, requires_grad=True)
+    g = torch.ones(4, 8)
+    g[1] = 0.0
+    ours = S.rms_norm(x, (8,), w, bits=bits) if rms else S.layer_norm(x, (8,), w, None, bits=bits)
+    ref = F.rms_norm(x, (8,), w) if rms else F.layer_norm(x, (8,), w)
+    (gw,) = torch.autograd.grad(ours, w, g)
+    (gw_ref,) = torch.autograd.grad(ref, w, g)
+    assert gw_ref.isnan().all() and gw.isnan().all()
+
+
 def test_rms_norm():
     w = torch.randn(256, requires_grad=True)
     x = realistic(8, 64, 256)

@@ -191,7 +191,10 @@ class _LayerNorm(torch.autograd.Function):
             gx2d = rstd * (centred - xhat * proj)
             gw_all = (gf * xhat).sum(0)
         if weight is not None and weight.requires_grad:
-            gw = gw_all.view(weight.shape).to(weight.dtype)
+            # A row holding NaN/inf is stored as zeros (it would spoil every channel's scale);
+            # natively its x̂ is NaN and makes every dL/dw NaN. Its 1/σ is NaN (mean and
+            # variance are): added as 0 * sum(1/σ), O(rows), the NaN comes back.
+            gw = (gw_all + rstd.sum() * 0.0).view(weight.shape).to(weight.dtype)
         if ctx.needs_input_grad[0]:
             gx = gx2d.reshape(shape).to(in_dtype)
         return gx, gw, gb, None, None, None, None
