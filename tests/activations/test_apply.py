@@ -132,6 +132,60 @@ def test_functional_calls_are_routed():
     assert y.grad_fn.name() == "GeluBackward0"
 
 
+class _CallsInPlace(nn.Module):
+    """Calls ``fn`` for its effect on x only, as code using inplace=True may."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        x = x * 1.0  # a non-leaf, which may be modified in place
+        self.fn(x)
+        return x
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "hardtanh", "silu", "dropout"])
+def test_functional_inplace_is_honoured(name):
+    fn = {
+        "relu": lambda t: F.relu(t, inplace=True),
+        "leaky_relu": lambda t: F.leaky_relu(t, 0.2, inplace=True),
+        "hardtanh": lambda t: F.hardtanh(t, -0.5, 0.5, inplace=True),
+        "silu": lambda t: F.silu(t, inplace=True),
+        "dropout": lambda t: F.dropout(t, 0.5, True, inplace=True),
+    }[name]
+    model = _CallsInPlace(fn)
+    x = torch.randn(64, 64, requires_grad=True)
+    g = torch.randn(64, 64)
+    torch.manual_seed(0)
+    ref = model(x)
+    (ref_gx,) = torch.autograd.grad(ref, x, g)
+    s2a.compress_activations(model)
+    out = model(x)
+    (gx,) = torch.autograd.grad(out, x, g)
+    if name == "dropout":  # s2a draws its own mask: compare through it
+        assert 0.4 < (out == 0).float().mean() < 0.6
+        torch.testing.assert_close(gx, torch.where(out != 0, 2 * g, 0.0))
+    else:
+        torch.testing.assert_close(out, ref)
+        assert cosine(gx, ref_gx) > 0.99
+
+
+def test_functional_out_argument_runs_natively():
+    class Out(nn.Module):
+        def forward(self, x):
+            o = torch.zeros_like(x)
+            torch.tanh(x, out=o)
+            torch.sigmoid(x, out=x.new_empty(x.shape))
+            return o
+
+    model = s2a.compress_activations(Out())
+    x = torch.randn(5)
+    assert torch.equal(model(x), torch.tanh(x))
+    with pytest.raises(RuntimeError, match="out="):  # as natively: out= has no autograd
+        model(x.requires_grad_())
+
+
 def test_ops_subset_per_op_bits_and_skip():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
     s2a.compress_activations(model, ops={"gelu": 2, "layer_norm": 8}, skip=["blocks.1*"])
@@ -166,6 +220,22 @@ def test_strict_mode_catches_functional_calls():
     s2a.compress_activations(model, strict=True, skip=["1"])
     model(torch.randn(2, 3, requires_grad=True)).sum().backward()
     assert s2a.compression_summary(model) == {"2": "gelu@4"}
+
+
+def test_strict_mode_reports_pooling():
+    # Max pooling keeps its whole input plus int64 indices for backward (on resnet18 with
+    # biases and head trainable, most of the saved bytes): strict mode must name it.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, 1), nn.ReLU())
+    with pytest.raises(s2a.UncoveredOperatorsError, match="1: MaxPool2d"):
+        s2a.compress_activations(model, strict=True)
+
+    class Pools(nn.Module):
+        def forward(self, x):
+            return F.avg_pool2d(F.max_pool2d(x, 2), 2) + F.adaptive_max_pool2d(x, 1)
+
+    model = s2a.compress_activations(Pools(), strict=True)
+    with pytest.raises(s2a.UncoveredOperatorsError, match=r"\['avg_pool', 'max_pool'\]"):
+        model(torch.randn(1, 2, 8, 8, requires_grad=True))
 
 
 @pytest.mark.parametrize(

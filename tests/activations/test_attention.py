@@ -227,6 +227,47 @@ def test_default_mode_is_probs():
     assert set(A.SDPA_MODES) == set(MODES)
 
 
+@pytest.mark.parametrize("op", ["softmax", *MODES])
+def test_outputs_can_be_modified_in_place(op):
+    # As native outputs: `y = op(x); y += 1` works (no view created inside the Function).
+    q, k, v, _ = make_qkv(L=10, S=12)
+
+    def run(in_place: bool):
+        xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        y = softmax(xs[0], -1) if op == "softmax" else ours(op)(*xs)
+        y = y.add_(1) if in_place else y + 1
+        return torch.autograd.grad(y, xs[0], torch.ones_like(y))
+
+    assert torch.equal(run(True)[0], run(False)[0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_zero_key_rows_at_small_scale(mode):
+    # Rows of zeros (padding keys) are stored with scale 0 and decode to exactly 0; with scale
+    # 1 they decoded to about 1/255, which dwarfs keys of magnitude 0.01 (dq error 0.25).
+    q, k, v, g = make_qkv(L=6, S=9, E=8)
+    k = k * 0.01
+    k[:, :, -3:] = 0.0
+    _, got = attn_grads(ours(mode, bits=8), q, k, v, g)
+    _, ref = reference(q, k, v, g)
+    for a, b in zip(got, ref, strict=True):
+        assert (a.double() - b).norm() / b.norm() < 0.02
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk", [A.CHUNK_ELEMS, 3 * 12])  # one chunk; 3 query rows at a time
+def test_attention_unbatched_2d(monkeypatch, mode, chunk):
+    # (L, E) query, key and value, as the native op takes (no batch dim at all).
+    monkeypatch.setattr(A, "CHUNK_ELEMS", chunk)
+    q, k, v, g = (t[0, 0] for t in make_qkv(L=10, S=12, E=8))
+    mask = torch.rand(10, 12) > 0.3
+    out, got = attn_grads(ours(mode, bits=8), q, k, v, g, attn_mask=mask)
+    ref_out, ref = reference(q, k, v, g, attn_mask=mask)
+    assert out.shape == (10, 8)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    assert_grads_close(got, ref, 0.999)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_attention_forward_matches_native(mode):
     q, k, v, g = make_qkv(L=50, S=70)

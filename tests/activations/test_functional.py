@@ -210,6 +210,46 @@ def test_layer_norm_nan_row_and_empty():
     assert e.grad.shape == (0, 64)
 
 
+@pytest.mark.parametrize("bits", [4, 3])  # the fused kernels; the generic row storage
+def test_norms_of_constant_rows_give_zero_weight_grad(bits):
+    # x̂ is 0 everywhere: stored with scale 0 it decodes to 0, so dL/dw = sum(g x̂) is 0
+    # (with scale 1 every x̂ decoded to a codebook level near 0, dL/dw = -0.25 per row).
+    w = torch.ones(64, requires_grad=True)
+    x = torch.full((6, 64), 3.0, requires_grad=True)
+    (gw,) = torch.autograd.grad(S.layer_norm(x, (64,), w, None, bits=bits), w, torch.ones(6, 64))
+    assert not gw.any()
+    x = torch.randn(6, 64)
+    x[:, 5] = 0.0  # a channel of zeros for RMSNorm
+    (gw,) = torch.autograd.grad(S.rms_norm(x.requires_grad_(), (64,), w, bits=bits), w,
+                                torch.ones(6, 64))
+    assert gw[5] == 0
+
+
+def test_batch_norm_constant_channel_gives_zero_weight_grad():
+    w = torch.ones(4, requires_grad=True)
+    x = torch.randn(8, 4, 5, 5) * 1e-3
+    x[:, 2] = 0.5
+    y = S.batch_norm(x.requires_grad_(), None, None, w, None, True)
+    (gw,) = torch.autograd.grad(y, w, torch.ones_like(y))
+    assert gw[2] == 0
+
+
+@pytest.mark.parametrize("bits", [4, 3])  # the fused kernels; the generic row storage
+@pytest.mark.parametrize("rms", [False, True])
+def test_norm_weight_grad_keeps_the_nan_of_a_nan_row(bits, rms):
+    # Natively a NaN row's x̂ is NaN and makes every dL/dw NaN, even where g is 0 on that row.
+    x = torch.randn(4, 8)
+    x[1, 2] = float("nan")
+    w = torch.ones(8, requires_grad=True)
+    g = torch.ones(4, 8)
+    g[1] = 0.0
+    ours = S.rms_norm(x, (8,), w, bits=bits) if rms else S.layer_norm(x, (8,), w, None, bits=bits)
+    ref = F.rms_norm(x, (8,), w) if rms else F.layer_norm(x, (8,), w)
+    (gw,) = torch.autograd.grad(ours, w, g)
+    (gw_ref,) = torch.autograd.grad(ref, w, g)
+    assert gw_ref.isnan().all() and gw.isnan().all()
+
+
 def test_rms_norm():
     w = torch.randn(256, requires_grad=True)
     x = realistic(8, 64, 256)
@@ -219,6 +259,16 @@ def test_rms_norm():
     y, gx = grads(lambda t: S.rms_norm(t, (256,), w, 1e-6), x, g)
     torch.testing.assert_close(y, y_ref)
     assert cosine(gx, gx_ref) > 0.99 and cosine(w.grad, gw_ref) > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_default_eps_is_atens(dtype):
+    # eps=None: ATen adds the epsilon of its float32 compute type, not bf16's 7.8e-3,
+    # which would shrink the output of small-magnitude input (RMS 0.47 instead of 1).
+    x = (torch.randn(4, 33, 64) * 0.05).to(dtype).requires_grad_()
+    w = torch.randn(64, dtype=dtype, requires_grad=True)
+    for weight in (None, w):
+        assert torch.equal(S.rms_norm(x, (64,), weight), F.rms_norm(x, (64,), weight))
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -241,6 +291,15 @@ def test_batch_norm(training):
     torch.testing.assert_close(bn.running_mean, ref_stats[0])
     torch.testing.assert_close(bn.running_var, ref_stats[1])
     assert cosine(gx, gx_ref) > 0.99 and cosine(bn.weight.grad, gw_ref) > 0.98
+
+
+def test_batch_norm_one_value_per_channel_raises_in_training():
+    x = torch.randn(1, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        S.batch_norm(x, torch.zeros(4), torch.ones(4), training=True)
+    rm, rv = torch.zeros(4), torch.ones(4)  # eval mode: one sample is fine
+    w = torch.ones(4, requires_grad=True)
+    assert torch.equal(S.batch_norm(x, rm, rv, w), F.batch_norm(x, rm, rv, w))
 
 
 def test_batch_norm_eval_frozen_keeps_no_activation():
@@ -426,6 +485,20 @@ def test_dropout_reproducible_and_validated():
         S.dropout(x, 0.5, mode="zip")
 
 
+@pytest.mark.parametrize("mode", ["regenerate", "bitmask"])
+def test_dropout_in_place_with_grad(mode):
+    # As F.dropout(inplace=True): x itself is dropped (a caller may ignore the return value)
+    # and the gradient flows through the mask; a leaf that requires grad raises.
+    leaf = torch.ones(64, 100, requires_grad=True)
+    x = leaf * 1.0
+    y = S.dropout(x, 0.3, True, inplace=True, mode=mode)
+    assert y is x and 0.25 < (x == 0).float().mean() < 0.35
+    x.backward(torch.ones_like(x))
+    assert torch.equal(leaf.grad, x.detach())
+    with pytest.raises(RuntimeError, match="leaf Variable"):
+        S.dropout(leaf, 0.3, True, inplace=True, mode=mode)
+
+
 def _corr(a, b):
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
     return float((a * b).mean() / (a.std() * b.std()))
@@ -572,3 +645,42 @@ def test_norms_keep_native_dtypes():
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     assert torch.equal(S.batch_norm(x64, rm.clone(), rv.clone(), training=True),
                        F.batch_norm(x64, rm.clone(), rv.clone(), training=True))
+
+
+_W = torch.randn(16, requires_grad=True)
+_CONV_W = torch.randn(16, 16, 3, 3)
+IN_PLACE_OPS = {
+    "gelu": lambda t: S.activation(t, "gelu"),
+    "relu": lambda t: S.activation(t, "relu"),
+    "layer_norm": lambda t: S.layer_norm(t, (16,), _W, _W),
+    "rms_norm": lambda t: S.rms_norm(t, (16,), _W),
+    "rms_norm_2d": lambda t: S.rms_norm(t, (8, 16)),
+    "batch_norm_train": lambda t: S.batch_norm(t, None, None, _W, _W, True),
+    "batch_norm_eval": lambda t: S.batch_norm(t, torch.zeros(16), torch.ones(16), _W, _W, False),
+    "dropout": lambda t: S.dropout(t, 0.3),
+    "dropout_bitmask": lambda t: S.dropout(t, 0.3, mode="bitmask"),
+    "drop_path": lambda t: S.drop_path(t, 0.3, True),
+    "conv": lambda t: S.conv(t, _CONV_W, None, 1, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE_OPS))
+def test_outputs_can_be_modified_in_place(name):
+    # As native outputs: `y = op(x); y += 1` works (no view created inside the Function).
+    fn = IN_PLACE_OPS[name]
+    x = torch.randn(4, 16, 8, 16)
+
+    def grad(in_place: bool) -> torch.Tensor:
+        xs = x.clone().requires_grad_()
+        torch.manual_seed(0)
+        y = fn(xs)
+        if in_place:
+            y += 1
+            y.mul_(2)
+        else:
+            y = (y + 1) * 2
+        y.backward(torch.ones_like(y))
+        return xs.grad
+
+    assert torch.equal(grad(True), grad(False))
+

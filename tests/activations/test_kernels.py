@@ -1,5 +1,7 @@
 """The compiled kernels give bit-identical results to their eager references."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -87,6 +89,23 @@ def test_norm_kernels_match_eager():
         torch.testing.assert_close(gw, ref_gw, equal_nan=True)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_norm_channel_of_zeros_decodes_to_zero(monkeypatch, compiled):
+    # Scale 0 is stored for it (the codebook has no zero level): it decodes to exactly 0.
+    from s2a.activations.rowquant import row_codebook
+
+    monkeypatch.setenv("S2A_COMPILE", "1" if compiled else "0")
+    x = torch.randn(40, 96) * 1e-3
+    x[:, 7] = 0.0
+    rstd = torch.ones(40, 1)
+    levels, mids = row_codebook("normal", 4).tensors(torch.device("cpu"))
+    packed, scale = K.norm_encode(x, rstd, rstd, mids, 4, True)
+    assert scale[7] == 0
+    _, gw = K.norm_backward(packed, scale, levels, rstd, torch.ones(40, 96), torch.ones(96), 4,
+                            True, True)
+    assert gw[7] == 0
+
+
 @pytest.mark.parametrize("n", [1, 7, 1001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_dropout_kernel_matches_eager(n, dtype):
@@ -167,6 +186,23 @@ def test_row_kernels_match_eager(monkeypatch, kind, bits, shape, dtype, keep_nan
         dx = R.softmax_backward_rows(packed, scale, cb, g)
         ref = _row_eager(monkeypatch, R.softmax_backward_rows, packed, scale, cb, g)
         torch.testing.assert_close(dx, ref, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "bits", "shape"), ROW_CASES)
+@pytest.mark.parametrize("keep_nan", [False, True])
+def test_rows_of_zeros_decode_to_zero(monkeypatch, kind, bits, shape, keep_nan):
+    # Scale 0 is stored for them: the signed codebooks have no zero level, and with scale 1
+    # a zero row decoded to about +-1/k whatever the (here small) magnitude of the data.
+    from s2a.activations import rowquant as R
+
+    cb = R.row_codebook(kind, bits)
+    x = row_inputs(kind, shape, torch.float32) * 1e-3
+    for run in (lambda f, *a, **k: f(*a, **k), partial(_row_eager, monkeypatch)):
+        packed, scale = run(R.quantize_rows, x, cb, keep_nan=keep_nan)
+        out = run(R.dequantize_rows, packed, scale, cb, x.shape).reshape(-1, shape[-1])
+        assert torch.equal(out[1], torch.zeros(shape[-1]))
+        if not keep_nan:  # rows that are not finite: their codes carry nothing, zeros too
+            assert not out[2].any() and not out[-1].any()
 
 
 def test_row_kernels_non_contiguous_and_empty(monkeypatch):

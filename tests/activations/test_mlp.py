@@ -48,6 +48,17 @@ def test_frozen_mlp_equals_the_unfused_compressed_block(monkeypatch, name, chunk
     assert fused.by_kind == plain.by_kind
 
 
+def test_frozen_mlp_output_can_be_modified_in_place():
+    # As F.linear's output: `y = mlp(x); y += 1` works (not a view made inside the Function).
+    w1, b1, w2, b2 = _weights()
+    x = torch.randn(3, 17, 24, requires_grad=True)
+    y = M.frozen_mlp(x, w1, b1, w2, b2)
+    y += 1
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    (ref,) = torch.autograd.grad(M.frozen_mlp(x, w1, b1, w2, b2), x, torch.ones_like(y))
+    assert torch.equal(gx, ref)
+
+
 class _Block(nn.Module):
     def __init__(self, w1, b1, w2, b2, name, fused):
         super().__init__()

@@ -135,7 +135,15 @@ def _sdpa(spec, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
 
 
 def _act(kind, spec, x, *args, **kwargs):
-    kwargs.pop("inplace", None)
+    inplace = kwargs.pop("inplace", False)
+    y = _act_value(kind, spec, x, *args, **kwargs)
+    # As natively, x itself must hold the result (a caller may ignore the return value): the
+    # compressed op writes a new tensor, copied into x (autograd records the copy; a leaf
+    # that requires grad raises, as natively). Only inplace calls pay for the copy.
+    return x.copy_(y) if inplace else y
+
+
+def _act_value(kind, spec, x, *args, **kwargs):
     if kind == "gelu":
         approximate = kwargs.pop("approximate", args[0] if args else "none")
         kind = "gelu_tanh" if approximate == "tanh" else "gelu"
@@ -217,6 +225,14 @@ _UNCOVERED_FUNCTIONS = {
     F.softsign: "softsign", torch.erf: "erf", torch.exp: "exp", torch.rsqrt: "rsqrt",
     F.dropout1d: "dropout1d", F.dropout2d: "dropout2d", F.dropout3d: "dropout3d",
     F.conv_transpose1d: "conv_transpose", F.conv_transpose2d: "conv_transpose",
+    # Max pooling keeps its whole input and int64 indices; average pooling its input.
+    **{f: "max_pool" for f in (
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.max_pool1d_with_indices,
+        F.max_pool2d_with_indices, F.max_pool3d_with_indices, torch.max_pool1d, torch.max_pool2d,
+        torch.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+        F.adaptive_max_pool1d_with_indices, F.adaptive_max_pool2d_with_indices,
+        F.adaptive_max_pool3d_with_indices, F.fractional_max_pool2d, F.fractional_max_pool3d)},
+    **{f: "avg_pool" for f in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)},
     # a Python composite: while the mode handles it, its inner softmax / SDPA run natively
     F.multi_head_attention_forward: "multi_head_attention_forward",
 }
@@ -231,7 +247,9 @@ class _CompressMode(TorchFunctionMode):
         kwargs = kwargs or {}
         entry = _FUNCTIONS.get(func)
         state = self.state
-        if entry is not None and state.disabled == 0:
+        # out= runs natively: such a call records no autograd history (with an input that
+        # requires grad it raises, as natively), so there is nothing to compress.
+        if entry is not None and state.disabled == 0 and "out" not in kwargs:
             kind, handler = entry
             # Random kinds are routed without grad too: a reentrant checkpoint runs the block
             # without grad, then recomputes it with grad, and both must draw s2a's mask.
@@ -261,7 +279,7 @@ _HF_RMSNORM = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
 _COVERED_BY_MODE = ("BatchNormAct2d", "FrozenBatchNormAct2d", "LayerNormAct", "LayerNormAct2d",
                     "SyncBatchNormAct", "Attention", "SelfAttention")
 _SUSPECT_WORDS = ("GELU", "ReLU", "SiLU", "Swish", "Mish", "Sigmoid", "Tanh", "Softmax", "Norm",
-                  "Dropout", "DropPath", "ELU", "GLU", "Softplus", "Hardswish", "Activation")
+                  "Dropout", "DropPath", "ELU", "GLU", "Softplus", "Hardswish", "Activation", "MaxPool")
 
 
 def _module_op(module: nn.Module, spec: CompressionSpec):

@@ -300,7 +300,7 @@ class _SDPA(torch.autograd.Function):
                     del p
                     if out is None:
                         out = o.new_empty(*batch, L, o.size(-1))
-                    out[(sl if sl is not None else slice(None), Ellipsis, slice(i0, i1), slice(None))] = o
+                    out[(*_batch_index(sl), Ellipsis, slice(i0, i1), slice(None))] = o
                     del o
                 del qc, kT, vc
         saved_mask = mask if cfg.mode == "recompute" else None
@@ -335,7 +335,7 @@ class _SDPA(torch.autograd.Function):
             dq = dk = dv = None
             n = 0
             for j, sl in enumerate(slices):
-                where = sl if sl is not None else slice(None)
+                where = _batch_index(sl)
                 qp, qsc, kp, ksc, vp, vsc = qkv_state[6 * j: 6 * j + 6]
                 qh = dequantize_rows(qp, qsc, cb_x, _sliced_shape(q_shape, sl), cdt)
                 kh = _expand_kv(dequantize_rows(kp, ksc, cb_x, _sliced_shape(k_shape, sl), cdt), cfg.groups)
@@ -367,7 +367,7 @@ class _SDPA(torch.autograd.Function):
                             dp.mul_(keep)
                         ds = _softmax_bwd(dp, p)  # P * (dP - rowsum(P dP)); scale applied below
                         if need_q:
-                            rows = (where, Ellipsis, slice(i0, i1), slice(None))
+                            rows = (*where, Ellipsis, slice(i0, i1), slice(None))
                             dq = _accumulate(dq, dq_shape, rows, torch.matmul(ds, kh), whole_rows)
                         if need_k:
                             dk = _accumulate(dk, dk_shape, where, torch.matmul(ds.transpose(-1, -2), q_c), sl is None)
@@ -381,6 +381,12 @@ class _SDPA(torch.autograd.Function):
             if need_v:
                 dv = _reduce_kv(dv, v_shape, cfg.groups).to(v_dt)
         return dq, dk, dv, None, None
+
+
+def _batch_index(sl: slice | None) -> tuple[slice, ...]:
+    """Index prefix selecting batch slice ``sl``; empty for the whole batch, which may have no
+    batch dim at all (unbatched 2-D Q, K, V)."""
+    return () if sl is None else (sl,)
 
 
 def _sliced_shape(shape: torch.Size, sl: slice | None) -> torch.Size:

@@ -140,12 +140,13 @@ class _LayerNorm(torch.autograd.Function):
         d = math.prod(norm_shape)
         x2d = x.reshape(-1, d)
         if rms:
-            xf = x2d.float()
-            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            rstd = torch.rsqrt(x2d.float().pow(2).mean(-1, keepdim=True) + eps)
             mean = rstd  # unused by the RMS kernels
-            y = xf * rstd
-            y = y * weight.float().reshape(-1) if weight is not None else y
-            y = y.reshape(shape).to(x.dtype)  # as F.rms_norm: the input's dtype, whatever the weight's
+            # y is computed in x's shape, not reshaped from 2-D: a view made inside the
+            # Function could not be modified in place by the caller.
+            y = x.float() * rstd.view(*shape[:len(shape) - nd], *(1,) * nd)
+            y = y * weight.float() if weight is not None else y
+            y = y.to(x.dtype)  # as F.rms_norm: the input's dtype, whatever the weight's
         else:
             # The native kernel gives the exact output and the per-row statistics.
             with torch.autocast(x.device.type, enabled=False):
@@ -190,7 +191,10 @@ class _LayerNorm(torch.autograd.Function):
             gx2d = rstd * (centred - xhat * proj)
             gw_all = (gf * xhat).sum(0)
         if weight is not None and weight.requires_grad:
-            gw = gw_all.view(weight.shape).to(weight.dtype)
+            # A row holding NaN/inf is stored as zeros (it would spoil every channel's scale);
+            # natively its x̂ is NaN and makes every dL/dw NaN. Its 1/σ is NaN (mean and
+            # variance are): added as 0 * sum(1/σ), O(rows), the NaN comes back.
+            gw = (gw_all + rstd.sum() * 0.0).view(weight.shape).to(weight.dtype)
         if ctx.needs_input_grad[0]:
             gx = gx2d.reshape(shape).to(in_dtype)
         return gx, gw, gb, None, None, None, None
@@ -219,10 +223,12 @@ def rms_norm(
     """``F.rms_norm`` storing the normalised input at ``bits`` bits per element (float64
     input runs natively: its kernels compute in float32)."""
     _check_row_bits(bits, "rms_norm")
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
     if not _needs_grad(x, weight) or x.numel() == 0 or x.dtype == torch.float64:
         return F.rms_norm(x, normalized_shape, weight, eps)
+    if eps is None:
+        # As ATen: the epsilon of the type it computes in (float32 for bf16 / fp16 input),
+        # not of the input's (bf16's 7.8e-3 would swamp the mean square of small inputs).
+        eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
     nd = len(normalized_shape) if not isinstance(normalized_shape, int) else 1
     return _LayerNorm.apply(x, weight, None, eps, nd, True, bits)
 
@@ -424,7 +430,7 @@ class _BatchNorm(torch.autograd.Function):
             per=per, batch_stats=batch_stats, quant=quant, has_w=weight is not None,
             has_b=bias is not None, stack=x4.is_contiguous(), mids_str=_bn_tables(bits)[0])
         if quant:
-            _, scale = RQ._safe_scale(scale)
+            scale = RQ.stored_scale(scale)
             packed = codes if per > 1 else RQ.pack_codes(codes, bits)
         else:
             packed, scale = x.new_zeros(0, dtype=torch.uint8), x.new_zeros(0)
@@ -505,6 +511,9 @@ def batch_norm(
         if x.dtype == torch.float32 and x.dim() >= 2 and not (weight is not None and weight.requires_grad):
             return _affine_batch_norm(x, mean, rstd, weight, bias)
         return _BatchNorm.apply(x, weight, bias, mean, rstd, False, eps, bits).reshape(x.shape)
+    if training and x.numel() // x.shape[1] == 1:
+        # As F.batch_norm: a batch variance of one value is 0, and the output would be silently 0.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     # Batch statistics, computed in the fused forward pass.
     y, mean, var = _BatchNorm.apply(x, weight, bias, None, None, True, eps, bits)
     y = y.reshape(x.shape)
@@ -544,7 +553,8 @@ def _hashed(device: torch.device) -> bool:
 def _dropout_masked(x: torch.Tensor, p: float, regenerate: bool):
     """(output, seed, keep mask or None, hashed): the mask drawn from one seed of the default
     generator, with or without autograd: a reentrant checkpoint runs the forward without
-    grad and recomputes it with grad, and both must draw the same mask."""
+    grad and recomputes it with grad, and both must draw the same mask. The output is
+    flat when ``hashed`` (callers view it as ``x.shape``), else shaped like ``x``."""
     seed = _fresh_seed(x.device)
     hashed = regenerate and _hashed(x.device)
     if hashed:
@@ -570,7 +580,7 @@ class _Dropout(torch.autograd.Function):
         p, regenerate, shape, hashed = ctx.meta
         if regenerate:
             if hashed:
-                return kernels.dropout_apply(g, int(state), p), None, None
+                return kernels.dropout_apply(g, int(state), p).view(shape), None, None
             keep = _mask_from_seed(int(state), shape, p, g.device, g.dtype)
         else:
             keep = unpack(state, 1, g.numel()).view(shape).to(g.dtype)
@@ -591,8 +601,14 @@ def dropout(
         return F.dropout(x, p, training, inplace)
     if not _needs_grad(x):
         y = _dropout_masked(x, p, mode == "regenerate")[0]
-        return x.copy_(y) if inplace else y
-    return _Dropout.apply(x, p, mode == "regenerate")
+    else:
+        # The Function may return the flat output: viewed here, outside it, the result can
+        # be modified in place (a view made inside an autograd Function cannot).
+        y = _Dropout.apply(x, p, mode == "regenerate")
+    y = y.view(x.shape)
+    # inplace: x itself holds the result, as with F.dropout (with grad, autograd records the
+    # copy; a leaf that requires grad raises, as natively).
+    return x.copy_(y) if inplace else y
 
 
 class _DropPath(torch.autograd.Function):

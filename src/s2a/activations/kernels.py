@@ -328,8 +328,9 @@ def _norm_encode_eager(
     # A row holding NaN/inf must not spoil the scale of every other row: its own
     # gradient is NaN anyway through its 1/sigma.
     scale = torch.nan_to_num(xhat, nan=0.0, posinf=0.0, neginf=0.0).abs().amax(0)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    v = torch.nan_to_num(xhat / scale, nan=0.0)
+    # A channel of zeros divides by 1 but keeps scale 0, so that it decodes to exactly 0
+    # (the codebook has no zero level).
+    v = torch.nan_to_num(xhat / torch.where(scale > 0, scale, 1.0), nan=0.0)
     if bits == 8:  # 8-bit levels are uniform on [-1, 1]: round instead of comparing 255 times
         codes = ((v + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.int16).to(torch.uint8)
     elif not torch.compiler.is_compiling():  # eager: one bucketize pass, same codes
@@ -468,13 +469,14 @@ def _dropout_args(x: torch.Tensor, seed: int, p: float):
 
 
 def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """``x`` times the dropout mask of ``seed`` (scaled by 1/(1-p)); the mask depends only
-    on (seed, p, position in row-major order), not on strides or on the kernel used."""
+    """``x`` times the dropout mask of ``seed`` (scaled by 1/(1-p)), flattened in row-major
+    order: the caller views it in ``x``'s shape, outside any autograd Function (a view made
+    inside one cannot be modified in place). The mask depends only on (seed, p, position in
+    row-major order), not on strides or on the kernel used."""
     flat = x.reshape(-1)
     if flat.numel() == 0:
-        return x.clone()
-    out = _run("dropout", _dropout_eager, flat, *_dropout_args(x, seed, p))
-    return out.view(x.shape)
+        return flat.clone()
+    return _run("dropout", _dropout_eager, flat, *_dropout_args(x, seed, p))
 
 
 def dropout_mask(shape, seed: int, p: float, device) -> torch.Tensor:

@@ -81,7 +81,10 @@ class _MLPFrozenWeights(torch.autograd.Function):
         lut, _ = cb.tensors(x.device)
         act = SMOOTH_FUNCTIONS[name]
         rows, hidden = x2.shape[0], w1.shape[0]
-        out = x2.new_empty(rows, w2.shape[0])
+        # Allocated in its final shape and written through a 2-D view: returned as a view, the
+        # output could not be modified in place by the caller (a view made inside a Function).
+        out = x2.new_empty(*x.shape[:-1], w2.shape[0])
+        out2 = out.view(rows, w2.shape[0])
         packed = []
         for r0, r1 in _row_chunks(rows, hidden):
             h = F.linear(x2[r0:r1], w1c, b1c)
@@ -89,14 +92,14 @@ class _MLPFrozenWeights(torch.autograd.Function):
             a = act(h)
             del h
             if b2c is None:
-                torch.mm(a, w2c.t(), out=out[r0:r1])
+                torch.mm(a, w2c.t(), out=out2[r0:r1])
             else:
-                torch.addmm(b2c, a, w2c.t(), out=out[r0:r1])
+                torch.addmm(b2c, a, w2c.t(), out=out2[r0:r1])
         ctx.save_for_backward(w1, w2, *packed)
         ctx.name, ctx.bits, ctx.dtype = name, bits, dtype
         ctx.x_meta = (x.shape, x.dtype)
         ctx.b_dtypes = (None if b1 is None else b1.dtype, None if b2 is None else b2.dtype)
-        return out.reshape(*x.shape[:-1], w2.shape[0])
+        return out
 
     @staticmethod
     @once_differentiable  # the stored codes give f'(x), not f'': refuse double backward

@@ -29,8 +29,9 @@ to the same code eagerly after one warning):
 Compiled and eager give the same bytes and scales; decoded values are equal, and
 everything that sums over a row (renormalisation, backward formulas) agrees to
 float32 rounding (the sums run in another order); ``tests/activations/test_kernels.py``.
-Rows that are not finite are encoded as rows of zeros (their codes carry nothing:
-the scale is NaN with ``keep_nan``, else 1).
+Rows of zeros are stored with scale 0, so they decode to exactly 0 (the signed
+codebooks have no zero level). Rows that are not finite are encoded as rows of zeros
+(their codes carry nothing: the scale is NaN with ``keep_nan``, else 0).
 """
 
 from __future__ import annotations
@@ -139,9 +140,19 @@ def _table_codes(v: torch.Tensor, mids: torch.Tensor, bits: int) -> torch.Tensor
 
 
 def _safe_scale(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # A row of zeros gets scale 1 so the division stays finite.
+    # The scale to divide by: 1 for a row of zeros, so the division stays finite. Never the
+    # one to store (see stored_scale).
     finite = torch.isfinite(scale)
     return finite, torch.where((scale > 0) & finite, scale, torch.ones_like(scale))
+
+
+def stored_scale(scale: torch.Tensor, *, keep_nan: bool = False) -> torch.Tensor:
+    """The per-row scale saved with the codes: 0 for a row of zeros, so that it decodes to
+    exactly 0 (a signed codebook has no zero level: with the division's scale 1 such a row
+    would decode to about +-1/k whatever the magnitude of the data); NaN (``keep_nan``) or
+    0 for a row that is not finite."""
+    bad = torch.full_like(scale, float("nan") if keep_nan else 0.0)
+    return torch.where(torch.isfinite(scale), scale.clamp_min(0.0), bad)
 
 
 def _scale_of(xf: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -309,12 +320,7 @@ def encode_rows(
     """(unpacked uint8 codes shaped like ``x``, per-row scale): see :func:`quantize_rows`."""
     _, mids = codebook.tensors(x.device)
     codes, scale = run_fused(_quantize_body, x, mids, **_static(codebook))
-    # The saved scale (O(rows), eager): 1 for rows of zeros; rows that are not finite
-    # get NaN (keep_nan) or 1.
-    finite, safe = _safe_scale(scale)
-    if keep_nan:
-        safe = torch.where(finite, safe, torch.full_like(safe, float("nan")))
-    return codes, safe
+    return codes, stored_scale(scale, keep_nan=keep_nan)  # O(rows), eager
 
 
 def quantize_rows(
@@ -325,7 +331,8 @@ def quantize_rows(
     Codes are the nearest level of ``x / scale`` (ties may go either way). With
     ``keep_nan=True`` a row holding a NaN or an infinity gets scale NaN, so it
     dequantizes to NaN everywhere (NaN propagates to gradients as in the exact
-    operator); by default such a row gets scale 1 (its codes are then meaningless).
+    operator); by default such a row gets scale 0 (it dequantizes to zeros). A row of
+    zeros gets scale 0 and dequantizes to exactly 0.
 
     The row max and the encoding run as one ``torch.compile``d loop (``S2A_COMPILE=0``
     or a failed compile: the same code eagerly; same bytes either way).
