@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -266,6 +267,16 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             sd: Any = load_file(str(path))
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc).lower().replace(" ", "_"):
+            raise ZooError(f"cannot read weights file {path} (corrupt, or not a state dict): {exc}") from None
+        # torch's own message is pages long and suggests code changes; unpickling objects
+        # could run code from the file, so it is not offered.
+        raise ZooError(
+            f"weights file {path} holds pickled Python objects (e.g. a whole model saved with "
+            "torch.save(model)), which are not loaded (unpickling can run code): save "
+            "model.state_dict() instead, or convert it to .safetensors"
+        ) from None
     except Exception as exc:
         raise ZooError(f"cannot read weights file {path} (corrupt, or not a state dict): {type(exc).__name__}: {exc}") from None
     for key in ("state_dict", "model", "model_state", "module", "params"):
