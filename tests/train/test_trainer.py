@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 
 import pytest
 import torch
@@ -92,6 +93,33 @@ def test_precisions_and_accumulation(run_cli, image_folder, tmp_path):
         report = json.loads((out / "report.json").read_text())
         assert report["precision"] == precision and report["steps"] == 2  # 24 images / (4 x 3)
         assert 0.0 <= report["accuracy"] <= 1.0
+
+
+def test_step_time_leaves_out_data_loading(run_cli, image_folder, tmp_path, monkeypatch):
+    """Methods compare on what a step computes: a slow loader shows in data_time_s and
+    wall_throughput, not in step_time_s / throughput."""
+    import time
+
+    from s2a.train import trainer as trainer_module
+
+    collate = trainer_module._Batches.collate
+
+    def slow_collate(self, rows):
+        time.sleep(0.2)
+        return collate(self, rows)
+
+    monkeypatch.setattr(trainer_module._Batches, "collate", slow_collate)
+    out = tmp_path / "slow"
+    run_cli("--model", "test_vit", "--img-size", "32", "--data", str(image_folder), "--method", "full",
+            "--epochs", "1", "--train-size", "16", "--batch-size", "4", "--out", str(out))  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    steps = [m for m in _read_jsonl(out / "metrics.jsonl") if m["event"] == "train"]
+    assert len(steps) == 4 and all(m["data_time_s"] >= 0.2 for m in steps)
+    assert report["data_time_s"] >= 0.2
+    assert report["step_time_s"] == pytest.approx(statistics.median(m["step_time_s"] for m in steps[1:]))
+    assert report["throughput"] == pytest.approx(statistics.median(4 / m["step_time_s"] for m in steps[1:]))
+    walls = [m["step_time_s"] + m["data_time_s"] for m in steps[1:]]
+    assert report["wall_throughput"] == pytest.approx(12 / sum(walls))
 
 
 def test_accumulation_weighs_every_example_of_a_short_last_step_alike(run_cli, image_folder, tmp_path):
@@ -260,11 +288,17 @@ def test_interrupted_runs_resume_without_losing_anything(reference_runs, tmp_pat
     # each of the 3 process starts' first step (warm-up) is left out of the timing
     assert got["warmup_steps"] == [0, 2, 4]
     steady = [1, 3, 5]
+    compute = [got["step_times"][i] - got["step_data_times"][i] for i in steady]
+    assert report["step_time_s"] == pytest.approx(statistics.median(compute))
     assert report["throughput"] == pytest.approx(
+        statistics.median(got["step_samples"][i] / t for i, t in zip(steady, compute, strict=True)))
+    assert report["data_time_s"] == pytest.approx(statistics.median(got["step_data_times"][i] for i in steady))
+    assert report["wall_throughput"] == pytest.approx(
         sum(got["step_samples"][i] for i in steady) / sum(got["step_times"][i] for i in steady))
 
     again = _fit(out, resume=True)  # resuming a finished run tests it again: the same report
-    for key in ("accuracy", "step_time_s", "throughput", "train_time_s", "history", "steps"):
+    for key in ("accuracy", "step_time_s", "throughput", "data_time_s", "wall_throughput", "train_time_s",
+                "history", "steps"):
         assert again[key] == report[key], key
 
 

@@ -455,11 +455,12 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
         self.epoch_stats = [0.0, 0.0, 0.0]  # loss sum, correct, seen
-        self.step_times: list[float] = []
+        self.step_times: list[float] = []  # whole optimizer steps, data loading included
+        self.step_data_times: list[float] = []  # of which fetching and preparing the batches
         self.step_samples: list[int] = []
         # index in step_times of each process start's first step (allocator and compiler
         # warm-up): left out of the report's timing, for a resumed run as for a fresh one
-        self.warmup_steps: list[int] = []
+        self.timing_warmup: list[int] = []
         self.train_time = 0.0
 
         last = self.run_dir / CKPT_DIR / "last.pt"
@@ -575,7 +576,8 @@ class Trainer:
             # the report's step time and throughput cover every step, across resumes
             step_times=list(self.step_times),
             step_samples=list(self.step_samples),
-            warmup_steps=list(self.warmup_steps),
+            step_data_times=list(self.step_data_times),
+            warmup_steps=list(self.timing_warmup),
         )
         atomic_save(ckpt, self.run_dir / CKPT_DIR / "last.pt")
 
@@ -620,7 +622,9 @@ class Trainer:
             self.train_time = float(ckpt.get("train_time", 0.0))
             self.step_times = [float(v) for v in ckpt.get("step_times", [])]
             self.step_samples = [int(v) for v in ckpt.get("step_samples", [])]
-            self.warmup_steps = [int(v) for v in ckpt.get("warmup_steps", [0])]
+            # checkpoints from before data loading was timed apart: counted as compute
+            self.step_data_times = [float(v) for v in ckpt.get("step_data_times", [0.0] * len(self.step_times))]
+            self.timing_warmup = [int(v) for v in ckpt.get("warmup_steps", [0])]
             info = self.dist
             assert info is not None
             per_rank = ckpt.get("rng_per_rank") or []
@@ -741,18 +745,21 @@ class Trainer:
         return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "n": int(n)}
 
     # ------------------------------------------------------------------ training
-    def _train_step(self, entries: list[tuple[list[int], int]], loader: Iterator) -> tuple[float, float, float]:
-        """One optimizer step over its micro-batches; returns (loss sum, correct, seen) here."""
+    def _train_step(self, entries: list[tuple[list[int], int]], loader: Iterator) -> tuple[float, float, float, float]:
+        """One optimizer step over its micro-batches; returns (loss sum, correct, seen) here and
+        the seconds spent fetching and moving the batches (apart from the step's compute)."""
         info = self.dist
         assert info is not None
-        loss_sum = correct = seen = 0.0
+        loss_sum = correct = seen = data_s = 0.0
         # The mean over every example of the step, however its micro-batches are sized (the
         # last step of an epoch may end with a short one); times world_size, which
         # all_reduce_grads divides by.
         weight_per_example = info.world_size / sum(n_global for _, n_global in entries)
         for share, _n_global in entries:
+            t0 = time.perf_counter()
             inputs, labels = next(loader)
             inputs, labels = _to_device(inputs, info.device), labels.to(info.device)
+            data_s += time.perf_counter() - t0
             with self._autocast():
                 logits = call_model(self.model, inputs)
             per = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=self.rc.label_smoothing)
@@ -777,7 +784,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, correct, seen
+        return loss_sum, correct, seen, data_s
 
     def _memory_now(self) -> int | None:
         dev = self.dist.device if self.dist else torch.device("cpu")
@@ -850,7 +857,7 @@ class Trainer:
                     for entries in plan:
                         t0 = time.perf_counter()
                         lr = self.optimizer.param_groups[0]["lr"]
-                        loss_sum, correct, seen = self._train_step(entries, loader)
+                        loss_sum, correct, seen, data_s = self._train_step(entries, loader)
                         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], info)
                         if not math.isfinite(loss_sum):  # the sum is global: every process stops here
                             bar.close()
@@ -858,8 +865,9 @@ class Trainer:
                         dt = time.perf_counter() - t0
                         self.train_time += dt
                         if self._steps_this_run == 0:
-                            self.warmup_steps.append(len(self.step_times))
+                            self.timing_warmup.append(len(self.step_times))
                         self.step_times.append(dt)
+                        self.step_data_times.append(data_s)
                         self.step_samples.append(int(seen))
                         self.step_in_epoch += 1
                         self.global_step += 1
@@ -870,7 +878,7 @@ class Trainer:
                         rec = {
                             "event": "train", "epoch": epoch + 1, "global_step": self.global_step,
                             "loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1),
-                            "lr": lr, "step_time_s": dt,
+                            "lr": lr, "step_time_s": dt - data_s, "data_time_s": data_s,
                         }  # fmt: skip
                         if self.global_step % rc.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
                             self._emit(rec)
@@ -952,12 +960,36 @@ class Trainer:
         notes.append(f"memory measured by s2a.measure on one training micro-batch of {n} examples per process")
         return report, notes
 
-    def _earlier_timing(self) -> tuple[float | None, float | None]:
+    def _timing(self) -> dict[str, float | None]:
+        """The report's timing, over the steps after each process start's first (warm-up):
+
+        * ``step_time_s``: median compute time of an optimizer step (forward, backward,
+          optimizer; data loading excluded, so that methods compare on what they cost);
+        * ``throughput``: median of the steps' examples per second of that compute time (a
+          full step's is batch / step_time_s; one slow step moves neither);
+        * ``data_time_s``: median time a step waited for its batches;
+        * ``wall_throughput``: examples / wall time of those steps, data loading included
+          (what the run achieved)."""
+        warm = set(self.timing_warmup)
+        steady = [i for i in range(len(self.step_times)) if i not in warm] or list(range(len(self.step_times)))
+        compute = [max(self.step_times[i] - self.step_data_times[i], 1e-9) for i in steady]
+        wall = sum(self.step_times[i] for i in steady)
+        samples = [self.step_samples[i] for i in steady]
+        if not steady:
+            return {"step_time_s": None, "throughput": None, "data_time_s": None, "wall_throughput": None}
+        return {
+            "step_time_s": statistics.median(compute),
+            "throughput": statistics.median(n / t for n, t in zip(samples, compute, strict=True)),
+            "data_time_s": statistics.median(self.step_data_times[i] for i in steady),
+            "wall_throughput": sum(samples) / wall if wall > 0 else None,
+        }
+
+    def _earlier_timing(self) -> dict[str, float | None]:
         try:
             old = json.loads((self.run_dir / "report.json").read_text(encoding="utf-8"))
-            return old.get("step_time_s"), old.get("throughput")
+            return {k: old.get(k) for k in ("step_time_s", "throughput", "data_time_s", "wall_throughput")}
         except (OSError, ValueError, AttributeError):
-            return None, None
+            return {}
 
     def _finish(self) -> dict[str, Any]:
         info = self.dist
@@ -970,14 +1002,9 @@ class Trainer:
         test = self.evaluate(self.data.test)
         self._emit({"event": "test", "global_step": self.global_step, "epoch": best["epoch"], **test})
         mem, mem_notes = (self._measure() if info.is_main else (None, []))
-        warm = set(self.warmup_steps)
-        steady = [i for i in range(len(self.step_times)) if i not in warm] or list(range(len(self.step_times)))
-        times = [self.step_times[i] for i in steady]
-        samples = [self.step_samples[i] for i in steady]
-        step_time = statistics.median(times) if times else None
-        throughput = (sum(samples) / sum(times)) if times and sum(times) > 0 else None
-        if step_time is None:  # a finished run resumed from a checkpoint older than saved step times
-            step_time, throughput = self._earlier_timing()
+        timing = self._timing()
+        if timing["step_time_s"] is None:  # a finished run resumed from a checkpoint older than saved step times
+            timing.update(self._earlier_timing())
         dev = info.device
         last = self.history[-1] if self.history else {}
         report: dict[str, Any] = {
@@ -995,8 +1022,7 @@ class Trainer:
             "peak_memory_method": mem.peak_method if mem is not None else None,
             "grad_bytes": mem.grad_bytes if mem is not None else None,
             "process_peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else _peak_rss_bytes(),
-            "step_time_s": step_time,
-            "throughput": throughput,
+            **timing,
             "throughput_unit": "training examples per second (all processes)",
             "train_time_s": self.train_time,
             "steps": self.global_step,
