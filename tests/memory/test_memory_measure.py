@@ -432,3 +432,39 @@ def test_peak_is_a_steady_state_step_with_the_optimizer_state_alive():
     sgd = measure(model, x, optimizer_step=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
     assert sgd.optimizer_state_bytes == report.trainable_param_bytes
     assert sgd.peak_bytes >= without.peak_bytes + 0.95 * sgd.optimizer_state_bytes
+
+
+class _KeepsCtxAttr(torch.autograd.Function):
+    """Keeps exp(x) as a ctx attribute: invisible to saved-tensor hooks, not to the allocator."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.kept = x.exp()
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.kept
+
+
+def test_tensors_kept_outside_save_for_backward_get_a_note():
+    x = torch.randn(64, 4096)  # 1 MiB; exp(x) of the hidden layer: 4 MiB
+    hidden = nn.Linear(4096, 4096 * 4, bias=False)
+    hidden.weight.requires_grad_(False)
+
+    class Model(nn.Module):
+        def __init__(self, sneaky):
+            super().__init__()
+            self.hidden, self.sneaky = hidden, sneaky
+
+        def forward(self, x):
+            h = self.hidden(x)
+            return (_KeepsCtxAttr.apply(h) if self.sneaky else h * 2).sum(-1, keepdim=True)
+
+    x.requires_grad_(True)
+    honest = measure(Model(False), (x,), lambda out, _b: out.sum())
+    assert not any(n.startswith("cross-check") for n in honest.notes)
+    sneaky = measure(Model(True), (x,), lambda out, _b: out.sum())
+    assert "exact" in sneaky.peak_method and sneaky.cross_check_ratio > 1.25
+    note = next(n for n in sneaky.notes if n.startswith("cross-check"))
+    assert "outside save_for_backward" in note and "ctx attributes" in note

@@ -202,7 +202,11 @@ class ProfilerProbe:
     Each :meth:`live` reading stops the profiler, adds up its events and starts it again, so no
     event list grows over a whole step. Only allocations through PyTorch's CPU allocator are
     seen (tensors and their kernels' scratch buffers), the counterpart of the CUDA counters;
-    C++ objects such as autograd nodes are not. Uses the private ``torch.autograd`` profiler
+    C++ objects such as autograd nodes are not. The profiler records the threads PyTorch runs
+    the step on (the caller's, and on CPU the backward's, which is the caller's); tensors
+    another Python thread allocates meanwhile are not seen. A block allocated before the
+    probe started and freed during the step has no recorded size, so its free is not
+    subtracted: live and peak then read high, never low. Uses the private ``torch.autograd`` profiler
     entry points that ``torch.profiler.profile`` wraps (the public object adds a costly
     post-processing of every event); :func:`probe_for` falls back to :class:`HostProbe` when
     they are missing or a profiler is already running.

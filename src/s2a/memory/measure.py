@@ -470,8 +470,28 @@ def measure(
             state.restore()
     if probe is None:
         notes.append(f"no allocator statistics for device {device}: peak and cross-check skipped")
+    unexplained = _unexplained_live_bytes(report)
+    if unexplained:
+        notes.append(unexplained)
     report.notes.extend(notes)
     return report
+
+
+def _unexplained_live_bytes(report: MemoryReport) -> str | None:
+    """A note when the allocator's live bytes after the forward and the saved-tensor hooks'
+    count disagree by more than a quarter and 1 MiB: something keeps tensors the hooks cannot
+    see (a custom autograd Function's ``ctx.attr``, a module caching its input), and
+    ``saved_bytes`` then undercounts (or, the other way, counts what is freed anyway)."""
+    live, expected = report.forward_live_bytes, report.expected_forward_live_bytes
+    if live is None or expected is None or abs(live - expected) <= max(2**20, 0.25 * max(live, expected)):
+        return None
+    mib = 2**20
+    if live > expected:
+        return (f"cross-check: {live / mib:.1f} MiB stay live after the forward, but the saved-tensor hooks "
+                f"account for {expected / mib:.1f} MiB: something keeps tensors outside save_for_backward "
+                "(e.g. ctx attributes of a custom autograd Function), which saved_bytes does not count")
+    return (f"cross-check: the saved-tensor hooks count {expected / mib:.1f} MiB, but only {live / mib:.1f} MiB "
+            "stay live after the forward: saved_bytes counts tensors that are freed or shared anyway")
 
 
 def _instrumented_run(

@@ -1021,6 +1021,8 @@ class Trainer:
             "peak_memory_bytes": mem.peak_bytes if mem is not None else None,
             "peak_memory_method": mem.peak_method if mem is not None else None,
             "grad_bytes": mem.grad_bytes if mem is not None else None,
+            # allocator growth after the forward / what the saved-tensor hooks predict (1.0: they agree)
+            "memory_cross_check_ratio": mem.cross_check_ratio if mem is not None else None,
             "process_peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else _peak_rss_bytes(),
             **timing,
             "throughput_unit": "training examples per second (all processes)",
@@ -1047,7 +1049,8 @@ class Trainer:
             "device": str(dev),
             "history": self.history,
             "s2a_config": self.s2a_config,
-            "notes": [*self.zoo.notes, *self.method_notes, *self.data.notes, *mem_notes],
+            "notes": [*self.zoo.notes, *self.method_notes, *self.data.notes, *mem_notes,
+                      *(mem.notes if mem is not None else ())],
             "torch_version": torch.__version__,
         }
         if mem is not None and mem.by_module:
