@@ -222,20 +222,123 @@ def test_strict_mode_catches_functional_calls():
     assert s2a.compression_summary(model) == {"2": "gelu@4"}
 
 
-def test_strict_mode_reports_pooling():
-    # Max pooling keeps its whole input plus int64 indices for backward (on resnet18 with
-    # biases and head trainable, most of the saved bytes): strict mode must name it.
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, 1), nn.ReLU())
+def test_strict_mode_reports_pooling_that_keeps_its_input():
+    # Max pooling asked for its indices, adaptive and fractional max pooling keep the whole
+    # input plus int64 indices: strict mode must name them.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, 1, return_indices=True))
     with pytest.raises(s2a.UncoveredOperatorsError, match="1: MaxPool2d"):
         s2a.compress_activations(model, strict=True)
 
     class Pools(nn.Module):
         def forward(self, x):
-            return F.avg_pool2d(F.max_pool2d(x, 2), 2) + F.adaptive_max_pool2d(x, 1)
+            y, _ = F.max_pool2d(x, 2, return_indices=True)
+            z, _ = F.max_pool1d_with_indices(x.flatten(2), 2)
+            return (F.avg_pool2d(F.max_pool2d(x, 2), 2).sum() + y.sum() + z.sum()
+                    + F.adaptive_max_pool2d(x, 1).sum())
 
     model = s2a.compress_activations(Pools(), strict=True)
-    with pytest.raises(s2a.UncoveredOperatorsError, match=r"\['avg_pool', 'max_pool'\]"):
+    with pytest.raises(s2a.UncoveredOperatorsError,
+                       match=r"\['adaptive_max_pool', 'max_pool\(return_indices=True\)'\]"):
         model(torch.randn(1, 2, 8, 8, requires_grad=True))
+
+    # a module switched to return_indices after compression returns them, natively
+    model = s2a.compress_activations(nn.Sequential(nn.MaxPool2d(2)))
+    model[0].return_indices = True
+    y, idx = model(torch.randn(1, 2, 4, 4, requires_grad=True))
+    assert idx.dtype == torch.int64 and y.grad_fn.name() == "MaxPool2DWithIndicesBackward0"
+
+
+class _Pools(nn.Module):
+    """Every pooling kind s2a compresses, as modules and as functional calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.max2 = nn.MaxPool2d(3, 2, 1)
+        self.avg2 = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.max1 = nn.MaxPool1d(2, ceil_mode=True)
+        self.avg1 = nn.AvgPool1d(3, 2)
+        self.max3 = nn.MaxPool3d(2)
+        self.avg3 = nn.AvgPool3d(2, divisor_override=3)
+        self.ada = nn.AdaptiveAvgPool2d((3, 2))
+        self.ada1 = nn.AdaptiveAvgPool1d(4)
+        self.ada3 = nn.AdaptiveAvgPool3d(2)
+        self.head = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        h = self.avg2(self.max2(self.conv(x)))  # (N, 8, 8, 8)
+        flat = h.flatten(2)
+        vol = h.view(h.shape[0], 2, 4, 8, 8)
+        outs = [self.ada(h), self.head(h), self.max1(flat), self.avg1(flat), self.ada1(flat),
+                self.max3(vol), self.avg3(vol), self.ada3(vol),
+                F.max_pool2d(h, 2, dilation=2), torch.max_pool2d(h, [3, 3], [2, 2], [1, 1]),
+                F.avg_pool2d(h, 2), F.adaptive_avg_pool2d(h, (None, 3)), F.max_pool1d(flat, 4),
+                F.avg_pool3d(vol, 2), F.adaptive_avg_pool1d(flat, 5), F.max_pool3d(vol, 2, 1)]
+        return torch.cat([o.flatten(1) for o in outs], 1)
+
+
+def test_pooling_is_compressed_exactly():
+    model = _Pools()
+    model.conv.weight.requires_grad_(False)
+    x = torch.randn(2, 3, 16, 16)
+    ref_out, ref_bytes, ref_grads = step(model, x)
+    # (pooling alone: the compressed conv would sum its bias gradient in another order)
+    s2a.compress_activations(model, ops=["max_pool", "avg_pool"], strict=True)
+    out, nbytes, grads = step(model, x)
+    # window positions instead of inputs + indices: the same output, the same gradients
+    assert torch.equal(out, ref_out)
+    assert grads.keys() == ref_grads.keys() == {"conv.bias"}
+    assert torch.equal(grads["conv.bias"], ref_grads["conv.bias"])
+    assert nbytes < ref_bytes / 5, (nbytes, ref_bytes)
+    summary = s2a.compression_summary(model)
+    assert summary == {"max2": "max_pool@8", "avg2": "avg_pool@none",
+                       "max1": "max_pool@8", "avg1": "avg_pool@none", "max3": "max_pool@8",
+                       "avg3": "avg_pool@none", "ada": "avg_pool@none", "ada1": "avg_pool@none",
+                       "ada3": "avg_pool@none", "head": "avg_pool@none"}
+    s2a.restore(model)
+    s2a.compress_activations(model, ops=["gelu"], strict=True)  # pooling left out: native again
+    assert step(model, x)[1] == ref_bytes
+
+
+def test_timm_same_padding_pools_are_routed_and_pass_strict_mode():
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), MaxPool2dSame(3, 2), AvgPool2dSame(3, 2))
+    model[0].weight.requires_grad_(False)
+    x = torch.randn(2, 3, 15, 15)
+    ref_out, ref_bytes, ref_grads = step(model, x)
+    s2a.compress_activations(model, ops=["max_pool", "avg_pool"], strict=True)
+    out, nbytes, grads = step(model, x)  # their F.max_pool2d / F.avg_pool2d calls are routed
+    assert torch.equal(out, ref_out) and torch.equal(grads["0.bias"], ref_grads["0.bias"])
+    # the frozen conv's native input and a uint8 per max-pool output (2, 4, 7, 7)
+    assert nbytes == x.numel() * 4 + 2 * 4 * 7 * 7 < ref_bytes / 3
+
+
+def test_resnet18_max_pool_keeps_a_byte_per_output():
+    # The stem max-pool kept its fp32 input + int64 indices: 786,432 of resnet18's 1,032,016
+    # saved bytes (biases + head trainable, 4-bit storage, batch 2, 64 px).
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("bias") or name.startswith("fc."))
+    x = torch.randn(2, 3, 64, 64)
+    pooled = 2 * 64 * 16 * 16  # the stem max-pool's output: (2, 64, 16, 16)
+    s2a.compress_activations(model, bits=4, ops=[k for k in OP_KINDS if "pool" not in k])
+    before = s2a.measure(model, x)
+    native = before.by_kind["max_pool"]
+    assert native == pooled * 4 * 4 + pooled * 8  # its fp32 input and int64 indices
+    _, _, ref_grads = step(model, x)
+    s2a.restore(model)
+    s2a.compress_activations(model, bits=4, strict=True)  # nothing is left uncovered
+    after = s2a.measure(model, x)
+    assert after.by_kind["max_pool (s2a)"] == pooled  # a uint8 window position each
+    assert "max_pool" not in after.by_kind
+    assert before.saved_bytes - after.saved_bytes == native - pooled
+    summary = s2a.compression_summary(model)
+    assert summary["maxpool"] == "max_pool@8" and summary["global_pool.pool"] == "avg_pool@none"
+    # the pooling is exact: the gradients are those of the same model with native pooling
+    _, _, grads = step(model, x)
+    assert grads.keys() == ref_grads.keys()
+    assert all(torch.equal(grads[k], ref_grads[k]) for k in grads)
 
 
 @pytest.mark.parametrize(
@@ -321,7 +424,7 @@ def test_deepcopy_of_a_compressed_model_runs_on_its_own_tensors():
     torch.save(model, io.BytesIO())  # and the compressed model pickles
 
 
-@pytest.mark.parametrize("layer", [nn.GELU(), nn.LayerNorm(8), nn.Softmax(-1)])
+@pytest.mark.parametrize("layer", [nn.GELU(), nn.LayerNorm(8), nn.Softmax(-1), nn.MaxPool1d(1)])
 def test_double_backward_is_refused_not_silently_wrong(layer):
     # the stored codes give f'(x) only: a gradient penalty through them would drop f''
     model = s2a.compress_activations(nn.Sequential(nn.Linear(8, 8), layer, nn.Linear(8, 8)))

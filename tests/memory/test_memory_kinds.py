@@ -23,6 +23,10 @@ from s2a.memory import kind_from_class_name
         ("NativeBatchNormBackward0", "batch_norm"),
         ("CudnnBatchNormBackward0", "batch_norm"),
         ("NativeDropoutBackward0", "dropout"),
+        ("MaxPool2DWithIndicesBackward0", "max_pool"),
+        ("MaxPool3DWithIndicesBackward0", "max_pool"),
+        ("AvgPool3DBackward0", "avg_pool"),
+        ("AdaptiveAvgPool3DBackward0", "avg_pool"),
         ("UnsafeViewBackward0", "UnsafeViewBackward0"),
     ],
 )
@@ -41,6 +45,8 @@ def test_builtin_kinds(name, kind):
         ("ReLU6Backward", "relu6"),
         ("_DropoutMaskBackward", "dropout"),
         ("QuantAttentionBackward", "attention"),
+        ("_MaxPoolBackward", "max_pool"),
+        ("_AvgPoolBackward", "avg_pool"),
     ],
 )
 def test_custom_kinds(name, kind):

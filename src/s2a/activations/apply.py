@@ -18,6 +18,7 @@ Two mechanisms, both reversible:
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import functional as S
+from . import pooling as P
 from ._timm import lean_timm_forward
 from .codebooks import SMOOTH_FUNCTIONS
 from .mlp import observer_hook
@@ -37,7 +39,7 @@ from .rowquant import ROW_BITS
 POINTWISE_KINDS = (*SMOOTH_FUNCTIONS, *S.EXACT_FUNCTIONS)
 OP_KINDS = (
     *POINTWISE_KINDS, "softmax", "attention", "layer_norm", "rms_norm", "batch_norm",
-    "dropout", "drop_path", "conv",
+    "dropout", "drop_path", "conv", "max_pool", "avg_pool",
 )
 _ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm")
 
@@ -184,6 +186,23 @@ def _conv(spec, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
     return S.conv(x, weight, bias, stride, padding, dilation, groups)
 
 
+def _max_pool(d, spec, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+              return_indices=False):
+    if return_indices:  # the caller wants the int64 indices: native (strict mode reports it)
+        return NotImplemented
+    return P.max_pool(input, d, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _avg_pool(d, spec, input, kernel_size, stride=None, padding=0, ceil_mode=False,
+              count_include_pad=True, divisor_override=None):
+    return P.avg_pool(input, d, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                      divisor_override)
+
+
+def _adaptive_avg_pool(d, spec, input, output_size):
+    return P.adaptive_avg_pool(input, d, output_size)
+
+
 def _function_table() -> dict:
     table = {}
 
@@ -212,11 +231,18 @@ def _function_table() -> dict:
     add("batch_norm", _batch_norm, F.batch_norm)
     add("dropout", _dropout, F.dropout)
     add("conv", _conv, F.conv1d, F.conv2d, F.conv3d)
+    for d in (1, 2, 3):
+        add("max_pool", partial(_max_pool, d), getattr(F, f"max_pool{d}d"), getattr(torch, f"max_pool{d}d"))
+        add("avg_pool", partial(_avg_pool, d), getattr(F, f"avg_pool{d}d"))
+        add("avg_pool", partial(_adaptive_avg_pool, d), getattr(F, f"adaptive_avg_pool{d}d"))
+    add("avg_pool", partial(_adaptive_avg_pool, 2), torch._C._nn.adaptive_avg_pool2d)
+    add("avg_pool", partial(_adaptive_avg_pool, 3), torch._C._nn.adaptive_avg_pool3d)
     return table
 
 
 _FUNCTIONS = _function_table()
 
+_MAX_POOL_INDICES = "max_pool(return_indices=True)"
 # Functional calls that keep activations and that we do not compress: reported by strict mode.
 _UNCOVERED_FUNCTIONS = {
     F.elu: "elu", F.selu: "selu", F.celu: "celu", F.glu: "glu", F.group_norm: "group_norm",
@@ -225,14 +251,17 @@ _UNCOVERED_FUNCTIONS = {
     F.softsign: "softsign", torch.erf: "erf", torch.exp: "exp", torch.rsqrt: "rsqrt",
     F.dropout1d: "dropout1d", F.dropout2d: "dropout2d", F.dropout3d: "dropout3d",
     F.conv_transpose1d: "conv_transpose", F.conv_transpose2d: "conv_transpose",
-    # Max pooling keeps its whole input and int64 indices; average pooling its input.
-    **{f: "max_pool" for f in (
-        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.max_pool1d_with_indices,
-        F.max_pool2d_with_indices, F.max_pool3d_with_indices, torch.max_pool1d, torch.max_pool2d,
-        torch.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    # These keep their whole input and int64 indices (max_pool*d with return_indices=False
+    # is compressed; with return_indices=True its handler declines and it is reported too).
+    **{f: _MAX_POOL_INDICES for f in (
+        F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices,
+        torch.max_pool1d_with_indices, torch._C._nn.max_pool2d_with_indices,
+        torch._C._nn.max_pool3d_with_indices)},
+    **{f: "adaptive_max_pool" for f in (
+        F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
         F.adaptive_max_pool1d_with_indices, F.adaptive_max_pool2d_with_indices,
-        F.adaptive_max_pool3d_with_indices, F.fractional_max_pool2d, F.fractional_max_pool3d)},
-    **{f: "avg_pool" for f in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)},
+        F.adaptive_max_pool3d_with_indices)},
+    **{f: "fractional_max_pool" for f in (F.fractional_max_pool2d, F.fractional_max_pool3d)},
     # a Python composite: while the mode handles it, its inner softmax / SDPA run natively
     F.multi_head_attention_forward: "multi_head_attention_forward",
 }
@@ -254,7 +283,12 @@ class _CompressMode(TorchFunctionMode):
             # Random kinds are routed without grad too: a reentrant checkpoint runs the block
             # without grad, then recomputes it with grad, and both must draw s2a's mask.
             if state.spec.enabled(kind) and (torch.is_grad_enabled() or kind in ("dropout", "attention")):
-                return handler(state.spec, *args, **kwargs)
+                out = handler(state.spec, *args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+                # the handler declined (max pooling asked for its indices): native, reported
+                if state.spec.strict:
+                    state.uncovered_calls.add(_MAX_POOL_INDICES)
         elif (state.spec.strict and state.disabled == 0 and func in _UNCOVERED_FUNCTIONS
               and torch.is_grad_enabled()):
             state.uncovered_calls.add(_UNCOVERED_FUNCTIONS[func])
@@ -277,7 +311,7 @@ _HF_RMSNORM = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
                "T5LayerNorm", "OlmoRMSNorm", "GraniteRMSNorm", "SmolLM3RMSNorm")
 # Modules whose own forward only makes functional calls that the mode already routes.
 _COVERED_BY_MODE = ("BatchNormAct2d", "FrozenBatchNormAct2d", "LayerNormAct", "LayerNormAct2d",
-                    "SyncBatchNormAct", "Attention", "SelfAttention")
+                    "SyncBatchNormAct", "Attention", "SelfAttention", "MaxPool2dSame")
 _SUSPECT_WORDS = ("GELU", "ReLU", "SiLU", "Swish", "Mish", "Sigmoid", "Tanh", "Softmax", "Norm",
                   "Dropout", "DropPath", "ELU", "GLU", "Softplus", "Hardswish", "Activation", "MaxPool")
 
@@ -312,7 +346,39 @@ def _module_op(module: nn.Module, spec: CompressionSpec):
         return "drop_path", partial(_drop_path_forward, module)
     if type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.padding_mode == "zeros":
         return "conv", partial(_conv_forward, spec, module)
+    if type(module) in _MAX_POOLS and not module.return_indices:  # else: reported as uncovered
+        return "max_pool", partial(_max_pool_forward, module)
+    if type(module) in _AVG_POOLS:
+        return "avg_pool", partial(_avg_pool_forward, module)
+    if type(module) in _ADAPTIVE_AVG_POOLS:
+        return "avg_pool", partial(_adaptive_avg_pool_forward, module)
     return None
+
+
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+
+
+def _pool_dims(module: nn.Module, classes: tuple) -> int:
+    return classes.index(type(module)) + 1
+
+
+def _max_pool_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if module.return_indices:  # set after compress_activations: the caller wants the indices
+        return type(module).forward(module, x)
+    return P.max_pool(x, _pool_dims(module, _MAX_POOLS), module.kernel_size, module.stride,
+                      module.padding, module.dilation, module.ceil_mode)
+
+
+def _avg_pool_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return P.avg_pool(x, _pool_dims(module, _AVG_POOLS), module.kernel_size, module.stride,
+                      module.padding, module.ceil_mode, module.count_include_pad,
+                      getattr(module, "divisor_override", None))
+
+
+def _adaptive_avg_pool_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return P.adaptive_avg_pool(x, _pool_dims(module, _ADAPTIVE_AVG_POOLS), module.output_size)
 
 
 def _activation_forward(kind: str, spec: CompressionSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -571,9 +637,10 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
 
     ``storage`` is what the operator keeps for backward, as of now: a bit width per element
     (ReLU-type functions always 1, exact; ``drop_path`` 1 bit per sample; attention the
-    width of Q/K/V), ``seed`` (dropout regenerating its mask), ``none`` (a convolution
-    whose weight is frozen keeps no input) or ``native`` (a convolution with a trainable
-    weight keeps its full-precision input, as PyTorch does).
+    width of Q/K/V; ``max_pool`` 8 bits per output element, 16 for windows of over 256
+    elements), ``seed`` (dropout regenerating its mask), ``none`` (a convolution whose
+    weight is frozen keeps no input; average pooling keeps nothing) or ``native`` (a
+    convolution with a trainable weight keeps its full-precision input, as PyTorch does).
     """
     state = getattr(model, "_s2a_compression", None)
     if state is None:
@@ -589,6 +656,11 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
             return 1
         if op == "dropout":
             return 1 if spec.dropout_mode == "bitmask" else "seed"
+        if op == "max_pool":
+            d = _pool_dims(module, _MAX_POOLS)
+            return P.code_bits(math.prod(P._ints(module.kernel_size, d, "kernel_size")))
+        if op == "avg_pool":
+            return "none"
         if op == "conv":
             weight = getattr(module, "weight", None)
             return "native" if isinstance(weight, torch.Tensor) and weight.requires_grad else "none"

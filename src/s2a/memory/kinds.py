@@ -75,8 +75,11 @@ _BUILTIN: dict[str, str] = {
     "Pow": "pow",
     "MaxPool2DWithIndices": "max_pool",
     "MaxPool2D": "max_pool",
+    "MaxPool3DWithIndices": "max_pool",
     "AvgPool2D": "avg_pool",
+    "AvgPool3D": "avg_pool",
     "AdaptiveAvgPool2D": "avg_pool",
+    "AdaptiveAvgPool3D": "avg_pool",
     "NllLoss": "loss",
     "NllLoss2D": "loss",
     "MseLoss": "loss",
@@ -120,6 +123,10 @@ _CUSTOM_OPS: tuple[tuple[str, str], ...] = (
     ("linear", "linear"),
     ("conv", "conv"),
     ("matmul", "matmul"),
+    ("maxpool", "max_pool"),
+    ("max_pool", "max_pool"),
+    ("avgpool", "avg_pool"),
+    ("avg_pool", "avg_pool"),
 )
 
 _CUSTOM_OPS_LONGEST_FIRST = tuple(sorted(_CUSTOM_OPS, key=lambda it: -len(it[0])))
