@@ -385,6 +385,30 @@ def test_autocast_bf16_training_step():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_autocast_keeps_no_cast_copies_of_frozen_weights():
+    """Under bf16 autocast, native frozen Linear / Conv layers keep autocast's bf16 copy of
+    their weight until backward (a model's worth of weights at any batch size)."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, depth=2)
+    train_biases_only(model)
+    reference = copy.deepcopy(model)
+    s2a.compress_activations(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = s2a.measure(model, (x,), lambda o, _b: o.float().square().mean())
+        native = s2a.measure(reference, (x,), lambda o, _b: o.float().square().mean())
+    frozen_weights = sum(p.numel() * 2 for n, p in model.named_parameters() if n.endswith("weight")
+                         and not n.startswith("head") and p.dim() > 1)
+    assert native.by_kind["linear"] + native.by_kind["conv"] > frozen_weights  # the bf16 copies
+    head = model.head.weight.numel() * 2 + 2 * model.embed_dim * 2  # trainable head: its copy and input
+    assert report.by_kind.get("linear", 0) <= head and "conv (s2a)" not in report.by_kind
+    for m in (model, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x).float().square().mean().backward()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        if a.grad is not None:
+            assert cosine(a.grad, b.grad) > 0.99
+
+
 def test_every_kind_is_documented():
     assert {"gelu", "softmax", "attention", "layer_norm", "dropout", "conv"} <= set(OP_KINDS)
 

@@ -611,6 +611,38 @@ def test_frozen_conv_under_bf16_autocast():
     torch.testing.assert_close(gx, gx_ref, rtol=2e-2, atol=2e-2)
 
 
+def test_frozen_conv_under_autocast_keeps_no_weight_copy():
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    conv.weight.requires_grad_(False)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, nbytes = saved_bytes(S.conv, x, conv.weight, conv.bias, 1, 1, 1, 1, exclude=(conv.weight,))
+    assert nbytes == 0  # natively: the input and autocast's bf16 copy of the weight
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 16), (2, 7, 16)])
+def test_frozen_linear_under_autocast_keeps_no_weight_copy(dtype, shape):
+    lin = torch.nn.Linear(16, 32)
+    lin.weight.requires_grad_(False)
+    x = torch.randn(*shape, requires_grad=True)
+    g = torch.randn(*shape[:-1], 32)
+    with torch.autocast("cpu", dtype=dtype):
+        y_ref = F.linear(x, lin.weight, lin.bias)
+        _, native_bytes = saved_bytes(F.linear, x, lin.weight, lin.bias, exclude=(lin.weight,))
+        y, nbytes = saved_bytes(S.linear, x, lin.weight, lin.bias, exclude=(lin.weight,))
+    assert native_bytes >= lin.weight.numel() * 2 and nbytes == 0
+    assert y.dtype == y_ref.dtype == dtype and torch.equal(y, y_ref)
+    gx_ref, gb_ref = torch.autograd.grad(y_ref, (x, lin.bias), g.to(dtype))
+    gx, gb = torch.autograd.grad(y, (x, lin.bias), g.to(dtype))
+    assert gx.dtype == torch.float32 and gb.dtype == torch.float32
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+    torch.testing.assert_close(gb, g.to(dtype).float().reshape(-1, 32).sum(0))  # summed in float32
+    torch.testing.assert_close(gb, gb_ref, rtol=2e-2, atol=5e-2)
+    with torch.autocast("cpu", dtype=dtype):  # a trainable weight, or no autocast: native
+        assert S.linear(x, lin.weight.requires_grad_(True), lin.bias).grad_fn.name() != "_FrozenLinearBackward"
+
+
 def test_trainable_conv_is_native():
     conv = torch.nn.Conv2d(3, 4, 3)
     x = torch.randn(1, 3, 8, 8, requires_grad=True)

@@ -39,7 +39,7 @@ from .rowquant import ROW_BITS
 POINTWISE_KINDS = (*SMOOTH_FUNCTIONS, *S.EXACT_FUNCTIONS)
 OP_KINDS = (
     *POINTWISE_KINDS, "softmax", "attention", "layer_norm", "rms_norm", "batch_norm",
-    "dropout", "drop_path", "conv", "max_pool", "avg_pool",
+    "dropout", "drop_path", "conv", "linear", "max_pool", "avg_pool",
 )
 _ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm")
 
@@ -186,6 +186,10 @@ def _conv(spec, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
     return S.conv(x, weight, bias, stride, padding, dilation, groups)
 
 
+def _linear(spec, input, weight, bias=None):
+    return S.linear(input, weight, bias)
+
+
 def _max_pool(d, spec, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
               return_indices=False):
     if return_indices:  # the caller wants the int64 indices: native (strict mode reports it)
@@ -231,6 +235,7 @@ def _function_table() -> dict:
     add("batch_norm", _batch_norm, F.batch_norm)
     add("dropout", _dropout, F.dropout)
     add("conv", _conv, F.conv1d, F.conv2d, F.conv3d)
+    add("linear", _linear, F.linear)
     for d in (1, 2, 3):
         add("max_pool", partial(_max_pool, d), getattr(F, f"max_pool{d}d"), getattr(torch, f"max_pool{d}d"))
         add("avg_pool", partial(_avg_pool, d), getattr(F, f"avg_pool{d}d"))

@@ -646,12 +646,16 @@ def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False, s
 
 class _FrozenConv(torch.autograd.Function):
     """Convolution whose weight is frozen: grad_input needs only the weight, so the
-    input is not kept (PyTorch's own convolution keeps it regardless)."""
+    input is not kept (PyTorch's own convolution keeps it regardless). Under autocast the
+    weight is cast here and the parameter itself is kept (no cast copy lives until backward,
+    which casts it again)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False,
+        w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+        y = torch.ops.aten.convolution(x, w, bias, stride, padding, dilation, False,
                                        [0] * len(stride), groups)
+        del w
         ctx.save_for_backward(weight)
         ctx.meta = (x.shape, x.dtype, stride, padding, dilation, groups,
                     None if bias is None else list(bias.shape))
@@ -678,6 +682,41 @@ class _FrozenConv(torch.autograd.Function):
         return gx, None, gb, None, None, None, None
 
 
+class _FrozenLinear(torch.autograd.Function):
+    """``F.linear`` under autocast with a frozen weight: natively autograd keeps autocast's
+    low-precision copy of the weight until backward (a parameter's worth of bytes per layer,
+    whatever the batch size); this keeps the parameter itself and casts it again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        w = weight.to(x.dtype)
+        y = torch.ops.aten.linear(x, w, None if bias is None else bias.to(x.dtype))
+        del w
+        ctx.save_for_backward(weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (weight,) = ctx.saved_tensors
+        gx = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.matmul(g, weight.to(g.dtype))
+        if ctx.needs_input_grad[2]:
+            gb = g.reshape(-1, g.shape[-1]).float().sum(0).to(ctx.bias_dtype)
+        return gx, None, gb
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; under autocast with a frozen weight it keeps no cast copy of the weight."""
+    cast = _autocast_dtype(x.device.type)
+    if (cast is None or weight.requires_grad or not x.is_floating_point() or weight.dtype == cast
+            or not _needs_grad(x, bias)):
+        return F.linear(x, weight, bias)
+    return _FrozenLinear.apply(x.to(cast), weight, bias)
+
+
 def _tuple(v, n: int) -> list[int]:
     return list(v) if isinstance(v, (tuple, list)) else [int(v)] * n
 
@@ -693,8 +732,9 @@ def conv(
         return native(x, weight, bias, stride, padding, dilation, groups)
     cast = _autocast_dtype(x.device.type)
     if cast is not None and x.is_floating_point():
-        # Autocast does not reach the aten call inside the Function: cast as it would have.
-        x, weight = x.to(cast), weight.to(cast)
+        # Autocast does not reach the aten call inside the Function: cast as it would have
+        # (the weight inside, so that its cast copy is not what backward keeps).
+        x = x.to(cast)
         bias = bias.to(cast) if bias is not None else None
     unbatched = x.dim() == d + 1
     if unbatched:
