@@ -214,6 +214,10 @@ SMALL = 1 << 16
 def _run(name: str, eager: Callable, *args):
     # One compiled variant per static configuration (non-tensor arguments and dtypes);
     # floats that vary travel as 0-d tensors (a Python float would be baked in).
+    if torch.compiler.is_compiling():
+        # Inside a model the user compiles: traced into their graph (inductor fuses it there);
+        # no nested compile, no size test, no exception handler on the traced path.
+        return eager(*args)
     statics = "/".join(str(a) for a in args if not isinstance(a, torch.Tensor))
     name = f"{name}/{statics}/{args[0].dtype}/{args[1].dtype}/{args[0].device.type}"
     if not compile_enabled() or name in _FAILED or args[0].numel() < SMALL:
@@ -276,6 +280,8 @@ _SCALARS: dict = {}
 def _scalar(value: float, device: torch.device) -> torch.Tensor:
     # The mask levels and bounds are a handful of constants: one 0-d tensor each, made
     # once (a torch.tensor per call is a measurable share of a small CNN's step).
+    if torch.compiler.is_compiling():  # a graph constant: a traced Function may not fill the cache
+        return torch.tensor(value, dtype=torch.float32, device=device)
     key = (value, device)
     t = _SCALARS.get(key)
     if t is None:
