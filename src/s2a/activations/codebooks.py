@@ -184,25 +184,22 @@ class Codebook:
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(lut uint8[GRID_CELLS], levels float32[2**bits]) on ``device``, cached.
 
-        Under ``torch.compile`` a missing entry is built as graph constants and not
-        cached: a traced autograd Function may not mutate module state."""
+        The CPU pair is made when the codebook is loaded. Under ``torch.compile`` a missing
+        entry is the CPU pair moved in the graph, not cached: a traced autograd Function may
+        not mutate module state (and a table built from Python numbers would cost a guard
+        per entry)."""
         key = (self.name, self.bits, str(device))
         cached = _TENSORS.get(key)
         if cached is not None:
             return cached
-        tensors = (
-            torch.tensor(self._lut_list, dtype=torch.uint8, device=device),
+        if torch.compiler.is_compiling():
+            lut, levels = _TENSORS[(self.name, self.bits, "cpu")]
+            return lut.to(device), levels.to(device)
+        _TENSORS[key] = (
+            torch.from_numpy(self.lut()).to(device),
             torch.tensor(self.levels, dtype=torch.float32, device=device),
         )
-        if not torch.compiler.is_compiling():
-            _TENSORS[key] = tensors
-        return tensors
-
-    @cached_property
-    def _lut_list(self) -> list[int]:
-        # Plain ints (filled when the codebook is loaded): a traced call builds the table
-        # from Python constants, without numpy.
-        return self.lut().tolist()
+        return _TENSORS[key]
 
 
 _TENSORS: dict = {}
@@ -244,7 +241,8 @@ def _load_all() -> dict:
             levels = tuple(math.nan if v is None else v for v in entry["levels"])
             runs = tuple((int(a), int(b)) for a, b in entry["runs"])
             cb = Codebook(name, int(bits), runs, levels, entry["mse"])
-            cb.nan_code, cb._lut_list  # noqa: B018  (cached now, read as constants when traced)
+            cb.nan_code  # noqa: B018  (cached now, read as a constant when traced)
+            cb.tensors(torch.device("cpu"))
             _CODEBOOKS[(name, int(bits))] = cb
     return data
 

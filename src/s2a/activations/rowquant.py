@@ -91,18 +91,19 @@ class RowCodebook:
         return self.levels[0] < 0
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(levels, midpoints) float32 on ``device``, cached (under ``torch.compile`` a
-        missing entry is built in the graph, not cached: traced autograd Functions may not
-        mutate module state)."""
+        """(levels, midpoints) float32 on ``device``, cached; the CPU pair is made at import.
+        Under ``torch.compile`` a missing entry is the CPU pair moved in the graph, not
+        cached: a traced autograd Function may not mutate module state."""
         key = (self.name, self.bits, device)
         cached = _TENSOR_CACHE.get(key)
         if cached is not None:
             return cached
+        if torch.compiler.is_compiling():
+            lv, mids = _TENSOR_CACHE[(self.name, self.bits, torch.device("cpu"))]
+            return lv.to(device), mids.to(device)
         lv = torch.tensor(self.levels, dtype=torch.float32, device=device)
-        mids = (lv[1:] + lv[:-1]) / 2
-        if not torch.compiler.is_compiling():
-            _TENSOR_CACHE[key] = (lv, mids)
-        return lv, mids
+        _TENSOR_CACHE[key] = (lv, (lv[1:] + lv[:-1]) / 2)
+        return _TENSOR_CACHE[key]
 
 
 _TENSOR_CACHE: dict = {}
@@ -138,6 +139,8 @@ def _build_row_codebook(kind: str, bits: int) -> RowCodebook:
 # All of them, built once at import: ``row_codebook`` runs inside traced autograd Functions,
 # where ``torch.compile`` cannot call ``statistics.NormalDist`` but reads this dict as constants.
 _ROW_CODEBOOKS = {(kind, bits): _build_row_codebook(kind, bits) for kind in ROW_KINDS for bits in ROW_BITS}
+for _cb in _ROW_CODEBOOKS.values():
+    _cb.tensors(torch.device("cpu"))
 
 
 def _to_codes(w: torch.Tensor) -> torch.Tensor:
