@@ -247,7 +247,7 @@ def encode_lut(
 
     ``runs``, the codebook's (first cell, code) runs that ``lut`` was built from, lets the
     compiled kernel replace the table look-up by a compare chain (same codes, faster)."""
-    if x.is_cuda:
+    if x.is_cuda and not torch.compiler.is_compiling():  # compiled: inductor writes the kernel
         from . import triton_kernels
 
         if triton_kernels.use_triton(x, bits, lut=lut):
@@ -264,7 +264,7 @@ def encode_lut(
 
 def decode_lut(packed: torch.Tensor, g: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
     """``g * levels[code]`` elementwise, shaped like ``g``."""
-    if g.is_cuda:
+    if g.is_cuda and not torch.compiler.is_compiling():  # compiled: inductor writes the kernel
         from . import triton_kernels
 
         if triton_kernels.use_triton(g, bits, levels=levels):
@@ -291,7 +291,7 @@ def _scalar(value: float, device: torch.device) -> torch.Tensor:
 
 def encode_mask(x: torch.Tensor, lo: float, hi: float | None, inclusive: bool) -> torch.Tensor:
     """1-bit packed 'gradient passes' mask for ReLU-like functions (exact)."""
-    if x.is_cuda:
+    if x.is_cuda and not torch.compiler.is_compiling():  # compiled: inductor writes the kernel
         from . import triton_kernels
 
         if triton_kernels.use_triton(x):
@@ -307,7 +307,7 @@ def encode_mask(x: torch.Tensor, lo: float, hi: float | None, inclusive: bool) -
 
 def decode_mask(packed: torch.Tensor, g: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """``g * (high if bit else low)`` elementwise, shaped like ``g``."""
-    if g.is_cuda:
+    if g.is_cuda and not torch.compiler.is_compiling():  # compiled: inductor writes the kernel
         from . import triton_kernels
 
         if triton_kernels.use_triton(g):
