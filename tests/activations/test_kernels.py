@@ -258,3 +258,14 @@ def test_batch_norm_compiled_matches_eager(monkeypatch, training, dtype):
     ref = _row_eager(monkeypatch, run)
     for a, r in zip(got, ref, strict=True):
         torch.testing.assert_close(a, r, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keys_tensor_matches_python():
+    """The keys computed with int64 tensor ops (torch.compile path, no int(seed)) are
+    :func:`dropout_keys` bit for bit."""
+    import random
+
+    rng = random.Random(0)
+    seeds = [0, 1, 2**31, 2**32 - 1, 2**32, 2**62 - 1] + [rng.getrandbits(62) for _ in range(300)]
+    for s in seeds:
+        assert K.dropout_keys_tensor(torch.tensor([s])).tolist() == list(K.dropout_keys(s)), s

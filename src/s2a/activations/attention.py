@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .kernels import dropout_mask
 from .packing import check_bits
 from .rowquant import ROW_BITS, dequantize_rows, quantize_rows, row_codebook, softmax_backward_rows
 
@@ -173,6 +174,8 @@ def _dead_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
         dead = mask.logical_not().all(-1, keepdim=True)
     else:
         dead = (mask == float("-inf")).all(-1, keepdim=True)
+    if torch.compiler.is_compiling():  # bool(tensor) would break the graph; zeroing none is a no-op
+        return dead
     return dead if bool(dead.any()) else None
 
 
@@ -212,8 +215,13 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
 
 
-def _keep_scale(gen: torch.Generator, like: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout multiplier: 0 where dropped, 1/(1-p) where kept (drawn from ``gen``)."""
+def _keep_scale(gen: torch.Generator | torch.Tensor, like: torch.Tensor, p: float, offset: int = 0) -> torch.Tensor:
+    """Dropout multiplier: 0 where dropped, 1/(1-p) where kept (drawn from ``gen``; a seed
+    tensor under torch.compile: the counter-based hash mask of ``kernels.dropout_mask``, of
+    the elements from ``offset`` on, since no Generator object can live in a traced graph)."""
+    if isinstance(gen, torch.Tensor):
+        keep = dropout_mask(like.shape, gen, p, like.device, offset)
+        return keep.to(like.dtype).mul_(1.0 / (1.0 - p))
     keep = torch.rand(like.shape, generator=gen, dtype=like.dtype, device=like.device)
     return keep.lt_(1.0 - p).mul_(1.0 / (1.0 - p))
 
@@ -273,8 +281,11 @@ class _SDPA(torch.autograd.Function):
             )
             nb = len(batch)
             slices = _batch_slices(q, k, v, mask, batch, L, S) or [None]
-            seed_t, gen = None, None
-            if cfg.dropout_p > 0:
+            seed_t, gen, drawn = None, None, 0
+            hashed = torch.compiler.is_compiling()  # no .item(), no Generator in the graph
+            if cfg.dropout_p > 0 and hashed:
+                seed_t = gen = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+            elif cfg.dropout_p > 0:
                 seed = _draw_seed()
                 seed_t = torch.tensor([seed], dtype=torch.int64)
                 gen = _dropout_generator(seed, dev)
@@ -295,7 +306,8 @@ class _SDPA(torch.autograd.Function):
                     if cfg.mode == "probs":
                         p_state.extend(quantize_rows(p, cb_p, keep_nan=True))
                     if gen is not None:
-                        p.mul_(_keep_scale(gen, p, cfg.dropout_p))
+                        p.mul_(_keep_scale(gen, p, cfg.dropout_p, drawn))
+                        drawn += p.numel()
                     o = torch.matmul(p, vc)
                     del p
                     if out is None:
@@ -306,6 +318,7 @@ class _SDPA(torch.autograd.Function):
         saved_mask = mask if cfg.mode == "recompute" else None
         ctx.save_for_backward(seed_t, saved_mask, *qkv_state, *p_state)
         ctx.cfg = cfg
+        ctx.hashed = hashed
         ctx.meta = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, batch, p_batches, slices)
         return out.to(q.dtype)
 
@@ -325,9 +338,9 @@ class _SDPA(torch.autograd.Function):
         with _no_autocast(dev.type):
             g = grad_out.to(cdt)
             L, S = q_shape[-2], k_shape[-2]
-            gen = None
+            gen, drawn = None, 0
             if seed_t is not None:
-                gen = _dropout_generator(int(seed_t.item()), dev)
+                gen = seed_t if ctx.hashed else _dropout_generator(int(seed_t.item()), dev)
             # gradients in the broadcast (and GQA-expanded) batch shape, reduced at the end
             dq_shape = torch.Size((*batch, L, q_shape[-1]))
             dk_shape = torch.Size((*batch, S, k_shape[-1]))
@@ -354,7 +367,8 @@ class _SDPA(torch.autograd.Function):
                     n += 1
                     whole_rows = sl is None and (i0, i1) == (0, L)  # this part is all of dq
                     g_c = g_s[..., i0:i1, :]
-                    keep = None if gen is None else _keep_scale(gen, p, cfg.dropout_p)
+                    keep = None if gen is None else _keep_scale(gen, p, cfg.dropout_p, drawn)
+                    drawn += p.numel()
                     if need_v:
                         pd = p if keep is None else p * keep
                         dv = _accumulate(dv, dv_shape, where, torch.matmul(pd.transpose(-1, -2), g_c), sl is None)

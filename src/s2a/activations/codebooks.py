@@ -36,7 +36,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -182,13 +182,23 @@ class Codebook:
         return table
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lut uint8[GRID_CELLS], levels float32[2**bits]) on ``device``, cached."""
+        """(lut uint8[GRID_CELLS], levels float32[2**bits]) on ``device``, cached.
+
+        The CPU pair is made when the codebook is loaded. Under ``torch.compile`` a missing
+        entry is the CPU pair moved in the graph, not cached: a traced autograd Function may
+        not mutate module state (and a table built from Python numbers would cost a guard
+        per entry)."""
         key = (self.name, self.bits, str(device))
-        if key not in _TENSORS:
-            _TENSORS[key] = (
-                torch.from_numpy(self.lut()).to(device),
-                torch.tensor(self.levels, dtype=torch.float32, device=device),
-            )
+        cached = _TENSORS.get(key)
+        if cached is not None:
+            return cached
+        if torch.compiler.is_compiling():
+            lut, levels = _TENSORS[(self.name, self.bits, "cpu")]
+            return lut.to(device), levels.to(device)
+        _TENSORS[key] = (
+            torch.from_numpy(self.lut()).to(device),
+            torch.tensor(self.levels, dtype=torch.float32, device=device),
+        )
         return _TENSORS[key]
 
 
@@ -211,27 +221,47 @@ def fit_codebook(name: str, bits: int) -> Codebook:
     return Codebook(name, bits, tuple(runs), tuple(stored), mse)
 
 
-@cache
+# Every shipped codebook, read once at import: ``get_codebook`` is called inside the
+# forward and backward of autograd Functions, where ``torch.compile`` cannot trace a file
+# read (nor ``functools.cache``, whose wrapped body it traces on every call), but reads a
+# module-level dict as constants.
+_CODEBOOKS: dict[tuple[str, int], Codebook] = {}
+
+
 def _load_all() -> dict:
     if not CODEBOOK_FILE.exists():
         raise FileNotFoundError(
             f"{CODEBOOK_FILE} is missing; regenerate it with `python -m s2a.activations.codebooks`"
         )
-    return json.loads(CODEBOOK_FILE.read_text())
+    data = json.loads(CODEBOOK_FILE.read_text())
+    for name, per_bits in data.items():
+        if name.startswith("_"):
+            continue
+        for bits, entry in per_bits.items():
+            levels = tuple(math.nan if v is None else v for v in entry["levels"])
+            runs = tuple((int(a), int(b)) for a, b in entry["runs"])
+            cb = Codebook(name, int(bits), runs, levels, entry["mse"])
+            cb.nan_code  # noqa: B018  (cached now, read as a constant when traced)
+            cb.tensors(torch.device("cpu"))
+            _CODEBOOKS[(name, int(bits))] = cb
+    return data
 
 
-@cache
+if CODEBOOK_FILE.exists():  # (missing while `python -m s2a.activations.codebooks` rebuilds it)
+    _load_all()
+
+
 def get_codebook(name: str, bits: int) -> Codebook:
     """The shipped codebook for ``name`` at ``bits``."""
     check_bits(bits, CODEBOOK_BITS, what=f"bits for {name}")
+    cb = _CODEBOOKS.get((name, bits))
+    if cb is not None:
+        return cb
     data = _load_all()
     if name not in data:
         known = sorted(k for k in data if not k.startswith("_"))
         raise ValueError(f"no codebook for {name!r}; known: {known}")
-    entry = data[name][str(bits)]
-    levels = tuple(math.nan if v is None else v for v in entry["levels"])
-    runs = tuple((int(a), int(b)) for a, b in entry["runs"])
-    return Codebook(name, bits, runs, levels, entry["mse"])
+    return _CODEBOOKS[(name, bits)]
 
 
 def write_codebooks(path: Path = CODEBOOK_FILE) -> dict:

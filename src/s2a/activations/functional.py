@@ -536,9 +536,11 @@ def _fresh_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64)
 
 
-def _mask_from_seed(seed: int, shape, p: float, device, dtype) -> torch.Tensor:
+def _mask_from_seed(seed, shape, p: float, device, dtype) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # no Generator object in a traced graph: the hashed mask
+        return kernels.dropout_mask(shape, seed, p, device).to(dtype)
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(int(seed))
     keep = torch.empty(shape, device=device, dtype=torch.float32).bernoulli_(1 - p, generator=gen)
     return keep.to(dtype)
 
@@ -546,8 +548,9 @@ def _mask_from_seed(seed: int, shape, p: float, device, dtype) -> torch.Tensor:
 def _hashed(device: torch.device) -> bool:
     # CPU: the mask is a counter-based hash of (seed, index), recomputed inside the
     # compiled pass that applies it (kernels.dropout_apply): ~2x cheaper than
-    # bernoulli_. Other devices, and the bitmask mode, keep bernoulli_.
-    return device.type == "cpu"
+    # bernoulli_. Other devices, and the bitmask mode, keep bernoulli_ (but not under
+    # torch.compile: a Generator object or int(seed) would break the graph).
+    return device.type == "cpu" or torch.compiler.is_compiling()
 
 
 def _dropout_masked(x: torch.Tensor, p: float, regenerate: bool):
@@ -558,8 +561,8 @@ def _dropout_masked(x: torch.Tensor, p: float, regenerate: bool):
     seed = _fresh_seed(x.device)
     hashed = regenerate and _hashed(x.device)
     if hashed:
-        return kernels.dropout_apply(x, int(seed), p), seed, None, True
-    keep = _mask_from_seed(int(seed), x.shape, p, x.device, x.dtype)
+        return kernels.dropout_apply(x, seed, p), seed, None, True
+    keep = _mask_from_seed(seed, x.shape, p, x.device, x.dtype)
     return x * keep * (1.0 / (1 - p)), seed, keep, False
 
 
@@ -580,8 +583,8 @@ class _Dropout(torch.autograd.Function):
         p, regenerate, shape, hashed = ctx.meta
         if regenerate:
             if hashed:
-                return kernels.dropout_apply(g, int(state), p).view(shape), None, None
-            keep = _mask_from_seed(int(state), shape, p, g.device, g.dtype)
+                return kernels.dropout_apply(g, state, p).view(shape), None, None
+            keep = _mask_from_seed(state, shape, p, g.device, g.dtype)
         else:
             keep = unpack(state, 1, g.numel()).view(shape).to(g.dtype)
         return g * keep * (1.0 / (1 - p)), None, None

@@ -214,6 +214,10 @@ SMALL = 1 << 16
 def _run(name: str, eager: Callable, *args):
     # One compiled variant per static configuration (non-tensor arguments and dtypes);
     # floats that vary travel as 0-d tensors (a Python float would be baked in).
+    if torch.compiler.is_compiling():
+        # Inside a model the user compiles: traced into their graph (inductor fuses it there);
+        # no nested compile, no size test, no exception handler on the traced path.
+        return eager(*args)
     statics = "/".join(str(a) for a in args if not isinstance(a, torch.Tensor))
     name = f"{name}/{statics}/{args[0].dtype}/{args[1].dtype}/{args[0].device.type}"
     if not compile_enabled() or name in _FAILED or args[0].numel() < SMALL:
@@ -243,7 +247,7 @@ def encode_lut(
 
     ``runs``, the codebook's (first cell, code) runs that ``lut`` was built from, lets the
     compiled kernel replace the table look-up by a compare chain (same codes, faster)."""
-    if x.is_cuda:
+    if x.is_cuda and not torch.compiler.is_compiling():  # compiled: inductor writes the kernel
         from . import triton_kernels
 
         if triton_kernels.use_triton(x, bits, lut=lut):
@@ -260,7 +264,7 @@ def encode_lut(
 
 def decode_lut(packed: torch.Tensor, g: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
     """``g * levels[code]`` elementwise, shaped like ``g``."""
-    if g.is_cuda:
+    if g.is_cuda and not torch.compiler.is_compiling():  # compiled: inductor writes the kernel
         from . import triton_kernels
 
         if triton_kernels.use_triton(g, bits, levels=levels):
@@ -276,6 +280,8 @@ _SCALARS: dict = {}
 def _scalar(value: float, device: torch.device) -> torch.Tensor:
     # The mask levels and bounds are a handful of constants: one 0-d tensor each, made
     # once (a torch.tensor per call is a measurable share of a small CNN's step).
+    if torch.compiler.is_compiling():  # a graph constant: a traced Function may not fill the cache
+        return torch.tensor(value, dtype=torch.float32, device=device)
     key = (value, device)
     t = _SCALARS.get(key)
     if t is None:
@@ -285,7 +291,7 @@ def _scalar(value: float, device: torch.device) -> torch.Tensor:
 
 def encode_mask(x: torch.Tensor, lo: float, hi: float | None, inclusive: bool) -> torch.Tensor:
     """1-bit packed 'gradient passes' mask for ReLU-like functions (exact)."""
-    if x.is_cuda:
+    if x.is_cuda and not torch.compiler.is_compiling():  # compiled: inductor writes the kernel
         from . import triton_kernels
 
         if triton_kernels.use_triton(x):
@@ -301,7 +307,7 @@ def encode_mask(x: torch.Tensor, lo: float, hi: float | None, inclusive: bool) -
 
 def decode_mask(packed: torch.Tensor, g: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """``g * (high if bit else low)`` elementwise, shaped like ``g``."""
-    if g.is_cuda:
+    if g.is_cuda and not torch.compiler.is_compiling():  # compiled: inductor writes the kernel
         from . import triton_kernels
 
         if triton_kernels.use_triton(g):
@@ -441,13 +447,55 @@ def dropout_keys(seed: int) -> tuple[int, int]:
     return out[0], out[1]
 
 
+# The same keys from a seed held in a tensor, with tensor ops only: under torch.compile a
+# seed drawn in the graph cannot become a Python int without a graph break. 64-bit words are
+# (hi, lo) pairs of 32-bit limbs in int64 tensors; every product stays below 2**49, so no
+# step overflows and the keys equal :func:`dropout_keys` bit for bit on any backend.
+
+_M16 = 0xFFFF
+
+
+def _mul_mod32(a: torch.Tensor, c: int) -> torch.Tensor:
+    return (a * (c & _M16) + (((a * (c >> 16)) & _M16) << 16)) & _M32
+
+
+def _mul64(h: torch.Tensor, lo: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, lo) * c mod 2**64."""
+    c_lo, c_hi = c & _M32, c >> 32
+    p0, p1 = lo * (c_lo & _M16), lo * (c_lo >> 16)  # lo * c_lo = p0 + p1 * 2**16
+    t = p0 + ((p1 & _M16) << 16)
+    carry = (t >> 32) + (p1 >> 16)  # floor(lo * c_lo / 2**32)
+    return (carry + _mul_mod32(h, c_lo) + _mul_mod32(lo, c_hi)) & _M32, t & _M32
+
+
+def _xor_shr64(h: torch.Tensor, lo: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """z ^ (z >> s) for 0 < s < 32 (logical shift)."""
+    return h ^ (h >> s), lo ^ (((lo >> s) | (h << (32 - s))) & _M32)
+
+
+def dropout_keys_tensor(seed: torch.Tensor) -> torch.Tensor:
+    """:func:`dropout_keys` of a non-negative int64 ``seed`` tensor (one element), as an
+    int64 tensor ``[k0, k1]``, without leaving the graph."""
+    s = seed.reshape(-1)[:1].to(torch.int64)
+    h, lo = s >> 32, s & _M32
+    gamma = 0x9E3779B97F4A7C15
+    out = []
+    for _ in range(2):
+        lo = lo + (gamma & _M32)
+        h, lo = (h + (gamma >> 32) + (lo >> 32)) & _M32, lo & _M32
+        zh, zl = _mul64(*_xor_shr64(h, lo, 30), 0xBF58476D1CE4E5B9)
+        zh, zl = _mul64(*_xor_shr64(zh, zl, 27), 0x94D049BB133111EB)
+        out.append(_xor_shr64(zh, zl, 31)[1])
+    return torch.cat(out)
+
+
 def dropout_threshold(p: float) -> int:
     """Keep an element when its 32-bit hash is below this: P(keep) = 1 - p to 2**-32."""
     return min(round((1.0 - p) * 2**32), 2**32)
 
 
-def _keep_mask(n: int, keys: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-    idx = torch.arange(n, dtype=torch.int64, device=keys.device)
+def _keep_mask(n: int, keys: torch.Tensor, thr: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    idx = torch.arange(offset, offset + n, dtype=torch.int64, device=keys.device)
     h = _mix32(_mix32((idx & _M32) ^ keys[0]) ^ (((idx >> 32) + keys[1]) & _M32))
     return h < thr
 
@@ -460,27 +508,31 @@ def _dropout_eager(x: torch.Tensor, keys: torch.Tensor, thr: torch.Tensor,
     return (x.to(cd) * torch.where(keep, scale.to(cd), 0.0)).to(x.dtype)
 
 
-def _dropout_args(x: torch.Tensor, seed: int, p: float):
-    k0, k1 = dropout_keys(seed)
-    keys = torch.tensor([k0, k1], dtype=torch.int64, device=x.device)
+def _dropout_args(x: torch.Tensor, seed: int | torch.Tensor, p: float):
+    if isinstance(seed, torch.Tensor) and torch.compiler.is_compiling():
+        keys = dropout_keys_tensor(seed).to(x.device)  # no int(seed): no graph break
+    else:
+        keys = torch.tensor(dropout_keys(int(seed)), dtype=torch.int64, device=x.device)
     thr = torch.tensor(dropout_threshold(p), dtype=torch.int64, device=x.device)
     scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float64, device=x.device)
     return keys, thr, scale
 
 
-def dropout_apply(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+def dropout_apply(x: torch.Tensor, seed: int | torch.Tensor, p: float) -> torch.Tensor:
     """``x`` times the dropout mask of ``seed`` (scaled by 1/(1-p)), flattened in row-major
     order: the caller views it in ``x``'s shape, outside any autograd Function (a view made
     inside one cannot be modified in place). The mask depends only on (seed, p, position in
-    row-major order), not on strides or on the kernel used."""
+    row-major order), not on strides or on the kernel used. ``seed`` may be a one-element
+    int64 tensor (under ``torch.compile`` it is not read back to Python)."""
     flat = x.reshape(-1)
     if flat.numel() == 0:
         return flat.clone()
     return _run("dropout", _dropout_eager, flat, *_dropout_args(x, seed, p))
 
 
-def dropout_mask(shape, seed: int, p: float, device) -> torch.Tensor:
-    """The boolean keep mask that :func:`dropout_apply` applies (eager; for tests)."""
+def dropout_mask(shape, seed: int | torch.Tensor, p: float, device, offset: int = 0) -> torch.Tensor:
+    """The boolean keep mask that :func:`dropout_apply` applies (``offset``: of the elements
+    from that flat index on, for a mask drawn in pieces)."""
     n = math.prod(shape)
     keys, thr, _ = _dropout_args(torch.empty(0, device=device), seed, p)
-    return _keep_mask(n, keys, thr).view(shape)
+    return _keep_mask(n, keys, thr, offset).view(shape)

@@ -46,6 +46,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if flat.dtype != torch.uint8:
         flat = flat.to(torch.uint8)
     if bits == 8:
+        if torch.compiler.is_compiling():
+            # Dynamo cannot compare data pointers (a graph break): always a fresh tensor.
+            return flat.clone()
         return flat.clone() if flat.data_ptr() == codes.data_ptr() and codes.numel() else flat
     n = flat.numel()
     per = codes_per_group(bits)

@@ -91,21 +91,36 @@ class RowCodebook:
         return self.levels[0] < 0
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(levels, midpoints) float32 on ``device``, cached; the CPU pair is made at import.
+        Under ``torch.compile`` a missing entry is the CPU pair moved in the graph, not
+        cached: a traced autograd Function may not mutate module state."""
         key = (self.name, self.bits, device)
-        if key not in _TENSOR_CACHE:
-            lv = torch.tensor(self.levels, dtype=torch.float32, device=device)
-            mids = (lv[1:] + lv[:-1]) / 2
-            _TENSOR_CACHE[key] = (lv, mids)
+        cached = _TENSOR_CACHE.get(key)
+        if cached is not None:
+            return cached
+        if torch.compiler.is_compiling():
+            lv, mids = _TENSOR_CACHE[(self.name, self.bits, torch.device("cpu"))]
+            return lv.to(device), mids.to(device)
+        lv = torch.tensor(self.levels, dtype=torch.float32, device=device)
+        _TENSOR_CACHE[key] = (lv, (lv[1:] + lv[:-1]) / 2)
         return _TENSOR_CACHE[key]
 
 
 _TENSOR_CACHE: dict = {}
+ROW_KINDS = ("normal", "uniform", "probs")
 
 
 def row_codebook(kind: str, bits: int) -> RowCodebook:
     """Codebooks by kind: ``normal`` (signed, Gaussian-shaped data), ``uniform``
     (signed), ``probs`` (unsigned, heavy mass near zero)."""
     check_bits(bits, ROW_BITS, what=f"bits for {kind} row storage")
+    cb = _ROW_CODEBOOKS.get((kind, bits)) if isinstance(kind, str) else None
+    if cb is None:
+        raise ValueError(f"unknown row codebook kind {kind!r}; choose normal, uniform or probs")
+    return cb
+
+
+def _build_row_codebook(kind: str, bits: int) -> RowCodebook:
     k = 1 << bits
     if kind == "normal":
         if bits == 8:
@@ -119,6 +134,13 @@ def row_codebook(kind: str, bits: int) -> RowCodebook:
     else:
         raise ValueError(f"unknown row codebook kind {kind!r}; choose normal, uniform or probs")
     return RowCodebook(kind, bits, tuple(levels), rule)
+
+
+# All of them, built once at import: ``row_codebook`` runs inside traced autograd Functions,
+# where ``torch.compile`` cannot call ``statistics.NormalDist`` but reads this dict as constants.
+_ROW_CODEBOOKS = {(kind, bits): _build_row_codebook(kind, bits) for kind in ROW_KINDS for bits in ROW_BITS}
+for _cb in _ROW_CODEBOOKS.values():
+    _cb.tensors(torch.device("cpu"))
 
 
 def _to_codes(w: torch.Tensor) -> torch.Tensor:
@@ -259,6 +281,10 @@ def run_fused(body: Callable[..., Any], *tensors: torch.Tensor, **static: object
     """``body(*tensors, **static)``, ``torch.compile``d once per (body, static, dtypes,
     device) with dynamic shapes; eager when ``S2A_COMPILE=0``, for small inputs, or
     (after one warning) when the compiler fails."""
+    if torch.compiler.is_compiling():
+        # Inside a model the user compiles: traced into their graph (inductor fuses it there);
+        # no nested compile, no size test, no exception handler on the traced path.
+        return body(*tensors, **static)
     t0 = tensors[0]
     key = (body.__name__, tuple(sorted(static.items())),
            tuple(t.dtype for t in tensors), t0.device.type)
