@@ -98,9 +98,24 @@ def test_other_weights_of_the_same_architecture_refused(family, tmp_path):
     s2a.load_tuned(other, tmp_path, check_weights=False)
     same, _ = build(family, seed=0)
     s2a.load_tuned(same.bfloat16(), tmp_path)
+    fresh_head, _ = build(family, seed=0)  # e.g. create_model(pretrained=True, num_classes=K)
+    head = fresh_head.get_submodule(model._s2a_tuner.info.head_names[0])
+    torch.nn.init.normal_(next(m for m in head.modules() if isinstance(m, torch.nn.Linear)).weight)
+    s2a.load_tuned(fresh_head, tmp_path)  # the saved head and biases are loaded over: not compared
     s2a.merge(model)
     with pytest.raises(RuntimeError, match="merged for inference"):
         s2a.load_tuned(model, tmp_path)
+
+
+def test_weight_signature_samples_the_same_elements_everywhere():
+    """Exact integer positions: a float linspace picked other elements on other CPUs."""
+    from s2a.tuners.model import weight_signature
+
+    p = torch.randn(768, 768, generator=torch.Generator().manual_seed(0))
+    index = [i * (p.numel() - 1) // 1023 for i in range(1024)]
+    sample = p.reshape(-1)[index].double()
+    signs = torch.randint(0, 2, (1024,), generator=torch.Generator().manual_seed(0)).double() * 2 - 1
+    assert weight_signature(p) == [float(sample @ signs), float(sample.norm())]
 
 
 def test_same_class_other_shapes_refused(tmp_path):

@@ -192,8 +192,9 @@ class _LayerNorm(torch.autograd.Function):
             gw_all = (gf * xhat).sum(0)
         if weight is not None and weight.requires_grad:
             # A row holding NaN/inf is stored as zeros (it would spoil every channel's scale);
-            # natively its x̂ is NaN and makes every dL/dw NaN. Its 1/σ is NaN (mean and
-            # variance are): added as 0 * sum(1/σ), O(rows), the NaN comes back.
+            # natively its x̂ is NaN and makes every dL/dw NaN. A NaN row's 1/σ is NaN: added
+            # as 0 * sum(1/σ), O(rows), that NaN comes back. (An RMSNorm row with an inf but
+            # no NaN has 1/σ = 0 and stays finite here, where natively it is NaN.)
             gw = (gw_all + rstd.sum() * 0.0).view(weight.shape).to(weight.dtype)
         if ctx.needs_input_grad[0]:
             gx = gx2d.reshape(shape).to(in_dtype)

@@ -696,8 +696,8 @@ class Trainer:
     def _allow_replacing(self, message: str) -> None:
         """Record in config.json that the image named by ``message`` ("cannot read image PATH:
         ...") may change before ``--resume``: the error tells the user to replace it."""
-        info = self.dist
-        if info is None or not info.is_main or self.data.kind != "image":
+        # Any process: under torchrun the one that read the file may not be the main one.
+        if self.dist is None or self.data.kind != "image":
             return
         splits = (self.data.train, self.data.val, self.data.test)
         paths = {os.fspath(v) for s in splits if isinstance(s.items, (list, tuple))
@@ -709,7 +709,7 @@ class Trainer:
         doc = json.loads(path.read_text(encoding="utf-8"))
         allowed = {*(doc["data"].get("replaceable_files") or ()), bad}
         doc["data"] = _data_record(self.data, sorted(allowed))
-        tmp = path.with_name(".config.json.tmp")
+        tmp = path.with_name(f".config.json.{os.getpid()}.tmp")  # processes may write at once
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, path)
 
@@ -784,6 +784,8 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if info.device.type == "cuda":  # else the next step's batch copy waits for this step's kernels
+            torch.cuda.synchronize(info.device)
         return loss_sum, correct, seen, data_s
 
     def _memory_now(self) -> int | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,17 +106,23 @@ def weight_signature(p: torch.Tensor) -> list[float]:
     n = flat.numel()
     if n == 0:
         return [0.0, 0.0]
-    index = torch.linspace(0, n - 1, min(n, _SIGNATURE_SAMPLES), device=flat.device).long()
-    sample = flat[index].double().cpu()
+    k = min(n, _SIGNATURE_SAMPLES)
+    # Integer arithmetic: a float linspace rounds differently per CPU instruction set and
+    # device, which would pick other elements on the machine that loads the tensors.
+    index = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
+    sample = flat[index.to(flat.device)].double().cpu()
     signs = torch.randint(0, 2, (sample.numel(),), generator=torch.Generator().manual_seed(0)).double() * 2 - 1
     return [float(sample @ signs), float(sample.norm())]
 
 
-def weights_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any]) -> str | None:
+def weights_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any],
+                     loaded_over: Collection[str] = ()) -> str | None:
     """None when the backbones' weights agree (see :func:`weight_signature`; fingerprints without
-    signatures, e.g. of a model on the meta device, agree with anything), else a reason."""
+    signatures, e.g. of a model on the meta device, agree with anything), else a reason.
+    ``loaded_over``: tensors the load replaces (a trained bias, a freshly initialised head),
+    whose values before it do not matter."""
     a, b = expected.get("weights") or {}, got.get("weights") or {}
-    common = sorted(set(a) & set(b))
+    common = sorted((set(a) & set(b)) - set(loaded_over))
     differ = [k for k in common if abs(a[k][0] - b[k][0]) > WEIGHT_TOLERANCE * max(a[k][1], b[k][1])
               or abs(a[k][1] - b[k][1]) > WEIGHT_TOLERANCE * max(a[k][1], b[k][1])]
     if not differ:

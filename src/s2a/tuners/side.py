@@ -609,6 +609,7 @@ class SideHandle:
         self.had_instance_forward = "forward" in model.__dict__
         self.previous_forward = model.__dict__.get("forward")
         self.original_forward: Callable[..., Any] = model.forward
+        self.positional_names: tuple[str, ...] | None = None  # of original_forward, in order
         self.wrapped_forward: Callable[..., Any] | None = None
         self.removed = False
         # set by attach_side
@@ -647,16 +648,19 @@ class SideHandle:
         """The value the original forward receives as ``name`` (keyword or positional)."""
         if name in kwargs:
             return kwargs[name]
-        try:
-            params = list(inspect.signature(self.original_forward).parameters.values())
-        except (TypeError, ValueError):
-            return None
-        for i, p in enumerate(params[: len(args)]):
-            if p.kind is p.VAR_POSITIONAL:
-                return None
-            if p.name == name and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-                return args[i]
-        return None
+        if self.positional_names is None:  # once: inspect.signature costs tens of µs per call
+            try:
+                params = inspect.signature(self.original_forward).parameters.values()
+            except (TypeError, ValueError):
+                params = []
+            names = []
+            for p in params:
+                if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                    break
+                names.append(p.name)
+            self.positional_names = tuple(names)
+        names = self.positional_names[: len(args)]
+        return args[names.index(name)] if name in names else None
 
 
 class _SideForward:

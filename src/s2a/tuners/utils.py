@@ -218,7 +218,7 @@ def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: An
     why = fingerprint_mismatch(saved_fp, now)
     if why:
         raise ValueError(f"load_tuned: backbone mismatch: {why}")
-    why = weights_mismatch(saved_fp, now) if check_weights else None
+    why = weights_mismatch(saved_fp, now, loaded_over=tensors) if check_weights else None
     if why:
         raise ValueError(f"load_tuned: backbone mismatch: {why}; or pass check_weights=False to load anyway")
     if not is_applied(model):
