@@ -159,14 +159,22 @@ def test_image_folder_layout_mistakes_are_named(image_tree, tmp_path):
         load_data(str(root2))
 
 
+def _write_vtab(root, write_pngs, classes: int, per_class: int, n_train: int, head: str = "") -> dict[str, list[str]]:
+    """A VTAB-1k directory: ``per_class`` images of each class under images/c<i>, the first
+    ``n_train`` of each listed in train800val200.txt, the rest in test.txt (each list file
+    starting with ``head``); returns the lines of each list."""
+    lines = {"train800val200.txt": [], "test.txt": []}
+    for ci in range(classes):
+        for i, p in enumerate(write_pngs(root / "images" / f"c{ci}", per_class, ci, seed=ci)):
+            lines["train800val200.txt" if i < n_train else "test.txt"].append(f"images/c{ci}/{p.name} {ci}")
+    for name, ls in lines.items():
+        (root / name).write_text(head + "\n".join(ls) + "\n", encoding="utf-8")
+    return lines
+
+
 def test_vtab_layout(tmp_path, write_pngs):
     root = tmp_path / "vtab-task"
-    lines = {"train800val200.txt": [], "test.txt": []}
-    for ci in range(3):
-        for i, p in enumerate(write_pngs(root / "images" / f"c{ci}", 10, ci, seed=ci)):
-            lines["train800val200.txt" if i < 7 else "test.txt"].append(f"images/c{ci}/{p.name} {ci}")
-    for name, ls in lines.items():
-        (root / name).write_text("\n".join(ls) + "\n")
+    lines = _write_vtab(root, write_pngs, classes=3, per_class=10, n_train=7)
     assert resolve_kind(str(root)) == "vtab"
     d = load_data(str(root))
     assert d.classes == ["0", "1", "2"] and len(d.test) == 9
@@ -483,10 +491,5 @@ def test_utf8_bom_is_dropped_from_json_jsonl_and_vtab_lists(tmp_path, write_pngs
     for name in ("t.jsonl", "t.json"):
         assert load_data(str(tmp_path / name)).classes == ["0", "1"]
     root = tmp_path / "vtab-bom"
-    lines = {"train800val200.txt": [], "test.txt": []}
-    for ci in range(2):
-        for i, p in enumerate(write_pngs(root / "images" / f"c{ci}", 6, ci, seed=ci)):
-            lines["train800val200.txt" if i < 4 else "test.txt"].append(f"images/c{ci}/{p.name} {ci}")
-    for name, ls in lines.items():
-        (root / name).write_text(bom + "\n".join(ls) + "\n", encoding="utf-8")
+    _write_vtab(root, write_pngs, classes=2, per_class=6, n_train=4, head=bom)
     assert len(load_data(str(root)).test) == 4
