@@ -239,6 +239,17 @@ def _run(name: str, eager: Callable, *args):
         return eager(*args)
 
 
+def _triton_for(t: torch.Tensor, bits: int = 1, **tables: torch.Tensor) -> types.ModuleType | None:
+    """The hand-written Triton kernels module when they take ``t`` (see
+    ``triton_kernels.use_triton``), else None. Never inside a model the user compiles:
+    inductor writes the kernel there from the eager code."""
+    if not t.is_cuda or torch.compiler.is_compiling():
+        return None
+    from . import triton_kernels
+
+    return triton_kernels if triton_kernels.use_triton(t, bits, **tables) else None
+
+
 def encode_lut(
     x: torch.Tensor, lut: torch.Tensor, bits: int, nan_code: int | None,
     runs: tuple[tuple[int, int], ...] | None = None,
@@ -247,11 +258,9 @@ def encode_lut(
 
     ``runs``, the codebook's (first cell, code) runs that ``lut`` was built from, lets the
     compiled kernel replace the table look-up by a compare chain (same codes, faster)."""
-    if x.is_cuda and not torch.compiler.is_compiling():  # compiled: inductor writes the kernel
-        from . import triton_kernels
-
-        if triton_kernels.use_triton(x, bits, lut=lut):
-            return triton_kernels.encode_lut(x, lut, bits, nan_code)
+    tk = _triton_for(x, bits, lut=lut)
+    if tk is not None:
+        return tk.encode_lut(x, lut, bits, nan_code)
     flat = x.reshape(-1)
     nc = -1 if nan_code is None else nan_code
     if flat.numel() == 0:
@@ -264,11 +273,9 @@ def encode_lut(
 
 def decode_lut(packed: torch.Tensor, g: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
     """``g * levels[code]`` elementwise, shaped like ``g``."""
-    if g.is_cuda and not torch.compiler.is_compiling():  # compiled: inductor writes the kernel
-        from . import triton_kernels
-
-        if triton_kernels.use_triton(g, bits, levels=levels):
-            return triton_kernels.decode_lut(packed, g, levels, bits)
+    tk = _triton_for(g, bits, levels=levels)
+    if tk is not None:
+        return tk.decode_lut(packed, g, levels, bits)
     if g.numel() == 0:
         return torch.empty_like(g)
     return _run(f"dec{bits}", _decode_lut_eager, packed, g, levels, bits).view(g.shape)
@@ -291,11 +298,9 @@ def _scalar(value: float, device: torch.device) -> torch.Tensor:
 
 def encode_mask(x: torch.Tensor, lo: float, hi: float | None, inclusive: bool) -> torch.Tensor:
     """1-bit packed 'gradient passes' mask for ReLU-like functions (exact)."""
-    if x.is_cuda and not torch.compiler.is_compiling():  # compiled: inductor writes the kernel
-        from . import triton_kernels
-
-        if triton_kernels.use_triton(x):
-            return triton_kernels.encode_mask(x, lo, hi, inclusive)
+    tk = _triton_for(x)
+    if tk is not None:
+        return tk.encode_mask(x, lo, hi, inclusive)
     flat = x.reshape(-1)
     if flat.numel() == 0:
         return flat.new_zeros(0, dtype=torch.uint8)
@@ -307,11 +312,9 @@ def encode_mask(x: torch.Tensor, lo: float, hi: float | None, inclusive: bool) -
 
 def decode_mask(packed: torch.Tensor, g: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """``g * (high if bit else low)`` elementwise, shaped like ``g``."""
-    if g.is_cuda and not torch.compiler.is_compiling():  # compiled: inductor writes the kernel
-        from . import triton_kernels
-
-        if triton_kernels.use_triton(g):
-            return triton_kernels.decode_mask(packed, g, low, high)
+    tk = _triton_for(g)
+    if tk is not None:
+        return tk.decode_mask(packed, g, low, high)
     if g.numel() == 0:
         return torch.empty_like(g)
     low_t, high_t = _scalar(low, g.device), _scalar(high, g.device)
