@@ -80,18 +80,26 @@ class Split:
             return self.subset(seeded_order(len(self), seed))
         return self.subset(seeded_order(len(self), seed)[:n])
 
+    def strings(self) -> list[str] | None:
+        """The items as strings (texts, or image file paths), or None when they are not
+        (pixel arrays, lazy items)."""
+        items = self.items
+        if isinstance(items, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in items):
+            return [os.fspath(v) for v in items]
+        return None
+
     def fingerprint(self) -> str:
         """sha256 of the labels, in order, and of the items held in memory: texts, image file
         paths and pixel arrays. Lazy items (a Hugging Face image column) count by their labels
         only: hashing them would read every image."""
         h = hashlib.sha256(np.asarray(self.labels, dtype=np.int64).tobytes())
-        items = self.items
+        items, strings = self.items, self.strings()
         if isinstance(items, np.ndarray):
             h.update(str((items.dtype, items.shape)).encode())
             h.update(np.ascontiguousarray(items).tobytes())
-        elif isinstance(items, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in items):
-            for v in items:
-                h.update(os.fspath(v).encode("utf-8", "surrogatepass") + b"\0")
+        elif strings is not None:
+            for v in strings:
+                h.update(v.encode("utf-8", "surrogatepass") + b"\0")
         return h.hexdigest()
 
     def file_sizes_fingerprint(self, skip: Collection[str] = ()) -> str | None:
@@ -101,12 +109,12 @@ class Split:
         only, so an image replaced under the same name would go unnoticed; its size rarely
         stays the same. Sizes, not contents or times: reading every image is slow, and a
         copied dataset gets new modification times but is the same data."""
-        items = self.items
-        if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, os.PathLike)) for v in items):
+        paths = self.strings()
+        if paths is None:
             return None
         h = hashlib.sha256()
-        for v in items:
-            if os.fspath(v) in skip:
+        for v in paths:
+            if v in skip:
                 h.update(b"?\0")
                 continue
             try:

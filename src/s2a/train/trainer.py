@@ -700,8 +700,7 @@ class Trainer:
         if self.dist is None or self.data.kind != "image":
             return
         splits = (self.data.train, self.data.val, self.data.test)
-        paths = {os.fspath(v) for s in splits if isinstance(s.items, (list, tuple))
-                 for v in s.items if isinstance(v, (str, os.PathLike))}
+        paths = {v for s in splits for v in (s.strings() or ())}
         bad = next((p for p in paths if message.startswith(f"cannot read image {p}: ")), None)
         path = self.run_dir / "config.json"
         if bad is None or not path.is_file():
