@@ -128,3 +128,37 @@ def test_s2a_lora_compresses_by_default(tmp_path):
     assert cfg.resolved("text").compression_bits == 4
     cfg = TrainConfig(model="m", data="d", out=str(tmp_path), method="s2a-lora", act_bits=0)
     assert cfg.resolved("text").compression_bits is None
+
+
+def _running_stats(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [b.detach().clone() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+
+
+@pytest.mark.parametrize(("method", "kept"), [("linear", True), ("bitfit", True), ("lora", True), ("ia3", True),
+                                              ("lst", True), ("s2a", True), ("full", False), ("mesa8", False)])
+def test_frozen_backbones_keep_their_batchnorm_statistics(method, kept):
+    # every method with a frozen backbone normalises with the pretrained statistics, as s2a
+    # does, so that a comparison measures the tuned modules and not the BatchNorm mode
+    _, res, batch = prepared("efficientnet", method)
+    before = _running_stats(res.model)
+    assert before
+    step(res.model, batch)
+    after = _running_stats(res.model)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)) == kept
+    assert METHOD_SPECS[method].norm_stats == ("trained" if not kept else "method" if method == "s2a" else "frozen")
+
+
+@pytest.mark.parametrize("method", ["full-ckpt", "lora-ckpt"])
+def test_checkpointing_a_decoder_turns_its_kv_cache_off(method):
+    # a recomputed block of a decoder with use_cache=True appended its keys to the cache a
+    # second time and the backward failed on a padded batch
+    from tuner_zoo import build
+
+    from s2a.train.methods import apply_method
+
+    model, batch = build("llama_cls")
+    assert model.config.use_cache
+    res = apply_method(model, method, head_names=("score",), example_input=batch)
+    assert not model.config.use_cache
+    assert any("use_cache" in n for n in res.notes)
+    assert step(res.model, batch)

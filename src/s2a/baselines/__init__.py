@@ -41,7 +41,7 @@ __all__ = [
 
 _TARGETS = peft_methods.supports_targets
 for _spec in (
-    MethodSpec("full", "full fine-tuning: every parameter trains", simple.apply_full),
+    MethodSpec("full", "full fine-tuning: every parameter trains", simple.apply_full, norm_stats="trained"),
     MethodSpec("linear", "linear probing: only the classifier head trains", simple.apply_linear),
     MethodSpec("bitfit", "BitFit: existing biases and the head train", simple.apply_bitfit),
     MethodSpec("vpt", "VPT-deep: 10 learnable prompt tokens per block, and the head",
@@ -57,15 +57,15 @@ for _spec in (
     MethodSpec("lst", "Ladder Side-Tuning: learned down-projections into a thin side transformer",
                lst.apply_lst),
     MethodSpec("full-ckpt", "full fine-tuning with activation checkpointing of every block",
-               checkpointing.apply_full_ckpt, storage="never"),
+               checkpointing.apply_full_ckpt, storage="never", norm_stats="trained"),
     MethodSpec("lora-ckpt", "peft LoRA with activation checkpointing of every block",
                checkpointing.apply_lora_ckpt, _TARGETS, storage="never"),
     MethodSpec("mesa8", "full fine-tuning, every operator stored at 8 bits by our engine (Mesa-style)",
-               engine.apply_mesa8, storage="fixed"),
+               engine.apply_mesa8, storage="fixed", norm_stats="trained"),
     MethodSpec("fewbit2", "full fine-tuning, 2-bit GELU/SiLU derivative codes (Few-bit / Approx-BP style)",
-               engine.apply_fewbit2, storage="fixed"),
+               engine.apply_fewbit2, storage="fixed", norm_stats="trained"),
     MethodSpec("s2a", "S2A: --modules (bias, norm, prompt, side) on a frozen backbone, --act-bits storage",
-               simple.apply_s2a, storage="default"),
+               simple.apply_s2a, storage="default", norm_stats="method"),
     MethodSpec("s2a-lora", "peft LoRA with S2A's --act-bits activation storage (default 4)",
                peft_methods.apply_s2a_lora, _TARGETS, storage="default"),
 ):

@@ -70,11 +70,22 @@ def checkpoint_blocks(blocks: list[nn.Module]) -> int:
     return len(blocks)
 
 
+def _without_kv_cache(model: nn.Module, result: MethodResult) -> None:
+    """A decoder that fills its key/value cache during the forward appends to it again when a
+    block is recomputed, and the recomputation then sees twice the keys (transformers'
+    ``gradient_checkpointing_enable`` turns the cache off for the same reason)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False):
+        config.use_cache = False
+        result.notes.append("key/value cache turned off (config.use_cache=False): a recomputed block would fill it twice")
+
+
 def apply_full_ckpt(model: nn.Module, ctx: MethodContext) -> MethodResult:
     from .simple import apply_full
 
     blocks = [b.module for b in ctx.info(model).blocks]
     result = apply_full(model, ctx)
+    _without_kv_cache(model, result)
     n = checkpoint_blocks(blocks)
     result.notes.append(f"activation checkpointing of {n} blocks (torch.utils.checkpoint, non-reentrant)")
     return result
@@ -85,6 +96,7 @@ def apply_lora_ckpt(model: nn.Module, ctx: MethodContext) -> MethodResult:
 
     blocks = [b.module for b in ctx.info(model).blocks]  # before peft wraps the model
     result = apply_lora(model, ctx)
+    _without_kv_cache(model, result)
     n = checkpoint_blocks(blocks)
     result.notes.append(f"activation checkpointing of {n} blocks (torch.utils.checkpoint, non-reentrant)")
     return result

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .registry import MethodContext, MethodNotApplicable, MethodResult, freeze
 
@@ -101,10 +100,6 @@ def _set_logits(output: Any, logits: torch.Tensor) -> Any:
     raise TypeError(f"LST: cannot place logits in a model output of type {type(output).__name__}")
 
 
-def _keep_running_stats(module: nn.Module, args: tuple) -> None:
-    module.training = False
-
-
 def attach_lst(model: nn.Module, info: Any, num_classes: int) -> LadderSideNetwork:
     """Attach the side network as ``model.lst_side`` and patch ``model.forward`` (in place)."""
     layouts = [b.layout for b in info.blocks]
@@ -120,9 +115,6 @@ def attach_lst(model: nn.Module, info: Any, num_classes: int) -> LadderSideNetwo
 
     for i, block in enumerate(info.blocks):
         model.get_submodule(block.name).register_forward_hook(functools.partial(capture, i))
-    for m in model.modules():  # the frozen backbone keeps its BatchNorm statistics
-        if isinstance(m, _BatchNorm):
-            m.register_forward_pre_hook(_keep_running_stats)
     original = model.forward
 
     @functools.wraps(original)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "METHOD_SPECS",
@@ -32,6 +33,14 @@ __all__ = [
 #   "fixed":    the method *is* a storage configuration (mesa8, fewbit2); --act-bits is refused
 #   "never":    activation checkpointing recomputes instead of storing; --act-bits is refused
 STORAGE_RULES = ("optional", "default", "fixed", "never")
+
+# What a method does with the backbone's BatchNorm running statistics:
+#   "frozen":  the backbone is frozen, so are its statistics (as s2a does): BatchNorm layers
+#              normalise with their pretrained running statistics in training too
+#   "trained": every weight trains (full fine-tuning and its storage / recompute variants), so
+#              BatchNorm runs as usual: batch statistics, running statistics updated
+#   "method":  the method decides (s2a: S2AConfig.freeze_norm_stats)
+NORM_STATS_RULES = ("frozen", "trained", "method")
 
 
 class MethodNotApplicable(ValueError):
@@ -77,13 +86,15 @@ class MethodContext:
 @dataclass(frozen=True)
 class MethodSpec:
     """One method: ``apply(model, ctx) -> MethodResult``; ``supports(info) -> None or the reason
-    it does not fit`` (None for methods that fit any model); ``storage``: see STORAGE_RULES."""
+    it does not fit`` (None for methods that fit any model); ``storage``: see STORAGE_RULES;
+    ``norm_stats``: see NORM_STATS_RULES."""
 
     name: str
     description: str
     apply: Callable[[nn.Module, MethodContext], MethodResult]
     supports: Callable[[Any], str | None] | None = None
     storage: str = "optional"
+    norm_stats: str = "frozen"
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {}
@@ -92,6 +103,8 @@ METHOD_SPECS: dict[str, MethodSpec] = {}
 def register_method(spec: MethodSpec) -> MethodSpec:
     if spec.storage not in STORAGE_RULES:
         raise ValueError(f"{spec.name}: storage {spec.storage!r} not in {STORAGE_RULES}")
+    if spec.norm_stats not in NORM_STATS_RULES:
+        raise ValueError(f"{spec.name}: norm_stats {spec.norm_stats!r} not in {NORM_STATS_RULES}")
     METHOD_SPECS[spec.name] = spec
     return spec
 
@@ -133,6 +146,8 @@ def apply_spec(model: nn.Module, ctx: MethodContext) -> MethodResult:
         if reason is not None:
             raise not_applicable(ctx.method, info, reason)
     result = spec.apply(model, ctx)
+    if spec.norm_stats == "frozen" and keep_norm_stats(result.model):
+        result.notes.append("BatchNorm layers keep the backbone's running statistics (frozen like its weights)")
     if spec.storage == "optional" and ctx.act_bits:
         from s2a import compress_activations
 
@@ -145,6 +160,23 @@ def apply_spec(model: nn.Module, ctx: MethodContext) -> MethodResult:
 
 
 # ---------------------------------------------------------------------------- shared helpers
+def _keep_running_stats(module: nn.Module, args: tuple) -> None:
+    module.training = False
+
+
+def keep_norm_stats(model: nn.Module) -> int:
+    """Run every BatchNorm layer of ``model`` on its running statistics, in training too.
+
+    A frozen backbone's BatchNorm in training mode would normalise with the statistics of each
+    batch and overwrite the pretrained ones; every method with a frozen backbone gets the same
+    treatment as s2a, so that the comparison measures the tuned modules, not the BatchNorm mode.
+    Returns the number of layers hooked."""
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    for m in layers:
+        m.register_forward_pre_hook(_keep_running_stats)
+    return len(layers)
+
+
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
