@@ -100,56 +100,99 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "s2a-bias+prompt+side": {"method": "s2a", "modules": "bias,prompt,side", "act_bits": "4"},
     "s2a-lora": {"method": "s2a-lora", "act_bits": "4"},
 }  # fmt: skip
-FIELDS = ("accuracy", "accuracy_std", "trainable_params", "saved_activation_bytes", "peak_memory_bytes",
+FIELDS = ("accuracy", "accuracy_std", "lr", "lr_choice", "trainable_params", "saved_activation_bytes", "peak_memory_bytes",
           "step_time_s", "throughput")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- accuracy
-def lr_of(label: str, kind: str) -> float:
-    """accuracy.py's measured rates for full / s2a (shared runs); default_lr otherwise."""
+# A peer whose rate accuracy.py did not tune is screened on seed 0 at its base rate and at these
+# multiples of it; the rate with the best validation accuracy (never the test split) runs every seed.
+LR_SCREEN = (0.3, 1.0, 3.0)
+# Same optimisation, other storage: checkpointing and Mesa / Few-bit storage change how a method
+# keeps its activations, not what it optimises, so they train at that method's rate.
+SHARES_RATE = {"full-ckpt": "full", "mesa8": "full", "fewbit2": "full", "lora-ckpt": "lora"}
+
+
+def base_lr(label: str, kind: str) -> float:
+    """accuracy.py's measured rates for full / s2a (shared runs); linear and BitFit, which train a
+    subset of what s2a trains, start from s2a's; default_lr otherwise."""
     from s2a.train.config import default_lr
 
-    method = VARIANTS[label]["method"]
-    # Checkpointing and Mesa / Few-bit storage change how full fine-tuning stores its
-    # activations, not what it optimises: they train at full fine-tuning's rate. BitFit
-    # trains biases only, a subset of what s2a trains: it gets s2a's tuned rate.
-    tuned_as = {"full-ckpt": "full", "mesa8": "full", "fewbit2": "full", "bitfit": "s2a"}.get(method, method)
+    method = VARIANTS[SHARES_RATE.get(label, label)]["method"]
+    tuned_as = {"bitfit": "s2a", "linear": "s2a"}.get(method, method)
     return acc_bench.LR.get((tuned_as, kind)) or default_lr(method, kind)
 
 
-def accuracy_runs(backbone: str, label: str, seeds: list[int]) -> tuple[list[Path], list[list[str]], float, int]:
+def screened(label: str) -> bool:
+    """Rows whose rate is screened here: not full / s2a (tuned by accuracy.py) or their variants."""
+    return label not in SHARES_RATE and VARIANTS[label]["method"] not in ("full", "s2a")
+
+
+def _lr_dir_label(label: str, lr: float, base: float) -> str:
+    return label if lr == base else f"{label}@lr{lr:g}"
+
+
+def chosen_lr(backbone: str, label: str, run_missing: bool = False) -> tuple[float, str, str]:
+    """(rate, run-directory label, how it was chosen) of a row's accuracy runs; with ``run_missing``
+    the seed-0 screen is run first where it is incomplete."""
+    b = BACKBONES[backbone]
+    if label in SHARES_RATE:
+        lr, dir_label, _ = chosen_lr(backbone, SHARES_RATE[label], run_missing)
+        return lr, label if dir_label == SHARES_RATE[label] else f"{label}@lr{lr:g}", f"{SHARES_RATE[label]}'s rate"
+    base = base_lr(label, b["kind"])
+    if not screened(label):
+        return base, label, "tuned by accuracy.py"
+    grid = [float(f"{base * m:.3g}") for m in LR_SCREEN]
+    vals = {}
+    for lr in grid:
+        d = dir_label = _lr_dir_label(label, lr, base)
+        report = finished_report(acc_bench.run_dir(b["regime"], d, 0), lr=lr, epochs=acc_bench.REGIMES[b["regime"]]["epochs"])
+        if report is None and run_missing:
+            print(f"[compare] learning-rate screen {backbone} {label} lr={lr:g}", flush=True)
+            run_train(accuracy_command(backbone, label, dir_label, lr, 0))
+            report = finished_report(acc_bench.run_dir(b["regime"], d, 0), lr=lr,
+                                     epochs=acc_bench.REGIMES[b["regime"]]["epochs"])
+        if report is not None:
+            vals[lr] = report["val_accuracy"]
+    listed = "/".join(f"{lr:g}" for lr in grid)
+    if len(vals) < len(grid):
+        return base, label, f"default, not screened ({listed} on seed 0 not all run)"
+    best = max(grid, key=lambda lr: (vals[lr], lr == base))  # ties keep the base rate
+    return best, _lr_dir_label(label, best, base), f"best validation of {listed} (seed 0)"
+
+
+def accuracy_command(backbone: str, label: str, dir_label: str, lr: float, seed: int) -> list[str]:
     b = BACKBONES[backbone]
     regime = acc_bench.REGIMES[b["regime"]]
-    lr = lr_of(label, b["kind"])
     opts = VARIANTS[label]
-    dirs = [acc_bench.run_dir(b["regime"], label, s) for s in seeds]
-    cmds = [
-        train_command(d, model=regime["model"], data=regime["data"], method=opts["method"], seed=s, lr=lr,
-                      epochs=regime["epochs"], batch=acc_bench.BATCH, val_size=acc_bench.VAL_SIZE,
-                      train_size=regime.get("train_size"), img_size=regime.get("img_size"),
-                      modules=opts.get("modules"), act_bits=opts.get("act_bits"))
-        for d, s in zip(dirs, seeds, strict=True)
-    ]  # fmt: skip
-    return dirs, cmds, lr, regime["epochs"]
+    return train_command(acc_bench.run_dir(b["regime"], dir_label, seed), model=regime["model"], data=regime["data"],
+                         method=opts["method"], seed=seed, lr=lr, epochs=regime["epochs"], batch=acc_bench.BATCH,
+                         val_size=acc_bench.VAL_SIZE, train_size=regime.get("train_size"),
+                         img_size=regime.get("img_size"), modules=opts.get("modules"),
+                         act_bits=opts.get("act_bits"))  # fmt: skip
 
 
-def accuracy_of(backbone: str, label: str, seeds: list[int], run_missing: bool) -> tuple[float | None, float | None, int]:
-    """(mean %, std %, seeds finished) of the cached runs, launching missing ones if asked."""
-    if "regime" not in BACKBONES[backbone]:
-        return None, None, 0
-    dirs, cmds, lr, epochs = accuracy_runs(backbone, label, seeds)
+def accuracy_of(backbone: str, label: str, seeds: list[int], run_missing: bool) -> dict[str, Any]:
+    """``accuracy`` (mean %), ``accuracy_std``, ``n`` (seeds finished), ``lr`` and ``lr_choice`` of
+    the cached runs, launching missing ones (the learning-rate screen first) if asked."""
+    b = BACKBONES[backbone]
+    if "regime" not in b:
+        return {"accuracy": None, "accuracy_std": None, "n": 0, "lr": None, "lr_choice": None}
+    lr, dir_label, how = chosen_lr(backbone, label, run_missing)
+    epochs = acc_bench.REGIMES[b["regime"]]["epochs"]
     accs = []
-    for d, cmd in zip(dirs, cmds, strict=True):
+    for s in seeds:
+        d = acc_bench.run_dir(b["regime"], dir_label, s)
         report = finished_report(d, lr=lr, epochs=epochs)
         if report is None and run_missing:
             print(f"[compare] accuracy run {d}", flush=True)
-            run_train(cmd)
+            run_train(accuracy_command(backbone, label, dir_label, lr, s))
             report = finished_report(d, lr=lr, epochs=epochs)
         if report is not None:
             accs.append(100 * report["accuracy"])
-    if not accs:
-        return None, None, 0
-    return statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0, len(accs)
+    mean = statistics.mean(accs) if accs else None
+    std = (statistics.stdev(accs) if len(accs) > 1 else 0.0) if accs else None
+    return {"accuracy": mean, "accuracy_std": std, "n": len(accs), "lr": lr, "lr_choice": how}
 
 
 # ---------------------------------------------------------------------------- memory and speed
@@ -248,7 +291,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         ref = full.get(r["backbone"])
         for f in FIELDS:
-            if f in ("accuracy_std", "step_time_s", "throughput"):
+            if f in ("accuracy_std", "lr", "lr_choice", "step_time_s", "throughput"):
                 continue
             a, b = r.get(f), (ref or {}).get(f)
             r[f"{f}_vs_full"] = a / b if a is not None and b else None
@@ -389,6 +432,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def lr_text(row: dict[str, Any]) -> str:
+    """The row's AdamW rate and a short word on how it was chosen (the notes explain them)."""
+    if row.get("lr") is None:
+        return "-"
+    how = row.get("lr_choice") or ""
+    mark = ("screened" if how.startswith("best") else "tuned" if how.startswith("tuned")
+            else "default" if how.startswith("default") else how)  # fmt: skip
+    return f"{row['lr']:g} ({mark})"
+
+
 def to_markdown(data: dict[str, Any]) -> str:
     def ratio(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
@@ -399,6 +452,13 @@ def to_markdown(data: dict[str, Any]) -> str:
             "Peak = parameters + buffers + the step's peak growth (activations, gradients, AdamW state); "
             "saved = bytes kept for backward (s2a.measure). Ratios are to full fine-tuning of the same backbone.",
             "Accuracy: test %, mean ± std over the finished seeds (n) of cached s2a train runs; '-' = not run.",
+            "lr: the AdamW peak rate of the accuracy runs. tuned: full and s2a, picked on the validation split "
+            "by accuracy.py; screened: the peer ran seed 0 at 0.3x, 1x and 3x its base rate (s2a's for linear "
+            "and BitFit, default_lr otherwise) and the best validation accuracy chose the rate of every seed; "
+            "'<method>'s rate': the same optimisation with other storage (checkpointing, Mesa / Few-bit) "
+            "shares that method's rate; default: not screened yet.",
+            "Every method with a frozen backbone keeps its BatchNorm running statistics (as s2a does); full "
+            "fine-tuning and its storage variants train them.",
             "mesa8 / fewbit2 are configurations of s2a's activation engine imitating Mesa and Few-bit / "
             "Approx-BP, not those projects' code.",
             "The peak is that of a steady-state step: AdamW's state (2 x the trainable bytes) is allocated "
@@ -433,14 +493,14 @@ def to_markdown(data: dict[str, Any]) -> str:
             n = data["seeds_finished"].get(f"{bb}/{r['method']}", 0)
             acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.2f} ± {r['accuracy_std']:.2f} (n={n})"
             table.append([
-                r["method"], acc, f"{r['trainable_params']:,}", mib(r["saved_activation_bytes"]),
+                r["method"], acc, lr_text(r), f"{r['trainable_params']:,}", mib(r["saved_activation_bytes"]),
                 ratio(r["saved_activation_bytes_vs_full"]), mib(r["peak_memory_bytes"]),
                 ratio(r["peak_memory_bytes_vs_full"]),
                 "-" if r["step_time_s"] is None else f"{r['step_time_s']:.3f}{mark}",
                 "-" if r["throughput"] is None else f"{r['throughput']:.1f}",
                 ratio(r["step_time_s_vs_full"]),
             ])  # fmt: skip
-        lines += md_table(["method", "accuracy %", "trainable", "saved MiB", "vs full", "peak MiB", "vs full",
+        lines += md_table(["method", "accuracy %", "lr", "trainable", "saved MiB", "vs full", "peak MiB", "vs full",
                            "step s", "ex/s", "step vs full"], table)  # fmt: skip
         if marked:
             lines += ["", "\\* timed in another sitting than the `full` row above (see the sitting lines): its "
@@ -518,9 +578,9 @@ def main() -> None:
                 reason = str(exc).split(" Methods that apply")[0].rstrip(".")
                 skipped.append({"backbone": bb, "method": label, "reason": reason})
                 continue
-            mean, std, n = accuracy_of(bb, label, seeds, args.run_missing)
-            res["row"]["accuracy"], res["row"]["accuracy_std"] = mean, std
-            finished[f"{bb}/{label}"] = n
+            acc = accuracy_of(bb, label, seeds, args.run_missing)
+            res["row"].update(acc)
+            finished[f"{bb}/{label}"] = acc["n"]
             rows.append({"backbone": bb, "method": label, **{f: res["row"].get(f) for f in FIELDS}})
             details.append(res["detail"])
             write_partial(args, backbones, methods, rows, skipped, finished, details, t0)  # a long run may be cut short
@@ -651,9 +711,9 @@ def refresh_accuracy(name: str, seeds: list[int], run_missing: bool, backbones: 
     with _locked(name):  # read now, not before the runs: rows written meanwhile stay
         data = json.loads(path.read_text())
         for r in data["rows"]:
-            mean, std, n = accuracy_of(r["backbone"], r["method"], seeds, False)
-            r["accuracy"], r["accuracy_std"] = mean, std
-            data["seeds_finished"][f"{r['backbone']}/{r['method']}"] = n
+            acc = accuracy_of(r["backbone"], r["method"], seeds, False)
+            r.update({f: acc[f] for f in ("accuracy", "accuracy_std", "lr", "lr_choice")})
+            data["seeds_finished"][f"{r['backbone']}/{r['method']}"] = acc["n"]
         add_ratios(data["rows"])
         data["meta"]["accuracy_refreshed"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         finish(name, data)
