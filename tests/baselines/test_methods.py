@@ -162,3 +162,48 @@ def test_checkpointing_a_decoder_turns_its_kv_cache_off(method):
     assert not model.config.use_cache
     assert any("use_cache" in n for n in res.notes)
     assert step(res.model, batch)
+
+
+def test_lst_model_deep_copies_and_pickles():
+    # the forward was a closure over the original's side network: a deep copy (EMA, teacher)
+    # silently ran the original's, and pickling failed
+    import copy
+    import pickle
+
+    _, res, batch = prepared("vit", "lst")
+    model = res.model.eval()
+    with torch.no_grad():
+        for p in model.lst_side.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        ref = call(model, batch).clone()
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with torch.no_grad():
+            for p in model.lst_side.parameters():
+                p.add_(1.0)
+            out = call(twin, batch)
+            for p in model.lst_side.parameters():
+                p.sub_(1.0)
+        torch.testing.assert_close(out, ref)
+
+
+def test_prompt_tuning_on_a_decoder_reads_the_last_real_token():
+    # peft passes inputs_embeds, so transformers classified a right-padded row from a pad
+    from tuner_zoo import build
+
+    from s2a.train.methods import apply_method
+
+    model, _ = build("llama_cls")
+    with torch.no_grad():
+        model.score.weight.normal_()
+    ids = torch.tensor([[5, 17, 33, 8, 41]])
+    padded = torch.tensor([[5, 17, 33, 8, 41, 0, 0, 0]])
+    alone = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    res = apply_method(model, "prompt-tuning", head_names=("score",), example_input=alone)
+    m = res.model.eval()
+    with torch.no_grad():
+        a = m(**alone).logits
+        b = m(input_ids=padded, attention_mask=(padded != 0).long()).logits
+        both = m(input_ids=torch.cat([torch.nn.functional.pad(ids, (0, 3)), padded]),
+                 attention_mask=torch.tensor([[1] * 5 + [0] * 3] * 2)).logits
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(both, torch.cat([a, a]), rtol=1e-4, atol=1e-5)

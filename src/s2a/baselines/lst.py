@@ -57,6 +57,13 @@ class LadderSideNetwork(nn.Module):
         self.head = nn.Linear(width, num_classes)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.layouts: list[str] = []  # of the backbone blocks read (set by attach_lst)
+        self.captured: dict[int, torch.Tensor] = {}  # block outputs of the running forward
+
+    def capture(self, index: int, _module: nn.Module, _args: Any, output: Any) -> None:
+        """Forward hook of backbone block ``index``."""
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        self.captured[index] = _as_tokens(hidden.detach(), self.layouts[index]).float().contiguous()
 
     def forward(self, hiddens: list[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
         pad = None if mask is None else ~mask.to(torch.bool)
@@ -100,6 +107,33 @@ def _set_logits(output: Any, logits: torch.Tensor) -> Any:
     raise TypeError(f"LST: cannot place logits in a model output of type {type(output).__name__}")
 
 
+class _LSTForward:
+    """``model.forward`` while the side network is attached: the backbone without gradients,
+    then the side network over the captured block outputs. A class over the model and the
+    side network, not closures over them: a deep copy (an EMA, a teacher) runs its own
+    backbone and side network, and the model pickles."""
+
+    def __init__(self, model: nn.Module, original: Any) -> None:
+        self.model = model
+        self.original = original  # an instance-level forward that was replaced, or None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        side: LadderSideNetwork = getattr(self.model, LST_ATTR)
+        side.captured = {}
+        with torch.no_grad():
+            if self.original is not None:
+                output = self.original(*args, **kwargs)
+            else:
+                output = type(self.model).forward(self.model, *args, **kwargs)
+        captured, side.captured = side.captured, {}
+        missing = [i for i in range(len(side.layouts)) if i not in captured]
+        if missing:
+            raise RuntimeError(f"LST: blocks {missing} did not run in the forward")
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        return _set_logits(output, side([captured[i] for i in range(len(side.layouts))], mask))
+
+
 def attach_lst(model: nn.Module, info: Any, num_classes: int) -> LadderSideNetwork:
     """Attach the side network as ``model.lst_side`` and patch ``model.forward`` (in place)."""
     layouts = [b.layout for b in info.blocks]
@@ -107,28 +141,12 @@ def attach_lst(model: nn.Module, info: Any, num_classes: int) -> LadderSideNetwo
     readout = "first" if info.pooling == "cls" and all(lay == "tokens" for lay in layouts) else "mean"
     ref = next(model.parameters())
     side = LadderSideNetwork(dims, num_classes, readout).to(ref.device)
-    captured: dict[int, torch.Tensor] = {}
-
-    def capture(index: int, _module: nn.Module, _args: Any, output: Any) -> None:
-        hidden = output if isinstance(output, torch.Tensor) else output[0]
-        captured[index] = _as_tokens(hidden.detach(), layouts[index]).float().contiguous()
-
+    side.layouts = layouts
     for i, block in enumerate(info.blocks):
-        model.get_submodule(block.name).register_forward_hook(functools.partial(capture, i))
-    original = model.forward
-
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        captured.clear()
-        with torch.no_grad():
-            output = original(*args, **kwargs)
-        hiddens = [captured.pop(i) for i in range(len(dims))]
-        mask = kwargs.get("attention_mask")
-        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        return _set_logits(output, side(hiddens, mask))
-
+        model.get_submodule(block.name).register_forward_hook(functools.partial(side.capture, i))
+    original = model.__dict__.get("forward")
     model.add_module(LST_ATTR, side)
-    model.forward = forward
+    model.forward = functools.update_wrapper(_LSTForward(model, original), original or type(model).forward)
     return side
 
 

@@ -12,11 +12,16 @@ peft treats as custom models, a plain ``PeftModel``.
   (query and value for transformers, timm's fused ``qkv``) or, for EfficientNet, on the 1x1
   convolutions of every block. ``B`` starts at zero: output at initialisation = backbone.
   No LoRA dropout: a dropout mask would be stored per adapted layer, unlike the other methods.
-* ``ia3``: ``IA3Config`` scaling keys, values and the second MLP layer's input (peft's own
-  choice for BERT); EfficientNet: the 1x1 convolutions. Scales start at one: output unchanged.
+* ``ia3``: ``IA3Config`` scaling keys, values and the input of the layers named
+  ``output.dense`` (on BERT both the attention output projection and the MLP's second layer,
+  as peft's own default for BERT); EfficientNet: the 1x1 convolutions. Scales start at one:
+  output unchanged.
 * ``prompt-tuning``: ``PromptTuningConfig(num_virtual_tokens=20)`` prepended to the input
   embeddings of transformers text classifiers (initialised by sampling vocabulary embeddings);
-  image models and timm models are refused.
+  image models and timm models are refused. A decoder classifier (Llama) reads its last real
+  token: peft hands it ``inputs_embeds``, from which transformers cannot find that token and
+  takes the last position, a pad under right padding, so :class:`_LastTokenAtEnd` moves the
+  last real token's state there.
 * ``s2a-lora``: ``lora`` plus :func:`s2a.compress_activations` at ``act_bits`` (default 4):
   S2A's activation storage on top of peft LoRA.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .registry import MethodContext, MethodNotApplicable, MethodResult
@@ -137,10 +143,42 @@ def apply_prompt_tuning(model: nn.Module, ctx: MethodContext) -> MethodResult:
         prompt_tuning_init=peft.PromptTuningInit.SAMPLE_VOCAB, modules_to_save=list(ctx.head_names),
     )
     wrapped = _wrap(model, cfg)
-    return MethodResult(wrapped, [
-        f"peft prompt tuning: {PROMPT_TOKENS} virtual tokens (sampled from the vocabulary), "
-        f"head {list(ctx.head_names)} as modules_to_save ({_count(wrapped)})"
-    ])
+    notes = [f"peft prompt tuning: {PROMPT_TOKENS} virtual tokens (sampled from the vocabulary), "
+             f"head {list(ctx.head_names)} as modules_to_save ({_count(wrapped)})"]
+    if info.family == "hf-llama":
+        base = model.get_submodule(model.base_model_prefix)
+        hooks = _LastTokenAtEnd()
+        base.register_forward_pre_hook(hooks.before, with_kwargs=True)
+        base.register_forward_hook(hooks.after, with_kwargs=True)
+        notes.append("the classifier reads the last real token's state (peft's inputs_embeds hide it from transformers)")
+    return MethodResult(wrapped, notes)
+
+
+class _LastTokenAtEnd:
+    """Hooks on a decoder's base model: copy each row's last attended state (the prefix of
+    virtual tokens extends the mask) to the last position, which the classifier reads when it
+    gets ``inputs_embeds``. A class, not closures: the model still deep-copies and pickles."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+    def before(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def after(self, _module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
+        mask, self.mask = self.mask, None
+        hidden = output[0]
+        if mask is None or mask.shape[1] != hidden.shape[1] or bool(mask[:, -1].all()):
+            return output
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask.bool() * positions).argmax(dim=1)
+        hidden = hidden.clone()
+        hidden[:, -1] = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        if isinstance(output, tuple):
+            return (hidden, *output[1:])
+        output[next(iter(output.keys()))] = hidden  # a ModelOutput: its first field
+        return output
 
 
 def apply_s2a_lora(model: nn.Module, ctx: MethodContext) -> MethodResult:
