@@ -29,7 +29,9 @@ __all__ = [
 
 # How a method treats ``act_bits`` (--act-bits):
 #   "optional": None = native storage; a width compresses every operator on top of the method
-#   "default":  the method compresses itself, 4 bits unless --act-bits says otherwise (0 = off)
+#   "default":  the method compresses itself at ctx.act_bits; the CLI resolves an unset --act-bits
+#               to 4 (TrainConfig.resolved; 0 = off), while apply_spec takes ctx.act_bits as given
+#               (None = native storage)
 #   "fixed":    the method *is* a storage configuration (mesa8, fewbit2); --act-bits is refused
 #   "never":    activation checkpointing recomputes instead of storing; --act-bits is refused
 STORAGE_RULES = ("optional", "default", "fixed", "never")
