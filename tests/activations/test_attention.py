@@ -678,7 +678,7 @@ def test_vit_b_block_budget():
 
 
 def test_attention_fallbacks_to_native():
-    q, k, v, g = make_qkv(B=1, H=2, L=16)
+    q, k, v, _ = make_qkv(B=1, H=2, L=16)
     with torch.no_grad():
         torch.testing.assert_close(
             scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
@@ -686,11 +686,7 @@ def test_attention_fallbacks_to_native():
     # No input requires grad: nothing compressed, nothing saved.
     saved, _ = saved_tensors_of(lambda: scaled_dot_product_attention(q, k, v))
     assert saved == []
-    # A mask that requires grad gets its gradient from the native op.
-    mask = torch.zeros(16, 16, requires_grad=True)
     qr = q.clone().requires_grad_()
-    scaled_dot_product_attention(qr, k, v, attn_mask=mask).backward(g)
-    assert mask.grad is not None and qr.grad is not None
     # Native argument errors surface unchanged.
     with pytest.raises(RuntimeError):
         scaled_dot_product_attention(
@@ -704,3 +700,35 @@ def test_only_some_inputs_require_grad():
     vr = v.clone().requires_grad_()
     scaled_dot_product_attention(q, k, vr, bits=8).backward(g)
     assert cosine(vr.grad, ref[2]) >= 0.999
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(9, 7), (1, 4, 9, 7), (5, 1, 9, 7), (5, 4, 1, 7), (5, 4, 9, 7)])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_attention_mask_that_requires_grad(monkeypatch, mode, shape, sliced):
+    """A trainable additive mask (Swin's relative-position bias in full fine-tuning) gets
+    dL/dlogits summed over the dims it broadcasts along, on the compressed path: it used to
+    fall back to native SDPA, which stores Q, K, V and the probabilities in full."""
+    B, H, L, S = 5, 4, 9, 7
+    q, k, v, g = make_qkv(B=B, H=H, L=L, S=S, E=16)
+    bias = torch.randn(shape)
+    if sliced:  # batch slices and row chunks of one and two items
+        monkeypatch.setattr(A, "CHUNK_ELEMS", 2 * H * L * S)
+
+    def run(fn, dtype):
+        xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, bias)]
+        out = fn(*xs[:3], attn_mask=xs[3])
+        out.backward(g.to(dtype))
+        return out, [x.grad for x in xs]
+
+    saved, _ = saved_tensors_of(lambda: ours(mode, bits=8)(q.requires_grad_(), k, v, attn_mask=bias.requires_grad_()))
+    q.requires_grad_(False)
+    bias.requires_grad_(False)
+    assert all(t.dtype in (torch.uint8, torch.float32, torch.int64) for t in saved)
+    assert sum(t.numel() for t in saved if t.dtype == torch.float32) < q.numel()  # scales (and a mask) only
+    out, got = run(ours(mode, bits=8), torch.float32)
+    ref_out, ref = run(F.scaled_dot_product_attention, torch.float64)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    assert got[3].shape == bias.shape
+    for a, b in zip(got, ref, strict=True):
+        assert cosine(a, b) >= 0.999

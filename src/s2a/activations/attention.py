@@ -319,6 +319,8 @@ class _SDPA(torch.autograd.Function):
         ctx.save_for_backward(seed_t, saved_mask, *qkv_state, *p_state)
         ctx.cfg = cfg
         ctx.hashed = hashed
+        ctx.mask_shape = None if mask is None else mask.shape
+        ctx.mask_dtype = None if mask is None else mask.dtype
         ctx.meta = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, batch, p_batches, slices)
         return out.to(q.dtype)
 
@@ -333,8 +335,9 @@ class _SDPA(torch.autograd.Function):
         cdt = torch.promote_types(q_dt, torch.float32)
         cb_x = row_codebook(_QKV_KIND, cfg.qkv_bits if cfg.mode == "probs" else cfg.bits)
         cb_p = row_codebook("probs", cfg.bits)
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
         nb = len(batch)
+        dmask = torch.zeros(ctx.mask_shape, dtype=cdt, device=dev) if need_mask else None
         with _no_autocast(dev.type):
             g = grad_out.to(cdt)
             L, S = q_shape[-2], k_shape[-2]
@@ -373,13 +376,15 @@ class _SDPA(torch.autograd.Function):
                         pd = p if keep is None else p * keep
                         dv = _accumulate(dv, dv_shape, where, torch.matmul(pd.transpose(-1, -2), g_c), sl is None)
                         del pd
-                    if need_q or need_k:
+                    if need_q or need_k or need_mask:
                         dp = torch.matmul(g_c, vh.transpose(-1, -2))
                         if dp.shape != p.shape:  # v broadcast P over more batch dims
                             dp = dp.sum_to_size(p.shape)
                         if keep is not None:
                             dp.mul_(keep)
                         ds = _softmax_bwd(dp, p)  # P * (dP - rowsum(P dP)); scale applied below
+                        if need_mask:  # an additive mask enters the logits unscaled
+                            _add_mask_grad(dmask, ds, sl, i0, i1)
                         if need_q:
                             rows = (*where, Ellipsis, slice(i0, i1), slice(None))
                             dq = _accumulate(dq, dq_shape, rows, torch.matmul(ds, kh), whole_rows)
@@ -394,7 +399,23 @@ class _SDPA(torch.autograd.Function):
                 dk = _reduce_kv(dk.mul_(cfg.scale), k_shape, cfg.groups).to(k_dt)
             if need_v:
                 dv = _reduce_kv(dv, v_shape, cfg.groups).to(v_dt)
-        return dq, dk, dv, None, None
+            if need_mask:
+                dmask = dmask.to(ctx.mask_dtype)
+        return dq, dk, dv, dmask, None
+
+
+def _add_mask_grad(dmask: torch.Tensor, ds: torch.Tensor, sl: slice | None, i0: int, i1: int) -> None:
+    """``dmask += ds`` for query rows ``i0:i1`` of batch slice ``sl``, summed over the dims along
+    which the mask broadcasts (a relative-position bias shared by the batch, a padding mask
+    shared by the heads)."""
+    full = (1,) * (ds.dim() - dmask.dim()) + tuple(dmask.shape)
+    index = [slice(None)] * len(full)
+    if sl is not None and full[0] != 1:
+        index[0] = sl
+    if full[-2] != 1:
+        index[-2] = slice(i0, i1)
+    region = dmask.view(full)[tuple(index)]
+    region.add_(ds.sum_to_size(region.shape))
 
 
 def _batch_index(sl: slice | None) -> tuple[slice, ...]:
@@ -453,10 +474,11 @@ def scaled_dot_product_attention(
     * ``mode="recompute"``: the same for Q, K, V at ``bits``, plus the mask tensor
       (by reference, it is an input).
 
-    plus 8 bytes (one int64 seed) when ``dropout_p > 0``. Falls back to the native
-    op (its own saved state) when no input needs a gradient or grad mode is off (with
-    ``dropout_p == 0``: with dropout the same mask as with grad is drawn), the mask
-    requires grad, or a tensor is empty.
+    plus 8 bytes (one int64 seed) when ``dropout_p > 0``. A float mask that requires grad
+    (a trainable relative-position bias) gets its gradient and costs nothing more. Falls
+    back to the native op (its own saved state) when no input needs a gradient or grad mode
+    is off (with ``dropout_p == 0``: with dropout the same mask as with grad is drawn), or a
+    tensor is empty.
     """
     check_bits(bits, ROW_BITS, "bits")
     check_bits(qkv_bits, ROW_BITS, "qkv_bits")
@@ -475,11 +497,16 @@ def scaled_dot_product_attention(
             enable_gqa=enable_gqa,
         )
 
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (attn_mask is not None and attn_mask.requires_grad)
+    )
+    # A float mask may need a gradient (Swin's relative-position bias trains in full
+    # fine-tuning): it gets dL/dlogits, summed over the dims it broadcasts along.
     mask_ok = attn_mask is None or (
-        not attn_mask.requires_grad
-        and (attn_mask.dtype == torch.bool or attn_mask.is_floating_point())
+        (attn_mask.dtype == torch.bool or attn_mask.is_floating_point())
         and not is_causal
+        and (not attn_mask.requires_grad or attn_mask.dim() <= max(q.dim(), k.dim(), v.dim()))
     )
     # Without grad, dropout still draws s2a's mask (one seed of the default generator), not
     # native SDPA's: a reentrant checkpoint runs this forward without grad, then recomputes
