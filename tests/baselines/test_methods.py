@@ -207,3 +207,18 @@ def test_prompt_tuning_on_a_decoder_reads_the_last_real_token():
                  attention_mask=torch.tensor([[1] * 5 + [0] * 3] * 2)).logits
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(both, torch.cat([a, a]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_adaptformer_reads_the_residual_stream(family):
+    # upstream AdaptFormer feeds the adapter the block's residual stream x, not norm2(x)
+    _, res, batch = prepared(family, "adaptformer")
+    model = res.model.eval()
+    block = dict(model.named_modules())["blocks.0" if family == "vit" else "layers.0.blocks.0"]
+    seen = {}
+    block.norm2.register_forward_pre_hook(lambda m, a: seen.setdefault("stream", a[0].detach().clone()))
+    block.mlp.adaptformer.down.register_forward_pre_hook(lambda m, a: seen.setdefault("adapter", a[0].detach().clone()))
+    with torch.no_grad():
+        call(model, batch)
+    torch.testing.assert_close(seen["adapter"], seen["stream"])
+    assert block.mlp.adaptformer.drop.p == 0.1

@@ -1,11 +1,15 @@
 """AdaptFormer (Chen et al., 2022): a bottleneck adapter in parallel with each block's MLP.
 
-``MLP(x) + s * up(ReLU(down(x)))`` with ``down: D -> 64``, ``up: 64 -> D``, ``s = 0.1``
-(AdaptFormer's defaults); ``up`` starts at zero, so the model's output at initialisation is
-the frozen backbone's. The adapter reads the MLP's input: the pre-normalised tokens of pre-LN
-blocks (timm ViT / Swin, transformers ViT, Llama), the attention output of post-LN BERT and
-DistilBERT layers; its output joins the MLP's before the residual sum (BERT: before the
-output LayerNorm, by adding it to the residual input of ``BertOutput``, which is the same sum).
+``MLP(norm(x)) + s * up(dropout(ReLU(down(x))))`` with ``down: D -> 64``, ``up: 64 -> D``,
+``s = 0.1`` and dropout 0.1 inside the adapter (AdaptFormer's image configuration: no adapter
+LayerNorm, LoRA-style init); ``up`` starts at zero, so the model's output at initialisation is
+the frozen backbone's. As upstream, the adapter reads the residual stream ``x`` that enters the
+MLP sub-layer: in pre-LN blocks (timm ViT / Swin, transformers ViT, Llama) the input of the
+norm before the MLP, caught by a pre-hook on that norm; in post-LN BERT and DistilBERT layers
+the MLP's input is already the residual stream. Its output joins the MLP's before the residual
+sum (BERT: before the output LayerNorm, by adding it to the residual input of ``BertOutput``,
+which is the same sum). One difference: upstream adds it after the MLP's drop-path, here it
+joins the MLP's output (the same sum without drop-path / layer scale, as in ViT-B/16).
 
 The adapter is registered as a child ``adaptformer`` of the MLP module and the MLP's
 ``forward`` is patched on the instance, so every backbone state-dict key is unchanged. The
@@ -36,6 +40,13 @@ MLP_PATHS: dict[str, tuple[str, str]] = {
     "hf-distilbert": ("ffn", "mlp"),
     "hf-bert": ("output", "output"),
 }
+# family -> the norm in front of the MLP of a pre-LN block (its input is the residual stream)
+NORM_BEFORE_MLP: dict[str, str] = {
+    "timm-vit": "norm2",
+    "timm-swin": "norm2",
+    "hf-vit": "layernorm_after",
+    "hf-llama": "post_attention_layernorm",
+}
 ADAPTER_ATTR = "adaptformer"
 
 
@@ -47,28 +58,39 @@ def supports_adaptformer(info: Any) -> str | None:
 
 
 class ParallelAdapter(nn.Module):
-    """``scale * up(ReLU(down(x)))``, ``up`` zero-initialised."""
+    """``scale * up(dropout(ReLU(down(x))))``, ``up`` zero-initialised. ``remember`` is a forward
+    pre-hook for the norm in front of the MLP: the adapter then reads that norm's input."""
 
-    def __init__(self, dim: int, bottleneck: int = 64, scale: float = 0.1) -> None:
+    def __init__(self, dim: int, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1) -> None:
         super().__init__()
         self.down = nn.Linear(dim, bottleneck)
         self.act = nn.ReLU()
+        self.drop = nn.Dropout(dropout)
         self.up = nn.Linear(bottleneck, dim)
         self.scale = scale
+        self.residual: torch.Tensor | None = None
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(x))) * self.scale
+        return self.up(self.drop(self.act(self.down(x)))) * self.scale
+
+    def remember(self, _norm: nn.Module, args: tuple) -> None:
+        self.residual = args[0]
+
+    def source(self, mlp_input: torch.Tensor) -> torch.Tensor:
+        """The residual stream caught by ``remember`` (once), else the MLP's own input."""
+        x, self.residual = self.residual, None
+        return mlp_input if x is None or x.shape != mlp_input.shape else x
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
 
 
 def _mlp_forward(original, adapter: ParallelAdapter, x: torch.Tensor, *args: Any, **kwargs: Any):
-    return original(x, *args, **kwargs) + adapter(x)
+    return original(x, *args, **kwargs) + adapter(adapter.source(x))
 
 
 def _output_forward(original, adapter: ParallelAdapter, hidden: torch.Tensor, input_tensor: torch.Tensor):
@@ -85,6 +107,9 @@ def add_adapters(model: nn.Module, info: Any, bottleneck: int = 64, scale: float
         mlp = model.get_submodule(path)
         adapter = ParallelAdapter(block.in_dim, bottleneck, scale).to(ref.device)
         mlp.add_module(ADAPTER_ATTR, adapter)
+        norm = NORM_BEFORE_MLP.get(info.family)
+        if norm is not None:
+            model.get_submodule(f"{block.name}.{norm}").register_forward_pre_hook(adapter.remember)
         fwd = _mlp_forward if call == "mlp" else _output_forward
         mlp.forward = functools.partial(fwd, mlp.forward, adapter)
         paths.append(path)
@@ -97,6 +122,6 @@ def apply_adaptformer(model: nn.Module, ctx: MethodContext) -> MethodResult:
     paths = add_adapters(model, info)
     heads = train_heads(model, ctx.head_names, ctx.method)
     return MethodResult(model, [
-        f"AdaptFormer: parallel adapters (bottleneck 64, scale 0.1) beside {len(paths)} MLPs "
+        f"AdaptFormer: parallel adapters (bottleneck 64, scale 0.1, dropout 0.1) reading the residual stream, beside {len(paths)} MLPs "
         f"and the head {heads} train"
     ])
