@@ -63,6 +63,8 @@ def test_config_defaults_roundtrip_and_resolution():
     assert off.compression_bits is None
     assert TrainConfig(model="m", data="d", out="x", method="full").resolved("image").compression_bits is None
     assert default_lr("full", "text") == 5e-5 and default_lr("full", "image") == 2e-4
+    # the rates measured on EfficientNet-Lite0 (benchmarks/accuracy.py) are CNN defaults
+    assert cfg.resolved("cnn").lr == 1e-2 and default_lr("full", "cnn") == 1e-3
     assert "out" not in cfg.fingerprint() and "lr" in cfg.fingerprint()
     with pytest.raises(TrainError, match="unknown training option"):
         TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
@@ -133,3 +135,15 @@ def test_resume_keeps_the_runs_save_every_unless_given(tmp_path):
     resume = ["train", "--out", str(run), "--resume"]
     assert config_from_args(build_parser().parse_args(resume)).save_every == 5
     assert config_from_args(build_parser().parse_args([*resume, "--save-every", "2"])).save_every == 2
+
+
+def test_rate_kind_tells_cnns_from_image_transformers():
+    import timm
+
+    from s2a.train.trainer import rate_kind
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5)
+    cnn = timm.create_model("resnet18", num_classes=5)
+    assert rate_kind(vit, "image") == "image"
+    assert rate_kind(cnn, "image") == "cnn"
+    assert rate_kind(cnn, "text") == "text"

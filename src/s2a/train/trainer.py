@@ -121,6 +121,18 @@ def set_dropout(model: torch.nn.Module, p: float) -> int:
     return n
 
 
+def rate_kind(model: torch.nn.Module, kind: str) -> str:
+    """The model kind whose default learning rates apply (:func:`s2a.train.config.default_lr`):
+    "cnn" for an image model holding most of its weights in convolutions, which fine-tune at
+    other rates than image transformers (a ViT's patch embedding is its only convolution)."""
+    if kind != "image":
+        return kind
+    conv = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)
+               for p in m.parameters(recurse=False))
+    total = sum(p.numel() for p in model.parameters())
+    return "cnn" if 2 * conv > total else kind
+
+
 def _rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as fh:
@@ -389,16 +401,16 @@ class Trainer:
         self.data: DataBundle = data
         if saved is not None:
             self._check_same_data(saved.get("data") or {})
-        rc = cfg.resolved(data.kind)
-        self.rc = rc
-        if rc.batch_size < info.world_size:
-            raise TrainError(f"--batch-size {rc.batch_size} is smaller than the {info.world_size} processes")
+        if cfg.batch_size < info.world_size:
+            raise TrainError(f"--batch-size {cfg.batch_size} is smaller than the {info.world_size} processes")
         seed_everything(cfg.seed)
         try:
             zm: ZooModel = load_model(cfg.model, data.num_classes, weights=cfg.weights, max_length=cfg.max_length, img_size=cfg.img_size)
         except ZooError as exc:
             raise TrainError(str(exc)) from None
         self.zoo = zm
+        rc = cfg.resolved(rate_kind(zm.model, data.kind))
+        self.rc = rc
         if cfg.dropout is not None:
             try:
                 set_dropout(zm.model, cfg.dropout)
