@@ -232,3 +232,23 @@ def test_default_input_follows_model_device_and_dtype():
     assert describe_backbone(llama).blocks[0].in_shape == (8, 32)
     half = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=3).to(torch.bfloat16)
     assert describe_backbone(half).blocks[0].in_shape == (5, 192)
+
+
+# ---------------------------------------------------------------- timm models left to the generic adapter
+def resnetv2(**kw):
+    """ResNetV2: the classifier is a 1x1 Conv2d (head.fc) on the pooled (B, C, 1, 1) map."""
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(layers=(1, 1), channels=(32, 32), stem_chs=32, basic=True, bottle_ratio=1.0, **kw)
+
+
+def test_generic_head_may_be_a_1x1_conv():
+    torch.manual_seed(0)
+    model = resnetv2(num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    info = describe(model, x[:1])
+    assert info.head_names == ("head",) and info.classifier_names == ("head.fc",)
+    assert isinstance(model.head.fc, nn.Conv2d) and (info.feature_dim, info.num_classes) == (32, 3)
+    with torch.no_grad():  # the conv classifier's (B, C, 1, 1) input, as (B, C)
+        expect = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(info.pooled_features(model, x), expect)

@@ -6,7 +6,16 @@ import importlib.util
 
 import pytest
 import torch
-from tuner_zoo import FAMILIES, build, call, eager_kernels, example_of, one_thread, output
+from tuner_zoo import (
+    FAMILIES,
+    build,
+    build_timm_generic,
+    call,
+    eager_kernels,
+    example_of,
+    one_thread,
+    output,
+)
 
 import s2a
 
@@ -368,3 +377,34 @@ def test_side_on_a_backbone_without_head_predicts_num_classes(family, tmp_path):
     s2a.load_tuned(fresh, tmp_path)
     with torch.no_grad():
         assert torch.equal(call(fresh, batch).logits, call(model, batch).logits)
+
+
+# ---------------------------------------------------------------- timm models left to the generic adapter
+def test_a_1x1_conv_classifier_is_replaced_and_trains():
+    # ResNetV2's head.fc is a 1x1 Conv2d: num_classes was refused, and with num_classes=None
+    # only its bias trained (through the bias module).
+    model, x = build_timm_generic("resnetv2", num_classes=1000)
+    s2a.apply(model, s2a.S2AConfig(num_classes=5, act_bits=None), example_input=x[:1])
+    fc = model.head.fc
+    assert isinstance(fc, torch.nn.Conv2d) and fc.kernel_size == (1, 1) and fc.out_channels == 5
+    out = model(x)
+    assert out.shape == (2, 5)
+    out.pow(2).mean().backward()
+    assert fc.weight.grad is not None and fc.bias.grad is not None
+
+    model, x = build_timm_generic("resnetv2", num_classes=5)
+    s2a.apply(model, s2a.S2AConfig(num_classes=None, act_bits=None), example_input=x[:1])
+    assert {n: k for n, k in model._s2a_tuner.kinds.items() if n.startswith("head.")} == {
+        "head.fc.weight": "head", "head.fc.bias": "head"}
+
+    # fuse_side reads the classifier's input, here (B, C, 1, 1)
+    model, x = build_timm_generic("resnetv2", num_classes=5)
+    s2a.apply(model, s2a.S2AConfig(modules=("bias", "side"), fuse_side=True, side_reduction=4, act_bits=None),
+              example_input=x[:1])
+    assert model(x).shape == (2, 5)
+
+
+def test_num_classes_on_a_timm_model_without_classes_says_how():
+    model, x = build_timm_generic("resnetv2", num_classes=0)
+    with pytest.raises(ValueError, match=r"no classification head.*timm: num_classes > 0"):
+        s2a.apply(model, s2a.S2AConfig(num_classes=3, act_bits=None), example_input=x[:1])

@@ -79,6 +79,24 @@ FAMILIES = {
 }
 
 
+def _resnetv2(num_classes):
+    # the classifier is a 1x1 Conv2d on the pooled (B, C, 1, 1) map
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(layers=(1, 1), channels=(32, 32), stem_chs=32, basic=True, bottle_ratio=1.0,
+                    num_classes=num_classes)
+
+
+# timm models no built-in adapter knows (the generic adapter's), on image(32):
+# name -> builder(num_classes)
+TIMM_GENERIC = {"resnetv2": _resnetv2}
+
+
+def build_timm_generic(name: str, num_classes: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return TIMM_GENERIC[name](num_classes).eval(), image(32)
+
+
 def build(family: str, seed: int = 0):
     builder, batch, _ = FAMILIES[family]
     torch.manual_seed(seed)

@@ -46,7 +46,7 @@ the built-in ones::
 Optional hooks: ``num_prefix_tokens``, ``max_positions`` (text: the prompt covers this
 many positions and is sliced to the sequence length), ``position_ids_kwarg`` (decoders
 whose blocks receive position ids, so that prompts follow a KV cache) and
-``replace_head`` (default: swap each classifier ``nn.Linear``).
+``replace_head`` (default: swap each classifier ``nn.Linear`` / 1x1 ``nn.Conv2d``).
 """
 
 from . import hf_adapters, timm_adapters  # noqa: F401  (register the built-in adapters)

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .registry import BlockSpec, HeadSpec, ModelAdapter, default_image_input
+from .registry import BlockSpec, HeadSpec, ModelAdapter, default_image_input, is_classifier_layer
 
 HEAD_NAMES = ("head", "fc", "classifier", "score")
 
@@ -52,11 +52,11 @@ class GenericAdapter(ModelAdapter):
             m = children.get(n)
             if m is None:
                 continue
-            if isinstance(m, nn.Linear):
+            if is_classifier_layer(m):
                 return HeadSpec(names=(n,), classifiers=(n,))
-            linears = [f"{n}.{k}" for k, c in m.named_modules() if isinstance(c, nn.Linear)]
-            if linears:
-                return HeadSpec(names=(n,), classifiers=(linears[-1],))
+            layers = [f"{n}.{k}" for k, c in m.named_modules() if is_classifier_layer(c)]
+            if layers:
+                return HeadSpec(names=(n,), classifiers=(layers[-1],))
         return None
 
     def example_input(self, model: nn.Module) -> Any:

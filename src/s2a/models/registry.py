@@ -37,9 +37,9 @@ class BlockSpec:
 @dataclass(frozen=True)
 class HeadSpec:
     """The classifier head: ``names`` are the trainable head modules, ``classifiers``
-    the final ``nn.Linear`` (one per output head, e.g. DeiT's head and head_dist) that
-    :meth:`ModelAdapter.replace_head` replaces; ``trainable`` False for a language-model
-    head tied to the embeddings; ``task`` one of :data:`TASKS`."""
+    the final ``nn.Linear`` or 1x1 ``nn.Conv2d`` (one per output head, e.g. DeiT's head and
+    head_dist) that :meth:`ModelAdapter.replace_head` replaces; ``trainable`` False for a
+    language-model head tied to the embeddings; ``task`` one of :data:`TASKS`."""
 
     names: tuple[str, ...]
     classifiers: tuple[str, ...]
@@ -188,6 +188,8 @@ class BackboneInfo:
             finally:
                 handle.remove()
             x = captured["x"]
+            if x.dim() == 4:  # a 1x1 conv classifier reads the pooled (B, C, 1, 1) map
+                return x.mean(dim=(2, 3))
             return self.pool(x) if x.dim() == 3 else x
         out = model(*args, **kwargs)
         hidden = getattr(out, "last_hidden_state", None)
@@ -233,12 +235,15 @@ class ModelAdapter:
         return default_image_input(model)
 
     def replace_head(self, model: nn.Module, num_classes: int) -> None:
-        """Replace the classifier(s) by fresh ``nn.Linear`` with ``num_classes`` outputs."""
+        """Replace the classifier(s) by fresh layers of the same kind (``nn.Linear`` or 1x1
+        ``nn.Conv2d``) with ``num_classes`` outputs."""
         spec = self.head(model)
         if spec is None or not spec.classifiers:
             raise ValueError(
                 f"num_classes: {type(model).__name__} has no classification head to replace; "
-                "use a model class with a head (e.g. *ForSequenceClassification) or num_classes=None"
+                "build the model with one (timm: num_classes > 0; transformers: a "
+                "*ForSequenceClassification / *ForImageClassification class), add 'side' to "
+                "modules (the side network then makes the prediction) or pass num_classes=None"
             )
         if spec.task == "lm":
             raise ValueError(
@@ -246,7 +251,7 @@ class ModelAdapter:
                 "use num_classes=None or a *ForSequenceClassification model"
             )
         for path in spec.classifiers:
-            replace_linear(model, path, num_classes)
+            replace_classifier(model, path, num_classes)
 
 
 _REGISTRY: list[ModelAdapter] = []
@@ -368,12 +373,34 @@ def text_input(model: nn.Module, length: int = 8) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.ones(1, length, dtype=torch.long)}
 
 
-def replace_linear(model: nn.Module, path: str, num_classes: int) -> nn.Linear:
+def is_classifier_layer(module: nn.Module) -> bool:
+    """An output layer s2a can replace: ``nn.Linear``, or a 1x1 ``nn.Conv2d`` (timm's
+    ResNetV2 / DPN classify the pooled (B, C, 1, 1) map with one)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+            and module.groups == 1)
+
+
+def classifier_features(module: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of a classifier layer (see :func:`is_classifier_layer`)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.in_channels, module.out_channels
+
+
+def replace_classifier(model: nn.Module, path: str, num_classes: int) -> nn.Module:
+    """Put a fresh layer of the same kind (Linear or 1x1 Conv2d) with ``num_classes``
+    outputs at ``path``."""
     old = model.get_submodule(path)
-    if not isinstance(old, nn.Linear):
-        raise ValueError(f"num_classes: head {path} is a {type(old).__name__}, not nn.Linear")
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
-                    device=old.weight.device, dtype=old.weight.dtype)
+    if not is_classifier_layer(old):
+        raise ValueError(f"num_classes: head {path} is a {type(old).__name__}, not nn.Linear "
+                         "or a 1x1 nn.Conv2d")
+    factory = {"device": old.weight.device, "dtype": old.weight.dtype}
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, **factory)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, 1, bias=old.bias is not None, **factory)
     parent_name, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return new
@@ -527,7 +554,7 @@ def refresh_head(info: BackboneInfo, model: nn.Module) -> BackboneInfo:
     info.feature_dim = info.num_classes = None
     if spec.classifiers:
         clf = model.get_submodule(spec.classifiers[0])
-        if isinstance(clf, nn.Linear):
-            info.feature_dim, info.num_classes = clf.in_features, clf.out_features
+        if is_classifier_layer(clf):
+            info.feature_dim, info.num_classes = classifier_features(clf)
     return info
 
