@@ -235,6 +235,21 @@ def test_default_input_follows_model_device_and_dtype():
 
 
 # ---------------------------------------------------------------- timm models left to the generic adapter
+def levit(**kw):
+    """LeViT: get_classifier() is the tuple (head, head_dist), two NormLinear (BatchNorm1d +
+    Linear) whose outputs the model averages at inference."""
+    from timm.models.levit import LevitDistilled
+
+    return LevitDistilled(img_size=32, embed_dim=(16, 24), key_dim=8, depth=(1, 1), num_heads=(2, 2), **kw)
+
+
+def repvit(**kw):
+    """RepViT: get_classifier() is one container holding both heads (head.head, head.head_dist)."""
+    from timm.models.repvit import RepVit
+
+    return RepVit(img_size=32, embed_dim=(16, 24), depth=(1, 1), **kw)
+
+
 def resnetv2(**kw):
     """ResNetV2: the classifier is a 1x1 Conv2d (head.fc) on the pooled (B, C, 1, 1) map."""
     from timm.models.resnetv2 import ResNetV2
@@ -252,3 +267,19 @@ def test_generic_head_may_be_a_1x1_conv():
     with torch.no_grad():  # the conv classifier's (B, C, 1, 1) input, as (B, C)
         expect = model.forward_head(model.forward_features(x), pre_logits=True)
         torch.testing.assert_close(info.pooled_features(model, x), expect)
+
+
+@pytest.mark.parametrize(("build", "names", "classifiers"), [
+    (levit, ("head", "head_dist"), ("head.linear", "head_dist.linear")),
+    (repvit, ("head",), ("head.head.l", "head.head_dist.l")),
+])
+def test_generic_timm_head_holds_every_averaged_classifier(build, names, classifiers):
+    # The generic lookup took the last Linear of a top-level "head" only: LeViT's head_dist
+    # and RepViT's head.head stayed at the old class count (and LeViT's head_dist frozen).
+    info = describe(build(num_classes=3), IMG)
+    assert info.family == "generic"
+    assert info.head_names == names and info.classifier_names == classifiers
+    assert (info.feature_dim, info.num_classes) == (24, 3)
+    # built without classes (get_classifier() is an Identity), the model has no head
+    bare = describe(build(num_classes=0), IMG)
+    assert bare.head_names == bare.classifier_names == () and bare.task == "features"

@@ -18,6 +18,7 @@ from tuner_zoo import (
 )
 
 import s2a
+from s2a.models import describe_backbone
 
 pytestmark = pytest.mark.usefixtures(eager_kernels.__name__, one_thread.__name__)
 
@@ -380,6 +381,40 @@ def test_side_on_a_backbone_without_head_predicts_num_classes(family, tmp_path):
 
 
 # ---------------------------------------------------------------- timm models left to the generic adapter
+def _state_outside(model, names, classifiers):
+    """The head modules' tensors, the output layers' left out."""
+    return {f"{n}.{k}": v.clone() for n in names for k, v in model.get_submodule(n).state_dict().items()
+            if not any(f"{n}.{k}".startswith(f"{c}.") for c in classifiers)}
+
+
+@pytest.mark.parametrize("arch", ["levit", "repvit"])
+def test_num_classes_replaces_every_head_a_distilled_timm_model_averages(arch):
+    # Only one of the two heads got num_classes: the eval forward, which averages them, failed
+    # ("size of tensor a (5) must match (1000)"), and a kept LeViT head_dist stayed frozen.
+    model, x = build_timm_generic(arch, num_classes=1000)
+    info = describe_backbone(model, x[:1])
+    kept = _state_outside(model, info.head_names, info.classifier_names)
+    s2a.apply(model, s2a.S2AConfig(num_classes=5, act_bits=None), example_input=x[:1])
+    info = model._s2a_tuner.info
+    classifiers = info.classifier_modules(model)
+    assert len(classifiers) == 2 and all(c.out_features == 5 for c in classifiers)
+    assert model.num_classes == 5
+    # only the output layers are new: the heads' BatchNorms keep their statistics
+    after = _state_outside(model, info.head_names, info.classifier_names)
+    assert after.keys() == kept.keys() and all(torch.equal(after[k], v) for k, v in kept.items())
+    out = model(x)
+    assert out.shape == (2, 5)
+    out.pow(2).mean().backward()
+    assert all(c.weight.grad is not None for c in classifiers)
+
+    # a model built for the task keeps its heads: every one of them trains
+    model, x = build_timm_generic(arch, num_classes=5)
+    s2a.apply(model, s2a.S2AConfig(num_classes=None, act_bits=None), example_input=x[:1])
+    head = [p for n in model._s2a_tuner.info.head_names for p in model.get_submodule(n).parameters()]
+    assert all(p.requires_grad for p in head)
+    assert all(c.weight.requires_grad for c in model._s2a_tuner.info.classifier_modules(model))
+
+
 def test_a_1x1_conv_classifier_is_replaced_and_trains():
     # ResNetV2's head.fc is a 1x1 Conv2d: num_classes was refused, and with num_classes=None
     # only its bias trained (through the bias module).

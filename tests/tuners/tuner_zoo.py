@@ -79,6 +79,21 @@ FAMILIES = {
 }
 
 
+def _levit(num_classes):
+    # get_classifier() is the tuple (head, head_dist), two NormLinear averaged at inference
+    from timm.models.levit import LevitDistilled
+
+    return LevitDistilled(img_size=32, embed_dim=(16, 24), key_dim=8, depth=(1, 1), num_heads=(2, 2),
+                          num_classes=num_classes)
+
+
+def _repvit(num_classes):
+    # get_classifier() is one container holding both heads (head.head, head.head_dist)
+    from timm.models.repvit import RepVit
+
+    return RepVit(img_size=32, embed_dim=(16, 24), depth=(1, 1), num_classes=num_classes)
+
+
 def _resnetv2(num_classes):
     # the classifier is a 1x1 Conv2d on the pooled (B, C, 1, 1) map
     from timm.models.resnetv2 import ResNetV2
@@ -89,7 +104,7 @@ def _resnetv2(num_classes):
 
 # timm models no built-in adapter knows (the generic adapter's), on image(32):
 # name -> builder(num_classes)
-TIMM_GENERIC = {"resnetv2": _resnetv2}
+TIMM_GENERIC = {"levit": _levit, "repvit": _repvit, "resnetv2": _resnetv2}
 
 
 def build_timm_generic(name: str, num_classes: int, seed: int = 0):

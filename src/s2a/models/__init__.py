@@ -12,7 +12,8 @@ tokens), ``SwinTransformer``, ``ResNet``, ``ConvNeXt``, ``EfficientNet``; transf
 BERT / RoBERTa / DistilBERT / MiniLM encoders (with or without a head), ``ViTModel`` /
 ``ViTForImageClassification`` and Llama-style decoders. Anything else goes to the
 generic fallback (the largest group of >= 2 same-class children of one
-``ModuleList``/``Sequential``); a model nothing handles raises :class:`UnsupportedModelError` listing the
+``ModuleList``/``Sequential``; a timm model's head from ``get_classifier()``, distillation
+heads included); a model nothing handles raises :class:`UnsupportedModelError` listing the
 module classes it contains.
 
 Adding an adapter
