@@ -257,6 +257,14 @@ def resnetv2(**kw):
     return ResNetV2(layers=(1, 1), channels=(32, 32), stem_chs=32, basic=True, bottle_ratio=1.0, **kw)
 
 
+def swinv2(**kw):
+    """SwinV2: NHWC stages; stages 1.. open with a PatchMerging whose layers see 4C channels."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    return SwinTransformerV2(img_size=32, patch_size=2, embed_dim=24, depths=(1, 1, 1), num_heads=(1, 2, 4),
+                             window_size=4, **kw)
+
+
 def test_generic_head_may_be_a_1x1_conv():
     torch.manual_seed(0)
     model = resnetv2(num_classes=3).eval()
@@ -283,3 +291,44 @@ def test_generic_timm_head_holds_every_averaged_classifier(build, names, classif
     # built without classes (get_classifier() is an Identity), the model has no head
     bare = describe(build(num_classes=0), IMG)
     assert bare.head_names == bare.classifier_names == () and bare.task == "features"
+
+
+def test_swinv2_stages_are_nhwc_although_patch_merging_sees_4c():
+    # Stages 1.. hold no layer with C channels; the input was taken for NCHW (C = H) before.
+    info = describe(swinv2(num_classes=3), IMG)
+    assert info.family == "generic" and info.layouts == ["nhwc"] * 3
+    assert [b.in_shape for b in info.blocks] == [(16, 16, 24), (16, 16, 24), (8, 8, 48)]
+    assert [b.in_dim for b in info.blocks] == [24, 24, 48] and info.dims == [24, 48, 96]
+    assert [b.in_grid for b in info.blocks] == [(16, 16), (16, 16), (8, 8)]
+
+
+class MergeStage(nn.Module):
+    """An NHWC stage: an optional 2x2 patch merging (a Linear on 4C channels), then an MLP
+    on the merged width. A merging stage holds no layer with its input's C channels."""
+
+    def __init__(self, c, merge=True):
+        super().__init__()
+        self.merge = merge
+        width = 2 * c if merge else c
+        self.reduction = nn.Linear(4 * c, width) if merge else nn.Identity()
+        self.mlp = nn.Linear(width, width)
+
+    def forward(self, x):
+        if self.merge:
+            b, h, w, c = x.shape
+            x = self.reduction(x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3))
+        return x + self.mlp(x)
+
+
+def test_layout_follows_the_block_a_tensor_passes_to_unchanged():
+    # 12 x 12 x 4 -> 6 x 6 x 8 -> 3 x 3 x 16: only the last stage has a layer on its input's
+    # channels; the ones that feed it, shape unchanged, are NHWC too.
+    model = nn.Sequential(MergeStage(4), MergeStage(8), MergeStage(16, merge=False))
+    info = describe(model, torch.zeros(1, 12, 12, 4))
+    assert info.layouts == ["nhwc"] * 3 and [b.in_dim for b in info.blocks] == [4, 8, 16]
+
+
+def test_an_undecidable_layout_is_refused_not_guessed():
+    model = nn.Sequential(MergeStage(4), MergeStage(8))
+    with pytest.raises(UnsupportedModelError, match=r"cannot tell whether the input \(1, 12, 12, 4\) of block 0"):
+        describe(model, torch.zeros(1, 12, 12, 4))

@@ -443,3 +443,19 @@ def test_num_classes_on_a_timm_model_without_classes_says_how():
     model, x = build_timm_generic("resnetv2", num_classes=0)
     with pytest.raises(ValueError, match=r"no classification head.*timm: num_classes > 0"):
         s2a.apply(model, s2a.S2AConfig(num_classes=3, act_bits=None), example_input=x[:1])
+
+
+def test_swinv2_prompts_and_side_see_nhwc_stages():
+    # Stages 1.. were taken for NCHW: prompts got grid (H, C) and W "channels", and the side
+    # branch the wrong widths.
+    model, x = build_timm_generic("swinv2", num_classes=3)
+    ref = model(x)
+    s2a.apply(model, s2a.S2AConfig(modules=("prompt", "side"), side_reduction=8, fuse_side=True, act_bits=None),
+              example_input=x[:1])
+    prompts = [model.get_submodule(b.name).s2a_prompt for b in model._s2a_tuner.info.blocks]
+    assert [(p.layout, p.grid, p.channels) for p in prompts] == [
+        ("nhwc", (16, 16), 24), ("nhwc", (16, 16), 24), ("nhwc", (8, 8), 48)]
+    out = model(x)
+    assert out.shape == ref.shape == (2, 3)
+    out.pow(2).mean().backward()
+    assert all(p.A.grad is not None for p in prompts)

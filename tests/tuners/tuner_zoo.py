@@ -102,9 +102,17 @@ def _resnetv2(num_classes):
                     num_classes=num_classes)
 
 
+def _swinv2(num_classes):
+    # NHWC stages; stages 1.. open with a PatchMerging whose layers see 4C channels
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    return SwinTransformerV2(img_size=32, patch_size=2, embed_dim=24, depths=(1, 1, 1), num_heads=(1, 2, 4),
+                             window_size=4, num_classes=num_classes)
+
+
 # timm models no built-in adapter knows (the generic adapter's), on image(32):
 # name -> builder(num_classes)
-TIMM_GENERIC = {"levit": _levit, "repvit": _repvit, "resnetv2": _resnetv2}
+TIMM_GENERIC = {"levit": _levit, "repvit": _repvit, "resnetv2": _resnetv2, "swinv2": _swinv2}
 
 
 def build_timm_generic(name: str, num_classes: int, seed: int = 0):

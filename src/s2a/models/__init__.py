@@ -14,7 +14,8 @@ BERT / RoBERTa / DistilBERT / MiniLM encoders (with or without a head), ``ViTMod
 generic fallback (the largest group of >= 2 same-class children of one
 ``ModuleList``/``Sequential``; a timm model's head from ``get_classifier()``, distillation
 heads included); a model nothing handles raises :class:`UnsupportedModelError` listing the
-module classes it contains.
+module classes it contains. A feature-map block whose layout (NCHW or NHWC) neither its
+layers' channel counts nor a neighbouring block decide is refused: declare it in an adapter.
 
 Adding an adapter
 -----------------

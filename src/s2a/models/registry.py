@@ -414,17 +414,14 @@ def module_path(model: nn.Module, module: nn.Module) -> str | None:
 
 
 # ---------------------------------------------------------------------------- describe
-def _infer_layout(block: nn.Module, shape: tuple[int, ...]) -> str:
-    if len(shape) == 3:
-        return "tokens"
-    if len(shape) != 4:
-        raise UnsupportedModelError(
-            f"block input of rank {len(shape)} (shape {tuple(shape)}); s2a handles (B, N, D) "
-            "tokens and (B, C, H, W) / (B, H, W, C) feature maps"
-        )
+def _layout_from_weights(block: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """The layout of a (B, ?, ?, ?) block input read from the first layer (in registration
+    order) whose channel count is ``shape[1]`` or ``shape[3]``; None when no layer has
+    either (SwinV2's stages open with a PatchMerging that works on 4C channels)."""
     for m in block.modules():
-        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
-            c = m.in_channels if isinstance(m, nn.Conv2d) else m.num_features
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm)):
+            c = (m.in_channels if isinstance(m, nn.Conv2d)
+                 else m.num_features if isinstance(m, nn.BatchNorm2d) else m.num_channels)
             if c == shape[1]:
                 return "nchw"
             if c == shape[3]:
@@ -435,7 +432,44 @@ def _infer_layout(block: nn.Module, shape: tuple[int, ...]) -> str:
                 return "nhwc"
             if c == shape[1]:
                 return "nchw"
-    return "nchw"
+    return None
+
+
+def _infer_layouts(specs: list[BlockSpec], modules: list[nn.Module], shapes: dict[int, list]) -> list[str]:
+    """Each block's layout: the adapter's, "tokens" for a rank-3 input, else read from the
+    block's layers. A block whose layers tell nothing takes the layout of a neighbour it is
+    chained to (its input is that block's output, same shape): the tensor passes between
+    them unchanged. A block still undecided is refused, never guessed: a wrong layout
+    silently gives the prompt the grid and channel count of other dimensions."""
+    layouts: list[str | None] = []
+    for spec, module, (in_shape, _) in zip(specs, modules, shapes.values(), strict=True):
+        if spec.layout:
+            layouts.append(spec.layout)
+        elif len(in_shape) == 3:
+            layouts.append("tokens")
+        elif len(in_shape) != 4:
+            raise UnsupportedModelError(
+                f"block {spec.name}: input of rank {len(in_shape)} (shape {tuple(in_shape)}); s2a "
+                "handles (B, N, D) tokens and (B, C, H, W) / (B, H, W, C) feature maps"
+            )
+        else:
+            layouts.append(_layout_from_weights(module, in_shape))
+    for i in range(1, len(layouts)):
+        if layouts[i] is None and shapes[i][0] == shapes[i - 1][1]:
+            layouts[i] = layouts[i - 1]
+    for i in range(len(layouts) - 2, -1, -1):
+        if layouts[i] is None and shapes[i][1] == shapes[i + 1][0]:
+            layouts[i] = layouts[i + 1]
+    for spec, layout, (in_shape, _) in zip(specs, layouts, shapes.values(), strict=True):
+        if layout is None:
+            raise UnsupportedModelError(
+                f"cannot tell whether the input {tuple(in_shape)} of block {spec.name} is "
+                f"(B, C, H, W) or (B, H, W, C): none of its Conv2d / Linear / norm layers has "
+                f"{in_shape[1]} or {in_shape[3]} channels, and no neighbouring block with a known "
+                "layout feeds it or reads it unchanged. Declare the layout: register an adapter "
+                "whose BlockSpec gives layout='nchw' or 'nhwc' (see s2a.models)"
+            )
+    return layouts
 
 
 def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
@@ -519,10 +553,10 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
     if example_input is None:
         example_input = _on_model(model, adapter.example_input(model))
     modules, shapes = _dry_run(model, specs, example_input)
+    layouts = _infer_layouts(specs, modules, shapes)
     blocks = []
-    for i, (spec, module) in enumerate(zip(specs, modules, strict=True)):
+    for i, (spec, module, layout) in enumerate(zip(specs, modules, layouts, strict=True)):
         in_shape, out_shape = shapes[i]
-        layout = spec.layout or _infer_layout(module, in_shape)
         if layout not in LAYOUTS:
             raise ValueError(f"adapter {adapter.name}: layout {layout!r} not in {LAYOUTS}")
         blocks.append(BlockInfo(spec.name, layout, in_shape[1:], out_shape[1:], spec.stage,
