@@ -232,3 +232,103 @@ def test_default_input_follows_model_device_and_dtype():
     assert describe_backbone(llama).blocks[0].in_shape == (8, 32)
     half = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=3).to(torch.bfloat16)
     assert describe_backbone(half).blocks[0].in_shape == (5, 192)
+
+
+# ---------------------------------------------------------------- timm models left to the generic adapter
+def levit(**kw):
+    """LeViT: get_classifier() is the tuple (head, head_dist), two NormLinear (BatchNorm1d +
+    Linear) whose outputs the model averages at inference."""
+    from timm.models.levit import LevitDistilled
+
+    return LevitDistilled(img_size=32, embed_dim=(16, 24), key_dim=8, depth=(1, 1), num_heads=(2, 2), **kw)
+
+
+def repvit(**kw):
+    """RepViT: get_classifier() is one container holding both heads (head.head, head.head_dist)."""
+    from timm.models.repvit import RepVit
+
+    return RepVit(img_size=32, embed_dim=(16, 24), depth=(1, 1), **kw)
+
+
+def resnetv2(**kw):
+    """ResNetV2: the classifier is a 1x1 Conv2d (head.fc) on the pooled (B, C, 1, 1) map."""
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(layers=(1, 1), channels=(32, 32), stem_chs=32, basic=True, bottle_ratio=1.0, **kw)
+
+
+def swinv2(**kw):
+    """SwinV2: NHWC stages; stages 1.. open with a PatchMerging whose layers see 4C channels."""
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    return SwinTransformerV2(img_size=32, patch_size=2, embed_dim=24, depths=(1, 1, 1), num_heads=(1, 2, 4),
+                             window_size=4, **kw)
+
+
+def test_generic_head_may_be_a_1x1_conv():
+    torch.manual_seed(0)
+    model = resnetv2(num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    info = describe(model, x[:1])
+    assert info.head_names == ("head",) and info.classifier_names == ("head.fc",)
+    assert isinstance(model.head.fc, nn.Conv2d) and (info.feature_dim, info.num_classes) == (32, 3)
+    with torch.no_grad():  # the conv classifier's (B, C, 1, 1) input, as (B, C)
+        expect = model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(info.pooled_features(model, x), expect)
+
+
+@pytest.mark.parametrize(("build", "names", "classifiers"), [
+    (levit, ("head", "head_dist"), ("head.linear", "head_dist.linear")),
+    (repvit, ("head",), ("head.head.l", "head.head_dist.l")),
+])
+def test_generic_timm_head_holds_every_averaged_classifier(build, names, classifiers):
+    # The generic lookup took the last Linear of a top-level "head" only: LeViT's head_dist
+    # and RepViT's head.head stayed at the old class count (and LeViT's head_dist frozen).
+    info = describe(build(num_classes=3), IMG)
+    assert info.family == "generic"
+    assert info.head_names == names and info.classifier_names == classifiers
+    assert (info.feature_dim, info.num_classes) == (24, 3)
+    # built without classes (get_classifier() is an Identity), the model has no head
+    bare = describe(build(num_classes=0), IMG)
+    assert bare.head_names == bare.classifier_names == () and bare.task == "features"
+
+
+def test_swinv2_stages_are_nhwc_although_patch_merging_sees_4c():
+    # Stages 1.. hold no layer with C channels; the input was taken for NCHW (C = H) before.
+    info = describe(swinv2(num_classes=3), IMG)
+    assert info.family == "generic" and info.layouts == ["nhwc"] * 3
+    assert [b.in_shape for b in info.blocks] == [(16, 16, 24), (16, 16, 24), (8, 8, 48)]
+    assert [b.in_dim for b in info.blocks] == [24, 24, 48] and info.dims == [24, 48, 96]
+    assert [b.in_grid for b in info.blocks] == [(16, 16), (16, 16), (8, 8)]
+
+
+class MergeStage(nn.Module):
+    """An NHWC stage: an optional 2x2 patch merging (a Linear on 4C channels), then an MLP
+    on the merged width. A merging stage holds no layer with its input's C channels."""
+
+    def __init__(self, c, merge=True):
+        super().__init__()
+        self.merge = merge
+        width = 2 * c if merge else c
+        self.reduction = nn.Linear(4 * c, width) if merge else nn.Identity()
+        self.mlp = nn.Linear(width, width)
+
+    def forward(self, x):
+        if self.merge:
+            b, h, w, c = x.shape
+            x = self.reduction(x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3))
+        return x + self.mlp(x)
+
+
+def test_layout_follows_the_block_a_tensor_passes_to_unchanged():
+    # 12 x 12 x 4 -> 6 x 6 x 8 -> 3 x 3 x 16: only the last stage has a layer on its input's
+    # channels; the ones that feed it, shape unchanged, are NHWC too.
+    model = nn.Sequential(MergeStage(4), MergeStage(8), MergeStage(16, merge=False))
+    info = describe(model, torch.zeros(1, 12, 12, 4))
+    assert info.layouts == ["nhwc"] * 3 and [b.in_dim for b in info.blocks] == [4, 8, 16]
+
+
+def test_an_undecidable_layout_is_refused_not_guessed():
+    model = nn.Sequential(MergeStage(4), MergeStage(8))
+    with pytest.raises(UnsupportedModelError, match=r"cannot tell whether the input \(1, 12, 12, 4\) of block 0"):
+        describe(model, torch.zeros(1, 12, 12, 4))

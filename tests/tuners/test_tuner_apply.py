@@ -6,9 +6,19 @@ import importlib.util
 
 import pytest
 import torch
-from tuner_zoo import FAMILIES, build, call, eager_kernels, example_of, one_thread, output
+from tuner_zoo import (
+    FAMILIES,
+    build,
+    build_timm_generic,
+    call,
+    eager_kernels,
+    example_of,
+    one_thread,
+    output,
+)
 
 import s2a
+from s2a.models import describe_backbone
 
 pytestmark = pytest.mark.usefixtures(eager_kernels.__name__, one_thread.__name__)
 
@@ -368,3 +378,84 @@ def test_side_on_a_backbone_without_head_predicts_num_classes(family, tmp_path):
     s2a.load_tuned(fresh, tmp_path)
     with torch.no_grad():
         assert torch.equal(call(fresh, batch).logits, call(model, batch).logits)
+
+
+# ---------------------------------------------------------------- timm models left to the generic adapter
+def _state_outside(model, names, classifiers):
+    """The head modules' tensors, the output layers' left out."""
+    return {f"{n}.{k}": v.clone() for n in names for k, v in model.get_submodule(n).state_dict().items()
+            if not any(f"{n}.{k}".startswith(f"{c}.") for c in classifiers)}
+
+
+@pytest.mark.parametrize("arch", ["levit", "repvit"])
+def test_num_classes_replaces_every_head_a_distilled_timm_model_averages(arch):
+    # Only one of the two heads got num_classes: the eval forward, which averages them, failed
+    # ("size of tensor a (5) must match (1000)"), and a kept LeViT head_dist stayed frozen.
+    model, x = build_timm_generic(arch, num_classes=1000)
+    info = describe_backbone(model, x[:1])
+    kept = _state_outside(model, info.head_names, info.classifier_names)
+    s2a.apply(model, s2a.S2AConfig(num_classes=5, act_bits=None), example_input=x[:1])
+    info = model._s2a_tuner.info
+    classifiers = info.classifier_modules(model)
+    assert len(classifiers) == 2 and all(c.out_features == 5 for c in classifiers)
+    assert model.num_classes == 5
+    # only the output layers are new: the heads' BatchNorms keep their statistics
+    after = _state_outside(model, info.head_names, info.classifier_names)
+    assert after.keys() == kept.keys() and all(torch.equal(after[k], v) for k, v in kept.items())
+    out = model(x)
+    assert out.shape == (2, 5)
+    out.pow(2).mean().backward()
+    assert all(c.weight.grad is not None for c in classifiers)
+
+    # a model built for the task keeps its heads: every one of them trains
+    model, x = build_timm_generic(arch, num_classes=5)
+    s2a.apply(model, s2a.S2AConfig(num_classes=None, act_bits=None), example_input=x[:1])
+    head = [p for n in model._s2a_tuner.info.head_names for p in model.get_submodule(n).parameters()]
+    assert all(p.requires_grad for p in head)
+    assert all(c.weight.requires_grad for c in model._s2a_tuner.info.classifier_modules(model))
+
+
+def test_a_1x1_conv_classifier_is_replaced_and_trains():
+    # ResNetV2's head.fc is a 1x1 Conv2d: num_classes was refused, and with num_classes=None
+    # only its bias trained (through the bias module).
+    model, x = build_timm_generic("resnetv2", num_classes=1000)
+    s2a.apply(model, s2a.S2AConfig(num_classes=5, act_bits=None), example_input=x[:1])
+    fc = model.head.fc
+    assert isinstance(fc, torch.nn.Conv2d) and fc.kernel_size == (1, 1) and fc.out_channels == 5
+    out = model(x)
+    assert out.shape == (2, 5)
+    out.pow(2).mean().backward()
+    assert fc.weight.grad is not None and fc.bias.grad is not None
+
+    model, x = build_timm_generic("resnetv2", num_classes=5)
+    s2a.apply(model, s2a.S2AConfig(num_classes=None, act_bits=None), example_input=x[:1])
+    assert {n: k for n, k in model._s2a_tuner.kinds.items() if n.startswith("head.")} == {
+        "head.fc.weight": "head", "head.fc.bias": "head"}
+
+    # fuse_side reads the classifier's input, here (B, C, 1, 1)
+    model, x = build_timm_generic("resnetv2", num_classes=5)
+    s2a.apply(model, s2a.S2AConfig(modules=("bias", "side"), fuse_side=True, side_reduction=4, act_bits=None),
+              example_input=x[:1])
+    assert model(x).shape == (2, 5)
+
+
+def test_num_classes_on_a_timm_model_without_classes_says_how():
+    model, x = build_timm_generic("resnetv2", num_classes=0)
+    with pytest.raises(ValueError, match=r"no classification head.*timm: num_classes > 0"):
+        s2a.apply(model, s2a.S2AConfig(num_classes=3, act_bits=None), example_input=x[:1])
+
+
+def test_swinv2_prompts_and_side_see_nhwc_stages():
+    # Stages 1.. were taken for NCHW: prompts got grid (H, C) and W "channels", and the side
+    # branch the wrong widths.
+    model, x = build_timm_generic("swinv2", num_classes=3)
+    ref = model(x)
+    s2a.apply(model, s2a.S2AConfig(modules=("prompt", "side"), side_reduction=8, fuse_side=True, act_bits=None),
+              example_input=x[:1])
+    prompts = [model.get_submodule(b.name).s2a_prompt for b in model._s2a_tuner.info.blocks]
+    assert [(p.layout, p.grid, p.channels) for p in prompts] == [
+        ("nhwc", (16, 16), 24), ("nhwc", (16, 16), 24), ("nhwc", (8, 8), 48)]
+    out = model(x)
+    assert out.shape == ref.shape == (2, 3)
+    out.pow(2).mean().backward()
+    assert all(p.A.grad is not None for p in prompts)

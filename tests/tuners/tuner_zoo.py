@@ -79,6 +79,47 @@ FAMILIES = {
 }
 
 
+def _levit(num_classes):
+    # get_classifier() is the tuple (head, head_dist), two NormLinear averaged at inference
+    from timm.models.levit import LevitDistilled
+
+    return LevitDistilled(img_size=32, embed_dim=(16, 24), key_dim=8, depth=(1, 1), num_heads=(2, 2),
+                          num_classes=num_classes)
+
+
+def _repvit(num_classes):
+    # get_classifier() is one container holding both heads (head.head, head.head_dist)
+    from timm.models.repvit import RepVit
+
+    return RepVit(img_size=32, embed_dim=(16, 24), depth=(1, 1), num_classes=num_classes)
+
+
+def _resnetv2(num_classes):
+    # the classifier is a 1x1 Conv2d on the pooled (B, C, 1, 1) map
+    from timm.models.resnetv2 import ResNetV2
+
+    return ResNetV2(layers=(1, 1), channels=(32, 32), stem_chs=32, basic=True, bottle_ratio=1.0,
+                    num_classes=num_classes)
+
+
+def _swinv2(num_classes):
+    # NHWC stages; stages 1.. open with a PatchMerging whose layers see 4C channels
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    return SwinTransformerV2(img_size=32, patch_size=2, embed_dim=24, depths=(1, 1, 1), num_heads=(1, 2, 4),
+                             window_size=4, num_classes=num_classes)
+
+
+# timm models no built-in adapter knows (the generic adapter's), on image(32):
+# name -> builder(num_classes)
+TIMM_GENERIC = {"levit": _levit, "repvit": _repvit, "resnetv2": _resnetv2, "swinv2": _swinv2}
+
+
+def build_timm_generic(name: str, num_classes: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return TIMM_GENERIC[name](num_classes).eval(), image(32)
+
+
 def build(family: str, seed: int = 0):
     builder, batch, _ = FAMILIES[family]
     torch.manual_seed(seed)

@@ -12,8 +12,10 @@ tokens), ``SwinTransformer``, ``ResNet``, ``ConvNeXt``, ``EfficientNet``; transf
 BERT / RoBERTa / DistilBERT / MiniLM encoders (with or without a head), ``ViTModel`` /
 ``ViTForImageClassification`` and Llama-style decoders. Anything else goes to the
 generic fallback (the largest group of >= 2 same-class children of one
-``ModuleList``/``Sequential``); a model nothing handles raises :class:`UnsupportedModelError` listing the
-module classes it contains.
+``ModuleList``/``Sequential``; a timm model's head from ``get_classifier()``, distillation
+heads included); a model nothing handles raises :class:`UnsupportedModelError` listing the
+module classes it contains. A feature-map block whose layout (NCHW or NHWC) neither its
+layers' channel counts nor a neighbouring block decide is refused: declare it in an adapter.
 
 Adding an adapter
 -----------------
@@ -46,7 +48,7 @@ the built-in ones::
 Optional hooks: ``num_prefix_tokens``, ``max_positions`` (text: the prompt covers this
 many positions and is sliced to the sequence length), ``position_ids_kwarg`` (decoders
 whose blocks receive position ids, so that prompts follow a KV cache) and
-``replace_head`` (default: swap each classifier ``nn.Linear``).
+``replace_head`` (default: swap each classifier ``nn.Linear`` / 1x1 ``nn.Conv2d``).
 """
 
 from . import hf_adapters, timm_adapters  # noqa: F401  (register the built-in adapters)

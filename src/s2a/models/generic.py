@@ -1,7 +1,8 @@
 """The generic fallback: the blocks are the largest group (by parameters, then by count)
 of >= 2 same-class children of one ``nn.ModuleList`` / ``nn.Sequential``; the layout is
-inferred from the dry run; the head is a top-level ``head`` / ``fc`` / ``classifier`` /
-``score`` child."""
+inferred from the dry run; the head is what a timm model's ``get_classifier()`` names
+(every classifier it averages, distillation heads included), else a top-level ``head`` /
+``fc`` / ``classifier`` / ``score`` child."""
 
 from __future__ import annotations
 
@@ -9,13 +10,38 @@ from typing import Any
 
 from torch import nn
 
-from .registry import BlockSpec, HeadSpec, ModelAdapter, default_image_input
+from .registry import (
+    BlockSpec,
+    HeadSpec,
+    ModelAdapter,
+    classifier_features,
+    default_image_input,
+    is_classifier_layer,
+    module_path,
+)
 
 HEAD_NAMES = ("head", "fc", "classifier", "score")
 
 
 def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _is_timm_style(model: nn.Module) -> bool:
+    return callable(getattr(model, "get_classifier", None)) and callable(getattr(model, "reset_classifier", None))
+
+
+def _output_layers(module: nn.Module) -> list[str]:
+    """Relative paths ("" for the module itself) of the output layers in one classifier
+    module: its last Linear / 1x1 Conv2d and every other one of the same output width.
+    A container may hold parallel heads (RepViT's ``head`` holds ``head.l`` and
+    ``head_dist.l``, EfficientViM's ``heads`` one per stage) whose outputs are averaged, so
+    all of them must change width together; a pre-logits layer has another width."""
+    layers = [(n, m) for n, m in module.named_modules() if is_classifier_layer(m)]
+    if not layers:
+        return []  # nn.Identity: a timm model built with num_classes=0
+    width = classifier_features(layers[-1][1])[1]
+    return [n for n, m in layers if classifier_features(m)[1] == width]
 
 
 class GenericAdapter(ModelAdapter):
@@ -47,17 +73,52 @@ class GenericAdapter(ModelAdapter):
         return [BlockSpec(n) for n in self._blocks(model)]
 
     def head(self, model: nn.Module) -> HeadSpec | None:
+        if _is_timm_style(model):
+            return self._timm_head(model)
         children = dict(model.named_children())
         for n in HEAD_NAMES:
             m = children.get(n)
             if m is None:
                 continue
-            if isinstance(m, nn.Linear):
+            if is_classifier_layer(m):
                 return HeadSpec(names=(n,), classifiers=(n,))
-            linears = [f"{n}.{k}" for k, c in m.named_modules() if isinstance(c, nn.Linear)]
-            if linears:
-                return HeadSpec(names=(n,), classifiers=(linears[-1],))
+            layers = [f"{n}.{k}" for k, c in m.named_modules() if is_classifier_layer(c)]
+            if layers:
+                return HeadSpec(names=(n,), classifiers=(layers[-1],))
         return None
+
+    def _timm_head(self, model: nn.Module) -> HeadSpec | None:
+        """The head a timm model declares. ``get_classifier()`` returns one module or, for
+        distilled models (LeViT, EfficientFormer, SwiftFormer, PiT), a tuple whose outputs
+        the model averages at inference: every one of them must get ``num_classes`` outputs
+        and train. A classifier inside a top-level head module (``head.fc``) trains with
+        that whole module (its norm, pre-logits), as the model's own ``head`` does."""
+        found = model.get_classifier()
+        found = found if isinstance(found, (tuple, list)) else (found,)
+        blocks = self._blocks(model)
+        names: list[str] = []
+        classifiers: list[str] = []
+        for module in found:
+            path = module_path(model, module) if isinstance(module, nn.Module) else None
+            layers = _output_layers(module) if path else []
+            if not layers:
+                continue
+            classifiers += [f"{path}.{n}" if n else path for n in layers]
+            top = path.split(".")[0]
+            holds_block = any(b == top or b.startswith(f"{top}.") for b in blocks)
+            name = path if holds_block else top
+            if name not in names:
+                names.append(name)
+        if not classifiers:
+            return None
+        return HeadSpec(names=tuple(names), classifiers=tuple(classifiers))
+
+    def replace_head(self, model: nn.Module, num_classes: int) -> None:
+        # Only the output layers change: a timm reset_classifier() would also rebuild the
+        # head's pretrained parts (LeViT's NormLinear BatchNorm, a pre-logits layer).
+        super().replace_head(model, num_classes)
+        if _is_timm_style(model) and isinstance(getattr(model, "num_classes", None), int):
+            model.num_classes = num_classes  # as reset_classifier keeps it
 
     def example_input(self, model: nn.Module) -> Any:
         return default_image_input(model)

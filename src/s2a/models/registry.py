@@ -37,9 +37,9 @@ class BlockSpec:
 @dataclass(frozen=True)
 class HeadSpec:
     """The classifier head: ``names`` are the trainable head modules, ``classifiers``
-    the final ``nn.Linear`` (one per output head, e.g. DeiT's head and head_dist) that
-    :meth:`ModelAdapter.replace_head` replaces; ``trainable`` False for a language-model
-    head tied to the embeddings; ``task`` one of :data:`TASKS`."""
+    the final ``nn.Linear`` or 1x1 ``nn.Conv2d`` (one per output head, e.g. DeiT's head and
+    head_dist) that :meth:`ModelAdapter.replace_head` replaces; ``trainable`` False for a
+    language-model head tied to the embeddings; ``task`` one of :data:`TASKS`."""
 
     names: tuple[str, ...]
     classifiers: tuple[str, ...]
@@ -188,6 +188,8 @@ class BackboneInfo:
             finally:
                 handle.remove()
             x = captured["x"]
+            if x.dim() == 4:  # a 1x1 conv classifier reads the pooled (B, C, 1, 1) map
+                return x.mean(dim=(2, 3))
             return self.pool(x) if x.dim() == 3 else x
         out = model(*args, **kwargs)
         hidden = getattr(out, "last_hidden_state", None)
@@ -233,12 +235,15 @@ class ModelAdapter:
         return default_image_input(model)
 
     def replace_head(self, model: nn.Module, num_classes: int) -> None:
-        """Replace the classifier(s) by fresh ``nn.Linear`` with ``num_classes`` outputs."""
+        """Replace the classifier(s) by fresh layers of the same kind (``nn.Linear`` or 1x1
+        ``nn.Conv2d``) with ``num_classes`` outputs."""
         spec = self.head(model)
         if spec is None or not spec.classifiers:
             raise ValueError(
                 f"num_classes: {type(model).__name__} has no classification head to replace; "
-                "use a model class with a head (e.g. *ForSequenceClassification) or num_classes=None"
+                "build the model with one (timm: num_classes > 0; transformers: a "
+                "*ForSequenceClassification / *ForImageClassification class), add 'side' to "
+                "modules (the side network then makes the prediction) or pass num_classes=None"
             )
         if spec.task == "lm":
             raise ValueError(
@@ -246,7 +251,7 @@ class ModelAdapter:
                 "use num_classes=None or a *ForSequenceClassification model"
             )
         for path in spec.classifiers:
-            replace_linear(model, path, num_classes)
+            replace_classifier(model, path, num_classes)
 
 
 _REGISTRY: list[ModelAdapter] = []
@@ -368,12 +373,34 @@ def text_input(model: nn.Module, length: int = 8) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.ones(1, length, dtype=torch.long)}
 
 
-def replace_linear(model: nn.Module, path: str, num_classes: int) -> nn.Linear:
+def is_classifier_layer(module: nn.Module) -> bool:
+    """An output layer s2a can replace: ``nn.Linear``, or a 1x1 ``nn.Conv2d`` (timm's
+    ResNetV2 / DPN classify the pooled (B, C, 1, 1) map with one)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+            and module.groups == 1)
+
+
+def classifier_features(module: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of a classifier layer (see :func:`is_classifier_layer`)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.in_channels, module.out_channels
+
+
+def replace_classifier(model: nn.Module, path: str, num_classes: int) -> nn.Module:
+    """Put a fresh layer of the same kind (Linear or 1x1 Conv2d) with ``num_classes``
+    outputs at ``path``."""
     old = model.get_submodule(path)
-    if not isinstance(old, nn.Linear):
-        raise ValueError(f"num_classes: head {path} is a {type(old).__name__}, not nn.Linear")
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None,
-                    device=old.weight.device, dtype=old.weight.dtype)
+    if not is_classifier_layer(old):
+        raise ValueError(f"num_classes: head {path} is a {type(old).__name__}, not nn.Linear "
+                         "or a 1x1 nn.Conv2d")
+    factory = {"device": old.weight.device, "dtype": old.weight.dtype}
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, **factory)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, 1, bias=old.bias is not None, **factory)
     parent_name, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return new
@@ -387,17 +414,14 @@ def module_path(model: nn.Module, module: nn.Module) -> str | None:
 
 
 # ---------------------------------------------------------------------------- describe
-def _infer_layout(block: nn.Module, shape: tuple[int, ...]) -> str:
-    if len(shape) == 3:
-        return "tokens"
-    if len(shape) != 4:
-        raise UnsupportedModelError(
-            f"block input of rank {len(shape)} (shape {tuple(shape)}); s2a handles (B, N, D) "
-            "tokens and (B, C, H, W) / (B, H, W, C) feature maps"
-        )
+def _layout_from_weights(block: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """The layout of a (B, ?, ?, ?) block input read from the first layer (in registration
+    order) whose channel count is ``shape[1]`` or ``shape[3]``; None when no layer has
+    either (SwinV2's stages open with a PatchMerging that works on 4C channels)."""
     for m in block.modules():
-        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
-            c = m.in_channels if isinstance(m, nn.Conv2d) else m.num_features
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm)):
+            c = (m.in_channels if isinstance(m, nn.Conv2d)
+                 else m.num_features if isinstance(m, nn.BatchNorm2d) else m.num_channels)
             if c == shape[1]:
                 return "nchw"
             if c == shape[3]:
@@ -408,7 +432,44 @@ def _infer_layout(block: nn.Module, shape: tuple[int, ...]) -> str:
                 return "nhwc"
             if c == shape[1]:
                 return "nchw"
-    return "nchw"
+    return None
+
+
+def _infer_layouts(specs: list[BlockSpec], modules: list[nn.Module], shapes: dict[int, list]) -> list[str]:
+    """Each block's layout: the adapter's, "tokens" for a rank-3 input, else read from the
+    block's layers. A block whose layers tell nothing takes the layout of a neighbour it is
+    chained to (its input is that block's output, same shape): the tensor passes between
+    them unchanged. A block still undecided is refused, never guessed: a wrong layout
+    silently gives the prompt the grid and channel count of other dimensions."""
+    layouts: list[str | None] = []
+    for spec, module, (in_shape, _) in zip(specs, modules, shapes.values(), strict=True):
+        if spec.layout:
+            layouts.append(spec.layout)
+        elif len(in_shape) == 3:
+            layouts.append("tokens")
+        elif len(in_shape) != 4:
+            raise UnsupportedModelError(
+                f"block {spec.name}: input of rank {len(in_shape)} (shape {tuple(in_shape)}); s2a "
+                "handles (B, N, D) tokens and (B, C, H, W) / (B, H, W, C) feature maps"
+            )
+        else:
+            layouts.append(_layout_from_weights(module, in_shape))
+    for i in range(1, len(layouts)):
+        if layouts[i] is None and shapes[i][0] == shapes[i - 1][1]:
+            layouts[i] = layouts[i - 1]
+    for i in range(len(layouts) - 2, -1, -1):
+        if layouts[i] is None and shapes[i][1] == shapes[i + 1][0]:
+            layouts[i] = layouts[i + 1]
+    for spec, layout, (in_shape, _) in zip(specs, layouts, shapes.values(), strict=True):
+        if layout is None:
+            raise UnsupportedModelError(
+                f"cannot tell whether the input {tuple(in_shape)} of block {spec.name} is "
+                f"(B, C, H, W) or (B, H, W, C): none of its Conv2d / Linear / norm layers has "
+                f"{in_shape[1]} or {in_shape[3]} channels, and no neighbouring block with a known "
+                "layout feeds it or reads it unchanged. Declare the layout: register an adapter "
+                "whose BlockSpec gives layout='nchw' or 'nhwc' (see s2a.models)"
+            )
+    return layouts
 
 
 def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
@@ -492,10 +553,10 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
     if example_input is None:
         example_input = _on_model(model, adapter.example_input(model))
     modules, shapes = _dry_run(model, specs, example_input)
+    layouts = _infer_layouts(specs, modules, shapes)
     blocks = []
-    for i, (spec, module) in enumerate(zip(specs, modules, strict=True)):
+    for i, (spec, module, layout) in enumerate(zip(specs, modules, layouts, strict=True)):
         in_shape, out_shape = shapes[i]
-        layout = spec.layout or _infer_layout(module, in_shape)
         if layout not in LAYOUTS:
             raise ValueError(f"adapter {adapter.name}: layout {layout!r} not in {LAYOUTS}")
         blocks.append(BlockInfo(spec.name, layout, in_shape[1:], out_shape[1:], spec.stage,
@@ -527,7 +588,7 @@ def refresh_head(info: BackboneInfo, model: nn.Module) -> BackboneInfo:
     info.feature_dim = info.num_classes = None
     if spec.classifiers:
         clf = model.get_submodule(spec.classifiers[0])
-        if isinstance(clf, nn.Linear):
-            info.feature_dim, info.num_classes = clf.in_features, clf.out_features
+        if is_classifier_layer(clf):
+            info.feature_dim, info.num_classes = classifier_features(clf)
     return info
 

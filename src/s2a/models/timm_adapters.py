@@ -7,7 +7,14 @@ import sys
 
 from torch import nn
 
-from .registry import BlockSpec, HeadSpec, ModelAdapter, module_path, register_adapter
+from .registry import (
+    BlockSpec,
+    HeadSpec,
+    ModelAdapter,
+    is_classifier_layer,
+    module_path,
+    register_adapter,
+)
 
 
 def _timm_class(module: str, name: str):
@@ -39,8 +46,8 @@ class TimmAdapter(ModelAdapter):
         names = tuple(n for n in (module_path(model, c) for c in clfs) if n)
         if not names:
             return None
-        linears = tuple(n for n, c in zip(names, clfs, strict=True) if isinstance(c, nn.Linear))
-        return HeadSpec(names=names, classifiers=linears)
+        layers = tuple(n for n, c in zip(names, clfs, strict=True) if is_classifier_layer(c))
+        return HeadSpec(names=names, classifiers=layers)
 
     def replace_head(self, model: nn.Module, num_classes: int) -> None:
         model.reset_classifier(num_classes)

@@ -731,6 +731,8 @@ def _capture_classifier_input(handle: SideHandle, _module: nn.Module, args: tupl
         x = args[0]
         if x.dim() == 3:
             x = handle.pool_fn(x) if handle.pool_fn is not None else x.mean(dim=1)
+        elif x.dim() == 4:  # a 1x1 conv classifier (timm ResNetV2) reads the pooled (B, C, 1, 1) map
+            x = x.mean(dim=(2, 3))
         handle.captured[-1] = _compact(x.detach() if handle.side_only else x)
 
 
@@ -801,10 +803,10 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
       first element (second after a loss, when labels were passed) replaced.
     * ``fuse_side``: the backbone's pooled feature is ``info.pooled(output)`` when ``info`` has
       that callable; else the input of the first classifier ``info.classifier_names[0]``
-      (captured by a pre-hook; pooled by ``info.pool`` if still 3-D); else the last block's
-      output pooled by ``info.pool(hidden, layout)`` (or a plain token / spatial mean). Its
-      width is ``info.pooled_dim`` or ``info.feature_dim`` (classifier input), else
-      ``dims[-1]``.
+      (captured by a pre-hook; pooled by ``info.pool`` if still 3-D, averaged over space if
+      4-D); else the last block's output pooled by ``info.pool(hidden, layout)`` (or a plain
+      token / spatial mean). Its width is ``info.pooled_dim`` or ``info.feature_dim``
+      (classifier input), else ``dims[-1]``.
     * The padding mask for text is ``info.token_mask(args, kwargs)`` if ``info`` has it, else
       the forward's ``attention_mask`` argument when it is 2-D.
     """
