@@ -332,3 +332,51 @@ def test_an_undecidable_layout_is_refused_not_guessed():
     model = nn.Sequential(MergeStage(4), MergeStage(8))
     with pytest.raises(UnsupportedModelError, match=r"cannot tell whether the input \(1, 12, 12, 4\) of block 0"):
         describe(model, torch.zeros(1, 12, 12, 4))
+
+
+def _text_batch(eos: int | None = None) -> dict[str, torch.Tensor]:
+    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    if eos is not None:
+        ids[:, -1] = eos
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_transformers_head_is_the_layer_with_num_labels_outputs(tmp_path):
+    # ModernBERT has a pre-classifier block named ``head`` before ``classifier``; BART names
+    # its head ``classification_head``: both were missed (a crash, or a frozen classifier)
+    import transformers
+
+    import s2a
+
+    small = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=64, pad_token_id=0, num_labels=2)
+    torch.manual_seed(0)
+    modern = transformers.ModernBertForSequenceClassification(transformers.ModernBertConfig(**small))
+    batch = _text_batch()
+    s2a.apply(modern, s2a.S2AConfig(num_classes=3), example_input=batch)
+    assert modern.classifier.out_features == 3 and modern.head.dense.out_features == 32
+    assert modern.classifier.weight.requires_grad and not modern.head.dense.weight.requires_grad
+    assert modern(**batch).logits.shape == (2, 3)
+
+    bart_cfg = transformers.BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=1, eos_token_id=2, bos_token_id=0, num_labels=2)  # fmt: skip
+    torch.manual_seed(0)
+    bart = transformers.BartForSequenceClassification(bart_cfg)
+    batch = _text_batch(eos=2)
+    s2a.apply(bart, s2a.S2AConfig(num_classes=3), example_input=batch)
+    assert bart.classification_head.out_proj.out_features == 3
+    assert bart.classification_head.out_proj.weight.requires_grad
+    s2a.save_tuned(bart, tmp_path)
+    torch.manual_seed(0)
+    fresh = transformers.BartForSequenceClassification(bart_cfg)
+    # the stand-in input of zeros has no <eos>: the error says to pass a real batch
+    with pytest.raises(ValueError, match="Pass example_input="):
+        s2a.load_tuned(fresh, tmp_path)
+    torch.manual_seed(0)
+    fresh = transformers.BartForSequenceClassification(bart_cfg)
+    s2a.load_tuned(fresh, tmp_path, example_input=batch)
+    bart.eval(), fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, bart(**batch).logits)

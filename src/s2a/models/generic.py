@@ -2,7 +2,8 @@
 of >= 2 same-class children of one ``nn.ModuleList`` / ``nn.Sequential``; the layout is
 inferred from the dry run; the head is what a timm model's ``get_classifier()`` names
 (every classifier it averages, distillation heads included), else a top-level ``head`` /
-``fc`` / ``classifier`` / ``score`` child."""
+``fc`` / ``classifier`` / ``score`` / ``classification_head`` child (for a transformers model,
+the one with its ``num_labels`` outputs)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .registry import (
     module_path,
 )
 
-HEAD_NAMES = ("head", "fc", "classifier", "score")
+HEAD_NAMES = ("head", "fc", "classifier", "score", "classification_head")
 
 
 def _numel(module: nn.Module) -> int:
@@ -75,17 +76,25 @@ class GenericAdapter(ModelAdapter):
     def head(self, model: nn.Module) -> HeadSpec | None:
         if _is_timm_style(model):
             return self._timm_head(model)
-        children = dict(model.named_children())
-        for n in HEAD_NAMES:
-            m = children.get(n)
-            if m is None:
+        found = []
+        for n, m in model.named_children():  # registration order: the output layer comes last
+            if n not in HEAD_NAMES:
                 continue
             if is_classifier_layer(m):
-                return HeadSpec(names=(n,), classifiers=(n,))
+                found.append(HeadSpec(names=(n,), classifiers=(n,)))
+                continue
             layers = [f"{n}.{k}" for k, c in m.named_modules() if is_classifier_layer(c)]
             if layers:
-                return HeadSpec(names=(n,), classifiers=(layers[-1],))
-        return None
+                found.append(HeadSpec(names=(n,), classifiers=(layers[-1],)))
+        # A transformers classifier may hold a pre-classifier block under one of these names
+        # too (ModernBERT: ``head`` = dense, activation, LayerNorm before ``classifier``): the
+        # head is the one with the model's ``num_labels`` outputs, else the last one.
+        labels = getattr(getattr(model, "config", None), "num_labels", None)
+        for spec in found:
+            out = classifier_features(model.get_submodule(spec.classifiers[0]))[1]
+            if isinstance(labels, int) and out == labels:
+                return spec
+        return found[-1] if found else None
 
     def _timm_head(self, model: nn.Module) -> HeadSpec | None:
         """The head a timm model declares. ``get_classifier()`` returns one module or, for

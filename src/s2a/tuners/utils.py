@@ -222,11 +222,22 @@ def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: An
     if why:
         raise ValueError(f"load_tuned: backbone mismatch: {why}; or pass check_weights=False to load anyway")
     if not is_applied(model):
-        if example_input is None:
+        stand_in = example_input is None
+        if stand_in:
             p = next((p for p in model.parameters() if p.is_floating_point()), None)
             example_input = rebuild_input(meta.get("example_input"), p.device if p is not None else None,
                                           p.dtype if p is not None else None)
-        apply(model, config, example_input=example_input)
+        try:
+            apply(model, config, example_input=example_input)
+        except Exception as exc:
+            if not stand_in:
+                raise
+            # zeros of the saved shapes: some models refuse them (BART wants an <eos> token)
+            raise ValueError(
+                f"load_tuned: the dry run on a stand-in input (zeros of the shapes saved with the "
+                f"tuned tensors) failed: {type(exc).__name__}: {str(exc).rstrip('.')}. Pass example_input= a real "
+                "batch like the one given to s2a.apply"
+            ) from exc
         state = get_state(model)
     expected = set(state.tuned_keys)
     missing = sorted(expected - set(tensors))
