@@ -207,3 +207,124 @@ def test_apply_add_missing_bias_switch():
     assert "model.layers.0.input_layernorm.bias" in dict(with_missing.named_parameters())
     with torch.no_grad():
         assert torch.equal(output(call(with_missing, batch)), output(call(base, batch)))
+
+
+# ---------------------------------------------------------------------------- container blocks
+class SeqNet(nn.Module):
+    """Blocks that are nn.Sequential (as the stages of timm's MobileNetV3 / GhostNet /
+    MobileViT): the generic adapter picks ``blocks.0`` .. ``blocks.2``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+                                      for _ in range(3)])
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class DenseBlock(nn.ModuleDict):
+    """A ModuleDict whose forward iterates its items, each fed the list of all earlier
+    features (timm's DenseNet blocks)."""
+
+    def __init__(self, channels: int):
+        super().__init__({f"layer{i}": nn.Conv2d(channels * (i + 1), channels, 1) for i in range(2)})
+
+    def forward(self, x):
+        features = [x]
+        for _, layer in self.items():
+            features.append(layer(torch.cat(features, 1)))
+        return features[-1]
+
+
+class DenseNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 1), DenseBlock(4), DenseBlock(4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def randomize_prompts(model):
+    with torch.no_grad():
+        for p in model._s2a_tuner.prompts.values():
+            p.A.normal_()
+
+
+def test_container_block_gets_its_prompt_once(tmp_path):
+    """A prompt registered as a child of an nn.Sequential block was also run by the block's
+    forward as its last layer: added twice (here silently, the shapes match)."""
+    torch.manual_seed(0)
+    model, x = SeqNet(), torch.randn(2, 3, 8, 8)
+    base = copy.deepcopy(model)
+    s2a.apply(model, s2a.S2AConfig(modules=("bias", "prompt"), act_bits=None), example_input=x[:1])
+    prompts = model._s2a_tuner.prompts
+    assert all(len(block) == 2 for block in model.blocks)  # no extra layer in the containers
+    # the prompts live in the nearest non-container ancestor, under the block's path
+    assert {k for k in model.state_dict() if ".A" in k or ".B" in k} == {
+        f"s2a_prompts.blocks.{i}.{ab}" for i in range(3) for ab in "AB"}
+    assert {n for n, k in model._s2a_tuner.kinds.items() if k == "prompt"} == {
+        f"s2a_prompts.blocks.{i}.{ab}" for i in range(3) for ab in "AB"}
+    randomize_prompts(model)
+    with torch.no_grad():
+        h = model.stem(x)
+        for i, block in enumerate(model.blocks):
+            h = block[1](block[0](h + prompts[f"blocks.{i}"].delta(h)))  # X' = X + A·B, once
+        want = model.head(h.mean((2, 3)))
+        got = model(x)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, base(x))
+
+    s2a.save_tuned(model, tmp_path)
+    fresh = copy.deepcopy(base)
+    s2a.load_tuned(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), got)
+        s2a.merge(fresh)
+        assert torch.equal(fresh(x), got)
+    assert "s2a_prompts.blocks.0.prompt" in fresh.state_dict()
+
+
+def test_moduledict_block_that_iterates_itself_runs():
+    """DenseNet-like blocks: the block's forward fed its feature list to the prompt child
+    (AttributeError before)."""
+    torch.manual_seed(0)
+    model, x = DenseNet(), torch.randn(2, 3, 6, 6)
+    s2a.apply(model, s2a.S2AConfig(num_classes=4), example_input=x[:1])
+    assert model._s2a_tuner.info.block_names == ["features.1", "features.2"]
+    assert set(model.features[1]) == {"layer0", "layer1"}
+    randomize_prompts(model)
+    model(x).sum().backward()
+    assert all(p.A.grad is not None for p in model._s2a_tuner.prompts.values())
+
+
+def test_bare_sequential_model():
+    """A bare nn.Sequential model: blocks that are not containers keep their prompt as a
+    child; container blocks have no ancestor to hold it, and are refused before any change."""
+    def make(block):
+        return nn.Sequential(nn.Conv2d(3, 4, 1), block(), block(), nn.Flatten(1), nn.Linear(4 * 16, 2))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).relu()
+
+    x = torch.randn(2, 3, 4, 4)
+    model = make(Block)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=x[:1])
+    assert "1.s2a_prompt.A" in model.state_dict()
+    randomize_prompts(model)
+    model(x)
+
+    model = make(lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()))
+    with pytest.raises(ValueError, match=r"'1' .*has no place in the model.* Wrap the model"):
+        s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=x[:1])
+    assert all(p.requires_grad for p in model.parameters())  # untouched ...
+    s2a.apply(model, s2a.S2AConfig(modules=("bias",), act_bits=None), example_input=x[:1])  # ... usable

@@ -66,6 +66,7 @@ from .registry import (
     refresh_head,
     register_adapter,
     registered_adapters,
+    runs_children,
     unregister_adapter,
 )
 
@@ -86,5 +87,6 @@ __all__ = [
     "refresh_head",
     "register_adapter",
     "registered_adapters",
+    "runs_children",
     "unregister_adapter",
 ]

@@ -379,6 +379,19 @@ def replace_linear(model: nn.Module, path: str, num_classes: int) -> nn.Linear:
     return new
 
 
+#: Module classes whose forward runs their children as layers: ``nn.Sequential`` calls each in
+#: turn, and subclasses of ``nn.ModuleList`` / ``nn.ModuleDict`` with a forward iterate
+#: themselves (timm's DenseNet blocks, ``FeatureDictNet``). A module s2a registers as a child of
+#: one of these would be run as one more layer.
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def runs_children(module: nn.Module) -> bool:
+    """Whether ``module``'s forward may call every child (see :data:`CONTAINERS`): s2a then
+    must not add a child module to it."""
+    return isinstance(module, CONTAINERS)
+
+
 def module_path(model: nn.Module, module: nn.Module) -> str | None:
     for n, m in model.named_modules():
         if m is module:

@@ -32,7 +32,7 @@ from s2a.models import BackboneInfo, describe_backbone, refresh_head
 
 from .bias import add_bias, train_norm_weights
 from .config import S2AConfig
-from .prompt import PROMPT_ATTR, LowRankPrompt, add_prompts
+from .prompt import LowRankPrompt, add_prompts, check_prompts, prompt_path
 from .side import attach_side, check_side
 
 STATE_ATTR = "_s2a_tuner"
@@ -237,7 +237,9 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
     new_head = config.num_classes is not None and not ("side" in config.modules and not info.head_names)
     replaced = info.head_names if new_head else ()
     if "side" in config.modules:
-        check_side(info, config)
+        check_side(info, config, model)
+    if "prompt" in config.modules:
+        check_prompts(model, info)
     fingerprint = backbone_fingerprint(model, exclude=replaced)
     original_keys = set(model.state_dict().keys())
     if new_head:  # refuses a model without a head (or a language model) before changing it
@@ -281,8 +283,9 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
         prompts, handles = add_prompts(model, info, config.prompt_rank)
         hooks += handles
         for block, prompt in prompts.items():
+            path = prompt_path(model, block)
             for pn, _ in prompt.named_parameters():
-                kinds[f"{block}.{PROMPT_ATTR}.{pn}"] = "prompt"
+                kinds[f"{path}.{pn}"] = "prompt"
     if config.freeze_norm_stats:
         for m in model.modules():
             if isinstance(m, _BatchNorm):
