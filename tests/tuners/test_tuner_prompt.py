@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tuner_zoo import build, call, eager_kernels, example_of, one_thread, output
 
@@ -328,3 +329,84 @@ def test_bare_sequential_model():
         s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=x[:1])
     assert all(p.requires_grad for p in model.parameters())  # untouched ...
     s2a.apply(model, s2a.S2AConfig(modules=("bias",), act_bits=None), example_input=x[:1])  # ... usable
+
+
+# ---------------------------------------------------------------------------- biases kept apart
+class SplitBiasBlock(nn.Module):
+    """BEiT / SwinV2 / EVA attention: ``qkv`` is a Linear without bias that the block runs as
+    ``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``; nn.MultiheadAttention without
+    bias reads ``out_proj.bias`` itself; of two experts a router picked the first."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(d))
+        self.register_buffer("k_bias", torch.zeros(d), persistent=False)
+        self.v_bias = nn.Parameter(torch.randn(d))
+        self.relative_position_bias_table = nn.Parameter(torch.randn(3, 2))  # a table, no bias
+        self.mha = nn.MultiheadAttention(d, 2, bias=False, batch_first=True)
+        self.experts = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(2))
+
+    def forward(self, x):
+        q, k, v = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias))).chunk(3, -1)
+        x = x + self.mha(q, k, v, need_weights=False)[0]
+        return x + self.experts[0](x) + self.relative_position_bias_table.sum()
+
+
+class SplitBiasNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(SplitBiasBlock() for _ in range(2))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(1))
+
+
+def test_bias_trains_biases_kept_apart_and_adds_none_unused():
+    """q_bias / v_bias were left frozen, and a zero qkv.bias that the forward never reads was
+    added and trained (it never got a gradient)."""
+    torch.manual_seed(0)
+    model, x = SplitBiasNet(), torch.randn(2, 4, 8)
+    base = copy.deepcopy(model)
+    s2a.apply(model, s2a.S2AConfig(modules=("bias",), act_bits=None), example_input=x[:1])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for i in range(2):
+        block = f"blocks.{i}"
+        assert {f"{block}.q_bias", f"{block}.v_bias"} <= trainable
+        assert model.blocks[i].qkv.bias is None and "bias" in model.blocks[i].qkv._parameters
+        assert f"{block}.relative_position_bias_table" not in trainable
+        # read by nn.MultiheadAttention itself (out_proj never runs): added, and it learns
+        assert f"{block}.mha.out_proj.bias" in trainable
+        # the expert the router did not pick here may be picked by another input: kept
+        assert f"{block}.experts.1.bias" in trainable
+    with torch.no_grad():  # nn.MultiheadAttention with a bias takes another kernel: not bit-exact
+        torch.testing.assert_close(model(x), base(x))
+    model(x).sum().backward()
+    no_grad = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert no_grad == {"blocks.0.experts.1.bias", "blocks.1.experts.1.bias"}
+
+
+@pytest.mark.parametrize(("name", "kw", "size"), [
+    ("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=48, num_heads=2), 32),
+    ("swinv2_tiny_window8_256", dict(img_size=64, depths=(1, 1), embed_dim=16, num_heads=(1, 2)), 64),
+    ("eva02_tiny_patch14_224", dict(img_size=28, depth=2, embed_dim=48, num_heads=2), 28),
+], ids=["beit", "swinv2", "eva02"])
+def test_timm_qv_biases_train(name, kw, size, tmp_path):
+    import timm
+
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False, num_classes=3, **kw)
+
+    model, x = build(), torch.randn(2, 3, size, size)
+    s2a.apply(model, s2a.S2AConfig(modules=("bias", "prompt")), example_input=x[:1])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.endswith("attn.qkv.bias") for n in trainable)
+    assert sum(n.endswith(("attn.q_bias", "attn.v_bias")) for n in trainable) == 4
+    model(x).logsumexp(-1).sum().backward()
+    assert all(model.get_parameter(n).grad is not None for n in trainable)
+    s2a.save_tuned(model, tmp_path)
+    s2a.load_tuned(build(), tmp_path)  # the same biases are added on a fresh backbone

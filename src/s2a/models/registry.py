@@ -449,17 +449,12 @@ def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
     for i, m in enumerate(modules):
         handles.append(m.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(m.register_forward_hook(post(i)))
-    flags = [(m, m.training) for m in model.modules()]
-    args, kwargs = normalize_input(example_input)
     try:
-        model.eval()
         with torch.no_grad():
-            model(*args, **kwargs)
+            eval_forward(model, example_input)
     finally:
         for h in handles:
             h.remove()
-        for m, t in flags:
-            m.training = t
     missing = [specs[i].name for i, (a, b) in shapes.items() if a is None or b is None]
     if missing:
         raise UnsupportedModelError(
@@ -467,6 +462,27 @@ def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
             "tensor input/output; pass example_input= or register an adapter"
         )
     return modules, shapes
+
+
+def eval_forward(model: nn.Module, example_input: Any) -> Any:
+    """``model``'s output on ``example_input`` in eval mode (no dropout, BatchNorm statistics
+    untouched); every module's train/eval flag is restored afterwards. Grad mode: the caller's."""
+    flags = [(m, m.training) for m in model.modules()]
+    args, kwargs = normalize_input(example_input)
+    try:
+        model.eval()
+        return model(*args, **kwargs)
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def dry_run_input(model: nn.Module, example_input: Any = None, adapter: ModelAdapter | None = None) -> Any:
+    """The input of the dry run: ``example_input``, else the adapter's default input on the
+    model's device (floats in its dtype)."""
+    if example_input is not None:
+        return example_input
+    return _on_model(model, (adapter or find_adapter(model)).example_input(model))
 
 
 def _on_model(model: nn.Module, example: Any) -> Any:
@@ -502,8 +518,7 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
     specs = adapter.blocks(model)
     if len(specs) == 0:
         raise UnsupportedModelError(f"adapter {adapter.name} found no blocks in {type(model).__name__}")
-    if example_input is None:
-        example_input = _on_model(model, adapter.example_input(model))
+    example_input = dry_run_input(model, example_input, adapter)
     modules, shapes = _dry_run(model, specs, example_input)
     blocks = []
     for i, (spec, module) in enumerate(zip(specs, modules, strict=True)):

@@ -17,6 +17,7 @@ inserted, the backbone's fingerprint, which tensors are tuned) as ``model._s2a_t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Collection, Mapping
@@ -29,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from s2a.activations import compress_activations
 from s2a.models import BackboneInfo, describe_backbone, refresh_head
+from s2a.models.registry import dry_run_input, eval_forward
 
 from .bias import add_bias, train_norm_weights
 from .config import S2AConfig
@@ -272,7 +274,9 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
     hooks: list = []
     prompts: dict[str, LowRankPrompt] = {}
     if "bias" in config.modules:
-        names, handles = add_bias(model, add_missing=config.add_missing_bias)
+        # The dry run tells which added zero biases the output never depends on (dropped).
+        probe = functools.partial(eval_forward, model, dry_run_input(model, example_input, info.adapter))
+        names, handles = add_bias(model, add_missing=config.add_missing_bias, probe=probe)
         hooks += handles
         for n in names:
             kinds.setdefault(n, "bias")
