@@ -410,3 +410,61 @@ def test_timm_qv_biases_train(name, kw, size, tmp_path):
     assert all(model.get_parameter(n).grad is not None for n in trainable)
     s2a.save_tuned(model, tmp_path)
     s2a.load_tuned(build(), tmp_path)  # the same biases are added on a fresh backbone
+
+
+# ---------------------------------------------------------------------------- generic token models
+class TokenBlock(nn.Module):
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+class GenericTokens(nn.Module):
+    """Not a family s2a knows (the generic fallback finds ``blocks``): tokens from the patches
+    of an image (as XCiT), or from token ids."""
+
+    def __init__(self, text: bool):
+        super().__init__()
+        self.embed = nn.Embedding(50, 8) if text else nn.Conv2d(3, 8, 4, stride=4)
+        self.blocks = nn.ModuleList(TokenBlock() for _ in range(2))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        if x.dim() == 4:
+            x = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(1))
+
+
+def test_generic_image_tokens_refuse_another_image_size():
+    """A generic model's image tokens at another image size took the prompt rows of other
+    patches silently (at 8 px: the first 4 rows of the 12 px run's 3x3 grid)."""
+    model = GenericTokens(text=False)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=torch.zeros(1, 3, 12, 12))
+    info = model._s2a_tuner.info
+    assert info.family == "generic" and info.layouts == ["tokens", "tokens"] and info.fixed_tokens
+    model(torch.randn(2, 3, 12, 12))
+    for size in (8, 16):
+        with pytest.raises(ValueError, match=r"built for 9 .*image size of the dry run"):
+            model(torch.randn(2, 3, size, size))
+
+
+def test_generic_text_tokens_keep_any_shorter_length():
+    model = GenericTokens(text=True)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=torch.ones(1, 8, dtype=torch.long))
+    assert not model._s2a_tuner.info.fixed_tokens
+    randomize_prompts(model)
+    short = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        h = model.embed(short)
+        for i, block in enumerate(model.blocks):
+            h = block.forward(h + model._s2a_tuner.prompts[f"blocks.{i}"].delta(h))  # no hooks
+        torch.testing.assert_close(model(short), model.head(h.mean(1)))
+    with pytest.raises(ValueError, match="covers 8 positions"):
+        model(torch.randint(0, 50, (2, 9)))

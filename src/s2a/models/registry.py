@@ -116,6 +116,12 @@ class BackboneInfo:
             tokens (0 for text and CNNs).
         max_positions: positions a prompt must cover for variable-length inputs (text:
             the model's maximum sequence length); None: the dry run's grid is fixed.
+        fixed_tokens: the token count of "tokens" blocks is the dry run's, each token one
+            patch of the input image's grid (ViTs), so another count is another image size:
+            True for an adapter without ``max_positions``; for the generic fallback, which
+            cannot tell a text model from an image model, True when the dry run's input held
+            an image (a floating tensor of >= 4 dims, such as (B, C, H, W)), False for token
+            ids or embeddings (sequences of any length up to the dry run's).
         position_ids_kwarg: keyword under which blocks receive position ids (decoders
             with a KV cache), or None.
         feature_dim / num_classes: input and output width of the (first) classifier.
@@ -131,6 +137,7 @@ class BackboneInfo:
     pooling: str = "mean"
     num_prefix_tokens: int = 0
     max_positions: int | None = None
+    fixed_tokens: bool = False
     position_ids_kwarg: str | None = None
     feature_dim: int | None = None
     num_classes: int | None = None
@@ -485,6 +492,13 @@ def dry_run_input(model: nn.Module, example_input: Any = None, adapter: ModelAda
     return _on_model(model, (adapter or find_adapter(model)).example_input(model))
 
 
+def _holds_image(example_input: Any) -> bool:
+    """Whether an input holds an image (or video): a floating tensor of >= 4 dims."""
+    args, kwargs = normalize_input(example_input)
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 4
+               for t in (*args, *kwargs.values()))
+
+
 def _on_model(model: nn.Module, example: Any) -> Any:
     """A default input moved to the model's device, floats in the model's dtype."""
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -528,13 +542,18 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
             raise ValueError(f"adapter {adapter.name}: layout {layout!r} not in {LAYOUTS}")
         blocks.append(BlockInfo(spec.name, layout, in_shape[1:], out_shape[1:], spec.stage,
                                 spec.prefix_tokens, module))
+    from .generic import GenericAdapter
+
+    max_positions = adapter.max_positions(model)
+    generic = isinstance(adapter, GenericAdapter)
     info = BackboneInfo(
         family=adapter.name,
         model_class=type(model).__name__,
         blocks=blocks,
         pooling=adapter.pooling(model),
         num_prefix_tokens=adapter.num_prefix_tokens(model),
-        max_positions=adapter.max_positions(model),
+        max_positions=max_positions,
+        fixed_tokens=max_positions is None and (not generic or _holds_image(example_input)),
         position_ids_kwarg=adapter.position_ids_kwarg(model),
         adapter=adapter,
     )

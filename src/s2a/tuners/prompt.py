@@ -12,8 +12,9 @@ add: the block input is never stored for the prompt.
 
 Text: ``A`` covers the model's maximum sequence length and is sliced to the actual
 length; blocks that receive ``position_ids`` (decoders with a KV cache) gather the
-rows of their positions. Images (feature maps, and the tokens of ViTs): the grid is the
-one of the dry run (``example_input``), other sizes raise an error.
+rows of their positions. Images (feature maps, and the tokens of ViTs or of any model the
+generic fallback describes from an image input, see ``BackboneInfo.fixed_tokens``): the grid
+is the one of the dry run (``example_input``), other sizes raise an error.
 
 Applied by a forward pre-hook on each block, and registered as the block's child module
 ``s2a_prompt`` (state-dict keys ``<block>.s2a_prompt.A`` / ``.B``), except where the block is a
@@ -208,9 +209,9 @@ def add_prompts(model: nn.Module, info: BackboneInfo, rank: int) -> tuple[dict[s
         if ref is None or not ref.is_floating_point():
             ref = next((p for p in model.parameters() if p.is_floating_point()), None)
         kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        # max_positions None: the dry run fixed the token count (image models); the generic
-        # fallback may be a text model, whose shorter sequences take the first rows.
-        fixed = block.layout == "tokens" and info.max_positions is None and info.family != "generic"
+        # Image tokens: their count is the dry run's patch grid (see BackboneInfo.fixed_tokens);
+        # text: shorter sequences take the first rows.
+        fixed = block.layout == "tokens" and info.fixed_tokens
         prompt = LowRankPrompt(block.layout, grid, block.in_dim, rank, info.position_ids_kwarg,
                                fixed_length=fixed, **kw)
         _register(model, block.name, prompt)
