@@ -553,3 +553,11 @@ def test_transformers_tuple_outputs_and_positional_labels():
     positional = model(batch["input_ids"], batch["attention_mask"], None, None, None, labels)
     torch.testing.assert_close(positional.loss, ref.loss, rtol=0, atol=0)
     torch.testing.assert_close(positional.loss, F.cross_entropy(ref.logits, labels))
+
+
+def test_side_refuses_a_bare_sequential_model():
+    """``model.s2a_side`` on an nn.Sequential would be run by its forward as one more layer."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), *[nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()) for _ in range(2)])
+    with pytest.raises(ValueError, match="side network cannot be attached to a bare Sequential"):
+        s2a.apply(model, s2a.S2AConfig(modules=("side",), num_classes=3), example_input=torch.zeros(1, 3, 4, 4))
+    assert all(p.requires_grad for p in model.parameters()) and not hasattr(model, SIDE)

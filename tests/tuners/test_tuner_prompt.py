@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tuner_zoo import build, call, eager_kernels, example_of, one_thread, output
 
@@ -207,3 +208,263 @@ def test_apply_add_missing_bias_switch():
     assert "model.layers.0.input_layernorm.bias" in dict(with_missing.named_parameters())
     with torch.no_grad():
         assert torch.equal(output(call(with_missing, batch)), output(call(base, batch)))
+
+
+# ---------------------------------------------------------------------------- container blocks
+class SeqNet(nn.Module):
+    """Blocks that are nn.Sequential (as the stages of timm's MobileNetV3 / GhostNet /
+    MobileViT): the generic adapter picks ``blocks.0`` .. ``blocks.2``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+                                      for _ in range(3)])
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class DenseBlock(nn.ModuleDict):
+    """A ModuleDict whose forward iterates its items, each fed the list of all earlier
+    features (timm's DenseNet blocks)."""
+
+    def __init__(self, channels: int):
+        super().__init__({f"layer{i}": nn.Conv2d(channels * (i + 1), channels, 1) for i in range(2)})
+
+    def forward(self, x):
+        features = [x]
+        for _, layer in self.items():
+            features.append(layer(torch.cat(features, 1)))
+        return features[-1]
+
+
+class DenseNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 1), DenseBlock(4), DenseBlock(4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def randomize_prompts(model):
+    with torch.no_grad():
+        for p in model._s2a_tuner.prompts.values():
+            p.A.normal_()
+
+
+def test_container_block_gets_its_prompt_once(tmp_path):
+    """A prompt registered as a child of an nn.Sequential block was also run by the block's
+    forward as its last layer: added twice (here silently, the shapes match)."""
+    torch.manual_seed(0)
+    model, x = SeqNet(), torch.randn(2, 3, 8, 8)
+    base = copy.deepcopy(model)
+    s2a.apply(model, s2a.S2AConfig(modules=("bias", "prompt"), act_bits=None), example_input=x[:1])
+    prompts = model._s2a_tuner.prompts
+    assert all(len(block) == 2 for block in model.blocks)  # no extra layer in the containers
+    # the prompts live in the nearest non-container ancestor, under the block's path
+    assert {k for k in model.state_dict() if ".A" in k or ".B" in k} == {
+        f"s2a_prompts.blocks.{i}.{ab}" for i in range(3) for ab in "AB"}
+    assert {n for n, k in model._s2a_tuner.kinds.items() if k == "prompt"} == {
+        f"s2a_prompts.blocks.{i}.{ab}" for i in range(3) for ab in "AB"}
+    randomize_prompts(model)
+    with torch.no_grad():
+        h = model.stem(x)
+        for i, block in enumerate(model.blocks):
+            h = block[1](block[0](h + prompts[f"blocks.{i}"].delta(h)))  # X' = X + A·B, once
+        want = model.head(h.mean((2, 3)))
+        got = model(x)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, base(x))
+
+    s2a.save_tuned(model, tmp_path)
+    fresh = copy.deepcopy(base)
+    s2a.load_tuned(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), got)
+        s2a.merge(fresh)
+        assert torch.equal(fresh(x), got)
+    assert "s2a_prompts.blocks.0.prompt" in fresh.state_dict()
+
+
+def test_moduledict_block_that_iterates_itself_runs():
+    """DenseNet-like blocks: the block's forward fed its feature list to the prompt child
+    (AttributeError before)."""
+    torch.manual_seed(0)
+    model, x = DenseNet(), torch.randn(2, 3, 6, 6)
+    s2a.apply(model, s2a.S2AConfig(num_classes=4), example_input=x[:1])
+    assert model._s2a_tuner.info.block_names == ["features.1", "features.2"]
+    assert set(model.features[1]) == {"layer0", "layer1"}
+    randomize_prompts(model)
+    model(x).sum().backward()
+    assert all(p.A.grad is not None for p in model._s2a_tuner.prompts.values())
+
+
+def test_bare_sequential_model():
+    """A bare nn.Sequential model: blocks that are not containers keep their prompt as a
+    child; container blocks have no ancestor to hold it, and are refused before any change."""
+    def make(block):
+        return nn.Sequential(nn.Conv2d(3, 4, 1), block(), block(), nn.Flatten(1), nn.Linear(4 * 16, 2))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x).relu()
+
+    x = torch.randn(2, 3, 4, 4)
+    model = make(Block)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=x[:1])
+    assert "1.s2a_prompt.A" in model.state_dict()
+    randomize_prompts(model)
+    model(x)
+
+    model = make(lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()))
+    with pytest.raises(ValueError, match=r"'1' .*has no place in the model.* Wrap the model"):
+        s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=x[:1])
+    assert all(p.requires_grad for p in model.parameters())  # untouched ...
+    s2a.apply(model, s2a.S2AConfig(modules=("bias",), act_bits=None), example_input=x[:1])  # ... usable
+
+
+# ---------------------------------------------------------------------------- biases kept apart
+class SplitBiasBlock(nn.Module):
+    """BEiT / SwinV2 / EVA attention: ``qkv`` is a Linear without bias that the block runs as
+    ``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``; nn.MultiheadAttention without
+    bias reads ``out_proj.bias`` itself; of two experts a router picked the first."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(d))
+        self.register_buffer("k_bias", torch.zeros(d), persistent=False)
+        self.v_bias = nn.Parameter(torch.randn(d))
+        self.relative_position_bias_table = nn.Parameter(torch.randn(3, 2))  # a table, no bias
+        self.mha = nn.MultiheadAttention(d, 2, bias=False, batch_first=True)
+        self.experts = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(2))
+
+    def forward(self, x):
+        q, k, v = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias))).chunk(3, -1)
+        x = x + self.mha(q, k, v, need_weights=False)[0]
+        return x + self.experts[0](x) + self.relative_position_bias_table.sum()
+
+
+class SplitBiasNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(SplitBiasBlock() for _ in range(2))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(1))
+
+
+def test_bias_trains_biases_kept_apart_and_adds_none_unused():
+    """q_bias / v_bias were left frozen, and a zero qkv.bias that the forward never reads was
+    added and trained (it never got a gradient)."""
+    torch.manual_seed(0)
+    model, x = SplitBiasNet(), torch.randn(2, 4, 8)
+    base = copy.deepcopy(model)
+    s2a.apply(model, s2a.S2AConfig(modules=("bias",), act_bits=None), example_input=x[:1])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for i in range(2):
+        block = f"blocks.{i}"
+        assert {f"{block}.q_bias", f"{block}.v_bias"} <= trainable
+        assert model.blocks[i].qkv.bias is None and "bias" in model.blocks[i].qkv._parameters
+        assert f"{block}.relative_position_bias_table" not in trainable
+        # read by nn.MultiheadAttention itself (out_proj never runs): added, and it learns
+        assert f"{block}.mha.out_proj.bias" in trainable
+        # the expert the router did not pick here may be picked by another input: kept
+        assert f"{block}.experts.1.bias" in trainable
+    with torch.no_grad():  # nn.MultiheadAttention with a bias takes another kernel: not bit-exact
+        torch.testing.assert_close(model(x), base(x))
+    model(x).sum().backward()
+    no_grad = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    assert no_grad == {"blocks.0.experts.1.bias", "blocks.1.experts.1.bias"}
+
+
+@pytest.mark.parametrize(("name", "kw", "size"), [
+    ("beit_base_patch16_224", dict(img_size=32, depth=2, embed_dim=48, num_heads=2), 32),
+    ("swinv2_tiny_window8_256", dict(img_size=64, depths=(1, 1), embed_dim=16, num_heads=(1, 2)), 64),
+    ("eva02_tiny_patch14_224", dict(img_size=28, depth=2, embed_dim=48, num_heads=2), 28),
+], ids=["beit", "swinv2", "eva02"])
+def test_timm_qv_biases_train(name, kw, size, tmp_path):
+    import timm
+
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=False, num_classes=3, **kw)
+
+    model, x = build(), torch.randn(2, 3, size, size)
+    s2a.apply(model, s2a.S2AConfig(modules=("bias", "prompt")), example_input=x[:1])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.endswith("attn.qkv.bias") for n in trainable)
+    assert sum(n.endswith(("attn.q_bias", "attn.v_bias")) for n in trainable) == 4
+    model(x).logsumexp(-1).sum().backward()
+    assert all(model.get_parameter(n).grad is not None for n in trainable)
+    s2a.save_tuned(model, tmp_path)
+    s2a.load_tuned(build(), tmp_path)  # the same biases are added on a fresh backbone
+
+
+# ---------------------------------------------------------------------------- generic token models
+class TokenBlock(nn.Module):
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+class GenericTokens(nn.Module):
+    """Not a family s2a knows (the generic fallback finds ``blocks``): tokens from the patches
+    of an image (as XCiT), or from token ids."""
+
+    def __init__(self, text: bool):
+        super().__init__()
+        self.embed = nn.Embedding(50, 8) if text else nn.Conv2d(3, 8, 4, stride=4)
+        self.blocks = nn.ModuleList(TokenBlock() for _ in range(2))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        if x.dim() == 4:
+            x = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(1))
+
+
+def test_generic_image_tokens_refuse_another_image_size():
+    """A generic model's image tokens at another image size took the prompt rows of other
+    patches silently (at 8 px: the first 4 rows of the 12 px run's 3x3 grid)."""
+    model = GenericTokens(text=False)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=torch.zeros(1, 3, 12, 12))
+    info = model._s2a_tuner.info
+    assert info.family == "generic" and info.layouts == ["tokens", "tokens"] and info.fixed_tokens
+    model(torch.randn(2, 3, 12, 12))
+    for size in (8, 16):
+        with pytest.raises(ValueError, match=r"built for 9 .*image size of the dry run"):
+            model(torch.randn(2, 3, size, size))
+
+
+def test_generic_text_tokens_keep_any_shorter_length():
+    model = GenericTokens(text=True)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=torch.ones(1, 8, dtype=torch.long))
+    assert not model._s2a_tuner.info.fixed_tokens
+    randomize_prompts(model)
+    short = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        h = model.embed(short)
+        for i, block in enumerate(model.blocks):
+            h = block.forward(h + model._s2a_tuner.prompts[f"blocks.{i}"].delta(h))  # no hooks
+        torch.testing.assert_close(model(short), model.head(h.mean(1)))
+    with pytest.raises(ValueError, match="covers 8 positions"):
+        model(torch.randint(0, 50, (2, 9)))

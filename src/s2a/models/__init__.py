@@ -68,6 +68,7 @@ from .registry import (
     refresh_head,
     register_adapter,
     registered_adapters,
+    runs_children,
     unregister_adapter,
 )
 
@@ -88,5 +89,6 @@ __all__ = [
     "refresh_head",
     "register_adapter",
     "registered_adapters",
+    "runs_children",
     "unregister_adapter",
 ]

@@ -116,6 +116,12 @@ class BackboneInfo:
             tokens (0 for text and CNNs).
         max_positions: positions a prompt must cover for variable-length inputs (text:
             the model's maximum sequence length); None: the dry run's grid is fixed.
+        fixed_tokens: the token count of "tokens" blocks is the dry run's, each token one
+            patch of the input image's grid (ViTs), so another count is another image size:
+            True for an adapter without ``max_positions``; for the generic fallback, which
+            cannot tell a text model from an image model, True when the dry run's input held
+            an image (a floating tensor of >= 4 dims, such as (B, C, H, W)), False for token
+            ids or embeddings (sequences of any length up to the dry run's).
         position_ids_kwarg: keyword under which blocks receive position ids (decoders
             with a KV cache), or None.
         feature_dim / num_classes: input and output width of the (first) classifier.
@@ -131,6 +137,7 @@ class BackboneInfo:
     pooling: str = "mean"
     num_prefix_tokens: int = 0
     max_positions: int | None = None
+    fixed_tokens: bool = False
     position_ids_kwarg: str | None = None
     feature_dim: int | None = None
     num_classes: int | None = None
@@ -406,6 +413,19 @@ def replace_classifier(model: nn.Module, path: str, num_classes: int) -> nn.Modu
     return new
 
 
+#: Module classes whose forward runs their children as layers: ``nn.Sequential`` calls each in
+#: turn, and subclasses of ``nn.ModuleList`` / ``nn.ModuleDict`` with a forward iterate
+#: themselves (timm's DenseNet blocks, ``FeatureDictNet``). A module s2a registers as a child of
+#: one of these would be run as one more layer.
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def runs_children(module: nn.Module) -> bool:
+    """Whether ``module``'s forward may call every child (see :data:`CONTAINERS`): s2a then
+    must not add a child module to it."""
+    return isinstance(module, CONTAINERS)
+
+
 def module_path(model: nn.Module, module: nn.Module) -> str | None:
     for n, m in model.named_modules():
         if m is module:
@@ -497,17 +517,12 @@ def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
     for i, m in enumerate(modules):
         handles.append(m.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(m.register_forward_hook(post(i)))
-    flags = [(m, m.training) for m in model.modules()]
-    args, kwargs = normalize_input(example_input)
     try:
-        model.eval()
         with torch.no_grad():
-            model(*args, **kwargs)
+            eval_forward(model, example_input)
     finally:
         for h in handles:
             h.remove()
-        for m, t in flags:
-            m.training = t
     missing = [specs[i].name for i, (a, b) in shapes.items() if a is None or b is None]
     if missing:
         raise UnsupportedModelError(
@@ -515,6 +530,34 @@ def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
             "tensor input/output; pass example_input= or register an adapter"
         )
     return modules, shapes
+
+
+def eval_forward(model: nn.Module, example_input: Any) -> Any:
+    """``model``'s output on ``example_input`` in eval mode (no dropout, BatchNorm statistics
+    untouched); every module's train/eval flag is restored afterwards. Grad mode: the caller's."""
+    flags = [(m, m.training) for m in model.modules()]
+    args, kwargs = normalize_input(example_input)
+    try:
+        model.eval()
+        return model(*args, **kwargs)
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def dry_run_input(model: nn.Module, example_input: Any = None, adapter: ModelAdapter | None = None) -> Any:
+    """The input of the dry run: ``example_input``, else the adapter's default input on the
+    model's device (floats in its dtype)."""
+    if example_input is not None:
+        return example_input
+    return _on_model(model, (adapter or find_adapter(model)).example_input(model))
+
+
+def _holds_image(example_input: Any) -> bool:
+    """Whether an input holds an image (or video): a floating tensor of >= 4 dims."""
+    args, kwargs = normalize_input(example_input)
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 4
+               for t in (*args, *kwargs.values()))
 
 
 def _on_model(model: nn.Module, example: Any) -> Any:
@@ -550,8 +593,7 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
     specs = adapter.blocks(model)
     if len(specs) == 0:
         raise UnsupportedModelError(f"adapter {adapter.name} found no blocks in {type(model).__name__}")
-    if example_input is None:
-        example_input = _on_model(model, adapter.example_input(model))
+    example_input = dry_run_input(model, example_input, adapter)
     modules, shapes = _dry_run(model, specs, example_input)
     layouts = _infer_layouts(specs, modules, shapes)
     blocks = []
@@ -561,13 +603,18 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
             raise ValueError(f"adapter {adapter.name}: layout {layout!r} not in {LAYOUTS}")
         blocks.append(BlockInfo(spec.name, layout, in_shape[1:], out_shape[1:], spec.stage,
                                 spec.prefix_tokens, module))
+    from .generic import GenericAdapter
+
+    max_positions = adapter.max_positions(model)
+    generic = isinstance(adapter, GenericAdapter)
     info = BackboneInfo(
         family=adapter.name,
         model_class=type(model).__name__,
         blocks=blocks,
         pooling=adapter.pooling(model),
         num_prefix_tokens=adapter.num_prefix_tokens(model),
-        max_positions=adapter.max_positions(model),
+        max_positions=max_positions,
+        fixed_tokens=max_positions is None and (not generic or _holds_image(example_input)),
         position_ids_kwarg=adapter.position_ids_kwarg(model),
         adapter=adapter,
     )

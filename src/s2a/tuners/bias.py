@@ -1,10 +1,16 @@
-"""The bias module: every Linear / Conv / Norm bias of the frozen backbone is trainable.
+"""The bias module: every bias of the frozen backbone is trainable.
 
 For ``y = W x + b`` with ``W`` frozen, ``dL/db = sum dL/dy`` and ``dL/dx = W^T dL/dy``:
-the layer's input never has to be stored for the bias gradient. Layers without a bias
+the layer's input never has to be stored for the bias gradient. The biases are those of
+Linear / Conv / Norm layers, and the bias vectors other modules keep apart from their layer
+(``q_bias`` / ``v_bias`` of BEiT, SwinV2 and EVA attention, which compute
+``F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias))``; ``in_proj_bias`` of
+``nn.MultiheadAttention``; the ``bias`` of a custom norm such as GRN). Layers without a bias
 get a zero-initialised one (``add_missing_bias``), registered as an ``nn.Parameter``
 named ``bias`` so that it is saved and loaded with the module; the output at
-initialisation is unchanged (adding 0.0 is exact).
+initialisation is unchanged (adding 0.0 is exact). An added bias that the model's output
+does not depend on (that parent module reads only the layer's weight, as above) would never
+get a gradient: given a dry forward (``probe``), :func:`add_bias` takes it out again.
 
 Layers whose forward reads ``self.bias`` (Linear, ConvNd, BatchNorm / InstanceNorm,
 LayerNorm, GroupNorm) simply get the parameter. RMSNorm-type layers, whose forward
@@ -16,6 +22,10 @@ normalisation layer's affine, its scale.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,35 +62,137 @@ def _add_output_bias(module: nn.Module, args, output):
     return output + b.to(output.dtype)
 
 
-def add_bias(model: nn.Module, add_missing: bool = True, exclude: tuple[str, ...] = ()) -> tuple[list[str], list]:
-    """Make every Linear/Conv/Norm bias of ``model`` trainable (in place).
+def _is_bias(module: nn.Module, name: str, p: torch.Tensor) -> bool:
+    """Whether parameter ``name`` of ``module`` is a bias: the ``bias`` of a Linear / Conv / Norm,
+    or a vector named ``bias`` / ``*_bias`` of any module (see the module docstring). Tables
+    such as ``relative_position_bias_table`` or LeViT's 2-D ``attention_biases`` are not."""
+    if name == "bias" and bias_shape(module) is not None:
+        return True
+    return (name == "bias" or name.endswith("_bias")) and p.dim() <= 1
+
+
+@dataclass
+class _AddedBias:
+    """A zero bias :func:`add_bias` registered, and how to take it out again."""
+
+    path: str
+    module: nn.Module
+    before: str  # what ``module.bias`` was: "parameter" (None), "attribute" (None) or "absent"
+    hook: Any = None  # RMSNorm: the forward hook that adds it
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}.bias" if self.path else "bias"
+
+    def remove(self) -> None:
+        del self.module._parameters["bias"]
+        if self.hook is not None:
+            self.hook.remove()
+        if self.before == "parameter":
+            self.module.register_parameter("bias", None)
+        elif self.before == "attribute":
+            self.module.bias = None
+
+
+def _drop_saved(_tensor: torch.Tensor) -> None:
+    """saved-tensors pack hook of the probe: no backward runs, so nothing needs keeping."""
+    return None
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def _leaves_reached(out: Any) -> set[int] | None:
+    """ids of the tensors requiring grad that ``out`` depends on (its autograd graph's leaves),
+    or None when no output tensor has a graph (nothing can be told from it)."""
+    roots = [t for t in _tensors(out) if t.requires_grad]
+    if not roots:
+        return None
+    reached = {id(t) for t in roots if t.grad_fn is None}
+    stack, seen = [t.grad_fn for t in roots if t.grad_fn is not None], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return reached
+
+
+def _unused(model: nn.Module, added: list[_AddedBias], probe: Callable[[], Any]) -> list[_AddedBias]:
+    """The added biases whose layer's parent module ran in ``probe()`` but that its output does
+    not depend on. A layer whose parent did not run (an expert a router did not pick, a
+    training-only branch) is kept: another input may use it."""
+    parents = {a.path: model.get_submodule(a.path.rpartition(".")[0]) for a in added if a.path}
+    ran: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: ran.add(id(mod)))
+             for m in {id(m): m for m in parents.values()}.values()]
+    try:
+        # Only the graph's structure is read, never a gradient: drop what a backward would need.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop_saved, _drop_saved):
+            out = probe()
+    finally:
+        for h in hooks:
+            h.remove()
+    reached = _leaves_reached(out)
+    if reached is None:
+        return []
+    return [a for a in added if a.path in parents and id(parents[a.path]) in ran
+            and id(a.module.bias) not in reached]
+
+
+def add_bias(model: nn.Module, add_missing: bool = True, exclude: tuple[str, ...] = (),
+             probe: Callable[[], Any] | None = None) -> tuple[list[str], list]:
+    """Make every bias of ``model`` trainable (in place; see the module docstring).
 
     Returns (names of the bias parameters made trainable, hook handles to remove on undo).
-    Modules whose path starts with one of ``exclude`` are left alone.
+    Modules whose path starts with one of ``exclude`` are left alone. ``probe``: one forward
+    of ``model`` (``s2a.apply`` passes its dry run in eval mode); with it, a bias added to a
+    layer whose parent ran but whose bias the output does not depend on is removed again.
     """
-    names, handles = [], []
+    found: list[str | _AddedBias] = []  # in module order
     for path, module in list(model.named_modules()):
         if any(path == e or path.startswith(e + ".") for e in exclude):
             continue
+        for pn, p in module._parameters.items():
+            if isinstance(p, nn.Parameter) and _is_bias(module, pn, p):
+                p.requires_grad_(True)
+                found.append(f"{path}.{pn}" if path else pn)
         shape = bias_shape(module)
-        if shape is None:
+        if not add_missing or shape is None or isinstance(module._parameters.get("bias"), nn.Parameter):
             continue
-        bias = module._parameters.get("bias") if "bias" in module._parameters else None
-        if isinstance(bias, nn.Parameter):
-            bias.requires_grad_(True)
-        elif add_missing:
-            if hasattr(module, "bias") and "bias" not in module._parameters and module.bias is not None:
-                continue  # a buffer or property named bias (frozen layers): leave alone
-            ref = module.weight if isinstance(getattr(module, "weight", None), torch.Tensor) else None
-            kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-            if "bias" in module.__dict__:
-                del module.__dict__["bias"]
-            module.register_parameter("bias", nn.Parameter(torch.zeros(shape, **kw)))
-            if _is_rms_norm(module):
-                handles.append(module.register_forward_hook(_add_output_bias))
+        if "bias" in module._parameters:
+            before = "parameter"
+        elif module.__dict__.get("bias", False) is None:
+            before = "attribute"
+            del module.__dict__["bias"]
+        elif hasattr(module, "bias"):
+            continue  # a buffer, property or tensor named bias (frozen layers): leave alone
         else:
-            continue
-        names.append(f"{path}.bias" if path else "bias")
+            before = "absent"
+        ref = module.weight if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+        kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        module.register_parameter("bias", nn.Parameter(torch.zeros(shape, **kw)))
+        hook = module.register_forward_hook(_add_output_bias) if _is_rms_norm(module) else None
+        found.append(_AddedBias(path, module, before, hook))
+    added = [a for a in found if isinstance(a, _AddedBias)]
+    unused = _unused(model, added, probe) if probe is not None and added else []
+    for a in unused:
+        a.remove()
+    dropped = {id(a) for a in unused}
+    kept = [a for a in found if id(a) not in dropped]
+    names = [a.name if isinstance(a, _AddedBias) else a for a in kept]
+    handles = [a.hook for a in kept if isinstance(a, _AddedBias) and a.hook is not None]
     return names, handles
 
 

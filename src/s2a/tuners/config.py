@@ -52,7 +52,8 @@ class S2AConfig:
             None keeps the model's head. On a backbone without a head (timm ``num_classes=0``,
             a transformers ``AutoModel``) with ``"side"`` in ``modules``: the side branch's
             output width (it makes the prediction).
-        add_missing_bias: give Linear/Conv/Norm layers without a bias a zero-initialised one.
+        add_missing_bias: give Linear/Conv/Norm layers without a bias a zero-initialised one
+            (not where the dry run shows the output cannot depend on it).
         fuse_side: fuse the side branch's prediction with the backbone's through a learned gate.
         freeze_norm_stats: keep BatchNorm layers of the frozen backbone on their running
             statistics in training (the backbone's buffers then never change).

@@ -17,6 +17,7 @@ inserted, the backbone's fingerprint, which tensors are tuned) as ``model._s2a_t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Collection, Mapping
@@ -29,10 +30,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from s2a.activations import compress_activations
 from s2a.models import BackboneInfo, describe_backbone, refresh_head
+from s2a.models.registry import dry_run_input, eval_forward
 
 from .bias import add_bias, train_norm_weights
 from .config import S2AConfig
-from .prompt import PROMPT_ATTR, LowRankPrompt, add_prompts
+from .prompt import LowRankPrompt, add_prompts, check_prompts, prompt_path
 from .side import attach_side, check_side
 
 STATE_ATTR = "_s2a_tuner"
@@ -237,7 +239,9 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
     new_head = config.num_classes is not None and not ("side" in config.modules and not info.head_names)
     replaced = info.head_names if new_head else ()
     if "side" in config.modules:
-        check_side(info, config)
+        check_side(info, config, model)
+    if "prompt" in config.modules:
+        check_prompts(model, info)
     fingerprint = backbone_fingerprint(model, exclude=replaced)
     original_keys = set(model.state_dict().keys())
     if new_head:  # refuses a model without a head (or a language model) before changing it
@@ -270,7 +274,9 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
     hooks: list = []
     prompts: dict[str, LowRankPrompt] = {}
     if "bias" in config.modules:
-        names, handles = add_bias(model, add_missing=config.add_missing_bias)
+        # The dry run tells which added zero biases the output never depends on (dropped).
+        probe = functools.partial(eval_forward, model, dry_run_input(model, example_input, info.adapter))
+        names, handles = add_bias(model, add_missing=config.add_missing_bias, probe=probe)
         hooks += handles
         for n in names:
             kinds.setdefault(n, "bias")
@@ -281,8 +287,9 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
         prompts, handles = add_prompts(model, info, config.prompt_rank)
         hooks += handles
         for block, prompt in prompts.items():
+            path = prompt_path(model, block)
             for pn, _ in prompt.named_parameters():
-                kinds[f"{block}.{PROMPT_ATTR}.{pn}"] = "prompt"
+                kinds[f"{path}.{pn}"] = "prompt"
     if config.freeze_norm_stats:
         for m in model.modules():
             if isinstance(m, _BatchNorm):

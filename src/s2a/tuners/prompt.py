@@ -12,11 +12,17 @@ add: the block input is never stored for the prompt.
 
 Text: ``A`` covers the model's maximum sequence length and is sliced to the actual
 length; blocks that receive ``position_ids`` (decoders with a KV cache) gather the
-rows of their positions. Images (feature maps, and the tokens of ViTs): the grid is the
-one of the dry run (``example_input``), other sizes raise an error.
+rows of their positions. Images (feature maps, and the tokens of ViTs or of any model the
+generic fallback describes from an image input, see ``BackboneInfo.fixed_tokens``): the grid
+is the one of the dry run (``example_input``), other sizes raise an error.
 
-Inserted as a child module ``s2a_prompt`` of each block (state-dict keys
-``<block>.s2a_prompt.A`` / ``.B``) and applied by a forward pre-hook on the block.
+Applied by a forward pre-hook on each block, and registered as the block's child module
+``s2a_prompt`` (state-dict keys ``<block>.s2a_prompt.A`` / ``.B``), except where the block is a
+container whose forward runs every child as a layer (``nn.Sequential``, a ModuleList /
+ModuleDict with a forward: the stages of timm's MobileNetV3, GhostNet, MobileViT, the dense
+blocks of DenseNet): there a child would be run once more as the block's last layer, so the
+prompt lives in ``s2a_prompts`` of the nearest ancestor that is not a container, under the
+block's path from it (``s2a_prompts.blocks.0.A``; see :func:`prompt_path`).
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ import torch
 from torch import nn
 
 from s2a.models import BackboneInfo
-from s2a.models.registry import hidden_from_call
+from s2a.models.registry import hidden_from_call, runs_children
 
-PROMPT_ATTR = "s2a_prompt"
+PROMPT_ATTR = "s2a_prompt"  # a block's child
+PROMPTS_ATTR = "s2a_prompts"  # an ancestor's child that holds the prompts of container blocks
 
 
 class LowRankPrompt(nn.Module):
@@ -135,15 +142,65 @@ class LowRankPrompt(nn.Module):
         return self
 
 
+def _prompt_home(model: nn.Module, block_name: str) -> tuple[str, list[str]]:
+    """(path of the module that holds the prompt of block ``block_name``, attribute chain from
+    it to the prompt). See :func:`prompt_path`."""
+    if not runs_children(model.get_submodule(block_name)):
+        return block_name, [PROMPT_ATTR]
+    parts = block_name.split(".") if block_name else []
+    for i in range(len(parts) - 1, -1, -1):
+        owner = ".".join(parts[:i])
+        if not runs_children(model.get_submodule(owner)):
+            return owner, [PROMPTS_ATTR, *parts[i:]]
+    raise ValueError(
+        f"the low-rank prompt of block {block_name!r} ({type(model.get_submodule(block_name)).__name__}) "
+        "has no place in the model: that block and every module above it are containers "
+        "(nn.Sequential / ModuleList / ModuleDict) whose forward would run a prompt registered "
+        "there as one more layer. Wrap the model in an nn.Module whose forward calls it, or "
+        "leave 'prompt' out of modules")
+
+
+def prompt_path(model: nn.Module, block_name: str) -> str:
+    """Module path (in ``model``) of the prompt of block ``block_name``: ``<block>.s2a_prompt``,
+    or for a container block ``<ancestor>.s2a_prompts.<rest of the block's path>`` (the
+    nearest ancestor that is not a container: its forward calls only the children it names).
+    Raises ValueError where no such ancestor exists (a bare nn.Sequential model whose blocks
+    are nn.Sequential too)."""
+    owner, chain = _prompt_home(model, block_name)
+    return ".".join([owner, *chain]) if owner else ".".join(chain)
+
+
+def check_prompts(model: nn.Module, info: BackboneInfo) -> None:
+    """Raise the error :func:`add_prompts` would raise for a block without a place for its
+    prompt, before anything is changed."""
+    for block in info.blocks:
+        _prompt_home(model, block.name)
+
+
+def _register(model: nn.Module, block_name: str, prompt: LowRankPrompt) -> None:
+    owner, chain = _prompt_home(model, block_name)
+    holder = model.get_submodule(owner)
+    for key in chain[:-1]:  # the ModuleDicts under s2a_prompts (never called: no forward)
+        if key not in holder._modules:
+            holder.add_module(key, nn.ModuleDict())
+        holder = holder._modules[key]
+        if not isinstance(holder, nn.ModuleDict):
+            raise RuntimeError(f"block {block_name}: the prompt of a block above it is in the way "
+                               f"of its own ({prompt_path(model, block_name)})")
+    if chain[-1] in holder._modules:
+        raise RuntimeError(f"block {block_name} already has a low-rank prompt")
+    holder.add_module(chain[-1], prompt)
+
+
 def add_prompts(model: nn.Module, info: BackboneInfo, rank: int) -> tuple[dict[str, LowRankPrompt], list]:
-    """Insert a :class:`LowRankPrompt` before every block of ``info``.
+    """Insert a :class:`LowRankPrompt` before every block of ``info`` (registered at
+    :func:`prompt_path`, applied by a forward pre-hook on the block).
 
     Returns ({block name: prompt}, hook handles)."""
+    check_prompts(model, info)
     prompts, handles = {}, []
     for block in info.blocks:
         module = model.get_submodule(block.name)
-        if hasattr(module, PROMPT_ATTR):
-            raise RuntimeError(f"block {block.name} already has a low-rank prompt")
         if block.layout == "tokens" and info.max_positions is not None:
             grid = (max(info.max_positions, block.in_grid[0]),)
         else:
@@ -152,12 +209,12 @@ def add_prompts(model: nn.Module, info: BackboneInfo, rank: int) -> tuple[dict[s
         if ref is None or not ref.is_floating_point():
             ref = next((p for p in model.parameters() if p.is_floating_point()), None)
         kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        # max_positions None: the dry run fixed the token count (image models); the generic
-        # fallback may be a text model, whose shorter sequences take the first rows.
-        fixed = block.layout == "tokens" and info.max_positions is None and info.family != "generic"
+        # Image tokens: their count is the dry run's patch grid (see BackboneInfo.fixed_tokens);
+        # text: shorter sequences take the first rows.
+        fixed = block.layout == "tokens" and info.fixed_tokens
         prompt = LowRankPrompt(block.layout, grid, block.in_dim, rank, info.position_ids_kwarg,
                                fixed_length=fixed, **kw)
-        module.add_module(PROMPT_ATTR, prompt)
+        _register(model, block.name, prompt)
         handles.append(module.register_forward_pre_hook(prompt.pre_hook, with_kwargs=True))
         prompts[block.name] = prompt
     return prompts, handles

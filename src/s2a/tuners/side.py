@@ -81,6 +81,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2a.models.registry import runs_children
+
 __all__ = [
     "LAYOUTS",
     "BackboneInfo",
@@ -489,10 +491,20 @@ def _reduction_problem(specs: Sequence[SideBlockSpec], k: int, remainder: str) -
             f"{[i for i, _ in bad_dims]} (channels {dims}); reductions dividing every block: {common}")
 
 
-def check_side(info: BackboneInfo, config: SideConfig) -> None:
-    """Raise the ValueError :func:`attach_side` would raise for this backbone and config, before
-    anything is changed (``s2a.apply`` calls it first, so that a bad config leaves the model
-    untouched)."""
+def _check_home(model: nn.Module) -> None:
+    if runs_children(model):
+        raise ValueError(
+            f"the side network cannot be attached to a bare {type(model).__name__}: it is registered "
+            f"as model.{SIDE_ATTR}, and this container's forward runs every child as a layer. Wrap "
+            "the model in an nn.Module whose forward calls it")
+
+
+def check_side(info: BackboneInfo, config: SideConfig, model: nn.Module | None = None) -> None:
+    """Raise the ValueError :func:`attach_side` would raise for this backbone (``model``, when
+    given) and config, before anything is changed (``s2a.apply`` calls it first, so that a bad
+    config leaves the model untouched)."""
+    if model is not None:
+        _check_home(model)
     dims = [int(d) for d in info.dims]
     if not dims:
         raise ValueError("the side branch needs blocks, and this backbone has none that s2a found")
@@ -816,6 +828,7 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
     side_only = set(modules) == {"side"}
     if hasattr(model, SIDE_ATTR) or HANDLE_ATTR in model.__dict__:
         raise RuntimeError(f"model already has a side network ({SIDE_ATTR}); remove it first")
+    _check_home(model)
     blocks = _resolve_blocks(model, info)
     layouts = list(info.layouts)
     dims = [int(d) for d in info.dims]
