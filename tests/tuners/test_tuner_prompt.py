@@ -468,3 +468,25 @@ def test_generic_text_tokens_keep_any_shorter_length():
         torch.testing.assert_close(model(short), model.head(h.mean(1)))
     with pytest.raises(ValueError, match="covers 8 positions"):
         model(torch.randint(0, 50, (2, 9)))
+
+
+def test_generic_decoder_prompt_follows_the_kv_cache():
+    # GPT-2 falls to the generic adapter; its blocks are handed position_ids, which the prompt
+    # must use: tokens decoded with a KV cache took the first prompt rows instead of theirs
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2,
+                                                                 n_head=2, n_positions=64))
+    ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(3))
+    s2a.apply(model, s2a.S2AConfig(modules=("bias", "prompt")), example_input={"input_ids": ids})
+    assert model._s2a_tuner.info.position_ids_kwarg == "position_ids"
+    with torch.no_grad():
+        for p in model._s2a_tuner.prompts.values():
+            p.A.normal_()
+    model.eval()
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        first = model(input_ids=ids[:, :8], use_cache=True)
+        rest = model(input_ids=ids[:, 8:], past_key_values=first.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(rest, full[:, 8:], rtol=1e-4, atol=1e-5)

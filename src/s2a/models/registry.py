@@ -493,10 +493,14 @@ def _infer_layouts(specs: list[BlockSpec], modules: list[nn.Module], shapes: dic
 
 
 def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
-    """Run one no-grad eval forward, recording each block's input and output shape."""
+    """Run one no-grad eval forward, recording each block's input and output shape; also
+    whether every block received ``position_ids`` of its tokens (decoders that follow a KV
+    cache pass them to their layers)."""
     modules = [model.get_submodule(s.name) for s in specs]
     shapes: dict[int, list] = {i: [None, None] for i in range(len(specs))}
     handles = []
+
+    positions: set[int] = set()  # blocks that received the token positions (see below)
 
     def pre(i):
         def hook(mod, args, kwargs):
@@ -504,6 +508,10 @@ def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
                 found = hidden_from_call(args, kwargs)
                 if found is not None:
                     shapes[i][0] = tuple(found[1].shape)
+                    pos = kwargs.get("position_ids")
+                    if (isinstance(pos, torch.Tensor) and not pos.is_floating_point() and pos.dim() == 2
+                            and found[1].dim() == 3 and pos.shape[-1] == found[1].shape[1]):
+                        positions.add(i)
         return hook
 
     def post(i):
@@ -529,7 +537,7 @@ def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
             f"the dry forward of {type(model).__name__} did not run blocks {missing} with a "
             "tensor input/output; pass example_input= or register an adapter"
         )
-    return modules, shapes
+    return modules, shapes, len(positions) == len(modules)
 
 
 def eval_forward(model: nn.Module, example_input: Any) -> Any:
@@ -594,7 +602,7 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
     if len(specs) == 0:
         raise UnsupportedModelError(f"adapter {adapter.name} found no blocks in {type(model).__name__}")
     example_input = dry_run_input(model, example_input, adapter)
-    modules, shapes = _dry_run(model, specs, example_input)
+    modules, shapes, gets_positions = _dry_run(model, specs, example_input)
     layouts = _infer_layouts(specs, modules, shapes)
     blocks = []
     for i, (spec, module, layout) in enumerate(zip(specs, modules, layouts, strict=True)):
@@ -615,7 +623,11 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
         num_prefix_tokens=adapter.num_prefix_tokens(model),
         max_positions=max_positions,
         fixed_tokens=max_positions is None and (not generic or _holds_image(example_input)),
-        position_ids_kwarg=adapter.position_ids_kwarg(model),
+        # The generic fallback cannot know a decoder's signature: blocks that were handed the
+        # token positions get prompt rows by position, so tokens decoded one at a time with a
+        # KV cache take their own rows, not the first ones.
+        position_ids_kwarg=adapter.position_ids_kwarg(model) or (
+            "position_ids" if generic and gets_positions else None),
         adapter=adapter,
     )
     refresh_head(info, model)
