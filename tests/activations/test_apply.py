@@ -222,6 +222,23 @@ def test_strict_mode_catches_functional_calls():
     assert s2a.compression_summary(model) == {"2": "gelu@4"}
 
 
+def test_strict_mode_accepts_subclasses_that_run_a_covered_forward():
+    # timm's LayerNorm2dNoBias only changes LayerNorm2d's __init__: its F.layer_norm is
+    # compressed, so strict mode must not list it (it did, by class name).
+    from timm.layers import LayerNorm2d
+    from timm.models.metaformer import LayerNorm2dNoBias
+
+    x = torch.randn(2, 3, 8, 8)
+    measured = []
+    for norm in (LayerNorm2d(8), LayerNorm2dNoBias(8)):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.Conv2d(8, 4, 1))
+        train_biases_only(model)
+        s2a.compress_activations(model, strict=True)
+        assert s2a.compression_summary(model)["1"] == "layer_norm@4"
+        measured.append(step(model, x)[1])
+    assert measured[0] == measured[1]
+
+
 def test_strict_mode_reports_pooling_that_keeps_its_input():
     # Max pooling asked for its indices, adaptive and fractional max pooling keep the whole
     # input plus int64 indices: strict mode must name them.

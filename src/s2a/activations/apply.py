@@ -314,11 +314,21 @@ _ACTIVATION_CLASSES = {
 # Llama-style RMSNorm of transformers: weight * normalised(x.float()).to(input dtype).
 _HF_RMSNORM = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
                "T5LayerNorm", "OlmoRMSNorm", "GraniteRMSNorm", "SmolLM3RMSNorm")
-# Modules whose own forward only makes functional calls that the mode already routes.
+# Modules whose forward (their own or inherited) only makes functional calls that the mode
+# already routes.
 _COVERED_BY_MODE = ("BatchNormAct2d", "FrozenBatchNormAct2d", "LayerNormAct", "LayerNormAct2d",
                     "SyncBatchNormAct", "Attention", "SelfAttention", "MaxPool2dSame")
 _SUSPECT_WORDS = ("GELU", "ReLU", "SiLU", "Swish", "Mish", "Sigmoid", "Tanh", "Softmax", "Norm",
                   "Dropout", "DropPath", "ELU", "GLU", "Softplus", "Hardswish", "Activation", "MaxPool")
+
+
+def _forward_owner(module: nn.Module) -> str:
+    """Name of the class that defines the ``forward`` ``module`` runs (its own, or the parent
+    class's that it inherits)."""
+    for cls in type(module).__mro__:
+        if "forward" in vars(cls):
+            return cls.__name__
+    return type(module).__name__
 
 
 def _module_op(module: nn.Module, spec: CompressionSpec):
@@ -326,8 +336,11 @@ def _module_op(module: nn.Module, spec: CompressionSpec):
 
     Each forward is a ``partial`` of a module-level function over ``module``: a deepcopy of
     the model (an EMA or teacher copy) then rebinds it to the copy's own module, and the
-    model still pickles; a closure would keep running on the original's tensors."""
-    name = type(module).__name__
+    model still pickles; a closure would keep running on the original's tensors.
+
+    Classes are recognised by the class whose ``forward`` they run: a subclass that only
+    changes ``__init__`` (timm's ``LayerNorm2dNoBias``) is its parent's forward."""
+    name = _forward_owner(module)
     kind = _ACTIVATION_CLASSES.get(name)
     if kind is not None and not any(True for _ in module.parameters()):
         if kind == "gelu" and getattr(module, "approximate", "none") == "tanh":
@@ -573,7 +586,8 @@ def compress_activations(
             continue
         name = type(module).__name__
         leaf = not any(True for _ in module.children())
-        if ((leaf and any(w.lower() in name.lower() for w in _SUSPECT_WORDS) and name not in _COVERED_BY_MODE)
+        if ((leaf and any(w.lower() in name.lower() for w in _SUSPECT_WORDS)
+             and _forward_owner(module) not in _COVERED_BY_MODE)
                 or isinstance(module, nn.MultiheadAttention)):  # its functional core runs natively
             uncovered.append(f"{path or '<root>'}: {name}")
     if strict and uncovered:
