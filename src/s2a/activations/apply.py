@@ -293,11 +293,134 @@ class _CompressMode(TorchFunctionMode):
                     return out
                 # the handler declined (max pooling asked for its indices): native, reported
                 if state.spec.strict:
-                    state.uncovered_calls.add(_MAX_POOL_INDICES)
-        elif (state.spec.strict and state.disabled == 0 and func in _UNCOVERED_FUNCTIONS
-              and torch.is_grad_enabled()):
-            state.uncovered_calls.add(_UNCOVERED_FUNCTIONS[func])
+                    state.report(_MAX_POOL_INDICES)
+        elif state.spec.strict and state.disabled == 0 and torch.is_grad_enabled():
+            name = _UNCOVERED_FUNCTIONS.get(func)
+            if name is not None:
+                state.report(name)
+            # (a kind that ops= left out is the caller's choice)
+            elif entry is None and not _saved_tensors_hooked():
+                first = torch.autograd._get_sequence_nr()  # the number of the next node created
+                out = func(*args, **kwargs)
+                if _keeps_activation(out, first, state.trainable):
+                    state.report(_op_name(func))
+                return out
         return func(*args, **kwargs)
+
+
+# --- strict mode: what a native call saves for backward ---------------------------
+#
+# Any call the mode sees and does not route (``x * gate``, ``q @ k.transpose(-2, -1)``,
+# ``x ** 2``, ``x.amax(dim)``, ``F.normalize``...) is looked at after it ran: the autograd
+# nodes it created (walked from its outputs, down to the nodes numbered before the call) are
+# read for the tensors each one saved for backward (``node._saved_*``). The call keeps a
+# full-precision activation if one of them is floating-point, requires grad and is not a
+# trainable parameter (nor a view of one): what autograd keeps of a frozen weight, a
+# constant (``x * 0.5``, rotary tables, masks) or an input that needs no gradient is not
+# reported.
+# Products (mul, mm, bmm, baddbmm...) save each operand for the gradient of the other: they
+# keep an activation for an activation's gradient only when both operands are activations
+# (``x * trainable_scale`` keeps ``x`` only for the scale, as a trainable convolution keeps
+# its input, which is not reported either). A quotient a / b needs b for a's gradient: it is
+# reported when the saved divisor is an activation.
+
+_PRODUCT_NODES = frozenset({
+    "MulBackward0", "MmBackward0", "BmmBackward0", "AddmmBackward0", "BaddbmmBackward0",
+    "AddbmmBackward0", "AddmvBackward0", "MvBackward0", "DotBackward0", "VdotBackward0",
+    "LinalgVecdotBackward0", "OuterBackward0", "AddrBackward0",
+})
+_DIVISION_NODES = frozenset({"DivBackward0", "DivBackward2"})
+_SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
+_WALK_LIMIT = 512  # nodes looked at per call (a composite: F.multi_head_attention_forward)
+
+
+def _saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are active (a non-reentrant checkpoint, ``s2a.measure``):
+    reading a saved tensor back would then run their unpack hook, which for a checkpoint
+    recomputes the block in the middle of the forward and keeps the result until backward.
+    Strict mode then reports only the functions it knows by name."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+def _tensors(obj, depth: int = 0):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)) and depth < 2:
+        for o in obj:
+            yield from _tensors(o, depth + 1)
+    elif isinstance(obj, dict) and depth < 2:
+        for o in obj.values():
+            yield from _tensors(o, depth + 1)
+
+
+_OPERATORS = {  # Tensor.__mul__, __rmatmul__, __itruediv__... by the name of their function
+    **{f"{r}{op}": op for op in ("mul", "matmul", "pow", "add", "sub") for r in ("", "r")},
+    **{f"i{op}": f"{op}_" for op in ("mul", "matmul", "pow", "add", "sub")},
+    "truediv": "div", "rtruediv": "div", "itruediv": "div_", "div": "div", "rdiv": "div",
+    "floordiv": "floor_divide", "rfloordiv": "floor_divide", "getitem": "index",
+    "setitem": "index_put_",
+}
+
+
+def _op_name(func) -> str:
+    name = getattr(func, "__name__", None) or str(func)
+    if name.startswith("__") and name.endswith("__"):
+        name = _OPERATORS.get(name.strip("_"), name.strip("_"))
+    return name
+
+
+def _is_activation(t, trainable: set) -> bool:
+    return (isinstance(t, torch.Tensor) and t.requires_grad
+            and (t.is_floating_point() or t.is_complex())
+            and t.untyped_storage().data_ptr() not in trainable)
+
+
+def _saved(node) -> dict:
+    names = _SAVED_ATTRS.get(type(node))
+    if names is None:
+        names = _SAVED_ATTRS[type(node)] = tuple(a for a in dir(node) if a.startswith("_saved_"))
+    out = {}
+    for a in names:
+        try:
+            out[a] = getattr(node, a)
+        except RuntimeError:  # already freed (cannot happen in forward), or not unpackable
+            continue
+    return out
+
+
+def _node_keeps_activation(node, trainable: set) -> bool:
+    saved = _saved(node)
+    if not saved:
+        return False
+    kind = node.name()
+    if kind in _PRODUCT_NODES:
+        tensors = [v for v in saved.values() if isinstance(v, torch.Tensor)]
+        return len(tensors) >= 2 and all(_is_activation(t, trainable) for t in tensors)
+    if kind in _DIVISION_NODES:
+        return _is_activation(saved.get("_saved_other"), trainable)
+    return any(_is_activation(t, trainable) for v in saved.values() for t in _tensors(v))
+
+
+def _keeps_activation(out, first: int, trainable: set) -> bool:
+    """Whether the autograd nodes that a native call created (reached from its outputs,
+    numbered ``first`` or later: the graph before the call is not its doing) save a
+    full-precision activation for backward."""
+    stack = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
+    seen = set()
+    while stack and len(seen) < _WALK_LIMIT:
+        node = stack.pop()
+        if node is None or node in seen or type(node).__name__ == "AccumulateGrad":
+            continue
+        seen.add(node)
+        if node._sequence_nr() < first:
+            continue
+        # built-in nodes only: a custom Function's context (s2a's own codes) is its own business
+        custom = isinstance(node, torch.autograd.function.BackwardCFunction)
+        if not custom and _node_keeps_activation(node, trainable):
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
 
 
 # --- module patching ---------------------------------------------------------------
@@ -314,11 +437,21 @@ _ACTIVATION_CLASSES = {
 # Llama-style RMSNorm of transformers: weight * normalised(x.float()).to(input dtype).
 _HF_RMSNORM = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
                "T5LayerNorm", "OlmoRMSNorm", "GraniteRMSNorm", "SmolLM3RMSNorm")
-# Modules whose own forward only makes functional calls that the mode already routes.
+# Modules whose forward (their own or inherited) only makes functional calls that the mode
+# already routes.
 _COVERED_BY_MODE = ("BatchNormAct2d", "FrozenBatchNormAct2d", "LayerNormAct", "LayerNormAct2d",
                     "SyncBatchNormAct", "Attention", "SelfAttention", "MaxPool2dSame")
 _SUSPECT_WORDS = ("GELU", "ReLU", "SiLU", "Swish", "Mish", "Sigmoid", "Tanh", "Softmax", "Norm",
                   "Dropout", "DropPath", "ELU", "GLU", "Softplus", "Hardswish", "Activation", "MaxPool")
+
+
+def _forward_owner(module: nn.Module) -> str:
+    """Name of the class that defines the ``forward`` ``module`` runs (its own, or the parent
+    class's that it inherits)."""
+    for cls in type(module).__mro__:
+        if "forward" in vars(cls):
+            return cls.__name__
+    return type(module).__name__
 
 
 def _module_op(module: nn.Module, spec: CompressionSpec):
@@ -326,8 +459,11 @@ def _module_op(module: nn.Module, spec: CompressionSpec):
 
     Each forward is a ``partial`` of a module-level function over ``module``: a deepcopy of
     the model (an EMA or teacher copy) then rebinds it to the copy's own module, and the
-    model still pickles; a closure would keep running on the original's tensors."""
-    name = type(module).__name__
+    model still pickles; a closure would keep running on the original's tensors.
+
+    Classes are recognised by the class whose ``forward`` they run: a subclass that only
+    changes ``__init__`` (timm's ``LayerNorm2dNoBias``) is its parent's forward."""
+    name = _forward_owner(module)
     kind = _ACTIVATION_CLASSES.get(name)
     if kind is not None and not any(True for _ in module.parameters()):
         if kind == "gelu" and getattr(module, "approximate", "none") == "tanh":
@@ -491,6 +627,12 @@ class _State:
     depth: int = 0
     disabled: int = 0
     mode: _CompressMode | None = None
+    paths: list = field(default_factory=list)  # module paths of the forwards now running
+    trainable: set = field(default_factory=set)  # storages of its trainable parameters (strict)
+
+    def report(self, op: str) -> None:
+        """Strict mode: ``op`` kept a full-precision activation in the innermost running module."""
+        self.uncovered_calls.add(f"{self.paths[-1] if self.paths else '<root>'}: {op}")
 
 
 def _skipped(path: str, patterns: tuple[str, ...]) -> bool:
@@ -519,8 +661,10 @@ def compress_activations(
             the rest at ``act_bits``).
         skip: ``fnmatch`` patterns of module paths left untouched (with their children).
         strict: raise :class:`UncoveredOperatorsError` listing operators that would keep
-            full-precision activations (module classes now, functional calls during each
-            forward), outside the ``skip`` subtrees.
+            full-precision activations, outside the ``skip`` subtrees: module classes now;
+            at the end of each forward, as ``module: function``, the functional calls and
+            native tensor ops (``x * gate``, ``q @ k^T``, ``x ** 2``, ``amax``...) whose
+            autograd nodes saved an activation (see ``_keeps_activation``).
         attention_mode: ``"probs"`` (Q/K/V at 8 bits, probabilities at ``bits``) or
             ``"recompute"`` (Q/K/V at the attention bits, 8 unless ``ops`` says
             otherwise; probabilities recomputed). None: ``"recompute"``, see
@@ -544,7 +688,8 @@ def compress_activations(
             # forward): activation checkpointing recomputes a block during backward, outside
             # the root's forward, and its functional calls must save what they saved the first
             # time. Marked as observers, so timm's fused MLP still fuses.
-            state.hooks.append(module.register_forward_pre_hook(observer_hook(partial(_enter, state))))
+            where = path or "<root>"
+            state.hooks.append(module.register_forward_pre_hook(observer_hook(partial(_enter, state, where))))
             state.hooks.append(module.register_forward_hook(observer_hook(partial(_exit, state)), always_call=True))
         if skipped:
             if path and module is not model:
@@ -573,7 +718,8 @@ def compress_activations(
             continue
         name = type(module).__name__
         leaf = not any(True for _ in module.children())
-        if ((leaf and any(w.lower() in name.lower() for w in _SUSPECT_WORDS) and name not in _COVERED_BY_MODE)
+        if ((leaf and any(w.lower() in name.lower() for w in _SUSPECT_WORDS)
+             and _forward_owner(module) not in _COVERED_BY_MODE)
                 or isinstance(module, nn.MultiheadAttention)):  # its functional core runs natively
             uncovered.append(f"{path or '<root>'}: {name}")
     if strict and uncovered:
@@ -586,22 +732,30 @@ def compress_activations(
     return model
 
 
-def _enter(state: _State, module, args):
+def _enter(state: _State, path: str, module, args):
     if state.depth == 0:
         state.mode.__enter__()
+        if state.spec.strict:  # what a trainable weight keeps is not an activation s2a could store
+            state.trainable = {p.untyped_storage().data_ptr() for p in module.parameters()
+                               if p.requires_grad}
     state.depth += 1
+    state.paths.append(path)
 
 
 def _exit(state: _State, module, args, output):
     state.depth -= 1
+    if state.paths:
+        state.paths.pop()
     if state.depth == 0:
         state.mode.__exit__(None, None, None)
+        state.trainable = set()
         if state.spec.strict and state.uncovered_calls:
             calls = sorted(state.uncovered_calls)
             state.uncovered_calls.clear()
             raise UncoveredOperatorsError(
-                f"the forward pass called functions that keep full-precision activations: {calls}; "
-                "add the modules that call them to skip=[...], or pass strict=False to accept them"
+                "the forward pass called functions that keep full-precision activations "
+                f"(module: function): {calls}; add those modules to skip=[...], or pass "
+                "strict=False to accept them"
             )
 
 
