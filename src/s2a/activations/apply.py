@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import functional as S
 from . import pooling as P
+from . import probs as PR
 from ._timm import lean_timm_forward
 from .codebooks import SMOOTH_FUNCTIONS
 from .mlp import observer_hook
@@ -123,7 +124,12 @@ def _softmax(spec, x, dim=None, dtype=None, **_):
         dim = 0 if x.dim() in (0, 1, 3) else 1
     if dtype is not None:
         x = x.to(dtype)
-    return softmax(x, dim, bits=spec.bits_for("softmax"))
+    bits = spec.bits_for("softmax")
+    if torch.compiler.is_compiling():
+        return softmax(x, dim, bits=bits)
+    # tagged with its codes: a matmul(probs, V) after it keeps them, not the probabilities
+    sink: list = []
+    return PR.tag_softmax(softmax(x, dim, bits=bits, sink=sink), dim, bits, sink)
 
 
 def _sdpa(spec, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -179,6 +185,11 @@ def _batch_norm(spec, x, running_mean, running_var, weight=None, bias=None, trai
 
 
 def _dropout(spec, x, p=0.5, training=True, inplace=False):
+    tag = None if torch.compiler.is_compiling() else PR.tag_of(x)
+    if tag is not None:  # softmax probabilities on their way to a matmul
+        out = PR.dropout(tag, x, p, training, inplace, spec.dropout_mode)
+        if out is not NotImplemented:
+            return out
     return S.dropout(x, p, training, inplace, mode=spec.dropout_mode)
 
 
@@ -281,6 +292,15 @@ class _CompressMode(TorchFunctionMode):
         kwargs = kwargs or {}
         entry = _FUNCTIONS.get(func)
         state = self.state
+        # Compressed softmax probabilities: reshapes, casts and dropout pass their codes on, and
+        # matmul(probs, V) keeps the codes instead of the probabilities (see probs.py).
+        tag = (PR.tag_of(args[0]) if args and state.disabled == 0 and "out" not in kwargs
+               and not torch.compiler.is_compiling() else None)
+        if tag is not None:
+            mode = state.spec.dropout_mode if state.spec.enabled("dropout") else None
+            out = PR.follow(func, args, kwargs, tag, mode)
+            if out is not NotImplemented:
+                return out
         # out= runs natively: such a call records no autograd history (with an input that
         # requires grad it raises, as natively), so there is nothing to compress.
         if entry is not None and state.disabled == 0 and "out" not in kwargs:
@@ -749,6 +769,7 @@ def _exit(state: _State, module, args, output):
     if state.depth == 0:
         state.mode.__exit__(None, None, None)
         state.trainable = set()
+        PR.clear_tags()
         if state.spec.strict and state.uncovered_calls:
             calls = sorted(state.uncovered_calls)
             state.uncovered_calls.clear()
