@@ -151,3 +151,42 @@ def test_probabilities_modified_in_place_run_natively():
     model = s2a.compress_activations(InPlace())
     out = model(torch.randn(3, 7, 16))
     assert out.grad_fn.name() == "BmmBackward0"
+
+
+def _bert(impl="eager"):
+    import transformers as T
+
+    cfg = T.BertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg._attn_implementation = impl
+    torch.manual_seed(0)
+    return T.BertForSequenceClassification(cfg)
+
+
+def test_output_attentions_runs_the_original_attention():
+    # s2a switches an eager BERT to SDPA, which returns no weights: output_attentions=True
+    # gave () silently. Such a forward now runs eager attention and switches back after.
+    batch = {k: v for k, v in _batch().items() if k != "labels"}
+    reference = _bert().eval()
+    expected = reference(**batch, output_attentions=True).attentions
+    assert len(expected) == 2
+    model = s2a.compress_activations(_bert().eval())
+    assert model.config._attn_implementation == "sdpa"
+    got = model(**batch, output_attentions=True).attentions
+    assert len(got) == 2
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+    assert model.config._attn_implementation == "sdpa"
+    assert model(**batch).attentions is None or model(**batch).attentions == ()
+    # asked of a submodel, and while training (with a backward)
+    assert len(model.bert(**batch, output_attentions=True).attentions) == 2
+    assert model.config._attn_implementation == "sdpa"
+    model.train()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith("bias"))
+    out = model(**batch, labels=torch.tensor([0, 2]), output_attentions=True)
+    assert len(out.attentions) == 2
+    out.loss.backward()
+    assert model.config._attn_implementation == "sdpa"
+    s2a.restore(model)
+    assert model.config._attn_implementation == "eager"
+    assert len(model(**batch, output_attentions=True).attentions) == 2

@@ -18,6 +18,7 @@ Two mechanisms, both reversible:
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -641,7 +642,9 @@ class _State:
     spec: CompressionSpec
     patched: list = field(default_factory=list)  # (module, kind, previous instance forward or None)
     attrs: list = field(default_factory=list)
-    attn_impl: list = field(default_factory=list)
+    attn_impl: list = field(default_factory=list)  # (transformers model, its own implementation)
+    original_attn: int = 0  # depth of forwards that asked for attention weights (see _attn_hooks)
+    attn_now: list = field(default_factory=list)  # (model, implementation) to go back to after them
     hooks: list = field(default_factory=list)
     uncovered_calls: set = field(default_factory=set)
     depth: int = 0
@@ -742,6 +745,8 @@ def compress_activations(
              and _forward_owner(module) not in _COVERED_BY_MODE)
                 or isinstance(module, nn.MultiheadAttention)):  # its functional core runs natively
             uncovered.append(f"{path or '<root>'}: {name}")
+    if state.attn_impl:
+        _attn_hooks(model, state)
     if strict and uncovered:
         _undo(model, state)
         raise UncoveredOperatorsError(
@@ -750,6 +755,67 @@ def compress_activations(
         )
     model._s2a_compression = state
     return model
+
+
+def _attn_hooks(model: nn.Module, state: _State) -> None:
+    """A forward of a transformers model that asks for the attention weights
+    (``output_attentions=True``, or its config's) runs with the attention implementation the
+    model had before s2a switched it to SDPA, which returns none: the weights must exist
+    anyway, so SDPA would save nothing, and they are returned as without s2a. The switch
+    back to SDPA follows the forward."""
+    for module in model.modules():
+        if hasattr(module, "set_attn_implementation") and hasattr(module, "config"):
+            state.hooks.append(module.register_forward_pre_hook(
+                partial(_attn_enter, state), with_kwargs=True))
+            state.hooks.append(module.register_forward_hook(
+                partial(_attn_exit, state), always_call=True))
+
+
+_OUTPUT_ATTENTIONS_AT: dict[type, int | None] = {}  # its positional index in forward, by class
+
+
+def _output_attentions_at(module: nn.Module) -> int | None:
+    cls = type(module)
+    if cls not in _OUTPUT_ATTENTIONS_AT:
+        try:
+            names = list(inspect.signature(cls.forward).parameters)[1:]  # without self
+        except (TypeError, ValueError):
+            names = []
+        _OUTPUT_ATTENTIONS_AT[cls] = names.index("output_attentions") if "output_attentions" in names else None
+    return _OUTPUT_ATTENTIONS_AT[cls]
+
+
+def _asks_attentions(module: nn.Module, args, kwargs) -> bool:
+    asked = kwargs.get("output_attentions")
+    if asked is None:
+        at = _output_attentions_at(module)
+        if at is not None and len(args) > at:
+            asked = args[at]
+    if asked is None:
+        asked = getattr(module.config, "output_attentions", False)
+    return bool(asked)
+
+
+def _attn_enter(state: _State, module, args, kwargs):
+    if state.original_attn or _asks_attentions(module, args, kwargs):
+        if state.original_attn == 0:
+            state.attn_now = [(m, m.config._attn_implementation) for m, _impl in state.attn_impl]
+            for m, impl in state.attn_impl:
+                if m.config._attn_implementation != impl:
+                    m.set_attn_implementation(impl)
+        state.original_attn += 1
+
+
+def _attn_exit(state: _State, module, args, output):
+    # always_call: the outermost forward that switched (it counts itself) switches back to
+    # what was set before it (SDPA, or what the user set since)
+    if state.original_attn:
+        state.original_attn -= 1
+        if state.original_attn == 0:
+            for m, impl in state.attn_now:
+                if m.config._attn_implementation != impl:
+                    m.set_attn_implementation(impl)
+            state.attn_now = []
 
 
 def _enter(state: _State, path: str, module, args):
