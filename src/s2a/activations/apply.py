@@ -475,6 +475,27 @@ def _forward_owner(module: nn.Module) -> str:
     return type(module).__name__
 
 
+def _runs_torch_forward(module: nn.Module) -> bool:
+    """Whether ``module`` runs a ``forward`` of PyTorch's own (not one defined in timm,
+    transformers or user code, nor replaced on the instance)."""
+    if "forward" in vars(module):
+        return False
+    for cls in type(module).__mro__:
+        if "forward" in vars(cls):
+            return cls.__module__.startswith("torch.")
+    return False
+
+
+def _suspect_hook(state: _State, name: str, module, args) -> None:
+    """Strict mode, a leaf module named like an operator that s2a does not patch (MobileBERT's
+    ``NoNorm``, transformers' ``ConvNextLayerNorm``, timm's ``GroupNorm1`` or
+    ``GlobalResponseNorm``): its forward's calls are checked as they run, by name and by what
+    their autograd nodes saved. Under saved-tensor hooks (a non-reentrant checkpoint) only
+    names are checked: the module is then reported by its class name, as before it ran."""
+    if state.disabled == 0 and torch.is_grad_enabled() and _saved_tensors_hooked():
+        state.report(f"{name} (unchecked under saved-tensor hooks)")
+
+
 def _module_op(module: nn.Module, spec: CompressionSpec):
     """(kind, patched forward) for modules we know how to compress, else None.
 
@@ -741,10 +762,14 @@ def compress_activations(
             continue
         name = type(module).__name__
         leaf = not any(True for _ in module.children())
-        if ((leaf and any(w.lower() in name.lower() for w in _SUSPECT_WORDS)
-             and _forward_owner(module) not in _COVERED_BY_MODE)
-                or isinstance(module, nn.MultiheadAttention)):  # its functional core runs natively
+        if isinstance(module, nn.MultiheadAttention):  # its functional core runs natively
             uncovered.append(f"{path or '<root>'}: {name}")
+        elif (leaf and any(w.lower() in name.lower() for w in _SUSPECT_WORDS)
+              and _forward_owner(module) not in _COVERED_BY_MODE):
+            if _runs_torch_forward(module):  # nn.ELU, nn.GroupNorm, nn.Hardsigmoid...: known
+                uncovered.append(f"{path or '<root>'}: {name}")
+            elif strict:  # Python code: what it keeps is seen when it runs (see _suspect_hook)
+                state.hooks.append(module.register_forward_pre_hook(partial(_suspect_hook, state, name)))
     if state.attn_impl:
         _attn_hooks(model, state)
     if strict and uncovered:
