@@ -2,6 +2,7 @@
 
 import copy
 import io
+import re
 
 import pytest
 import timm
@@ -363,6 +364,54 @@ def test_strict_mode_accepts_subclasses_that_run_a_covered_forward():
         assert s2a.compression_summary(model)["1"] == "layer_norm@4"
         measured.append(step(model, x)[1])
     assert measured[0] == measured[1]
+
+
+def test_strict_mode_checks_other_norm_classes_by_what_they_keep():
+    # A leaf module named like an operator but defined outside PyTorch was listed by its
+    # class name. MobileBERT's NoNorm (x * w + b, w frozen) keeps nothing and transformers'
+    # ConvNextLayerNorm calls the compressed F.layer_norm: no longer listed. What such
+    # modules run is checked when they run: timm's GroupNorm1 (F.group_norm) and
+    # GlobalResponseNorm (x.norm, a division and x * x_n) are still named, and torch's own
+    # nn.Hardsigmoid still is when compressing.
+    from timm.layers import GroupNorm1
+    from timm.layers.grn import GlobalResponseNorm
+    from torch.utils.checkpoint import checkpoint
+    from transformers.models.convnext.modeling_convnext import ConvNextLayerNorm
+    from transformers.models.mobilebert.modeling_mobilebert import NoNorm
+
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), ConvNextLayerNorm(8, data_format="channels_first"),
+                          nn.Conv2d(8, 4, 1))
+    train_biases_only(model)
+    s2a.compress_activations(model, strict=True)
+    model(x).sum().backward()
+    seq = nn.Sequential(nn.Linear(8, 8), NoNorm(8), nn.Linear(8, 8), ConvNextLayerNorm(8), nn.GELU())
+    train_biases_only(seq)
+    s2a.compress_activations(seq, strict=True)
+    seq(torch.randn(2, 5, 8)).sum().backward()
+
+    for norm, calls in ((GroupNorm1(8), "['1: group_norm']"),
+                        (GlobalResponseNorm(8, channels_last=False), "['1: div', '1: mul', '1: norm']")):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.Conv2d(8, 4, 1))
+        train_biases_only(model)
+        s2a.compress_activations(model, strict=True)
+        with pytest.raises(s2a.UncoveredOperatorsError, match=re.escape(calls)):
+            model(x)
+    with pytest.raises(s2a.UncoveredOperatorsError, match=r"\['1: Hardsigmoid'\]"):
+        s2a.compress_activations(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Hardsigmoid()), strict=True)
+
+    # inside a non-reentrant checkpoint what ran cannot be read back: named by class
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.norm = nn.Linear(8, 8), NoNorm(8)
+
+        def forward(self, h):
+            return checkpoint(self.norm, self.fc(h), use_reentrant=False)
+
+    model = s2a.compress_activations(Checkpointed(), strict=True)
+    with pytest.raises(s2a.UncoveredOperatorsError, match=r"norm: NoNorm \(unchecked"):
+        model(torch.randn(2, 8))
 
 
 def test_strict_mode_reports_pooling_that_keeps_its_input():

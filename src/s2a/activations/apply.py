@@ -18,6 +18,7 @@ Two mechanisms, both reversible:
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import functional as S
 from . import pooling as P
+from . import probs as PR
 from ._timm import lean_timm_forward
 from .codebooks import SMOOTH_FUNCTIONS
 from .mlp import observer_hook
@@ -123,7 +125,12 @@ def _softmax(spec, x, dim=None, dtype=None, **_):
         dim = 0 if x.dim() in (0, 1, 3) else 1
     if dtype is not None:
         x = x.to(dtype)
-    return softmax(x, dim, bits=spec.bits_for("softmax"))
+    bits = spec.bits_for("softmax")
+    if torch.compiler.is_compiling():
+        return softmax(x, dim, bits=bits)
+    # tagged with its codes: a matmul(probs, V) after it keeps them, not the probabilities
+    sink: list = []
+    return PR.tag_softmax(softmax(x, dim, bits=bits, sink=sink), dim, bits, sink)
 
 
 def _sdpa(spec, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -179,6 +186,11 @@ def _batch_norm(spec, x, running_mean, running_var, weight=None, bias=None, trai
 
 
 def _dropout(spec, x, p=0.5, training=True, inplace=False):
+    tag = None if torch.compiler.is_compiling() else PR.tag_of(x)
+    if tag is not None:  # softmax probabilities on their way to a matmul
+        out = PR.dropout(tag, x, p, training, inplace, spec.dropout_mode)
+        if out is not NotImplemented:
+            return out
     return S.dropout(x, p, training, inplace, mode=spec.dropout_mode)
 
 
@@ -281,6 +293,15 @@ class _CompressMode(TorchFunctionMode):
         kwargs = kwargs or {}
         entry = _FUNCTIONS.get(func)
         state = self.state
+        # Compressed softmax probabilities: reshapes, casts and dropout pass their codes on, and
+        # matmul(probs, V) keeps the codes instead of the probabilities (see probs.py).
+        tag = (PR.tag_of(args[0]) if args and state.disabled == 0 and "out" not in kwargs
+               and not torch.compiler.is_compiling() else None)
+        if tag is not None:
+            mode = state.spec.dropout_mode if state.spec.enabled("dropout") else None
+            out = PR.follow(func, args, kwargs, tag, mode)
+            if out is not NotImplemented:
+                return out
         # out= runs natively: such a call records no autograd history (with an input that
         # requires grad it raises, as natively), so there is nothing to compress.
         if entry is not None and state.disabled == 0 and "out" not in kwargs:
@@ -454,6 +475,27 @@ def _forward_owner(module: nn.Module) -> str:
     return type(module).__name__
 
 
+def _runs_torch_forward(module: nn.Module) -> bool:
+    """Whether ``module`` runs a ``forward`` of PyTorch's own (not one defined in timm,
+    transformers or user code, nor replaced on the instance)."""
+    if "forward" in vars(module):
+        return False
+    for cls in type(module).__mro__:
+        if "forward" in vars(cls):
+            return cls.__module__.startswith("torch.")
+    return False
+
+
+def _suspect_hook(state: _State, name: str, module, args) -> None:
+    """Strict mode, a leaf module named like an operator that s2a does not patch (MobileBERT's
+    ``NoNorm``, transformers' ``ConvNextLayerNorm``, timm's ``GroupNorm1`` or
+    ``GlobalResponseNorm``): its forward's calls are checked as they run, by name and by what
+    their autograd nodes saved. Under saved-tensor hooks (a non-reentrant checkpoint) only
+    names are checked: the module is then reported by its class name, as before it ran."""
+    if state.disabled == 0 and torch.is_grad_enabled() and _saved_tensors_hooked():
+        state.report(f"{name} (unchecked under saved-tensor hooks)")
+
+
 def _module_op(module: nn.Module, spec: CompressionSpec):
     """(kind, patched forward) for modules we know how to compress, else None.
 
@@ -621,7 +663,9 @@ class _State:
     spec: CompressionSpec
     patched: list = field(default_factory=list)  # (module, kind, previous instance forward or None)
     attrs: list = field(default_factory=list)
-    attn_impl: list = field(default_factory=list)
+    attn_impl: list = field(default_factory=list)  # (transformers model, its own implementation)
+    original_attn: int = 0  # depth of forwards that asked for attention weights (see _attn_hooks)
+    attn_now: list = field(default_factory=list)  # (model, implementation) to go back to after them
     hooks: list = field(default_factory=list)
     uncovered_calls: set = field(default_factory=set)
     depth: int = 0
@@ -718,10 +762,16 @@ def compress_activations(
             continue
         name = type(module).__name__
         leaf = not any(True for _ in module.children())
-        if ((leaf and any(w.lower() in name.lower() for w in _SUSPECT_WORDS)
-             and _forward_owner(module) not in _COVERED_BY_MODE)
-                or isinstance(module, nn.MultiheadAttention)):  # its functional core runs natively
+        if isinstance(module, nn.MultiheadAttention):  # its functional core runs natively
             uncovered.append(f"{path or '<root>'}: {name}")
+        elif (leaf and any(w.lower() in name.lower() for w in _SUSPECT_WORDS)
+              and _forward_owner(module) not in _COVERED_BY_MODE):
+            if _runs_torch_forward(module):  # nn.ELU, nn.GroupNorm, nn.Hardsigmoid...: known
+                uncovered.append(f"{path or '<root>'}: {name}")
+            elif strict:  # Python code: what it keeps is seen when it runs (see _suspect_hook)
+                state.hooks.append(module.register_forward_pre_hook(partial(_suspect_hook, state, name)))
+    if state.attn_impl:
+        _attn_hooks(model, state)
     if strict and uncovered:
         _undo(model, state)
         raise UncoveredOperatorsError(
@@ -730,6 +780,67 @@ def compress_activations(
         )
     model._s2a_compression = state
     return model
+
+
+def _attn_hooks(model: nn.Module, state: _State) -> None:
+    """A forward of a transformers model that asks for the attention weights
+    (``output_attentions=True``, or its config's) runs with the attention implementation the
+    model had before s2a switched it to SDPA, which returns none: the weights must exist
+    anyway, so SDPA would save nothing, and they are returned as without s2a. The switch
+    back to SDPA follows the forward."""
+    for module in model.modules():
+        if hasattr(module, "set_attn_implementation") and hasattr(module, "config"):
+            state.hooks.append(module.register_forward_pre_hook(
+                partial(_attn_enter, state), with_kwargs=True))
+            state.hooks.append(module.register_forward_hook(
+                partial(_attn_exit, state), always_call=True))
+
+
+_OUTPUT_ATTENTIONS_AT: dict[type, int | None] = {}  # its positional index in forward, by class
+
+
+def _output_attentions_at(module: nn.Module) -> int | None:
+    cls = type(module)
+    if cls not in _OUTPUT_ATTENTIONS_AT:
+        try:
+            names = list(inspect.signature(cls.forward).parameters)[1:]  # without self
+        except (TypeError, ValueError):
+            names = []
+        _OUTPUT_ATTENTIONS_AT[cls] = names.index("output_attentions") if "output_attentions" in names else None
+    return _OUTPUT_ATTENTIONS_AT[cls]
+
+
+def _asks_attentions(module: nn.Module, args, kwargs) -> bool:
+    asked = kwargs.get("output_attentions")
+    if asked is None:
+        at = _output_attentions_at(module)
+        if at is not None and len(args) > at:
+            asked = args[at]
+    if asked is None:
+        asked = getattr(module.config, "output_attentions", False)
+    return bool(asked)
+
+
+def _attn_enter(state: _State, module, args, kwargs):
+    if state.original_attn or _asks_attentions(module, args, kwargs):
+        if state.original_attn == 0:
+            state.attn_now = [(m, m.config._attn_implementation) for m, _impl in state.attn_impl]
+            for m, impl in state.attn_impl:
+                if m.config._attn_implementation != impl:
+                    m.set_attn_implementation(impl)
+        state.original_attn += 1
+
+
+def _attn_exit(state: _State, module, args, output):
+    # always_call: the outermost forward that switched (it counts itself) switches back to
+    # what was set before it (SDPA, or what the user set since)
+    if state.original_attn:
+        state.original_attn -= 1
+        if state.original_attn == 0:
+            for m, impl in state.attn_now:
+                if m.config._attn_implementation != impl:
+                    m.set_attn_implementation(impl)
+            state.attn_now = []
 
 
 def _enter(state: _State, path: str, module, args):
@@ -749,6 +860,7 @@ def _exit(state: _State, module, args, output):
     if state.depth == 0:
         state.mode.__exit__(None, None, None)
         state.trainable = set()
+        PR.clear_tags()
         if state.spec.strict and state.uncovered_calls:
             calls = sorted(state.uncovered_calls)
             state.uncovered_calls.clear()

@@ -115,12 +115,14 @@ def _softmax_bwd(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 class _Softmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, dim: int, bits: int, sink: list | None = None) -> torch.Tensor:
         y = torch.softmax(x, dim)
         rows = y.movedim(dim, -1)
         packed, scale = quantize_rows(rows, row_codebook("probs", bits), keep_nan=True)
         ctx.save_for_backward(packed, scale)
         ctx.meta = (dim, bits, rows.shape, x.dtype)
+        if sink is not None:  # the caller reads the probabilities back elsewhere (probs.py)
+            sink.append((packed, scale))
         return y
 
     @staticmethod
@@ -136,20 +138,21 @@ class _Softmax(torch.autograd.Function):
         else:
             y = _renormalize(dequantize_rows(packed, scale, cb, shape, cdt))
             dx = _softmax_bwd(g.to(cdt), y)
-        return dx.movedim(-1, dim).to(dtype), None, None
+        return dx.movedim(-1, dim).to(dtype), None, None, None
 
 
-def softmax(x: torch.Tensor, dim: int = -1, bits: int = 4) -> torch.Tensor:
+def softmax(x: torch.Tensor, dim: int = -1, bits: int = 4, *, sink: list | None = None) -> torch.Tensor:
     """``torch.softmax(x, dim)`` whose backward reads the probabilities at ``bits``.
 
     Saved for backward: ``packed_nbytes(n, bits)`` bytes of codes (``ceil(n*bits/8)``;
     up to 2 more for 3 bits) plus one float32 scale per row (row max). Falls back to ``torch.softmax`` (nothing saved) when
-    no gradient is needed or ``x`` is empty.
+    no gradient is needed or ``x`` is empty. ``sink``: a list that receives the saved
+    ``(packed, scale)`` when they were made.
     """
     check_bits(bits, ROW_BITS, "bits")
     if not (torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0 or x.dim() == 0:
         return torch.softmax(x, dim)
-    return _Softmax.apply(x, dim % x.dim(), bits)
+    return _Softmax.apply(x, dim % x.dim(), bits, sink)
 
 
 # ------------------------------------------------------------------------- attention

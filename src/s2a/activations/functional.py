@@ -567,34 +567,45 @@ def _dropout_masked(x: torch.Tensor, p: float, regenerate: bool):
     return x * keep * (1.0 / (1 - p)), seed, keep, False
 
 
+def dropout_replay(t: torch.Tensor, state: torch.Tensor, meta: tuple) -> torch.Tensor:
+    """``t`` times the mask (and 1 / (1 - p)) that a dropout drew, from what it saved
+    (``state``, ``meta``): its backward, and the dropped tensor again from its input."""
+    p, regenerate, shape, hashed = meta
+    if regenerate:
+        if hashed:
+            return kernels.dropout_apply(t, state, p).view(shape)
+        keep = _mask_from_seed(state, shape, p, t.device, t.dtype)
+    else:
+        keep = unpack(state, 1, t.numel()).view(shape).to(t.dtype)
+    return t * keep * (1.0 / (1 - p))
+
+
 class _Dropout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, p: float, regenerate: bool):
+    def forward(ctx, x, p: float, regenerate: bool, sink: list | None = None):
         y, seed, keep, hashed = _dropout_masked(x, p, regenerate)
-        if regenerate:  # 8 bytes: the mask is drawn again from the same seed in backward
-            ctx.save_for_backward(seed)
-        else:  # 1 bit per element
-            ctx.save_for_backward(pack(keep.to(torch.uint8), 1))
+        # 8 bytes (the mask is drawn again from the same seed in backward) or 1 bit per element
+        state = seed if regenerate else pack(keep.to(torch.uint8), 1)
+        ctx.save_for_backward(state)
         ctx.meta = (p, regenerate, x.shape, hashed)
+        if sink is not None:  # the caller replays the mask elsewhere (see dropout_replay)
+            sink.append((state, ctx.meta))
         return y
 
     @staticmethod
     def backward(ctx, g):
         (state,) = ctx.saved_tensors
-        p, regenerate, shape, hashed = ctx.meta
-        if regenerate:
-            if hashed:
-                return kernels.dropout_apply(g, state, p).view(shape), None, None
-            keep = _mask_from_seed(state, shape, p, g.device, g.dtype)
-        else:
-            keep = unpack(state, 1, g.numel()).view(shape).to(g.dtype)
-        return g * keep * (1.0 / (1 - p)), None, None
+        return dropout_replay(g, state, ctx.meta), None, None, None
 
 
 def dropout(
-    x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, mode: str = "regenerate"
+    x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, mode: str = "regenerate",
+    *, sink: list | None = None,
 ) -> torch.Tensor:
-    """``F.dropout`` whose mask costs 0 bytes (``regenerate``) or 1 bit per element (``bitmask``)."""
+    """``F.dropout`` whose mask costs 0 bytes (``regenerate``) or 1 bit per element (``bitmask``).
+
+    ``sink``: a list that receives ``(state, meta)`` for :func:`dropout_replay` when a mask
+    was drawn with autograd recording."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if mode not in ("regenerate", "bitmask"):
@@ -608,7 +619,7 @@ def dropout(
     else:
         # The Function may return the flat output: viewed here, outside it, the result can
         # be modified in place (a view made inside an autograd Function cannot).
-        y = _Dropout.apply(x, p, mode == "regenerate")
+        y = _Dropout.apply(x, p, mode == "regenerate", sink)
     y = y.view(x.shape)
     # inplace: x itself holds the result, as with F.dropout (with grad, autograd records the
     # copy; a leaf that requires grad raises, as natively).
