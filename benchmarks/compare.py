@@ -145,13 +145,8 @@ def chosen_lr(backbone: str, label: str, run_missing: bool = False) -> tuple[flo
     grid = [float(f"{base * m:.3g}") for m in LR_SCREEN]
     vals = {}
     for lr in grid:
-        d = dir_label = _lr_dir_label(label, lr, base)
-        report = finished_report(acc_bench.run_dir(b["regime"], d, 0), lr=lr, epochs=acc_bench.REGIMES[b["regime"]]["epochs"])
-        if report is None and run_missing:
-            print(f"[compare] learning-rate screen {backbone} {label} lr={lr:g}", flush=True)
-            run_train(accuracy_command(backbone, label, dir_label, lr, 0))
-            report = finished_report(acc_bench.run_dir(b["regime"], d, 0), lr=lr,
-                                     epochs=acc_bench.REGIMES[b["regime"]]["epochs"])
+        report = cached_run(backbone, label, _lr_dir_label(label, lr, base), lr, 0, run_missing,
+                            f"learning-rate screen {backbone} {label} lr={lr:g}")
         if report is not None:
             vals[lr] = report["val_accuracy"]
     listed = "/".join(f"{lr:g}" for lr in grid)
@@ -159,6 +154,21 @@ def chosen_lr(backbone: str, label: str, run_missing: bool = False) -> tuple[flo
         return base, label, f"default, not screened ({listed} on seed 0 not all run)"
     best = max(grid, key=lambda lr: (vals[lr], lr == base))  # ties keep the base rate
     return best, _lr_dir_label(label, best, base), f"best validation of {listed} (seed 0)"
+
+
+def cached_run(backbone: str, label: str, dir_label: str, lr: float, seed: int, run_missing: bool,
+               what: str) -> dict[str, Any] | None:
+    """The report of one cached accuracy run made with these settings, launching it first when
+    missing (or stale) and ``run_missing``; None when it is not there."""
+    b = BACKBONES[backbone]
+    out = acc_bench.run_dir(b["regime"], dir_label, seed)
+    epochs = acc_bench.REGIMES[b["regime"]]["epochs"]
+    report = finished_report(out, lr=lr, epochs=epochs)
+    if report is None and run_missing:
+        print(f"[compare] {what}", flush=True)
+        run_train(accuracy_command(backbone, label, dir_label, lr, seed))
+        report = finished_report(out, lr=lr, epochs=epochs)
+    return report
 
 
 def accuracy_command(backbone: str, label: str, dir_label: str, lr: float, seed: int) -> list[str]:
@@ -179,15 +189,10 @@ def accuracy_of(backbone: str, label: str, seeds: list[int], run_missing: bool) 
     if "regime" not in b:
         return {"accuracy": None, "accuracy_std": None, "n": 0, "lr": None, "lr_choice": None}
     lr, dir_label, how = chosen_lr(backbone, label, run_missing)
-    epochs = acc_bench.REGIMES[b["regime"]]["epochs"]
     accs = []
     for s in seeds:
         d = acc_bench.run_dir(b["regime"], dir_label, s)
-        report = finished_report(d, lr=lr, epochs=epochs)
-        if report is None and run_missing:
-            print(f"[compare] accuracy run {d}", flush=True)
-            run_train(accuracy_command(backbone, label, dir_label, lr, s))
-            report = finished_report(d, lr=lr, epochs=epochs)
+        report = cached_run(backbone, label, dir_label, lr, s, run_missing, f"accuracy run {d}")
         if report is not None:
             accs.append(100 * report["accuracy"])
     mean = statistics.mean(accs) if accs else None
