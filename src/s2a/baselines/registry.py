@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "METHOD_SPECS",
@@ -162,21 +161,13 @@ def apply_spec(model: nn.Module, ctx: MethodContext) -> MethodResult:
 
 
 # ---------------------------------------------------------------------------- shared helpers
-def _keep_running_stats(module: nn.Module, args: tuple) -> None:
-    module.training = False
-
-
 def keep_norm_stats(model: nn.Module) -> int:
-    """Run every BatchNorm layer of ``model`` on its running statistics, in training too.
+    """s2a's own treatment of a frozen backbone's BatchNorm (:func:`s2a.tuners.model.keep_norm_stats`)
+    for every method with a frozen backbone, so that the comparison measures the tuned modules,
+    not the BatchNorm mode. Returns the number of layers hooked."""
+    from s2a.tuners.model import keep_norm_stats as keep
 
-    A frozen backbone's BatchNorm in training mode would normalise with the statistics of each
-    batch and overwrite the pretrained ones; every method with a frozen backbone gets the same
-    treatment as s2a, so that the comparison measures the tuned modules, not the BatchNorm mode.
-    Returns the number of layers hooked."""
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    for m in layers:
-        m.register_forward_pre_hook(_keep_running_stats)
-    return len(layers)
+    return len(keep(model))
 
 
 def freeze(model: nn.Module) -> None:

@@ -203,6 +203,14 @@ def _keep_running_stats(module: nn.Module, args) -> None:
     module.training = False
 
 
+def keep_norm_stats(model: nn.Module) -> list:
+    """Run every BatchNorm layer of ``model`` on its running statistics, in training too (a
+    frozen backbone's BatchNorm would otherwise normalise with each batch's statistics and
+    overwrite the pretrained ones). Returns the hook handles."""
+    return [m.register_forward_pre_hook(_keep_running_stats) for m in model.modules()
+            if isinstance(m, _BatchNorm)]
+
+
 def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
           example_input: Any = None) -> nn.Module:
     """Prepare ``model`` for S2A fine-tuning, in place; returns ``model``.
@@ -291,9 +299,7 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
             for pn, _ in prompt.named_parameters():
                 kinds[f"{path}.{pn}"] = "prompt"
     if config.freeze_norm_stats:
-        for m in model.modules():
-            if isinstance(m, _BatchNorm):
-                hooks.append(m.register_forward_pre_hook(_keep_running_stats))
+        hooks += keep_norm_stats(model)
 
     state = TunerState(config=config, info=info, fingerprint=fingerprint,
                        backbone_parameters=fingerprint["num_parameters"], kinds=kinds, prompts=prompts,
