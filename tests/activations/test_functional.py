@@ -25,6 +25,7 @@ NATIVE = {
     "relu6": F.relu6,
     "leaky_relu": F.leaky_relu,
     "hardtanh": F.hardtanh,
+    "hardsigmoid": F.hardsigmoid,
 }
 SMOOTH = [n for n in NATIVE if n not in S.EXACT_FUNCTIONS]
 
@@ -75,7 +76,7 @@ def test_saved_bytes_are_the_packed_codes(bits):
     assert nbytes == 125  # ReLU family: always one exact bit
 
 
-@pytest.mark.parametrize("name", ["gelu", "silu", "relu", "hardswish"])
+@pytest.mark.parametrize("name", ["gelu", "silu", "relu", "hardswish", "hardsigmoid"])
 def test_nan_and_inf(name):
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1.0, -1.0, 100.0, -100.0])
     g = torch.ones_like(x)
@@ -88,6 +89,16 @@ def test_nan_and_inf(name):
         assert torch.isnan(gx[0])
     else:  # PyTorch's ReLU and Hardswish pass the gradient at a NaN input; we match them
         assert gx[0] == pytest.approx(ref[0].item(), abs=0.02)
+
+
+def test_hardsigmoid_edges_match_pytorch():
+    # The slope 1/6 holds strictly inside (-3, 3): PyTorch gives 0 at -3, at 3 and at NaN.
+    x = torch.tensor([-3.0, 3.0, -3.0001, 2.9999, -2.9999, 3.0001, float("nan"), 0.0, -100.0, 100.0])
+    g = torch.full_like(x, 6.0)
+    _, ref = grads(F.hardsigmoid, x, g)
+    _, gx = grads(lambda t: S.activation(t, "hardsigmoid"), x, g)
+    assert torch.equal(gx, ref)
+    assert gx.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("name", ["gelu", "relu"])

@@ -58,7 +58,7 @@ def test_compare_chain_matches_table_at_cell_edges(name, bits):
     assert torch.equal(K.encode_lut(x, lut, bits, cb.nan_code, cb.runs), ref)
 
 
-@pytest.mark.parametrize(("hi", "inclusive"), [(None, False), (None, True), (6.0, True)])
+@pytest.mark.parametrize(("hi", "inclusive"), [(None, False), (None, True), (6.0, True), (6.0, False)])
 @pytest.mark.parametrize("n", [1, 9, 1000])
 def test_mask_kernels_match_eager(hi, inclusive, n):
     x = inputs(n, torch.float32)

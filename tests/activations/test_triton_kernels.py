@@ -31,10 +31,10 @@ SIZES = (0, 1, 7, 8, 1001)
 NAN, INF = math.nan, math.inf
 SPECIALS = [NAN, INF, -INF, NAN, -8.0, 8.0, -0.0, 0.0, 1e30, -1e30, 1e-40, -8.0 + 1 / 256,
             8.0 - 1 / 256, 7.9999, -7.9999, 1.0, 1.0 + 2**-7, 1.0 + 2**-10, 1.0 - 2**-9]  # fmt: skip
-# (lo, hi, inclusive): ReLU, LeakyReLU, Hardtanh, ReLU6, and thresholds that round
+# (lo, hi, inclusive): ReLU, LeakyReLU, Hardtanh, ReLU6, Hardsigmoid, and thresholds that round
 # differently per dtype (or overflow float32).
-MASKS = [(0.0, None, True), (0.0, None, False), (-1.0, 1.0, True), (0.0, 6.0, True),
-         (1 / 3, None, False), (1 + 2**-8 + 2**-30, 1 + 2**-7, True),
+MASKS = [(0.0, None, True), (0.0, None, False), (-1.0, 1.0, True), (0.0, 6.0, True), (-3.0, 3.0, False),
+         (-1.0, 1.0, False), (1 / 3, None, False), (1 + 2**-8 + 2**-30, 1 + 2**-7, True),
          (1 + 2**-11 + 2**-40, None, False), (-1e39, 1e39, True), (0.0, INF, True)]  # fmt: skip
 # (low, high) of decode_mask: ReLU, LeakyReLU, and multipliers that round in bf16/fp16.
 MASK_LEVELS = [(0.0, 1.0), (0.01, 1.0), (0.1, 0.7), (-0.3, 1 / 3), (1.0, 0.0)]

@@ -233,6 +233,7 @@ def _function_table() -> dict:
         "relu6": (F.relu6,),
         "leaky_relu": (F.leaky_relu,),
         "hardtanh": (F.hardtanh,),
+        "hardsigmoid": (F.hardsigmoid,),
         "hardswish": (F.hardswish,),
         "sigmoid": (torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid),
         "tanh": (torch.tanh, torch.Tensor.tanh, F.tanh),
@@ -263,7 +264,7 @@ _MAX_POOL_INDICES = "max_pool(return_indices=True)"
 # Functional calls that keep activations and that we do not compress: reported by strict mode.
 _UNCOVERED_FUNCTIONS = {
     F.elu: "elu", F.selu: "selu", F.celu: "celu", F.glu: "glu", F.group_norm: "group_norm",
-    F.instance_norm: "instance_norm", F.prelu: "prelu", F.hardsigmoid: "hardsigmoid",
+    F.instance_norm: "instance_norm", F.prelu: "prelu",
     F.logsigmoid: "logsigmoid", F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
     F.softsign: "softsign", torch.erf: "erf", torch.exp: "exp", torch.rsqrt: "rsqrt",
     F.dropout1d: "dropout1d", F.dropout2d: "dropout2d", F.dropout3d: "dropout3d",
@@ -451,7 +452,7 @@ _ACTIVATION_CLASSES = {
     "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
     "FastGELUActivation": "gelu_tanh", "QuickGELU": "quick_gelu", "QuickGELUActivation": "quick_gelu",
     "SiLU": "silu", "Swish": "silu", "SiLUActivation": "silu", "ReLU": "relu", "ReLU6": "relu6",
-    "LeakyReLU": "leaky_relu", "Hardtanh": "hardtanh", "Hardswish": "hardswish",
+    "LeakyReLU": "leaky_relu", "Hardtanh": "hardtanh", "Hardsigmoid": "hardsigmoid", "Hardswish": "hardswish",
     "HardSwish": "hardswish", "Sigmoid": "sigmoid", "Tanh": "tanh", "Mish": "mish",
     "MishActivation": "mish", "Softplus": "softplus",
 }
@@ -766,7 +767,7 @@ def compress_activations(
             uncovered.append(f"{path or '<root>'}: {name}")
         elif (leaf and any(w.lower() in name.lower() for w in _SUSPECT_WORDS)
               and _forward_owner(module) not in _COVERED_BY_MODE):
-            if _runs_torch_forward(module):  # nn.ELU, nn.GroupNorm, nn.Hardsigmoid...: known
+            if _runs_torch_forward(module):  # nn.ELU, nn.GroupNorm, nn.PReLU...: known
                 uncovered.append(f"{path or '<root>'}: {name}")
             elif strict:  # Python code: what it keeps is seen when it runs (see _suspect_hook)
                 state.hooks.append(module.register_forward_pre_hook(partial(_suspect_hook, state, name)))

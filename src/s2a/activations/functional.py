@@ -27,7 +27,7 @@ from .rowquant import ROW_BITS, dequantize_rows, quantize_rows, row_codebook
 
 POINTWISE_BITS = (1, 2, 3, 4, 8)
 NORM_CODEBOOK = "normal"
-EXACT_FUNCTIONS = ("relu", "relu6", "leaky_relu", "hardtanh")
+EXACT_FUNCTIONS = ("relu", "relu6", "leaky_relu", "hardtanh", "hardsigmoid")
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -77,7 +77,7 @@ class _MaskActivation(torch.autograd.Function):
 def activation(x: torch.Tensor, name: str, bits: int = 4, **kwargs) -> torch.Tensor:
     """Pointwise nonlinearity ``name`` with compressed backward state.
 
-    ReLU, ReLU6, LeakyReLU and Hardtanh always store 1 exact bit; the smooth
+    ReLU, ReLU6, LeakyReLU, Hardtanh and Hardsigmoid always store 1 exact bit; the smooth
     functions store ``bits``-bit codes of their derivative codebook.
     """
     check_bits(bits, POINTWISE_BITS, what=f"bits for {name}")
@@ -87,6 +87,8 @@ def activation(x: torch.Tensor, name: str, bits: int = 4, **kwargs) -> torch.Ten
         elif name == "leaky_relu":
             slope = float(kwargs.get("negative_slope", 0.01))
             args = (lambda t: F.leaky_relu(t, slope), 0.0, None, False, slope, 1.0)
+        elif name == "hardsigmoid":  # relu6(x + 3) / 6: slope 1/6 strictly inside (-3, 3)
+            args = (F.hardsigmoid, -3.0, 3.0, False, 0.0, 1.0 / 6.0)
         else:
             lo, hi = (0.0, 6.0) if name == "relu6" else (
                 float(kwargs.get("min_val", -1.0)), float(kwargs.get("max_val", 1.0)))

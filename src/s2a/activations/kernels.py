@@ -148,7 +148,8 @@ def _keep(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, inclusive: bool, 
         if bounded:
             blocked = blocked | (x >= hi)
         return ~blocked
-    return x > lo  # leaky_relu: passes only where x > lo (NaN takes the other level)
+    keep = x > lo  # leaky_relu, hardsigmoid: passes only strictly inside (NaN takes the other level)
+    return keep & (x < hi) if bounded else keep
 
 
 def _decode_mask_eager(

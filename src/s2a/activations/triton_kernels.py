@@ -52,7 +52,7 @@ NUM_WARPS = 4
 # lower it to cover the int64 path on small inputs).
 INT64_FROM = 2**31 - 16 * BLOCK
 
-_MODE_LUT, _MODE_ABOVE, _MODE_NOT_BELOW, _MODE_INSIDE = 0, 1, 2, 3
+_MODE_LUT, _MODE_ABOVE, _MODE_NOT_BELOW, _MODE_INSIDE, _MODE_STRICTLY_INSIDE = 0, 1, 2, 3, 4
 
 
 def triton_available() -> bool:
@@ -120,8 +120,10 @@ if triton is not None:
                 code = (v > lo).to(tl.int32)
             elif MODE == 2:  # relu style: blocked where x <= lo (NaN passes)
                 code = (v <= lo).to(tl.int32) ^ 1
-            else:  # hardtanh style: blocked where x <= lo or x >= hi (NaN passes)
+            elif MODE == 3:  # hardtanh style: blocked where x <= lo or x >= hi (NaN passes)
                 code = ((v <= lo) | (v >= hi)).to(tl.int32) ^ 1
+            else:  # hardsigmoid style: passes where lo < x < hi (NaN does not)
+                code = ((v > lo) & (v < hi)).to(tl.int32)
             acc = acc | (code << (BITS * j))
         tl.store(out_ptr + offs, acc.to(tl.uint8), mask=in_k)
 
@@ -272,7 +274,7 @@ def encode_mask(x: torch.Tensor, lo: float, hi: float | None, inclusive: bool) -
     """1-bit packed 'gradient passes' mask for ReLU-like functions (exact).
 
     ``inclusive``: passes unless ``x <= lo`` or (``hi`` given) ``x >= hi``, NaN passes;
-    otherwise passes where ``x > lo``, NaN does not.
+    otherwise passes where ``x > lo`` (and ``x < hi``, ``hi`` given), NaN does not.
     """
     if not supported(x):
         return _k.encode_mask(x, lo, hi, inclusive)
@@ -283,8 +285,10 @@ def encode_mask(x: torch.Tensor, lo: float, hi: float | None, inclusive: bool) -
     flat = flat.contiguous()
     m = plane_length(n, 1)
     out = torch.empty(m, dtype=torch.uint8, device=flat.device)
-    modes = {False: _MODE_ABOVE, True: _MODE_INSIDE if hi is not None else _MODE_NOT_BELOW}
-    mode = modes[bool(inclusive)]
+    if inclusive:
+        mode = _MODE_INSIDE if hi is not None else _MODE_NOT_BELOW
+    else:
+        mode = _MODE_STRICTLY_INSIDE if hi is not None else _MODE_ABOVE
     lo_t = _threshold(float(lo), flat.dtype)
     hi_t = _threshold(float(hi), flat.dtype) if hi is not None else 0.0
     with _on(flat.device):
