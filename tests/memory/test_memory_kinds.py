@@ -47,6 +47,8 @@ def test_builtin_kinds(name, kind):
         ("QuantAttentionBackward", "attention"),
         ("_MaxPoolBackward", "max_pool"),
         ("_AvgPoolBackward", "avg_pool"),
+        ("HardsigmoidBackward", "hardsigmoid"),
+        ("_GateMulBackward", "gate"),
     ],
 )
 def test_custom_kinds(name, kind):

@@ -30,6 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import functional as S
+from . import gate as G
 from . import pooling as P
 from . import probs as PR
 from ._timm import lean_timm_forward
@@ -41,9 +42,9 @@ from .rowquant import ROW_BITS
 POINTWISE_KINDS = (*SMOOTH_FUNCTIONS, *S.EXACT_FUNCTIONS)
 OP_KINDS = (
     *POINTWISE_KINDS, "softmax", "attention", "layer_norm", "rms_norm", "batch_norm",
-    "dropout", "drop_path", "conv", "linear", "max_pool", "avg_pool",
+    "dropout", "drop_path", "conv", "linear", "max_pool", "avg_pool", "gate",
 )
-_ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm")
+_ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm", "gate")
 
 
 def bits_allowed(kind: str) -> tuple[int, ...]:
@@ -219,6 +220,17 @@ def _adaptive_avg_pool(d, spec, input, output_size):
     return P.adaptive_avg_pool(input, d, output_size)
 
 
+def _gate_mul(spec, a, b, *rest, **kwargs):
+    # only plain two-operand products; anything else (alpha=, a gate that needs no
+    # gradient, two full-size operands) is left to PyTorch and judged by strict mode
+    if rest or kwargs:
+        return NotImplemented
+    layout = G.gate_layout(a, b)
+    if layout is None or not layout[1].requires_grad:
+        return NotImplemented
+    return G.gate_mul(a, b, spec.bits_for("gate"))
+
+
 def _function_table() -> dict:
     table = {}
 
@@ -249,6 +261,7 @@ def _function_table() -> dict:
     add("dropout", _dropout, F.dropout)
     add("conv", _conv, F.conv1d, F.conv2d, F.conv3d)
     add("linear", _linear, F.linear)
+    add("gate", _gate_mul, torch.mul, torch.Tensor.mul, torch.Tensor.__mul__)
     for d in (1, 2, 3):
         add("max_pool", partial(_max_pool, d), getattr(F, f"max_pool{d}d"), getattr(torch, f"max_pool{d}d"))
         add("avg_pool", partial(_avg_pool, d), getattr(F, f"avg_pool{d}d"))
@@ -314,9 +327,13 @@ class _CompressMode(TorchFunctionMode):
                 if out is not NotImplemented:
                     return out
                 # the handler declined (max pooling asked for its indices): native, reported
-                if state.spec.strict:
+                if state.spec.strict and kind == "max_pool":
                     state.report(_MAX_POOL_INDICES)
-        elif state.spec.strict and state.disabled == 0 and torch.is_grad_enabled():
+            if kind == "gate":  # a product that is not a gated one: judged as any native call
+                entry = None
+            else:
+                return func(*args, **kwargs)
+        if state.spec.strict and state.disabled == 0 and torch.is_grad_enabled():
             name = _UNCOVERED_FUNCTIONS.get(func)
             if name is not None:
                 state.report(name)

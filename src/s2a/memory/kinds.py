@@ -115,6 +115,7 @@ _CUSTOM_OPS: tuple[tuple[str, str], ...] = (
     ("silu", "silu"),
     ("swish", "silu"),
     ("hardswish", "hardswish"),
+    ("hardsigmoid", "hardsigmoid"),
     ("relu6", "relu6"),
     ("relu", "relu"),
     ("mish", "mish"),
@@ -127,6 +128,7 @@ _CUSTOM_OPS: tuple[tuple[str, str], ...] = (
     ("max_pool", "max_pool"),
     ("avgpool", "avg_pool"),
     ("avg_pool", "avg_pool"),
+    ("gatemul", "gate"),
 )
 
 _CUSTOM_OPS_LONGEST_FIRST = tuple(sorted(_CUSTOM_OPS, key=lambda it: -len(it[0])))
