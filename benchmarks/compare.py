@@ -107,7 +107,10 @@ FIELDS = ("accuracy", "accuracy_std", "lr", "lr_choice", "trainable_params", "sa
 # ---------------------------------------------------------------------------- accuracy
 # A peer whose rate accuracy.py did not tune is screened on seed 0 at its base rate and at these
 # multiples of it; the rate with the best validation accuracy (never the test split) runs every seed.
+# A best rate at the edge of what was tried is a guess cut short: the screen goes on a factor of 3
+# further that way while that keeps improving, at most LR_EXTEND more rates.
 LR_SCREEN = (0.3, 1.0, 3.0)
+LR_EXTEND = 2
 # Same optimisation, other storage: checkpointing and Mesa / Few-bit storage change how a method
 # keeps its activations, not what it optimises, so they train at that method's rate.
 SHARES_RATE = {"full-ckpt": "full", "mesa8": "full", "fewbit2": "full", "lora-ckpt": "lora"}
@@ -144,15 +147,31 @@ def chosen_lr(backbone: str, label: str, run_missing: bool = False) -> tuple[flo
         return base, label, "tuned by accuracy.py"
     grid = [float(f"{base * m:.3g}") for m in LR_SCREEN]
     vals = {}
-    for lr in grid:
+
+    def screen(lr: float) -> bool:
         report = cached_run(backbone, label, _lr_dir_label(label, lr, base), lr, 0, run_missing,
                             f"learning-rate screen {backbone} {label} lr={lr:g}")
         if report is not None:
             vals[lr] = report["val_accuracy"]
-    listed = "/".join(f"{lr:g}" for lr in grid)
-    if len(vals) < len(grid):
+        return report is not None
+
+    if not all([screen(lr) for lr in grid]):
+        listed = "/".join(f"{lr:g}" for lr in grid)
         return base, label, f"default, not screened ({listed} on seed 0 not all run)"
     best = max(grid, key=lambda lr: (vals[lr], lr == base))  # ties keep the base rate
+    for _ in range(LR_EXTEND):
+        edge = max(vals) if best == max(vals) else min(vals) if best == min(vals) else None
+        if edge is None:
+            break
+        nxt = float(f"{edge * (3 if edge == max(vals) else 1 / 3):.3g}")
+        if not screen(nxt):
+            listed = "/".join(f"{lr:g}" for lr in sorted(vals))
+            return best, _lr_dir_label(label, best, base), (
+                f"best validation of {listed} (seed 0; {nxt:g}, past the edge, not run)")
+        if vals[nxt] <= vals[best]:
+            break
+        best = nxt
+    listed = "/".join(f"{lr:g}" for lr in sorted(vals))
     return best, _lr_dir_label(label, best, base), f"best validation of {listed} (seed 0)"
 
 
@@ -459,7 +478,8 @@ def to_markdown(data: dict[str, Any]) -> str:
             "Accuracy: test %, mean ± std over the finished seeds (n) of cached s2a train runs; '-' = not run.",
             "lr: the AdamW peak rate of the accuracy runs. tuned: full and s2a, picked on the validation split "
             "by accuracy.py; screened: the peer ran seed 0 at 0.3x, 1x and 3x its base rate (s2a's for linear "
-            "and BitFit, default_lr otherwise) and the best validation accuracy chose the rate of every seed; "
+            "and BitFit, default_lr otherwise), then 3x further past the edge while that improved (at most "
+            f"{LR_EXTEND} more), and the best validation accuracy chose the rate of every seed; "
             "'<method>'s rate': the same optimisation with other storage (checkpointing, Mesa / Few-bit) "
             "shares that method's rate; default: not screened yet.",
             "Every method with a frozen backbone keeps its BatchNorm running statistics (as s2a does); full "

@@ -24,8 +24,8 @@ def se_gate(x, w):
 @pytest.mark.parametrize(("xs", "gs", "k"), [
     ((2, 8, 6, 6), (2, 8, 1, 1), 2),  # SE gate of a conv feature map
     ((1, 8, 6, 6), (8, 1, 1), 2),  # fewer dims, batch 1
-    ((4, 20, 32), (4, 20, 1), 2),  # a gate per token
-    ((3, 16), (3, 1), 1),
+    ((2, 8, 4, 6, 6), (2, 8, 1, 1, 1), 2),  # 3-D feature maps
+    ((2, 8, 6, 1), (2, 8, 1, 1), 2),
 ])
 def test_layout_recognises_gates_in_either_order(xs, gs, k):
     x, g = torch.randn(xs), torch.randn(gs)
@@ -40,6 +40,9 @@ def test_layout_recognises_gates_in_either_order(xs, gs, k):
     ((2, 8, 6, 6), (8, 1, 1)),
     ((2, 8, 3, 1), (2, 8, 1, 1)),  # rows of 3 elements: not worth two floats each
     ((2, 8, 6, 6), ()),
+    ((2, 8, 6, 6), (2, 8, 6, 1)),  # a gate per row of a channel: not a channel gate
+    ((4, 20, 32), (4, 20, 1)),  # token rows (hand-written RMSNorm): outlier channels
+    ((3, 16), (3, 1)),
 ])
 def test_layout_rejects_other_products(xs, gs):
     assert gate_layout(torch.randn(xs), torch.randn(gs)) is None

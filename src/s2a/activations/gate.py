@@ -1,4 +1,4 @@
-"""Gated products ``x * gate``, with ``gate`` constant along the trailing dims of ``x``.
+"""Channel gates ``x * gate`` of feature maps, with ``gate`` constant over each channel.
 
 Squeeze-and-excitation (EfficientNet, MobileNetV3, GhostNet, RegNetY, SE-ResNet) scales each
 channel of a feature map by a gate computed from that same map: ``x * gate`` with ``x`` of
@@ -28,22 +28,26 @@ MIN_ROW = 4
 
 
 def gate_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """``(x, gate, k)`` if ``a * b`` is a gated product: one operand (``x``) has the full
-    result shape, the other (``gate``) equals it on the leading ``k`` dims (k >= 1) and is 1 on
-    the rest, which span at least :data:`MIN_ROW` elements; else None."""
+    """``(x, gate, 2)`` if ``a * b`` is a channel gate of a feature map: ``x`` of shape
+    (N, C, H, W) or (N, C, D, H, W), ``gate`` (N, C, 1, 1[, 1]) (or without N when N = 1), and
+    rows of at least :data:`MIN_ROW` elements; else None.
+
+    Gates over token rows, (B, T, D) * (B, T, 1), are left native: they are mostly hand-written
+    norms (``x * rsqrt(mean(x**2))``), whose rows hold a transformer's outlier channels, 20-100x
+    the rest, on which a per-row range would spend every level (strict mode names them)."""
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return None
     if a.dtype != b.dtype or not a.is_floating_point() or a.device != b.device:
         return None
     x, gate = (a, b) if a.dim() >= b.dim() and a.numel() >= b.numel() else (b, a)
     nd = x.dim()
-    if nd < 2 or gate.dim() > nd or gate.numel() == x.numel():
+    if nd not in (4, 5) or gate.dim() > nd or gate.numel() == x.numel():
         return None
     shape = (1,) * (nd - gate.dim()) + tuple(gate.shape)
     k = 0
     while k < nd and shape[k] == x.shape[k]:
         k += 1
-    if k == 0 or k == nd or any(s != 1 for s in shape[k:]) or math.prod(x.shape[k:]) < MIN_ROW:
+    if k != 2 or any(s != 1 for s in shape[k:]) or math.prod(x.shape[k:]) < MIN_ROW:
         return None
     return x, gate, k
 
