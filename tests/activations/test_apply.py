@@ -373,7 +373,8 @@ def test_strict_mode_checks_other_norm_classes_by_what_they_keep():
     # class name. MobileBERT's NoNorm (x * w + b, w frozen) keeps nothing and transformers'
     # ConvNextLayerNorm calls the compressed F.layer_norm: no longer listed. What such
     # modules run is checked when they run: timm's GroupNorm1 (F.group_norm) and
-    # GlobalResponseNorm (x.norm, a division and x * x_n) are still named, and torch's own
+    # GlobalResponseNorm (x.norm and a division; its x * x_n is a compressed channel gate)
+    # are still named, and torch's own
     # nn.ELU still is when compressing.
     from timm.layers import GroupNorm1
     from timm.layers.grn import GlobalResponseNorm
@@ -543,7 +544,7 @@ def test_resnet18_max_pool_keeps_a_byte_per_output():
         ({"ops": {"layer_norm": 1}}, ValueError, "bits for layer_norm"),
         # 1 bit suits pointwise kinds only: all row-wise kinds named, in OP_KINDS order
         ({"bits": 1}, ValueError,
-         r"bits=1 does not suit \['softmax', 'attention', 'layer_norm', 'rms_norm', 'batch_norm'\]"),
+         r"bits=1 does not suit \['softmax', 'attention', 'layer_norm', 'rms_norm', 'batch_norm', 'gate'\]"),
         ({"bits": 1, "ops": ["gelu", "layer_norm"]}, ValueError, r"does not suit \['layer_norm'\]"),
         ({"ops": "gelu"}, TypeError, "not the string"),
         ({"dropout_mode": "x"}, ValueError, "dropout_mode"),
