@@ -394,7 +394,7 @@ def test_strict_mode_checks_other_norm_classes_by_what_they_keep():
     seq(torch.randn(2, 5, 8)).sum().backward()
 
     for norm, calls in ((GroupNorm1(8), "['1: group_norm']"),
-                        (GlobalResponseNorm(8, channels_last=False), "['1: div', '1: mul', '1: norm']")):
+                        (GlobalResponseNorm(8, channels_last=False), "['1: div', '1: norm']")):  # x * x_n: a gate
         model = nn.Sequential(nn.Conv2d(3, 8, 3), norm, nn.Conv2d(8, 4, 1))
         train_biases_only(model)
         s2a.compress_activations(model, strict=True)
