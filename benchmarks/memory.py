@@ -269,7 +269,7 @@ def to_markdown(data: dict[str, Any]) -> str:
             sittings[key].append(r["model"])
     if len(sittings) > 1:
         lines += ["Measured in more than one sitting (the header names the latest):"]
-        lines += [f"- {', '.join(ms)}: {d}, load average {load[0] if load else '?'} at start, `{c}`"
+        lines += [f"- {', '.join(ms)}: {d}, load average {f'{load[0]:.2f}' if load else '?'} at start, `{c}`"
                   for (d, c, load), ms in sittings.items()]
         lines += [""]
     kb = data["kind_breakdown"]
