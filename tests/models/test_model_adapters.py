@@ -380,3 +380,15 @@ def test_transformers_head_is_the_layer_with_num_labels_outputs(tmp_path):
     bart.eval(), fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, bart(**batch).logits)
+
+
+def test_generic_opens_attribute_stages_to_their_blocks():
+    # timm's RegNet registers its stages (s1..s4) and their blocks (b1..) as attributes: no
+    # ModuleList / Sequential. The stages are the trunk, opened to their blocks, in order.
+    m = timm.create_model("regnety_002", pretrained=False, num_classes=3)
+    info = describe_backbone(m, torch.zeros(1, 3, 64, 64))
+    assert info.family == "generic" and info.block_names[:3] == ["s1.b1", "s2.b1", "s3.b1"]
+    assert len(info.block_names) == 13 and info.layouts == ["nchw"] * 13
+    # attribute groups that are not most of the model are not taken for its trunk
+    with pytest.raises(UnsupportedModelError, match="cannot find the blocks of InceptionV3"):
+        find_adapter(timm.create_model("inception_v3", pretrained=False, num_classes=3))

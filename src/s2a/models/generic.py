@@ -1,5 +1,7 @@
 """The generic fallback: the blocks are the largest group (by parameters, then by count)
-of >= 2 same-class children of one ``nn.ModuleList`` / ``nn.Sequential``; the layout is
+of >= 2 same-class children of one ``nn.ModuleList`` / ``nn.Sequential`` (failing that, of
+any module: stages registered as plain attributes, timm's RegNet ``s1``..``s4``, each then
+opened to the blocks it holds, ``s1.b1``, ``s3.b1``..); the layout is
 inferred from the dry run; the head is what a timm model's ``get_classifier()`` names
 (every classifier it averages, distillation heads included), else a top-level ``head`` /
 ``fc`` / ``classifier`` / ``score`` / ``classification_head`` child (for a transformers model,
@@ -22,6 +24,7 @@ from .registry import (
 )
 
 HEAD_NAMES = ("head", "fc", "classifier", "score", "classification_head")
+TRUNK_SHARE = 0.6
 
 
 def _numel(module: nn.Module) -> int:
@@ -45,27 +48,60 @@ def _output_layers(module: nn.Module) -> list[str]:
     return [n for n, m in layers if classifier_features(m)[1] == width]
 
 
+def _largest_group(model: nn.Module, containers_only: bool) -> list[str]:
+    best, best_key = [], None
+    for name, m in model.named_modules():
+        if containers_only and not isinstance(m, (nn.ModuleList, nn.Sequential)):
+            continue
+        groups: dict[type, list[tuple[str, nn.Module]]] = {}
+        for child_name, child in m.named_children():
+            groups.setdefault(type(child), []).append((child_name, child))
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            key = (sum(_numel(c) for _, c in members), len(members))
+            if key[0] > 0 and (best_key is None or key > best_key):
+                prefix = f"{name}." if name else ""
+                best, best_key = [f"{prefix}{n}" for n, _ in members], key
+    return best
+
+
+def _heaviest_class(module: nn.Module) -> type | None:
+    """The class of ``module``'s children holding the most parameters; None if none has
+    parameters or that class is one of torch's own layers (a stage of plain convolutions is
+    itself the block)."""
+    weight: dict[type, int] = {}
+    for child in module.children():
+        weight[type(child)] = weight.get(type(child), 0) + _numel(child)
+    if not weight or max(weight.values()) == 0:
+        return None
+    cls = max(weight, key=weight.__getitem__)
+    return None if cls.__module__.startswith("torch.nn") else cls
+
+
 class GenericAdapter(ModelAdapter):
     name = "generic"
 
     def _blocks(self, model: nn.Module) -> list[str]:
         """Paths of the largest group (by parameters, then count) of >= 2 same-class
-        children of one ModuleList / Sequential."""
-        best, best_key = [], None
-        for name, m in model.named_modules():
-            if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) < 2:
-                continue
-            groups: dict[type, list[tuple[str, nn.Module]]] = {}
-            for child_name, child in m.named_children():
-                groups.setdefault(type(child), []).append((child_name, child))
-            for members in groups.values():
-                if len(members) < 2:
-                    continue
-                key = (sum(_numel(c) for _, c in members), len(members))
-                if key[0] > 0 and (best_key is None or key > best_key):
-                    prefix = f"{name}." if name else ""
-                    best, best_key = [f"{prefix}{n}" for n, _ in members], key
-        return best
+        children of one ModuleList / Sequential; failing that, of any module, opened one
+        level when every member's heaviest class of children is the same one."""
+        best = _largest_group(model, containers_only=True)
+        if best:
+            return best
+        stages = _largest_group(model, containers_only=False)
+        # Attribute stages must be the model's trunk (RegNet's hold 86-95% of its parameters);
+        # a smaller group (Inception-v3's last two modules, 47%) would leave most of the network
+        # without a prompt: refused, with the message that says to register an adapter.
+        if not stages or sum(_numel(model.get_submodule(s)) for s in stages) < TRUNK_SHARE * _numel(model):
+            return []
+        # Stages registered as attributes (RegNet's RegStage: b1, b2, ...) hold the blocks
+        # a prompt belongs before; a stage may hold a single block, so no ">= 2" per stage.
+        heaviest = [_heaviest_class(model.get_submodule(s)) for s in stages]
+        if None in heaviest or len(set(heaviest)) != 1:
+            return stages
+        return [f"{s}.{n}" for s in stages for n, c in model.get_submodule(s).named_children()
+                if type(c) is heaviest[0]]
 
     def matches(self, model: nn.Module) -> bool:
         return bool(self._blocks(model))

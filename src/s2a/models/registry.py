@@ -301,7 +301,8 @@ def find_adapter(model: nn.Module) -> ModelAdapter:
     raise UnsupportedModelError(
         f"s2a cannot find the blocks of {type(model).__name__}: no registered adapter "
         f"({', '.join(a.name for a in _REGISTRY)}) matches and the generic fallback found no "
-        "ModuleList/Sequential with >= 2 children of one class. Module classes found: "
+        "ModuleList/Sequential with >= 2 children of one class (nor such a group of attribute "
+        "stages holding most of the parameters). Module classes found: "
         f"{classes}. Add an adapter with s2a.models.register_adapter (see s2a.models)."
     )
 
