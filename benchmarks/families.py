@@ -89,6 +89,7 @@ TIMM: dict[str, tuple[str, dict, int, bool]] = {
     "resnet50": ("resnet50", dict(), 64, True),
     "resnetv2": ("resnetv2_50", dict(), 64, False),
     "regnetx": ("regnetx_002", dict(), 64, False),
+    "regnety": ("regnety_002", dict(), 64, False),  # squeeze-and-excitation in every block
     "densenet": ("densenet121", dict(), 64, False),
     "inception_v3": ("inception_v3", dict(), 96, False),
     "mobilenetv2": ("mobilenetv2_050", dict(), 64, False),
