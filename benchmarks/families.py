@@ -510,7 +510,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     notes = [
         f"Tiny random-init models, batch 2, {NUM_CLASSES}-class head where the model has one, prompt rank 4; "
         f"'same output' = max |diff| <= {TOL:g} x max |reference|. Loss: a fixed random projection of "
-        "the logits (or of every output tensor of a bare backbone). Dropout off in transformers configs.",
+        "the logits (or of every output tensor of a bare backbone). Dropout and drop path off (transformers "
+        "configs; timm drop_rate / drop_path_rate where the model takes them), each training forward "
+        "seeded alike.",
         "Checks: 1 apply (refused = UnsupportedModelError / ValueError raised by s2a with a message), "
         "2 eval output = untouched model at init and 4-bit = native after perturbing the trainable "
         "tensors, 3 finite gradients only on trainable tensors, 4 save_tuned -> load_tuned -> merge. "
