@@ -21,6 +21,14 @@ def se_gate(x, w):
     return torch.sigmoid(x.mean((2, 3), keepdim=True) * w)
 
 
+def computed(*shape, dtype=torch.float32):
+    # a gate is computed from the feature map: not a leaf (a leaf is a trainable scale)
+    leaf = torch.rand(shape, dtype=dtype, requires_grad=True)
+    gate = leaf * 1
+    gate.retain_grad()
+    return gate
+
+
 @pytest.mark.parametrize(("xs", "gs", "k"), [
     ((2, 8, 6, 6), (2, 8, 1, 1), 2),  # SE gate of a conv feature map
     ((1, 8, 6, 6), (8, 1, 1), 2),  # fewer dims, batch 1
@@ -28,7 +36,7 @@ def se_gate(x, w):
     ((2, 8, 6, 1), (2, 8, 1, 1), 2),
 ])
 def test_layout_recognises_gates_in_either_order(xs, gs, k):
-    x, g = torch.randn(xs), torch.randn(gs)
+    x, g = torch.randn(xs), computed(*gs)
     for a, b in ((x, g), (g, x)):
         got = gate_layout(a, b)
         assert got is not None and got[0] is x and got[1] is g and got[2] == k
@@ -45,9 +53,19 @@ def test_layout_recognises_gates_in_either_order(xs, gs, k):
     ((3, 16), (3, 1)),
 ])
 def test_layout_rejects_other_products(xs, gs):
-    assert gate_layout(torch.randn(xs), torch.randn(gs)) is None
-    assert gate_layout(torch.randn(2, 8, 6, 6), torch.randn(2, 8, 1, 1, dtype=torch.float64)) is None
+    assert gate_layout(torch.randn(xs), computed(*gs)) is None
+    assert gate_layout(torch.randn(2, 8, 6, 6), computed(2, 8, 1, 1, dtype=torch.float64)) is None
     assert gate_layout(torch.randn(2, 8, 6, 6), 2.0) is None
+
+
+def test_layout_rejects_a_trainable_scale():
+    # LayerScale2d / GRN's weight at batch 1: x * gamma.view(1, C, 1, 1) has a gate's shape,
+    # but gamma's gradient must stay exact (at batch 2 the shapes alone rule it out)
+    gamma = nn.Parameter(torch.ones(8))
+    x = torch.randn(1, 8, 6, 6, requires_grad=True)
+    assert gate_layout(x, gamma.view(1, -1, 1, 1)) is None
+    assert gate_layout(x, nn.Parameter(torch.ones(1, 8, 1, 1))) is None
+    assert gate_layout(x, computed(1, 8, 1, 1)) is not None
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -82,7 +100,7 @@ def test_input_gradient_is_exact_when_only_it_is_needed():
 def test_saved_bytes_are_codes_and_two_floats_per_row():
     n, c, hw = 4, 32, 14 * 14
     x = feature_map(n, c, 14, 14).requires_grad_()
-    gate = torch.rand(n, c, 1, 1, requires_grad=True)
+    gate = computed(n, c, 1, 1)
     _, native = saved_bytes(torch.mul, x, gate)
     assert native == (n * c * hw + n * c) * 4
     _, ours = saved_bytes(gate_mul, x, gate, 4)
@@ -95,7 +113,7 @@ def test_nan_row_gives_nan_gate_gradient_like_pytorch():
     x0[1, 2, 3, 3] = float("nan")
     grads = []
     for mul in (torch.mul, gate_mul):
-        x, gate = x0.clone().requires_grad_(), torch.rand(2, 4, 1, 1, requires_grad=True)
+        x, gate = x0.clone().requires_grad_(), computed(2, 4, 1, 1)
         mul(x, gate).sum().backward()
         grads.append(gate.grad.flatten())
     ref, ours = grads
@@ -105,7 +123,7 @@ def test_nan_row_gives_nan_gate_gradient_like_pytorch():
 
 def test_half_precision():
     x = feature_map(2, 16, 8, 8).bfloat16().requires_grad_()
-    gate = torch.rand(2, 16, 1, 1, dtype=torch.bfloat16, requires_grad=True)
+    gate = computed(2, 16, 1, 1, dtype=torch.bfloat16)
     y = gate_mul(x, gate)
     assert torch.equal(y, x * gate) and y.dtype == torch.bfloat16
     y.float().square().sum().backward()

@@ -392,3 +392,13 @@ def test_generic_opens_attribute_stages_to_their_blocks():
     # attribute groups that are not most of the model are not taken for its trunk
     with pytest.raises(UnsupportedModelError, match="cannot find the blocks of InceptionV3"):
         find_adapter(timm.create_model("inception_v3", pretrained=False, num_classes=3))
+
+    # nor torch's own layers registered as attributes (the PyTorch tutorial's conv1, fc1..fc3)
+    class TutorialNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5)
+            self.fc1, self.fc2, self.fc3 = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    with pytest.raises(UnsupportedModelError, match="cannot find the blocks of TutorialNet"):
+        find_adapter(TutorialNet())

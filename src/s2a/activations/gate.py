@@ -40,6 +40,9 @@ def gate_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.T
     if a.dtype != b.dtype or not a.is_floating_point() or a.device != b.device:
         return None
     x, gate = (a, b) if a.dim() >= b.dim() and a.numel() >= b.numel() else (b, a)
+    base = gate if gate._base is None else gate._base
+    if base.is_leaf:  # a trainable per-channel scale (layer scale), not a gate computed from x
+        return None
     nd = x.dim()
     if nd not in (4, 5) or gate.dim() > nd or gate.numel() == x.numel():
         return None
@@ -59,8 +62,9 @@ class _GateMul(torch.autograd.Function):
         rows = x.reshape(math.prod(x.shape[:k]), -1)
         if ctx.needs_input_grad[1]:
             lo, hi = rows.aminmax(dim=-1, keepdim=True)
-            centre = (lo.float() + hi.float()) / 2
-            # keep_nan: a row holding NaN/inf decodes to NaN, as its native gate gradient is
+            centre = lo.float() / 2 + hi.float() / 2  # (lo + hi) / 2 overflows past 1.7e38
+            # keep_nan: a row holding NaN or inf decodes to NaN (natively NaN, or +-inf for
+            # a row of one-signed infinities): never a finite, wrong gradient
             packed, scale = quantize_rows(rows.float() - centre, row_codebook("uniform", bits), keep_nan=True)
         else:
             packed = scale = centre = None

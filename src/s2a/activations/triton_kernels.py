@@ -222,13 +222,11 @@ def _threshold(value: float, dtype: torch.dtype) -> float:
 def _mask_multipliers(
     low: float, high: float, dtype: torch.dtype, device: torch.device
 ) -> tuple[float, float]:
-    """``c * (high - low) + low`` for c = 0, 1 with the eager code's ops, operands and device.
-
-    Computed on ``device`` because for float16/bfloat16 the intermediate roundings of
-    the eager code differ between CPU (float32 scalar operands) and CUDA (operands
-    cast to ``dtype``); one synchronisation per (low, high, dtype, device).
+    """``c * (high - low) + low`` for c = 0, 1 with the eager code's ops and operands: float32
+    whatever ``dtype`` (the kernel multiplies in float32 and rounds once, as the eager code
+    and PyTorch's backward kernels do); one synchronisation per (low, high, dtype, device).
     """
-    c = torch.tensor([0.0, 1.0], dtype=dtype, device=device)
+    c = torch.tensor([0.0, 1.0], dtype=torch.float32, device=device)
     low_t = torch.tensor(low, dtype=torch.float32, device=device)
     high_t = torch.tensor(high, dtype=torch.float32, device=device)
     lo_mult, hi_mult = (c * (high_t - low_t) + low_t).tolist()

@@ -56,8 +56,12 @@ def _largest_group(model: nn.Module, containers_only: bool) -> list[str]:
         groups: dict[type, list[tuple[str, nn.Module]]] = {}
         for child_name, child in m.named_children():
             groups.setdefault(type(child), []).append((child_name, child))
-        for members in groups.values():
+        for cls, members in groups.items():
             if len(members) < 2:
+                continue
+            # attribute children: blocks, not torch's own layers (conv1, fc1..fc3, head)
+            if not containers_only and (cls.__module__.startswith("torch.nn")
+                                        or any(n in HEAD_NAMES for n, _ in members)):
                 continue
             key = (sum(_numel(c) for _, c in members), len(members))
             if key[0] > 0 and (best_key is None or key > best_key):
