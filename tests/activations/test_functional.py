@@ -118,18 +118,7 @@ def test_empty_noncontiguous_channels_last(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["leaky_relu", "hardsigmoid", "relu6"])
-def test_exact_functions_are_exact_in_half_precision(name, dtype):
-    # the slope (0.01, 1/6) multiplies in float32 and the product is rounded once, as PyTorch does
-    x = realistic(64, 256, dtype=dtype)
-    g = torch.randn_like(x)
-    y_ref, ref = grads(NATIVE[name], x, g)
-    y, gx = grads(lambda t: S.activation(t, name), x, g)
-    assert torch.equal(y, y_ref) and torch.equal(gx, ref)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["gelu", "silu", "relu6"])
+@pytest.mark.parametrize("name", ["gelu", "silu", "relu6", "leaky_relu", "hardsigmoid"])
 def test_half_precision(name, dtype):
     x = realistic(64, 256, dtype=dtype)
     g = torch.randn_like(x)
@@ -137,7 +126,10 @@ def test_half_precision(name, dtype):
     y, gx = grads(lambda t: S.activation(t, name), x, g)
     assert y.dtype == dtype and gx.dtype == dtype
     assert torch.equal(y, y_ref)
-    assert cosine(gx, ref) > 0.99
+    if name in S.EXACT_FUNCTIONS:  # the slope (0.01, 1/6) multiplies in float32, rounded once, as PyTorch's
+        assert torch.equal(gx, ref)
+    else:
+        assert cosine(gx, ref) > 0.99
 
 
 def test_inside_autocast():
