@@ -223,12 +223,8 @@ def _adaptive_avg_pool(d, spec, input, output_size):
 def _gate_mul(spec, a, b, *rest, **kwargs):
     # only plain two-operand products; anything else (alpha=, a gate that needs no
     # gradient, two full-size operands) is left to PyTorch and judged by strict mode
-    if rest or kwargs:
-        return NotImplemented
-    layout = G.gate_layout(a, b)
-    if layout is None or not layout[1].requires_grad:
-        return NotImplemented
-    return G.gate_mul(a, b, spec.bits_for("gate"))
+    out = None if rest or kwargs else G.compressed_gate_mul(a, b, spec.bits_for("gate"))
+    return NotImplemented if out is None else out
 
 
 def _function_table() -> dict:

@@ -86,12 +86,17 @@ class _GateMul(torch.autograd.Function):
         return gx, ggate, None, None
 
 
-def gate_mul(a: torch.Tensor, b: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """``a * b`` with the larger operand kept at ``bits`` bits for the gate's gradient, when
-    :func:`gate_layout` recognises a gated product and the gate needs a gradient; otherwise
-    the native product (what it keeps natively is the gate alone, or both at full size)."""
+def compressed_gate_mul(a: torch.Tensor, b: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """``a * b`` with the feature map kept at ``bits`` bits for the gate's gradient, if
+    :func:`gate_layout` recognises a channel gate and the gate needs a gradient; else None
+    (natively such a product keeps the gate alone, or is no gate)."""
     layout = gate_layout(a, b)
     if layout is None or not (torch.is_grad_enabled() and layout[1].requires_grad):
-        return a * b
-    x, gate, k = layout
-    return _GateMul.apply(x, gate, k, bits)
+        return None
+    return _GateMul.apply(*layout, bits)
+
+
+def gate_mul(a: torch.Tensor, b: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """``a * b``, compressed where :func:`compressed_gate_mul` applies, else native."""
+    out = compressed_gate_mul(a, b, bits)
+    return a * b if out is None else out
