@@ -48,6 +48,10 @@ def _output_layers(module: nn.Module) -> list[str]:
     return [n for n, m in layers if classifier_features(m)[1] == width]
 
 
+def _is_torch_layer(cls: type) -> bool:
+    return cls.__module__.startswith("torch.nn")
+
+
 def _largest_group(model: nn.Module, containers_only: bool) -> list[str]:
     best, best_key = [], None
     for name, m in model.named_modules():
@@ -60,8 +64,7 @@ def _largest_group(model: nn.Module, containers_only: bool) -> list[str]:
             if len(members) < 2:
                 continue
             # attribute children: blocks, not torch's own layers (conv1, fc1..fc3, head)
-            if not containers_only and (cls.__module__.startswith("torch.nn")
-                                        or any(n in HEAD_NAMES for n, _ in members)):
+            if not containers_only and (_is_torch_layer(cls) or any(n in HEAD_NAMES for n, _ in members)):
                 continue
             key = (sum(_numel(c) for _, c in members), len(members))
             if key[0] > 0 and (best_key is None or key > best_key):
@@ -80,7 +83,7 @@ def _heaviest_class(module: nn.Module) -> type | None:
     if not weight or max(weight.values()) == 0:
         return None
     cls = max(weight, key=weight.__getitem__)
-    return None if cls.__module__.startswith("torch.nn") else cls
+    return None if _is_torch_layer(cls) else cls
 
 
 class GenericAdapter(ModelAdapter):
