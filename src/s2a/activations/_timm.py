@@ -6,6 +6,9 @@ holds *transiently* while the last block runs, not by what it saves:
 * ``Mlp``: ``fc1``'s output and the activation's output, each 4x the width. With both
   weights frozen (when ``compress_activations`` runs, and still at each call) the block
   runs as :func:`.mlp.frozen_mlp`, in chunks of rows.
+* ``SwiGLU`` / ``GluMlp``: both factors of the gated product, each the hidden width. With
+  the weights frozen the block runs as :func:`.gated_mlp.frozen_gated_mlp`, which keeps
+  only its input.
 * ``Attention``: timm's forward keeps ``q``, ``k``, ``v`` (views of the 3x-width ``qkv``
   output) as locals until it returns, through the output projection, although attention
   has already stored what its backward needs. The forward here is timm's with those
@@ -28,10 +31,13 @@ from torch import nn
 
 from .codebooks import SMOOTH_FUNCTIONS
 from .functional import _needs_grad
+from .gated_mlp import frozen_gated_mlp, frozen_gated_mlp_applies
 from .mlp import frozen_mlp, frozen_mlp_applies, has_foreign_hooks
 
 # Names each timm forward reads (co_names of timm 1.0.x). Any other: not ours to rewrite.
 _MLP_NAMES = frozenset({"act", "drop1", "drop2", "fc1", "fc2", "norm"})
+_SWIGLU_NAMES = frozenset({"act", "drop1", "drop2", "fc1_g", "fc1_x", "fc2", "norm"})
+_GLU_MLP_NAMES = frozenset({"act", "chunk", "chunk_dim", "drop1", "drop2", "fc1", "fc2", "gate_last", "norm"})
 _ATTENTION_NAMES = frozenset({
     "F", "attn_dim", "attn_drop", "fused_attn", "gate", "head_dim", "k_norm", "maybe_add_mask",
     "norm", "num_heads", "p", "permute", "proj", "proj_drop", "q_norm", "qkv", "reshape",
@@ -67,6 +73,13 @@ def lean_timm_forward(
     mlp, attention = _timm_class("Mlp"), _timm_class("Attention")
     if mlp is not None and type(module) is mlp and _reads_exactly(mlp, _MLP_NAMES):
         return _mlp_forward(module, path, state, act_kind, skipped)
+    swiglu, glu = _timm_class("SwiGLU"), _timm_class("GluMlp")
+    if swiglu is not None and type(module) is swiglu and _reads_exactly(swiglu, _SWIGLU_NAMES):
+        return _gated_forward(module, path, state, act_kind, skipped, ("fc1_g", "fc1_x"))
+    if glu is not None and type(module) is glu and _reads_exactly(glu, _GLU_MLP_NAMES):
+        if module.chunk_dim != -1:  # the use_conv variant
+            return None
+        return _gated_forward(module, path, state, act_kind, skipped, ("fc1",))
     if (attention is not None and type(module) is attention and _reads_exactly(attention, _ATTENTION_NAMES)
             and state.spec.enabled("attention")):
         return "attention", _attention_forward(module)
@@ -102,6 +115,49 @@ def _fused_mlp_forward(module: nn.Module, state: Any, kind: str, bits: int, x: t
     ):
         return type(module).forward(module, x)
     return module.drop2(frozen_mlp(x, fc1.weight, b1, fc2.weight, b2, kind, bits))
+
+
+def _gated_forward(module, path, state, act_kind, skipped, fc1_names):
+    fcs = [getattr(module, n) for n in (*fc1_names, "fc2")]
+    if any(type(fc) is not nn.Linear for fc in fcs):
+        return None  # a peft-wrapped layer
+    if type(module.norm) is not nn.Identity or type(module.drop1) is not nn.Dropout:
+        return None  # a norm between the product and fc2 would need the product itself
+    if any(fc.weight.requires_grad for fc in fcs):
+        return None
+    if any(skipped(f"{path}.{c}" if path else c) for c in (*fc1_names, "act", "drop1", "fc2")):
+        return None
+    kind = act_kind(module.act)
+    if kind not in SMOOTH_FUNCTIONS or not state.spec.enabled(kind):
+        return None
+    return f"gated_mlp:{kind}", partial(_fused_gated_forward, module, state, kind)
+
+
+def _gate_and_up(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """(gate weight, gate bias, up weight, up bias) of a SwiGLU or GluMlp; GluMlp's halves
+    of ``fc1`` are views, through which the bias gradients reach ``fc1.bias``."""
+    if hasattr(module, "fc1_g"):
+        return module.fc1_g.weight, module.fc1_g.bias, module.fc1_x.weight, module.fc1_x.bias
+    w1, w2 = module.fc1.weight.chunk(2)
+    b = module.fc1.bias
+    b1, b2 = (None, None) if b is None else b.chunk(2)
+    # gate_last: x1 * act(x2), the second half is the gate
+    return (w2, b2, w1, b1) if module.gate_last else (w1, b1, w2, b2)
+
+
+def _fused_gated_forward(module: nn.Module, state: Any, kind: str, x: torch.Tensor) -> torch.Tensor:
+    fc2 = module.fc2
+    wg, bg, wu, bu = _gate_and_up(module)
+    fcs = [m for n, m in module.named_children() if n.startswith("fc")]
+    if (
+        state.disabled
+        or (module.drop1.training and module.drop1.p > 0)
+        or not frozen_gated_mlp_applies(x, wg, wu, fc2.weight, kind)
+        or not _needs_grad(x, bg, bu, fc2.bias)
+        or has_foreign_hooks(*fcs, module.act, module.drop1, module.norm)
+    ):
+        return type(module).forward(module, x)
+    return module.drop2(frozen_gated_mlp(x, wg, bg, wu, bu, fc2.weight, fc2.bias, kind))
 
 
 def _attention_forward(m: nn.Module) -> Callable[..., torch.Tensor]:

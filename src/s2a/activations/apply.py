@@ -33,6 +33,7 @@ from . import functional as S
 from . import gate as G
 from . import pooling as P
 from . import probs as PR
+from ._hf import lean_hf_forward
 from ._timm import lean_timm_forward
 from .codebooks import SMOOTH_FUNCTIONS
 from .mlp import observer_hook
@@ -754,10 +755,10 @@ def compress_activations(
                 state.hooks.append(module.register_forward_pre_hook(partial(_disable, state)))
                 state.hooks.append(module.register_forward_hook(partial(_enable, state), always_call=True))
             continue
-        lean = lean_timm_forward(
-            module, path, state, act_kind=lambda m: (_module_op(m, spec) or (None,))[0],
-            skipped=lambda p: _skipped(p, spec.skip),
-        )
+        lean_args = dict(act_kind=lambda m: (_module_op(m, spec) or (None,))[0],
+                         skipped=lambda p: _skipped(p, spec.skip))
+        lean = (lean_timm_forward(module, path, state, **lean_args)
+                or lean_hf_forward(module, path, state, **lean_args))
         if lean is not None:  # its children are patched too: they still run inside it
             state.patched.append((module, lean[0], module.__dict__.get("forward")))
             module.forward = lean[1]
@@ -937,6 +938,8 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
         op = kind.split(":")[-1]
         if kind == "attention":
             return spec.attention_storage()[1]
+        if kind.startswith("gated_mlp"):
+            return "input"
         if op in S.EXACT_FUNCTIONS or op == "drop_path":
             return 1
         if op == "dropout":

@@ -129,6 +129,7 @@ _CUSTOM_OPS: tuple[tuple[str, str], ...] = (
     ("avgpool", "avg_pool"),
     ("avg_pool", "avg_pool"),
     ("gatemul", "gate"),
+    ("gatedmlp", "gated_mlp"),
 )
 
 _CUSTOM_OPS_LONGEST_FIRST = tuple(sorted(_CUSTOM_OPS, key=lambda it: -len(it[0])))

@@ -1,0 +1,163 @@
+"""Training-step memory of a LLaMA-architecture decoder: S2A against full fine-tuning and its peers.
+
+A decoder of SmolLM2-135M's shape (transformers ``LlamaForSequenceClassification``: 30 layers,
+width 576, SwiGLU MLP of width 1536, 9 query / 3 key-value heads, random init, fp32, 2-class
+head), batch 8 x 256 tokens. Each fine-tuning method comes from ``s2a train``'s registry
+(``s2a.baselines.apply_spec``), so these are the set-ups that ``s2a train --method ...`` runs;
+``s2a-unfused`` is ``s2a`` with the gated MLPs run unfused (each operator compressed on its own,
+both factors of the SwiGLU product kept natively: s2a before the fused gated MLP), to show
+what that fusion adds. Each set-up is measured by ``s2a.memory.measure(model, batch,
+optimizer_step=True)`` (forward, default loss ``mean(logits**2)``, backward, AdamW step) in its
+own subprocess.
+
+    HF_HUB_OFFLINE=1 python benchmarks/decoder_memory.py           # full size (~5 min on 2 cores)
+    HF_HUB_OFFLINE=1 python benchmarks/decoder_memory.py --quick   # 2 layers, batch 2 x 32
+
+Writes ``benchmarks/results/decoder_memory.json`` / ``.md`` (``_quick`` with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import header, md_table, metadata, mib, write_results
+
+# SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json), 2 labels; --quick: 2 layers
+CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+              num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+              rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, num_labels=2,
+              pad_token_id=0)
+SIZES = {"full": (30, 8, 256), "quick": (2, 2, 32)}  # layers, batch, tokens
+# (label, registry method, act_bits)
+SETUPS = (
+    ("full", "full", None),
+    ("full-ckpt", "full-ckpt", None),
+    ("lora", "lora", None),
+    ("lora-ckpt", "lora-ckpt", None),
+    ("ia3", "ia3", None),
+    ("s2a-native", "s2a", None),
+    ("s2a-unfused", "s2a", 4),
+    ("s2a", "s2a", 4),
+    ("s2a-lora", "s2a-lora", 4),
+)
+
+
+def _model(quick: bool):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    layers, _, _ = SIZES["quick" if quick else "full"]
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(**{**CONFIG, "num_hidden_layers": layers}))
+    return model.train()
+
+
+def run_one(label: str, quick: bool) -> dict[str, Any]:
+    from s2a import compression_summary
+    from s2a.baselines import MethodContext, apply_spec
+    from s2a.memory import measure
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    _, method, bits = next(s for s in SETUPS if s[0] == label)
+    _, batch, tokens = SIZES["quick" if quick else "full"]
+    ids = torch.randint(1, CONFIG["vocab_size"], (batch, tokens), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids}
+    model = apply_spec(_model(quick), MethodContext(method, ("score",), ("bias", "prompt"), bits,
+                                                    example_input=inputs)).model
+    fused = 0
+    state = getattr(model, "_s2a_compression", None)
+    if state is not None:
+        for module, kind, _ in state.patched:
+            if kind.startswith("gated_mlp") and label == "s2a-unfused":
+                module.__dict__.pop("forward")  # back to the model's own forward
+        fused = sum(v.startswith("gated_mlp") for v in compression_summary(model).values())
+        if label == "s2a-unfused":
+            fused = 0
+    t0 = time.perf_counter()
+    report = measure(model, inputs, lambda out, _: out.logits.pow(2).mean(), optimizer_step=True,
+                     name=f"llama [{label}]")
+    return {"setup": label, "method": method, "act_bits": bits, "fused_gated_mlps": fused,
+            "measure_s": time.perf_counter() - t0, "report": report.to_dict()}
+
+
+def run_child(label: str, quick: bool) -> dict[str, Any]:
+    out = Path(f"/tmp/s2a_decoder_{os.getpid()}_{label}.json")
+    cmd = [sys.executable, __file__, "--child", label, "--child-out", str(out)] + (["--quick"] if quick else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0 or not out.exists():
+        tail = " | ".join((proc.stderr or "").strip().splitlines()[-3:])
+        return {"setup": label, "error": f"rc {proc.returncode}: {tail}"}
+    res = json.loads(out.read_text())
+    out.unlink()
+    return res
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    by = {r["setup"]: r for r in data["results"]}
+    full = by["full"]["report"]
+    rows = []
+    for r in data["results"]:
+        if "error" in r:
+            rows.append([r["setup"], "error: " + r["error"], *[""] * 7])
+            continue
+        rep = r["report"]
+        kinds = sorted(rep["by_kind"].items(), key=lambda kv: -kv[1])[:3]
+        rows.append([
+            r["setup"], mib(rep["saved_bytes"]), f"{rep['saved_bytes'] / full['saved_bytes']:.3f}",
+            mib(rep["peak_bytes"]), f"{rep['peak_bytes'] / full['peak_bytes']:.3f}",
+            f"{rep['trainable_params']:,}", f"{100 * rep['trainable_params'] / rep['total_params']:.2f}%",
+            ", ".join(f"{k} {mib(v)}" for k, v in kinds), f"{r['measure_s']:.0f}",
+        ])
+    layers, batch, tokens = data["size"]
+    lines = header(
+        "Training-step memory of a LLaMA-architecture decoder (SmolLM2-135M shape)", data["meta"],
+        notes=[
+            f"transformers `LlamaForSequenceClassification` with SmolLM2-135M's configuration, "
+            f"{layers} layers, random init, fp32, batch {batch} x {tokens} tokens, 2-class head; "
+            "methods as `s2a train --method` applies them (`s2a.baselines.apply_spec`); s2a = "
+            "bias + low-rank prompt (zero-initialised biases on the bias-free projections) with "
+            "4-bit activations; s2a-native: the same structure, native storage; s2a-unfused: "
+            "s2a with each gated MLP run unfused (its SwiGLU product keeps both factors).",
+            "Saved: tensors autograd keeps for backward; peak: allocator-level peak of the step "
+            "(forward, backward, AdamW step) over the memory before it, as in memory.md. "
+            "`measure s`: wall time of `measure()` (two forwards, one backward, one optimizer "
+            "step; not a step-time benchmark).",
+        ],
+    )
+    lines += ["", *md_table(["set-up", "saved MiB", "vs full", "peak MiB", "peak vs full",
+                             "trainable params", "trainable %", "largest saved kinds", "measure s"], rows)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child")
+    ap.add_argument("--child-out")
+    args = ap.parse_args()
+    if args.child:
+        Path(args.child_out).write_text(json.dumps(run_one(args.child, args.quick)))
+        return
+    t0 = time.perf_counter()
+    results = []
+    for label, _, _ in SETUPS:
+        results.append(run_child(label, args.quick))
+        print(label, results[-1].get("error", "ok"), flush=True)
+    meta = metadata(repeats="1 measured step per set-up", runtime_s=time.perf_counter() - t0)
+    data = {"meta": meta, "size": SIZES["quick" if args.quick else "full"], "results": results}
+    write_results("decoder_memory" + ("_quick" if args.quick else ""), data, to_markdown(data))
+
+
+if __name__ == "__main__":
+    main()

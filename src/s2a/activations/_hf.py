@@ -1,0 +1,110 @@
+"""A leaner forward for transformers' gated MLPs (LLaMA, Mistral, Qwen, Gemma, Phi-3, GLM: 157
+classes of transformers 5.25).
+
+Their forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (or the same with one packed
+``gate_up_proj``): natively it keeps both factors of the product for backward, each the
+intermediate width (2.7-8x the model's). With the weights frozen the block runs as
+:func:`.gated_mlp.frozen_gated_mlp`, which keeps only ``x`` and recomputes the rest, exactly.
+
+A class is recognised by its ``forward``'s bytecode, names and constants, compared with the
+three spellings that transformers uses (below); a release or a model that computes anything
+else (clamps, multipliers, a norm inside the MLP) falls back to its own forward instead of
+being mis-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from .codebooks import SMOOTH_FUNCTIONS
+from .functional import _needs_grad
+from .gated_mlp import frozen_gated_mlp, frozen_gated_mlp_applies
+from .mlp import has_foreign_hooks
+
+
+def _llama_mlp(self, x):  # LlamaMLP and the classes copied from it
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+
+
+def _inline_mlp(self, x):  # Qwen2MLP, IdeficsMLP...
+    return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _packed_mlp(self, hidden_states):  # Phi3MLP, GlmMLP, Glm4MLP, DiaMLP...
+    up_states = self.gate_up_proj(hidden_states)
+
+    gate, up_states = up_states.chunk(2, dim=-1)
+    up_states = up_states * self.activation_fn(gate)
+
+    return self.down_proj(up_states)
+
+
+def _separate(module: nn.Module):
+    """(activation, linears, (gate weight, gate bias, up weight, up bias))"""
+    gate, up = module.gate_proj, module.up_proj
+    return module.act_fn, (gate, up, module.down_proj), (gate.weight, gate.bias, up.weight, up.bias)
+
+
+def _packed(module: nn.Module):
+    # the gate is the first half of gate_up_proj's rows; views of its weight and bias, through
+    # which the bias gradient reaches gate_up_proj.bias
+    fc = module.gate_up_proj
+    wg, wu = fc.weight.chunk(2)
+    bg, bu = (None, None) if fc.bias is None else fc.bias.chunk(2)
+    return module.activation_fn, (fc, module.down_proj), (wg, bg, wu, bu)
+
+
+def _code_key(fn) -> tuple:
+    code = fn.__code__
+    return code.co_code, code.co_names, code.co_consts, code.co_argcount
+
+
+_LAYOUTS = {_code_key(_llama_mlp): _separate, _code_key(_inline_mlp): _separate,
+            _code_key(_packed_mlp): _packed}
+
+
+def _layout(module: nn.Module):
+    forward = type(module).forward
+    return _LAYOUTS.get(_code_key(forward)) if hasattr(forward, "__code__") else None
+
+
+def lean_hf_forward(
+    module: nn.Module, path: str, state: Any,
+    act_kind: Callable[[nn.Module], str | None], skipped: Callable[[str], bool],
+) -> tuple[str, Callable[..., torch.Tensor]] | None:
+    """``(kind, forward)`` replacing ``module.forward``, or None if ``module`` is not one of ours
+    (or one whose forward was already replaced on the instance, by an adapter say)."""
+    layout = None if "forward" in vars(module) else _layout(module)
+    if layout is None:
+        return None
+    act, linears, _ = layout(module)
+    if any(type(fc) is not nn.Linear for fc in linears):
+        return None  # a peft-wrapped or quantised layer
+    if any(fc.weight.requires_grad for fc in linears):
+        return None  # weights that train need their inputs: nothing to fuse
+    if any(skipped(f"{path}.{name}" if path else name) for name, _ in module.named_children()):
+        return None
+    kind = act_kind(act)
+    if kind not in SMOOTH_FUNCTIONS or not state.spec.enabled(kind):
+        return None
+    # partials, not closures: a deepcopy of the model rebinds them to the copy's modules
+    return f"gated_mlp:{kind}", partial(_fused_forward, module, state, kind, layout)
+
+
+def _fused_forward(module: nn.Module, state: Any, kind: str, layout: Callable, x: torch.Tensor) -> torch.Tensor:
+    act, linears, (wg, bg, wu, bu) = layout(module)
+    down = linears[-1]
+    if (
+        state.disabled
+        or not frozen_gated_mlp_applies(x, wg, wu, down.weight, kind)
+        or not _needs_grad(x, bg, bu, down.bias)
+        or has_foreign_hooks(*linears, act)
+    ):
+        return type(module).forward(module, x)
+    return frozen_gated_mlp(x, wg, bg, wu, bu, down.weight, down.bias, kind)
