@@ -8,9 +8,10 @@ head), batch 8 x 256 tokens. Each fine-tuning method comes from ``s2a train``'s 
 both factors of the SwiGLU product kept natively: s2a before the fused gated MLP), to show
 what that fusion adds. Each set-up is measured by ``s2a.memory.measure(model, batch,
 optimizer_step=True)`` (forward, default loss ``mean(logits**2)``, backward, AdamW step) in its
-own subprocess.
+own subprocess. Then the step time of full, lora, s2a-unfused and s2a (one process, steps
+interleaved round-robin: zero_grad, forward, loss, backward, AdamW step), ``--repeats`` rounds.
 
-    HF_HUB_OFFLINE=1 python benchmarks/decoder_memory.py           # full size (~5 min on 2 cores)
+    HF_HUB_OFFLINE=1 python benchmarks/decoder_memory.py           # full size (~25 min on 2 cores)
     HF_HUB_OFFLINE=1 python benchmarks/decoder_memory.py --quick   # 2 layers, batch 2 x 32
 
 Writes ``benchmarks/results/decoder_memory.json`` / ``.md`` (``_quick`` with --quick).
@@ -32,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, md_table, metadata, mib, write_results
+from _common import header, interleaved, md_table, metadata, mib, paired_ratio, write_results
 
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json), 2 labels; --quick: 2 layers
 CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -63,32 +64,65 @@ def _model(quick: bool):
     return model.train()
 
 
-def run_one(label: str, quick: bool) -> dict[str, Any]:
+TIMED = ("full", "lora", "s2a-unfused", "s2a")
+
+
+def _inputs(quick: bool) -> dict[str, torch.Tensor]:
+    _, batch, tokens = SIZES["quick" if quick else "full"]
+    gen = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1, CONFIG["vocab_size"], (batch, tokens), generator=gen)}
+
+
+def _setup(label: str, quick: bool, inputs: dict) -> tuple[torch.nn.Module, int]:
+    """The model configured for set-up ``label``, and how many gated MLPs run fused."""
     from s2a import compression_summary
     from s2a.baselines import MethodContext, apply_spec
+
+    _, method, bits = next(s for s in SETUPS if s[0] == label)
+    model = apply_spec(_model(quick), MethodContext(method, ("score",), ("bias", "prompt"), bits,
+                                                    example_input=inputs)).model
+    state = getattr(model, "_s2a_compression", None)
+    if state is not None and label == "s2a-unfused":
+        for module, kind, _ in state.patched:
+            if kind.startswith("gated_mlp"):
+                module.__dict__.pop("forward")  # back to the model's own forward
+        return model, 0
+    return model, sum(v.startswith("gated_mlp") for v in compression_summary(model).values())
+
+
+def run_one(label: str, quick: bool) -> dict[str, Any]:
     from s2a.memory import measure
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     _, method, bits = next(s for s in SETUPS if s[0] == label)
-    _, batch, tokens = SIZES["quick" if quick else "full"]
-    ids = torch.randint(1, CONFIG["vocab_size"], (batch, tokens), generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids}
-    model = apply_spec(_model(quick), MethodContext(method, ("score",), ("bias", "prompt"), bits,
-                                                    example_input=inputs)).model
-    fused = 0
-    state = getattr(model, "_s2a_compression", None)
-    if state is not None:
-        for module, kind, _ in state.patched:
-            if kind.startswith("gated_mlp") and label == "s2a-unfused":
-                module.__dict__.pop("forward")  # back to the model's own forward
-        fused = sum(v.startswith("gated_mlp") for v in compression_summary(model).values())
-        if label == "s2a-unfused":
-            fused = 0
+    inputs = _inputs(quick)
+    model, fused = _setup(label, quick, inputs)
     t0 = time.perf_counter()
     report = measure(model, inputs, lambda out, _: out.logits.pow(2).mean(), optimizer_step=True,
                      name=f"llama [{label}]")
     return {"setup": label, "method": method, "act_bits": bits, "fused_gated_mlps": fused,
             "measure_s": time.perf_counter() - t0, "report": report.to_dict()}
+
+
+def time_steps(quick: bool, repeats: int) -> dict[str, Any]:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    inputs = _inputs(quick)
+    steps = []
+    for label in TIMED:
+        model, _ = _setup(label, quick, inputs)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            model(**inputs).logits.pow(2).mean().backward()
+            opt.step()
+
+        steps.append(step)
+    times = interleaved(steps, repeats)
+    out = {label: t for label, t in zip(TIMED, times, strict=True)}
+    for label in TIMED:
+        out[label]["vs_full_paired"] = paired_ratio(out["full"], out[label])
+    return out
 
 
 def run_child(label: str, quick: bool) -> dict[str, Any]:
@@ -137,12 +171,19 @@ def to_markdown(data: dict[str, Any]) -> str:
     )
     lines += ["", *md_table(["set-up", "saved MiB", "vs full", "peak MiB", "peak vs full",
                              "trainable params", "trainable %", "largest saved kinds", "measure s"], rows)]
+    timing = data.get("step_time")
+    if timing:
+        lines += ["", f"## Step time ({data['repeats']} interleaved rounds after one warm-up, same process)", "",
+                  *md_table(["set-up", "median s", "min s", "median vs full (paired)"],
+                            [[k, f"{t['median_ms'] / 1e3:.2f}", f"{t['min_ms'] / 1e3:.2f}",
+                              f"{t['vs_full_paired']:.2f}x"] for k, t in timing.items()])]
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5, help="step-time rounds (0: no timing)")
     ap.add_argument("--child")
     ap.add_argument("--child-out")
     args = ap.parse_args()
@@ -154,8 +195,13 @@ def main() -> None:
     for label, _, _ in SETUPS:
         results.append(run_child(label, args.quick))
         print(label, results[-1].get("error", "ok"), flush=True)
-    meta = metadata(repeats="1 measured step per set-up", runtime_s=time.perf_counter() - t0)
-    data = {"meta": meta, "size": SIZES["quick" if args.quick else "full"], "results": results}
+    load = os.getloadavg()
+    timing = time_steps(args.quick, args.repeats) if args.repeats > 0 else None
+    meta = metadata(repeats=f"memory: 1 measured step per set-up; time: {args.repeats} rounds",
+                    runtime_s=time.perf_counter() - t0)
+    meta["load_avg_at_timing"] = load
+    data = {"meta": meta, "size": SIZES["quick" if args.quick else "full"], "results": results,
+            "step_time": timing, "repeats": args.repeats}
     write_results("decoder_memory" + ("_quick" if args.quick else ""), data, to_markdown(data))
 
 

@@ -49,6 +49,8 @@ def test_builtin_kinds(name, kind):
         ("_AvgPoolBackward", "avg_pool"),
         ("HardsigmoidBackward", "hardsigmoid"),
         ("_GateMulBackward", "gate"),
+        ("_GatedMLPFrozenWeightsBackward", "gated_mlp"),
+        ("_RMSNormBackward", "rms_norm"),
     ],
 )
 def test_custom_kinds(name, kind):
@@ -58,3 +60,15 @@ def test_custom_kinds(name, kind):
 
 def test_custom_without_known_op_keeps_name():
     assert kind_from_class_name("MyThingBackward", custom=True) == "MyThingBackward"
+
+
+def test_compressed_norms_are_filed_under_their_own_kind():
+    import torch
+
+    from s2a.activations import functional as S
+    from s2a.memory import node_kind
+
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.ones(16, requires_grad=True)
+    assert node_kind(S.rms_norm(x, (16,), w, 1e-6).grad_fn) == "rms_norm (s2a)"
+    assert node_kind(S.layer_norm(x, (16,), w).grad_fn) == "layer_norm (s2a)"
