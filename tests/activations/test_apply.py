@@ -110,6 +110,69 @@ def test_llama_style_decoder():
     assert nbytes < ref_bytes
 
 
+def test_training_forward_of_a_decoder_keeps_no_kv_cache():
+    # The cache would hold every layer's full-precision keys and values through backward,
+    # beside the 8-bit copies that attention saves.
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from s2a.memory import measure
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0)
+    model = LlamaForSequenceClassification(cfg).train()
+    for name, p in model.named_parameters():
+        p.requires_grad_("norm" in name or "score" in name)
+    ids = torch.randint(1, 128, (2, 32))
+    assert model(input_ids=ids).past_key_values is not None  # transformers' default
+    s2a.compress_activations(model)
+    assert model(input_ids=ids).past_key_values is None
+    report = measure(model, {"input_ids": ids}, lambda o, _: o.logits.sum())
+    assert report.saved_bytes > 0 and report.forward_live_bytes == pytest.approx(report.saved_bytes, rel=1e-3)
+    assert model(input_ids=ids, use_cache=True).past_key_values is not None  # asked for
+    with torch.no_grad():
+        assert model(input_ids=ids).past_key_values is not None
+    model.eval()
+    assert model(input_ids=ids).past_key_values is not None
+    model.train()
+    s2a.restore(model)
+    assert model(input_ids=ids).past_key_values is not None
+
+
+@pytest.mark.parametrize("norm_trains", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transformers_rms_norms_recognised_by_their_code(norm_trains, dtype):
+    # Gemma's flavour scales by (1 + weight) in float32 before the cast; LLaMA's (copied
+    # into 140-odd classes, Olmo2's is another formula and stays native) casts first.
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
+    from transformers.models.smollm3.modeling_smollm3 import SmolLM3RMSNorm
+
+    from s2a.activations._hf import rms_norm_flavour
+
+    assert [rms_norm_flavour(c(8)) for c in (GemmaRMSNorm, Qwen3_5RMSNorm, SmolLM3RMSNorm, Olmo2RMSNorm)] == [
+        "gemma", "gemma", "llama", None]
+    torch.manual_seed(0)
+    norm = GemmaRMSNorm(64)
+    norm.weight.data.normal_(0, 0.3)
+    norm.weight.requires_grad_(norm_trains)
+    ref = copy.deepcopy(norm)
+    s2a.compress_activations(norm, bits=8, strict=True)  # no pow / mul / rsqrt left native
+    assert s2a.compression_summary(norm) == {"": "rms_norm@8"}
+    x = torch.randn(4, 10, 64, dtype=dtype, requires_grad=True)
+    y, y0 = norm(x), ref(x)
+    assert y.dtype == y0.dtype == dtype and torch.equal(y, y0)  # the forward is exact
+    g = torch.randn_like(y)
+    params = [norm.weight] if norm_trains else []
+    grads = torch.autograd.grad(y, [x, *params], g)
+    grads0 = torch.autograd.grad(y0, [x, *([ref.weight] if norm_trains else [])], g)
+    for a, b in zip(grads, grads0, strict=True):
+        assert cosine(a.float(), b.float()) > 0.9999
+    s2a.restore(norm)
+    assert "forward" not in vars(norm)
+
+
 def test_functional_calls_are_routed():
     class Functional(nn.Module):
         def __init__(self):

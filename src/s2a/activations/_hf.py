@@ -1,5 +1,6 @@
-"""A leaner forward for transformers' gated MLPs (LLaMA, Mistral, Qwen, Gemma, Phi-3, GLM: 157
-classes of transformers 5.25).
+"""transformers' hand-written blocks, recognised by their code: gated MLPs and RMSNorms.
+
+Gated MLPs (LLaMA, Mistral, Qwen, Gemma, Phi-3, GLM: 157 classes of transformers 5.25).
 
 Their forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (or the same with one packed
 ``gate_up_proj``): natively it keeps both factors of the product for backward, each the
@@ -10,6 +11,10 @@ A class is recognised by its ``forward``'s bytecode, names and constants, compar
 three spellings that transformers uses (below); a release or a model that computes anything
 else (clamps, multipliers, a norm inside the MLP) falls back to its own forward instead of
 being mis-run.
+
+RMSNorms: LLaMA's (``weight * normalised(x.float()).to(x.dtype)``, 144 classes) and Gemma's
+(``(normalised(x.float()) * (1 + weight.float())).type_as(x)``, 13 classes) are told apart by
+the same comparison; :func:`rms_norm_flavour` names which.
 """
 
 from __future__ import annotations
@@ -72,6 +77,49 @@ _LAYOUTS = {_code_key(_llama_mlp): _separate, _code_key(_inline_mlp): _separate,
 def _layout(module: nn.Module):
     forward = type(module).forward
     return _LAYOUTS.get(_code_key(forward)) if hasattr(forward, "__code__") else None
+
+
+class _LlamaRMSNorm(nn.Module):  # the reference spellings, as in transformers 5.x
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class _GemmaRMSNorm(nn.Module):
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float())
+        # Llama does x.to(float16) * w whilst Gemma is (x * w).to(float16)
+        # See https://github.com/huggingface/transformers/pull/29402
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+
+def _same_code(cls: type, reference: type, *names: str) -> bool:
+    for name in names:
+        fn = getattr(cls, name, None)
+        if not hasattr(fn, "__code__") or _code_key(fn) != _code_key(getattr(reference, name)):
+            return False
+    return True
+
+
+def rms_norm_flavour(module: nn.Module) -> str | None:
+    """``"llama"`` or ``"gemma"`` for transformers RMSNorms whose code is one of those two
+    (with a 1-D ``weight``), else None."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or "forward" in vars(module):
+        return None
+    cls = type(module)
+    if _same_code(cls, _LlamaRMSNorm, "forward") and hasattr(module, "variance_epsilon"):
+        return "llama"
+    if _same_code(cls, _GemmaRMSNorm, "forward", "_norm") and hasattr(module, "eps"):
+        return "gemma"
+    return None
 
 
 def lean_hf_forward(
