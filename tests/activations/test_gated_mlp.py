@@ -13,7 +13,6 @@ from torch import nn
 
 import s2a
 from s2a.activations import gated_mlp as GM
-from s2a.activations import mlp as M
 from s2a.activations.codebooks import SMOOTH_FUNCTIONS
 from s2a.memory import measure
 
@@ -55,7 +54,7 @@ def test_one_chunk_is_bit_identical_to_the_native_block(name):
 
 
 def test_chunks_of_rows_give_the_native_gradients(monkeypatch):
-    monkeypatch.setattr(M, "CHUNK_ELEMS", 64 * 7)  # 7-row chunks, the last one ragged
+    monkeypatch.setattr(GM, "CHUNK_ELEMS", 64 * 7)  # 7-row chunks, the last one ragged
     w = _weights()
     x = torch.randn(3, 17, 24, requires_grad=True)
     g = torch.randn(3, 17, 20)

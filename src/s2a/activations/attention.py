@@ -57,9 +57,11 @@ DEFAULT_MODE = "probs"
 # Logits (float32) materialised at a time in attention: the batch is cut in slices, and a
 # slice's query rows in chunks, of about this many. Backward holds about five such blocks (P, dP,
 # dS and temporaries). On ViT-B/16 at batch 64 (CPU, exact peak, before batch slicing), 2**22 gave
-# a step peak 68 MiB below 2**24 at no loss of speed, 2**20 36 MiB less again but a 1.9x slower
-# step (5-row chunks).
-CHUNK_ELEMS = 1 << 22
+# a step peak 68 MiB below 2**24 at no loss of speed; 2**20 was then 1.9x slower (5-row chunks),
+# but with batch slicing it costs nothing (ViT-B/16, batch 32, CPU: 7.9 vs 8.1 s a step, same
+# peak) and takes 40 MiB off a 4-layer SmolLM2-135M step's peak (batch 8 x 256, with the gated
+# MLP's 2**20 chunks), where the attention logits set the forward's peak.
+CHUNK_ELEMS = 1 << 20
 # Q/K/V rows (head dim, per-row absmax): uniform levels. With absmax scaling of
 # 32-128 Gaussian-like values they are as accurate as normal-quantile levels
 # (4 bits: relative MSE 0.0083 vs 0.0077) and encode by rounding, not bucketize.
