@@ -8,7 +8,7 @@ head), batch 8 x 256 tokens. Each fine-tuning method comes from ``s2a train``'s 
 both factors of the SwiGLU product kept natively: s2a before the fused gated MLP), to show
 what that fusion adds. Each set-up is measured by ``s2a.memory.measure(model, batch,
 optimizer_step=True)`` (forward, default loss ``mean(logits**2)``, backward, AdamW step) in its
-own subprocess. Then the step time of full, lora, s2a-unfused and s2a (one process, steps
+own subprocess. Then the step time of full, lora, lora-ckpt, s2a-unfused and s2a (one process, steps
 interleaved round-robin: zero_grad, forward, loss, backward, AdamW step), ``--repeats`` rounds.
 
     HF_HUB_OFFLINE=1 python benchmarks/decoder_memory.py           # full size (~25 min on 2 cores)
@@ -64,7 +64,7 @@ def _model(quick: bool):
     return model.train()
 
 
-TIMED = ("full", "lora", "s2a-unfused", "s2a")
+TIMED = ("full", "lora", "lora-ckpt", "s2a-unfused", "s2a")
 
 
 def _inputs(quick: bool) -> dict[str, torch.Tensor]:
