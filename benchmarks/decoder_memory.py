@@ -70,7 +70,8 @@ TIMED = ("full", "lora", "lora-ckpt", "s2a-unfused", "s2a")
 def _inputs(quick: bool) -> dict[str, torch.Tensor]:
     _, batch, tokens = SIZES["quick" if quick else "full"]
     gen = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(1, CONFIG["vocab_size"], (batch, tokens), generator=gen)}
+    # no KV cache, as `s2a train` runs a decoder's training forward (s2a.zoo.call_model)
+    return {"input_ids": torch.randint(1, CONFIG["vocab_size"], (batch, tokens), generator=gen), "use_cache": False}
 
 
 def _setup(label: str, quick: bool, inputs: dict) -> tuple[torch.nn.Module, int]:
@@ -158,7 +159,8 @@ def to_markdown(data: dict[str, Any]) -> str:
         "Training-step memory of a LLaMA-architecture decoder (SmolLM2-135M shape)", data["meta"],
         notes=[
             f"transformers `LlamaForSequenceClassification` with SmolLM2-135M's configuration, "
-            f"{layers} layers, random init, fp32, batch {batch} x {tokens} tokens, 2-class head; "
+            f"{layers} layers, random init, fp32, batch {batch} x {tokens} tokens, `use_cache=False` "
+            "(as `s2a train` runs a training forward), 2-class head; "
             "methods as `s2a train --method` applies them (`s2a.baselines.apply_spec`); s2a = "
             "bias + low-rank prompt (zero-initialised biases on the bias-free projections) with "
             "4-bit activations; s2a-native: the same structure, native storage; s2a-unfused: "

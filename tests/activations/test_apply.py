@@ -110,35 +110,6 @@ def test_llama_style_decoder():
     assert nbytes < ref_bytes
 
 
-def test_training_forward_of_a_decoder_keeps_no_kv_cache():
-    # The cache would hold every layer's full-precision keys and values through backward,
-    # beside the 8-bit copies that attention saves.
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from s2a.memory import measure
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0)
-    model = LlamaForSequenceClassification(cfg).train()
-    for name, p in model.named_parameters():
-        p.requires_grad_("norm" in name or "score" in name)
-    ids = torch.randint(1, 128, (2, 32))
-    assert model(input_ids=ids).past_key_values is not None  # transformers' default
-    s2a.compress_activations(model)
-    assert model(input_ids=ids).past_key_values is None
-    report = measure(model, {"input_ids": ids}, lambda o, _: o.logits.sum())
-    assert report.saved_bytes > 0 and report.forward_live_bytes == pytest.approx(report.saved_bytes, rel=1e-3)
-    assert model(input_ids=ids, use_cache=True).past_key_values is not None  # asked for
-    with torch.no_grad():
-        assert model(input_ids=ids).past_key_values is not None
-    model.eval()
-    assert model(input_ids=ids).past_key_values is not None
-    model.train()
-    s2a.restore(model)
-    assert model(input_ids=ids).past_key_values is not None
-
-
 @pytest.mark.parametrize("norm_trains", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_transformers_rms_norms_recognised_by_their_code(norm_trains, dtype):

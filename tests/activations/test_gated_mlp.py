@@ -330,3 +330,39 @@ def test_timm_gated_mlp_with_a_norm_inside_runs_unfused():
     s2a.compress_activations(block)
     assert "" not in s2a.compression_summary(block)
     s2a.restore(block)
+
+
+def test_hf_mlp_wrapped_after_compression_runs_its_own_forward():
+    # peft applied after s2a (the usual LLaMA LoRA recipe): the wrapped projections must run,
+    # with their adapters, not the frozen base weights inside the fused block
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = _hf_model("llama")
+    ids = torch.randint(1, 64, (2, 9))
+    reference = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=["up_proj"], r=2, init_lora_weights=False))
+    s2a.compress_activations(model, ops={"silu": 4})
+    assert s2a.compression_summary(model)["model.layers.0.mlp"] == "gated_mlp:silu@input"
+    wrapped = get_peft_model(model, LoraConfig(target_modules=["up_proj"], r=2, init_lora_weights=False))
+    wrapped.load_state_dict(reference.state_dict())
+    out, out0 = wrapped(input_ids=ids).logits, reference(input_ids=ids).logits
+    torch.testing.assert_close(out, out0, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    lora_grads = [p.grad for n, p in wrapped.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+
+def test_hf_mlp_called_by_keyword():
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    torch.manual_seed(0)
+    mlp = Phi3MLP(Phi3Config(hidden_size=16, intermediate_size=40))
+    reference = copy.deepcopy(mlp)
+    for m in (mlp, reference):
+        m.gate_up_proj.weight.requires_grad_(False)
+        m.down_proj.weight.requires_grad_(False)
+    s2a.compress_activations(mlp)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    torch.testing.assert_close(mlp(hidden_states=x), reference(hidden_states=x))
+    torch.testing.assert_close(mlp(x), reference(x))

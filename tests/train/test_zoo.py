@@ -250,3 +250,37 @@ def test_transformers_image_directory_and_a_broken_processor(tmp_path):
     (path / "preprocessor_config.json").write_text("{not json")
     with pytest.raises(ZooError, match=r"vit: cannot load the image processor \(preprocessor_config.json\)"):
         load_model(str(path), 3)
+
+
+def test_training_forward_of_a_decoder_runs_without_kv_cache():
+    # The cache would gather every layer's full-precision keys and values until the forward
+    # returns, beside the 8-bit copies compressed attention keeps: the step's peak.
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    import s2a
+    from s2a.memory import measure
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0)
+    model, fresh = LlamaForSequenceClassification(cfg), LlamaForSequenceClassification(cfg)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
+    batch = {"input_ids": torch.randint(1, 128, (2, 32))}
+    call_model(model.train(), batch)
+    with torch.no_grad():
+        call_model(model, batch)
+    call_model(model.eval(), batch)
+    call_model(model.train(), {**batch, "use_cache": True})  # asked for: kept
+    assert seen == [False, None, None, True]
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj"], r=2))
+    seen.clear()
+    call_model(peft_model.train(), batch)
+    assert seen == [False]
+    # what it saves: with the cache, the output would hold K/V past the forward
+    s2a.apply(fresh.train(), s2a.S2AConfig(), example_input=batch)
+    report = measure(fresh, {**batch, "use_cache": False}, lambda o, _: o.logits.sum())
+    assert report.forward_live_bytes == pytest.approx(report.saved_bytes, rel=1e-3)
+    with_cache = measure(fresh, batch, lambda o, _: o.logits.sum())
+    assert with_cache.forward_live_bytes > report.forward_live_bytes + 2 * 2 * 32 * 32 * 4  # K, V

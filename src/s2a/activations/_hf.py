@@ -145,14 +145,19 @@ def lean_hf_forward(
     return f"gated_mlp:{kind}", partial(_fused_forward, module, state, kind, layout)
 
 
-def _fused_forward(module: nn.Module, state: Any, kind: str, layout: Callable, x: torch.Tensor) -> torch.Tensor:
+def _fused_forward(module: nn.Module, state: Any, kind: str, layout: Callable, *args, **kwargs) -> torch.Tensor:
+    # the input, by position or by its own name (x, hidden_states); anything else runs natively
+    x = (args[0] if args else next(iter(kwargs.values()))) if len(args) + len(kwargs) == 1 else None
     act, linears, (wg, bg, wu, bu) = layout(module)
     down = linears[-1]
     if (
-        state.disabled
+        not isinstance(x, torch.Tensor)
+        # a layer wrapped or replaced since compress_activations (peft after s2a): its own forward
+        or any(type(fc) is not nn.Linear for fc in linears)
+        or state.disabled
         or not frozen_gated_mlp_applies(x, wg, wu, down.weight, kind)
         or not _needs_grad(x, bg, bu, down.bias)
         or has_foreign_hooks(*linears, act)
     ):
-        return type(module).forward(module, x)
+        return type(module).forward(module, *args, **kwargs)
     return frozen_gated_mlp(x, wg, bg, wu, bu, down.weight, down.bias, kind)

@@ -108,6 +108,7 @@ def _fused_mlp_forward(module: nn.Module, state: Any, kind: str, bits: int, x: t
     b1, b2 = fc1.bias, fc2.bias
     if (
         state.disabled
+        or type(fc1) is not nn.Linear or type(fc2) is not nn.Linear  # wrapped since (peft)
         or (module.drop1.training and module.drop1.p > 0)
         or not frozen_mlp_applies(x, fc1.weight, fc2.weight, kind)
         or not _needs_grad(x, b1, b2)
@@ -146,12 +147,13 @@ def _gate_and_up(module: nn.Module) -> tuple[torch.Tensor, ...]:
 
 
 def _fused_gated_forward(module: nn.Module, state: Any, kind: str, x: torch.Tensor) -> torch.Tensor:
+    fcs = [m for n, m in module.named_children() if n.startswith("fc")]
+    if state.disabled or any(type(fc) is not nn.Linear for fc in fcs):  # wrapped since (peft)
+        return type(module).forward(module, x)
     fc2 = module.fc2
     wg, bg, wu, bu = _gate_and_up(module)
-    fcs = [m for n, m in module.named_children() if n.startswith("fc")]
     if (
-        state.disabled
-        or (module.drop1.training and module.drop1.p > 0)
+        (module.drop1.training and module.drop1.p > 0)
         or not frozen_gated_mlp_applies(x, wg, wu, fc2.weight, kind)
         or not _needs_grad(x, bg, bu, fc2.bias)
         or has_foreign_hooks(*fcs, module.act, module.drop1, module.norm)

@@ -800,7 +800,6 @@ def compress_activations(
                 state.hooks.append(module.register_forward_pre_hook(partial(_suspect_hook, state, name)))
     if state.attn_impl:
         _attn_hooks(model, state)
-    _cache_hooks(model, state)
     if strict and uncovered:
         _undo(model, state)
         raise UncoveredOperatorsError(
@@ -838,29 +837,6 @@ def _param_index(module: nn.Module, name: str) -> int | None:
             _FORWARD_PARAMS[cls] = []
     names = _FORWARD_PARAMS[cls]
     return names.index(name) if name in names else None
-
-
-def _cache_hooks(model: nn.Module, state: _State) -> None:
-    """A transformers decoder left to its config's ``use_cache=True`` keeps every layer's key
-    and value states in a cache that its output holds through backward: in full precision,
-    beside the 8-bit copies attention saved (SmolLM2-135M, batch 8 x 256: 90 MiB of a 324 MiB
-    step). A training forward (training mode, gradients on) that does not ask for the cache
-    runs without it; an explicit ``use_cache=True``, evaluation and generation keep it."""
-    for module in model.modules():
-        if getattr(getattr(module, "config", None), "use_cache", None) is not None and (
-                _param_index(module, "use_cache") is not None):
-            state.hooks.append(module.register_forward_pre_hook(_no_training_cache, with_kwargs=True))
-
-
-def _no_training_cache(module, args, kwargs):
-    if not (module.training and torch.is_grad_enabled()) or kwargs.get("use_cache") is not None:
-        return None
-    at = _param_index(module, "use_cache")
-    if len(args) <= at:
-        return args, {**kwargs, "use_cache": False}
-    if args[at] is None:
-        return (*args[:at], False, *args[at + 1:]), kwargs
-    return None
 
 
 def _asks_attentions(module: nn.Module, args, kwargs) -> bool:
