@@ -5,7 +5,8 @@ Gated MLPs (LLaMA, Mistral, Qwen, Gemma, Phi-3, GLM: 157 classes of transformers
 Their forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (or the same with one packed
 ``gate_up_proj``): natively it keeps both factors of the product for backward, each the
 intermediate width (2.7-8x the model's). With the weights frozen the block runs as
-:func:`.gated_mlp.frozen_gated_mlp`, which keeps only ``x`` and recomputes the rest, exactly.
+:func:`.gated_mlp.frozen_gated_mlp`, which keeps only ``x`` (bf16 / fp16 as it is, float32 in
+bfloat16) and recomputes the rest.
 
 A class is recognised by its ``forward``'s bytecode, names and constants, compared with the
 three spellings that transformers uses (below); a release or a model that computes anything
