@@ -158,6 +158,23 @@ def interleaved(
     ]
 
 
+def run_child(script: str, label: str, extra: Sequence[str] = (), timeout: int = 3600) -> dict[str, Any]:
+    """Run ``script --child LABEL --child-out FILE [extra...]`` in its own process (one set-up
+    that runs out of memory does not take the others down; its peak is its own) and return the
+    JSON it wrote, with ``elapsed_s``; or ``{"setup": label, "error": ...}``."""
+    out = Path(f"/tmp/s2a_{Path(script).stem}_{os.getpid()}_{label.replace('+', '_')}.json")
+    t0 = time.perf_counter()
+    cmd = [sys.executable, script, "--child", label, "--child-out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not out.exists():
+        tail = " | ".join((proc.stderr or "").strip().splitlines()[-3:])
+        return {"setup": label, "error": f"rc {proc.returncode}: {tail}"}
+    res = json.loads(out.read_text())
+    out.unlink()
+    res["elapsed_s"] = time.perf_counter() - t0
+    return res
+
+
 def ratio_of_medians(a: dict[str, float], b: dict[str, float]) -> float:
     """``b / a`` of the medians (a = reference)."""
     return b["median_ms"] / a["median_ms"]

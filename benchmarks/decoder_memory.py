@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, interleaved, md_table, metadata, mib, paired_ratio, write_results
+from _common import (
+    header,
+    interleaved,
+    md_table,
+    metadata,
+    mib,
+    paired_ratio,
+    run_child,
+    write_results,
+)
 
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json), 2 labels; --quick: 2 layers
 CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -126,18 +134,6 @@ def time_steps(quick: bool, repeats: int) -> dict[str, Any]:
     return out
 
 
-def run_child(label: str, quick: bool) -> dict[str, Any]:
-    out = Path(f"/tmp/s2a_decoder_{os.getpid()}_{label}.json")
-    cmd = [sys.executable, __file__, "--child", label, "--child-out", str(out)] + (["--quick"] if quick else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0 or not out.exists():
-        tail = " | ".join((proc.stderr or "").strip().splitlines()[-3:])
-        return {"setup": label, "error": f"rc {proc.returncode}: {tail}"}
-    res = json.loads(out.read_text())
-    out.unlink()
-    return res
-
-
 def to_markdown(data: dict[str, Any]) -> str:
     by = {r["setup"]: r for r in data["results"]}
     full = by["full"]["report"]
@@ -195,7 +191,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results = []
     for label, _, _ in SETUPS:
-        results.append(run_child(label, args.quick))
+        results.append(run_child(__file__, label, ["--quick"] if args.quick else []))
         print(label, results[-1].get("error", "ok"), flush=True)
     load = os.getloadavg()
     timing = time_steps(args.quick, args.repeats) if args.repeats > 0 else None

@@ -18,7 +18,6 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, md_table, metadata, mib, write_results
+from _common import header, md_table, metadata, mib, run_child, write_results
 
 MODULE_SETS = [c for n in (1, 2, 3) for c in itertools.combinations(("bias", "prompt", "side"), n)]
 FULL = {"quick": ("vit_tiny_patch16_224", 2), "full": ("vit_base_patch16_224", 64)}
@@ -60,20 +59,6 @@ def run_one(label: str, quick: bool) -> dict[str, Any]:
     x = torch.randn(batch, 3, 224, 224)
     report = measure(model, x, optimizer_step=True, name=f"{name} [{label}]")
     return {"setup": label, "model": name, "batch": batch, "report": report.to_dict()}
-
-
-def run_child(label: str, quick: bool) -> dict[str, Any]:
-    out = Path(f"/tmp/s2a_structure_{os.getpid()}_{label.replace('+', '_')}.json")
-    cmd = [sys.executable, __file__, "--child", label, "--child-out", str(out)] + (["--quick"] if quick else [])
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0 or not out.exists():
-        tail = " | ".join((proc.stderr or "").strip().splitlines()[-3:])
-        return {"setup": label, "error": f"rc {proc.returncode}: {tail}"}
-    res = json.loads(out.read_text())
-    out.unlink()
-    res["elapsed_s"] = time.perf_counter() - t0
-    return res
 
 
 def to_markdown(data: dict[str, Any]) -> str:
@@ -111,7 +96,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results = []
     for label, _, _ in setups():
-        results.append(run_child(label, args.quick))
+        results.append(run_child(__file__, label, ["--quick"] if args.quick else []))
         print(label, "error" if "error" in results[-1] else "ok", flush=True)
     name, batch = FULL["quick" if args.quick else "full"]
     meta = metadata(repeats="1 measured step per set-up", runtime_s=time.perf_counter() - t0)
