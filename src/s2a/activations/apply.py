@@ -824,25 +824,24 @@ def _attn_hooks(model: nn.Module, state: _State) -> None:
                 partial(_attn_exit, state), always_call=True))
 
 
-_FORWARD_PARAMS: dict[type, list[str]] = {}  # forward's parameter names (without self), by class
+_OUTPUT_ATTENTIONS_AT: dict[type, int | None] = {}  # its positional index in forward, by class
 
 
-def _param_index(module: nn.Module, name: str) -> int | None:
-    """Positional index of ``name`` in ``module``'s forward, None if it has no such parameter."""
+def _output_attentions_at(module: nn.Module) -> int | None:
     cls = type(module)
-    if cls not in _FORWARD_PARAMS:
+    if cls not in _OUTPUT_ATTENTIONS_AT:
         try:
-            _FORWARD_PARAMS[cls] = list(inspect.signature(cls.forward).parameters)[1:]
+            names = list(inspect.signature(cls.forward).parameters)[1:]  # without self
         except (TypeError, ValueError):
-            _FORWARD_PARAMS[cls] = []
-    names = _FORWARD_PARAMS[cls]
-    return names.index(name) if name in names else None
+            names = []
+        _OUTPUT_ATTENTIONS_AT[cls] = names.index("output_attentions") if "output_attentions" in names else None
+    return _OUTPUT_ATTENTIONS_AT[cls]
 
 
 def _asks_attentions(module: nn.Module, args, kwargs) -> bool:
     asked = kwargs.get("output_attentions")
     if asked is None:
-        at = _param_index(module, "output_attentions")
+        at = _output_attentions_at(module)
         if at is not None and len(args) > at:
             asked = args[at]
     if asked is None:
