@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -264,3 +266,23 @@ def test_attention_lean_forward_with_mask_and_restore():
     torch.testing.assert_close(gx, gx0)
     s2a.restore(attn)
     assert "forward" not in attn.__dict__ and attn.fused_attn == fused_attn
+
+
+def test_lean_mlp_runs_a_layer_wrapped_after_compression():
+    # An adapter wrapped around fc1 after compress_activations (peft after s2a) must run: the
+    # block falls back to timm's own forward instead of reading fc1's frozen weight.
+    class Shifted(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 1.0
+
+    model = _vit()
+    reference = copy.deepcopy(model)
+    s2a.compress_activations(model)
+    x = torch.randn(2, 3, 64, 64)
+    for m in (model, reference):
+        m.blocks[0].mlp.fc1 = Shifted(m.blocks[0].mlp.fc1)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)

@@ -52,18 +52,24 @@ def _packed_mlp(self, hidden_states):  # Phi3MLP, GlmMLP, Glm4MLP, DiaMLP...
 
 
 def _separate(module: nn.Module):
-    """(activation, linears, (gate weight, gate bias, up weight, up bias))"""
-    gate, up = module.gate_proj, module.up_proj
-    return module.act_fn, (gate, up, module.down_proj), (gate.weight, gate.bias, up.weight, up.bias)
+    return module.act_fn, (module.gate_proj, module.up_proj, module.down_proj)
 
 
 def _packed(module: nn.Module):
-    # the gate is the first half of gate_up_proj's rows; views of its weight and bias, through
-    # which the bias gradient reaches gate_up_proj.bias
-    fc = module.gate_up_proj
+    return module.activation_fn, (module.gate_up_proj, module.down_proj)
+
+
+def _gate_and_up(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor | None, ...]:
+    """(gate weight, gate bias, up weight, up bias). A packed ``gate_up_proj`` holds the gate in
+    the first half of its rows: views of its weight and bias, through which the bias gradient
+    reaches ``gate_up_proj.bias``."""
+    if len(linears) == 3:
+        gate, up, _ = linears
+        return gate.weight, gate.bias, up.weight, up.bias
+    fc = linears[0]
     wg, wu = fc.weight.chunk(2)
     bg, bu = (None, None) if fc.bias is None else fc.bias.chunk(2)
-    return module.activation_fn, (fc, module.down_proj), (wg, bg, wu, bu)
+    return wg, bg, wu, bu
 
 
 def _code_key(fn) -> tuple:
@@ -132,7 +138,7 @@ def lean_hf_forward(
     layout = None if "forward" in vars(module) else _layout(module)
     if layout is None:
         return None
-    act, linears, _ = layout(module)
+    act, linears = layout(module)
     if any(type(fc) is not nn.Linear for fc in linears):
         return None  # a peft-wrapped or quantised layer
     if any(fc.weight.requires_grad for fc in linears):
@@ -149,14 +155,14 @@ def lean_hf_forward(
 def _fused_forward(module: nn.Module, state: Any, kind: str, layout: Callable, *args, **kwargs) -> torch.Tensor:
     # the input, by position or by its own name (x, hidden_states); anything else runs natively
     x = (args[0] if args else next(iter(kwargs.values()))) if len(args) + len(kwargs) == 1 else None
-    act, linears, (wg, bg, wu, bu) = layout(module)
+    act, linears = layout(module)
+    # a layer wrapped or replaced since compress_activations (peft after s2a): its own forward
+    if not isinstance(x, torch.Tensor) or any(type(fc) is not nn.Linear for fc in linears) or state.disabled:
+        return type(module).forward(module, *args, **kwargs)
+    wg, bg, wu, bu = _gate_and_up(linears)
     down = linears[-1]
     if (
-        not isinstance(x, torch.Tensor)
-        # a layer wrapped or replaced since compress_activations (peft after s2a): its own forward
-        or any(type(fc) is not nn.Linear for fc in linears)
-        or state.disabled
-        or not frozen_gated_mlp_applies(x, wg, wu, down.weight, kind)
+        not frozen_gated_mlp_applies(x, wg, wu, down.weight, kind)
         or not _needs_grad(x, bg, bu, down.bias)
         or has_foreign_hooks(*linears, act)
     ):

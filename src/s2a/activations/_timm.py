@@ -105,11 +105,11 @@ def _mlp_forward(module, path, state, act_kind, skipped):
 
 def _fused_mlp_forward(module: nn.Module, state: Any, kind: str, bits: int, x: torch.Tensor) -> torch.Tensor:
     fc1, fc2 = module.fc1, module.fc2
+    if state.disabled or type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:  # wrapped since (peft)
+        return type(module).forward(module, x)
     b1, b2 = fc1.bias, fc2.bias
     if (
-        state.disabled
-        or type(fc1) is not nn.Linear or type(fc2) is not nn.Linear  # wrapped since (peft)
-        or (module.drop1.training and module.drop1.p > 0)
+        (module.drop1.training and module.drop1.p > 0)
         or not frozen_mlp_applies(x, fc1.weight, fc2.weight, kind)
         or not _needs_grad(x, b1, b2)
         or has_foreign_hooks(fc1, module.act, module.drop1, module.norm, fc2)
