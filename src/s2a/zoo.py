@@ -640,7 +640,8 @@ def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
     A training forward of a transformers decoder runs with ``use_cache=False``: its default
     cache would gather every layer's keys and values in full precision until the forward
     returns, beside the 8-bit copies that compressed attention keeps (SmolLM2-135M at batch
-    8 x 256: 90 MiB on a 234 MiB step), as transformers itself does under checkpointing."""
+    8 x 256: 90 MiB, where S2A keeps 167 MiB for backward), as transformers does under
+    checkpointing."""
     if isinstance(inputs, dict):
         if "use_cache" not in inputs and model.training and torch.is_grad_enabled() and _takes_use_cache(model):
             inputs = {**inputs, "use_cache": False}
