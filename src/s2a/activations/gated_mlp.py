@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .codebooks import SMOOTH_FUNCTIONS
-from .mlp import _compute_dtype
+from .mlp import _compute_dtype, _row_chunks
 
 __all__ = ["CHUNK_ELEMS", "frozen_gated_mlp", "frozen_gated_mlp_applies"]
 
@@ -35,11 +35,6 @@ __all__ = ["CHUNK_ELEMS", "frozen_gated_mlp", "frozen_gated_mlp_applies"]
 # (dh, gate, act(gate), up, their products): with 2**23 (the whole 2048 x 1536 layer of
 # SmolLM2-135M at batch 8 x 256) that was 72 MiB of the step's peak; 2**20 is as fast on CPU.
 CHUNK_ELEMS = 1 << 20
-
-
-def _row_chunks(rows: int, hidden: int) -> list[tuple[int, int]]:
-    step = max(1, CHUNK_ELEMS // max(hidden, 1))
-    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 class _GatedMLPFrozenWeights(torch.autograd.Function):
@@ -55,7 +50,7 @@ class _GatedMLPFrozenWeights(torch.autograd.Function):
         # output could not be modified in place by the caller (a view made inside a Function).
         out = x2.new_empty(*x.shape[:-1], wd.shape[0])
         out2 = out.view(rows, wd.shape[0])
-        for r0, r1 in _row_chunks(rows, hidden):
+        for r0, r1 in _row_chunks(rows, hidden, CHUNK_ELEMS):
             h = act(F.linear(x2[r0:r1], wgc, bgc)).mul_(F.linear(x2[r0:r1], wuc, buc))
             if bdc is None:
                 torch.mm(h, wdc.t(), out=out2[r0:r1])
@@ -89,7 +84,7 @@ class _GatedMLPFrozenWeights(torch.autograd.Function):
         gx = g2.new_empty(rows, wg.shape[1]) if need_x else None
         gbg = g2.new_zeros(hidden, dtype=acc) if need_bg else None
         gbu = g2.new_zeros(hidden, dtype=acc) if need_bu else None
-        for r0, r1 in _row_chunks(rows, hidden):
+        for r0, r1 in _row_chunks(rows, hidden, CHUNK_ELEMS):
             dh = torch.mm(g2[r0:r1], wdc)
             # The activation's derivative from PyTorch's own backward, as natively; no torch
             # function mode (s2a's included) may reroute the activation here.

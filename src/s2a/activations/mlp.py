@@ -59,8 +59,9 @@ def has_foreign_hooks(*modules: torch.nn.Module) -> bool:
     return any(not getattr(h, _OBSERVER, False) for d in dicts for h in d.values())
 
 
-def _row_chunks(rows: int, hidden: int) -> list[tuple[int, int]]:
-    step = max(1, CHUNK_ELEMS // max(hidden, 1))
+def _row_chunks(rows: int, hidden: int, budget: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges of about ``budget`` (default :data:`CHUNK_ELEMS`) hidden-layer elements each."""
+    step = max(1, (CHUNK_ELEMS if budget is None else budget) // max(hidden, 1))
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
