@@ -27,10 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .codebooks import SMOOTH_FUNCTIONS
 from .functional import _needs_grad
 from .gated_mlp import frozen_gated_mlp, frozen_gated_mlp_applies
-from .mlp import has_foreign_hooks
+from .mlp import fusable_kind, has_foreign_hooks
 
 
 def _llama_mlp(self, x):  # LlamaMLP and the classes copied from it
@@ -139,14 +138,9 @@ def lean_hf_forward(
     if layout is None:
         return None
     act, linears = layout(module)
-    if any(type(fc) is not nn.Linear for fc in linears):
-        return None  # a peft-wrapped or quantised layer
-    if any(fc.weight.requires_grad for fc in linears):
-        return None  # weights that train need their inputs: nothing to fuse
-    if any(skipped(f"{path}.{name}" if path else name) for name, _ in module.named_children()):
-        return None
-    kind = act_kind(act)
-    if kind not in SMOOTH_FUNCTIONS or not state.spec.enabled(kind):
+    parts = [f"{path}.{name}" if path else name for name, _ in module.named_children()]
+    kind = fusable_kind(linears, act, parts, state, act_kind, skipped)
+    if kind is None:
         return None
     # partials, not closures: a deepcopy of the model rebinds them to the copy's modules
     return f"gated_mlp:{kind}", partial(_fused_forward, module, state, kind, layout)

@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codebooks import SMOOTH_FUNCTIONS
 from .functional import _needs_grad
 from .gated_mlp import frozen_gated_mlp, frozen_gated_mlp_applies
-from .mlp import frozen_mlp, frozen_mlp_applies, has_foreign_hooks
+from .mlp import frozen_mlp, frozen_mlp_applies, fusable_kind, has_foreign_hooks
 
 # Names each timm forward reads (co_names of timm 1.0.x). Any other: not ours to rewrite.
 _MLP_NAMES = frozenset({"act", "drop1", "drop2", "fc1", "fc2", "norm"})
@@ -86,17 +85,17 @@ def lean_timm_forward(
     return None
 
 
-def _mlp_forward(module, path, state, act_kind, skipped):
-    if type(module.fc1) is not nn.Linear or type(module.fc2) is not nn.Linear:
-        return None  # timm's use_conv variant, or a peft-wrapped layer
+def _timm_mlp_kind(module, path, state, act_kind, skipped, fc1_names) -> str | None:
     if type(module.norm) is not nn.Identity or type(module.drop1) is not nn.Dropout:
-        return None
-    if module.fc1.weight.requires_grad or module.fc2.weight.requires_grad:
-        return None  # weights that train need fc1's and fc2's inputs: nothing to fuse
-    if any(skipped(f"{path}.{c}" if path else c) for c in ("fc1", "act", "drop1", "fc2")):
-        return None
-    kind = act_kind(module.act)
-    if kind not in SMOOTH_FUNCTIONS or not state.spec.enabled(kind):
+        return None  # a norm between the hidden layer and fc2 would need the hidden layer itself
+    parts = [f"{path}.{c}" if path else c for c in (*fc1_names, "act", "drop1", "fc2")]
+    linears = [getattr(module, n) for n in (*fc1_names, "fc2")]
+    return fusable_kind(linears, module.act, parts, state, act_kind, skipped)
+
+
+def _mlp_forward(module, path, state, act_kind, skipped):
+    kind = _timm_mlp_kind(module, path, state, act_kind, skipped, ("fc1",))
+    if kind is None:
         return None
     bits = state.spec.bits_for(kind)
     # partials, not closures: a deepcopy of the model rebinds them to the copy's modules
@@ -119,17 +118,8 @@ def _fused_mlp_forward(module: nn.Module, state: Any, kind: str, bits: int, x: t
 
 
 def _gated_forward(module, path, state, act_kind, skipped, fc1_names):
-    fcs = [getattr(module, n) for n in (*fc1_names, "fc2")]
-    if any(type(fc) is not nn.Linear for fc in fcs):
-        return None  # a peft-wrapped layer
-    if type(module.norm) is not nn.Identity or type(module.drop1) is not nn.Dropout:
-        return None  # a norm between the product and fc2 would need the product itself
-    if any(fc.weight.requires_grad for fc in fcs):
-        return None
-    if any(skipped(f"{path}.{c}" if path else c) for c in (*fc1_names, "act", "drop1", "fc2")):
-        return None
-    kind = act_kind(module.act)
-    if kind not in SMOOTH_FUNCTIONS or not state.spec.enabled(kind):
+    kind = _timm_mlp_kind(module, path, state, act_kind, skipped, fc1_names)
+    if kind is None:
         return None
     return f"gated_mlp:{kind}", partial(_fused_gated_forward, module, state, kind)
 

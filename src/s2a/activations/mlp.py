@@ -19,11 +19,12 @@ block runs unfused, each operator compressed on its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import kernels
@@ -34,7 +35,7 @@ from .codebooks import SMOOTH_FUNCTIONS, get_codebook
 # activation's each). Larger chunks gain nothing measurable on CPU matmuls of this size.
 CHUNK_ELEMS = 1 << 23
 
-__all__ = ["CHUNK_ELEMS", "frozen_mlp", "frozen_mlp_applies", "has_foreign_hooks", "observer_hook"]
+__all__ = ["CHUNK_ELEMS", "frozen_mlp", "frozen_mlp_applies", "fusable_kind", "has_foreign_hooks", "observer_hook"]
 
 _OBSERVER = "_s2a_observer"
 _Hook = TypeVar("_Hook", bound=Callable[..., object])
@@ -57,6 +58,22 @@ def has_foreign_hooks(*modules: torch.nn.Module) -> bool:
     for m in modules:
         dicts += [m._forward_pre_hooks, m._forward_hooks, m._backward_hooks, m._backward_pre_hooks]
     return any(not getattr(h, _OBSERVER, False) for d in dicts for h in d.values())
+
+
+def fusable_kind(
+    linears: Sequence[nn.Module], act: nn.Module, parts: Sequence[str], state: Any,
+    act_kind: Callable[[nn.Module], str | None], skipped: Callable[[str], bool],
+) -> str | None:
+    """The activation kind under which an MLP block may run fused, or None: every one of
+    ``linears`` a plain ``nn.Linear`` (not timm's conv variant, not peft-wrapped) with a frozen
+    weight (a weight that trains needs its input: nothing to fuse), none of the block's
+    ``parts`` (module paths) skipped, and ``act`` a smooth function ``state`` compresses."""
+    if any(type(fc) is not nn.Linear or fc.weight.requires_grad for fc in linears):
+        return None
+    if any(skipped(p) for p in parts):
+        return None
+    kind = act_kind(act)
+    return kind if kind in SMOOTH_FUNCTIONS and state.spec.enabled(kind) else None
 
 
 def _row_chunks(rows: int, hidden: int, budget: int | None = None) -> list[tuple[int, int]]:
