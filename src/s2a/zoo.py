@@ -31,6 +31,7 @@ it) with antialiasing, scaled to [0, 1] and normalised with the model's mean and
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import os
 import pickle
@@ -651,8 +652,13 @@ def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
 
 def _takes_use_cache(model: nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+    return _forward_takes_use_cache(type(base))
+
+
+@functools.cache  # asked at every training step: one signature per class
+def _forward_takes_use_cache(cls: type) -> bool:
     try:
-        return "use_cache" in inspect.signature(type(base).forward).parameters
+        return "use_cache" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
 
