@@ -138,6 +138,10 @@ HF: dict[str, tuple[str, str, dict, str, bool, bool]] = {
     "phi3": ("Phi3ForSequenceClassification", "Phi3Config", dict(TEXT, pad_token_id=0, num_key_value_heads=1), "text", True, False),
     "gemma": ("GemmaForSequenceClassification", "GemmaConfig", DEC, "text", True, False),
     "gemma2": ("Gemma2ForSequenceClassification", "Gemma2Config", DEC, "text", True, False),
+    "olmo2": ("Olmo2ForSequenceClassification", "Olmo2Config", DEC, "text", True, False),
+    "helium": ("HeliumForSequenceClassification", "HeliumConfig", DEC, "text", True, False),
+    "gpt-oss": ("GptOssForSequenceClassification", "GptOssConfig", dict(
+        DEC, num_local_experts=4, num_experts_per_tok=2), "text", True, False),
     "opt": ("OPTForSequenceClassification", "OPTConfig", dict(
         vocab_size=V, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
         max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1), "text1", True, False),

@@ -13,16 +13,18 @@ three spellings that transformers uses (below); a release or a model that comput
 else (clamps, multipliers, a norm inside the MLP) falls back to its own forward instead of
 being mis-run.
 
-RMSNorms: LLaMA's (``weight * normalised(x.float()).to(x.dtype)``, 144 classes) and Gemma's
-(``(normalised(x.float()) * (1 + weight.float())).type_as(x)``, 13 classes) are told apart by
-the same comparison; :func:`rms_norm_flavour` names which.
+RMSNorms are recognised the same way, against the spellings transformers copies between
+models: LLaMA's (``weight * x̂.to(x.dtype)`` with ``x̂ = normalised(x.float())``, 145 classes),
+Gemma's (``(x̂ * (1 + weight.float())).type_as(x)``, 13), OLMo 2's and its kin (``(weight *
+x̂).to(x.dtype)``, 26, Gemma 3n / 4 with an optional scale among them) and the weightless
+``x̂.type_as(x)`` (7); :func:`rms_norm_spelling` says which.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -94,6 +96,15 @@ class _LlamaRMSNorm(nn.Module):  # the reference spellings, as in transformers 5
         return self.weight * hidden_states.to(input_dtype)
 
 
+class _Llama4RMSNorm(nn.Module):
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    def forward(self, x):
+        output = self._norm(x.float()).type_as(x)
+        return output * self.weight
+
+
 class _GemmaRMSNorm(nn.Module):
     def _norm(self, x):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -106,6 +117,91 @@ class _GemmaRMSNorm(nn.Module):
         return output.type_as(x)
 
 
+class _Olmo2RMSNorm(nn.Module):  # also GPT-OSS, OLMo 3, DeepSeek-V4...
+    def forward(self, hidden_states) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return (self.weight * hidden_states).to(input_dtype)  # main diff with Llama
+
+
+class _HeliumRMSNorm(nn.Module):  # also Nemotron-H
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return (self.weight.to(torch.float32) * hidden_states).to(input_dtype)
+
+
+class _MoshiRMSNorm(nn.Module):
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        output = self._norm(x.float())
+        output = output * self.weight.float()
+        return output.type_as(x)
+
+
+class _Gemma3nRMSNorm(nn.Module):  # also Gemma 4: the scale is optional (with_scale)
+    def _norm(self, hidden_states: torch.Tensor):
+        mean_squared = hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon
+        # Use torch.pow() (over torch.sqrt() or torch.rsqrt()) to address compiler differences between Torch and JAX
+        return hidden_states * torch.pow(mean_squared, -0.5)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normed_output = self._norm(hidden_states.float())
+        if self.with_scale:
+            normed_output = normed_output * self.weight.float()
+        return normed_output.type_as(hidden_states)
+
+
+class _WeightlessRMSNorm(nn.Module):  # Llama 4's, Falcon-Mamba's, NanoChat...
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    def forward(self, x):
+        return self._norm(x.float()).type_as(x)
+
+
+class _UnweightedRMSNorm(nn.Module):  # Inkling 2's
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(
+            hidden_states.square().mean(-1, keepdim=True) + self.variance_epsilon
+        )
+        return hidden_states.to(input_dtype)
+
+
+class RMSNormSpelling(NamedTuple):
+    """How a transformers RMSNorm computes ``y`` from the float32 ``x̂ = x / rms(x)``."""
+
+    name: str
+    eps: str  # the attribute holding epsilon
+    scaled: bool  # multiplies by its weight (Gemma 3n / 4: only ``with_scale``)
+    offset: float = 0.0  # Gemma scales by (1 + weight)
+    round_first: bool = False  # LLaMA rounds x̂ to x's dtype, then scales; the rest scale in float32
+
+
+LLAMA_SPELLING = RMSNormSpelling("llama", "variance_epsilon", True, round_first=True)
+_FLOAT32_SCALE = RMSNormSpelling("float32_scale", "variance_epsilon", True)
+_UNSCALED = RMSNormSpelling("unscaled", "variance_epsilon", False)
+_RMS_NORMS = (  # (reference, methods compared, spelling)
+    (_LlamaRMSNorm, ("forward",), LLAMA_SPELLING),
+    (_Llama4RMSNorm, ("forward", "_norm"), LLAMA_SPELLING),
+    (_GemmaRMSNorm, ("forward", "_norm"), RMSNormSpelling("gemma", "eps", True, offset=1.0)),
+    (_Olmo2RMSNorm, ("forward",), _FLOAT32_SCALE),
+    (_HeliumRMSNorm, ("forward",), _FLOAT32_SCALE),
+    (_MoshiRMSNorm, ("forward", "_norm"), RMSNormSpelling("float32_scale", "eps", True)),
+    (_Gemma3nRMSNorm, ("forward", "_norm"), _FLOAT32_SCALE),
+    (_WeightlessRMSNorm, ("forward", "_norm"), _UNSCALED),
+    (_UnweightedRMSNorm, ("forward",), _UNSCALED),
+)
+
+
 def _same_code(cls: type, reference: type, *names: str) -> bool:
     for name in names:
         fn = getattr(cls, name, None)
@@ -114,17 +210,22 @@ def _same_code(cls: type, reference: type, *names: str) -> bool:
     return True
 
 
-def rms_norm_flavour(module: nn.Module) -> str | None:
-    """``"llama"`` or ``"gemma"`` for transformers RMSNorms whose code is one of those two
-    (with a 1-D ``weight``), else None."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or "forward" in vars(module):
+def rms_norm_spelling(module: nn.Module) -> RMSNormSpelling | None:
+    """The spelling of a transformers RMSNorm whose code is one of the references above (with
+    its epsilon, and a 1-D ``weight`` where it scales), else None."""
+    if "forward" in vars(module):
         return None
     cls = type(module)
-    if _same_code(cls, _LlamaRMSNorm, "forward") and hasattr(module, "variance_epsilon"):
-        return "llama"
-    if _same_code(cls, _GemmaRMSNorm, "forward", "_norm") and hasattr(module, "eps"):
-        return "gemma"
+    for reference, names, spelling in _RMS_NORMS:
+        if not _same_code(cls, reference, *names):
+            continue
+        if reference is _Gemma3nRMSNorm and not getattr(module, "with_scale", True):
+            spelling = _UNSCALED
+        weight = getattr(module, "weight", None)
+        has_weight = isinstance(weight, torch.Tensor) and weight.dim() == 1
+        if not isinstance(getattr(module, spelling.eps, None), (int, float)) or (spelling.scaled and not has_weight):
+            return None
+        return spelling
     return None
 
 

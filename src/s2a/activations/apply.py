@@ -33,7 +33,7 @@ from . import functional as S
 from . import gate as G
 from . import pooling as P
 from . import probs as PR
-from ._hf import lean_hf_forward, rms_norm_flavour
+from ._hf import LLAMA_SPELLING, RMSNormSpelling, lean_hf_forward, rms_norm_spelling
 from ._timm import lean_timm_forward
 from .codebooks import SMOOTH_FUNCTIONS
 from .mlp import observer_hook
@@ -471,7 +471,7 @@ _ACTIVATION_CLASSES = {
     "MishActivation": "mish", "Softplus": "softplus",
 }
 # Llama-style RMSNorm of transformers: weight * normalised(x.float()).to(input dtype). Besides
-# these names, any class whose forward is LLaMA's or Gemma's code (_hf.rms_norm_flavour).
+# these names, any class whose code is one of transformers' spellings (_hf.rms_norm_spelling).
 _HF_RMSNORM = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
                "T5LayerNorm", "OlmoRMSNorm", "GraniteRMSNorm", "SmolLM3RMSNorm")
 # Modules whose forward (their own or inherited) only makes functional calls that the mode
@@ -535,11 +535,11 @@ def _module_op(module: nn.Module, spec: CompressionSpec):
         return "layer_norm", partial(_layer_norm2d_forward, spec, module)
     if isinstance(module, nn.RMSNorm) or name == "RmsNorm":
         return "rms_norm", partial(_rms_norm_forward, spec, module)
-    flavour = rms_norm_flavour(module)
-    if flavour == "llama" or (name in _HF_RMSNORM and hasattr(module, "variance_epsilon")):
-        return "rms_norm", partial(_hf_rms_norm_forward, spec, module)
-    if flavour == "gemma":
-        return "rms_norm", partial(_gemma_rms_norm_forward, spec, module)
+    spelling = rms_norm_spelling(module)
+    if spelling is None and name in _HF_RMSNORM and hasattr(module, "variance_epsilon"):
+        spelling = LLAMA_SPELLING
+    if spelling is not None:
+        return "rms_norm", partial(_hf_rms_norm_forward, spec, module, spelling)
     if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         return "batch_norm", partial(_patched_batch_norm, module, spec)
     if type(module) is nn.Dropout:
@@ -610,24 +610,24 @@ def _rms_norm_forward(spec: CompressionSpec, module: nn.Module, x: torch.Tensor)
     return _rms_norm(spec, x, module.normalized_shape, module.weight, module.eps)
 
 
-def _hf_rms_norm_forward(spec: CompressionSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _hf_rms_norm_forward(spec: CompressionSpec, module: nn.Module, spelling: RMSNormSpelling,
+                         x: torch.Tensor) -> torch.Tensor:
     # A trainable scale (s2a's "norm" module) goes into the compressed op, whose stored x̂
-    # also serves dL/dw; outside, autograd would keep y at full width. (transformers rounds
-    # y to the input dtype before the product: one rounding apart in bf16 / fp16, identical
-    # in fp32.)
+    # also serves dL/dw; outside, autograd would keep y at full width.
+    eps, bits = getattr(module, spelling.eps), spec.bits_for("rms_norm")
+    if not spelling.scaled:
+        return S.rms_norm(x.float(), (x.shape[-1],), None, eps, bits=bits).type_as(x)
     w = module.weight
-    inside = w.requires_grad
-    y = S.rms_norm(x.float(), (x.shape[-1],), w if inside else None, module.variance_epsilon,
-                   bits=spec.bits_for("rms_norm"))
-    return y.to(torch.result_type(x, w)) if inside else w * y.to(x.dtype)
-
-
-def _gemma_rms_norm_forward(spec: CompressionSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # (x̂ * (1 + w)) in float32, then x's dtype, as Gemma's forward computes it
-    scale = 1.0 + module.weight.float()
+    if spelling.round_first:
+        # LLaMA: w * x̂.to(x.dtype). Inside the op, the product comes before the rounding:
+        # one rounding apart in bf16 / fp16, identical in float32.
+        inside = w.requires_grad
+        y = S.rms_norm(x.float(), (x.shape[-1],), w if inside else None, eps, bits=bits)
+        return y.to(torch.result_type(x, w)) if inside else w * y.to(x.dtype)
+    # the others: (x̂ * scale) in float32, then x's dtype (Gemma's scale is 1 + w)
+    scale = w.float() + spelling.offset if spelling.offset else w.float()
     inside = scale.requires_grad
-    y = S.rms_norm(x.float(), (x.shape[-1],), scale if inside else None, module.eps,
-                   bits=spec.bits_for("rms_norm"))
+    y = S.rms_norm(x.float(), (x.shape[-1],), scale if inside else None, eps, bits=bits)
     return (y if inside else y * scale).type_as(x)
 
 
