@@ -140,6 +140,8 @@ HF: dict[str, tuple[str, str, dict, str, bool, bool]] = {
     "gemma2": ("Gemma2ForSequenceClassification", "Gemma2Config", DEC, "text", True, False),
     "olmo2": ("Olmo2ForSequenceClassification", "Olmo2Config", DEC, "text", True, False),
     "helium": ("HeliumForSequenceClassification", "HeliumConfig", DEC, "text", True, False),
+    "mixtral": ("MixtralForSequenceClassification", "MixtralConfig", dict(
+        DEC, num_local_experts=4, num_experts_per_tok=2), "text", True, False),
     "gpt-oss": ("GptOssForSequenceClassification", "GptOssConfig", dict(
         DEC, num_local_experts=4, num_experts_per_tok=2), "text", True, False),
     "opt": ("OPTForSequenceClassification", "OPTConfig", dict(

@@ -22,6 +22,7 @@ x̂).to(x.dtype)``, 26, Gemma 3n / 4 with an optional scale among them) and the 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -32,6 +33,7 @@ from torch import nn
 from .functional import _needs_grad
 from .gated_mlp import frozen_gated_mlp, frozen_gated_mlp_applies
 from .mlp import fusable_kind, has_foreign_hooks
+from .moe_experts import frozen_moe_experts, frozen_moe_experts_applies
 
 
 def _llama_mlp(self, x):  # LlamaMLP and the classes copied from it
@@ -235,6 +237,8 @@ def lean_hf_forward(
 ) -> tuple[str, Callable[..., torch.Tensor]] | None:
     """``(kind, forward)`` replacing ``module.forward``, or None if ``module`` is not one of ours
     (or one whose forward was already replaced on the instance, by an adapter say)."""
+    if "forward" not in vars(module) and _is_experts(module):
+        return _experts_lean_forward(module, path, state, act_kind, skipped)
     layout = None if "forward" in vars(module) else _layout(module)
     if layout is None:
         return None
@@ -263,3 +267,64 @@ def _fused_forward(module: nn.Module, state: Any, kind: str, layout: Callable, *
     ):
         return type(module).forward(module, *args, **kwargs)
     return frozen_gated_mlp(x, wg, bg, wu, bu, down.weight, down.bias, kind)
+
+
+# ------------------------------------------------------------------------ MoE experts
+_EXPERTS_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+def _is_experts(module: nn.Module) -> bool:
+    """An experts module of transformers' ``@use_experts_implementation`` (Mixtral, Qwen-MoE,
+    DeepSeek, OLMoE... 67 classes of 5.25) whose gate is the default ``act(gate) * up`` over
+    a concatenated ``gate_up_proj``, without a norm after each expert."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return False
+    cls = type(module)
+    if (getattr(cls, "_apply_gate", None) is not _default_apply_gate
+            or not getattr(module, "has_gate", False) or not getattr(module, "is_concatenated", False)
+            or getattr(module, "has_post_expert_norm", True) or getattr(module, "_is_expert_parallel", True)
+            or not isinstance(getattr(module, "act_fn", None), nn.Module)):
+        return False
+    if not all(isinstance(getattr(module, n, None), torch.Tensor) for n in ("gate_up_proj", "down_proj")):
+        return False
+    if getattr(module, "has_bias", False) and not all(
+            isinstance(getattr(module, n, None), torch.Tensor) for n in ("gate_up_proj_bias", "down_proj_bias")):
+        return False
+    try:
+        params = list(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return tuple(params[1:]) == _EXPERTS_ARGS
+
+
+def _experts_lean_forward(module, path, state, act_kind, skipped):
+    if module.gate_up_proj.requires_grad or module.down_proj.requires_grad:
+        return None  # trained experts keep what they need: their activation is compressed alone
+    if skipped(f"{path}.act_fn" if path else "act_fn"):
+        return None
+    kind = fusable_kind((), module.act_fn, (), state, act_kind, skipped)
+    if kind is None:
+        return None
+    return f"moe_experts:{kind}", partial(_experts_forward, module, state, kind)
+
+
+def _experts_forward(module: nn.Module, state: Any, kind: str, *args, **kwargs) -> torch.Tensor:
+    given = dict(zip(_EXPERTS_ARGS, args, strict=False)) | kwargs
+    native = partial(type(module).forward, module, *args, **kwargs)
+    if set(given) != set(_EXPERTS_ARGS) or len(args) + len(kwargs) != 3 or state.disabled:
+        return native()
+    x, index, weights = (given[n] for n in _EXPERTS_ARGS)
+    gate_up, down = module.gate_up_proj, module.down_proj
+    biases = (module.gate_up_proj_bias, module.down_proj_bias) if module.has_bias else (None, None)
+    transposed = bool(getattr(module, "is_transposed", False))
+    if (
+        not all(isinstance(t, torch.Tensor) for t in (x, index, weights))
+        or getattr(module, "_is_expert_parallel", True)
+        or not frozen_moe_experts_applies(x, index, weights, gate_up, down, kind, transposed)
+        or not _needs_grad(x, weights, *biases)
+        or has_foreign_hooks(module, module.act_fn)
+    ):
+        return native()
+    return frozen_moe_experts(x, index, weights, gate_up, biases[0], down, biases[1], kind, transposed)

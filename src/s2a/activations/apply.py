@@ -951,7 +951,7 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
         op = kind.split(":")[-1]
         if kind == "attention":
             return spec.attention_storage()[1]
-        if kind.startswith("gated_mlp"):
+        if kind.startswith(("gated_mlp", "moe_experts")):
             return "input"
         if op in S.EXACT_FUNCTIONS or op == "drop_path":
             return 1

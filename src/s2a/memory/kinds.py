@@ -130,6 +130,7 @@ _CUSTOM_OPS: tuple[tuple[str, str], ...] = (
     ("avg_pool", "avg_pool"),
     ("gatemul", "gate"),
     ("gatedmlp", "gated_mlp"),
+    ("moeexperts", "moe_experts"),
 )
 
 _CUSTOM_OPS_LONGEST_FIRST = tuple(sorted(_CUSTOM_OPS, key=lambda it: -len(it[0])))

@@ -1,7 +1,7 @@
 """Adapters for transformers: BERT-family encoders (BERT, RoBERTa, DistilBERT, MiniLM,
 which is a BertModel), ViTModel / ViTForImageClassification, and Llama-style decoders
-(LlamaModel / LlamaForCausalLM / LlamaForSequenceClassification and the SwiGLU + RMSNorm
-relatives that share their layout)."""
+(LlamaModel / LlamaForCausalLM / LlamaForSequenceClassification and every decoder-only
+relative with LLaMA's layer layout: Mistral, Qwen, Gemma, OLMo, Mixtral, Granite...)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,21 @@ def _last_linear(module: nn.Module, prefix: str) -> str | None:
         if isinstance(m, nn.Linear):
             last = f"{prefix}.{n}"
     return last
+
+
+def _llama_like_layers(model: nn.Module) -> list[str]:
+    """Paths of a decoder-only model's layers when they have LLaMA's layout: a ``self_attn`` with
+    the separate ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` linears (which LoRA and IA3
+    target), whatever their feed-forward (gated MLP, mixture of experts)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1:
+            attn = getattr(m[0], "self_attn", None)
+            if attn is not None and all(
+                    isinstance(getattr(attn, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                return [f"{name}.{i}" for i in range(len(m))]
+    return []
 
 
 class HFAdapter(ModelAdapter):
@@ -116,11 +131,20 @@ class HFViTAdapter(HFAdapter):
 
 @register_adapter
 class HFLlamaAdapter(HFAdapter):
-    """Llama-style decoders: SwiGLU MLP, RMSNorm, rotary positions, causal attention."""
+    """Llama-style decoders: SwiGLU MLP (or experts), RMSNorm, rotary positions, causal attention.
+    Besides the model types named, any decoder-only model whose layers have LLaMA's attention
+    projections (:func:`_llama_like_layers`)."""
 
     name = "hf-llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     layer_classes = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+    def matches(self, model: nn.Module) -> bool:
+        return super().matches(model) or (_is_transformers(model) and bool(_llama_like_layers(model)))
+
+    def blocks(self, model: nn.Module) -> list[BlockSpec]:
+        return [BlockSpec(n, "tokens", 0, self.num_prefix_tokens(model))
+                for n in _layers(model, self.layer_classes) or _llama_like_layers(model)]
 
     def pooling(self, model: nn.Module) -> str:
         return "last"
