@@ -27,16 +27,24 @@ def _experts(e=4, h=16, i=24, transposed=False, bias=False, dtype=torch.float64,
     return gate_up, biases[0], down, biases[1]
 
 
+def _glu(act):
+    def gate(h):
+        g, up = h.chunk(2, dim=-1)
+        return SMOOTH_FUNCTIONS[act](g) * up
+    return gate
+
+
 def _loop(x, index, weights, gate_up, bgu, down, bd, act="silu", transposed=False):
     """The definition, token by token and choice by choice."""
+    gate = act if callable(act) else _glu(act)
     rows = []
     for t in range(x.shape[0]):
         acc = 0
         for j in range(index.shape[1]):
             e = int(index[t, j])
             wgu, wd = (gate_up[e].t(), down[e].t()) if transposed else (gate_up[e], down[e])
-            gate, up = F.linear(x[t], wgu, None if bgu is None else bgu[e]).chunk(2)
-            acc = acc + weights[t, j] * F.linear(SMOOTH_FUNCTIONS[act](gate) * up, wd, None if bd is None else bd[e])
+            m = gate(F.linear(x[t], wgu, None if bgu is None else bgu[e]))
+            acc = acc + weights[t, j] * F.linear(m, wd, None if bd is None else bd[e])
         rows.append(acc)
     return torch.stack(rows)
 
@@ -63,6 +71,29 @@ def test_matches_the_definition_with_every_gradient(transposed, bias, act, monke
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, inputs, g, retain_graph=True)  # the router's graph is shared
     for a, b in zip(grads, torch.autograd.grad(y0, inputs, g), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def _clamped_interleaved_gate(h):  # GPT-OSS's: interleaved halves, clamps, (up + 1) * glu
+    gate, up = h[..., ::2].clamp(max=0.7), h[..., 1::2].clamp(-0.7, 0.7)
+    return (up + 1) * gate * torch.sigmoid(gate * 1.702)
+
+
+@pytest.mark.parametrize("gate,width", [(_clamped_interleaved_gate, 48), (lambda h: F.relu(h) ** 2, 24)])
+def test_a_gate_function_of_the_model(gate, width):
+    # any deterministic row-wise gate: GPT-OSS's, or an ungated expert's activation alone
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(4, width, 16, generator=g, dtype=torch.float64)
+    down = torch.randn(4, 16, 24, generator=g, dtype=torch.float64) / 5
+    bgu = torch.randn(4, width, generator=g, dtype=torch.float64).requires_grad_()
+    x = torch.randn(30, 16, dtype=torch.float64, requires_grad=True)
+    logits, weights, index = _routing(30)
+    y = ME.frozen_moe_experts(x, index, weights, gate_up, bgu, down, None, gate, store_dtype=None)
+    y0 = _loop(x, index, weights, gate_up, bgu, down, None, gate)
+    torch.testing.assert_close(y, y0)
+    gr = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, logits, bgu], gr, retain_graph=True)
+    for a, b in zip(grads, torch.autograd.grad(y0, [x, logits, bgu], gr), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -142,6 +173,14 @@ def _moe_model(arch: str, implementation: str = "grouped_mm"):
     if arch == "mixtral":
         config = transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
         model = transformers.MixtralForSequenceClassification(config)
+    elif arch == "gpt_oss":  # expert biases, transposed weights, its own clamped gate
+        config = transformers.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2, head_dim=8)
+        model = transformers.GptOssForSequenceClassification(config)
+        with torch.no_grad():  # transformers leaves them uninitialised for a random model
+            for layer in model.model.layers:
+                for name in ("gate_up_proj", "down_proj"):
+                    getattr(layer.mlp.experts, name).normal_(0, 0.1)
+                    getattr(layer.mlp.experts, f"{name}_bias").normal_(0, 0.1)
     else:  # Qwen2-MoE: a shared expert (a gated MLP) beside the routed ones, router weights not renormalised
         config = transformers.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2,
                                              moe_intermediate_size=40, shared_expert_intermediate_size=56)
@@ -160,25 +199,30 @@ def _grads(model, ids):
 
 
 @pytest.mark.parametrize("arch,implementation", [("mixtral", "grouped_mm"), ("mixtral", "eager"),
-                                                 ("qwen2_moe", "grouped_mm")])
+                                                 ("qwen2_moe", "grouped_mm"), ("gpt_oss", "grouped_mm"),
+                                                 ("gpt_oss", "eager")])
 def test_hf_moe_experts_run_fused_with_native_gradients(arch, implementation):
     model = _moe_model(arch, implementation)
     ids = torch.randint(1, 64, (3, 11))
     s2a.apply(model, s2a.S2AConfig(modules=("bias", "prompt"), act_bits=None), example_input={"input_ids": ids})
     reference = copy.deepcopy(model)
-    s2a.compress_activations(model, ops={"silu": 4})  # only the experts' kind: the rest native
+    kind = "gate" if arch == "gpt_oss" else "silu"  # GPT-OSS's own gate is filed under "gate"
+    s2a.compress_activations(model, ops={kind: 4})  # only the experts' kind: the rest native
     summary = s2a.compression_summary(model)
-    assert summary["model.layers.0.mlp.experts"] == "moe_experts:silu@input"
+    assert summary["model.layers.0.mlp.experts"] == f"moe_experts:{kind}@input"
     out, grads = _grads(model, ids)
     out0, grads0 = _grads(reference, ids)
     torch.testing.assert_close(out, out0, rtol=1e-4, atol=1e-5)
     assert grads.keys() == grads0.keys() and not any("mlp.gate.weight" in n for n in grads)  # router frozen
+    assert ("model.layers.0.mlp.experts.gate_up_proj_bias" in grads) == (arch == "gpt_oss")
     for n in grads:  # the experts' inputs were kept in bfloat16
         assert (grads[n] - grads0[n]).norm() <= 5e-3 * grads0[n].norm(), n
     report = measure(model, {"input_ids": ids}, lambda o, b: o.logits.sum())
     # each layer's experts keep their input (3 x 11 tokens x 32, bf16) and the routing weights
-    # (float32; the expert ids are the same tensor the router's topk keeps: counted there)
-    assert report.by_kind["moe_experts (s2a)"] == 2 * (3 * 11 * 32 * 2 + 3 * 11 * 2 * 4)
+    # (float32); the expert ids are the tensor the router's topk keeps, counted there, and so
+    # are GPT-OSS's routing weights (its router keeps them for its own softmax)
+    routing = 0 if arch == "gpt_oss" else 3 * 11 * 2 * 4
+    assert report.by_kind["moe_experts (s2a)"] == 2 * (3 * 11 * 32 * 2 + routing)
     s2a.restore(model)
     assert all("forward" not in vars(m) for m in model.modules())
 
@@ -240,3 +284,23 @@ def test_hf_moe_experts_with_trained_weights_are_left_to_their_own_forward():
     assert not any(v.startswith("moe_experts") for v in s2a.compression_summary(model).values())
     ids = torch.randint(1, 64, (2, 7))
     _grads(model, ids)
+
+
+def test_hf_moe_experts_recognised_only_where_the_gate_can_run_again():
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from s2a.activations._hf import _is_experts
+
+    class DroppedGate(MixtralExperts):  # a random gate: recomputed in backward, it would differ
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.dropout(self.act_fn(gate), 0.1, self.training) * up
+
+    class NormedExperts(MixtralExperts):  # a norm after each expert: not computed by the fused op
+        def __init__(self, config):
+            super().__init__(config)
+            self.has_post_expert_norm = True
+
+    config = _moe_model("mixtral").config
+    assert _is_experts(MixtralExperts(config))
+    assert not _is_experts(DroppedGate(config)) and not _is_experts(NormedExperts(config))

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .codebooks import SMOOTH_FUNCTIONS
 from .functional import _needs_grad
 from .gated_mlp import frozen_gated_mlp, frozen_gated_mlp_applies
 from .mlp import fusable_kind, has_foreign_hooks
@@ -270,61 +271,108 @@ def _fused_forward(module: nn.Module, state: Any, kind: str, layout: Callable, *
 
 
 # ------------------------------------------------------------------------ MoE experts
-_EXPERTS_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+# names in a custom `_apply_gate` that would make running it again in backward give another result
+_NOT_RECOMPUTABLE = frozenset({"dropout", "training", "rand", "randn", "rand_like", "randn_like",
+                               "bernoulli", "multinomial", "normal_", "uniform_", "exponential_"})
+
+
+def _experts_args(cls: type) -> tuple[str, ...] | None:
+    try:
+        names = tuple(inspect.signature(cls.forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return None
+    return names if len(names) == 3 else None
 
 
 def _is_experts(module: nn.Module) -> bool:
     """An experts module of transformers' ``@use_experts_implementation`` (Mixtral, Qwen-MoE,
-    DeepSeek, OLMoE... 67 classes of 5.25) whose gate is the default ``act(gate) * up`` over
-    a concatenated ``gate_up_proj``, without a norm after each expert."""
+    DeepSeek, OLMoE, GPT-OSS... 73 classes of 5.25) computing ``down(gate(gate_up(x)))`` per
+    expert, as transformers' grouped path does: ``gate`` its ``_apply_gate`` (or its
+    activation, without ``has_gate``), no norm after each expert."""
     try:
         from transformers.integrations.moe import _default_apply_gate
     except ImportError:
         return False
     cls = type(module)
-    if (getattr(cls, "_apply_gate", None) is not _default_apply_gate
-            or not getattr(module, "has_gate", False) or not getattr(module, "is_concatenated", False)
-            or getattr(module, "has_post_expert_norm", True) or getattr(module, "_is_expert_parallel", True)
-            or not isinstance(getattr(module, "act_fn", None), nn.Module)):
+    apply_gate = getattr(cls, "_apply_gate", None)
+    if (apply_gate is None or not hasattr(cls.forward, "__wrapped__")
+            or getattr(module, "has_post_expert_norm", True) or getattr(module, "_is_expert_parallel", True)):
         return False
-    if not all(isinstance(getattr(module, n, None), torch.Tensor) for n in ("gate_up_proj", "down_proj")):
+    if apply_gate is not _default_apply_gate and (
+            not hasattr(apply_gate, "__code__") or _NOT_RECOMPUTABLE & set(apply_gate.__code__.co_names)):
         return False
-    if getattr(module, "has_bias", False) and not all(
-            isinstance(getattr(module, n, None), torch.Tensor) for n in ("gate_up_proj_bias", "down_proj_bias")):
+    gated = bool(getattr(module, "has_gate", False))
+    first, has_bias = ("gate_up_proj" if gated else "up_proj"), bool(getattr(module, "has_bias", False))
+    names = (first, "down_proj") + ((f"{first}_bias", "down_proj_bias") if has_bias else ())
+    if not all(isinstance(getattr(module, n, None), torch.Tensor) for n in names):
         return False
-    try:
-        params = list(inspect.signature(cls.forward).parameters)
-    except (TypeError, ValueError):
+    if not gated and not callable(getattr(module, "act_fn", None)):
         return False
-    return tuple(params[1:]) == _EXPERTS_ARGS
+    return _experts_args(cls) is not None
 
 
 def _experts_lean_forward(module, path, state, act_kind, skipped):
-    if module.gate_up_proj.requires_grad or module.down_proj.requires_grad:
+    first = module.gate_up_proj if module.has_gate else module.up_proj
+    if first.requires_grad or module.down_proj.requires_grad:
         return None  # trained experts keep what they need: their activation is compressed alone
     if skipped(f"{path}.act_fn" if path else "act_fn"):
         return None
-    kind = fusable_kind((), module.act_fn, (), state, act_kind, skipped)
-    if kind is None:
+    act = getattr(module, "act_fn", None)
+    kind = act_kind(act) if isinstance(act, nn.Module) else None
+    # a custom gate (clamps, GPT-OSS's (up + 1) * glu) is filed under the gate kind
+    kind = kind if kind is not None and (_default_gate(module) or not module.has_gate) else "gate"
+    if not state.spec.enabled(kind):
         return None
     return f"moe_experts:{kind}", partial(_experts_forward, module, state, kind)
 
 
+def _default_gate(module: nn.Module) -> bool:
+    from transformers.integrations.moe import _default_apply_gate
+
+    return module.has_gate and type(module)._apply_gate is _default_apply_gate
+
+
+class _NativeActivation:
+    """``module`` as its own ``_apply_gate`` sees it, but with ``act_fn`` running PyTorch's
+    forward: s2a's compressed one would store codes of a gate recomputed in backward."""
+
+    def __init__(self, module: nn.Module):
+        act = getattr(module, "act_fn", None)
+        self.__dict__["_module"] = module
+        if act is not None:
+            self.__dict__["act_fn"] = partial(type(act).forward, act) if isinstance(act, nn.Module) else act
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_module"], name)
+
+
+def _gate_of(module: nn.Module, kind: str) -> str | Callable[[torch.Tensor], torch.Tensor]:
+    if _default_gate(module) and kind in SMOOTH_FUNCTIONS:
+        return kind
+    view = _NativeActivation(module)
+    if module.has_gate:
+        return partial(type(module)._apply_gate, view)
+    return view.act_fn
+
+
 def _experts_forward(module: nn.Module, state: Any, kind: str, *args, **kwargs) -> torch.Tensor:
-    given = dict(zip(_EXPERTS_ARGS, args, strict=False)) | kwargs
+    names = _experts_args(type(module))
+    given = dict(zip(names, args, strict=False)) | kwargs
     native = partial(type(module).forward, module, *args, **kwargs)
-    if set(given) != set(_EXPERTS_ARGS) or len(args) + len(kwargs) != 3 or state.disabled:
+    if set(given) != set(names) or len(args) + len(kwargs) != 3 or state.disabled:
         return native()
-    x, index, weights = (given[n] for n in _EXPERTS_ARGS)
-    gate_up, down = module.gate_up_proj, module.down_proj
-    biases = (module.gate_up_proj_bias, module.down_proj_bias) if module.has_bias else (None, None)
+    x, index, weights = (given[n] for n in names)
+    first, down = (module.gate_up_proj, module.down_proj) if module.has_gate else (module.up_proj, module.down_proj)
+    biases = ((module.gate_up_proj_bias if module.has_gate else module.up_proj_bias), module.down_proj_bias) \
+        if module.has_bias else (None, None)
     transposed = bool(getattr(module, "is_transposed", False))
+    gate = _gate_of(module, kind)
     if (
         not all(isinstance(t, torch.Tensor) for t in (x, index, weights))
         or getattr(module, "_is_expert_parallel", True)
-        or not frozen_moe_experts_applies(x, index, weights, gate_up, down, kind, transposed)
+        or not frozen_moe_experts_applies(x, index, weights, first, down, gate, transposed)
         or not _needs_grad(x, weights, *biases)
-        or has_foreign_hooks(module, module.act_fn)
+        or has_foreign_hooks(module, *([module.act_fn] if isinstance(getattr(module, "act_fn", None), nn.Module) else []))
     ):
         return native()
-    return frozen_moe_experts(x, index, weights, gate_up, biases[0], down, biases[1], kind, transposed)
+    return frozen_moe_experts(x, index, weights, first, biases[0], down, biases[1], gate, transposed)

@@ -16,6 +16,8 @@ that train; forward and backward run expert by expert, in chunks of rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -53,33 +55,44 @@ def _weights(gate_up, gate_up_bias, down, down_bias, e: int, transposed: bool, d
     return wgu.to(dtype), bgu, wd.to(dtype), bd
 
 
+def _gate_function(gate: str | Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    if callable(gate):
+        return gate
+    act = SMOOTH_FUNCTIONS[gate]
+
+    def act_gate_times_up(h: torch.Tensor) -> torch.Tensor:
+        g, up = h.chunk(2, dim=-1)
+        return act(g) * up
+
+    return act_gate_times_up
+
+
 class _MoEExpertsFrozenWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, gate_up, gate_up_bias, down, down_bias,
-                act_name: str, transposed: bool, store_dtype: torch.dtype | None):
+                gate_fn: Callable, transposed: bool, store_dtype: torch.dtype | None):
         dtype = _compute_dtype(x, gate_up)
         x2 = x.to(dtype)
-        act = SMOOTH_FUNCTIONS[act_name]
         k = top_k_index.shape[-1]
         weights = top_k_weights.reshape(-1)
-        hidden2 = gate_up.shape[2] if transposed else gate_up.shape[1]
+        width = gate_up.shape[2] if transposed else gate_up.shape[1]
         out_dim = down.shape[2] if transposed else down.shape[1]
         # the weighted sum in the routing weights' precision (float32 for a bf16 model), as
         # transformers' grouped path sums it, then x's dtype
         out = x2.new_zeros(x.shape[0], out_dim, dtype=torch.promote_types(dtype, top_k_weights.dtype))
         for e, pos in _expert_groups(top_k_index, gate_up.shape[0]):
             wgu, bgu, wd, bd = _weights(gate_up, gate_up_bias, down, down_bias, e, transposed, dtype)
-            for r0, r1 in _row_chunks(len(pos), hidden2, CHUNK_ELEMS):
+            for r0, r1 in _row_chunks(len(pos), width, CHUNK_ELEMS):
                 p = pos[r0:r1]
                 t = p // k
-                gate, up = F.linear(x2[t], wgu, bgu).chunk(2, dim=-1)
-                o = F.linear(act(gate).mul_(up), wd, bd)
-                out.index_add_(0, t, o * weights[p, None])
+                with torch._C.DisableTorchFunction():  # the gate as the model computes it, natively
+                    m = gate_fn(F.linear(x2[t], wgu, bgu))
+                out.index_add_(0, t, F.linear(m, wd, bd) * weights[p, None])
         kept = x2 if x2.element_size() < x.element_size() else x
         if kept.dtype == torch.float32 and store_dtype is not None:
             kept = kept.to(store_dtype)
         ctx.save_for_backward(kept, top_k_index, top_k_weights, gate_up, gate_up_bias, down, down_bias)
-        ctx.act_name, ctx.transposed, ctx.dtype, ctx.x_dtype = act_name, transposed, dtype, x.dtype
+        ctx.gate_fn, ctx.transposed, ctx.dtype, ctx.x_dtype = gate_fn, transposed, dtype, x.dtype
         return out.to(x.dtype)
 
     @staticmethod
@@ -87,12 +100,11 @@ class _MoEExpertsFrozenWeights(torch.autograd.Function):
     def backward(ctx, g):
         kept, top_k_index, top_k_weights, gate_up, gate_up_bias, down, down_bias = ctx.saved_tensors
         dtype, transposed = ctx.dtype, ctx.transposed
-        act = SMOOTH_FUNCTIONS[ctx.act_name]
         need_x, need_w, need_bgu, need_bd = (ctx.needs_input_grad[i] for i in (0, 2, 4, 6))
         k = top_k_index.shape[-1]
         weights = top_k_weights.reshape(-1)
         g2 = g.to(dtype)
-        hidden2 = gate_up.shape[2] if transposed else gate_up.shape[1]
+        width = gate_up.shape[2] if transposed else gate_up.shape[1]
         f32 = torch.float64 if dtype == torch.float64 else torch.float32
         gx = torch.zeros(kept.shape, dtype=f32, device=g.device) if need_x else None
         gw = torch.zeros(weights.shape, dtype=f32, device=g.device) if need_w else None
@@ -100,27 +112,24 @@ class _MoEExpertsFrozenWeights(torch.autograd.Function):
         gbd = torch.zeros(down_bias.shape, dtype=f32, device=g.device) if need_bd else None
         for e, pos in _expert_groups(top_k_index, gate_up.shape[0]):
             wgu, bgu, wd, bd = _weights(gate_up, gate_up_bias, down, down_bias, e, transposed, dtype)
-            for r0, r1 in _row_chunks(len(pos), hidden2, CHUNK_ELEMS):
+            for r0, r1 in _row_chunks(len(pos), width, CHUNK_ELEMS):
                 p = pos[r0:r1]
                 t = p // k
-                # the activation's derivative from PyTorch's own backward, as natively; no
-                # torch function mode (s2a's included) may reroute the activation here
+                # the gate's derivative from PyTorch's own backward, as natively; no torch
+                # function mode (s2a's included) may reroute it here
                 with torch.enable_grad(), torch._C.DisableTorchFunction():
-                    gate, up = F.linear(kept[t].to(dtype), wgu, bgu).detach().chunk(2, dim=-1)
-                    gate.requires_grad_()
-                    a = act(gate)
+                    h = F.linear(kept[t].to(dtype), wgu, bgu).requires_grad_()
+                    m = ctx.gate_fn(h)
                 gt = g2[t]
                 if need_w:  # dL/dw_k = <g, expert output>
-                    o = F.linear(a.detach() * up, wd, bd)
+                    o = F.linear(m.detach(), wd, bd)
                     gw[p] = (gt.to(f32) * o.to(f32)).sum(-1)
                     del o
                 go = (gt * weights[p, None]).to(dtype)
                 if need_bd:
                     gbd[e] += go.sum(0, dtype=f32)
-                dm = torch.mm(go, wd)
-                (dgate,) = torch.autograd.grad(a, gate, dm * up)
-                dh = torch.cat([dgate, dm.mul_(a.detach())], dim=-1)
-                del a, gate, up, dm, dgate
+                (dh,) = torch.autograd.grad(m, h, torch.mm(go, wd))
+                del m, h
                 if need_bgu:
                     gbgu[e] += dh.sum(0, dtype=f32)
                 if need_x:
@@ -139,19 +148,20 @@ class _MoEExpertsFrozenWeights(torch.autograd.Function):
 
 def frozen_moe_experts_applies(
     x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-    gate_up: torch.Tensor, down: torch.Tensor, activation: str, transposed: bool = False,
+    gate_up: torch.Tensor, down: torch.Tensor, gate: str | Callable = "silu", transposed: bool = False,
 ) -> bool:
     """Whether :func:`frozen_moe_experts` can stand in for the experts' own forward here."""
     if not (torch.is_grad_enabled() and not gate_up.requires_grad and not down.requires_grad
-            and activation in SMOOTH_FUNCTIONS and x.dim() == 2 and x.is_floating_point()
+            and (callable(gate) or gate in SMOOTH_FUNCTIONS) and x.dim() == 2 and x.is_floating_point()
             and gate_up.dim() == down.dim() == 3 and gate_up.shape[0] == down.shape[0]
             and top_k_index.dim() == 2 and not top_k_index.is_floating_point()
             and not top_k_index.is_complex() and top_k_weights.shape == top_k_index.shape
             and top_k_index.shape[0] == x.shape[0]):
         return False
-    (hidden, two_inter), (inter, out) = (
+    (hidden, width), (inter, out) = (
         (gate_up.shape[1:], down.shape[1:]) if transposed else (gate_up.shape[:0:-1], down.shape[:0:-1]))
-    return hidden == x.shape[-1] and two_inter == 2 * inter and out == hidden
+    # a callable gate may map the first projection's width to any (checked when it runs)
+    return hidden == x.shape[-1] and out == hidden and (callable(gate) or width == 2 * inter)
 
 
 def frozen_moe_experts(
@@ -162,18 +172,21 @@ def frozen_moe_experts(
     gate_up_bias: torch.Tensor | None,
     down: torch.Tensor,
     down_bias: torch.Tensor | None,
-    activation: str = "silu",
+    gate: str | Callable[[torch.Tensor], torch.Tensor] = "silu",
     transposed: bool = False,
     store_dtype: torch.dtype | None = torch.bfloat16,
 ) -> torch.Tensor:
     """``sum_k top_k_weights[:, k] * expert_{top_k_index[:, k]}(x)`` with frozen experts
-    ``expert_e(x) = F.linear(act(gate) * up, down[e], down_bias[e])``, where ``gate, up =
-    F.linear(x, gate_up[e], gate_up_bias[e]).chunk(2, -1)``, keeping only ``x`` (tokens x
-    model width) and the routing for backward.
+    ``expert_e(x) = F.linear(gate(F.linear(x, gate_up[e], gate_up_bias[e])), down[e],
+    down_bias[e])``, keeping only ``x`` (tokens x model width) and the routing for backward.
 
-    ``gate_up``: ``(E, 2 * I, H)`` and ``down``: ``(E, H, I)``, or with ``transposed``
-    ``(E, H, 2 * I)`` and ``(E, I, H)`` (transformers' ``is_transposed``). ``store_dtype``: the
-    dtype a float32 ``x`` is kept in; None keeps it exact.
+    ``gate``: an activation name (``act(g) * up`` with ``g, up`` the two halves of the first
+    projection, transformers' default), or a function of the first projection's output
+    (a model's own ``_apply_gate``: clamps, interleaved halves...) that must be deterministic
+    and row-wise: it is run again in backward. ``gate_up``: ``(E, W, H)`` and ``down``:
+    ``(E, H, I)``, or with ``transposed`` ``(E, H, W)`` and ``(E, I, H)`` (transformers'
+    ``is_transposed``). ``store_dtype``: the dtype a float32 ``x`` is kept in; None keeps it
+    exact.
     """
     if gate_up.requires_grad or down.requires_grad:
         raise ValueError("frozen_moe_experts: the expert weights must be frozen (requires_grad=False); "
@@ -181,15 +194,15 @@ def frozen_moe_experts(
     if store_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"frozen_moe_experts: store_dtype={store_dtype!r}; choose torch.bfloat16, "
                          "torch.float16 or None (exact)")
-    if activation not in SMOOTH_FUNCTIONS:
-        raise ValueError(f"frozen_moe_experts: unknown activation {activation!r}; "
-                         f"supported: {sorted(SMOOTH_FUNCTIONS)}")
-    if not frozen_moe_experts_applies(x, top_k_index, top_k_weights, gate_up, down, activation, transposed):
+    if not callable(gate) and gate not in SMOOTH_FUNCTIONS:
+        raise ValueError(f"frozen_moe_experts: unknown activation {gate!r}; "
+                         f"supported: {sorted(SMOOTH_FUNCTIONS)}, or a function of the first projection")
+    if not frozen_moe_experts_applies(x, top_k_index, top_k_weights, gate_up, down, gate, transposed):
         raise ValueError(
             f"frozen_moe_experts: shapes do not fit: x {tuple(x.shape)} (tokens, H), top_k_index "
             f"{tuple(top_k_index.shape)} and top_k_weights {tuple(top_k_weights.shape)} (tokens, k), "
             f"gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)} (transposed={transposed})"
         )
     return _MoEExpertsFrozenWeights.apply(
-        x, top_k_index, top_k_weights, gate_up, gate_up_bias, down, down_bias, activation, transposed,
-        store_dtype)
+        x, top_k_index, top_k_weights, gate_up, gate_up_bias, down, down_bias, _gate_function(gate),
+        transposed, store_dtype)

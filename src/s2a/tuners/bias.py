@@ -64,9 +64,13 @@ def _add_output_bias(module: nn.Module, args, output):
 
 def _is_bias(module: nn.Module, name: str, p: torch.Tensor) -> bool:
     """Whether parameter ``name`` of ``module`` is a bias: the ``bias`` of a Linear / Conv / Norm,
-    or a vector named ``bias`` / ``*_bias`` of any module (see the module docstring). Tables
-    such as ``relative_position_bias_table`` or LeViT's 2-D ``attention_biases`` are not."""
+    or a vector named ``bias`` / ``*_bias`` of any module (see the module docstring), or one
+    such vector per expert of a mixture of experts (GPT-OSS's ``gate_up_proj_bias``: its
+    gradient, too, is a sum over the tokens routed there). Tables such as
+    ``relative_position_bias_table`` or LeViT's 2-D ``attention_biases`` are not."""
     if name == "bias" and bias_shape(module) is not None:
+        return True
+    if name.endswith("_bias") and p.dim() == 2 and p.shape[0] == getattr(module, "num_experts", None):
         return True
     return (name == "bias" or name.endswith("_bias")) and p.dim() <= 1
 
