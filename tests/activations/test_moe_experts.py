@@ -157,6 +157,8 @@ def test_no_double_backward_and_bad_input():
         ME.frozen_moe_experts(x, index[:, :1], weights, gate_up, None, down, None)
     with pytest.raises(ValueError, match="unknown activation"):
         ME.frozen_moe_experts(x, index, weights, gate_up, None, down, None, "swishy")
+    with pytest.raises(ValueError, match="negative expert ids"):
+        ME.frozen_moe_experts(x, index - 5, weights, gate_up, None, down, None)
     with pytest.raises(ValueError, match="store_dtype"):
         ME.frozen_moe_experts(x, index, weights, gate_up, None, down, None, store_dtype=torch.int8)
 

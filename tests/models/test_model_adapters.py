@@ -68,6 +68,12 @@ def describe(model, x=None):
          "hf-vit", 2, "tokens", (17, 32), (17, 32), 1, ("classifier",), "cls"),
         (lambda: T.LlamaForSequenceClassification(T.LlamaConfig(**TEXT, pad_token_id=0)), None,
          "hf-llama", 2, "tokens", (8, 32), (8, 32), 0, ("score",), "last"),
+        # decoders with LLaMA's layer layout, found by it
+        (lambda: T.GemmaForSequenceClassification(T.GemmaConfig(**TEXT, head_dim=16, num_key_value_heads=1, pad_token_id=0)), None,
+         "hf-llama", 2, "tokens", (8, 32), (8, 32), 0, ("score",), "last"),
+        (lambda: T.MixtralForSequenceClassification(T.MixtralConfig(
+            **TEXT, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)), None,
+         "hf-llama", 2, "tokens", (8, 32), (8, 32), 0, ("score",), "last"),
     ],
 )
 def test_families(build, x, family, n, layout, in_shape, out_shape, prefix, clf, pooling):
@@ -85,6 +91,23 @@ def test_families(build, x, family, n, layout, in_shape, out_shape, prefix, clf,
     assert [b.stage for b in info.blocks] == sorted(b.stage for b in info.blocks)
     clf_module = info.classifier_modules(model)[0]
     assert (info.feature_dim, info.num_classes) == (clf_module.in_features, clf_module.out_features)
+
+
+def test_llama_layout_is_not_claimed_by_encoders_or_composite_models():
+    # a bidirectional encoder with LLaMA-named projections, a vision-language model (its text
+    # layers beside a vision tower) and a decoder whose layers get 3-D multimodal positions
+    eurobert = T.AutoModel.from_config(T.EuroBertConfig(**TEXT, pad_token_id=0))
+    llava = T.LlavaForConditionalGeneration(T.LlavaConfig(
+        vision_config=T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=T.LlamaConfig(**TEXT)))
+    assert find_adapter(eurobert).name == find_adapter(llava).name == "generic"
+    qwen_vl_text = T.AutoModel.from_config(T.Qwen2VLTextConfig(
+        **TEXT, num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}))
+    assert find_adapter(qwen_vl_text).name == "hf-llama"
+    # its rotary positions are (3, batch, tokens): prompt rows go by index, not by position
+    assert describe(qwen_vl_text, {"input_ids": torch.randint(1, 100, (2, 8))}).position_ids_kwarg is None
+    assert describe(T.LlamaModel(T.LlamaConfig(**TEXT))).position_ids_kwarg == "position_ids"
 
 
 def test_hierarchical_stages_and_grids():

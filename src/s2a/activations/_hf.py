@@ -17,7 +17,7 @@ RMSNorms are recognised the same way, against the spellings transformers copies 
 models: LLaMA's (``weight * x̂.to(x.dtype)`` with ``x̂ = normalised(x.float())``, 145 classes),
 Gemma's (``(x̂ * (1 + weight.float())).type_as(x)``, 13), OLMo 2's and its kin (``(weight *
 x̂).to(x.dtype)``, 26, Gemma 3n / 4 with an optional scale among them) and the weightless
-``x̂.type_as(x)`` (7); :func:`rms_norm_spelling` says which.
+``x̂.type_as(x)``; :func:`rms_norm_spelling` says which.
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def _experts_args(cls: type) -> tuple[str, ...] | None:
 
 def _is_experts(module: nn.Module) -> bool:
     """An experts module of transformers' ``@use_experts_implementation`` (Mixtral, Qwen-MoE,
-    DeepSeek, OLMoE, GPT-OSS... 73 classes of 5.25) computing ``down(gate(gate_up(x)))`` per
+    DeepSeek, OLMoE, GPT-OSS... 72 of the 73 classes of 5.25) computing ``down(gate(gate_up(x)))`` per
     expert, as transformers' grouped path does: ``gate`` its ``_apply_gate`` (or its
     activation, without ``has_gate``), no norm after each expert."""
     try:

@@ -33,10 +33,12 @@ CHUNK_ELEMS = 1 << 20
 
 def _expert_groups(top_k_index: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor]]:
     """``(expert, positions)`` for every expert some token was routed to; positions index the
-    flattened ``(tokens, k)`` routing. Ids outside ``[0, num_experts)`` (transformers' expert-
+    flattened ``(tokens, k)`` routing. Ids of ``num_experts`` and more (transformers' expert-
     parallel sentinels) route nowhere, as in transformers' own loop."""
     flat = top_k_index.reshape(-1)
-    valid = (flat >= 0) & (flat < num_experts)
+    if bool((flat < 0).any()):  # transformers' own loop fails on them too
+        raise ValueError(f"frozen_moe_experts: negative expert ids in top_k_index (min {int(flat.min())})")
+    valid = flat < num_experts
     order = torch.argsort(torch.where(valid, flat, num_experts), stable=True)
     counts = torch.bincount(flat[valid], minlength=num_experts).tolist()
     groups, start = [], 0

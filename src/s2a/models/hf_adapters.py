@@ -5,6 +5,7 @@ relative with LLaMA's layer layout: Mistral, Qwen, Gemma, OLMo, Mixtral, Granite
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -42,17 +43,30 @@ def _last_linear(module: nn.Module, prefix: str) -> str | None:
 
 
 def _llama_like_layers(model: nn.Module) -> list[str]:
-    """Paths of a decoder-only model's layers when they have LLaMA's layout: a ``self_attn`` with
-    the separate ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` linears (which LoRA and IA3
-    target), whatever their feed-forward (gated MLP, mixture of experts)."""
-    if getattr(model.config, "is_encoder_decoder", False):
+    """Paths of a text decoder's layers when they have LLaMA's layout: ``layers`` of the model
+    or of its base model, each with a causal ``self_attn`` holding separate ``q_proj`` /
+    ``k_proj`` / ``v_proj`` / ``o_proj`` linears (which LoRA and IA3 target), whatever the
+    feed-forward (gated MLP, mixture of experts). Composite models (a vision or audio tower
+    beside the text model, multimodal rotary positions) and bidirectional encoders are not."""
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "sub_configs", None):
         return []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 1:
-            attn = getattr(m[0], "self_attn", None)
-            if attn is not None and all(
-                    isinstance(getattr(attn, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-                return [f"{name}.{i}" for i in range(len(m))]
+    try:  # a text model (not a time-series or audio one with the same layers)
+        if "input_ids" not in inspect.signature(model.forward).parameters:
+            return []
+    except (TypeError, ValueError):
+        return []
+    prefix = getattr(model, "base_model_prefix", "")
+    for path in ("layers", f"{prefix}.layers" if prefix else None):
+        try:
+            layers = model.get_submodule(path) if path else None
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList) and len(layers) > 1:
+            attn = getattr(layers[0], "self_attn", None)
+            if (attn is not None and getattr(attn, "is_causal", False) is True
+                    and all(isinstance(getattr(attn, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))):
+                return [f"{path}.{i}" for i in range(len(layers))]
     return []
 
 

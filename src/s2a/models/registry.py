@@ -627,8 +627,10 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
         # The generic fallback cannot know a decoder's signature: blocks that were handed the
         # token positions get prompt rows by position, so tokens decoded one at a time with a
         # KV cache take their own rows, not the first ones.
-        position_ids_kwarg=adapter.position_ids_kwarg(model) or (
-            "position_ids" if generic and gets_positions else None),
+        # Any adapter's only when the dry run saw them as (batch, tokens): multimodal rotary
+        # positions (3, batch, tokens) would index no prompt row.
+        position_ids_kwarg=(adapter.position_ids_kwarg(model) or ("position_ids" if generic else None))
+        if gets_positions else None,
         adapter=adapter,
     )
     refresh_head(info, model)
