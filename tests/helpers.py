@@ -10,6 +10,19 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
 
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    """Wrap ``module.name`` (for the test's duration) so that each call appends to the returned list."""
+    calls: list[int] = []
+    original = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
 def saved_bytes(fn, *args, exclude=(), **kwargs):
     """(output, bytes saved for backward by ``fn``) deduplicated by storage, ``exclude`` tensors left out."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}

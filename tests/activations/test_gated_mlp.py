@@ -12,6 +12,7 @@ from timm.layers import GluMlp, SwiGLU
 from torch import nn
 
 import s2a
+from helpers import count_calls
 from s2a.activations import gated_mlp as GM
 from s2a.activations.codebooks import SMOOTH_FUNCTIONS
 from s2a.memory import measure
@@ -265,13 +266,7 @@ def test_hf_default_compression_is_strict_clean_and_saves_far_less():
 def test_hf_mlp_falls_back_where_fusing_would_change_something(monkeypatch):
     from s2a.activations import _hf
 
-    calls = []
-
-    def counting(*args):
-        calls.append(1)
-        return GM.frozen_gated_mlp(*args)
-
-    monkeypatch.setattr(_hf, "frozen_gated_mlp", counting)
+    calls = count_calls(monkeypatch, _hf, "frozen_gated_mlp")
     model = _hf_model("llama")
     s2a.apply(model, s2a.S2AConfig(modules=("bias",)))
     ids = torch.randint(1, 64, (2, 7))

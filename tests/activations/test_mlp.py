@@ -12,6 +12,7 @@ from timm.layers import Attention, Mlp
 from torch import nn
 
 import s2a
+from helpers import count_calls
 from s2a.activations import functional as S
 from s2a.activations import mlp as M
 from s2a.memory import measure
@@ -179,13 +180,7 @@ def test_lean_timm_blocks_change_nothing_but_the_forward_peak(monkeypatch):
 def test_lean_mlp_falls_back_where_fusing_would_change_something(monkeypatch):
     from s2a.activations import _timm
 
-    fused_calls = []
-
-    def counting(*args):
-        fused_calls.append(1)
-        return M.frozen_mlp(*args)
-
-    monkeypatch.setattr(_timm, "frozen_mlp", counting)
+    fused_calls = count_calls(monkeypatch, _timm, "frozen_mlp")
     model = _vit()
     x = torch.randn(2, 3, 64, 64)
     s2a.compress_activations(model)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import s2a
-from helpers import cosine, saved_bytes
+from helpers import cosine, count_calls, saved_bytes
 from s2a.activations import moe_experts as ME
 from s2a.activations.codebooks import SMOOTH_FUNCTIONS
 from s2a.memory import measure
@@ -248,13 +248,7 @@ def test_hf_moe_default_compression_saves_far_less_and_the_router_learns():
 def test_hf_moe_experts_fall_back_where_fusing_would_change_something(monkeypatch):
     from s2a.activations import _hf
 
-    calls = []
-
-    def counting(*args):
-        calls.append(1)
-        return ME.frozen_moe_experts(*args)
-
-    monkeypatch.setattr(_hf, "frozen_moe_experts", counting)
+    calls = count_calls(monkeypatch, _hf, "frozen_moe_experts")
     model = _moe_model("mixtral")
     ids = torch.randint(1, 64, (2, 7))
     s2a.apply(model, s2a.S2AConfig(modules=("bias",)), example_input={"input_ids": ids})
