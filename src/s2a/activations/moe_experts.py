@@ -11,7 +11,9 @@ of a backward that full fine-tuning runs as six). ``x`` is kept as the gated MLP
 (:mod:`.gated_mlp`): a bf16 / fp16 ``x`` as it is, a float32 one in ``store_dtype``.
 
 Gradients flow to ``x``, to the routing weights (so on to the router) and to expert biases
-that train; forward and backward run expert by expert, in chunks of rows.
+that train; forward and backward run expert by expert, in chunks of rows. Under autocast the
+experts compute in autocast's dtype, as ``F.linear`` does and transformers' eager experts do
+(its default ``grouped_mm`` path is not autocast-enabled: it computes in the weights' dtype).
 """
 
 from __future__ import annotations
