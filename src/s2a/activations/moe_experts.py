@@ -6,8 +6,10 @@ every routed copy keeps, for backward, its gathered input, the packed gate/up ou
 factors of the product and the down projection's input: about ``k * (2 * model + 5 *
 intermediate)`` values per token, in full precision. With the expert weights frozen (bias,
 prompt or LoRA tuning elsewhere) backward needs only ``x``, the routing and the expert
-weights: each expert's hidden layers are recomputed from its tokens (two of the five matmuls
-of a backward that full fine-tuning runs as six). ``x`` is kept as the gated MLP keeps it
+weights: each expert's hidden layers are recomputed from its tokens, one matmul per expert
+besides the two of the native backward (the routing weights' gradient, ``<g, down(m)> =
+<g @ W_down, m>``, reuses the product the input's gradient needs). ``x`` is kept as the
+gated MLP keeps it
 (:mod:`.gated_mlp`): a bf16 / fp16 ``x`` as it is, a float32 one in ``store_dtype``.
 
 Gradients flow to ``x``, to the routing weights (so on to the router) and to expert biases
@@ -125,15 +127,16 @@ class _MoEExpertsFrozenWeights(torch.autograd.Function):
                     h = F.linear(kept[t].to(dtype), wgu, bgu).requires_grad_()
                     m = ctx.gate_fn(h)
                 gt = g2[t]
-                if need_w:  # dL/dw_k = <g, expert output>
-                    o = F.linear(m.detach(), wd, bd)
-                    gw[p] = (gt.to(f32) * o.to(f32)).sum(-1)
-                    del o
-                go = (gt * weights[p, None]).to(dtype)
+                w = weights[p, None]
+                gm = torch.mm(gt, wd)  # dL/dm before the routing weight
+                if need_w:  # dL/dw_k = <g, down(m)> = <g @ W_down, m> (+ <g, b_down>)
+                    gw[p] = (gm.to(f32) * m.detach().to(f32)).sum(-1)
+                    if bd is not None:
+                        gw[p] += (gt.to(f32) * bd.to(f32)).sum(-1)
                 if need_bd:
-                    gbd[e] += go.sum(0, dtype=f32)
-                (dh,) = torch.autograd.grad(m, h, torch.mm(go, wd))
-                del m, h
+                    gbd[e] += (gt * w).sum(0, dtype=f32)
+                (dh,) = torch.autograd.grad(m, h, (gm * w).to(dtype))
+                del m, h, gm
                 if need_bgu:
                     gbgu[e] += dh.sum(0, dtype=f32)
                 if need_x:
