@@ -19,8 +19,10 @@ Names:
 * any timm model name: random init, or ``weights=FILE`` (safetensors or a PyTorch state dict);
   a classifier whose shape differs from ``num_classes`` is left freshly initialised;
 * a transformers model directory (``config.json``): ``AutoModelForSequenceClassification``
-  with its tokenizer, or ``AutoModelForImageClassification`` when the directory holds an
-  image processor and no tokenizer.
+  with its tokenizer (for a decoder it has none for, such as OLMoE: transformers'
+  ``GenericForSequenceClassification`` over its base model), or
+  ``AutoModelForImageClassification`` when the directory holds an image processor and no
+  tokenizer.
 
 Preprocessing: text goes through the tokenizer (truncation to ``max_length``, default 128 or the
 model's limit if lower; padding to the longest sentence of the batch); images (file paths, PIL images, uint8 arrays or tensors) are
@@ -485,10 +487,35 @@ def _quiet_transformers():
     return _Quiet()
 
 
+def _decoder_classifier(config: Any) -> type | None:
+    """For a decoder that transformers gives no ``*ForSequenceClassification`` (OLMoE,
+    Granite-MoE...): transformers' own generic classifier (a ``score`` layer on the last real
+    token, as LLaMA's) over the model's base class, which loads the decoder's weights."""
+    import transformers
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    mappings = (transformers.AutoModelForSequenceClassification._model_mapping,
+                transformers.AutoModelForCausalLM._model_mapping, transformers.AutoModel._model_mapping)
+    try:
+        if type(config) in mappings[0]:
+            return None
+        mappings[1][type(config)]  # a decoder
+        base = mappings[2][type(config)]
+    except (KeyError, ValueError):
+        return None
+    pretrained = next((c for c in base.__mro__[1:] if c.__name__.endswith("PreTrainedModel")
+                       and c is not transformers.PreTrainedModel), None)
+    if pretrained is None:
+        return None
+    name = pretrained.__name__.removesuffix("PreTrainedModel") + "ForSequenceClassification"
+    return type(name, (GenericForSequenceClassification, pretrained), {"__module__": pretrained.__module__})
+
+
 def _build_transformers(name: str, path: str, num_classes: int, max_length: int | None, img_size: int | None) -> ZooModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoConfig
+    from transformers.modeling_layers import GenericForSequenceClassification
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -501,6 +528,8 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
     kind = "image" if has_image_proc and not has_tokenizer else "text"
     label = name if name in ALIASES else os.path.basename(os.path.normpath(path))
     auto = transformers.AutoModelForImageClassification if kind == "image" else transformers.AutoModelForSequenceClassification
+    if kind == "text":
+        auto = _decoder_classifier(config) or auto
     try:
         with _quiet_transformers():
             model = auto.from_pretrained(
@@ -517,6 +546,9 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
     heads = tuple(n for n in HF_HEAD_CHILDREN if n in children)
     notes = [f"transformers {type(model).__name__} from {path} (classifier for {num_classes} classes: "
              "fresh unless the directory holds one of that size)"]
+    if issubclass(type(model), GenericForSequenceClassification) and auto is not transformers.AutoModelForSequenceClassification:
+        notes.append(f"transformers has no sequence classifier for {config.model_type}: its generic one "
+                     "(a score layer on the last real token, as LLaMA's) over the decoder")
     try:
         pooling = sentence_pooling_mode(path)
     except ValueError as exc:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import s2a
 from s2a.zoo import ImagePreprocessor, ZooError, call_model, load_model, model_kind
 
 
@@ -167,19 +168,30 @@ def test_image_preprocessor_16_bit_short_images_and_pixel_lists(tmp_path):
         _to_chw_uint8(torch.full((3, 4, 4), -1.0))
 
 
-def _tiny_llama_dir(path):
-    """A tiny random Llama with a word-level tokenizer that has an EOS but no pad token."""
+def _tiny_llama_dir(path, arch="llama"):
+    """A tiny random Llama (or OLMoE: a mixture-of-experts decoder that transformers gives no
+    sequence classifier) with a word-level tokenizer that has an EOS but no pad token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+    from transformers import (
+        LlamaConfig,
+        LlamaModel,
+        OlmoeConfig,
+        OlmoeForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     words = ["[UNK]", "</s>", "good", "bad", "film", "a", "very", "dull", "fine", "plot"]
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(str(path))
-    cfg = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)  # fmt: skip
+    shape = dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     torch.manual_seed(0)
-    LlamaModel(cfg).save_pretrained(str(path))
+    if arch == "olmoe":
+        OlmoeForCausalLM(OlmoeConfig(**shape, num_experts=4, num_experts_per_tok=2, eos_token_id=1, bos_token_id=None,
+                                      pad_token_id=None)).save_pretrained(str(path))
+    else:
+        LlamaModel(LlamaConfig(**shape)).save_pretrained(str(path))
     return path
 
 
@@ -201,16 +213,37 @@ def test_any_transformers_directory_decoder_without_pad_token(tmp_path):
         load_model(str(path), 2, weights=tmp_path / "w.pt")
 
 
-def test_train_a_transformers_directory_on_a_jsonl_table(tmp_path, run_cli):
+def test_a_decoder_without_a_transformers_sequence_classifier(tmp_path):
+    from transformers import OlmoeForCausalLM
+
+    path = _tiny_llama_dir(tmp_path / "olmoe", "olmoe")
+    zm = load_model(str(path), 3, max_length=8)
+    assert type(zm.model).__name__ == "OlmoeForSequenceClassification" and zm.head_names == ("score",)
+    assert any("generic one" in n for n in zm.notes)
+    # the decoder's own weights, not a fresh decoder
+    lm = OlmoeForCausalLM.from_pretrained(str(path))
+    assert torch.equal(zm.model.model.layers[1].mlp.experts.down_proj, lm.model.layers[1].mlp.experts.down_proj)
+    batch = zm.preprocess(["good film", "a very dull film plot"])
+    zm.model.eval()
+    with torch.no_grad():
+        logits = call_model(zm.model, batch)
+        alone = call_model(zm.model, zm.preprocess(["good film"]))
+    assert logits.shape == (2, 3) and torch.allclose(logits[0], alone[0], atol=1e-5)
+    s2a.apply(zm.model, s2a.S2AConfig(modules=("bias", "prompt")), example_input=batch)
+    assert s2a.compression_summary(zm.model)["model.layers.0.mlp.experts"] == "moe_experts:silu@input"
+
+
+@pytest.mark.parametrize("arch,method", [("llama", "full"), ("olmoe", "s2a"), ("olmoe", "lora")])
+def test_train_a_transformers_directory_on_a_jsonl_table(tmp_path, run_cli, arch, method):
     import json
 
-    path = _tiny_llama_dir(tmp_path / "llama")
+    path = _tiny_llama_dir(tmp_path / arch, arch)
     table = tmp_path / "reviews.jsonl"
     rows = [("good film", "pos"), ("a very dull film", "neg"), ("fine plot", "pos"), ("bad plot", "neg")] * 8
     table.write_text("".join(json.dumps({"review": t, "sentiment": s}) + "\n" for t, s in rows))
     out = tmp_path / "run"
     assert run_cli("--model", str(path), "--data", str(table), "--text-column", "review", "--label-column",
-                   "sentiment", "--method", "full", "--epochs", "2", "--batch-size", "8", "--lr", "1e-2",
+                   "sentiment", "--method", method, "--epochs", "2", "--batch-size", "8", "--lr", "1e-2",
                    "--out", str(out)) == 0  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
