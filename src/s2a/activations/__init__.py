@@ -1,8 +1,9 @@
 """The "A" of S2A: low-bit storage of what non-parametric operators keep for backward.
 
-``functional`` and ``attention`` hold the autograd operators, ``apply`` the
-in-place model transform, ``codebooks``/``rowquant``/``packing``/``kernels`` the
-storage formats they share.
+``functional`` and ``attention`` hold the autograd operators, ``mlp``, ``gated_mlp`` and
+``moe_experts`` the feed-forward blocks run as one operator when their weights are frozen,
+``apply`` the in-place model transform (with ``_timm`` / ``_hf`` recognising those blocks),
+``codebooks``/``rowquant``/``packing``/``kernels`` the storage formats they share.
 """
 
 from .apply import (
