@@ -487,12 +487,19 @@ def _quiet_transformers():
     return _Quiet()
 
 
+_DECODER_CLASSIFIERS: dict[type, type] = {}
+
+
 def _decoder_classifier(config: Any) -> type | None:
-    """For a decoder that transformers gives no ``*ForSequenceClassification`` (OLMoE,
-    Granite-MoE...): transformers' own generic classifier (a ``score`` layer on the last real
-    token, as LLaMA's) over the model's base class, which loads the decoder's weights."""
+    """For a decoder with LLaMA's layer layout that transformers gives no
+    ``*ForSequenceClassification`` (OLMoE, Granite-MoE...): transformers' own generic
+    classifier (a ``score`` layer on the last real token, as LLaMA's) over the model's base
+    class, which loads the decoder's weights. One class per model, registered in the model's
+    module so that the model pickles (in a process that built it)."""
     import transformers
     from transformers.modeling_layers import GenericForSequenceClassification
+
+    from .models.hf_adapters import _llama_like_layers
 
     mappings = (transformers.AutoModelForSequenceClassification._model_mapping,
                 transformers.AutoModelForCausalLM._model_mapping, transformers.AutoModel._model_mapping)
@@ -501,21 +508,30 @@ def _decoder_classifier(config: Any) -> type | None:
             return None
         mappings[1][type(config)]  # a decoder
         base = mappings[2][type(config)]
-    except (KeyError, ValueError):
+        with torch.device("meta"):  # its layout, without allocating it
+            layout_ok = bool(_llama_like_layers(base(config)))
+    except (KeyError, ValueError, ImportError, TypeError, AttributeError, RuntimeError):
         return None
     pretrained = next((c for c in base.__mro__[1:] if c.__name__.endswith("PreTrainedModel")
                        and c is not transformers.PreTrainedModel), None)
-    if pretrained is None:
+    if not layout_ok or pretrained is None:
         return None
-    name = pretrained.__name__.removesuffix("PreTrainedModel") + "ForSequenceClassification"
-    return type(name, (GenericForSequenceClassification, pretrained), {"__module__": pretrained.__module__})
+    if pretrained not in _DECODER_CLASSIFIERS:
+        name = pretrained.__name__.removesuffix("PreTrainedModel") + "ForSequenceClassification"
+        module = sys.modules[pretrained.__module__]
+        cls = getattr(module, name, None) or type(name, (GenericForSequenceClassification, pretrained), {
+            "__module__": pretrained.__module__,
+            "base_model_prefix": pretrained.base_model_prefix,  # the checkpoint's keys, not "model"
+        })
+        setattr(module, name, cls)
+        _DECODER_CLASSIFIERS[pretrained] = cls
+    return _DECODER_CLASSIFIERS[pretrained]
 
 
 def _build_transformers(name: str, path: str, num_classes: int, max_length: int | None, img_size: int | None) -> ZooModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoConfig
-    from transformers.modeling_layers import GenericForSequenceClassification
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -532,21 +548,31 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
         auto = _decoder_classifier(config) or auto
     try:
         with _quiet_transformers():
-            model = auto.from_pretrained(
+            model, loading = auto.from_pretrained(
                 path,
                 num_labels=num_classes,
                 ignore_mismatched_sizes=True,
                 id2label={i: str(i) for i in range(num_classes)},
                 label2id={str(i): i for i in range(num_classes)},
+                output_loading_info=True,
             )
     except (ValueError, OSError, KeyError) as exc:
         raise ZooError(f"{path}: cannot build a {auto.__name__} ({config.model_type}): {exc}") from None
+    # a fresh classifier is expected; a backbone weight left at random init is not
+    missing = sorted(k for k in loading.get("missing_keys", ()) if k.split(".")[0] not in HF_HEAD_CHILDREN)
+    generic = auto is not transformers.AutoModelForSequenceClassification and kind == "text"
+    if missing and generic:
+        raise ZooError(f"{path}: {len(missing)} backbone weights of {type(model).__name__} are not in the "
+                       f"checkpoint (e.g. {missing[:3]}): it does not match this model class")
     model.config.problem_type = "single_label_classification"
     children = dict(model.named_children())
     heads = tuple(n for n in HF_HEAD_CHILDREN if n in children)
     notes = [f"transformers {type(model).__name__} from {path} (classifier for {num_classes} classes: "
              "fresh unless the directory holds one of that size)"]
-    if issubclass(type(model), GenericForSequenceClassification) and auto is not transformers.AutoModelForSequenceClassification:
+    if missing:  # transformers only warns (and _quiet_transformers hides it): say it here
+        notes.append(f"{len(missing)} weights of {type(model).__name__} are not in the checkpoint and start "
+                     f"at random init: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if generic:
         notes.append(f"transformers has no sequence classifier for {config.model_type}: its generic one "
                      "(a score layer on the last real token, as LLaMA's) over the decoder")
     try:

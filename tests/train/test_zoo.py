@@ -233,6 +233,18 @@ def test_a_decoder_without_a_transformers_sequence_classifier(tmp_path):
     assert s2a.compression_summary(zm.model)["model.layers.0.mlp.experts"] == "moe_experts:silu@input"
 
 
+def test_a_decoder_checkpoint_that_does_not_load_is_refused(tmp_path):
+    # keys under another prefix would leave the whole decoder at random init (transformers warns)
+    from safetensors.torch import load_file, save_file
+
+    path = _tiny_llama_dir(tmp_path / "olmoe", "olmoe")
+    weights = load_file(str(path / "model.safetensors"))
+    save_file({k.replace("model.", "backbone.", 1): v for k, v in weights.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ZooError, match="backbone weights of OlmoeForSequenceClassification are not in the checkpoint"):
+        load_model(str(path), 2)
+
+
 @pytest.mark.parametrize("arch,method", [("llama", "full"), ("olmoe", "s2a"), ("olmoe", "lora")])
 def test_train_a_transformers_directory_on_a_jsonl_table(tmp_path, run_cli, arch, method):
     import json

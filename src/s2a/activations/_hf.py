@@ -306,6 +306,9 @@ def _is_experts(module: nn.Module) -> bool:
     names = (first, "down_proj") + ((f"{first}_bias", "down_proj_bias") if has_bias else ())
     if not all(isinstance(getattr(module, n, None), torch.Tensor) for n in names):
         return False
+    # quantized experts (transformers' FP8Experts) dequantize with scales in their own forward
+    if any("scale" in n for n, _ in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))):
+        return False
     if not gated and not callable(getattr(module, "act_fn", None)):
         return False
     return _experts_args(cls) is not None
@@ -367,12 +370,15 @@ def _experts_forward(module: nn.Module, state: Any, kind: str, *args, **kwargs) 
         if module.has_bias else (None, None)
     transposed = bool(getattr(module, "is_transposed", False))
     gate = _gate_of(module, kind)
+    act = getattr(module, "act_fn", None)
     if (
         not all(isinstance(t, torch.Tensor) for t in (x, index, weights))
+        # a trainable activation (PReLU, xIELU) needs its own backward
+        or (isinstance(act, nn.Module) and any(p.requires_grad for p in act.parameters()))
         or getattr(module, "_is_expert_parallel", True)
         or not frozen_moe_experts_applies(x, index, weights, first, down, gate, transposed)
         or not _needs_grad(x, weights, *biases)
-        or has_foreign_hooks(module, *([module.act_fn] if isinstance(getattr(module, "act_fn", None), nn.Module) else []))
+        or has_foreign_hooks(module, *([act] if isinstance(act, nn.Module) else []))
     ):
         return native()
     return frozen_moe_experts(x, index, weights, first, biases[0], down, biases[1], gate, transposed)

@@ -160,6 +160,8 @@ def frozen_moe_experts_applies(
     """Whether :func:`frozen_moe_experts` can stand in for the experts' own forward here."""
     if not (torch.is_grad_enabled() and not gate_up.requires_grad and not down.requires_grad
             and (callable(gate) or gate in SMOOTH_FUNCTIONS) and x.dim() == 2 and x.is_floating_point()
+            # plain float weights: quantized ones (FP8 with their scales) compute otherwise
+            and all(w.is_floating_point() and w.element_size() >= 2 for w in (gate_up, down))
             and gate_up.dim() == down.dim() == 3 and gate_up.shape[0] == down.shape[0]
             and top_k_index.dim() == 2 and not top_k_index.is_floating_point()
             and not top_k_index.is_complex() and top_k_weights.shape == top_k_index.shape
