@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from typing import Any, NamedTuple
 
 import torch
@@ -276,6 +276,7 @@ _NOT_RECOMPUTABLE = frozenset({"dropout", "training", "rand", "randn", "rand_lik
                                "bernoulli", "multinomial", "normal_", "uniform_", "exponential_"})
 
 
+@cache
 def _experts_args(cls: type) -> tuple[str, ...] | None:
     try:
         names = tuple(inspect.signature(cls.forward).parameters)[1:]
@@ -314,9 +315,18 @@ def _is_experts(module: nn.Module) -> bool:
     return _experts_args(cls) is not None
 
 
+def _expert_tensors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(first projection, its bias, down projection, its bias): ``gate_up_proj``, or
+    ``up_proj`` for experts without a gate; biases where ``has_bias``."""
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    if module.has_bias:
+        return getattr(module, first), getattr(module, f"{first}_bias"), module.down_proj, module.down_proj_bias
+    return getattr(module, first), None, module.down_proj, None
+
+
 def _experts_lean_forward(module, path, state, act_kind, skipped):
-    first = module.gate_up_proj if module.has_gate else module.up_proj
-    if first.requires_grad or module.down_proj.requires_grad:
+    first, _, down, _ = _expert_tensors(module)
+    if first.requires_grad or down.requires_grad:
         return None  # trained experts keep what they need: their activation is compressed alone
     if skipped(f"{path}.act_fn" if path else "act_fn"):
         return None
@@ -365,9 +375,7 @@ def _experts_forward(module: nn.Module, state: Any, kind: str, *args, **kwargs) 
     if set(given) != set(names) or len(args) + len(kwargs) != 3 or state.disabled:
         return native()
     x, index, weights = (given[n] for n in names)
-    first, down = (module.gate_up_proj, module.down_proj) if module.has_gate else (module.up_proj, module.down_proj)
-    biases = ((module.gate_up_proj_bias if module.has_gate else module.up_proj_bias), module.down_proj_bias) \
-        if module.has_bias else (None, None)
+    first, first_bias, down, down_bias = _expert_tensors(module)
     transposed = bool(getattr(module, "is_transposed", False))
     gate = _gate_of(module, kind)
     act = getattr(module, "act_fn", None)
@@ -377,8 +385,8 @@ def _experts_forward(module: nn.Module, state: Any, kind: str, *args, **kwargs) 
         or (isinstance(act, nn.Module) and any(p.requires_grad for p in act.parameters()))
         or getattr(module, "_is_expert_parallel", True)
         or not frozen_moe_experts_applies(x, index, weights, first, down, gate, transposed)
-        or not _needs_grad(x, weights, *biases)
+        or not _needs_grad(x, weights, first_bias, down_bias)
         or has_foreign_hooks(module, *([act] if isinstance(act, nn.Module) else []))
     ):
         return native()
-    return frozen_moe_experts(x, index, weights, first, biases[0], down, biases[1], gate, transposed)
+    return frozen_moe_experts(x, index, weights, first, first_bias, down, down_bias, gate, transposed)
