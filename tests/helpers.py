@@ -23,6 +23,14 @@ def count_calls(monkeypatch, module, name: str) -> list[int]:
     return calls
 
 
+def logits_and_grads(model, ids):
+    """One backward of ``sum(logits**2)`` from ``input_ids``: the logits and every parameter gradient."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids).logits
+    out.pow(2).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def saved_bytes(fn, *args, exclude=(), **kwargs):
     """(output, bytes saved for backward by ``fn``) deduplicated by storage, ``exclude`` tensors left out."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}

@@ -12,7 +12,7 @@ from timm.layers import GluMlp, SwiGLU
 from torch import nn
 
 import s2a
-from helpers import count_calls
+from helpers import count_calls, logits_and_grads
 from s2a.activations import gated_mlp as GM
 from s2a.activations.codebooks import SMOOTH_FUNCTIONS
 from s2a.memory import measure
@@ -213,13 +213,6 @@ def _hf_model(arch: str):
     return model
 
 
-def _grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids).logits
-    out.pow(2).sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3"])
 def test_hf_gated_mlps_run_fused_with_native_gradients(arch):
     model = _hf_model(arch)
@@ -232,8 +225,8 @@ def test_hf_gated_mlps_run_fused_with_native_gradients(arch):
     s2a.compress_activations(model, ops={act: 4})
     summary = s2a.compression_summary(model)
     assert summary["model.layers.0.mlp"] == f"gated_mlp:{act}@input"
-    out, grads = _grads(model, ids)
-    out0, grads0 = _grads(reference, ids)
+    out, grads = logits_and_grads(model, ids)
+    out0, grads0 = logits_and_grads(reference, ids)
     torch.testing.assert_close(out, out0, rtol=1e-5, atol=1e-6)
     up_bias = "mlp.gate_up_proj.bias" if arch == "phi3" else "mlp.up_proj.bias"
     assert grads.keys() == grads0.keys() and any(up_bias in n for n in grads)
@@ -277,12 +270,12 @@ def test_hf_mlp_falls_back_where_fusing_would_change_something(monkeypatch):
         fn()
         return len(calls)
 
-    assert fused_runs(lambda: _grads(model, ids)) == 2
+    assert fused_runs(lambda: logits_and_grads(model, ids)) == 2
     h = mlp.up_proj.register_forward_hook(lambda *a: None)  # a user's hook must still fire
-    assert fused_runs(lambda: _grads(model, ids)) == 1
+    assert fused_runs(lambda: logits_and_grads(model, ids)) == 1
     h.remove()
     mlp.down_proj.weight.requires_grad_(True)  # its gradient needs the product
-    assert fused_runs(lambda: _grads(model, ids)) == 1
+    assert fused_runs(lambda: logits_and_grads(model, ids)) == 1
     mlp.down_proj.weight.requires_grad_(False)
     with torch.no_grad():
         assert fused_runs(lambda: model(input_ids=ids)) == 0

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import s2a
-from helpers import cosine, count_calls, saved_bytes
+from helpers import cosine, count_calls, logits_and_grads, saved_bytes
 from s2a.activations import moe_experts as ME
 from s2a.activations.codebooks import SMOOTH_FUNCTIONS
 from s2a.memory import measure
@@ -193,13 +193,6 @@ def _moe_model(arch: str, implementation: str = "grouped_mm"):
     return model
 
 
-def _grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids).logits
-    out.pow(2).sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("arch,implementation", [("mixtral", "grouped_mm"), ("mixtral", "eager"),
                                                  ("qwen2_moe", "grouped_mm"), ("gpt_oss", "grouped_mm"),
                                                  ("gpt_oss", "eager")])
@@ -212,8 +205,8 @@ def test_hf_moe_experts_run_fused_with_native_gradients(arch, implementation):
     s2a.compress_activations(model, ops={kind: 4})  # only the experts' kind: the rest native
     summary = s2a.compression_summary(model)
     assert summary["model.layers.0.mlp.experts"] == f"moe_experts:{kind}@input"
-    out, grads = _grads(model, ids)
-    out0, grads0 = _grads(reference, ids)
+    out, grads = logits_and_grads(model, ids)
+    out0, grads0 = logits_and_grads(reference, ids)
     torch.testing.assert_close(out, out0, rtol=1e-4, atol=1e-5)
     assert grads.keys() == grads0.keys() and not any("mlp.gate.weight" in n for n in grads)  # router frozen
     assert ("model.layers.0.mlp.experts.gate_up_proj_bias" in grads) == (arch == "gpt_oss")
@@ -240,8 +233,8 @@ def test_hf_moe_default_compression_saves_far_less_and_the_router_learns():
     s2a.compress_activations(model)
     fused = measure(model, {"input_ids": ids}, lambda o, b: o.logits.sum())
     assert fused.saved_bytes < 0.3 * plain.saved_bytes
-    _, grads = _grads(model, ids)
-    _, grads0 = _grads(reference, ids)
+    _, grads = logits_and_grads(model, ids)
+    _, grads0 = logits_and_grads(reference, ids)
     assert cosine(grads["model.layers.0.mlp.gate.weight"], grads0["model.layers.0.mlp.gate.weight"]) > 0.99
 
 
@@ -259,15 +252,15 @@ def test_hf_moe_experts_fall_back_where_fusing_would_change_something(monkeypatc
         fn()
         return len(calls)
 
-    assert fused_runs(lambda: _grads(model, ids)) == 2
+    assert fused_runs(lambda: logits_and_grads(model, ids)) == 2
     h = experts.register_forward_hook(lambda *a: None)  # a user's hook must still fire
-    assert fused_runs(lambda: _grads(model, ids)) == 1
+    assert fused_runs(lambda: logits_and_grads(model, ids)) == 1
     h.remove()
     experts.down_proj.requires_grad_(True)  # its gradient needs the hidden layers
-    assert fused_runs(lambda: _grads(model, ids)) == 1
+    assert fused_runs(lambda: logits_and_grads(model, ids)) == 1
     experts.down_proj.requires_grad_(False)
     experts._is_expert_parallel = True  # sentinel ids and masks of transformers' own
-    assert fused_runs(lambda: _grads(model, ids)) == 1
+    assert fused_runs(lambda: logits_and_grads(model, ids)) == 1
     experts._is_expert_parallel = False
     with torch.no_grad():
         assert fused_runs(lambda: model(input_ids=ids)) == 0
@@ -279,7 +272,7 @@ def test_hf_moe_experts_with_trained_weights_are_left_to_their_own_forward():
     s2a.compress_activations(model)
     assert not any(v.startswith("moe_experts") for v in s2a.compression_summary(model).values())
     ids = torch.randint(1, 64, (2, 7))
-    _grads(model, ids)
+    logits_and_grads(model, ids)
 
 
 def test_hf_moe_experts_recognised_only_where_the_gate_can_run_again():
@@ -311,7 +304,7 @@ def test_hf_moe_experts_left_to_their_own_forward_when_quantized_or_with_a_train
     s2a.apply(model, s2a.S2AConfig(modules=("bias",)), example_input={"input_ids": ids})
     experts = model.model.layers[0].mlp.experts
     experts.act_fn = torch.nn.PReLU()  # a parameter of its own that trains: its gradient needs it
-    _grads(model, ids)
+    logits_and_grads(model, ids)
     assert len(calls) == 1 and experts.act_fn.weight.grad is not None
     s2a.restore(model)
     # FP8 weights with their scales: transformers' FP8Experts dequantize in their own forward
