@@ -97,6 +97,30 @@ def test_a_gate_function_of_the_model(gate, width):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed,bias,gate", [(False, False, "silu"), (True, True, "gelu"),
+                                                  (True, True, _clamped_interleaved_gate)])
+def test_grouped_matmuls_match_the_loop_over_experts(dtype, transposed, bias, gate, monkeypatch):
+    # on the CPU, float32 / half weights run chunks of expert-sorted rows through
+    # torch._grouped_mm; other dtypes and devices loop over experts: the same results
+    monkeypatch.setattr(ME, "CHUNK_ELEMS", 480)  # chunks that cut through experts
+    gate_up, bgu, down, bd = _experts(e=6, transposed=transposed, bias=bias, dtype=dtype)
+    x = torch.randn(40, 16, dtype=dtype, requires_grad=True)
+    logits, weights, index = _routing(40, experts=6, dtype=torch.float32)
+    index = torch.where(index == 5, 6, index)  # expert 5 unused, some choices to a sentinel
+    inputs = [x, logits] + ([bgu, bd] if bias else [])
+    g = torch.randn(40, 16, dtype=dtype)
+    assert ME._grouped(x, gate_up, down, dtype) == hasattr(torch, "_grouped_mm")  # the default here
+    results = []
+    for grouped in (True, False):
+        monkeypatch.setattr(ME, "_grouped", lambda *a, grouped=grouped: grouped)
+        y = ME.frozen_moe_experts(x, index, weights, gate_up, bgu, down, bd, gate, transposed, store_dtype=None)
+        results.append((y, *torch.autograd.grad(y, inputs, g, retain_graph=True)))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_only_input_and_routing_are_saved():
     gate_up, _, down, _ = _experts(dtype=torch.bfloat16)
     x = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)

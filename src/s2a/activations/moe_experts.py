@@ -13,7 +13,9 @@ gated MLP keeps it
 (:mod:`.gated_mlp`): a bf16 / fp16 ``x`` as it is, a float32 one in ``store_dtype``.
 
 Gradients flow to ``x``, to the routing weights (so on to the router) and to expert biases
-that train; forward and backward run expert by expert, in chunks of rows. Under autocast the
+that train. Forward and backward run in chunks of rows sorted by expert: on the CPU with
+float32 / bf16 / fp16 weights each chunk is one ``torch._grouped_mm`` per product, elsewhere
+(other devices, float64, weights to be cast) a loop over experts. Under autocast the
 experts compute in autocast's dtype, as ``F.linear`` does and transformers' eager experts do
 (its default ``grouped_mm`` path is not autocast-enabled: it computes in the weights' dtype).
 """
@@ -23,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .codebooks import SMOOTH_FUNCTIONS
@@ -35,30 +36,82 @@ __all__ = ["CHUNK_ELEMS", "frozen_moe_experts", "frozen_moe_experts_applies"]
 CHUNK_ELEMS = 1 << 20
 
 
-def _expert_groups(top_k_index: torch.Tensor, num_experts: int) -> list[tuple[int, torch.Tensor]]:
-    """``(expert, positions)`` for every expert some token was routed to; positions index the
-    flattened ``(tokens, k)`` routing. Ids of ``num_experts`` and more (transformers' expert-
-    parallel sentinels) route nowhere, as in transformers' own loop."""
-    flat = top_k_index.reshape(-1)
+def _check_ids(flat: torch.Tensor) -> None:
     if bool((flat < 0).any()):  # transformers' own loop fails on them too
         raise ValueError(f"frozen_moe_experts: negative expert ids in top_k_index (min {int(flat.min())})")
-    valid = flat < num_experts
-    order = torch.argsort(torch.where(valid, flat, num_experts), stable=True)
-    counts = torch.bincount(flat[valid], minlength=num_experts).tolist()
-    groups, start = [], 0
-    for e, n in enumerate(counts):
+
+
+class _Rows:
+    """Routed rows that run together: one expert's (a loop over experts), or rows sorted by
+    expert and run by ``torch._grouped_mm`` (``offs``: where each expert's rows end). Its
+    methods are the four products forward and backward need, biases added per row."""
+
+    def __init__(self, p, ids, first_w, first_b, down_w, down_b, offs=None):
+        self.p, self.ids, self.offs = p, ids, offs
+        self._first_w, self._down_w = first_w, down_w  # (in, out) per expert, or one expert's
+        self.first_b = None if first_b is None else (first_b[ids] if offs is not None else first_b)
+        self.down_b = None if down_b is None else (down_b[ids] if offs is not None else down_b)
+
+    def _mm(self, rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(rows, w, offs=self.offs) if self.offs is not None else torch.mm(rows, w)
+
+    def first(self, rows: torch.Tensor) -> torch.Tensor:
+        y = self._mm(rows, self._first_w)
+        return y if self.first_b is None else y + self.first_b
+
+    def down(self, m: torch.Tensor) -> torch.Tensor:
+        y = self._mm(m, self._down_w)
+        return y if self.down_b is None else y + self.down_b
+
+    def through_down(self, g: torch.Tensor) -> torch.Tensor:  # g @ W_down: dL/dm
+        return self._mm(g, self._down_w.transpose(-2, -1))
+
+    def through_first(self, dh: torch.Tensor) -> torch.Tensor:  # dh @ W_first: dL/dx
+        return self._mm(dh, self._first_w.transpose(-2, -1))
+
+
+def _grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the rows run through ``torch._grouped_mm`` (CPU, weights already in the compute
+    dtype: a cast would copy every expert) rather than a loop over experts."""
+    return (hasattr(torch, "_grouped_mm") and x.device.type == "cpu"
+            and dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and gate_up.dtype == down.dtype == dtype)
+
+
+def _routed_rows(top_k_index, gate_up, gate_up_bias, down, down_bias, transposed: bool,
+                 dtype: torch.dtype, grouped: bool):
+    """The routed rows in chunks of about ``CHUNK_ELEMS`` first-projection elements: positions
+    in the flattened ``(tokens, k)`` routing, expert by expert. Ids of ``num_experts`` and more
+    (transformers' expert-parallel sentinels) route nowhere, as in transformers' own loop."""
+    flat = top_k_index.reshape(-1)
+    _check_ids(flat)
+    num_experts = gate_up.shape[0]
+    width = gate_up.shape[2] if transposed else gate_up.shape[1]
+    key = torch.where(flat < num_experts, flat, num_experts)
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    bgu = None if gate_up_bias is None else gate_up_bias.to(dtype)
+    bd = None if down_bias is None else down_bias.to(dtype)
+    if grouped:  # weights (E, in, out), the layout _grouped_mm multiplies by
+        first_w = gate_up if transposed else gate_up.transpose(1, 2)
+        down_w = down if transposed else down.transpose(1, 2)
+        ends = torch.cumsum(counts, 0)
+        ids = key[order]
+        for r0, r1 in _row_chunks(int(ends[-1]) if num_experts else 0, width, CHUNK_ELEMS):
+            offs = (ends.clamp(r0, r1) - r0).to(torch.int32)
+            yield _Rows(order[r0:r1], ids[r0:r1], first_w, bgu, down_w, bd, offs)
+        return
+    start = 0
+    for e, n in enumerate(counts.tolist()):
         if n:
-            groups.append((e, order[start:start + n]))
+            first_w = (gate_up[e] if transposed else gate_up[e].t()).to(dtype)
+            down_w = (down[e] if transposed else down[e].t()).to(dtype)
+            pos = order[start:start + n]
+            for r0, r1 in _row_chunks(n, width, CHUNK_ELEMS):
+                ids = torch.full((r1 - r0,), e, device=flat.device)
+                yield _Rows(pos[r0:r1], ids, first_w, None if bgu is None else bgu[e], down_w,
+                            None if bd is None else bd[e])
         start += n
-    return groups
-
-
-def _weights(gate_up, gate_up_bias, down, down_bias, e: int, transposed: bool, dtype: torch.dtype):
-    """Expert ``e``'s (gate_up weight, bias, down weight, bias) in ``F.linear``'s orientation."""
-    wgu, wd = (gate_up[e].t(), down[e].t()) if transposed else (gate_up[e], down[e])
-    bgu = None if gate_up_bias is None else gate_up_bias[e].to(dtype)
-    bd = None if down_bias is None else down_bias[e].to(dtype)
-    return wgu.to(dtype), bgu, wd.to(dtype), bd
 
 
 def _gate_function(gate: str | Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -81,24 +134,21 @@ class _MoEExpertsFrozenWeights(torch.autograd.Function):
         x2 = x.to(dtype)
         k = top_k_index.shape[-1]
         weights = top_k_weights.reshape(-1)
-        width = gate_up.shape[2] if transposed else gate_up.shape[1]
         out_dim = down.shape[2] if transposed else down.shape[1]
         # the weighted sum in the routing weights' precision (float32 for a bf16 model), as
         # transformers' grouped path sums it, then x's dtype
         out = x2.new_zeros(x.shape[0], out_dim, dtype=torch.promote_types(dtype, top_k_weights.dtype))
-        for e, pos in _expert_groups(top_k_index, gate_up.shape[0]):
-            wgu, bgu, wd, bd = _weights(gate_up, gate_up_bias, down, down_bias, e, transposed, dtype)
-            for r0, r1 in _row_chunks(len(pos), width, CHUNK_ELEMS):
-                p = pos[r0:r1]
-                t = p // k
-                with torch._C.DisableTorchFunction():  # the gate as the model computes it, natively
-                    m = gate_fn(F.linear(x2[t], wgu, bgu))
-                out.index_add_(0, t, F.linear(m, wd, bd) * weights[p, None])
+        grouped = _grouped(x2, gate_up, down, dtype)
+        for rows in _routed_rows(top_k_index, gate_up, gate_up_bias, down, down_bias, transposed, dtype, grouped):
+            t = rows.p // k
+            with torch._C.DisableTorchFunction():  # the gate as the model computes it, natively
+                m = gate_fn(rows.first(x2[t]))
+            out.index_add_(0, t, rows.down(m) * weights[rows.p, None])
         kept = x2 if x2.element_size() < x.element_size() else x
         if kept.dtype == torch.float32 and store_dtype is not None:
             kept = kept.to(store_dtype)
         ctx.save_for_backward(kept, top_k_index, top_k_weights, gate_up, gate_up_bias, down, down_bias)
-        ctx.gate_fn, ctx.transposed, ctx.dtype, ctx.x_dtype = gate_fn, transposed, dtype, x.dtype
+        ctx.gate_fn, ctx.transposed, ctx.dtype, ctx.x_dtype, ctx.grouped = gate_fn, transposed, dtype, x.dtype, grouped
         return out.to(x.dtype)
 
     @staticmethod
@@ -110,37 +160,34 @@ class _MoEExpertsFrozenWeights(torch.autograd.Function):
         k = top_k_index.shape[-1]
         weights = top_k_weights.reshape(-1)
         g2 = g.to(dtype)
-        width = gate_up.shape[2] if transposed else gate_up.shape[1]
         f32 = torch.float64 if dtype == torch.float64 else torch.float32
         gx = torch.zeros(kept.shape, dtype=f32, device=g.device) if need_x else None
         gw = torch.zeros(weights.shape, dtype=f32, device=g.device) if need_w else None
         gbgu = torch.zeros(gate_up_bias.shape, dtype=f32, device=g.device) if need_bgu else None
         gbd = torch.zeros(down_bias.shape, dtype=f32, device=g.device) if need_bd else None
-        for e, pos in _expert_groups(top_k_index, gate_up.shape[0]):
-            wgu, bgu, wd, bd = _weights(gate_up, gate_up_bias, down, down_bias, e, transposed, dtype)
-            for r0, r1 in _row_chunks(len(pos), width, CHUNK_ELEMS):
-                p = pos[r0:r1]
-                t = p // k
-                # the gate's derivative from PyTorch's own backward, as natively; no torch
-                # function mode (s2a's included) may reroute it here
-                with torch.enable_grad(), torch._C.DisableTorchFunction():
-                    h = F.linear(kept[t].to(dtype), wgu, bgu).requires_grad_()
-                    m = ctx.gate_fn(h)
-                gt = g2[t]
-                w = weights[p, None]
-                gm = torch.mm(gt, wd)  # dL/dm before the routing weight
-                if need_w:  # dL/dw_k = <g, down(m)> = <g @ W_down, m> (+ <g, b_down>)
-                    gw[p] = (gm.to(f32) * m.detach().to(f32)).sum(-1)
-                    if bd is not None:
-                        gw[p] += (gt.to(f32) * bd.to(f32)).sum(-1)
-                if need_bd:
-                    gbd[e] += (gt * w).sum(0, dtype=f32)
-                (dh,) = torch.autograd.grad(m, h, (gm * w).to(dtype))
-                del m, h, gm
-                if need_bgu:
-                    gbgu[e] += dh.sum(0, dtype=f32)
-                if need_x:
-                    gx.index_add_(0, t, torch.mm(dh, wgu).to(f32))
+        for rows in _routed_rows(top_k_index, gate_up, gate_up_bias, down, down_bias, transposed, dtype,
+                                 ctx.grouped):
+            p, t = rows.p, rows.p // k
+            # the gate's derivative from PyTorch's own backward, as natively; no torch function
+            # mode (s2a's included) may reroute it here
+            with torch.enable_grad(), torch._C.DisableTorchFunction():
+                h = rows.first(kept[t].to(dtype)).requires_grad_()
+                m = ctx.gate_fn(h)
+            gt = g2[t]
+            w = weights[p, None]
+            gm = rows.through_down(gt)  # dL/dm before the routing weight
+            if need_w:  # dL/dw_k = <g, down(m)> = <g @ W_down, m> (+ <g, b_down>)
+                gw[p] = (gm.to(f32) * m.detach().to(f32)).sum(-1)
+                if rows.down_b is not None:
+                    gw[p] += (gt.to(f32) * rows.down_b.to(f32)).sum(-1)
+            if need_bd:
+                gbd.index_add_(0, rows.ids, (gt * w).to(f32))
+            (dh,) = torch.autograd.grad(m, h, (gm * w).to(dtype))
+            del m, h, gm
+            if need_bgu:
+                gbgu.index_add_(0, rows.ids, dh.to(f32))
+            if need_x:
+                gx.index_add_(0, t, rows.through_first(dh).to(f32))
         return (
             gx.to(ctx.x_dtype) if need_x else None,
             None,
