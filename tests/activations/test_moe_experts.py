@@ -263,6 +263,7 @@ def test_hf_moe_default_compression_saves_far_less_and_the_router_learns():
 
 
 def test_hf_moe_experts_fall_back_where_fusing_would_change_something(monkeypatch):
+    # hooks, trained weights, expert parallelism, no grad, a trainable activation, FP8 weights
     from s2a.activations import _hf
 
     calls = count_calls(monkeypatch, _hf, "frozen_moe_experts")
@@ -288,7 +289,16 @@ def test_hf_moe_experts_fall_back_where_fusing_would_change_something(monkeypatc
     experts._is_expert_parallel = False
     with torch.no_grad():
         assert fused_runs(lambda: model(input_ids=ids)) == 0
+    experts.act_fn = torch.nn.PReLU()  # a parameter of its own that trains: its gradient needs it
+    assert fused_runs(lambda: logits_and_grads(model, ids)) == 1 and experts.act_fn.weight.grad is not None
     s2a.restore(model)
+    # FP8 weights with their scales: transformers' FP8Experts dequantize in their own forward
+    experts.register_buffer("gate_up_proj_scale_inv", torch.ones(4))
+    assert not _hf._is_experts(experts)
+    gate_up, _, down, _ = _experts(dtype=torch.float32)
+    x = torch.randn(6, 16, requires_grad=True)
+    _, weights, index = _routing(6, dtype=torch.float32)
+    assert not ME.frozen_moe_experts_applies(x, index, weights, gate_up.to(torch.float8_e4m3fn), down)
 
 
 def test_hf_moe_experts_with_trained_weights_are_left_to_their_own_forward():
@@ -317,24 +327,3 @@ def test_hf_moe_experts_recognised_only_where_the_gate_can_run_again():
     config = _moe_model("mixtral").config
     assert _is_experts(MixtralExperts(config))
     assert not _is_experts(DroppedGate(config)) and not _is_experts(NormedExperts(config))
-
-
-def test_hf_moe_experts_left_to_their_own_forward_when_quantized_or_with_a_trainable_activation(monkeypatch):
-    from s2a.activations import _hf
-
-    calls = count_calls(monkeypatch, _hf, "frozen_moe_experts")
-    model = _moe_model("mixtral")
-    ids = torch.randint(1, 64, (2, 7))
-    s2a.apply(model, s2a.S2AConfig(modules=("bias",)), example_input={"input_ids": ids})
-    experts = model.model.layers[0].mlp.experts
-    experts.act_fn = torch.nn.PReLU()  # a parameter of its own that trains: its gradient needs it
-    logits_and_grads(model, ids)
-    assert len(calls) == 1 and experts.act_fn.weight.grad is not None
-    s2a.restore(model)
-    # FP8 weights with their scales: transformers' FP8Experts dequantize in their own forward
-    experts.register_buffer("gate_up_proj_scale_inv", torch.ones(4))
-    assert not _hf._is_experts(experts)
-    gate_up, _, down, _ = _experts(dtype=torch.float32)
-    x = torch.randn(6, 16, requires_grad=True)
-    _, weights, index = _routing(6, dtype=torch.float32)
-    assert not ME.frozen_moe_experts_applies(x, index, weights, gate_up.to(torch.float8_e4m3fn), down)
