@@ -144,6 +144,13 @@ HF: dict[str, tuple[str, str, dict, str, bool, bool]] = {
         DEC, num_local_experts=4, num_experts_per_tok=2), "text", True, False),
     "gpt-oss": ("GptOssForSequenceClassification", "GptOssConfig", dict(
         DEC, num_local_experts=4, num_experts_per_tok=2), "text", True, False),
+    "qwen2-moe": ("Qwen2MoeForSequenceClassification", "Qwen2MoeConfig", dict(
+        DEC, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+        "text", True, False),
+    "deepseek-v3": ("DeepseekV3ForSequenceClassification", "DeepseekV3Config", dict(
+        DEC, num_key_value_heads=2, head_dim=8, moe_intermediate_size=32, first_k_dense_replace=0, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1, q_lora_rank=None, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16), "text", True, False),
     "opt": ("OPTForSequenceClassification", "OPTConfig", dict(
         vocab_size=V, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
         max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1), "text1", True, False),

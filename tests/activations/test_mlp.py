@@ -281,3 +281,30 @@ def test_lean_mlp_runs_a_layer_wrapped_after_compression():
     for m in (model, reference):
         m.blocks[0].mlp.fc1 = Shifted(m.blocks[0].mlp.fc1)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+# --- one kept copy per input ------------------------------------------------------------
+
+
+def test_input_copy_is_shared_while_the_input_lives_unchanged():
+    from s2a.activations import mlp as M
+
+    x = torch.randn(2, 5, 8)
+    a = M.input_copy(x, torch.bfloat16)
+    torch.testing.assert_close(a, x.to(torch.bfloat16), rtol=0, atol=0)
+    b = M.input_copy(x.view(-1, 8), torch.bfloat16)  # a view of the same input: the same copy
+    assert b.shape == (10, 8) and b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+    assert M.input_copy(x, torch.float16).dtype == torch.float16  # another dtype: another copy
+    c = M.input_copy(x, torch.bfloat16)
+    assert c.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()  # replaced by fp16's
+    x.add_(1)  # changed in place: a fresh copy of the new values
+    d = M.input_copy(x, torch.bfloat16)
+    assert d.untyped_storage().data_ptr() != c.untyped_storage().data_ptr()
+    torch.testing.assert_close(d, x.to(torch.bfloat16), rtol=0, atol=0)
+    assert M.input_copy(x[:, 1:], torch.bfloat16).untyped_storage().data_ptr() != d.untyped_storage().data_ptr()
+    assert M.input_copy(x.transpose(0, 1), torch.bfloat16).shape == (5, 2, 8)  # not contiguous: plain copy
+    assert M.input_copy(x, torch.float32) is x
+    y = torch.randn(3, 8)
+    M.input_copy(y, torch.bfloat16)
+    del y  # the input is freed: its copy is let go (its memory could hold other data)
+    assert M._last_copy is None

@@ -240,10 +240,46 @@ def test_hf_moe_experts_run_fused_with_native_gradients(arch, implementation):
     # each layer's experts keep their input (3 x 11 tokens x 32, bf16) and the routing weights
     # (float32); the expert ids are the tensor the router's topk keeps, counted there, and so
     # are GPT-OSS's routing weights (its router keeps them for its own softmax)
+    # (Qwen2-MoE's shared expert, run first, saved the input copy that both keep)
     routing = 0 if arch == "gpt_oss" else 3 * 11 * 2 * 4
-    assert report.by_kind["moe_experts (s2a)"] == 2 * (3 * 11 * 32 * 2 + routing)
+    kept = report.by_kind["moe_experts (s2a)"] + report.by_kind.get("gated_mlp (s2a)", 0)
+    assert kept == 2 * (3 * 11 * 32 * 2 + routing)
     s2a.restore(model)
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+def _deepseek_v3():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=2,
+        first_k_dense_replace=0, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1, q_lora_rank=None, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_labels=3, pad_token_id=0)
+    return transformers.DeepseekV3ForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
+def test_hf_moe_shared_and_routed_experts_keep_one_copy_of_their_input(arch):
+    # Qwen2-MoE's shared expert runs first on the view the experts get; DeepSeek-V3's runs
+    # after them on the 3-D tensor the experts' 2-D input views
+    model = _deepseek_v3() if arch == "deepseek_v3" else _moe_model(arch)
+    ids = torch.randint(1, 64, (3, 11))
+    s2a.apply(model, s2a.S2AConfig(modules=("bias", "prompt"), act_bits=None), example_input={"input_ids": ids})
+    reference = copy.deepcopy(model)
+    s2a.compress_activations(model, ops={"silu": 4})  # the experts and the shared expert: the rest native
+    shared = "shared_experts" if arch == "deepseek_v3" else "shared_expert"
+    assert s2a.compression_summary(model)[f"model.layers.0.mlp.{shared}"] == "gated_mlp:silu@input"
+    report = measure(model, {"input_ids": ids}, lambda o, b: o.logits.sum())
+    # per layer one bf16 copy of the 33 x 32 float32 input, and the float32 routing weights
+    kept = report.by_kind.get("gated_mlp (s2a)", 0) + report.by_kind["moe_experts (s2a)"]
+    assert kept == 2 * (3 * 11 * 32 * 2 + 3 * 11 * 2 * 4)
+    _, grads = logits_and_grads(model, ids)
+    _, grads0 = logits_and_grads(reference, ids)
+    assert grads.keys() == grads0.keys()
+    for n in grads:  # the input kept in bfloat16
+        assert (grads[n] - grads0[n]).norm() <= 5e-3 * grads0[n].norm(), n
 
 
 def test_hf_moe_default_compression_saves_far_less_and_the_router_learns():

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .codebooks import SMOOTH_FUNCTIONS
-from .mlp import _compute_dtype, _row_chunks
+from .mlp import _compute_dtype, _row_chunks, input_copy
 
 __all__ = ["CHUNK_ELEMS", "frozen_gated_mlp", "frozen_gated_mlp_applies"]
 
@@ -41,7 +41,7 @@ class _GatedMLPFrozenWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wg, bg, wu, bu, wd, bd, act_name: str, store_dtype: torch.dtype | None):
         dtype = _compute_dtype(x, wg)
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        x2 = input_copy(x, dtype).reshape(-1, x.shape[-1])
         wgc, wuc, wdc = wg.to(dtype), wu.to(dtype), wd.to(dtype)
         bgc, buc, bdc = (None if b is None else b.to(dtype) for b in (bg, bu, bd))
         act = SMOOTH_FUNCTIONS[act_name]
@@ -60,7 +60,7 @@ class _GatedMLPFrozenWeights(torch.autograd.Function):
         # whichever is smaller (under bf16 autocast, x2 is half of an fp32 x).
         kept = x2 if x2.element_size() < x.element_size() else x
         if kept.dtype == torch.float32 and store_dtype is not None:
-            kept = kept.to(store_dtype)
+            kept = input_copy(kept, store_dtype)
         ctx.save_for_backward(kept, wg, bg, wu, bu, wd)
         ctx.act_name, ctx.dtype = act_name, dtype
         ctx.x_meta = (x.shape, x.dtype)

@@ -19,6 +19,7 @@ block runs unfused, each operator compressed on its own.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -35,7 +36,8 @@ from .codebooks import SMOOTH_FUNCTIONS, get_codebook
 # activation's each). Larger chunks gain nothing measurable on CPU matmuls of this size.
 CHUNK_ELEMS = 1 << 23
 
-__all__ = ["CHUNK_ELEMS", "frozen_mlp", "frozen_mlp_applies", "fusable_kind", "has_foreign_hooks", "observer_hook"]
+__all__ = ["CHUNK_ELEMS", "frozen_mlp", "frozen_mlp_applies", "fusable_kind", "has_foreign_hooks",
+           "input_copy", "observer_hook"]
 
 _OBSERVER = "_s2a_observer"
 _Hook = TypeVar("_Hook", bound=Callable[..., object])
@@ -80,6 +82,40 @@ def _row_chunks(rows: int, hidden: int, budget: int | None = None) -> list[tuple
     """Row ranges of about ``budget`` (default :data:`CHUNK_ELEMS`) hidden-layer elements each."""
     step = max(1, (CHUNK_ELEMS if budget is None else budget) // max(hidden, 1))
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+# (key, weak reference to the tensor the input views, the copy): the last copy made
+_last_copy: tuple[tuple, weakref.ref, torch.Tensor] | None = None
+
+
+def _forget(ref: weakref.ref) -> None:
+    global _last_copy
+    last = _last_copy
+    if last is not None and last[1] is ref:
+        _last_copy = None
+
+
+def input_copy(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, the same tensor again for the same values of the same input.
+
+    A MoE block feeds one input to its shared expert (a gated MLP) and its routed experts,
+    each fused op keeping a bf16 copy of it for backward: one copy then serves both. A copy is
+    reused only while the tensor ``x`` views is alive (so that its memory holds no other data)
+    and unmodified (its version counter), for a contiguous ``x`` with the same first element,
+    size and row width. The last copy is held until that tensor is freed (usually as its block
+    returns) or another copy is made.
+    """
+    global _last_copy
+    if x.dtype == dtype or not x.is_contiguous() or x.is_inference():
+        return x.to(dtype)
+    root = x if x._base is None else x._base
+    key = (x.data_ptr(), x.numel(), x.shape[-1] if x.dim() else 1, x._version, dtype, x.device)
+    last = _last_copy  # one read: another thread may replace it
+    if last is not None and last[0] == key and last[1]() is root:
+        return last[2].view(x.shape)
+    copy = x.to(dtype)
+    _last_copy = (key, weakref.ref(root, _forget), copy)
+    return copy
 
 
 def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:

@@ -28,7 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .codebooks import SMOOTH_FUNCTIONS
-from .mlp import _compute_dtype, _row_chunks
+from .mlp import _compute_dtype, _row_chunks, input_copy
 
 __all__ = ["CHUNK_ELEMS", "frozen_moe_experts", "frozen_moe_experts_applies"]
 
@@ -131,7 +131,7 @@ class _MoEExpertsFrozenWeights(torch.autograd.Function):
     def forward(ctx, x, top_k_index, top_k_weights, gate_up, gate_up_bias, down, down_bias,
                 gate_fn: Callable, transposed: bool, store_dtype: torch.dtype | None):
         dtype = _compute_dtype(x, gate_up)
-        x2 = x.to(dtype)
+        x2 = input_copy(x, dtype)
         k = top_k_index.shape[-1]
         weights = top_k_weights.reshape(-1)
         out_dim = down.shape[2] if transposed else down.shape[1]
@@ -146,7 +146,7 @@ class _MoEExpertsFrozenWeights(torch.autograd.Function):
             out.index_add_(0, t, rows.down(m) * weights[rows.p, None])
         kept = x2 if x2.element_size() < x.element_size() else x
         if kept.dtype == torch.float32 and store_dtype is not None:
-            kept = kept.to(store_dtype)
+            kept = input_copy(kept, store_dtype)
         ctx.save_for_backward(kept, top_k_index, top_k_weights, gate_up, gate_up_bias, down, down_bias)
         ctx.gate_fn, ctx.transposed, ctx.dtype, ctx.x_dtype, ctx.grouped = gate_fn, transposed, dtype, x.dtype, grouped
         return out.to(x.dtype)
