@@ -360,6 +360,7 @@ def test_hf_mlp_wrapped_after_compression_runs_its_own_forward():
     assert s2a.compression_summary(model)["model.layers.0.mlp"] == "gated_mlp:silu@input"
     wrapped = get_peft_model(model, LoraConfig(target_modules=["up_proj"], r=2, init_lora_weights=False))
     wrapped.load_state_dict(reference.state_dict())
+    assert s2a.compression_summary(wrapped)["base_model.model.model.layers.0.mlp"] == "gated_mlp:silu@unfused"
     out, out0 = wrapped(input_ids=ids).logits, reference(input_ids=ids).logits
     torch.testing.assert_close(out, out0, rtol=1e-5, atol=1e-6)
     out.sum().backward()

@@ -188,9 +188,12 @@ def test_lean_mlp_falls_back_where_fusing_would_change_something(monkeypatch):
 
     def fused_in_block0(fn) -> bool:
         """Every block ran fused (calls: one per block and forward) or block 0 did not."""
+        storage = s2a.compression_summary(model)["blocks.0.mlp"].split("@")[1]
         fused_calls.clear()
         fn()
-        return bool(fused_calls) and len(fused_calls) % len(model.blocks) == 0
+        fused = bool(fused_calls) and len(fused_calls) % len(model.blocks) == 0
+        assert (storage == "4") == fused  # the summary told beforehand
+        return fused
 
     assert fused_in_block0(lambda: _step(model, x))
     # measure's own path-tracking hooks do not prevent fusing

@@ -308,25 +308,27 @@ def test_hf_moe_experts_fall_back_where_fusing_would_change_something(monkeypatc
     s2a.apply(model, s2a.S2AConfig(modules=("bias",)), example_input={"input_ids": ids})
     experts = model.model.layers[0].mlp.experts
 
-    def fused_runs(fn) -> int:
+    def fused_runs(fn, storage: str = "input") -> int:
+        # the summary tells before a step whether layer 0's experts will bypass their forward
+        assert s2a.compression_summary(model)["model.layers.0.mlp.experts"] == f"moe_experts:silu@{storage}"
         calls.clear()
         fn()
         return len(calls)
 
     assert fused_runs(lambda: logits_and_grads(model, ids)) == 2
     h = experts.register_forward_hook(lambda *a: None)  # a user's hook must still fire
-    assert fused_runs(lambda: logits_and_grads(model, ids)) == 1
+    assert fused_runs(lambda: logits_and_grads(model, ids), "unfused") == 1
     h.remove()
     experts.down_proj.requires_grad_(True)  # its gradient needs the hidden layers
-    assert fused_runs(lambda: logits_and_grads(model, ids)) == 1
+    assert fused_runs(lambda: logits_and_grads(model, ids), "unfused") == 1
     experts.down_proj.requires_grad_(False)
     experts._is_expert_parallel = True  # sentinel ids and masks of transformers' own
-    assert fused_runs(lambda: logits_and_grads(model, ids)) == 1
+    assert fused_runs(lambda: logits_and_grads(model, ids), "unfused") == 1
     experts._is_expert_parallel = False
     with torch.no_grad():
         assert fused_runs(lambda: model(input_ids=ids)) == 0
     experts.act_fn = torch.nn.PReLU()  # a parameter of its own that trains: its gradient needs it
-    assert fused_runs(lambda: logits_and_grads(model, ids)) == 1 and experts.act_fn.weight.grad is not None
+    assert fused_runs(lambda: logits_and_grads(model, ids), "unfused") == 1 and experts.act_fn.weight.grad is not None
     s2a.restore(model)
     # FP8 weights with their scales: transformers' FP8Experts dequantize in their own forward
     experts.register_buffer("gate_up_proj_scale_inv", torch.ones(4))

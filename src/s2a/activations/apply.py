@@ -36,7 +36,7 @@ from . import probs as PR
 from ._hf import LLAMA_SPELLING, RMSNormSpelling, lean_hf_forward, rms_norm_spelling
 from ._timm import lean_timm_forward
 from .codebooks import SMOOTH_FUNCTIONS
-from .mlp import observer_hook
+from .mlp import has_foreign_hooks, observer_hook
 from .packing import check_bits
 from .rowquant import ROW_BITS
 
@@ -931,6 +931,20 @@ def restore(model: nn.Module) -> nn.Module:
     return model
 
 
+def _runs_fused(block: nn.Module, kind: str) -> bool:
+    """Whether a fused block still bypasses its own forward, as far as can be told before it
+    runs (the input's dtype and whether anything needs a gradient decide the rest)."""
+    weights = (p for n, p in block.named_parameters() if not n.endswith("bias"))
+    # the modules the fused forward skips (an MLP's own hooks and drop2 still run)
+    skipped = [m for n, m in block.named_modules() if n != "drop2" and (n or kind.startswith("moe_experts"))]
+    drop1 = getattr(block, "drop1", None)
+    return not (any(p.requires_grad for p in weights)  # trained since (full fine-tuning, LoRA)
+                or any(hasattr(m, "base_layer") for m in skipped)  # wrapped by peft
+                or getattr(block, "_is_expert_parallel", False)  # transformers' own sentinel routing
+                or (isinstance(drop1, nn.Dropout) and drop1.training and drop1.p > 0)
+                or has_foreign_hooks(*skipped))
+
+
 def compression_summary(model: nn.Module) -> dict[str, str]:
     """Module path -> ``"kind@storage"`` for every patched module of a compressed model.
 
@@ -939,7 +953,9 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
     width of Q/K/V; ``max_pool`` 8 bits per output element, 16 for windows of over 256
     elements), ``seed`` (dropout regenerating its mask), ``none`` (a convolution whose
     weight is frozen keeps no input; average pooling keeps nothing) or ``native`` (a
-    convolution with a trainable weight keeps its full-precision input, as PyTorch does).
+    convolution with a trainable weight keeps its full-precision input, as PyTorch does) or
+    ``unfused`` (a fused block, MLP or experts, whose weights train since, or that peft wrapped
+    or a hook watches: it runs its own forward, each operator inside as listed).
     """
     state = getattr(model, "_s2a_compression", None)
     if state is None:
@@ -951,6 +967,8 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
         op = kind.split(":")[-1]
         if kind == "attention":
             return spec.attention_storage()[1]
+        if kind.startswith(("gated_mlp", "moe_experts", "frozen_mlp")) and not _runs_fused(module, kind):
+            return "unfused"
         if kind.startswith(("gated_mlp", "moe_experts")):
             return "input"
         if op in S.EXACT_FUNCTIONS or op == "drop_path":
