@@ -125,6 +125,7 @@ HF: dict[str, tuple[str, str, dict, str, bool, bool]] = {
         TEXT, embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16, num_feedforward_networks=2),
         "text", True, False),
     "modernbert": ("ModernBertForSequenceClassification", "ModernBertConfig", dict(TEXT, pad_token_id=0), "text", True, False),
+    "gte": ("GteForSequenceClassification", "GteConfig", dict(TEXT, pad_token_id=0), "text", True, False),
     "mpnet": ("MPNetForSequenceClassification", "MPNetConfig", dict(TEXT, pad_token_id=1), "text1", True, False),
     "gpt2": ("GPT2ForSequenceClassification", "GPT2Config", GPT2, "text", True, False),
     "gpt2-lm": ("GPT2LMHeadModel", "GPT2Config", GPT2, "text", False, False),

@@ -240,6 +240,57 @@ def test_hf_gated_mlps_run_fused_with_native_gradients(arch):
     assert all("forward" not in vars(m) for m in model.modules())
 
 
+# (module, MLP class, config class, config kwargs, activation kind, name of the packed or up layer)
+_SPELLINGS = [
+    ("modernbert", "ModernBertMLP", "ModernBertConfig", dict(hidden_activation="gelu", mlp_bias=True), "gelu", "Wi"),
+    ("granitemoehybrid", "GraniteMoeHybridMLP", "GraniteMoeHybridConfig",
+     dict(shared_intermediate_size=40, mamba_n_heads=4), "silu", "input_linear"),
+    ("lfm2", "Lfm2MLP", "Lfm2Config", dict(block_auto_adjust_ff_dim=False), "silu", "w3"),
+    ("gte", "GteMLP", "GteConfig", dict(hidden_act="gelu", hidden_dropout_prob=0.0), "gelu", "up_proj"),
+    ("t5gemma", "T5GemmaMLP", "T5GemmaModuleConfig", dict(hidden_activation="gelu_pytorch_tanh", dropout_rate=0.0),
+     "gelu_tanh",
+     "up_proj"),
+]
+
+
+@pytest.mark.parametrize("module,cls,config_cls,kwargs,kind,up", _SPELLINGS, ids=[s[1] for s in _SPELLINGS])
+def test_hf_gated_mlp_spellings_run_fused(module, cls, config_cls, kwargs, kind, up):
+    import importlib
+
+    import transformers
+
+    torch.manual_seed(0)
+    mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    config = getattr(transformers, config_cls, None) or getattr(
+        importlib.import_module(f"transformers.models.{module}.configuration_{module}"), config_cls)
+    mlp = getattr(mod, cls)(config(hidden_size=16, intermediate_size=40, **kwargs))
+    block = nn.Sequential(nn.Linear(16, 16), mlp)
+    for n, p in block.named_parameters():
+        p.requires_grad_(n.endswith("bias") or n.startswith("0."))
+    getattr(mlp, up).bias = nn.Parameter(torch.randn(getattr(mlp, up).out_features) * 0.1)  # a bias that trains
+    reference = copy.deepcopy(block)
+    x = torch.randn(3, 5, 16)
+    s2a.compress_activations(block, ops={kind: 4}, strict=True)
+    assert s2a.compression_summary(block)["1"] == f"gated_mlp:{kind}@input"
+    out, out0 = block(x), reference(x)
+    torch.testing.assert_close(out, out0, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [p for p in block.parameters() if p.requires_grad], g)
+    grads0 = torch.autograd.grad(out0, [p for p in reference.parameters() if p.requires_grad], g)
+    for a, b in zip(grads, grads0, strict=True):
+        _near(a, b)
+    # the first Linear's output alone, in bfloat16: not the product's two factors
+    assert measure(block, x).by_kind["gated_mlp (s2a)"] == 3 * 5 * 16 * 2
+    dropout = next((m for m in mlp.modules() if isinstance(m, nn.Dropout)), None)
+    if dropout is not None:  # a dropout on the product, in training: the block's own forward
+        s2a.restore(block)
+        s2a.compress_activations(block, ops={kind: 4})  # not strict: the product is kept then
+        dropout.p = 0.5
+        assert s2a.compression_summary(block)["1"] == f"gated_mlp:{kind}@unfused"
+        assert "gated_mlp (s2a)" not in measure(block, x).by_kind
+    s2a.restore(block)
+
+
 def test_hf_default_compression_is_strict_clean_and_saves_far_less():
     model = _hf_model("llama")
     s2a.apply(model, s2a.S2AConfig(modules=("bias", "prompt"), act_bits=None))

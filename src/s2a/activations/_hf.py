@@ -1,6 +1,7 @@
 """transformers' hand-written blocks, recognised by their code: gated MLPs and RMSNorms.
 
-Gated MLPs (LLaMA, Mistral, Qwen, Gemma, Phi-3, GLM: 157 classes of transformers 5.25).
+Gated MLPs (LLaMA, Mistral, Qwen, Gemma, Phi-3, GLM, ModernBERT, Granite 4, LFM2, GTE: 169 classes of
+transformers 5.25).
 
 Their forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (or the same with one packed
 ``gate_up_proj``): natively it keeps both factors of the product for backward, each the
@@ -9,9 +10,10 @@ intermediate width (2.7-8x the model's). With the weights frozen the block runs 
 bfloat16) and recomputes the rest.
 
 A class is recognised by its ``forward``'s bytecode, names and constants, compared with the
-three spellings that transformers uses (below); a release or a model that computes anything
-else (clamps, multipliers, a norm inside the MLP) falls back to its own forward instead of
-being mis-run.
+seven spellings that transformers uses (below: separate or packed projections, the gate
+first; a fixed SiLU; a dropout on the product, which must be off to fuse); a release or a
+model that computes anything else (clamps, multipliers, a norm inside the MLP) falls back to
+its own forward instead of being mis-run.
 
 RMSNorms are recognised the same way, against the spellings transformers copies between
 models: LLaMA's (``weight * x̂.to(x.dtype)`` with ``x̂ = normalised(x.float())``, 145 classes),
@@ -28,6 +30,7 @@ from functools import cache, partial
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .codebooks import SMOOTH_FUNCTIONS
@@ -55,12 +58,55 @@ def _packed_mlp(self, hidden_states):  # Phi3MLP, GlmMLP, Glm4MLP, DiaMLP...
     return self.down_proj(up_states)
 
 
+def _dropped_mlp(self, x):  # GteMLP, T5GemmaMLP: a dropout on the product
+    hidden_states = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+    hidden_states = self.dropout(hidden_states)
+    down_proj = self.down_proj(hidden_states)
+    return down_proj
+
+
+def _modernbert_mlp(self, hidden_states):  # ModernBertMLP, ModernBertDecoderMLP
+    input, gate = self.Wi(hidden_states).chunk(2, dim=-1)
+    return self.Wo(self.drop(self.act(input) * gate))
+
+
+def _granite_mlp(self, hidden_states):  # GraniteMoeSharedMLP, GraniteMoeHybridMLP (Granite 4)...
+    hidden_states = self.input_linear(hidden_states)
+    chunked_hidden_states = hidden_states.chunk(2, dim=-1)
+    hidden_states = self.activation(chunked_hidden_states[0]) * chunked_hidden_states[1]
+    hidden_states = self.output_linear(hidden_states)
+    return hidden_states
+
+
+def _lfm2_mlp(self, x):  # Lfm2MLP, Lfm2MoeMLP...: SiLU by name
+    return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# A layout: the block's (activation module, or the name of a fixed function), its linears
+# (gate, up, down or packed gate_up, down: the gate is the first half) and the dropout on the
+# product (None if none)
 def _separate(module: nn.Module):
-    return module.act_fn, (module.gate_proj, module.up_proj, module.down_proj)
+    return module.act_fn, (module.gate_proj, module.up_proj, module.down_proj), None
 
 
 def _packed(module: nn.Module):
-    return module.activation_fn, (module.gate_up_proj, module.down_proj)
+    return module.activation_fn, (module.gate_up_proj, module.down_proj), None
+
+
+def _dropped(module: nn.Module):
+    return module.act_fn, (module.gate_proj, module.up_proj, module.down_proj), module.dropout
+
+
+def _modernbert(module: nn.Module):
+    return module.act, (module.Wi, module.Wo), module.drop
+
+
+def _granite(module: nn.Module):
+    return module.activation, (module.input_linear, module.output_linear), None
+
+
+def _lfm2(module: nn.Module):
+    return "silu", (module.w1, module.w3, module.w2), None
 
 
 def _gate_and_up(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor | None, ...]:
@@ -82,7 +128,9 @@ def _code_key(fn) -> tuple:
 
 
 _LAYOUTS = {_code_key(_llama_mlp): _separate, _code_key(_inline_mlp): _separate,
-            _code_key(_packed_mlp): _packed}
+            _code_key(_packed_mlp): _packed, _code_key(_dropped_mlp): _dropped,
+            _code_key(_modernbert_mlp): _modernbert, _code_key(_granite_mlp): _granite,
+            _code_key(_lfm2_mlp): _lfm2}
 
 
 def _layout(module: nn.Module):
@@ -243,7 +291,7 @@ def lean_hf_forward(
     layout = None if "forward" in vars(module) else _layout(module)
     if layout is None:
         return None
-    act, linears = layout(module)
+    act, linears, _ = layout(module)
     parts = [f"{path}.{name}" if path else name for name, _ in module.named_children()]
     kind = fusable_kind(linears, act, parts, state, act_kind, skipped)
     if kind is None:
@@ -255,16 +303,18 @@ def lean_hf_forward(
 def _fused_forward(module: nn.Module, state: Any, kind: str, layout: Callable, *args, **kwargs) -> torch.Tensor:
     # the input, by position or by its own name (x, hidden_states); anything else runs natively
     x = (args[0] if args else next(iter(kwargs.values()))) if len(args) + len(kwargs) == 1 else None
-    act, linears = layout(module)
+    act, linears, dropout = layout(module)
     # a layer wrapped or replaced since compress_activations (peft after s2a): its own forward
     if not isinstance(x, torch.Tensor) or any(type(fc) is not nn.Linear for fc in linears) or state.disabled:
         return type(module).forward(module, *args, **kwargs)
     wg, bg, wu, bu = _gate_and_up(linears)
     down = linears[-1]
+    skipped = [m for m in (*linears, act, dropout) if isinstance(m, nn.Module)]
     if (
         not frozen_gated_mlp_applies(x, wg, wu, down.weight, kind)
         or not _needs_grad(x, bg, bu, down.bias)
-        or has_foreign_hooks(*linears, act)
+        or (dropout is not None and (not isinstance(dropout, nn.Dropout) or (dropout.training and dropout.p > 0)))
+        or has_foreign_hooks(*skipped)
     ):
         return type(module).forward(module, *args, **kwargs)
     return frozen_gated_mlp(x, wg, bg, wu, bu, down.weight, down.bias, kind)

@@ -937,11 +937,10 @@ def _runs_fused(block: nn.Module, kind: str) -> bool:
     weights = (p for n, p in block.named_parameters() if not n.endswith("bias"))
     # the modules the fused forward skips (an MLP's own hooks and drop2 still run)
     skipped = [m for n, m in block.named_modules() if n != "drop2" and (n or kind.startswith("moe_experts"))]
-    drop1 = getattr(block, "drop1", None)
     return not (any(p.requires_grad for p in weights)  # trained since (full fine-tuning, LoRA)
                 or any(hasattr(m, "base_layer") for m in skipped)  # wrapped by peft
                 or getattr(block, "_is_expert_parallel", False)  # transformers' own sentinel routing
-                or (isinstance(drop1, nn.Dropout) and drop1.training and drop1.p > 0)
+                or any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in skipped)
                 or has_foreign_hooks(*skipped))
 
 

@@ -63,7 +63,7 @@ def has_foreign_hooks(*modules: torch.nn.Module) -> bool:
 
 
 def fusable_kind(
-    linears: Sequence[nn.Module], act: nn.Module, parts: Sequence[str], state: Any,
+    linears: Sequence[nn.Module], act: nn.Module | str, parts: Sequence[str], state: Any,
     act_kind: Callable[[nn.Module], str | None], skipped: Callable[[str], bool],
 ) -> str | None:
     """The activation kind under which an MLP block may run fused, or None: every one of
@@ -74,7 +74,7 @@ def fusable_kind(
         return None
     if any(skipped(p) for p in parts):
         return None
-    kind = act_kind(act)
+    kind = act if isinstance(act, str) else act_kind(act)  # a name: a function the block calls
     return kind if kind in SMOOTH_FUNCTIONS and state.spec.enabled(kind) else None
 
 
