@@ -355,8 +355,12 @@ def test_strict_mode_catches_native_ops_that_keep_activations():
     with pytest.raises(s2a.UncoveredOperatorsError) as err:
         model(x)
     calls = str(err.value).split("): ")[1].split("; add")[0]
-    assert calls == str(sorted(["1: mul", "3: pow", "3: matmul", "3: normalize", "3: amax",
-                                "3: norm", "3: div"]))
+    # (q @ k^T, a product of two activations, is compressed: products.py)
+    assert calls == str(sorted(["1: mul", "3: pow", "3: normalize", "3: amax", "3: norm", "3: div"]))
+    s2a.restore(model)
+    s2a.compress_activations(model, strict=True, ops=[k for k in s2a.activations.OP_KINDS if k != "matmul"])
+    with pytest.raises(s2a.UncoveredOperatorsError, match="3: matmul"):  # left out: reported
+        model(x)
     s2a.restore(model)
     s2a.compress_activations(model, strict=True, skip=["1", "3"])
     model(x).sum().backward()
@@ -613,7 +617,7 @@ def test_resnet18_max_pool_keeps_a_byte_per_output():
         ({"ops": {"layer_norm": 1}}, ValueError, "bits for layer_norm"),
         # 1 bit suits pointwise kinds only: all row-wise kinds named, in OP_KINDS order
         ({"bits": 1}, ValueError,
-         r"bits=1 does not suit \['softmax', 'attention', 'layer_norm', 'rms_norm', 'batch_norm', 'gate'\]"),
+         r"bits=1 does not suit \['softmax', 'attention', 'layer_norm', 'rms_norm', 'batch_norm', 'gate', 'matmul'\]"),
         ({"bits": 1, "ops": ["gelu", "layer_norm"]}, ValueError, r"does not suit \['layer_norm'\]"),
         ({"ops": "gelu"}, TypeError, "not the string"),
         ({"dropout_mode": "x"}, ValueError, "dropout_mode"),

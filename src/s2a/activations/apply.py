@@ -38,14 +38,15 @@ from ._timm import lean_timm_forward
 from .codebooks import SMOOTH_FUNCTIONS
 from .mlp import has_foreign_hooks, observer_hook
 from .packing import check_bits
+from .products import activation_matmul, activation_matmul_applies
 from .rowquant import ROW_BITS
 
 POINTWISE_KINDS = (*SMOOTH_FUNCTIONS, *S.EXACT_FUNCTIONS)
 OP_KINDS = (
     *POINTWISE_KINDS, "softmax", "attention", "layer_norm", "rms_norm", "batch_norm",
-    "dropout", "drop_path", "conv", "linear", "max_pool", "avg_pool", "gate",
+    "dropout", "drop_path", "conv", "linear", "max_pool", "avg_pool", "gate", "matmul",
 )
-_ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm", "gate")
+_ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm", "gate", "matmul")
 
 
 def bits_allowed(kind: str) -> tuple[int, ...]:
@@ -73,6 +74,12 @@ class CompressionSpec:
 
     def enabled(self, kind: str) -> bool:
         return kind in self.ops
+
+    def matmul_bits(self) -> int | None:
+        """Bits per element of the operands kept by products of two activations (eager
+        attention's Q K^T and P V; :mod:`.products`): 8 unless ``ops`` says otherwise, as SDPA
+        keeps Q, K and V; None where the kind is left out."""
+        return self.op_bits.get("matmul", 8) if self.enabled("matmul") else None
 
     def attention_storage(self) -> tuple[str, int]:
         """(mode, bits) for attention. Default: Q/K/V at 8 bits, probabilities
@@ -228,6 +235,21 @@ def _gate_mul(spec, a, b, *rest, **kwargs):
     return NotImplemented if out is None else out
 
 
+def _matmul(spec, a, b, *rest, **kwargs):
+    # plain two-operand products of two batched activations; anything else (a weight, a
+    # broadcast, out=) is left to PyTorch and judged by strict mode
+    if rest or kwargs or not activation_matmul_applies(a, b):
+        return NotImplemented
+    return activation_matmul(a, b, spec.matmul_bits())
+
+
+def _baddbmm(spec, input, batch1, batch2, *, beta=1, alpha=1):
+    if not (isinstance(input, torch.Tensor) and activation_matmul_applies(batch1, batch2)
+            and batch1.dim() == 3 and input.dtype == batch1.dtype):
+        return NotImplemented
+    return activation_matmul(batch1, batch2, spec.matmul_bits(), bias=input, beta=beta, alpha=alpha)
+
+
 def _function_table() -> dict:
     table = {}
 
@@ -259,6 +281,8 @@ def _function_table() -> dict:
     add("conv", _conv, F.conv1d, F.conv2d, F.conv3d)
     add("linear", _linear, F.linear)
     add("gate", _gate_mul, torch.mul, torch.Tensor.mul, torch.Tensor.__mul__)
+    add("matmul", _matmul, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
+    add("matmul", _baddbmm, torch.baddbmm, torch.Tensor.baddbmm)
     for d in (1, 2, 3):
         add("max_pool", partial(_max_pool, d), getattr(F, f"max_pool{d}d"), getattr(torch, f"max_pool{d}d"))
         add("avg_pool", partial(_avg_pool, d), getattr(F, f"avg_pool{d}d"))
@@ -310,7 +334,7 @@ class _CompressMode(TorchFunctionMode):
                and not torch.compiler.is_compiling() else None)
         if tag is not None:
             mode = state.spec.dropout_mode if state.spec.enabled("dropout") else None
-            out = PR.follow(func, args, kwargs, tag, mode)
+            out = PR.follow(func, args, kwargs, tag, mode, state.spec.matmul_bits())
             if out is not NotImplemented:
                 return out
         # out= runs natively: such a call records no autograd history (with an input that
@@ -326,7 +350,7 @@ class _CompressMode(TorchFunctionMode):
                 # the handler declined (max pooling asked for its indices): native, reported
                 if state.spec.strict and kind == "max_pool":
                     state.report(_MAX_POOL_INDICES)
-            if kind == "gate":  # a product that is not a gated one: judged as any native call
+            if kind in ("gate", "matmul"):  # a product left native: judged as any native call
                 entry = None
             else:
                 return func(*args, **kwargs)

@@ -8,9 +8,10 @@ compressing the softmax alone would keep its low-bit codes on top of them: more 
 Here the output of a compressed softmax (over the last dim) is tagged with its codes. The calls
 the function mode sees on a tagged tensor that only reshape it, cast it or drop it out pass the
 tag on, with the step that rebuilds them; ``matmul`` / ``bmm`` of a tagged tensor with V runs
-as :class:`_ProbsMatmul`, which keeps V and the softmax's own codes (the same storage, counted
-once), not the probabilities: dP = dY V^T is exact, dV = P_hat^T dY reads P from the codes
-(as the ``"probs"`` attention mode does). A tensor modified in place loses its tag; any other
+as :class:`_ProbsMatmul`, which keeps V (its rows at 8 bits, as SDPA keeps it, unless the
+``matmul`` kind is left out) and the softmax's own codes (the same storage, counted once), not
+the probabilities: dP = dY V^T, dV = P_hat^T dY reads P from the codes (as the ``"probs"``
+attention mode does). A tensor modified in place loses its tag; any other
 consumer runs natively (strict mode reports what it keeps).
 """
 
@@ -24,9 +25,10 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import functional as S
-from .rowquant import dequantize_rows, row_codebook
+from .rowquant import dequantize_rows, quantize_rows, row_codebook
 
 _ATTR = "_s2a_probs"
+_V_KIND = "uniform"  # V's rows, as SDPA keeps them
 _TAGGED: list[weakref.ref] = []  # tensors tagged in the running forward (see clear_tags)
 
 
@@ -107,36 +109,45 @@ def tag_of(t) -> _Tag | None:
 
 class _ProbsMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, p, v, chain: ProbsChain, packed, scale, *states):
+    def forward(ctx, p, v, chain: ProbsChain, v_bits: int | None, packed, scale, *states):
         out = torch.matmul(p, v)
         need_p, need_v = ctx.needs_input_grad[:2]
-        # V for dP, the softmax's codes (and dropout state) for dV: not P itself
-        ctx.save_for_backward(v if need_p else None, *((packed, scale, *states) if need_v else ()))
-        ctx.meta = (chain, p.dtype, v.dtype, len(states))
+        # V for dP (rows of V at v_bits, as SDPA keeps it), the softmax's codes (and dropout
+        # state) for dV: not P itself
+        if not need_p:
+            kept_v = (None, None)
+        elif v_bits is None or isinstance(v, torch.nn.Parameter):
+            kept_v = (v, None)
+        else:
+            kept_v = quantize_rows(v, row_codebook(_V_KIND, v_bits), keep_nan=True)
+        ctx.save_for_backward(*kept_v, *((packed, scale, *states) if need_v else ()))
+        ctx.meta = (chain, p.dtype, v.dtype, v.shape, v_bits, len(states))
         return out
 
     @staticmethod
     @once_differentiable  # the stored codes give P, not its derivative: refuse double backward
     def backward(ctx, g):
-        v, *codes = ctx.saved_tensors
-        chain, p_dtype, v_dtype, n_states = ctx.meta
+        v, v_scale, *codes = ctx.saved_tensors
+        chain, p_dtype, v_dtype, v_shape, v_bits, n_states = ctx.meta
         dp = dv = None
         if ctx.needs_input_grad[0]:
+            if v_scale is not None:
+                v = dequantize_rows(v, v_scale, row_codebook(_V_KIND, v_bits), v_shape, g.dtype)
             dp = torch.matmul(g, v.to(g.dtype).transpose(-1, -2)).to(p_dtype)
         if ctx.needs_input_grad[1]:
             packed, scale, *states = codes
             p = chain.rebuild(packed, scale, states).to(g.dtype)
             dv = torch.matmul(p.transpose(-1, -2), g).to(v_dtype)
-        return dp, dv, None, None, None, *([None] * n_states)
+        return dp, dv, None, None, None, None, *([None] * n_states)
 
 
-def _matmul(tag: _Tag, p: torch.Tensor, v) -> torch.Tensor:
+def _matmul(tag: _Tag, p: torch.Tensor, v, v_bits: int | None) -> torch.Tensor:
     if (not isinstance(v, torch.Tensor) or tag_of(v) is not None or p.dim() < 2
             or v.dim() != p.dim() or p.shape[:-2] != v.shape[:-2] or p.shape[-1] != v.shape[-2]
             or not (p.is_floating_point() and v.is_floating_point())
             or not (p.requires_grad or v.requires_grad)):
         return NotImplemented  # broadcasting, a vector, V from probabilities too: natively
-    return _ProbsMatmul.apply(p, v, tag.chain, tag.packed, tag.scale, *tag.states)
+    return _ProbsMatmul.apply(p, v, tag.chain, v_bits, tag.packed, tag.scale, *tag.states)
 
 
 def dropout(tag: _Tag, x: torch.Tensor, p: float, training: bool, inplace: bool, mode: str | None):
@@ -165,15 +176,16 @@ _CASTS = frozenset({torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torc
                     torch.Tensor.double, torch.Tensor.type_as})
 
 
-def follow(func, args, kwargs, tag: _Tag, dropout_mode: str | None):
+def follow(func, args, kwargs, tag: _Tag, dropout_mode: str | None, v_bits: int | None = None):
     """Run ``func`` on tagged probabilities (``args[0]``) if it is a step this module follows,
     passing the tag on; NotImplemented otherwise. ``dropout_mode``: s2a's dropout mode, or
-    None where the dropout kind is left out."""
+    None where the dropout kind is left out; ``v_bits``: the bits V is kept at by
+    ``matmul(probs, V)`` (None: as it is)."""
     x = args[0]
     if func in _MATMULS:
         if kwargs or len(args) != 2 or not torch.is_grad_enabled():
             return NotImplemented
-        return _matmul(tag, x, args[1])
+        return _matmul(tag, x, args[1], v_bits)
     if func is F.dropout:
         bound = dict(zip(("input", "p", "training", "inplace"), args, strict=False), **kwargs)
         return dropout(tag, x, bound.get("p", 0.5), bound.get("training", True),
