@@ -70,6 +70,23 @@ def test_compressed_softmax_keeps_less_than_native_on_eager_attention(name):
     assert cosine(_grads(model, batch), reference) > 0.9999
 
 
+@pytest.mark.parametrize("name", ["mpnet", "debertav2", "bloom", "gemma2"])
+def test_default_compression_of_eager_attention_models(name):
+    # q @ k^T (Bloom: its ALiBi baddbmm) and V at 8 bits, Bloom's own GELU as gelu_tanh
+    batch = _batch()
+    native = _model(name)
+    reference = _grads(native, batch)
+    before = s2a.measure(native, batch)
+    model = s2a.compress_activations(_model(name))
+    after = s2a.measure(model, batch)
+    assert "matmul" not in after.by_kind and after.saved_bytes < 0.5 * before.saved_bytes
+    assert cosine(_grads(model, batch), reference) > 0.99  # every kind at 4 bits, random weights
+    products_only = s2a.compress_activations(_model(name), ops={"matmul": 8})
+    assert cosine(_grads(products_only, batch), reference) > 0.9999
+    if name == "bloom":
+        assert s2a.compression_summary(model)["transformer.h.0.mlp.gelu_impl"] == "gelu_tanh@4"
+
+
 @pytest.mark.parametrize("ops", [None, ["softmax"]])
 def test_eager_attention_dropout_is_replayed_on_the_codes(ops):
     # MPNet with attention dropout 0.1 in training: the dropped probabilities reach the

@@ -488,7 +488,7 @@ def _keeps_activation(out, first: int, trainable: set) -> bool:
 _ACTIVATION_CLASSES = {
     "GELU": "gelu", "GELUActivation": "gelu", "AccurateGELUActivation": "gelu",
     "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
-    "FastGELUActivation": "gelu_tanh", "QuickGELU": "quick_gelu", "QuickGELUActivation": "quick_gelu",
+    "FastGELUActivation": "gelu_tanh", "BloomGelu": "gelu_tanh", "QuickGELU": "quick_gelu", "QuickGELUActivation": "quick_gelu",
     "SiLU": "silu", "Swish": "silu", "SiLUActivation": "silu", "ReLU": "relu", "ReLU6": "relu6",
     "LeakyReLU": "leaky_relu", "Hardtanh": "hardtanh", "Hardsigmoid": "hardsigmoid", "Hardswish": "hardswish",
     "HardSwish": "hardswish", "Sigmoid": "sigmoid", "Tanh": "tanh", "Mish": "mish",
