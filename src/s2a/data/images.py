@@ -150,18 +150,13 @@ def _class_dirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _folder_split(directory: Path, classes: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+def _folder_split(directory: Path, *, training: bool) -> tuple[list[str], list[str], list[str]]:
     """(paths, raw labels (class names), class names found) of one ``class/xxx.jpg`` folder."""
     dirs = _class_dirs(directory)
     paths, raw = [], []
     for d in dirs:
-        if classes is not None and d.name not in classes:
-            raise DataError(
-                f"{directory}: class folder {d.name!r} does not exist in the train split "
-                f"(train classes: {classes[:10]}{'...' if len(classes) > 10 else ''})"
-            )
         imgs = _images_under(d)
-        if not imgs and classes is None:  # a class with no training image could never be predicted
+        if not imgs and training:  # a class with no training image could never be predicted
             raise DataError(
                 f"{d}: class folder with no images ({', '.join(IMAGE_SUFFIXES)}); add its images or remove it"
             )
@@ -186,16 +181,19 @@ def load_image_folder(directory: str | os.PathLike, *, split_seed: int = 0) -> D
     sub = {p.name.lower(): p for p in _class_dirs(root)}
     notes: list[str] = []
     if "train" in sub:
-        t_paths, t_raw, classes = _folder_split(sub["train"], None)
+        t_paths, t_raw, classes = _folder_split(sub["train"], training=True)
         if not t_paths:
             raise DataError(f"{sub['train']}: no images ({', '.join(IMAGE_SUFFIXES)}) under class folders")
-        index = {c: i for i, c in enumerate(classes)}
-        train = Split(t_paths, [index[c] for c in t_raw])
         val_dir = next((sub[v] for v in VAL_NAMES if v in sub), None)
         test_dir = sub.get("test")
+        # a class that only val/ or test/ hold keeps its output, as in the other layouts (the
+        # bundle's check names it in the notes): its images count as errors, not dropped
+        classes = sorted({*classes, *(d.name for s in (val_dir, test_dir) if s is not None for d in _class_dirs(s))})
+        index = {c: i for i, c in enumerate(classes)}
+        train = Split(t_paths, [index[c] for c in t_raw])
 
         def load(d: Path) -> Split:
-            paths, raw, _ = _folder_split(d, classes)
+            paths, raw, _ = _folder_split(d, training=False)
             if not paths:
                 raise DataError(f"{d}: no images under class folders")
             return Split(paths, [index[c] for c in raw])
@@ -221,7 +219,7 @@ def load_image_folder(directory: str | os.PathLike, *, split_seed: int = 0) -> D
                 f"{root}: has {', '.join(n + '/' for n in split_dirs)} but no train/ folder; put the "
                 "training images in root/train/<class>/ (or use root/<class>/ alone for a seeded split)"
             )
-        paths, raw, classes = _folder_split(root, None)
+        paths, raw, classes = _folder_split(root, training=True)
         if not paths:
             raise DataError(
                 f"{root}: no images found. Expected the ImageNet layout root/train/<class>/*.jpg "
