@@ -46,8 +46,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from ._once import once_differentiable
 from .kernels import dropout_mask
 from .packing import check_bits
 from .rowquant import ROW_BITS, dequantize_rows, quantize_rows, row_codebook, softmax_backward_rows

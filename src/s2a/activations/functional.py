@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import kernels
 from . import rowquant as RQ
+from ._once import once_differentiable
 from .attention import _autocast_dtype
 from .codebooks import SMOOTH_FUNCTIONS, get_codebook
 from .packing import check_bits, pack, unpack

@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from ._once import once_differentiable
 from .rowquant import dequantize_rows, quantize_rows, row_codebook
 
 # A row of L elements keeps 4L bytes natively and L/2 + 8 here (4 bits): from 4 elements

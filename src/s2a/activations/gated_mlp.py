@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from ._once import once_differentiable
 from .codebooks import SMOOTH_FUNCTIONS
 from .mlp import _compute_dtype, _row_chunks, input_copy
 

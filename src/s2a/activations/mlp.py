@@ -26,9 +26,9 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import kernels
+from ._once import once_differentiable
 from .attention import _autocast_dtype
 from .codebooks import SMOOTH_FUNCTIONS, get_codebook
 

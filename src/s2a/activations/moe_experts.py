@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from ._once import once_differentiable
 from .codebooks import SMOOTH_FUNCTIONS
 from .mlp import _compute_dtype, _row_chunks, input_copy
 

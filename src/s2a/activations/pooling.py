@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from ._once import once_differentiable
 from .functional import _needs_grad
 
 _aten = torch.ops.aten

@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from . import functional as S
+from ._once import once_differentiable
 from .rowquant import dequantize_rows, quantize_rows, row_codebook
 
 _ATTR = "_s2a_probs"

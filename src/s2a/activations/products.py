@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from ._once import once_differentiable
 from .rowquant import dequantize_rows, quantize_rows, row_codebook
 
 __all__ = ["activation_matmul", "activation_matmul_applies"]
