@@ -796,3 +796,38 @@ def test_transformers_gradient_checkpointing_with_dropout_matches_no_checkpointi
         runs.append((out.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     torch.testing.assert_close(runs[0][0], runs[1][0])
     assert cosine(runs[0][1], runs[1][1]) > 0.9999
+
+
+def test_relu6_is_named_relu6_and_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU6(), nn.Linear(8, 8))
+    reference = copy.deepcopy(model)
+    s2a.compress_activations(model)
+    assert s2a.compression_summary(model) == {"1": "relu6@1"}  # not Hardtanh's, whose forward it runs
+    x = torch.randn(4, 8) * 10
+    out, out0 = model(x), reference(x)
+    torch.testing.assert_close(out, out0)
+    out.sum().backward()
+    out0.sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, reference[0].weight.grad)
+
+
+def test_a_skip_pattern_matching_nothing_is_refused():
+    model = timm.create_model("resnet18", num_classes=3)
+    with pytest.raises(ValueError, match=r"skip pattern 'layer9\*' matches no module path of ResNet"):
+        s2a.compress_activations(model, skip=["layer1*", "layer9*"])
+    with pytest.raises(TypeError, match="list of module path patterns"):
+        s2a.compress_activations(model, skip="layer1")
+    assert "forward" not in vars(model.act1)  # nothing was patched
+    s2a.compress_activations(model, skip=["layer1*"])
+    assert not any(k.startswith("layer1") for k in s2a.compression_summary(model))
+
+
+def test_summary_lists_modules_whose_calls_the_mode_routes():
+    model = timm.create_model("mobilenetv2_050", num_classes=3)  # BatchNormAct2d: F.batch_norm inside
+    s2a.compress_activations(model)
+    summary = s2a.compression_summary(model)
+    assert summary["bn1"] == "batch_norm@4" and summary["bn1.act"] == "relu6@1"
+    s2a.restore(model)
+    s2a.compress_activations(model, ops=["relu6"])
+    assert "bn1" not in s2a.compression_summary(model)

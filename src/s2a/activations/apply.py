@@ -502,6 +502,10 @@ _HF_RMSNORM = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
 # already routes.
 _COVERED_BY_MODE = ("BatchNormAct2d", "FrozenBatchNormAct2d", "LayerNormAct", "LayerNormAct2d",
                     "SyncBatchNormAct", "Attention", "SelfAttention", "MaxPool2dSame")
+# ... listed by compression_summary under the kind of their main call
+_ROUTED_KINDS = {"BatchNormAct2d": "batch_norm", "FrozenBatchNormAct2d": "batch_norm",
+                 "SyncBatchNormAct": "batch_norm", "LayerNormAct": "layer_norm",
+                 "LayerNormAct2d": "layer_norm", "MaxPool2dSame": "max_pool"}
 _SUSPECT_WORDS = ("GELU", "ReLU", "SiLU", "Swish", "Mish", "Sigmoid", "Tanh", "Softmax", "Norm",
                   "Dropout", "DropPath", "ELU", "GLU", "Softplus", "Hardswish", "Activation", "MaxPool")
 
@@ -547,6 +551,8 @@ def _module_op(module: nn.Module, spec: CompressionSpec):
     changes ``__init__`` (timm's ``LayerNorm2dNoBias``) is its parent's forward."""
     name = _forward_owner(module)
     kind = _ACTIVATION_CLASSES.get(name)
+    if type(module) is nn.ReLU6:  # PyTorch's runs Hardtanh's forward: its own name is clearer
+        kind = "relu6"
     if kind is not None and not any(True for _ in module.parameters()):
         if kind == "gelu" and getattr(module, "approximate", "none") == "tanh":
             kind = "gelu_tanh"
@@ -714,6 +720,7 @@ def _switch_attention(module: nn.Module, state: _State) -> bool:
 class _State:
     spec: CompressionSpec
     patched: list = field(default_factory=list)  # (module, kind, previous instance forward or None)
+    routed: list = field(default_factory=list)  # (module, kind): unpatched, its calls routed by the mode
     attrs: list = field(default_factory=list)
     attn_impl: list = field(default_factory=list)  # (transformers model, its own implementation)
     original_attn: int = 0  # depth of forwards that asked for attention weights (see _attn_hooks)
@@ -729,6 +736,16 @@ class _State:
     def report(self, op: str) -> None:
         """Strict mode: ``op`` kept a full-precision activation in the innermost running module."""
         self.uncovered_calls.add(f"{self.paths[-1] if self.paths else '<root>'}: {op}")
+
+
+def _check_skip(model: nn.Module, patterns: tuple[str, ...]) -> None:
+    """Refuse a ``skip`` pattern that matches no module path: a typo would compress all."""
+    paths = [p for p, _ in model.named_modules() if p]
+    for pattern in patterns:
+        if not any(_skipped(p, (pattern,)) for p in paths):
+            raise ValueError(
+                f"skip pattern {pattern!r} matches no module path of {type(model).__name__}; paths look like "
+                f"{paths[:3]} (model.named_modules()), fnmatch wildcards allowed")
 
 
 def _skipped(path: str, patterns: tuple[str, ...]) -> bool:
@@ -772,8 +789,11 @@ def compress_activations(
     if getattr(model, "_s2a_compression", None) is not None:
         raise RuntimeError("model is already compressed; call s2a.restore(model) first to change settings")
     spec = _validate(bits, ops, dropout_mode, attention_mode)
+    if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
+        raise TypeError(f"skip must be a list of module path patterns (strings), got {skip!r}")
     spec.skip = tuple(skip)
     spec.strict = strict
+    _check_skip(model, spec.skip)
     state = _State(spec)
     state.mode = _CompressMode(state)
     uncovered = []
@@ -812,6 +832,9 @@ def compress_activations(
                 state.patched.append((module, kind, module.__dict__.get("forward")))
                 module.forward = fwd
             continue
+        routed = _ROUTED_KINDS.get(_forward_owner(module))
+        if routed is not None and spec.enabled(routed) and "forward" not in vars(module):
+            state.routed.append((module, routed))
         name = type(module).__name__
         leaf = not any(True for _ in module.children())
         if isinstance(module, nn.MultiheadAttention):  # its functional core runs natively
@@ -1008,4 +1031,5 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
             return "native" if isinstance(weight, torch.Tensor) and weight.requires_grad else "none"
         return spec.bits_for(op)
 
-    return {names.get(id(m), "?"): f"{k}@{storage(k, m)}" for m, k, _ in state.patched}
+    entries = [(m, k) for m, k, _ in state.patched] + state.routed
+    return {names.get(id(m), "?"): f"{k}@{storage(k, m)}" for m, k in entries}
