@@ -1,14 +1,18 @@
 """Max / average pooling keeping (almost) nothing for backward: outputs and gradients
 bit-identical to native."""
 
+import copy
 import itertools
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
+import s2a
 from helpers import saved_bytes
 from s2a.activations import pooling as P
+from s2a.memory import measure
 
 NATIVE = {
     "max": (F.max_pool1d, F.max_pool2d, F.max_pool3d),
@@ -194,3 +198,54 @@ def test_outputs_can_be_modified_in_place():
         y = op(x)
         y.relu_()
         y.sum().backward()
+
+
+# --- maxima over dimensions (Hiera's unit pooling) ---------------------------------------
+
+
+@pytest.mark.parametrize("dim,keepdim", [(1, False), ((1, 3), True), (-1, False), ([0, 2], False)])
+def test_amax_is_exact_with_ties_and_keeps_a_bit_per_element(dim, keepdim):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 8)
+    x[0, :, 0, 0] = 1.0  # a window of ties: native splits its gradient evenly
+    x[1, 0, 1, :] = float("nan")
+    x.requires_grad_()
+    y, y0 = P.amax(x, dim, keepdim), torch.amax(x, dim, keepdim)
+    torch.testing.assert_close(y, y0, equal_nan=True, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    (gx,), (gx0,) = torch.autograd.grad(y, x, g), torch.autograd.grad(y0, x, g)
+    torch.testing.assert_close(gx, gx0, equal_nan=True, rtol=0, atol=0)
+    _, nbytes = saved_bytes(P.amax, x, dim, keepdim)
+    assert nbytes == 2 * 4 * 6 * 8 // 8  # natively the input and the output, in float32
+
+
+def test_max_along_a_dimension_keeps_uint8_indices():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    for dim, keepdim in [(1, False), (-1, True)]:
+        (v, i), (v0, i0) = P.max_along(x, dim, keepdim), torch.max(x, dim, keepdim)
+        assert torch.equal(v, v0) and torch.equal(i, i0) and i.dtype == torch.int64
+        g = torch.randn_like(v)
+        (gx,), (gx0,) = torch.autograd.grad(v, x, g), torch.autograd.grad(v0, x, g)
+        torch.testing.assert_close(gx, gx0, rtol=0, atol=0)
+    _, nbytes = saved_bytes(lambda t: P.max_along(t, 1).values, x)
+    assert nbytes == 3 * 5  # one uint8 per output (natively int64)
+
+
+def test_hiera_unit_pooling_is_compressed():
+    model = timm.create_model("hiera_tiny_224", num_classes=3, img_size=64)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith("bias"))
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    s2a.compress_activations(model, ops={"max_pool": 8}, strict=False)
+    fused, native = measure(model, x), measure(reference, x)
+    assert "AmaxBackward0" in native.by_kind and "AmaxBackward0" not in fused.by_kind
+    assert fused.by_kind["max_pool (s2a)"] * 30 < native.by_kind["AmaxBackward0"]
+    out, out0 = model(x), reference(x)
+    torch.testing.assert_close(out, out0, rtol=0, atol=0)
+    out.sum().backward()
+    out0.sum().backward()
+    for p, p0 in zip(model.parameters(), reference.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, p0.grad)

@@ -218,6 +218,17 @@ def _max_pool(d, spec, input, kernel_size, stride=None, padding=0, dilation=1, c
     return P.max_pool(input, d, kernel_size, stride, padding, dilation, ceil_mode)
 
 
+def _amax(spec, input, dim=(), keepdim=False):
+    return P.amax(input, dim, keepdim)
+
+
+def _max(spec, input, dim=None, keepdim=False):
+    # only a maximum along one dimension; max(x) and max(x, other) are left to PyTorch
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        return NotImplemented
+    return P.max_along(input, dim, keepdim)
+
+
 def _avg_pool(d, spec, input, kernel_size, stride=None, padding=0, ceil_mode=False,
               count_include_pad=True, divisor_override=None):
     return P.avg_pool(input, d, kernel_size, stride, padding, ceil_mode, count_include_pad,
@@ -287,6 +298,8 @@ def _function_table() -> dict:
         add("max_pool", partial(_max_pool, d), getattr(F, f"max_pool{d}d"), getattr(torch, f"max_pool{d}d"))
         add("avg_pool", partial(_avg_pool, d), getattr(F, f"avg_pool{d}d"))
         add("avg_pool", partial(_adaptive_avg_pool, d), getattr(F, f"adaptive_avg_pool{d}d"))
+    add("max_pool", _amax, torch.amax, torch.Tensor.amax)
+    add("max_pool", _max, torch.max, torch.Tensor.max)
     add("avg_pool", partial(_adaptive_avg_pool, 2), torch._C._nn.adaptive_avg_pool2d)
     add("avg_pool", partial(_adaptive_avg_pool, 3), torch._C._nn.adaptive_avg_pool3d)
     return table
@@ -348,9 +361,9 @@ class _CompressMode(TorchFunctionMode):
                 if out is not NotImplemented:
                     return out
                 # the handler declined (max pooling asked for its indices): native, reported
-                if state.spec.strict and kind == "max_pool":
+                if state.spec.strict and kind == "max_pool" and handler is not _max:
                     state.report(_MAX_POOL_INDICES)
-            if kind in ("gate", "matmul"):  # a product left native: judged as any native call
+            if kind in ("gate", "matmul") or handler is _max:  # left native: judged as any native call
                 entry = None
             else:
                 return func(*args, **kwargs)

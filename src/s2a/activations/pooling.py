@@ -10,6 +10,10 @@
   gradient into zeros of the input's shape: overlapping windows accumulate exactly as
   natively, on every device and dtype (``scatter_add_`` would not: on CPU it rounds
   bf16 / fp16 sums differently, on CUDA it adds atomically, in no fixed order).
+* Maxima over dimensions (Hiera's unit pooling, ``x.view(B, 4, -1, C).amax(1)`` in timm,
+  ``.max(dim=1).values`` in transformers): :func:`amax` keeps 1 bit per input element (where
+  the maxima are; ties split the gradient as natively), :func:`max_along` the argmax in
+  uint8 rather than int64 (natively amax keeps input and output).
 * Average pooling (plain and adaptive): backward needs only the input's shape.
   :func:`avg_pool` / :func:`adaptive_avg_pool` keep nothing and call the native backward
   ops with a stand-in for the input, made at backward time, which those kernels never
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 
 from ._once import once_differentiable
 from .functional import _needs_grad
+from .packing import pack, unpack
 
 _aten = torch.ops.aten
 _INT32_LIMIT = 2**31
@@ -179,6 +184,78 @@ def max_pool(
     y = _MaxPool.apply(x.unsqueeze(0) if unbatched else x, kernel, strides,
                        _ints(padding, d, "padding"), _ints(dilation, d, "dilation"), bool(ceil_mode))
     return y.squeeze(0) if unbatched else y
+
+
+# ------------------------------------------------------------------ maxima over dimensions
+def _dims(dim: Any, ndim: int) -> tuple[int, ...] | None:
+    dims = (dim,) if isinstance(dim, int) else tuple(dim) if isinstance(dim, (tuple, list)) else None
+    if not dims or not all(isinstance(d, int) and -ndim <= d < ndim for d in dims):
+        return None
+    dims = tuple(sorted({d % ndim for d in dims}))
+    return dims
+
+
+class _AmaxMaxPool(torch.autograd.Function):  # (the name files it under max_pool)
+    @staticmethod
+    def forward(ctx, x, dims: tuple[int, ...], keepdim: bool):
+        out = _aten.amax(x, dims, True)
+        # where each maximum is, ties all: 1 bit per input element (exact, as native splits
+        # the gradient among ties)
+        ctx.save_for_backward(pack(_aten.eq(x, out), 1))
+        ctx.meta = (x.shape, dims, keepdim)
+        return out if keepdim else _aten.squeeze(out, dims)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (packed,) = ctx.saved_tensors
+        shape, dims, keepdim = ctx.meta
+        mask = unpack(packed, 1, math.prod(shape)).view(shape).to(g.dtype)
+        if not keepdim:
+            for d in dims:
+                g = g.unsqueeze(d)
+        # native's order: the gradient divided by the count of maxima, times the mask
+        return g / mask.sum(dims, keepdim=True) * mask, None, None
+
+
+def amax(x: torch.Tensor, dim: Any = (), keepdim: bool = False) -> torch.Tensor:
+    """``torch.amax`` over given dimensions (Hiera's unit max pooling) keeping 1 bit per input
+    element, where the maxima are, instead of the input and the output. Exact."""
+    dims = _dims(dim, x.dim())
+    if dims is None or not _needs_grad(x) or x.numel() == 0 or not x.is_floating_point():
+        return torch.amax(x, dim, keepdim)
+    return _AmaxMaxPool.apply(x, dims, bool(keepdim))
+
+
+class _MaxPoolAlongDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim: int, keepdim: bool):
+        values, indices = _aten.max(x, dim, keepdim)
+        ctx.mark_non_differentiable(indices)
+        # the argmax along ``dim`` in the smallest integer type that holds it, not int64
+        ctx.save_for_backward(indices.to(_code_dtype(x.shape[dim])))
+        ctx.meta = (x.shape, dim, keepdim)
+        return values, indices
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, _):
+        (idx,) = ctx.saved_tensors
+        shape, dim, keepdim = ctx.meta
+        idx = idx.long()
+        if not keepdim:
+            g, idx = g.unsqueeze(dim), idx.unsqueeze(dim)
+        return g.new_zeros(shape).scatter_(dim, idx, g), None, None
+
+
+def max_along(x: torch.Tensor, dim: int, keepdim: bool = False):
+    """``torch.max(x, dim)``: (values, indices), keeping the argmax in uint8 (int16 / int32 for
+    dimensions over 256 / 32768) instead of int64. Exact."""
+    dims = _dims(dim, x.dim())
+    if dims is None or not _needs_grad(x) or x.numel() == 0 or not x.is_floating_point():
+        return torch.max(x, dim, keepdim)
+    values, indices = _MaxPoolAlongDim.apply(x, dims[0], bool(keepdim))
+    return torch.return_types.max((values, indices))
 
 
 class _AvgPool(torch.autograd.Function):
