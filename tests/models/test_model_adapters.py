@@ -380,6 +380,11 @@ def test_transformers_head_is_the_layer_with_num_labels_outputs(tmp_path):
     assert modern.classifier.out_features == 3 and modern.head.dense.out_features == 32
     assert modern.classifier.weight.requires_grad and not modern.head.dense.weight.requires_grad
     assert modern(**batch).logits.shape == (2, 3)
+    # a longer batch than the dry run's 9 tokens: the prompt covers max_position_embeddings
+    # (s2a train on a ModernBERT directory stopped at its second batch)
+    longer = torch.randint(5, 100, (2, 40))
+    assert s2a.models.describe_backbone(modern).max_positions == 64
+    modern(input_ids=longer).logits.sum().backward()
 
     bart_cfg = transformers.BartConfig(
         vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,

@@ -9,6 +9,7 @@ the one with its ``num_labels`` outputs)."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -171,6 +172,16 @@ class GenericAdapter(ModelAdapter):
         super().replace_head(model, num_classes)
         if _is_timm_style(model) and isinstance(getattr(model, "num_classes", None), int):
             model.num_classes = num_classes  # as reset_classifier keeps it
+
+    def max_positions(self, model: nn.Module) -> int | None:
+        """A transformers text model's ``max_position_embeddings`` (ModernBERT, GTE...): a
+        prompt by position must cover every length it takes, not only the dry run's."""
+        n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        try:
+            takes_ids = "input_ids" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            takes_ids = False
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 and takes_ids else None
 
     def example_input(self, model: nn.Module) -> Any:
         return default_image_input(model)
