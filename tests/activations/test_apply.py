@@ -355,12 +355,9 @@ def test_strict_mode_catches_native_ops_that_keep_activations():
     with pytest.raises(s2a.UncoveredOperatorsError) as err:
         model(x)
     calls = str(err.value).split("): ")[1].split("; add")[0]
-    # (q @ k^T, a product of two activations, and amax are compressed: products.py, pooling.py)
-    assert calls == str(sorted(["1: mul", "3: pow", "3: normalize", "3: norm", "3: div"]))
-    s2a.restore(model)
-    s2a.compress_activations(model, strict=True, ops=[k for k in s2a.activations.OP_KINDS if k != "matmul"])
-    with pytest.raises(s2a.UncoveredOperatorsError, match="3: matmul"):  # left out: reported
-        model(x)
+    # (amax is compressed: pooling.py; q @ k^T is too inside a module named like attention,
+    # test_products.py, but this one is not)
+    assert calls == str(sorted(["1: mul", "3: pow", "3: matmul", "3: normalize", "3: norm", "3: div"]))
     s2a.restore(model)
     s2a.compress_activations(model, strict=True, skip=["1", "3"])
     model(x).sum().backward()

@@ -158,14 +158,14 @@ def test_strict_mode_reports_probabilities_kept_at_full_precision():
 
 
 def test_probabilities_modified_in_place_run_natively():
-    class InPlace(_EagerAttention):
+    class InPlaceAttention(_EagerAttention):
         def forward(self, x):
             probs = F.softmax(self.score(x), dim=-1)
             probs.mul_(2.0)  # no longer what the codes hold
             return torch.bmm(probs, self.v(x))
 
     torch.manual_seed(0)
-    model = s2a.compress_activations(InPlace())
+    model = s2a.compress_activations(InPlaceAttention())
     out = model(torch.randn(3, 7, 16))
     # not from the softmax's codes: a product of two activations, each kept at 8 bits
     assert out.grad_fn.name() == "_ActivationMatmulBackward"

@@ -433,3 +433,27 @@ def test_hf_mlp_called_by_keyword():
     x = torch.randn(2, 5, 16, requires_grad=True)
     torch.testing.assert_close(mlp(hidden_states=x), reference(hidden_states=x))
     torch.testing.assert_close(mlp(x), reference(x))
+
+
+def test_summary_says_unfused_for_a_linear_subclass_or_parametrization():
+    # bitsandbytes / torchao linears subclass nn.Linear; a parametrized weight changes the class
+    from torch.nn.utils import parametrize
+
+    class Scaled(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    class MyLinear(nn.Linear):
+        pass
+
+    for change in ("subclass", "parametrize"):
+        model = _hf_model("llama")
+        s2a.compress_activations(model, ops={"silu": 4})
+        mlp = model.model.layers[0].mlp
+        if change == "subclass":
+            mlp.up_proj.__class__ = MyLinear
+        else:
+            parametrize.register_parametrization(mlp.up_proj, "weight", Scaled())
+        summary = s2a.compression_summary(model)
+        assert summary["model.layers.0.mlp"] == "gated_mlp:silu@unfused", change
+        assert summary["model.layers.1.mlp"] == "gated_mlp:silu@input"

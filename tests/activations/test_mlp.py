@@ -292,7 +292,9 @@ def test_lean_mlp_runs_a_layer_wrapped_after_compression():
 def test_input_copy_is_shared_while_the_input_lives_unchanged():
     from s2a.activations import mlp as M
 
-    x = torch.randn(2, 5, 8)
+    leaf = torch.randn(2, 5, 8, requires_grad=True)
+    x = leaf * 1  # an activation of the graph being recorded
+    assert M.input_copy(leaf, torch.bfloat16) is not M.input_copy(leaf, torch.bfloat16)  # a leaf: never
     a = M.input_copy(x, torch.bfloat16)
     torch.testing.assert_close(a, x.to(torch.bfloat16), rtol=0, atol=0)
     b = M.input_copy(x.view(-1, 8), torch.bfloat16)  # a view of the same input: the same copy
@@ -300,14 +302,39 @@ def test_input_copy_is_shared_while_the_input_lives_unchanged():
     assert M.input_copy(x, torch.float16).dtype == torch.float16  # another dtype: another copy
     c = M.input_copy(x, torch.bfloat16)
     assert c.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()  # replaced by fp16's
-    x.add_(1)  # changed in place: a fresh copy of the new values
+    x.add_(1)  # changed in place (its version counter): a fresh copy of the new values
     d = M.input_copy(x, torch.bfloat16)
     assert d.untyped_storage().data_ptr() != c.untyped_storage().data_ptr()
     torch.testing.assert_close(d, x.to(torch.bfloat16), rtol=0, atol=0)
     assert M.input_copy(x[:, 1:], torch.bfloat16).untyped_storage().data_ptr() != d.untyped_storage().data_ptr()
     assert M.input_copy(x.transpose(0, 1), torch.bfloat16).shape == (5, 2, 8)  # not contiguous: plain copy
     assert M.input_copy(x, torch.float32) is x
-    y = torch.randn(3, 8)
+    y = torch.randn(3, 8, requires_grad=True) * 1
     M.input_copy(y, torch.bfloat16)
     del y  # the input is freed: its copy is let go (its memory could hold other data)
     assert M._last_copy is None
+    z = torch.randn(3, 8, requires_grad=True) * 1
+    with torch.inference_mode():  # an inference tensor could not be saved for backward later
+        M.input_copy(z, torch.bfloat16)
+    assert M._last_copy is None
+
+
+def test_a_buffer_refilled_in_place_without_a_version_bump_gets_a_fresh_copy():
+    # a persistent input refilled through .data (or numpy) keeps its version counter: the
+    # gated MLP must not reuse the previous step's copy (it would train on stale inputs)
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, mlp_bias=True))
+    for n, p in mlp.named_parameters():
+        p.requires_grad_(n.endswith("bias"))
+    reference = copy.deepcopy(mlp)
+    s2a.compress_activations(mlp, ops={"silu": 4})
+    buffer = torch.randn(4, 16, requires_grad=True)
+    for step in range(2):
+        buffer.data.copy_(torch.randn(4, 16))
+        out, out0 = mlp(buffer), reference(buffer)
+        g = torch.randn_like(out)
+        (gb,), (gb0,) = (torch.autograd.grad(o, m.gate_proj.bias, g) for o, m in ((out, mlp), (out0, reference)))
+        assert torch.nn.functional.cosine_similarity(gb, gb0, dim=0) > 0.9999, step

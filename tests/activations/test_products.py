@@ -130,3 +130,67 @@ def test_hand_written_attention_keeps_8_bit_q_k_v():
     s2a.compress_activations(model, ops=["softmax"])
     plain = measure(model, x)
     assert "matmul" in plain.by_kind and plain.saved_bytes > fused.saved_bytes + 2 * 3 * 3 * 2 * 17 * 16 * 3
+
+
+class _Experts(nn.Module):
+    """A batched product of gathered weights, as transformers' ``batched_mm`` experts: not attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 16, 8))
+
+    def forward(self, x, ids):  # x: (T, 16), ids: (T,)
+        return torch.bmm(x.unsqueeze(1), self.w[ids]).squeeze(1)
+
+
+def test_products_outside_attention_modules_stay_native():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    experts = _Experts()
+    s2a.compress_activations(model)
+    s2a.compress_activations(experts)
+    x = model(torch.randn(6, 16))
+    out = experts(x, torch.tensor([0, 1, 2, 3, 0, 1]))
+    assert out.grad_fn.name() != "_ActivationMatmulBackward"
+    # the trainable experts' gradient from the exact input
+    (gw,) = torch.autograd.grad(out.sum(), experts.w)
+    ref = torch.zeros_like(experts.w).index_add_(0, torch.tensor([0, 1, 2, 3, 0, 1]),
+                                                  x.detach()[:, :, None].expand(-1, -1, 8))
+    torch.testing.assert_close(gw, ref)
+
+
+class _AlibiAttention(_Attention):
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (t.reshape(B * self.heads, N, -1) for t in (q, k, v))
+        alibi = torch.arange(N, dtype=torch.float32).expand(B * self.heads, 1, N) * -0.1
+        scores = alibi.baddbmm(batch1=q, batch2=k.transpose(1, 2), beta=1.0, alpha=(C // self.heads) ** -0.5)
+        return self.proj(torch.bmm(scores.softmax(-1), v).reshape(B, self.heads, N, -1).transpose(1, 2).reshape(B, N, C))
+
+
+def test_alibi_baddbmm_is_compressed_under_autocast():
+    torch.manual_seed(0)
+    model = _AlibiAttention()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith("bias"))
+    s2a.compress_activations(model, strict=True)  # Bloom's: a float32 bias, bf16 factors
+    x = torch.randn(2, 9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert model.qkv.bias.grad is not None
+
+
+def test_untagged_probabilities_keep_their_small_values():
+    # probabilities mixed across heads (CaiT's talking heads) or with the softmax kind left
+    # out reach P @ V untagged: kept on the probs codebook, not rounded to 0 over long rows
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 8, 4096)
+    logits[..., 0] += 8.0  # a sink key, as trained attention has
+    p = logits.softmax(-1).requires_grad_()
+    v = torch.randn(1, 2, 4096, 16, requires_grad=True)
+    y, y0 = activation_matmul(p, v), p @ v
+    g = torch.randn_like(y)
+    (gv,), (gv0,) = torch.autograd.grad(y, v, g), torch.autograd.grad(y0, v, g)
+    assert cosine(gv, gv0) > 0.9999

@@ -255,8 +255,8 @@ def _matmul(spec, a, b, *rest, **kwargs):
 
 
 def _baddbmm(spec, input, batch1, batch2, *, beta=1, alpha=1):
-    if not (isinstance(input, torch.Tensor) and activation_matmul_applies(batch1, batch2)
-            and batch1.dim() == 3 and input.dtype == batch1.dtype):
+    # (the bias may be float32 beside bf16 factors under autocast, which casts it as natively)
+    if not (isinstance(input, torch.Tensor) and activation_matmul_applies(batch1, batch2) and batch1.dim() == 3):
         return NotImplemented
     return activation_matmul(batch1, batch2, spec.matmul_bits(), bias=input, beta=beta, alpha=alpha)
 
@@ -356,7 +356,8 @@ class _CompressMode(TorchFunctionMode):
             kind, handler = entry
             # Random kinds are routed without grad too: a reentrant checkpoint runs the block
             # without grad, then recomputes it with grad, and both must draw s2a's mask.
-            if state.spec.enabled(kind) and (torch.is_grad_enabled() or kind in ("dropout", "attention")):
+            if (state.spec.enabled(kind) and (torch.is_grad_enabled() or kind in ("dropout", "attention"))
+                    and (kind != "matmul" or state.in_attention())):
                 out = handler(state.spec, *args, **kwargs)
                 if out is not NotImplemented:
                     return out
@@ -746,9 +747,25 @@ class _State:
     paths: list = field(default_factory=list)  # module paths of the forwards now running
     trainable: set = field(default_factory=set)  # storages of its trainable parameters (strict)
 
+    attention_paths: frozenset = frozenset()  # paths of modules named like attention
+
+    def in_attention(self) -> bool:
+        """Whether an attention module is running: products of two activations are compressed
+        there only (elsewhere a batched product may be of weights: MoE experts' gathered
+        weights, a weight broadcast over a batch of one)."""
+        return any(p in self.attention_paths for p in self.paths)
+
     def report(self, op: str) -> None:
         """Strict mode: ``op`` kept a full-precision activation in the innermost running module."""
         self.uncovered_calls.add(f"{self.paths[-1] if self.paths else '<root>'}: {op}")
+
+
+_ATTENTION_WORDS = ("attention", "attn", "xca")  # BertSelfAttention, TalkingHeadAttn, XCiT's XCA...
+
+
+def _names_attention(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return any(w in name for w in _ATTENTION_WORDS)
 
 
 def _check_skip(model: nn.Module, patterns: tuple[str, ...]) -> None:
@@ -809,6 +826,7 @@ def compress_activations(
     _check_skip(model, spec.skip)
     state = _State(spec)
     state.mode = _CompressMode(state)
+    state.attention_paths = frozenset((p or "<root>") for p, m in model.named_modules() if _names_attention(m))
     uncovered = []
     for path, module in model.named_modules():
         skipped = _skipped(path, spec.skip)
@@ -999,6 +1017,8 @@ def _runs_fused(block: nn.Module, kind: str) -> bool:
     skipped = [m for n, m in block.named_modules() if n != "drop2" and (n or kind.startswith("moe_experts"))]
     return not (any(p.requires_grad for p in weights)  # trained since (full fine-tuning, LoRA)
                 or any(hasattr(m, "base_layer") for m in skipped)  # wrapped by peft
+                # a Linear subclass or parametrized one (bitsandbytes, torchao): not plain matmuls
+                or any(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in skipped)
                 or getattr(block, "_is_expert_parallel", False)  # transformers' own sentinel routing
                 or any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in skipped)
                 or has_foreign_hooks(*skipped))

@@ -100,13 +100,18 @@ def input_copy(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     A MoE block feeds one input to its shared expert (a gated MLP) and its routed experts,
     each fused op keeping a bf16 copy of it for backward: one copy then serves both. A copy is
-    reused only while the tensor ``x`` views is alive (so that its memory holds no other data)
-    and unmodified (its version counter), for a contiguous ``x`` with the same first element,
-    size and row width. The last copy is held until that tensor is freed (usually as its block
-    returns) or another copy is made.
+    reused only for an activation of the graph being recorded (``x.grad_fn`` set), while the
+    tensor ``x`` views is alive (so that its memory holds no other data) and unmodified (its
+    version counter), for a contiguous ``x`` with the same first element, size and row width.
+    The last copy is held until that tensor is freed (usually as its block returns) or another
+    copy is made.
     """
     global _last_copy
-    if x.dtype == dtype or not x.is_contiguous() or x.is_inference():
+    # Only an activation of the running graph (x.grad_fn): a persistent buffer refilled through
+    # .data or numpy keeps its version counter, and a stale copy would be silently reused.
+    # (A compiled graph: no Python state, the compiler may share the copy itself.)
+    if (x.dtype == dtype or x.grad_fn is None or torch.compiler.is_compiling() or not x.is_contiguous()
+            or torch.is_inference_mode_enabled()):
         return x.to(dtype)
     root = x if x._base is None else x._base
     key = (x.data_ptr(), x.numel(), x.shape[-1] if x.dim() else 1, x._version, dtype, x.device)

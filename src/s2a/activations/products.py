@@ -10,8 +10,11 @@ a quarter of float32's bytes. (The probabilities of ``P V`` keep their softmax's
 :mod:`.probs`, and V joins them here.)
 
 Only products of two batched tensors with the same batch dimensions (``(..., M, K) @ (...,
-K, N)``, at least 3-D, no broadcasting) are taken: a weight (2-D, or broadcast over the
-batch) never is, whether a parameter or computed from one (LoRA merged, weight norm).
+K, N)``, at least 3-D, no broadcasting, neither a parameter) are taken, and the function mode
+of :mod:`.apply` routes them only inside modules named like attention: a batched product
+elsewhere may be of weights (MoE experts' gathered weights, a weight broadcast over a batch of
+one), whose trainable side must see the other exactly. A non-negative left operand
+(probabilities that reach the product untagged) is kept on the ``probs`` codebook.
 """
 
 from __future__ import annotations
@@ -43,13 +46,21 @@ def activation_matmul_applies(a, b) -> bool:
             and (a.requires_grad or b.requires_grad))
 
 
-def _keep(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _keep(t: torch.Tensor, bits: int, kind: str = _KIND) -> tuple[torch.Tensor, torch.Tensor]:
     # rows along the last dimension (the contracted one for A, for B^T)
-    return quantize_rows(t, row_codebook(_KIND, bits), keep_nan=True)
+    return quantize_rows(t, row_codebook(kind, bits), keep_nan=True)
 
 
-def _rebuild(packed, scale, shape, dtype, bits) -> torch.Tensor:
-    return dequantize_rows(packed, scale, row_codebook(_KIND, bits), shape, dtype)
+def _rebuild(packed, scale, shape, dtype, bits, kind: str = _KIND) -> torch.Tensor:
+    return dequantize_rows(packed, scale, row_codebook(kind, bits), shape, dtype)
+
+
+def _kind_of_left(a: torch.Tensor) -> str:
+    """Probabilities that reach a product untagged (mixed across heads, as CaiT's talking
+    heads do, or with the softmax kind left out) are mostly tiny: the ``probs`` codebook's
+    levels crowd near 0 where a signed uniform one would round them to 0 (dV over 4096 keys:
+    cosine 0.98)."""
+    return "probs" if bool((a.detach().amin() >= 0).item()) else _KIND
 
 
 class _ActivationMatmul(torch.autograd.Function):
@@ -61,17 +72,18 @@ class _ActivationMatmul(torch.autograd.Function):
             out = torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
         need_a, need_b = ctx.needs_input_grad[:2]
         # A for B's gradient, B (as B^T: rows along the contracted dimension) for A's
-        kept_a = _keep(a, bits) if need_b else ()
+        a_kind = _kind_of_left(a) if need_b and a.numel() else _KIND
+        kept_a = _keep(a, bits, a_kind) if need_b else ()
         kept_b = _keep(b.transpose(-1, -2), bits) if need_a else ()
         ctx.save_for_backward(*kept_a, *kept_b)
-        ctx.meta = (a.shape, a.dtype, b.shape, b.dtype, beta, alpha, bits, bool(kept_a),
+        ctx.meta = (a.shape, a.dtype, b.shape, b.dtype, beta, alpha, bits, bool(kept_a), a_kind,
                     None if bias is None else (bias.shape, bias.dtype))
         return out
 
     @staticmethod
     @once_differentiable  # the kept operands are rounded: refuse double backward
     def backward(ctx, g):
-        a_shape, a_dtype, b_shape, b_dtype, beta, alpha, bits, has_a, bias_meta = ctx.meta
+        a_shape, a_dtype, b_shape, b_dtype, beta, alpha, bits, has_a, a_kind, bias_meta = ctx.meta
         saved = list(ctx.saved_tensors)
         cdt = torch.promote_types(g.dtype, torch.float32) if g.device.type == "cpu" else g.dtype
         ga = gb = gbias = None
@@ -79,7 +91,7 @@ class _ActivationMatmul(torch.autograd.Function):
             pa, sa = saved[:2]
             del saved[:2]
             if ctx.needs_input_grad[1]:
-                a = _rebuild(pa, sa, a_shape, cdt, bits)
+                a = _rebuild(pa, sa, a_shape, cdt, bits, a_kind)
                 gb = torch.matmul(a.transpose(-1, -2), g.to(cdt)).mul_(alpha).to(b_dtype)
         if ctx.needs_input_grad[0]:
             pb, sb = saved[:2]
