@@ -44,9 +44,9 @@ from .rowquant import ROW_BITS
 POINTWISE_KINDS = (*SMOOTH_FUNCTIONS, *S.EXACT_FUNCTIONS)
 OP_KINDS = (
     *POINTWISE_KINDS, "softmax", "attention", "layer_norm", "rms_norm", "batch_norm",
-    "dropout", "drop_path", "conv", "linear", "max_pool", "avg_pool", "gate", "matmul",
+    "dropout", "drop_path", "conv", "linear", "max_pool", "avg_pool", "gate", "matmul", "grn",
 )
-_ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm", "gate", "matmul")
+_ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm", "gate", "matmul", "grn")
 
 
 def bits_allowed(kind: str) -> tuple[int, ...]:
@@ -546,8 +546,7 @@ def _runs_torch_forward(module: nn.Module) -> bool:
 
 def _suspect_hook(state: _State, name: str, module, args) -> None:
     """Strict mode, a leaf module named like an operator that s2a does not patch (MobileBERT's
-    ``NoNorm``, transformers' ``ConvNextLayerNorm``, timm's ``GroupNorm1`` or
-    ``GlobalResponseNorm``): its forward's calls are checked as they run, by name and by what
+    ``NoNorm``, transformers' ``ConvNextLayerNorm``, timm's ``GroupNorm1``): its forward's calls are checked as they run, by name and by what
     their autograd nodes saved. Under saved-tensor hooks (a non-reentrant checkpoint) only
     names are checked: the module is then reported by its class name, as before it ran."""
     if state.disabled == 0 and torch.is_grad_enabled() and _saved_tensors_hooked():
@@ -586,6 +585,9 @@ def _module_op(module: nn.Module, spec: CompressionSpec):
         return "rms_norm", partial(_hf_rms_norm_forward, spec, module, spelling)
     if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         return "batch_norm", partial(_patched_batch_norm, module, spec)
+    grn = _grn_layout(module, name)
+    if grn is not None:
+        return "grn", partial(_grn_forward, spec, module, *grn)
     if type(module) is nn.Dropout:
         return "dropout", partial(_dropout_forward, spec, module)
     if name == "DropPath" and hasattr(module, "drop_prob"):
@@ -599,6 +601,27 @@ def _module_op(module: nn.Module, spec: CompressionSpec):
     if type(module) in _ADAPTIVE_AVG_POOLS:
         return "avg_pool", partial(_adaptive_avg_pool_forward, module)
     return None
+
+
+def _grn_layout(module: nn.Module, name: str) -> tuple[tuple[int, ...], int, tuple[int, ...], float] | None:
+    """(spatial dims, channel dim, shape of weight and bias, eps) of a ConvNeXt-V2 Global
+    Response Norm: timm's ``GlobalResponseNorm`` (NHWC or NCHW) or transformers'
+    ``ConvNextV2GRN`` (NHWC, eps 1e-6); else None."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)):
+        return None
+    if name == "GlobalResponseNorm" and hasattr(module, "spatial_dim") and hasattr(module, "wb_shape"):
+        return tuple(module.spatial_dim), module.channel_dim, tuple(module.wb_shape), float(module.eps)
+    if name == "ConvNextV2GRN" and weight.dim() == 4:
+        return (1, 2), -1, tuple(weight.shape), 1e-6
+    return None
+
+
+def _grn_forward(spec: CompressionSpec, module: nn.Module, spatial, channel, wb_shape, eps, x):
+    from .grn import global_response_norm
+
+    return global_response_norm(x, module.weight.view(wb_shape), module.bias.view(wb_shape), spatial, channel,
+                                eps, bits=spec.bits_for("grn"))
 
 
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)

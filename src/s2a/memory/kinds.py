@@ -131,6 +131,7 @@ _CUSTOM_OPS: tuple[tuple[str, str], ...] = (
     ("gatemul", "gate"),
     ("gatedmlp", "gated_mlp"),
     ("moeexperts", "moe_experts"),
+    ("globalresponsenorm", "grn"),
 )
 
 _CUSTOM_OPS_LONGEST_FIRST = tuple(sorted(_CUSTOM_OPS, key=lambda it: -len(it[0])))
