@@ -381,15 +381,18 @@ def test_strict_mode_ignores_ops_that_keep_weights_or_constants():
 
 
 def test_strict_mode_timm_squeeze_excite_and_star_relu():
-    # metaformer's StarReLU (s * relu(x) ** 2 + b) keeps a full-precision activation; the error
-    # names the module that ran the op. efficientnet's SqueezeExcite (x * gate) is compressed
-    # (kind "gate") and no longer named.
+    # metaformer's StarReLU (s * relu(x) ** 2 + b) keeps a full-precision activation natively;
+    # left out of ops, the error names the module that ran the op. efficientnet's
+    # SqueezeExcite (x * gate) is compressed (kind "gate") and not named.
     from timm.layers import SqueezeExcite
     from timm.models.metaformer import StarReLU
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), SqueezeExcite(8), nn.Conv2d(8, 8, 1), StarReLU())
     train_biases_only(model)
     s2a.compress_activations(model, strict=True)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()  # compressed: kind star_relu
+    s2a.restore(model)
+    s2a.compress_activations(model, strict=True, ops=[k for k in s2a.activations.OP_KINDS if k != "star_relu"])
     with pytest.raises(s2a.UncoveredOperatorsError, match=r"\['3: pow'\]"):
         model(torch.randn(2, 3, 8, 8))
 
@@ -615,7 +618,7 @@ def test_resnet18_max_pool_keeps_a_byte_per_output():
         ({"ops": {"layer_norm": 1}}, ValueError, "bits for layer_norm"),
         # 1 bit suits pointwise kinds only: all row-wise kinds named, in OP_KINDS order
         ({"bits": 1}, ValueError,
-         r"bits=1 does not suit \['softmax', 'attention', 'layer_norm', 'rms_norm', 'batch_norm', 'gate', 'matmul', 'grn'\]"),
+         r"bits=1 does not suit \['softmax', 'attention', 'layer_norm', 'rms_norm', 'batch_norm', 'gate', 'grn'\]"),
         ({"bits": 1, "ops": ["gelu", "layer_norm"]}, ValueError, r"does not suit \['layer_norm'\]"),
         ({"ops": "gelu"}, TypeError, "not the string"),
         ({"dropout_mode": "x"}, ValueError, "dropout_mode"),

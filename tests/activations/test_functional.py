@@ -1,12 +1,15 @@
 """The compressed autograd operators against PyTorch's own."""
 
+import copy
 import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import s2a
 from helpers import cosine, saved_bytes
 from s2a.activations import functional as S
 from s2a.activations.packing import packed_nbytes
@@ -730,3 +733,33 @@ def test_outputs_can_be_modified_in_place(name):
 
     assert torch.equal(grad(True), grad(False))
 
+
+
+# --- MetaFormer's StarReLU ---------------------------------------------------------------
+
+
+def test_star_relu_keeps_8_bit_relu_rows_with_native_gradients():
+    from timm.models.metaformer import StarReLU
+
+    from s2a.memory import measure
+
+    torch.manual_seed(0)
+    act = StarReLU(scale_value=0.8, bias_value=-0.1)
+    block = nn.Sequential(nn.Linear(16, 32), act, nn.Linear(32, 16))
+    reference = copy.deepcopy(block)
+    x = torch.randn(4, 7, 16)
+    s2a.compress_activations(block, strict=True)
+    assert s2a.compression_summary(block)["1"] == "star_relu@8"
+    out, out0 = block(x), reference(x)
+    torch.testing.assert_close(out, out0, rtol=0, atol=0)  # the forward is timm's
+    g = torch.randn_like(out)
+    out.backward(g)
+    out0.backward(g)
+    for p, p0 in zip(block.parameters(), reference.parameters(), strict=True):  # scale and bias train too
+        assert cosine(p.grad, p0.grad) > 0.9999
+    fused, native = measure(block, x).by_kind, measure(reference, x).by_kind
+    # 28 rows of 32: one-byte codes and a float32 scale each, for x's and the scale's
+    # gradients; natively relu(x) and relu(x)**2 in float32
+    assert fused["star_relu (s2a)"] == 28 * (32 + 4) and native["relu"] + native["mul"] == 2 * 28 * 32 * 4
+    with pytest.raises(ValueError, match="bits for star_relu"):
+        S.star_relu(x, act.scale, act.bias, bits=5)

@@ -44,9 +44,13 @@ from .rowquant import ROW_BITS
 POINTWISE_KINDS = (*SMOOTH_FUNCTIONS, *S.EXACT_FUNCTIONS)
 OP_KINDS = (
     *POINTWISE_KINDS, "softmax", "attention", "layer_norm", "rms_norm", "batch_norm",
-    "dropout", "drop_path", "conv", "linear", "max_pool", "avg_pool", "gate", "matmul", "grn",
+    "dropout", "drop_path", "conv", "linear", "max_pool", "avg_pool", "gate", "matmul", "grn", "star_relu",
 )
-_ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm", "gate", "matmul", "grn")
+_ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm", "gate", "matmul", "grn",
+              "star_relu")
+# kinds whose default is 8 bits whatever ``bits`` says: what they keep is an operand itself,
+# not a derivative or a normalised row (as SDPA keeps q, k, v at 8 bits)
+_EIGHT_BIT_KINDS = ("matmul", "star_relu")
 
 
 def bits_allowed(kind: str) -> tuple[int, ...]:
@@ -70,7 +74,7 @@ class CompressionSpec:
     strict: bool = False
 
     def bits_for(self, kind: str) -> int:
-        return self.op_bits.get(kind, self.bits)
+        return self.op_bits.get(kind, 8 if kind in _EIGHT_BIT_KINDS else self.bits)
 
     def enabled(self, kind: str) -> bool:
         return kind in self.ops
@@ -79,7 +83,7 @@ class CompressionSpec:
         """Bits per element of the operands kept by products of two activations (eager
         attention's Q K^T and P V; :mod:`.products`): 8 unless ``ops`` says otherwise, as SDPA
         keeps Q, K and V; None where the kind is left out."""
-        return self.op_bits.get("matmul", 8) if self.enabled("matmul") else None
+        return self.bits_for("matmul") if self.enabled("matmul") else None
 
     def attention_storage(self) -> tuple[str, int]:
         """(mode, bits) for attention. Default: Q/K/V at 8 bits, probabilities
@@ -111,7 +115,8 @@ def _validate(bits, ops, dropout_mode, attention_mode) -> CompressionSpec:
         raise ValueError(f"unknown operator kind(s) {unknown}; known kinds: {list(OP_KINDS)}")
     for kind, b in op_bits.items():
         check_bits(b, bits_allowed(kind), what=f"bits for {kind}")
-    defaulted = [k for k in OP_KINDS if k in kinds and k not in op_bits and bits not in bits_allowed(k)]
+    defaulted = [k for k in OP_KINDS if k in kinds and k not in op_bits and k not in _EIGHT_BIT_KINDS
+                 and bits not in bits_allowed(k)]
     if defaulted:
         raise ValueError(
             f"bits={bits} does not suit {defaulted} (they take {list(ROW_BITS)}); give them their "
@@ -588,6 +593,8 @@ def _module_op(module: nn.Module, spec: CompressionSpec):
     grn = _grn_layout(module, name)
     if grn is not None:
         return "grn", partial(_grn_forward, spec, module, *grn)
+    if name == "StarReLU" and all(isinstance(getattr(module, a, None), torch.Tensor) for a in ("scale", "bias")):
+        return "star_relu", partial(_star_relu_forward, spec, module)
     if type(module) is nn.Dropout:
         return "dropout", partial(_dropout_forward, spec, module)
     if name == "DropPath" and hasattr(module, "drop_prob"):
@@ -622,6 +629,10 @@ def _grn_forward(spec: CompressionSpec, module: nn.Module, spatial, channel, wb_
 
     return global_response_norm(x, module.weight.view(wb_shape), module.bias.view(wb_shape), spatial, channel,
                                 eps, bits=spec.bits_for("grn"))
+
+
+def _star_relu_forward(spec: CompressionSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return S.star_relu(x, module.scale, module.bias, spec.bits_for("star_relu"))
 
 
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)

@@ -104,6 +104,47 @@ def activation(x: torch.Tensor, name: str, bits: int = 4, **kwargs) -> torch.Ten
     return _CodebookActivation.apply(x, name, bits)
 
 
+class _StarReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, bias, bits: int):
+        r = F.relu(x)
+        out = scale * r**2 + bias
+        need_x, need_scale = ctx.needs_input_grad[:2]
+        # relu(x), non-negative, on the probabilities' codebook (levels crowd near 0): the
+        # derivative is 2 * scale * relu(x), the scale's gradient sums relu(x)**2
+        kept = quantize_rows(r, row_codebook("probs", bits), keep_nan=True) if need_x or need_scale else ()
+        ctx.save_for_backward(*kept, scale)
+        ctx.meta = (x.shape, x.dtype, bits, bias.shape, bias.dtype)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        shape, dtype, bits, b_shape, b_dtype = ctx.meta
+        *kept, scale = ctx.saved_tensors
+        gx = gs = gb = None
+        if kept:
+            cdt = torch.promote_types(g.dtype, torch.float32)
+            r = dequantize_rows(*kept, row_codebook("probs", bits), shape, cdt)
+            if ctx.needs_input_grad[0]:
+                gx = (g.to(cdt) * (2 * scale.to(cdt)) * r).to(dtype)
+            if ctx.needs_input_grad[1]:
+                gs = (g.to(cdt) * r * r).sum_to_size(scale.shape).to(scale.dtype)
+        if ctx.needs_input_grad[2]:
+            gb = g.sum_to_size(b_shape).to(b_dtype)
+        return gx, gs, gb, None
+
+
+def star_relu(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """MetaFormer's StarReLU, ``scale * relu(x)**2 + bias``, keeping ``relu(x)`` at ``bits``
+    bits per row of its last dimension (natively in full precision, and ``relu(x)**2`` too
+    where the scale trains)."""
+    check_bits(bits, ROW_BITS, what="bits for star_relu")
+    if not _needs_grad(x, scale, bias) or x.numel() == 0:
+        return scale * F.relu(x) ** 2 + bias
+    return _StarReLU.apply(x, scale, bias, bits)
+
+
 # --- normalisation ------------------------------------------------------------------
 
 

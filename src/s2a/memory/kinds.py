@@ -132,6 +132,7 @@ _CUSTOM_OPS: tuple[tuple[str, str], ...] = (
     ("gatedmlp", "gated_mlp"),
     ("moeexperts", "moe_experts"),
     ("globalresponsenorm", "grn"),
+    ("starrelu", "star_relu"),
 )
 
 _CUSTOM_OPS_LONGEST_FIRST = tuple(sorted(_CUSTOM_OPS, key=lambda it: -len(it[0])))
