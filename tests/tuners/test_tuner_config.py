@@ -61,6 +61,7 @@ def test_per_operator_bits_keep_all_kinds_and_attention_default():
     assert set(ops) == set(OP_KINDS)
     assert ops["gelu"] == 2 and ops["layer_norm"] == 8 and ops["softmax"] == 4
     assert ops["attention"] == 8  # the engine's default (8-bit Q/K/V, recomputed probabilities)
+    assert ops["matmul"] == 8 and ops["star_relu"] == 8  # theirs too (operands kept as they are)
     assert S2AConfig(act_bits=3, op_bits={"attention": 4}).compression_ops()["attention"] == 4
 
 

@@ -136,9 +136,10 @@ class S2AConfig:
             return None
         from s2a.activations.apply import CompressionSpec
 
-        ops = {k: self.op_bits.get(k, self.act_bits) for k in OP_KINDS}
+        defaults = CompressionSpec(bits=self.act_bits)  # (8 bits for attention's q/k/v, matmul, star_relu)
+        ops = {k: self.op_bits.get(k, defaults.bits_for(k)) for k in OP_KINDS}
         if "attention" not in self.op_bits:
-            ops["attention"] = CompressionSpec(bits=self.act_bits).attention_storage()[1]
+            ops["attention"] = defaults.attention_storage()[1]
         return ops
 
     def replace(self, **changes: Any) -> S2AConfig:
