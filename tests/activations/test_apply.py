@@ -725,6 +725,10 @@ def test_double_backward_is_refused_not_silently_wrong(layer):
     (gx,) = torch.autograd.grad(model(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"s2a: .* differentiated twice.*s2a\.restore\(model\)"):
         gx.pow(2).sum().backward()
+    # a loss linear in the output: the incoming gradient needs none, the error still comes
+    (gx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        gx.pow(2).sum().backward()
 
 
 def test_softmax_without_dim_keeps_torchs_implicit_dim():
@@ -820,7 +824,7 @@ def test_a_skip_pattern_matching_nothing_is_refused():
     with pytest.raises(TypeError, match="list of module path patterns"):
         s2a.compress_activations(model, skip="layer1")
     assert "forward" not in vars(model.act1)  # nothing was patched
-    s2a.compress_activations(model, skip=["layer1*"])
+    s2a.compress_activations(model, skip=(p for p in ["layer1*"]))  # any iterable, a generator too
     assert not any(k.startswith("layer1") for k in s2a.compression_summary(model))
 
 

@@ -249,3 +249,11 @@ def test_hiera_unit_pooling_is_compressed():
     for p, p0 in zip(model.parameters(), reference.parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, p0.grad)
+
+
+def test_amax_counts_many_ties_in_half_precision():
+    # 90000 tied maxima: a float16 count would overflow to inf (a zero gradient)
+    x = torch.zeros(1, 300, 300, dtype=torch.float16, requires_grad=True)
+    (gx,), (gx0,) = (torch.autograd.grad(f(x, (1, 2)).sum(), x) for f in (P.amax, torch.amax))
+    torch.testing.assert_close(gx, gx0, rtol=0, atol=0)
+    assert gx.abs().sum() > 0

@@ -385,6 +385,21 @@ def test_transformers_head_is_the_layer_with_num_labels_outputs(tmp_path):
     longer = torch.randint(5, 100, (2, 40))
     assert s2a.models.describe_backbone(modern).max_positions == 64
     modern(input_ids=longer).logits.sum().backward()
+    # no more than PROMPT_ROWS rows for a model of a million positions; ALiBi's Bloom (no
+    # max_position_embeddings) gets that many too
+    from s2a.models.generic import PROMPT_ROWS
+
+    neox = transformers.GPTNeoXModel(transformers.GPTNeoXConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=1_000_000))
+    bloom = transformers.BloomForSequenceClassification(transformers.BloomConfig(
+        vocab_size=100, hidden_size=32, n_layer=2, n_head=2, pad_token_id=0, num_labels=2))
+    for model in (neox, bloom):
+        info = s2a.models.describe_backbone(model, example_input=batch)
+        if info.family == "generic":
+            assert info.max_positions == PROMPT_ROWS == 8192, type(model).__name__
+    s2a.apply(bloom, example_input=batch)
+    bloom(input_ids=longer).logits.sum().backward()
 
     bart_cfg = transformers.BartConfig(
         vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,

@@ -27,7 +27,10 @@ def once_differentiable(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(ctx, *args):
         with torch.no_grad():
             outputs = fn(ctx, *args)
-        if not torch.is_grad_enabled() or not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        # Under create_graph every gradient it returns leads to the error, even where the
+        # incoming gradient needs none (a loss linear in the output: PyTorch's decorator would
+        # then let the second derivative silently treat f' as a constant).
+        if not torch.is_grad_enabled():
             return outputs
         outs = outputs if isinstance(outputs, tuple) else (outputs,)
         err = torch._C._functions.DelayedError(_MESSAGE, len(outs))

@@ -853,15 +853,18 @@ def compress_activations(
     if getattr(model, "_s2a_compression", None) is not None:
         raise RuntimeError("model is already compressed; call s2a.restore(model) first to change settings")
     spec = _validate(bits, ops, dropout_mode, attention_mode)
-    if isinstance(skip, str) or not all(isinstance(p, str) for p in skip):
+    if isinstance(skip, str):
+        raise TypeError(f"skip must be a list of module path patterns (strings), got the string {skip!r}")
+    skip = tuple(skip)  # (a generator is read once)
+    if not all(isinstance(p, str) for p in skip):
         raise TypeError(f"skip must be a list of module path patterns (strings), got {skip!r}")
-    spec.skip = tuple(skip)
+    spec.skip = skip
     spec.strict = strict
     _check_skip(model, spec.skip)
     state = _State(spec)
     state.mode = _CompressMode(state)
     state.attention_paths = frozenset((p or "<root>") for p, m in model.named_modules() if _names_attention(m))
-    uncovered = []
+    uncovered, replaced = [], []
     for path, module in model.named_modules():
         skipped = _skipped(path, spec.skip)
         if module is model or not skipped:
@@ -890,12 +893,16 @@ def compress_activations(
             continue
         # A forward replaced on the instance (accelerate's offload hooks, a user's wrapper) would
         # be lost: leave the module to the function mode, as lean_timm_forward does.
+        if any(path.startswith(p) for p in replaced):  # inside a module whose forward no longer calls it
+            continue
         found = None if "forward" in vars(module) else _module_op(module, spec)
         if found is not None:
             kind, fwd = found
             if spec.enabled(kind):
                 state.patched.append((module, kind, module.__dict__.get("forward")))
                 module.forward = fwd
+                if kind == "star_relu":  # its own nn.ReLU child does not run any more
+                    replaced.append(f"{path}.")
             continue
         routed = _ROUTED_KINDS.get(_forward_owner(module))
         if routed is not None and spec.enabled(routed) and "forward" not in vars(module):

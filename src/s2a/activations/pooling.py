@@ -210,11 +210,11 @@ class _AmaxMaxPool(torch.autograd.Function):  # (the name files it under max_poo
     def backward(ctx, g):
         (packed,) = ctx.saved_tensors
         shape, dims, keepdim = ctx.meta
-        mask = unpack(packed, 1, math.prod(shape)).view(shape).to(g.dtype)
+        mask = unpack(packed, 1, math.prod(shape)).view(shape).bool()
         if not keepdim:
             for d in dims:
                 g = g.unsqueeze(d)
-        # native's order: the gradient divided by the count of maxima, times the mask
+        # native's order: the gradient divided by the (int64) count of maxima, times the mask
         return g / mask.sum(dims, keepdim=True) * mask, None, None
 
 

@@ -87,6 +87,11 @@ def _heaviest_class(module: nn.Module) -> type | None:
     return None if _is_torch_layer(cls) else cls
 
 
+# Rows of a generic text model's low-rank prompt at most (a decoder's 128k-1M positions
+# would make hundreds of MB of trainable rows no fine-tuning batch reaches).
+PROMPT_ROWS = 8192
+
+
 class GenericAdapter(ModelAdapter):
     name = "generic"
 
@@ -174,14 +179,20 @@ class GenericAdapter(ModelAdapter):
             model.num_classes = num_classes  # as reset_classifier keeps it
 
     def max_positions(self, model: nn.Module) -> int | None:
-        """A transformers text model's ``max_position_embeddings`` (ModernBERT, GTE...): a
-        prompt by position must cover every length it takes, not only the dry run's."""
-        n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        """Positions a transformers text model's prompt covers (ModernBERT, GTE, Bloom...): its
+        ``max_position_embeddings`` up to :data:`PROMPT_ROWS` (ALiBi models without one:
+        that many), so that a batch longer than the dry run's fits; a dry run on a longer
+        ``example_input`` covers more."""
+        config = getattr(model, "config", None)
         try:
-            takes_ids = "input_ids" in inspect.signature(model.forward).parameters
+            takes_ids = config is not None and "input_ids" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
             takes_ids = False
-        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 and takes_ids else None
+        if not takes_ids:
+            return None
+        n = getattr(config, "max_position_embeddings", None)
+        valid = isinstance(n, int) and not isinstance(n, bool) and n > 0
+        return min(n, PROMPT_ROWS) if valid else PROMPT_ROWS
 
     def example_input(self, model: nn.Module) -> Any:
         return default_image_input(model)
