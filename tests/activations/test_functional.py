@@ -763,3 +763,42 @@ def test_star_relu_keeps_8_bit_relu_rows_with_native_gradients():
     assert fused["star_relu (s2a)"] == 28 * (32 + 4) and native["relu"] + native["mul"] == 2 * 28 * 32 * 4
     with pytest.raises(ValueError, match="bits for star_relu"):
         S.star_relu(x, act.scale, act.bias, bits=5)
+
+
+# --- GroupNorm --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_group_norm_keeps_low_bit_rows_with_native_gradients(groups):
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 5, 6)
+    x[1, :, 0, 0] = float("nan")  # a NaN stays in its own sample's groups, as natively
+    x.requires_grad_()
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    for bits, floor in ((8, 0.9999), (4, 0.99)):
+        y, y0 = S.group_norm(x, groups, w, b, 1e-5, bits), F.group_norm(x, groups, w, b, 1e-5)
+        torch.testing.assert_close(y, y0, rtol=0, atol=0, equal_nan=True)
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), g)
+        grads0 = torch.autograd.grad(y0, (x, w, b), g)
+        ok = grads0[0].isfinite()
+        assert torch.equal(grads[0].isfinite(), ok) and cosine(grads[0][ok], grads0[0][ok]) > floor
+        assert cosine(grads[2], grads0[2]) > 0.99999
+    y0 = F.group_norm(x[[0, 2]], groups, w, b)
+    _, nbytes = saved_bytes(S.group_norm, x[[0, 2]].detach().requires_grad_(), groups, w, b, 1e-5, 4, exclude=(w, b))
+    # 2 x 8 rows of 30 positions: 15 bytes of 4-bit codes and a float32 scale each; 1/σ per group
+    assert nbytes == 2 * 8 * (15 + 4) + 2 * groups * 4
+
+
+def test_group_norm_modules_and_small_maps():
+    from timm.layers import GroupNorm1
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 1), GroupNorm1(8))
+    s2a.compress_activations(model, strict=True)
+    summary = s2a.compression_summary(model)
+    assert summary["1"] == "group_norm@4" and summary["3"] == "group_norm@4"  # GroupNorm1: F.group_norm routed
+    model(torch.randn(2, 3, 10, 10)).sum().backward()
+    # under 16 positions per row the scales would cost more than they save: native
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    assert S.group_norm(x, 2).grad_fn.name() == "NativeGroupNormBackward0"

@@ -43,11 +43,11 @@ from .rowquant import ROW_BITS
 
 POINTWISE_KINDS = (*SMOOTH_FUNCTIONS, *S.EXACT_FUNCTIONS)
 OP_KINDS = (
-    *POINTWISE_KINDS, "softmax", "attention", "layer_norm", "rms_norm", "batch_norm",
+    *POINTWISE_KINDS, "softmax", "attention", "layer_norm", "rms_norm", "batch_norm", "group_norm",
     "dropout", "drop_path", "conv", "linear", "max_pool", "avg_pool", "gate", "matmul", "grn", "star_relu",
 )
-_ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm", "gate", "matmul", "grn",
-              "star_relu")
+_ROW_KINDS = ("softmax", "attention", "layer_norm", "rms_norm", "batch_norm", "group_norm", "gate", "matmul",
+              "grn", "star_relu")
 # kinds whose default is 8 bits whatever ``bits`` says: what they keep is an operand itself,
 # not a derivative or a normalised row (as SDPA keeps q, k, v at 8 bits)
 _EIGHT_BIT_KINDS = ("matmul", "star_relu")
@@ -193,6 +193,10 @@ def _rms_norm(spec, x, normalized_shape, weight=None, eps=None):
     return S.rms_norm(x, normalized_shape, weight, eps, bits=spec.bits_for("rms_norm"))
 
 
+def _group_norm(spec, x, num_groups, weight=None, bias=None, eps=1e-5):
+    return S.group_norm(x, num_groups, weight, bias, eps, bits=spec.bits_for("group_norm"))
+
+
 def _batch_norm(spec, x, running_mean, running_var, weight=None, bias=None, training=False,
                 momentum=0.1, eps=1e-5):
     return S.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -293,6 +297,7 @@ def _function_table() -> dict:
     add("layer_norm", _layer_norm, F.layer_norm)
     add("rms_norm", _rms_norm, F.rms_norm)
     add("batch_norm", _batch_norm, F.batch_norm)
+    add("group_norm", _group_norm, F.group_norm)
     add("dropout", _dropout, F.dropout)
     add("conv", _conv, F.conv1d, F.conv2d, F.conv3d)
     add("linear", _linear, F.linear)
@@ -315,7 +320,7 @@ _FUNCTIONS = _function_table()
 _MAX_POOL_INDICES = "max_pool(return_indices=True)"
 # Functional calls that keep activations and that we do not compress: reported by strict mode.
 _UNCOVERED_FUNCTIONS = {
-    F.elu: "elu", F.selu: "selu", F.celu: "celu", F.glu: "glu", F.group_norm: "group_norm",
+    F.elu: "elu", F.selu: "selu", F.celu: "celu", F.glu: "glu",
     F.instance_norm: "instance_norm", F.prelu: "prelu",
     F.logsigmoid: "logsigmoid", F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
     F.softsign: "softsign", torch.erf: "erf", torch.exp: "exp", torch.rsqrt: "rsqrt",
@@ -520,11 +525,12 @@ _HF_RMSNORM = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
 # Modules whose forward (their own or inherited) only makes functional calls that the mode
 # already routes.
 _COVERED_BY_MODE = ("BatchNormAct2d", "FrozenBatchNormAct2d", "LayerNormAct", "LayerNormAct2d",
-                    "SyncBatchNormAct", "Attention", "SelfAttention", "MaxPool2dSame")
+                    "SyncBatchNormAct", "Attention", "SelfAttention", "MaxPool2dSame", "GroupNorm1", "GroupNormAct")
 # ... listed by compression_summary under the kind of their main call
 _ROUTED_KINDS = {"BatchNormAct2d": "batch_norm", "FrozenBatchNormAct2d": "batch_norm",
                  "SyncBatchNormAct": "batch_norm", "LayerNormAct": "layer_norm",
-                 "LayerNormAct2d": "layer_norm", "MaxPool2dSame": "max_pool"}
+                 "LayerNormAct2d": "layer_norm", "MaxPool2dSame": "max_pool", "GroupNorm1": "group_norm",
+                 "GroupNormAct": "group_norm"}
 _SUSPECT_WORDS = ("GELU", "ReLU", "SiLU", "Swish", "Mish", "Sigmoid", "Tanh", "Softmax", "Norm",
                   "Dropout", "DropPath", "ELU", "GLU", "Softplus", "Hardswish", "Activation", "MaxPool")
 
@@ -551,7 +557,7 @@ def _runs_torch_forward(module: nn.Module) -> bool:
 
 def _suspect_hook(state: _State, name: str, module, args) -> None:
     """Strict mode, a leaf module named like an operator that s2a does not patch (MobileBERT's
-    ``NoNorm``, transformers' ``ConvNextLayerNorm``, timm's ``GroupNorm1``): its forward's calls are checked as they run, by name and by what
+    ``NoNorm``, transformers' ``ConvNextLayerNorm``): its forward's calls are checked as they run, by name and by what
     their autograd nodes saved. Under saved-tensor hooks (a non-reentrant checkpoint) only
     names are checked: the module is then reported by its class name, as before it ran."""
     if state.disabled == 0 and torch.is_grad_enabled() and _saved_tensors_hooked():
@@ -590,6 +596,8 @@ def _module_op(module: nn.Module, spec: CompressionSpec):
         return "rms_norm", partial(_hf_rms_norm_forward, spec, module, spelling)
     if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         return "batch_norm", partial(_patched_batch_norm, module, spec)
+    if type(module) is nn.GroupNorm:
+        return "group_norm", partial(_group_norm_forward, spec, module)
     grn = _grn_layout(module, name)
     if grn is not None:
         return "grn", partial(_grn_forward, spec, module, *grn)
@@ -629,6 +637,10 @@ def _grn_forward(spec: CompressionSpec, module: nn.Module, spatial, channel, wb_
 
     return global_response_norm(x, module.weight.view(wb_shape), module.bias.view(wb_shape), spatial, channel,
                                 eps, bits=spec.bits_for("grn"))
+
+
+def _group_norm_forward(spec: CompressionSpec, module: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return _group_norm(spec, x, module.num_groups, module.weight, module.bias, module.eps)
 
 
 def _star_relu_forward(spec: CompressionSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:

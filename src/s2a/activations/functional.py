@@ -244,6 +244,66 @@ class _LayerNorm(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+class _GroupNorm(torch.autograd.Function):
+    """GroupNorm of (N, C, *): stores x̂ at ``bits`` bits, one scale per (sample, channel)
+    row of its spatial positions (a channel's outliers spend only its own levels), and 1/σ
+    per (sample, group)."""
+
+    @staticmethod
+    def forward(ctx, x, groups: int, weight, bias, eps: float, bits: int):
+        n, c = x.shape[:2]
+        hw = math.prod(x.shape[2:])
+        with torch.autocast(x.device.type, enabled=False):
+            y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hw, groups, eps)
+        mean, rstd = mean.float().reshape(n, groups, 1), rstd.float().reshape(n, groups, 1)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            xhat = (x.reshape(n, groups, -1).float() - mean) * rstd
+            xhat = torch.nan_to_num(xhat, nan=0.0, posinf=0.0, neginf=0.0)
+            packed, scale = quantize_rows(xhat.reshape(n * c, hw), row_codebook(NORM_CODEBOOK, bits))
+        else:  # only the bias trains: its gradient needs nothing
+            packed, scale = x.new_zeros(0, dtype=torch.uint8), x.new_zeros(0)
+        ctx.save_for_backward(packed, scale, rstd, weight, bias)
+        ctx.meta = (x.shape, x.dtype, groups, bits)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        packed, scale, rstd, weight, bias = ctx.saved_tensors
+        shape, dtype, groups, bits = ctx.meta
+        n, c = shape[:2]
+        hw = math.prod(shape[2:])
+        gf = g.float().reshape(n, c, hw)
+        gx = gw = gb = None
+        if bias is not None and ctx.needs_input_grad[3]:
+            gb = gf.sum((0, 2)).to(bias.dtype)
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
+            return gx, None, gw, gb, None, None
+        xhat = dequantize_rows(packed, scale, row_codebook(NORM_CODEBOOK, bits), (n * c, hw)).view(n, c, hw)
+        if weight is not None and ctx.needs_input_grad[2]:
+            # a NaN group's 1/σ is NaN: added as 0 * sum(1/σ), the NaN comes back as natively
+            gw = ((gf * xhat).sum((0, 2)) + rstd.sum() * 0.0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            wg = gf * weight.float().view(1, c, 1) if weight is not None else gf
+            wg, xh = wg.reshape(n, groups, -1), xhat.reshape(n, groups, -1)
+            gx = (rstd * (wg - wg.mean(-1, keepdim=True) - xh * (wg * xh).mean(-1, keepdim=True)))
+            gx = gx.reshape(shape).to(dtype)
+        return gx, None, gw, gb, None, None
+
+
+def group_norm(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    eps: float = 1e-5, bits: int = 4,
+) -> torch.Tensor:
+    """``F.group_norm`` storing the normalised input at ``bits`` bits per element."""
+    _check_row_bits(bits, "group_norm")
+    # (rows of fewer than 16 positions would keep more in scales than they save)
+    if (not _needs_grad(x, weight, bias) or x.numel() == 0 or x.dim() < 3 or x.shape[1] % num_groups
+            or math.prod(x.shape[2:]) < 16):
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    return _GroupNorm.apply(x, int(num_groups), weight, bias, float(eps), bits)
+
+
 def _check_row_bits(bits: int, what: str) -> None:
     check_bits(bits, ROW_BITS, what=f"bits for {what}")
 

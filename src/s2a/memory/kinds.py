@@ -133,6 +133,7 @@ _CUSTOM_OPS: tuple[tuple[str, str], ...] = (
     ("moeexperts", "moe_experts"),
     ("globalresponsenorm", "grn"),
     ("starrelu", "star_relu"),
+    ("groupnorm", "group_norm"),
 )
 
 _CUSTOM_OPS_LONGEST_FIRST = tuple(sorted(_CUSTOM_OPS, key=lambda it: -len(it[0])))
