@@ -36,6 +36,7 @@ from . import probs as PR
 from ._hf import LLAMA_SPELLING, RMSNormSpelling, lean_hf_forward, rms_norm_spelling
 from ._timm import lean_timm_forward
 from .codebooks import SMOOTH_FUNCTIONS
+from .grn import global_response_norm
 from .mlp import has_foreign_hooks, observer_hook
 from .packing import check_bits
 from .products import activation_matmul, activation_matmul_applies
@@ -523,14 +524,12 @@ _ACTIVATION_CLASSES = {
 _HF_RMSNORM = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm",
                "T5LayerNorm", "OlmoRMSNorm", "GraniteRMSNorm", "SmolLM3RMSNorm")
 # Modules whose forward (their own or inherited) only makes functional calls that the mode
-# already routes.
-_COVERED_BY_MODE = ("BatchNormAct2d", "FrozenBatchNormAct2d", "LayerNormAct", "LayerNormAct2d",
-                    "SyncBatchNormAct", "Attention", "SelfAttention", "MaxPool2dSame", "GroupNorm1", "GroupNormAct")
-# ... listed by compression_summary under the kind of their main call
+# already routes; but for attention, compression_summary lists them under their main call's kind.
 _ROUTED_KINDS = {"BatchNormAct2d": "batch_norm", "FrozenBatchNormAct2d": "batch_norm",
                  "SyncBatchNormAct": "batch_norm", "LayerNormAct": "layer_norm",
                  "LayerNormAct2d": "layer_norm", "MaxPool2dSame": "max_pool", "GroupNorm1": "group_norm",
                  "GroupNormAct": "group_norm"}
+_COVERED_BY_MODE = (*_ROUTED_KINDS, "Attention", "SelfAttention")
 _SUSPECT_WORDS = ("GELU", "ReLU", "SiLU", "Swish", "Mish", "Sigmoid", "Tanh", "Softmax", "Norm",
                   "Dropout", "DropPath", "ELU", "GLU", "Softplus", "Hardswish", "Activation", "MaxPool")
 
@@ -633,8 +632,6 @@ def _grn_layout(module: nn.Module, name: str) -> tuple[tuple[int, ...], int, tup
 
 
 def _grn_forward(spec: CompressionSpec, module: nn.Module, spatial, channel, wb_shape, eps, x):
-    from .grn import global_response_norm
-
     return global_response_norm(x, module.weight.view(wb_shape), module.bias.view(wb_shape), spatial, channel,
                                 eps, bits=spec.bits_for("grn"))
 
