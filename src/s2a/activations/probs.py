@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 from . import functional as S
 from ._once import once_differentiable
-from .rowquant import dequantize_rows, quantize_rows, row_codebook
+from .products import keep_rows, rebuild_rows
+from .rowquant import dequantize_rows, row_codebook
 
 _ATTR = "_s2a_probs"
-_V_KIND = "uniform"  # V's rows, as SDPA keeps them
 _TAGGED: list[weakref.ref] = []  # tensors tagged in the running forward (see clear_tags)
 
 
@@ -119,7 +119,7 @@ class _ProbsMatmul(torch.autograd.Function):
         elif v_bits is None or isinstance(v, torch.nn.Parameter):
             kept_v = (v, None)
         else:
-            kept_v = quantize_rows(v, row_codebook(_V_KIND, v_bits), keep_nan=True)
+            kept_v = keep_rows(v, v_bits)
         ctx.save_for_backward(*kept_v, *((packed, scale, *states) if need_v else ()))
         ctx.meta = (chain, p.dtype, v.dtype, v.shape, v_bits, len(states))
         return out
@@ -132,7 +132,7 @@ class _ProbsMatmul(torch.autograd.Function):
         dp = dv = None
         if ctx.needs_input_grad[0]:
             if v_scale is not None:
-                v = dequantize_rows(v, v_scale, row_codebook(_V_KIND, v_bits), v_shape, g.dtype)
+                v = rebuild_rows(v, v_scale, v_shape, g.dtype, v_bits)
             dp = torch.matmul(g, v.to(g.dtype).transpose(-1, -2)).to(p_dtype)
         if ctx.needs_input_grad[1]:
             packed, scale, *states = codes

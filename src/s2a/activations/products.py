@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from ._once import once_differentiable
+from .attention import _QKV_KIND as _KIND  # the codebook of SDPA's Q/K/V rows
 from .rowquant import dequantize_rows, quantize_rows, row_codebook
 
 __all__ = ["activation_matmul", "activation_matmul_applies"]
 
-_KIND = "uniform"  # the codebook of SDPA's Q/K/V rows
 
 
 def _is_weight(t: torch.Tensor) -> bool:
@@ -46,12 +46,13 @@ def activation_matmul_applies(a, b) -> bool:
             and (a.requires_grad or b.requires_grad))
 
 
-def _keep(t: torch.Tensor, bits: int, kind: str = _KIND) -> tuple[torch.Tensor, torch.Tensor]:
-    # rows along the last dimension (the contracted one for A, for B^T)
+def keep_rows(t: torch.Tensor, bits: int, kind: str = _KIND) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t``'s rows along its last dimension (for a product, the contracted one: A, B^T) at
+    ``bits`` bits, as SDPA keeps q, k, v: (packed codes, scales)."""
     return quantize_rows(t, row_codebook(kind, bits), keep_nan=True)
 
 
-def _rebuild(packed, scale, shape, dtype, bits, kind: str = _KIND) -> torch.Tensor:
+def rebuild_rows(packed, scale, shape, dtype, bits, kind: str = _KIND) -> torch.Tensor:
     return dequantize_rows(packed, scale, row_codebook(kind, bits), shape, dtype)
 
 
@@ -73,8 +74,8 @@ class _ActivationMatmul(torch.autograd.Function):
         need_a, need_b = ctx.needs_input_grad[:2]
         # A for B's gradient, B (as B^T: rows along the contracted dimension) for A's
         a_kind = _kind_of_left(a) if need_b and a.numel() else _KIND
-        kept_a = _keep(a, bits, a_kind) if need_b else ()
-        kept_b = _keep(b.transpose(-1, -2), bits) if need_a else ()
+        kept_a = keep_rows(a, bits, a_kind) if need_b else ()
+        kept_b = keep_rows(b.transpose(-1, -2), bits) if need_a else ()
         ctx.save_for_backward(*kept_a, *kept_b)
         ctx.meta = (a.shape, a.dtype, b.shape, b.dtype, beta, alpha, bits, bool(kept_a), a_kind,
                     None if bias is None else (bias.shape, bias.dtype))
@@ -91,11 +92,11 @@ class _ActivationMatmul(torch.autograd.Function):
             pa, sa = saved[:2]
             del saved[:2]
             if ctx.needs_input_grad[1]:
-                a = _rebuild(pa, sa, a_shape, cdt, bits, a_kind)
+                a = rebuild_rows(pa, sa, a_shape, cdt, bits, a_kind)
                 gb = torch.matmul(a.transpose(-1, -2), g.to(cdt)).mul_(alpha).to(b_dtype)
         if ctx.needs_input_grad[0]:
             pb, sb = saved[:2]
-            bt = _rebuild(pb, sb, (*b_shape[:-2], b_shape[-1], b_shape[-2]), cdt, bits)
+            bt = rebuild_rows(pb, sb, (*b_shape[:-2], b_shape[-1], b_shape[-2]), cdt, bits)
             ga = torch.matmul(g.to(cdt), bt).mul_(alpha).to(a_dtype)
         if bias_meta is not None and ctx.needs_input_grad[2]:
             shape, dtype = bias_meta
