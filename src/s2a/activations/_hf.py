@@ -36,7 +36,7 @@ from torch import nn
 from .codebooks import SMOOTH_FUNCTIONS
 from .functional import _needs_grad
 from .gated_mlp import frozen_gated_mlp, frozen_gated_mlp_applies
-from .mlp import fusable_kind, has_foreign_hooks
+from .mlp import fusable_kind, fused_forward, has_foreign_hooks
 from .moe_experts import frozen_moe_experts, frozen_moe_experts_applies
 
 
@@ -300,22 +300,25 @@ def lean_hf_forward(
     return f"gated_mlp:{kind}", partial(_fused_forward, module, state, kind, layout)
 
 
+def _gated_runs_own(module: nn.Module, state: Any, kind: str, layout: Callable) -> bool:
+    act, linears, dropout = layout(module)
+    return (state.disabled
+            # a layer wrapped, replaced (peft after s2a) or trained since compress_activations
+            or any(type(fc) is not nn.Linear or fc.weight.requires_grad for fc in linears)
+            or (dropout is not None and (not isinstance(dropout, nn.Dropout) or (dropout.training and dropout.p > 0)))
+            or has_foreign_hooks(*(m for m in (*linears, act, dropout) if isinstance(m, nn.Module))))
+
+
+@fused_forward(_gated_runs_own)
 def _fused_forward(module: nn.Module, state: Any, kind: str, layout: Callable, *args, **kwargs) -> torch.Tensor:
     # the input, by position or by its own name (x, hidden_states); anything else runs natively
     x = (args[0] if args else next(iter(kwargs.values()))) if len(args) + len(kwargs) == 1 else None
-    act, linears, dropout = layout(module)
-    # a layer wrapped or replaced since compress_activations (peft after s2a): its own forward
-    if not isinstance(x, torch.Tensor) or any(type(fc) is not nn.Linear for fc in linears) or state.disabled:
+    if not isinstance(x, torch.Tensor) or _gated_runs_own(module, state, kind, layout):
         return type(module).forward(module, *args, **kwargs)
+    _, linears, _ = layout(module)
     wg, bg, wu, bu = _gate_and_up(linears)
     down = linears[-1]
-    skipped = [m for m in (*linears, act, dropout) if isinstance(m, nn.Module)]
-    if (
-        not frozen_gated_mlp_applies(x, wg, wu, down.weight, kind)
-        or not _needs_grad(x, bg, bu, down.bias)
-        or (dropout is not None and (not isinstance(dropout, nn.Dropout) or (dropout.training and dropout.p > 0)))
-        or has_foreign_hooks(*skipped)
-    ):
+    if not frozen_gated_mlp_applies(x, wg, wu, down.weight, kind) or not _needs_grad(x, bg, bu, down.bias):
         return type(module).forward(module, *args, **kwargs)
     return frozen_gated_mlp(x, wg, bg, wu, bu, down.weight, down.bias, kind)
 
@@ -418,25 +421,33 @@ def _gate_of(module: nn.Module, kind: str) -> str | Callable[[torch.Tensor], tor
     return view.act_fn
 
 
+def _experts_run_own(module: nn.Module, state: Any, *_: object) -> bool:
+    first, _, down, _ = _expert_tensors(module)
+    act = getattr(module, "act_fn", None)
+    acts = [act] if isinstance(act, nn.Module) else []
+    return (state.disabled
+            or first.requires_grad or down.requires_grad  # trained since
+            # a trainable activation (PReLU, xIELU) needs its own backward
+            or any(p.requires_grad for a in acts for p in a.parameters())
+            or getattr(module, "_is_expert_parallel", True)  # transformers' own sentinel routing
+            or has_foreign_hooks(module, *acts))
+
+
+@fused_forward(_experts_run_own)
 def _experts_forward(module: nn.Module, state: Any, kind: str, *args, **kwargs) -> torch.Tensor:
     names = _experts_args(type(module))
     given = dict(zip(names, args, strict=False)) | kwargs
     native = partial(type(module).forward, module, *args, **kwargs)
-    if set(given) != set(names) or len(args) + len(kwargs) != 3 or state.disabled:
+    if set(given) != set(names) or len(args) + len(kwargs) != 3 or _experts_run_own(module, state):
         return native()
     x, index, weights = (given[n] for n in names)
     first, first_bias, down, down_bias = _expert_tensors(module)
     transposed = bool(getattr(module, "is_transposed", False))
     gate = _gate_of(module, kind)
-    act = getattr(module, "act_fn", None)
     if (
         not all(isinstance(t, torch.Tensor) for t in (x, index, weights))
-        # a trainable activation (PReLU, xIELU) needs its own backward
-        or (isinstance(act, nn.Module) and any(p.requires_grad for p in act.parameters()))
-        or getattr(module, "_is_expert_parallel", True)
         or not frozen_moe_experts_applies(x, index, weights, first, down, gate, transposed)
         or not _needs_grad(x, weights, first_bias, down_bias)
-        or has_foreign_hooks(module, *([act] if isinstance(act, nn.Module) else []))
     ):
         return native()
     return frozen_moe_experts(x, index, weights, first, first_bias, down, down_bias, gate, transposed)

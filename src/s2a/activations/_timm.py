@@ -31,7 +31,7 @@ from torch import nn
 
 from .functional import _needs_grad
 from .gated_mlp import frozen_gated_mlp, frozen_gated_mlp_applies
-from .mlp import frozen_mlp, frozen_mlp_applies, fusable_kind, has_foreign_hooks
+from .mlp import frozen_mlp, frozen_mlp_applies, fusable_kind, fused_forward, has_foreign_hooks
 
 # Names each timm forward reads (co_names of timm 1.0.x). Any other: not ours to rewrite.
 _MLP_NAMES = frozenset({"act", "drop1", "drop2", "fc1", "fc2", "norm"})
@@ -102,17 +102,21 @@ def _mlp_forward(module, path, state, act_kind, skipped):
     return f"frozen_mlp:{kind}", partial(_fused_mlp_forward, module, state, kind, bits)
 
 
+def _mlp_runs_own(module: nn.Module, state: Any, *_: object) -> bool:
+    fcs = (module.fc1, module.fc2)
+    return (state.disabled
+            or any(type(fc) is not nn.Linear or fc.weight.requires_grad for fc in fcs)  # wrapped or trained since
+            or (module.drop1.training and module.drop1.p > 0)
+            or has_foreign_hooks(*fcs, module.act, module.drop1, module.norm))
+
+
+@fused_forward(_mlp_runs_own)
 def _fused_mlp_forward(module: nn.Module, state: Any, kind: str, bits: int, x: torch.Tensor) -> torch.Tensor:
-    fc1, fc2 = module.fc1, module.fc2
-    if state.disabled or type(fc1) is not nn.Linear or type(fc2) is not nn.Linear:  # wrapped since (peft)
+    if _mlp_runs_own(module, state):
         return type(module).forward(module, x)
+    fc1, fc2 = module.fc1, module.fc2
     b1, b2 = fc1.bias, fc2.bias
-    if (
-        (module.drop1.training and module.drop1.p > 0)
-        or not frozen_mlp_applies(x, fc1.weight, fc2.weight, kind)
-        or not _needs_grad(x, b1, b2)
-        or has_foreign_hooks(fc1, module.act, module.drop1, module.norm, fc2)
-    ):
+    if not frozen_mlp_applies(x, fc1.weight, fc2.weight, kind) or not _needs_grad(x, b1, b2):
         return type(module).forward(module, x)
     return module.drop2(frozen_mlp(x, fc1.weight, b1, fc2.weight, b2, kind, bits))
 
@@ -136,18 +140,21 @@ def _gate_and_up(module: nn.Module) -> tuple[torch.Tensor, ...]:
     return (w2, b2, w1, b1) if module.gate_last else (w1, b1, w2, b2)
 
 
-def _fused_gated_forward(module: nn.Module, state: Any, kind: str, x: torch.Tensor) -> torch.Tensor:
+def _gated_runs_own(module: nn.Module, state: Any, *_: object) -> bool:
     fcs = [m for n, m in module.named_children() if n.startswith("fc")]
-    if state.disabled or any(type(fc) is not nn.Linear for fc in fcs):  # wrapped since (peft)
+    return (state.disabled
+            or any(type(fc) is not nn.Linear or fc.weight.requires_grad for fc in fcs)  # wrapped or trained since
+            or (module.drop1.training and module.drop1.p > 0)
+            or has_foreign_hooks(*fcs, module.act, module.drop1, module.norm))
+
+
+@fused_forward(_gated_runs_own)
+def _fused_gated_forward(module: nn.Module, state: Any, kind: str, x: torch.Tensor) -> torch.Tensor:
+    if _gated_runs_own(module, state):
         return type(module).forward(module, x)
     fc2 = module.fc2
     wg, bg, wu, bu = _gate_and_up(module)
-    if (
-        (module.drop1.training and module.drop1.p > 0)
-        or not frozen_gated_mlp_applies(x, wg, wu, fc2.weight, kind)
-        or not _needs_grad(x, bg, bu, fc2.bias)
-        or has_foreign_hooks(*fcs, module.act, module.drop1, module.norm)
-    ):
+    if not frozen_gated_mlp_applies(x, wg, wu, fc2.weight, kind) or not _needs_grad(x, bg, bu, fc2.bias):
         return type(module).forward(module, x)
     return module.drop2(frozen_gated_mlp(x, wg, bg, wu, bu, fc2.weight, fc2.bias, kind))
 

@@ -37,7 +37,7 @@ from ._hf import LLAMA_SPELLING, RMSNormSpelling, lean_hf_forward, rms_norm_spel
 from ._timm import lean_timm_forward
 from .codebooks import SMOOTH_FUNCTIONS
 from .grn import global_response_norm
-from .mlp import has_foreign_hooks, observer_hook
+from .mlp import observer_hook, runs_own_forward
 from .packing import check_bits
 from .products import activation_matmul, activation_matmul_applies
 from .rowquant import ROW_BITS
@@ -1059,21 +1059,6 @@ def restore(model: nn.Module) -> nn.Module:
     return model
 
 
-def _runs_fused(block: nn.Module, kind: str) -> bool:
-    """Whether a fused block still bypasses its own forward, as far as can be told before it
-    runs (the input's dtype and whether anything needs a gradient decide the rest)."""
-    weights = (p for n, p in block.named_parameters() if not n.endswith("bias"))
-    # the modules the fused forward skips (an MLP's own hooks and drop2 still run)
-    skipped = [m for n, m in block.named_modules() if n != "drop2" and (n or kind.startswith("moe_experts"))]
-    return not (any(p.requires_grad for p in weights)  # trained since (full fine-tuning, LoRA)
-                or any(hasattr(m, "base_layer") for m in skipped)  # wrapped by peft
-                # a Linear subclass or parametrized one (bitsandbytes, torchao): not plain matmuls
-                or any(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in skipped)
-                or getattr(block, "_is_expert_parallel", False)  # transformers' own sentinel routing
-                or any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in skipped)
-                or has_foreign_hooks(*skipped))
-
-
 def compression_summary(model: nn.Module) -> dict[str, str]:
     """Module path -> ``"kind@storage"`` for every patched module of a compressed model.
 
@@ -1096,7 +1081,7 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
         op = kind.split(":")[-1]
         if kind == "attention":
             return spec.attention_storage()[1]
-        if kind.startswith(("gated_mlp", "moe_experts", "frozen_mlp")) and not _runs_fused(module, kind):
+        if kind.startswith(("gated_mlp", "moe_experts", "frozen_mlp")) and runs_own_forward(module):
             return "unfused"
         if kind.startswith(("gated_mlp", "moe_experts")):
             return "input"

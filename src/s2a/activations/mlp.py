@@ -36,8 +36,8 @@ from .codebooks import SMOOTH_FUNCTIONS, get_codebook
 # activation's each). Larger chunks gain nothing measurable on CPU matmuls of this size.
 CHUNK_ELEMS = 1 << 23
 
-__all__ = ["CHUNK_ELEMS", "frozen_mlp", "frozen_mlp_applies", "fusable_kind", "has_foreign_hooks",
-           "input_copy", "observer_hook"]
+__all__ = ["CHUNK_ELEMS", "frozen_mlp", "frozen_mlp_applies", "fusable_kind", "fused_forward",
+           "has_foreign_hooks", "input_copy", "observer_hook", "runs_own_forward"]
 
 _OBSERVER = "_s2a_observer"
 _Hook = TypeVar("_Hook", bound=Callable[..., object])
@@ -60,6 +60,30 @@ def has_foreign_hooks(*modules: torch.nn.Module) -> bool:
     for m in modules:
         dicts += [m._forward_pre_hooks, m._forward_hooks, m._backward_hooks, m._backward_pre_hooks]
     return any(not getattr(h, _OBSERVER, False) for d in dicts for h in d.values())
+
+
+# a fused forward (the function a block's forward partial calls) -> the test, given the same
+# leading arguments, of whether it will run the block's own forward whatever the input
+_OWN_FORWARD_WHEN: dict[Callable, Callable[..., bool]] = {}
+
+
+def fused_forward(runs_own: Callable[..., bool]) -> Callable[[_Hook], _Hook]:
+    """Register a fused block forward with ``runs_own(module, state, ...)``: true when the
+    block, as it is now, runs its own forward instead (weights trained or wrapped since, an
+    active dropout inside, a hook watching a part it skips). The forward checks it on each
+    call; :func:`compression_summary` asks it too, so the two cannot disagree."""
+    def register(fn: _Hook) -> _Hook:
+        _OWN_FORWARD_WHEN[fn] = runs_own
+        return fn
+    return register
+
+
+def runs_own_forward(module: nn.Module) -> bool:
+    """Whether ``module`` runs its own forward rather than a fused one, as far as can be told
+    before it runs (the input's dtype and whether anything needs a gradient decide the rest)."""
+    fwd = vars(module).get("forward")
+    runs_own = _OWN_FORWARD_WHEN.get(getattr(fwd, "func", None))
+    return runs_own is None or runs_own(*fwd.args, **fwd.keywords)
 
 
 def fusable_kind(
