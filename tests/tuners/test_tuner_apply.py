@@ -3,8 +3,10 @@ backbone after an optimizer step, save / load round trip, mismatched backbones."
 
 import copy
 import importlib.util
+import json
 
 import pytest
+import timm
 import torch
 from tuner_zoo import (
     FAMILIES,
@@ -19,6 +21,7 @@ from tuner_zoo import (
 
 import s2a
 from s2a.models import describe_backbone
+from s2a.models.registry import UnsupportedModelError
 
 pytestmark = pytest.mark.usefixtures(eager_kernels.__name__, one_thread.__name__)
 
@@ -459,3 +462,115 @@ def test_swinv2_prompts_and_side_see_nhwc_stages():
     assert out.shape == ref.shape == (2, 3)
     out.pow(2).mean().backward()
     assert all(p.A.grad is not None for p in prompts)
+
+
+def test_weights_checked_are_those_of_the_model_when_saved_and_loaded(tmp_path):
+    """The tuned tensors belong to the backbone's weights when they are saved (loaded after
+    apply, or materialised from the meta device), not to those apply first saw."""
+    x = torch.randn(2, 3, 32, 32)
+
+    def vit(seed, device="cpu"):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=5)
+
+    pretrained = {k: v for k, v in vit(0).state_dict().items() if not k.startswith("head")}
+    model = vit(7)  # applied on a random initialisation, given the pretrained weights after
+    s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=x)
+    model.load_state_dict(pretrained, strict=False)
+    s2a.save_tuned(model, tmp_path / "late")
+    s2a.load_tuned(vit(0), tmp_path / "late")
+    with pytest.raises(ValueError, match="backbone mismatch"):
+        s2a.load_tuned(vit(7), tmp_path / "late")
+    # onto an applied model whose backbone was swapped since: its weights now are compared
+    swapped = vit(0)
+    s2a.apply(swapped, s2a.S2AConfig(act_bits=None), example_input=x)
+    swapped.load_state_dict({k: v for k, v in vit(1).state_dict().items() if k in pretrained}, strict=False)
+    with pytest.raises(ValueError, match="backbone mismatch"):
+        s2a.load_tuned(swapped, tmp_path / "late")
+
+    # applied on the meta device: what apply added has no values until load_tuned fills it
+    meta = vit(0, "meta")
+    s2a.apply(meta, s2a.S2AConfig(act_bits=None), example_input=x.to("meta"))
+    assert s2a.trainable_parameters(meta).trainable == s2a.trainable_parameters(model).trainable
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(pretrained, strict=False)
+    with pytest.raises(RuntimeError, match=r"meta device.*s2a\.load_tuned"):
+        meta(x)
+    s2a.load_tuned(meta, tmp_path / "late")
+    model.eval(), meta.eval()
+    torch.testing.assert_close(meta(x), model(x))
+    s2a.save_tuned(meta, tmp_path / "meta")  # with the signatures of the weights it holds now
+    with pytest.raises(ValueError, match="backbone mismatch"):
+        s2a.load_tuned(vit(1), tmp_path / "meta")
+
+
+def test_compiled_model_saves_loads_and_counts(tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+
+    def vit():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=5)
+
+    model = vit()
+    compiled = torch.compile(model)
+    assert s2a.apply(compiled, s2a.S2AConfig(act_bits=None), example_input=x) is compiled
+    assert s2a.trainable_parameters(compiled).by_kind == s2a.trainable_parameters(model).by_kind
+    assert set(s2a.trainable_parameters(compiled).by_kind) == {"bias", "prompt", "head"}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    s2a.save_tuned(compiled, tmp_path)
+    assert set(json.loads((tmp_path / "s2a_config.json").read_text())["backbone"]["weights"]) <= set(
+        model.state_dict())
+    fresh = torch.compile(vit())
+    assert s2a.load_tuned(fresh, tmp_path) is fresh
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(fresh._orig_mod(x), model(x))
+
+
+def test_norm_module_trains_norms_of_their_own_classes():
+    import transformers
+
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64,
+                                                           num_layers=2, num_heads=2))
+    ids = {"input_ids": torch.randint(1, 100, (2, 8))}
+    s2a.apply(t5, s2a.S2AConfig(modules=("norm",), act_bits=None), example_input=ids)
+    norms = [m for m in t5.modules() if type(m).__name__ == "T5LayerNorm"]
+    assert len(norms) == 5 and all(m.weight.requires_grad for m in norms)
+    assert s2a.trainable_parameters(t5).by_kind == {"norm": 5 * 32}
+
+    class NoNorms(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+                                              for _ in range(2))
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = x + block(x)
+            return self.head(x.mean(1))
+
+    with pytest.raises(ValueError, match=r"no normalisation layer.*leave 'norm' out"):
+        s2a.apply(NoNorms(), s2a.S2AConfig(modules=("bias", "norm"), act_bits=None), example_input=torch.randn(2, 5, 8))
+
+
+def test_sequence_first_transformer_layers_refused():
+    class SequenceFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 16)
+            self.layers = torch.nn.ModuleList(torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=False)
+                                              for _ in range(2))
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, ids):
+            h = self.emb(ids).transpose(0, 1)  # (N, B, D)
+            for layer in self.layers:
+                h = layer(h)
+            return self.head(h.mean(0))
+
+    with pytest.raises(UnsupportedModelError, match=r"batch_first=False.*\(N, B, D\).*batch_first=True"):
+        s2a.apply(SequenceFirst(), s2a.S2AConfig(act_bits=None), example_input=(torch.randint(0, 50, (2, 7)),))

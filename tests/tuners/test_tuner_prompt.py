@@ -470,17 +470,27 @@ def test_generic_text_tokens_keep_any_shorter_length():
         model(torch.randint(0, 50, (2, 9)))
 
 
-def test_generic_decoder_prompt_follows_the_kv_cache():
-    # GPT-2 falls to the generic adapter; its blocks are handed position_ids, which the prompt
-    # must use: tokens decoded with a KV cache took the first prompt rows instead of theirs
+_DECODERS = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=32, n_layer=2, n_head=2, n_positions=64), "position_ids"),
+    "bloom": ("BloomForCausalLM", "BloomConfig", dict(hidden_size=32, n_layer=2, n_head=2), None),
+    "gpt_neo": ("GPTNeoForCausalLM", "GPTNeoConfig", dict(hidden_size=32, num_layers=2, num_heads=2,
+                                                          attention_types=[[["global"], 2]],
+                                                          max_position_embeddings=64), None),
+}
+
+
+@pytest.mark.parametrize("family", list(_DECODERS))
+def test_generic_decoder_prompt_follows_the_kv_cache(family):
+    # Tokens decoded with a KV cache took the first prompt rows instead of theirs: GPT-2's blocks
+    # are handed position_ids; Bloom's and GPT-Neo's none, their offset is the cache's length
     import transformers
 
+    cls, config, kw, kwarg = _DECODERS[family]
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2,
-                                                                 n_head=2, n_positions=64))
+    model = getattr(transformers, cls)(getattr(transformers, config)(vocab_size=100, **kw))
     ids = torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(3))
     s2a.apply(model, s2a.S2AConfig(modules=("bias", "prompt")), example_input={"input_ids": ids})
-    assert model._s2a_tuner.info.position_ids_kwarg == "position_ids"
+    assert model._s2a_tuner.info.position_ids_kwarg == kwarg
     with torch.no_grad():
         for p in model._s2a_tuner.prompts.values():
             p.A.normal_()
@@ -488,5 +498,35 @@ def test_generic_decoder_prompt_follows_the_kv_cache():
     with torch.no_grad():
         full = model(input_ids=ids).logits
         first = model(input_ids=ids[:, :8], use_cache=True)
-        rest = model(input_ids=ids[:, 8:], past_key_values=first.past_key_values, use_cache=True).logits
-    torch.testing.assert_close(rest, full[:, 8:], rtol=1e-4, atol=1e-5)
+        key = "cache" if "cache" in first else "past_key_values"
+        rest = model(input_ids=ids[:, 8:], **{key: first[key]}, use_cache=True).logits
+        torch.testing.assert_close(rest, full[:, 8:], rtol=1e-4, atol=1e-5)
+        # one token at a time after that, as generate() does
+        cache = model(input_ids=ids[:, :10], use_cache=True)[key]
+        for t in (10, 11):
+            out = model(input_ids=ids[:, t:t + 1], **{key: cache}, use_cache=True)
+            cache = out[key]
+            torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
+
+
+def test_decoder_prompt_rows_ignore_left_padding():
+    # A left-padded sentence takes the prompt rows of its own tokens' positions, counted along
+    # the attention mask (as generate counts them), so padding changes its logits no more than
+    # it changes the model's
+    model, _ = build("llama_cls")
+    s2a.apply(model, s2a.S2AConfig(act_bits=None))
+    with torch.no_grad():
+        for p in model._s2a_tuner.prompts.values():
+            p.A.normal_()
+    model.eval()
+    ids = torch.randint(1, 100, (1, 6))
+    padded = torch.cat([torch.zeros(1, 4, dtype=ids.dtype), ids], 1)
+    mask = torch.cat([torch.zeros(1, 4), torch.ones(1, 6)], 1).long()
+    with torch.no_grad():
+        alone = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        batch = model(input_ids=torch.cat([padded, torch.randint(1, 100, (1, 10))]),
+                      attention_mask=torch.cat([mask, torch.ones(1, 10, dtype=torch.long)])).logits
+        torch.testing.assert_close(batch[:1], alone, rtol=1e-4, atol=1e-5)
+        # explicit position_ids win
+        shifted = model(input_ids=ids, position_ids=torch.arange(3, 9)[None]).logits
+        assert not torch.allclose(shifted, alone, atol=1e-3)

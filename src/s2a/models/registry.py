@@ -467,6 +467,12 @@ def _infer_layouts(specs: list[BlockSpec], modules: list[nn.Module], shapes: dic
         if spec.layout:
             layouts.append(spec.layout)
         elif len(in_shape) == 3:
+            if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not (
+                    module.self_attn.batch_first):
+                raise UnsupportedModelError(
+                    f"block {spec.name} ({type(module).__name__} with batch_first=False) takes sequence-first "
+                    f"(N, B, D) tokens; s2a's prompt and side branch read (B, N, D). Build the layers with "
+                    "batch_first=True (the weights are the same) and feed them (B, N, D)")
             layouts.append("tokens")
         elif len(in_shape) != 4:
             raise UnsupportedModelError(

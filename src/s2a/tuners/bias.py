@@ -200,8 +200,17 @@ def add_bias(model: nn.Module, add_missing: bool = True, exclude: tuple[str, ...
     return names, handles
 
 
+def _is_named_norm(module: nn.Module) -> bool:
+    """A normalisation layer of a class of its own (T5LayerNorm, MobileBERT's NoNorm, the RMSNorm
+    spellings): a leaf whose class name ends in "Norm", with a 1-D ``weight`` parameter."""
+    weight = module._parameters.get("weight")
+    return (type(module).__name__.lower().endswith("norm") and isinstance(weight, nn.Parameter)
+            and weight.dim() == 1 and not module._modules)
+
+
 def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (_NormBase, nn.LayerNorm, nn.GroupNorm)) or _is_rms_norm(module)
+    return (isinstance(module, (_NormBase, nn.LayerNorm, nn.GroupNorm)) or _is_rms_norm(module)
+            or _is_named_norm(module))
 
 
 def train_norm_weights(model: nn.Module) -> list[str]:
@@ -211,10 +220,17 @@ def train_norm_weights(model: nn.Module) -> list[str]:
     LayerNorm / RMSNorm whose input needs a gradient stores for its own backward anyway, so
     there it costs no activation memory. Returns the names of the weights made trainable;
     norms without an affine weight are skipped."""
-    names = []
+    weights = norm_weights(model)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    return list(weights)
+
+
+def norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Name -> scale (``weight``) of every normalisation layer of ``model`` that has one."""
+    weights = {}
     for path, module in model.named_modules():
         weight = module._parameters.get("weight") if _is_norm(module) else None
         if isinstance(weight, nn.Parameter):
-            weight.requires_grad_(True)
-            names.append(f"{path}.weight" if path else "weight")
-    return names
+            weights[f"{path}.weight" if path else "weight"] = weight
+    return weights

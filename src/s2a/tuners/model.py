@@ -32,7 +32,7 @@ from s2a.activations import compress_activations
 from s2a.models import BackboneInfo, describe_backbone, refresh_head
 from s2a.models.registry import dry_run_input, eval_forward
 
-from .bias import add_bias, train_norm_weights
+from .bias import add_bias, norm_weights, train_norm_weights
 from .config import S2AConfig
 from .prompt import LowRankPrompt, add_prompts, check_prompts, prompt_path
 from .side import attach_side, check_side
@@ -54,6 +54,8 @@ class TunerState:
     hooks: list = field(default_factory=list)
     example_input: dict[str, Any] | None = None
     merged: bool = False
+    # applied on the meta device: the tensors apply added have no values until load_tuned
+    meta_guard: Any = None
 
 
 def _refuse_failed(model: nn.Module) -> None:
@@ -63,7 +65,26 @@ def _refuse_failed(model: nn.Module) -> None:
                            "prepared; build a fresh model")
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The model a ``torch.compile`` wrapper runs: the wrapper's parameter and state-dict names
+    carry an ``_orig_mod.`` prefix that the names s2a recorded do not."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
+        model = model._modules["_orig_mod"]
+    return model
+
+
+def current_fingerprint(model: nn.Module, state: TunerState) -> dict[str, Any]:
+    """``state.fingerprint`` (taken when :func:`apply` ran) with the weight signatures of the
+    backbone as it is now: weights loaded, or first materialised from the meta device, after
+    ``apply`` are the ones the tuned tensors are trained on."""
+    names = set(state.fingerprint.get("shapes", ()))
+    weights = {n: weight_signature(p) for n, p in unwrap_compiled(model).named_parameters()
+               if n in names and not p.is_meta}
+    return {**state.fingerprint, "weights": weights}
+
+
 def get_state(model: nn.Module, what: str = "this") -> TunerState:
+    model = unwrap_compiled(model)
     _refuse_failed(model)
     state = getattr(model, STATE_ATTR, None)
     if state is None:
@@ -72,7 +93,7 @@ def get_state(model: nn.Module, what: str = "this") -> TunerState:
 
 
 def is_applied(model: nn.Module) -> bool:
-    return getattr(model, STATE_ATTR, None) is not None
+    return getattr(unwrap_compiled(model), STATE_ATTR, None) is not None
 
 
 # ---------------------------------------------------------------------------- fingerprint
@@ -203,6 +224,15 @@ def _keep_running_stats(module: nn.Module, args) -> None:
     module.training = False
 
 
+def _refuse_unfilled(model: nn.Module, _args: Any) -> None:
+    if not any(p.is_meta for p in model.parameters()):
+        raise RuntimeError(
+            "s2a.apply ran on this model on the meta device, so the tensors it added (zero biases, "
+            "prompts, side branch, new head) were given no values: to_empty() left them uninitialised. "
+            "Fill them with s2a.load_tuned(model, directory), or call s2a.apply on a model whose "
+            "weights are loaded")
+
+
 def keep_norm_stats(model: nn.Module) -> list:
     """Run every BatchNorm layer of ``model`` on its running statistics, in training too (a
     frozen backbone's BatchNorm would otherwise normalise with each batch's statistics and
@@ -226,6 +256,7 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"s2a.apply expects an nn.Module, got {type(model).__name__}")
+    wrapper, model = model, unwrap_compiled(model)
     if config is None:
         config = S2AConfig()
     elif isinstance(config, Mapping):
@@ -250,13 +281,17 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
         check_side(info, config, model)
     if "prompt" in config.modules:
         check_prompts(model, info)
+    if "norm" in config.modules and not norm_weights(model):
+        raise ValueError(f"modules includes 'norm', but {type(model).__name__} has no normalisation layer "
+                         "with a scale (weight) to train; leave 'norm' out")
     fingerprint = backbone_fingerprint(model, exclude=replaced)
     original_keys = set(model.state_dict().keys())
     if new_head:  # refuses a model without a head (or a language model) before changing it
         info.adapter.replace_head(model, config.num_classes)
         refresh_head(info, model)
     try:
-        return _prepare(model, config, info, example_input, fingerprint, replaced, original_keys)
+        _prepare(model, config, info, example_input, fingerprint, replaced, original_keys)
+        return wrapper
     except BaseException as exc:
         model.__dict__[FAILED_ATTR] = f"{type(exc).__name__}: {exc}"
         raise
@@ -304,6 +339,8 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
     state = TunerState(config=config, info=info, fingerprint=fingerprint,
                        backbone_parameters=fingerprint["num_parameters"], kinds=kinds, prompts=prompts,
                        hooks=hooks, example_input=describe_input(example_input))
+    if any(p.is_meta for p in model.parameters()):
+        state.meta_guard = model.register_forward_pre_hook(_refuse_unfilled)
     setattr(model, STATE_ATTR, state)
     model.s2a_config = config
 

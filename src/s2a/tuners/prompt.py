@@ -11,8 +11,9 @@ batch). Autograd keeps only A and B (parameters) for the matmul and nothing for 
 add: the block input is never stored for the prompt.
 
 Text: ``A`` covers the model's maximum sequence length and is sliced to the actual
-length; blocks that receive ``position_ids`` (decoders with a KV cache) gather the
-rows of their positions. Images (feature maps, and the tokens of ViTs or of any model the
+length; a token whose position is not its index gathers the row of its position: the
+model's ``position_ids``, else counted along a left-padded ``attention_mask`` or after a
+KV cache (:func:`token_positions`), else the ``position_ids`` its block receives. Images (feature maps, and the tokens of ViTs or of any model the
 generic fallback describes from an image input, see ``BackboneInfo.fixed_tokens``): the grid
 is the one of the dry run (``example_input``), other sizes raise an error.
 
@@ -28,6 +29,7 @@ block's path from it (``s2a_prompts.blocks.0.A``; see :func:`prompt_path`).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +59,9 @@ class LowRankPrompt(nn.Module):
         # another length (another image size) would put the rows on the wrong patches.
         self.fixed_length = bool(fixed_length)
         self.merged = False
+        # text: the rows of the tokens of the model's current call, shared by the prompts of
+        # every block and set by the model's own pre-hook (see text_positions_hooks)
+        self.call_positions: dict[str, torch.Tensor | None] = {}
         positions = math.prod(self.grid)
         std = rank ** -0.5 if init_std is None else init_std
         self.A = nn.Parameter(torch.zeros(positions, rank, device=device, dtype=dtype))
@@ -120,8 +125,10 @@ class LowRankPrompt(nn.Module):
         if found is None:
             return None
         where, x = found
-        pos = kwargs.get(self.position_ids_kwarg) if self.position_ids_kwarg else None
-        y = self(x, pos if isinstance(pos, torch.Tensor) else None)
+        pos = self.call_positions.get("rows")
+        if pos is None and self.position_ids_kwarg:
+            pos = kwargs.get(self.position_ids_kwarg)
+        y = self(x, pos if isinstance(pos, torch.Tensor) and pos.shape[-1] == x.shape[1] else None)
         if where == 0:
             return (y, *args[1:]), kwargs
         kwargs = dict(kwargs)
@@ -217,4 +224,66 @@ def add_prompts(model: nn.Module, info: BackboneInfo, rank: int) -> tuple[dict[s
         _register(model, block.name, prompt)
         handles.append(module.register_forward_pre_hook(prompt.pre_hook, with_kwargs=True))
         prompts[block.name] = prompt
+    text = [p for p in prompts.values() if p.layout == "tokens" and not p.fixed_length]
+    # an encoder-decoder's call carries two sequences: its blocks' own position_ids, if any
+    if text and not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        handles += text_positions_hooks(model, text)
     return prompts, handles
+
+
+def _past_length(cache: Any) -> int:
+    """Tokens a transformers KV cache (a ``Cache``, or the legacy tuple of (key, value) per
+    layer) holds before this call."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+        key = cache[0][0]
+        return int(key.shape[-2]) if isinstance(key, torch.Tensor) else 0
+    return 0
+
+
+def token_positions(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """Positions of the tokens of one call of a transformers text model, (B, n) or (1, n): its
+    ``position_ids`` when given; else counted along a 2-D ``attention_mask`` (as ``generate``
+    does: left padding shifts nothing) after the tokens of a KV cache; None when the call is
+    a plain full-length one (rows 0..n-1) or does not say."""
+    pos = kwargs.get("position_ids")
+    if isinstance(pos, torch.Tensor) and pos.dim() in (1, 2):
+        return pos
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        embeds = kwargs.get("inputs_embeds")
+        tokens = embeds if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 else None
+    if tokens is None:
+        return None
+    n = tokens.shape[1]
+    cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None), None)
+    past = _past_length(cache)
+    mask = kwargs.get("attention_mask")
+    if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == past + n
+            and not bool(mask[:, 0].all())):  # left padding; a full first column counts as 0..n-1
+        return (mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+    if past:
+        return torch.arange(past, past + n, device=tokens.device).unsqueeze(0)
+    return None
+
+
+def text_positions_hooks(model: nn.Module, prompts: list[LowRankPrompt]) -> list:
+    """Hooks on ``model`` that give ``prompts`` the positions of each call's tokens
+    (:func:`token_positions`), so that a token takes the prompt row of its position in its
+    sequence: after a KV cache (blocks that see no ``position_ids``: Bloom, GPT-Neo) and
+    after left padding, as in training."""
+    shared: dict[str, torch.Tensor | None] = {}
+    for p in prompts:
+        p.call_positions = shared
+
+    def before(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        shared["rows"] = token_positions(args, kwargs)
+
+    def after(*_: Any) -> None:
+        shared.pop("rows", None)
+
+    return [model.register_forward_pre_hook(before, with_kwargs=True),
+            model.register_forward_hook(after, always_call=True)]

@@ -21,10 +21,12 @@ from .model import (
     STATE_ATTR,
     apply,
     backbone_fingerprint,
+    current_fingerprint,
     fingerprint_mismatch,
     get_state,
     is_applied,
     rebuild_input,
+    unwrap_compiled,
     weights_mismatch,
 )
 
@@ -79,6 +81,7 @@ class TrainableParameters:
 def trainable_parameters(model: nn.Module) -> TrainableParameters:
     """Count trainable parameters (``requires_grad``), in total, per S2A module kind
     ("bias", "norm", "prompt", "side", "head", "other") and per top-level module."""
+    model = unwrap_compiled(model)
     state = getattr(model, STATE_ATTR, None)
     kinds = state.kinds if state is not None else {}
     total = trainable = 0
@@ -119,7 +122,7 @@ def tuned_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tuned tensors of an applied model (trainable and inserted tensors), detached
     CPU copies."""
     state = get_state(model, "tuned_state_dict")
-    sd = model.state_dict()
+    sd = unwrap_compiled(model).state_dict()
     return {k: sd[k].detach().to("cpu", copy=True).contiguous() for k in state.tuned_keys}
 
 
@@ -141,7 +144,7 @@ def save_tuned(model: nn.Module, directory: str | os.PathLike) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": state.config.to_dict(),
-        "backbone": state.fingerprint,
+        "backbone": current_fingerprint(model, state),
         "family": state.info.family,
         "example_input": state.example_input,
         "tensors": {"file": TENSORS_FILE, "sha256": hashlib.sha256(blob).hexdigest(),
@@ -195,6 +198,7 @@ def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: An
     see :func:`s2a.tuners.model.weight_signature`; another dtype passes) unless
     ``check_weights=False``.
     """
+    wrapper, model = model, unwrap_compiled(model)
     meta, tensors = read_tuned(directory)
     config = S2AConfig.from_dict(meta["config"])
     saved_fp = meta.get("backbone", {})
@@ -206,7 +210,7 @@ def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: An
         if state.config != config:
             raise ValueError(f"load_tuned: the model was prepared with {state.config}, the saved "
                              f"tensors with {config}")
-        now = state.fingerprint
+        now = current_fingerprint(model, state)
     else:
         replaced = ()
         if config.num_classes is not None:
@@ -254,7 +258,10 @@ def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: An
     with torch.no_grad():
         for k, t in tensors.items():
             sd[k].copy_(t)
-    return model
+    if state.meta_guard is not None and not any(p.is_meta for p in model.parameters()):
+        state.meta_guard.remove()  # every tensor apply added has its values now
+        state.meta_guard = None
+    return wrapper
 
 
 # ---------------------------------------------------------------------------- merge
@@ -266,6 +273,7 @@ def merge(model: nn.Module) -> nn.Module:
     ``A·B``, freezes every parameter. Biases are already ordinary parameters of their
     layers. The output is unchanged."""
     state = get_state(model, "merge")
+    wrapper, model = model, unwrap_compiled(model)
     # Keep the attention code path the model ran with under s2a (compression switches
     # timm / transformers attention to SDPA; restore would switch it back).
     fused = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
@@ -282,4 +290,4 @@ def merge(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     state.merged = True
-    return model
+    return wrapper
