@@ -524,9 +524,10 @@ def test_decoder_prompt_rows_ignore_left_padding():
     mask = torch.cat([torch.zeros(1, 4), torch.ones(1, 6)], 1).long()
     with torch.no_grad():
         alone = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        batch = model(input_ids=torch.cat([padded, torch.randint(1, 100, (1, 10))]),
+        for m in (model, copy.deepcopy(model)):  # a copy's hooks serve the copy's prompts
+            batch = m(input_ids=torch.cat([padded, torch.randint(1, 100, (1, 10))]),
                       attention_mask=torch.cat([mask, torch.ones(1, 10, dtype=torch.long)])).logits
-        torch.testing.assert_close(batch[:1], alone, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(batch[:1], alone, rtol=1e-4, atol=1e-5)
         # explicit position_ids win
         shifted = model(input_ids=ids, position_ids=torch.arange(3, 9)[None]).logits
         assert not torch.allclose(shifted, alone, atol=1e-3)

@@ -28,6 +28,7 @@ block's path from it (``s2a_prompts.blocks.0.A``; see :func:`prompt_path`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -278,12 +279,15 @@ def text_positions_hooks(model: nn.Module, prompts: list[LowRankPrompt]) -> list
     shared: dict[str, torch.Tensor | None] = {}
     for p in prompts:
         p.call_positions = shared
+    # partials, not closures: a deepcopy of the model gives its copy's hooks the copy's dict,
+    # and the model still pickles
+    return [model.register_forward_pre_hook(functools.partial(_note_positions, shared), with_kwargs=True),
+            model.register_forward_hook(functools.partial(_forget_positions, shared), always_call=True)]
 
-    def before(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        shared["rows"] = token_positions(args, kwargs)
 
-    def after(*_: Any) -> None:
-        shared.pop("rows", None)
+def _note_positions(shared: dict, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+    shared["rows"] = token_positions(args, kwargs)
 
-    return [model.register_forward_pre_hook(before, with_kwargs=True),
-            model.register_forward_hook(after, always_call=True)]
+
+def _forget_positions(shared: dict, *_: Any) -> None:
+    shared.pop("rows", None)
