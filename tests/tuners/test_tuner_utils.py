@@ -191,3 +191,33 @@ def test_pretrained_minilm_on_real_sentences(tmp_path):
     s2a.load_tuned(fresh, tmp_path)
     with torch.no_grad():
         assert torch.equal(fresh(**batch).logits, model(**batch).logits)
+
+
+def test_parameters_unfrozen_after_apply_are_saved_and_trainable_again(tmp_path):
+    base, model, batch = applied("vit")
+    layer = "blocks.1.mlp.fc2.weight"
+    dict(model.named_parameters())[layer].requires_grad_(True)  # "also train this layer"
+    with torch.no_grad():
+        dict(model.named_parameters())[layer].add_(0.1)
+    s2a.save_tuned(model, tmp_path)
+    assert json.loads((tmp_path / "s2a_config.json").read_text())["tensors"]["trained_since_apply"] == [layer]
+    fresh = copy.deepcopy(base)
+    s2a.load_tuned(fresh, tmp_path, example_input=example_of(batch))
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(output(call(fresh, batch)), output(call(model, batch)), rtol=0, atol=0)
+    assert dict(fresh.named_parameters())[layer].requires_grad
+    assert s2a.trainable_parameters(fresh).trainable == s2a.trainable_parameters(model).trainable
+    s2a.save_tuned(fresh, tmp_path / "again")  # still saved
+    assert json.loads((tmp_path / "again" / "s2a_config.json").read_text())["tensors"]["trained_since_apply"] == []
+    assert layer in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        tmp_path / "again" / "tuned.safetensors")
+
+
+def test_apply_refuses_a_peft_wrapped_model():
+    import peft
+
+    base, _ = build("bert_cls")
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"HF peft has wrapped.*s2a\.compress_activations\(peft_model\)"):
+        s2a.apply(wrapped, s2a.S2AConfig(), example_input={"input_ids": torch.randint(1, 100, (2, 8))})
+    assert any(p.requires_grad for n, p in wrapped.named_parameters() if "lora_" in n)  # left as it was

@@ -268,6 +268,14 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
     _refuse_failed(model)
     if is_applied(model):
         raise RuntimeError("model is already prepared by s2a.apply; build a fresh model to change the config")
+    wrapped = next((n or type(m).__name__ for n, m in model.named_modules()
+                    if type(m).__module__.split(".")[0] == "peft"), None)
+    if wrapped is not None:
+        raise ValueError(
+            f"s2a.apply got a model that HF peft has wrapped ({wrapped}): apply freezes every weight, "
+            "peft's LoRA weights and head copies included, and would add biases inside its layers. "
+            "Call s2a.apply on the base model instead; or, to train LoRA with 4-bit activations, call "
+            "s2a.compress_activations(peft_model) (what `s2a train --method s2a-lora` does)")
     if config.act_bits is not None and getattr(model, "_s2a_compression", None) is not None:
         raise RuntimeError("model is already compressed; call s2a.restore(model) first "
                            "(s2a.apply compresses with config.act_bits)")

@@ -118,12 +118,19 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _trained_since_apply(model: nn.Module, state: Any) -> list[str]:
+    """Parameters made trainable after :func:`s2a.apply` (a block unfrozen by hand): saved too."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and n not in set(state.tuned_keys)]
+
+
 def tuned_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tuned tensors of an applied model (trainable and inserted tensors), detached
-    CPU copies."""
+    """The tuned tensors of an applied model (the tensors apply made trainable or inserted, and
+    any parameter made trainable since), detached CPU copies."""
     state = get_state(model, "tuned_state_dict")
-    sd = unwrap_compiled(model).state_dict()
-    return {k: sd[k].detach().to("cpu", copy=True).contiguous() for k in state.tuned_keys}
+    model = unwrap_compiled(model)
+    sd = model.state_dict()
+    keys = [*state.tuned_keys, *_trained_since_apply(model, state)]
+    return {k: sd[k].detach().to("cpu", copy=True).contiguous() for k in keys}
 
 
 def save_tuned(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -149,7 +156,8 @@ def save_tuned(model: nn.Module, directory: str | os.PathLike) -> Path:
         "example_input": state.example_input,
         "tensors": {"file": TENSORS_FILE, "sha256": hashlib.sha256(blob).hexdigest(),
                     "bytes": len(blob), "count": len(tensors),
-                    "numel": sum(t.numel() for t in tensors.values())},
+                    "numel": sum(t.numel() for t in tensors.values()),
+                    "trained_since_apply": _trained_since_apply(unwrap_compiled(model), state)},
     }
     _atomic_write(directory / TENSORS_FILE, blob)
     _atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
@@ -243,7 +251,13 @@ def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: An
                 "batch like the one given to s2a.apply"
             ) from exc
         state = get_state(model)
-    expected = set(state.tuned_keys)
+    since = [k for k in meta.get("tensors", {}).get("trained_since_apply", []) if k not in state.tuned_keys]
+    params = dict(model.named_parameters())
+    absent = [k for k in since if k not in params]
+    if absent:
+        raise ValueError(f"load_tuned: the saved tensors include parameters trained after s2a.apply that "
+                         f"this model does not have: {absent[:5]}")
+    expected = {*state.tuned_keys, *since}
     missing = sorted(expected - set(tensors))
     unexpected = sorted(set(tensors) - expected)
     if missing or unexpected:
@@ -258,6 +272,10 @@ def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: An
     with torch.no_grad():
         for k, t in tensors.items():
             sd[k].copy_(t)
+    for k in since:  # trainable again, and saved again by save_tuned
+        params[k].requires_grad_(True)
+        state.tuned_keys.append(k)
+        state.kinds[k] = "other"
     if state.meta_guard is not None and not any(p.is_meta for p in model.parameters()):
         state.meta_guard.remove()  # every tensor apply added has its values now
         state.meta_guard = None
