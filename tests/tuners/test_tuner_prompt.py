@@ -531,3 +531,38 @@ def test_decoder_prompt_rows_ignore_left_padding():
         # explicit position_ids win
         shifted = model(input_ids=ids, position_ids=torch.arange(3, 9)[None]).logits
         assert not torch.allclose(shifted, alone, atol=1e-3)
+
+
+def test_left_padded_rows_survive_a_checkpoint_around_the_block_call():
+    # A checkpoint around a block's __call__ runs the prompt's hook again in backward, after the
+    # model's call ended: the recomputed block must take the same rows as the first forward
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    model, _ = build("llama_cls")
+    s2a.apply(model, s2a.S2AConfig(act_bits=None))
+    with torch.no_grad():
+        for p in model._s2a_tuner.prompts.values():
+            p.A.normal_()
+    ids = torch.randint(1, 100, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :4] = 0
+
+    def grads(m):
+        m.train()
+        m(input_ids=ids, attention_mask=mask, use_cache=False).logits.pow(2).sum().backward()
+        return {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+
+    class Checkpointed(nn.ModuleList):
+        def __getitem__(self, i):
+            got = super().__getitem__(i)
+            if not isinstance(i, slice):
+                return got
+            return [functools.partial(lambda layer, *a, **k: checkpoint(
+                functools.partial(layer, **k), *a, use_reentrant=False), layer) for layer in got]
+
+    plain = grads(copy.deepcopy(model))
+    model.model.layers = Checkpointed(list(model.model.layers))
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, plain[name], rtol=1e-5, atol=1e-6)

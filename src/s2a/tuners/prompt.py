@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -126,7 +127,7 @@ class LowRankPrompt(nn.Module):
         if found is None:
             return None
         where, x = found
-        pos = self.call_positions.get("rows")
+        pos = _recomputable_rows(self.call_positions.get("rows"), kwargs.get("attention_mask"))
         if pos is None and self.position_ids_kwarg:
             pos = kwargs.get(self.position_ids_kwarg)
         y = self(x, pos if isinstance(pos, torch.Tensor) and pos.shape[-1] == x.shape[1] else None)
@@ -230,6 +231,24 @@ def add_prompts(model: nn.Module, info: BackboneInfo, rank: int) -> tuple[dict[s
     if text and not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         handles += text_positions_hooks(model, text)
     return prompts, handles
+
+
+# id of a block's attention_mask -> the rows of the call that made it, while that mask lives: a
+# checkpoint around a block's __call__ runs its hooks again in backward, after the model's call
+# (and its rows) ended, with the same mask object
+_ROWS_BY_MASK: dict[int, torch.Tensor] = {}
+
+
+def _recomputable_rows(rows: torch.Tensor | None, mask: Any) -> torch.Tensor | None:
+    if not isinstance(mask, torch.Tensor):
+        return rows
+    key = id(mask)
+    if rows is None:
+        return _ROWS_BY_MASK.get(key)
+    if key not in _ROWS_BY_MASK:
+        weakref.finalize(mask, _ROWS_BY_MASK.pop, key, None)
+    _ROWS_BY_MASK[key] = rows
+    return rows
 
 
 def _past_length(cache: Any) -> int:
