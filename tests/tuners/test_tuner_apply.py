@@ -572,5 +572,10 @@ def test_sequence_first_transformer_layers_refused():
                 h = layer(h)
             return self.head(h.mean(0))
 
-    with pytest.raises(UnsupportedModelError, match=r"batch_first=False.*\(N, B, D\).*batch_first=True"):
-        s2a.apply(SequenceFirst(), s2a.S2AConfig(act_bits=None), example_input=(torch.randint(0, 50, (2, 7)),))
+    ids = (torch.randint(0, 50, (2, 7)),)
+    for modules in (("bias", "prompt"), ("side",)):
+        with pytest.raises(UnsupportedModelError, match=r"batch_first=False.*\(N, B, D\).*batch_first=True"):
+            s2a.apply(SequenceFirst(), s2a.S2AConfig(modules=modules, num_classes=3, act_bits=None), example_input=ids)
+    model = SequenceFirst()  # biases do not care about the layout
+    s2a.apply(model, s2a.S2AConfig(modules=("bias",), act_bits=None), example_input=ids)
+    assert s2a.trainable_parameters(model).by_kind["bias"] > 0

@@ -456,6 +456,18 @@ def _layout_from_weights(block: nn.Module, shape: tuple[int, ...]) -> str | None
     return None
 
 
+def refuse_sequence_first(info: BackboneInfo, module_kind: str) -> None:
+    """Raise for a block that takes sequence-first (N, B, D) tokens, which ``module_kind`` (the
+    prompt, the side branch) would read as (B, N, D); biases do not care."""
+    for block in info.blocks:
+        m = block.module
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not m.self_attn.batch_first:
+            raise UnsupportedModelError(
+                f"block {block.name} ({type(m).__name__} with batch_first=False) takes sequence-first "
+                f"(N, B, D) tokens; the {module_kind} reads (B, N, D). Build the layers with batch_first=True "
+                "(the weights are the same) and feed them (B, N, D), or leave the module out")
+
+
 def _infer_layouts(specs: list[BlockSpec], modules: list[nn.Module], shapes: dict[int, list]) -> list[str]:
     """Each block's layout: the adapter's, "tokens" for a rank-3 input, else read from the
     block's layers. A block whose layers tell nothing takes the layout of a neighbour it is
@@ -467,12 +479,6 @@ def _infer_layouts(specs: list[BlockSpec], modules: list[nn.Module], shapes: dic
         if spec.layout:
             layouts.append(spec.layout)
         elif len(in_shape) == 3:
-            if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not (
-                    module.self_attn.batch_first):
-                raise UnsupportedModelError(
-                    f"block {spec.name} ({type(module).__name__} with batch_first=False) takes sequence-first "
-                    f"(N, B, D) tokens; s2a's prompt and side branch read (B, N, D). Build the layers with "
-                    "batch_first=True (the weights are the same) and feed them (B, N, D)")
             layouts.append("tokens")
         elif len(in_shape) != 4:
             raise UnsupportedModelError(

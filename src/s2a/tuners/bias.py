@@ -23,6 +23,7 @@ normalisation layer's affine, its scale.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -202,9 +203,10 @@ def add_bias(model: nn.Module, add_missing: bool = True, exclude: tuple[str, ...
 
 def _is_named_norm(module: nn.Module) -> bool:
     """A normalisation layer of a class of its own (T5LayerNorm, MobileBERT's NoNorm, the RMSNorm
-    spellings): a leaf whose class name ends in "Norm", with a 1-D ``weight`` parameter."""
+    spellings, timm's RmsNorm2d): a leaf whose class name ends in "Norm" (or "Norm2d"...), with a
+    1-D ``weight`` parameter."""
     weight = module._parameters.get("weight")
-    return (type(module).__name__.lower().endswith("norm") and isinstance(weight, nn.Parameter)
+    return (re.search(r"norm([123]d)?$", type(module).__name__.lower()) is not None and isinstance(weight, nn.Parameter)
             and weight.dim() == 1 and not module._modules)
 
 

@@ -11,9 +11,11 @@ batch). Autograd keeps only A and B (parameters) for the matmul and nothing for 
 add: the block input is never stored for the prompt.
 
 Text: ``A`` covers the model's maximum sequence length and is sliced to the actual
-length; a token whose position is not its index gathers the row of its position: the
-model's ``position_ids``, else counted along a left-padded ``attention_mask`` or after a
-KV cache (:func:`token_positions`), else the ``position_ids`` its block receives. Images (feature maps, and the tokens of ViTs or of any model the
+length; blocks that receive ``position_ids`` (decoders with a KV cache) gather the
+rows of their positions, and decoder blocks that receive none but a KV cache (Bloom,
+GPT-Neo) take the rows after the tokens their layer's cache holds. With left padding,
+pass the ``position_ids`` the attention mask gives (as ``generate`` does): without them
+a token's row is its index in the padded batch. Images (feature maps, and the tokens of ViTs or of any model the
 generic fallback describes from an image input, see ``BackboneInfo.fixed_tokens``): the grid
 is the one of the dry run (``example_input``), other sizes raise an error.
 
@@ -28,16 +30,13 @@ block's path from it (``s2a_prompts.blocks.0.A``; see :func:`prompt_path`).
 
 from __future__ import annotations
 
-import functools
 import math
-import weakref
-from typing import Any
 
 import torch
 from torch import nn
 
 from s2a.models import BackboneInfo
-from s2a.models.registry import hidden_from_call, runs_children
+from s2a.models.registry import hidden_from_call, refuse_sequence_first, runs_children
 
 PROMPT_ATTR = "s2a_prompt"  # a block's child
 PROMPTS_ATTR = "s2a_prompts"  # an ancestor's child that holds the prompts of container blocks
@@ -61,9 +60,9 @@ class LowRankPrompt(nn.Module):
         # another length (another image size) would put the rows on the wrong patches.
         self.fixed_length = bool(fixed_length)
         self.merged = False
-        # text: the rows of the tokens of the model's current call, shared by the prompts of
-        # every block and set by the model's own pre-hook (see text_positions_hooks)
-        self.call_positions: dict[str, torch.Tensor | None] = {}
+        # the index of the block's layer in a transformers KV cache, for a decoder block handed
+        # the cache but no position_ids (None: never read a cache)
+        self.cache_layer: int | None = None
         positions = math.prod(self.grid)
         std = rank ** -0.5 if init_std is None else init_std
         self.A = nn.Parameter(torch.zeros(positions, rank, device=device, dtype=dtype))
@@ -84,8 +83,9 @@ class LowRankPrompt(nn.Module):
             return self.prompt[rows]
         return self.A[rows] @ self.B
 
-    def delta(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The term added to ``x`` (broadcastable to it)."""
+    def delta(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """The term added to ``x`` (broadcastable to it); text tokens without ``position_ids``
+        take the rows from ``start`` on (the length of a KV cache before them)."""
         if self.layout == "tokens":
             n = x.shape[1]
             if position_ids is not None:
@@ -99,12 +99,12 @@ class LowRankPrompt(nn.Module):
                     f"sequence of {n} tokens at a block whose low-rank prompt was built for "
                     f"{self.positions} (the image size of the dry run): its rows belong to that "
                     "grid's patches; pass example_input= of the size you train with to s2a.apply")
-            if n > self.positions:
+            if start + n > self.positions:
                 raise ValueError(
-                    f"sequence of {n} tokens, but the low-rank prompt covers {self.positions} "
-                    "positions (the maximum length, or the dry run's length for vision "
-                    "models: pass example_input= of the size you train with)")
-            return self._rows(slice(0, n))
+                    f"sequence of {n} tokens{f' after {start} cached ones' if start else ''}, but the "
+                    f"low-rank prompt covers {self.positions} positions (the maximum length, or the dry "
+                    "run's length for vision models: pass example_input= of the size you train with)")
+            return self._rows(slice(start, start + n))
         grid = tuple(x.shape[2:]) if self.layout == "nchw" else tuple(x.shape[1:3])
         if grid != self.grid:
             raise ValueError(
@@ -116,8 +116,8 @@ class LowRankPrompt(nn.Module):
             return p.t().reshape(self.channels, *self.grid)
         return p.reshape(*self.grid, self.channels)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return x + self.delta(x, position_ids).to(x.dtype)
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        return x + self.delta(x, position_ids, start).to(x.dtype)
 
     def pre_hook(
         self, module: nn.Module, args: tuple, kwargs: dict
@@ -127,10 +127,10 @@ class LowRankPrompt(nn.Module):
         if found is None:
             return None
         where, x = found
-        pos = _recomputable_rows(self.call_positions.get("rows"), kwargs.get("attention_mask"))
-        if pos is None and self.position_ids_kwarg:
-            pos = kwargs.get(self.position_ids_kwarg)
-        y = self(x, pos if isinstance(pos, torch.Tensor) and pos.shape[-1] == x.shape[1] else None)
+        pos = kwargs.get(self.position_ids_kwarg) if self.position_ids_kwarg else None
+        pos = pos if isinstance(pos, torch.Tensor) else None
+        start = _cached_length(kwargs, self.cache_layer) if pos is None and self.cache_layer is not None else 0
+        y = self(x, pos, start)
         if where == 0:
             return (y, *args[1:]), kwargs
         kwargs = dict(kwargs)
@@ -182,6 +182,7 @@ def prompt_path(model: nn.Module, block_name: str) -> str:
 def check_prompts(model: nn.Module, info: BackboneInfo) -> None:
     """Raise the error :func:`add_prompts` would raise for a block without a place for its
     prompt, before anything is changed."""
+    refuse_sequence_first(info, "low-rank prompt")
     for block in info.blocks:
         _prompt_home(model, block.name)
 
@@ -223,90 +224,30 @@ def add_prompts(model: nn.Module, info: BackboneInfo, rank: int) -> tuple[dict[s
         fixed = block.layout == "tokens" and info.fixed_tokens
         prompt = LowRankPrompt(block.layout, grid, block.in_dim, rank, info.position_ids_kwarg,
                                fixed_length=fixed, **kw)
+        if block.layout == "tokens" and not fixed and info.position_ids_kwarg is None:
+            prompt.cache_layer = _cache_layer(module, len(prompts))
         _register(model, block.name, prompt)
         handles.append(module.register_forward_pre_hook(prompt.pre_hook, with_kwargs=True))
         prompts[block.name] = prompt
-    text = [p for p in prompts.values() if p.layout == "tokens" and not p.fixed_length]
-    # an encoder-decoder's call carries two sequences: its blocks' own position_ids, if any
-    if text and not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        handles += text_positions_hooks(model, text)
     return prompts, handles
 
 
-# id of a block's attention_mask -> the rows of the call that made it, while that mask lives: a
-# checkpoint around a block's __call__ runs its hooks again in backward, after the model's call
-# (and its rows) ended, with the same mask object
-_ROWS_BY_MASK: dict[int, torch.Tensor] = {}
+_CACHE_KWARGS = ("layer_past", "past_key_value", "past_key_values", "cache")
 
 
-def _recomputable_rows(rows: torch.Tensor | None, mask: Any) -> torch.Tensor | None:
-    if not isinstance(mask, torch.Tensor):
-        return rows
-    key = id(mask)
-    if rows is None:
-        return _ROWS_BY_MASK.get(key)
-    if key not in _ROWS_BY_MASK:
-        weakref.finalize(mask, _ROWS_BY_MASK.pop, key, None)
-    _ROWS_BY_MASK[key] = rows
-    return rows
+def _cache_layer(block: nn.Module, position: int) -> int:
+    """The index of ``block``'s layer in a transformers cache: its attention's ``layer_idx``,
+    else its place among the model's blocks."""
+    return next((m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)), position)
 
 
-def _past_length(cache: Any) -> int:
-    """Tokens a transformers KV cache (a ``Cache``, or the legacy tuple of (key, value) per
-    layer) holds before this call."""
+def _cached_length(kwargs: dict, layer: int) -> int:
+    """Tokens the KV cache a decoder block is handed holds for its layer before this call (a
+    transformers ``Cache``, or the legacy ``(key, value)`` of the layer); 0 without one."""
+    cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
-        key = cache[0][0]
-        return int(key.shape[-2]) if isinstance(key, torch.Tensor) else 0
-    return 0
-
-
-def token_positions(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """Positions of the tokens of one call of a transformers text model, (B, n) or (1, n): its
-    ``position_ids`` when given; else counted along a 2-D ``attention_mask`` (as ``generate``
-    does: left padding shifts nothing) after the tokens of a KV cache; None when the call is
-    a plain full-length one (rows 0..n-1) or does not say."""
-    pos = kwargs.get("position_ids")
-    if isinstance(pos, torch.Tensor) and pos.dim() in (1, 2):
-        return pos
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-        embeds = kwargs.get("inputs_embeds")
-        tokens = embeds if isinstance(embeds, torch.Tensor) and embeds.dim() == 3 else None
-    if tokens is None:
-        return None
-    n = tokens.shape[1]
-    cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None), None)
-    past = _past_length(cache)
-    mask = kwargs.get("attention_mask")
-    if (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == past + n
-            and not bool(mask[:, 0].all())):  # left padding; a full first column counts as 0..n-1
-        return (mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
-    if past:
-        return torch.arange(past, past + n, device=tokens.device).unsqueeze(0)
-    return None
-
-
-def text_positions_hooks(model: nn.Module, prompts: list[LowRankPrompt]) -> list:
-    """Hooks on ``model`` that give ``prompts`` the positions of each call's tokens
-    (:func:`token_positions`), so that a token takes the prompt row of its position in its
-    sequence: after a KV cache (blocks that see no ``position_ids``: Bloom, GPT-Neo) and
-    after left padding, as in training."""
-    shared: dict[str, torch.Tensor | None] = {}
-    for p in prompts:
-        p.call_positions = shared
-    # partials, not closures: a deepcopy of the model gives its copy's hooks the copy's dict,
-    # and the model still pickles
-    return [model.register_forward_pre_hook(functools.partial(_note_positions, shared), with_kwargs=True),
-            model.register_forward_hook(functools.partial(_forget_positions, shared), always_call=True)]
-
-
-def _note_positions(shared: dict, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-    shared["rows"] = token_positions(args, kwargs)
-
-
-def _forget_positions(shared: dict, *_: Any) -> None:
-    shared.pop("rows", None)
+        return int(cache.get_seq_length(layer))
+    key = cache[0] if isinstance(cache, (tuple, list)) and cache else None
+    return int(key.shape[-2]) if isinstance(key, torch.Tensor) else 0

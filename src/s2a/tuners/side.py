@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2a.models.registry import runs_children
+from s2a.models.registry import refuse_sequence_first, runs_children
 
 __all__ = [
     "LAYOUTS",
@@ -505,6 +505,7 @@ def check_side(info: BackboneInfo, config: SideConfig, model: nn.Module | None =
     config leaves the model untouched)."""
     if model is not None:
         _check_home(model)
+    refuse_sequence_first(info, "side branch")
     dims = [int(d) for d in info.dims]
     if not dims:
         raise ValueError("the side branch needs blocks, and this backbone has none that s2a found")
