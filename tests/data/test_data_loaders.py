@@ -150,6 +150,17 @@ def test_image_folder_flat_classes_and_unknown_val_class(image_tree, write_pngs,
         load_data(str(tmp_path / "empty"))
 
 
+def test_image_folder_skips_hidden_files_and_archive_metadata(image_tree):
+    root = image_tree({"all": 4}, flat=True, name="zipped")
+    for junk in ("__MACOSX/blue/._0.png", "blue/._0.png", "blue/.thumbs/0.png", ".cache/red/0.png"):
+        (root / junk).parent.mkdir(parents=True, exist_ok=True)
+        (root / junk).write_bytes(b"\x00\x05\x16\x07 not a png")  # what macOS puts in a zip
+    d = load_data(str(root))
+    assert d.classes == ["blue", "green", "red"]
+    assert len(d.train) + len(d.val) + len(d.test) == 12
+    assert not any("._" in p or "/." in p for p in (*d.train.items, *d.val.items, *d.test.items))
+
+
 def test_image_folder_layout_mistakes_are_named(image_tree, tmp_path):
     root = image_tree({"train": 3, "test": 2}, name="hollow")
     (root / "train" / "yellow").mkdir()  # would be a class no model could learn
@@ -298,7 +309,9 @@ def test_labels_to_ids_and_split_helpers():
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
-        ({"train": [0, 1, "cat"]}, "the labels mix numbers (e.g. 0) with names (e.g. 'cat')"),
+        ({"train": [0, 1, "cat"]}, "the labels mix numbers (e.g. 0) with names (e.g. 'cat'; 1 of 3"),
+        # a column of ids with a stray row: a repeated header, "n/a"
+        ({"train": [str(i % 12) for i in range(40)] + ["label"]}, "(e.g. '0') with names (e.g. 'label'; 1 of 41"),
         ({"train": [-1, 1]}, "integer labels are class ids and must be >= 0, found -1"),
         ({"train": ["0", "12345678901234567891"]}, "integer label 12345678901234567891 is implausibly large"),
         ({"train": [0.5, 1.0]}, "train row 1: label 0.5 is not a class"),

@@ -193,6 +193,31 @@ def test_diverging_loss_stops_before_saving_bad_state(run_cli, tmp_path, image_f
     assert not (run / "report.json").exists()
 
 
+def test_update_that_breaks_the_weights_at_an_epochs_end_saves_nothing(run_cli, tmp_path, image_folder):
+    # One step per epoch: its loss is finite, its update is not. Argmax over NaN logits is class
+    # 0, so without the check the run reported that class's share as its accuracy
+    run = tmp_path / "r"
+    args = [*VIT, "--data", str(image_folder), "--out", str(run), "--max-grad-norm", "0", "--warmup-ratio", "0"]
+    msg = _error(run_cli, *args, "--batch-size", "64", "--lr", "1e30")
+    assert re.search(r"the validation loss became (nan|inf) at step 1/1", msg) and "training diverged" in msg
+    assert "no checkpoint was written this run" in msg
+    assert not (run / "checkpoints" / "best.pt").exists() and not (run / "report.json").exists()
+
+
+def test_single_example_batch_at_a_batchnorm_in_training_is_named(run_cli, tmp_path, image_folder):
+    # resnet18 at 32 px ends on 1x1 maps: a last micro-batch of 1 gives BatchNorm one value per channel
+    args = ["--model", "resnet18", "--img-size", "32", "--method", "full", "--epochs", "1", "--data", str(image_folder)]
+    msg = _error(run_cli, *args, "--train-size", "9", "--batch-size", "4", "--out", str(tmp_path / "r"))
+    assert "a micro-batch of 1 example(s) reached a BatchNorm layer" in msg
+    assert "Pick a --batch-size (now 4)" in msg and "of the 9 training examples" in msg
+
+
+def test_file_system_errors_are_named(run_cli, tmp_path, image_folder):
+    (tmp_path / "afile").write_text("x")
+    msg = _error(run_cli, *VIT, "--data", str(image_folder), "--out", str(tmp_path / "afile" / "sub"))
+    assert "afile" in msg and "Not a directory" in msg and "--resume" in msg and "Traceback" not in msg
+
+
 @pytest.mark.parametrize(
     ("device", "needle"),
     [

@@ -199,13 +199,18 @@ def texts_of(values: Iterable[Any], *, where: str, split: str) -> list[str]:
     return out
 
 
+# below this share of names among integer-like labels, the names are taken for stray rows
+MIXED_NAMES_SHARE = 0.05
+
+
 def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict[str, list[int]], list[str]]:
     """Map each split's raw labels to class ids; returns ``({split: ids}, class_names)``.
 
     Integer labels (numbers, or text that is all integers: ``"3"`` and ``"3.0"`` alike) are
     the class ids themselves, classes ``0..max`` over all splits; other text labels are names,
     ids in sorted order. Refused: empty, missing (NaN) or fractional numbers, negative or huge
-    ids, and numbers mixed with names. Which classes training holds is checked by
+    ids, numbers mixed with names, and a column of ids with a few names in it (under
+    :data:`MIXED_NAMES_SHARE`: a stray "n/a" or repeated header row). Which classes training holds is checked by
     :class:`DataBundle`, on the final splits.
     """
     if not isinstance(raw, Mapping) or not raw:
@@ -220,14 +225,18 @@ def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict
                 raise DataError(f"{where}: {_row_name(split, row)}: label {v!r} {exc}") from None
     flat = [v for vs in parsed.values() for v in vs]
     texts = [v for v in flat if isinstance(v, str)]
-    if texts and all(_INTEGER.fullmatch(v) for v in texts):  # a CSV column of ids
+    names = [v for v in texts if not _INTEGER.fullmatch(v)]
+    # Numbers beside names; or a column of ids ("3" in a CSV) with a few names in it: a stray
+    # "n/a", a header row repeated where two files were joined. (Mostly names, some of them
+    # digits, such as "1", "2", "3+", are names.)
+    stray = len(names) < MIXED_NAMES_SHARE * len(flat)
+    if texts and not names:  # a CSV column of ids
         parsed = {k: [int(v.split(".")[0]) if isinstance(v, str) else v for v in vs] for k, vs in parsed.items()}
-    elif texts and len(texts) < len(flat):
-        a = next(v for v in flat if isinstance(v, int))
-        b = next(v for v in texts if not _INTEGER.fullmatch(v))
+    elif names and (len(texts) < len(flat) or stray):
+        a = next(v for v in flat if not isinstance(v, str) or _INTEGER.fullmatch(v))
         raise DataError(
-            f"{where}: the labels mix numbers (e.g. {a}) with names (e.g. {b!r}); "
-            "use class ids or class names throughout"
+            f"{where}: the labels mix numbers (e.g. {a!r}) with names (e.g. {names[0]!r}; {len(names)} of "
+            f"{len(flat)} labels are names); use class ids or class names throughout"
         )
     flat = [v for vs in parsed.values() for v in vs]  # all ids or all names from here on
     if isinstance(flat[0], int):

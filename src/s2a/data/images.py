@@ -140,14 +140,21 @@ def load_fashion_mnist(*, split_seed: int = 0, val_size: int = 5000) -> DataBund
 
 
 # ---------------------------------------------------------------------------- folders
+def _hidden(name: str) -> bool:
+    """Hidden files and folders, and the metadata archivers add (macOS ``__MACOSX`` / ``._x.png``)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _images_under(directory: Path) -> list[Path]:
     return sorted(
-        p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        p for p in directory.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        and not any(_hidden(part) for part in p.relative_to(directory).parts)
     )
 
 
 def _class_dirs(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in directory.iterdir() if p.is_dir() and not _hidden(p.name))
 
 
 def _folder_split(directory: Path, *, training: bool) -> tuple[list[str], list[str], list[str]]:

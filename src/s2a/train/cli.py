@@ -203,6 +203,12 @@ def run_train(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         raise SystemExit(130) from None
     except (TrainError, DataError, ZooError) as exc:
         raise CliError(str(exc)) from None
+    except OSError as exc:  # the file system (a full disk, --out under a file), not the run
+        what = f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+        raise CliError(
+            f"{what}. Checkpoints are written to a temporary file and moved into place, so those in "
+            f"{Path(args.out) / 'checkpoints'} (if any) are whole: fix the cause, then continue with "
+            f"s2a train --out {args.out} --resume (or start over with --overwrite)") from None
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks
         return report
 

@@ -772,7 +772,17 @@ class Trainer:
             inputs, labels = _to_device(inputs, info.device), labels.to(info.device)
             data_s += time.perf_counter() - t0
             with self._autocast():
-                logits = call_model(self.model, inputs)
+                try:
+                    logits = call_model(self.model, inputs)
+                except ValueError as exc:
+                    if "more than 1 value per channel" not in str(exc):
+                        raise
+                    raise TrainError(
+                        f"a micro-batch of {len(labels)} example(s) reached a BatchNorm layer that normalises "
+                        f"with the batch's statistics, which one value per channel cannot give ({exc}). "
+                        f"Pick a --batch-size (now {self.rc.batch_size}) that leaves no such last micro-batch "
+                        f"of the {len(self.data.train)} training examples, or another --train-size; then start "
+                        "over with --overwrite") from None
             per = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=self.rc.label_smoothing)
             loss = per.sum() * (weight_per_example if share else 0.0)
             if self.scaler is not None:
@@ -821,7 +831,7 @@ class Trainer:
             planned=self._planned_stop,
         )
 
-    def _diverged(self, loss: float, lr: float) -> None:
+    def _diverged(self, loss: float, lr: float, what: str = "the training loss") -> None:
         """Stop before a non-finite step reaches a checkpoint, the metrics or a report: what the
         run directory holds stays the last good state. Resuming would replay the same step, so
         the advice is to start over with other options."""
@@ -839,7 +849,7 @@ class Trainer:
             hints.append("clip gradients with --max-grad-norm 1.0")
         hints.append("check the inputs for NaN or infinite values")
         raise TrainError(
-            f"the training loss became {loss} at step {self.global_step + 1}/{self.total_steps} "
+            f"{what} became {loss} at step {self.global_step + (what == 'the training loss')}/{self.total_steps} "
             f"(epoch {self.epoch + 1}): training diverged; {kept}. Start over (--overwrite) after one of: "
             f"{'; '.join(hints)}."
         )
@@ -916,6 +926,9 @@ class Trainer:
             if info.enabled:
                 broadcast_module(self.model, info, params=False, buffers=True)
             val = self.evaluate(self.data.val)
+            if not math.isfinite(val["loss"]):  # the epoch's last update broke the weights: argmax of
+                # NaN logits is class 0, an accuracy that means nothing, so nothing is saved
+                self._diverged(val["loss"], self.optimizer.param_groups[0]["lr"], "the validation loss")
             es = self.epoch_stats
             entry = {
                 "epoch": epoch + 1, "global_step": self.global_step, "loss": val["loss"], "acc": val["acc"],
