@@ -196,6 +196,10 @@ def test_vtab_layout(tmp_path, write_pngs):
     (root / "val200.txt").write_text("\n".join(lines["train800val200.txt"][15:]) + "\n")
     d2 = load_data(str(root))
     assert (len(d2.train), len(d2.val)) == (15, 6)
+    assert not any("also appear in train" in n for n in d2.notes)
+    test_lines = (root / "test.txt").read_text()
+    (root / "test.txt").write_text(test_lines + "\n".join(lines["train800val200.txt"][:2]) + "\n")
+    assert "2 of 11 test and 0 of 6 val image files also appear in train" in " ".join(load_data(str(root)).notes)
     (root / "test.txt").write_text("images/missing.png 0\n")
     with pytest.raises(DataError, match=r"test.txt:1: image .*missing.png does not exist"):
         load_data(str(root))

@@ -134,7 +134,10 @@ class Split:
 def carve(split: Split, n_out: int, seed: int) -> tuple[Split, Split]:
     """``(rest, carved)``: ``n_out`` examples taken out of ``split`` (seeded), the rest kept."""
     if not 0 < n_out < len(split):
-        raise DataError(f"cannot carve {n_out} examples out of a split of {len(split)}")
+        raise DataError(
+            f"cannot hold out {n_out} example(s) for validation or test from a training split of "
+            f"{len(split)}: the data is too small; give it at least a few examples per class, or its "
+            "own val / test split")
     order = seeded_order(len(split), seed)
     return split.subset(sorted(order[n_out:])), split.subset(sorted(order[:n_out]))
 
@@ -260,14 +263,15 @@ def classes_missing_note(classes: Sequence[Any], present: Collection[Any], lacki
     return f"{len(absent)} of {len(classes)} classes have {lacking} ({shown}): the model cannot learn them"
 
 
-def shared_texts_note(train: Split, val: Split, test: Split) -> str | None:
-    """A note counting val/test texts that also appear in train (a table with duplicates,
-    split by row), or None: their accuracy is optimistic."""
+def shared_texts_note(train: Split, val: Split, test: Split, what: str = "texts") -> str | None:
+    """A note counting val/test items (texts, or image files of list-file layouts) that also
+    appear in train (a table with duplicates, split by row; a list repeating a line), or None:
+    their accuracy is optimistic."""
     seen = {str(t).strip() for t in train.items}
     hits = {name: sum(str(t).strip() in seen for t in s.items) for name, s in (("test", test), ("val", val))}
     if not any(hits.values()):
         return None
-    return (f"{hits['test']} of {len(test)} test and {hits['val']} of {len(val)} val texts also appear in "
+    return (f"{hits['test']} of {len(test)} test and {hits['val']} of {len(val)} val {what} also appear in "
             "train (duplicate rows): their accuracy is optimistic; deduplicate the data to avoid it")
 
 

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import DataBundle, DataError, Split, carve, labels_to_ids, split_fractions
+from .core import (
+    DataBundle,
+    DataError,
+    Split,
+    carve,
+    labels_to_ids,
+    shared_texts_note,
+    split_fractions,
+)
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -313,6 +321,7 @@ def load_vtab(directory: str | os.PathLike, *, split_seed: int = 0) -> DataBundl
         n_val = 200 if len(train) >= 1000 else max(1, len(train) // 5)
         train, val = carve(train, n_val, split_seed)
         notes.append(f"val: {n_val} examples of train800val200.txt carved out (split_seed={split_seed})")
+    notes += filter(None, [shared_texts_note(train, val, test, "image files")])
     return DataBundle(
         name=root.name,
         kind="image",
