@@ -79,7 +79,11 @@ class ZooError(ValueError):
 
 # ---------------------------------------------------------------------------- preprocessing
 class TextPreprocessor:
-    """Sentences -> ``{"input_ids", "attention_mask", ...}`` (padded to the longest, truncated)."""
+    """Sentences -> ``{"input_ids", "attention_mask", ...}`` (padded to the longest, truncated).
+
+    Padded on the right whatever the tokenizer's ``padding_side``: a token's index is then its
+    position, which the low-rank prompt's rows follow (decoders such as Bloom take no
+    ``position_ids`` to say otherwise), and a causal model's real tokens never see the pads."""
 
     kind = "text"
 
@@ -93,6 +97,7 @@ class TextPreprocessor:
         enc = self.tokenizer(
             [str(t) for t in texts],
             padding="longest",
+            padding_side="right",
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",

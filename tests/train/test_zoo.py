@@ -23,6 +23,9 @@ def test_minilm_classifier_and_tokenizer(minilm_ready):
     batch = zm.preprocess(["a fine film", "one of the dullest, longest, most tedious films of the whole year " * 3])
     assert batch["input_ids"].shape == (2, 16)  # truncated to max_length, padded to the longest
     assert batch["attention_mask"][0].sum() < 16
+    zm.preprocess.tokenizer.padding_side = "left"  # as many decoders' tokenizers are: padded right all the same
+    assert torch.equal(zm.preprocess(["a fine film", "a much longer sentence than that"])["attention_mask"][0],
+                       torch.tensor([1] * 5 + [0] * 3))
     zm.model.eval()
     with torch.no_grad():
         logits = call_model(zm.model, batch)

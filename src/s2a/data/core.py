@@ -202,18 +202,14 @@ def texts_of(values: Iterable[Any], *, where: str, split: str) -> list[str]:
     return out
 
 
-# below this share of names among integer-like labels, the names are taken for stray rows
-MIXED_NAMES_SHARE = 0.05
-
-
 def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict[str, list[int]], list[str]]:
     """Map each split's raw labels to class ids; returns ``({split: ids}, class_names)``.
 
     Integer labels (numbers, or text that is all integers: ``"3"`` and ``"3.0"`` alike) are
     the class ids themselves, classes ``0..max`` over all splits; other text labels are names,
     ids in sorted order. Refused: empty, missing (NaN) or fractional numbers, negative or huge
-    ids, numbers mixed with names, and a column of ids with a few names in it (under
-    :data:`MIXED_NAMES_SHARE`: a stray "n/a" or repeated header row). Which classes training holds is checked by
+    ids, and numbers mixed with names. Text that is mostly integers with some names is names
+    (a real "other" class, or a stray "n/a"): :class:`DataBundle`'s notes say so. Which classes training holds is checked by
     :class:`DataBundle`, on the final splits.
     """
     if not isinstance(raw, Mapping) or not raw:
@@ -228,18 +224,14 @@ def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict
                 raise DataError(f"{where}: {_row_name(split, row)}: label {v!r} {exc}") from None
     flat = [v for vs in parsed.values() for v in vs]
     texts = [v for v in flat if isinstance(v, str)]
-    names = [v for v in texts if not _INTEGER.fullmatch(v)]
-    # Numbers beside names; or a column of ids ("3" in a CSV) with a few names in it: a stray
-    # "n/a", a header row repeated where two files were joined. (Mostly names, some of them
-    # digits, such as "1", "2", "3+", are names.)
-    stray = len(names) < MIXED_NAMES_SHARE * len(flat)
-    if texts and not names:  # a CSV column of ids
+    if texts and all(_INTEGER.fullmatch(v) for v in texts):  # a CSV column of ids
         parsed = {k: [int(v.split(".")[0]) if isinstance(v, str) else v for v in vs] for k, vs in parsed.items()}
-    elif names and (len(texts) < len(flat) or stray):
-        a = next(v for v in flat if not isinstance(v, str) or _INTEGER.fullmatch(v))
+    elif texts and len(texts) < len(flat):
+        a = next(v for v in flat if isinstance(v, int))
+        b = next(v for v in texts if not _INTEGER.fullmatch(v))
         raise DataError(
-            f"{where}: the labels mix numbers (e.g. {a!r}) with names (e.g. {names[0]!r}; {len(names)} of "
-            f"{len(flat)} labels are names); use class ids or class names throughout"
+            f"{where}: the labels mix numbers (e.g. {a}) with names (e.g. {b!r}); "
+            "use class ids or class names throughout"
         )
     flat = [v for vs in parsed.values() for v in vs]  # all ids or all names from here on
     if isinstance(flat[0], int):
@@ -326,6 +318,13 @@ class DataBundle:
         note = self.check_train_classes("no train example")
         if note:
             self.notes.append(note)
+        ids = [c for c in self.classes if _INTEGER.fullmatch(str(c))]
+        if ids and len(ids) < k:  # "0".."11" and "n/a": names, sorted as text
+            names = [c for c in self.classes if not _INTEGER.fullmatch(str(c))]
+            self.notes.append(
+                f"the labels are integers ({len(ids)} of them, e.g. {ids[0]!r}) and {len(names)} other name(s) "
+                f"({names[:5]}): all are taken as class names, ordered as text (a stray row such as 'n/a' "
+                "or a repeated header makes a class of its own; fix the data if so)")
 
     def check_train_classes(self, lacking: str, what: str = "train split") -> str | None:
         """Refuse a training split of fewer than 2 classes; return a note naming the classes

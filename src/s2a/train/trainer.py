@@ -837,11 +837,13 @@ class Trainer:
         the advice is to start over with other options."""
         rc = self.rc
         last = self.run_dir / CKPT_DIR / "last.pt"
-        kept = (
-            f"{last} (step {self._last_saved_step}) is untouched"
-            if self._last_saved_step is not None
-            else "no checkpoint was written this run"
-        )
+        if self._last_saved_step is None:
+            kept = "no checkpoint was written this run"
+        elif what != "the training loss" and self._last_saved_step == self.global_step:
+            # --save-every wrote the step whose update broke the weights
+            kept = f"{last} (step {self._last_saved_step}) holds the weights that step broke"
+        else:
+            kept = f"{last} (step {self._last_saved_step}) is untouched"
         hints = [f"lower --lr (this step ran at {lr:.3g})"]
         if rc.precision == "fp16":
             hints.append("use --precision bf16 or fp32 (fp16 overflows more easily)")

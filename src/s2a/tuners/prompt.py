@@ -13,9 +13,10 @@ add: the block input is never stored for the prompt.
 Text: ``A`` covers the model's maximum sequence length and is sliced to the actual
 length; blocks that receive ``position_ids`` (decoders with a KV cache) gather the
 rows of their positions, and decoder blocks that receive none but a KV cache (Bloom,
-GPT-Neo) take the rows after the tokens their layer's cache holds. With left padding,
-pass the ``position_ids`` the attention mask gives (as ``generate`` does): without them
-a token's row is its index in the padded batch. Images (feature maps, and the tokens of ViTs or of any model the
+GPT-Neo) take the rows after the tokens their layer's cache holds. A token's row is
+otherwise its index: with left padding pass the ``position_ids`` the attention mask gives
+(as ``generate`` does), or, for models that take none (Bloom), pad on the right, as
+``s2a train`` does. Images (feature maps, and the tokens of ViTs or of any model the
 generic fallback describes from an image input, see ``BackboneInfo.fixed_tokens``): the grid
 is the one of the dry run (``example_input``), other sizes raise an error.
 
@@ -89,7 +90,10 @@ class LowRankPrompt(nn.Module):
         if self.layout == "tokens":
             n = x.shape[1]
             if position_ids is not None:
-                if position_ids.device.type == "cpu" and int(position_ids.max()) >= self.positions:
+                # (no check on another device, nor while compiling: it would wait for the device /
+                # break the graph; the index itself then fails)
+                if (position_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+                        and int(position_ids.max()) >= self.positions):
                     raise ValueError(
                         f"low-rank prompt covers {self.positions} positions, got position "
                         f"{int(position_ids.max())}")
