@@ -118,12 +118,18 @@ def test_text_prompt_covers_max_positions_any_length():
             next(iter(prompts.values())).A.zero_()
 
 
-def test_llama_prompt_consistent_with_kv_cache():
-    model, _ = build("llama_lm")
+def _with_trained_prompts(family: str):
+    """``family``'s model prepared by s2a.apply, its prompts moved off zero as by training."""
+    model, _ = build(family)
     s2a.apply(model, s2a.S2AConfig(act_bits=None))
     with torch.no_grad():
         for p in model._s2a_tuner.prompts.values():
             p.A.normal_()
+    return model
+
+
+def test_llama_prompt_consistent_with_kv_cache():
+    model = _with_trained_prompts("llama_lm")
     ids = torch.randint(1, 100, (1, 6))
     with torch.no_grad():
         full = model(ids).logits[:, -1]
@@ -512,12 +518,7 @@ def test_generic_decoder_prompt_follows_the_kv_cache(family):
 def test_decoder_prompt_rows_with_left_padding_follow_the_given_position_ids():
     # As generate() does: position_ids counted along the attention mask make a left-padded
     # sentence take its own tokens' rows, so padding changes its logits no more than the model's
-    model, _ = build("llama_cls")
-    s2a.apply(model, s2a.S2AConfig(act_bits=None))
-    with torch.no_grad():
-        for p in model._s2a_tuner.prompts.values():
-            p.A.normal_()
-    model.eval()
+    model = _with_trained_prompts("llama_cls").eval()
     ids = torch.randint(1, 100, (1, 6))
     batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=ids.dtype), ids], 1), torch.randint(1, 100, (1, 10))])
     mask = torch.ones(2, 10, dtype=torch.long)
