@@ -503,6 +503,16 @@ def test_weights_checked_are_those_of_the_model_when_saved_and_loaded(tmp_path):
     s2a.save_tuned(meta, tmp_path / "meta")  # with the signatures of the weights it holds now
     with pytest.raises(ValueError, match="backbone mismatch"):
         s2a.load_tuned(vit(1), tmp_path / "meta")
+    # a whole state dict (a checkpoint of the full model) fills them too; a backbone-only one does not
+    again = vit(0, "meta")
+    s2a.apply(again, s2a.S2AConfig(act_bits=None), example_input=x.to("meta"))
+    again.to_empty(device="cpu")
+    again.load_state_dict(pretrained, strict=False)
+    with pytest.raises(RuntimeError, match="meta device"):
+        again(x)
+    again.load_state_dict(model.state_dict())
+    again.eval()
+    torch.testing.assert_close(again(x), model(x))
 
 
 def test_compiled_model_saves_loads_and_counts(tmp_path):

@@ -54,8 +54,14 @@ class TunerState:
     hooks: list = field(default_factory=list)
     example_input: dict[str, Any] | None = None
     merged: bool = False
-    # applied on the meta device: the tensors apply added have no values until load_tuned
-    meta_guard: Any = None
+    # applied on the meta device: the tensors apply added have no values until load_tuned (or a
+    # load_state_dict that holds them all) fills them; the hooks that refuse a forward till then
+    meta_guard: list = field(default_factory=list)
+
+    def lift_meta_guard(self) -> None:
+        for handle in self.meta_guard:
+            handle.remove()
+        self.meta_guard = []
 
 
 def _refuse_failed(model: nn.Module) -> None:
@@ -229,8 +235,14 @@ def _refuse_unfilled(model: nn.Module, _args: Any) -> None:
         raise RuntimeError(
             "s2a.apply ran on this model on the meta device, so the tensors it added (zero biases, "
             "prompts, side branch, new head) were given no values: to_empty() left them uninitialised. "
-            "Fill them with s2a.load_tuned(model, directory), or call s2a.apply on a model whose "
-            "weights are loaded")
+            "Fill them with s2a.load_tuned(model, directory) (or a load_state_dict holding them), or "
+            "call s2a.apply on a model whose weights are loaded")
+
+
+def _lift_guard_when_filled(model: nn.Module, incompatible: Any) -> None:
+    state = getattr(model, STATE_ATTR, None)
+    if state is not None and not set(state.tuned_keys) & set(incompatible.missing_keys):
+        state.lift_meta_guard()
 
 
 def keep_norm_stats(model: nn.Module) -> list:
@@ -348,7 +360,8 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
                        backbone_parameters=fingerprint["num_parameters"], kinds=kinds, prompts=prompts,
                        hooks=hooks, example_input=describe_input(example_input))
     if any(p.is_meta for p in model.parameters()):
-        state.meta_guard = model.register_forward_pre_hook(_refuse_unfilled)
+        state.meta_guard = [model.register_forward_pre_hook(_refuse_unfilled),
+                            model.register_load_state_dict_post_hook(_lift_guard_when_filled)]
     setattr(model, STATE_ATTR, state)
     model.s2a_config = config
 

@@ -276,9 +276,8 @@ def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: An
         params[k].requires_grad_(True)
         state.tuned_keys.append(k)
         state.kinds[k] = "other"
-    if state.meta_guard is not None and not any(p.is_meta for p in model.parameters()):
-        state.meta_guard.remove()  # every tensor apply added has its values now
-        state.meta_guard = None
+    if not any(p.is_meta for p in model.parameters()):
+        state.lift_meta_guard()  # every tensor apply added has its values now
     return wrapper
 
 
