@@ -81,6 +81,22 @@ def test_no_graph_breaks(kind):
     assert ex.graph_count <= MAX_BREAKS[kind] + 1
 
 
+def test_text_models_with_a_mask_and_position_ids_trace_whole():
+    # BERT with its attention mask, Llama (bias + prompt rows gathered by position_ids): no
+    # data-dependent check in s2a's hooks may break the graph
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    bert, ids = _prepared("bert")
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=64))
+    s2a.apply(llama, s2a.S2AConfig(), example_input={"input_ids": ids})
+    for model, kwargs in ((bert, {"attention_mask": mask}), (llama, {"use_cache": False})):
+        ex = dynamo.explain(lambda x, m=model, kw=kwargs: _logits(m(x, **kw)).sum())(ids)
+        assert ex.graph_break_count == 0, [b.reason.splitlines()[0] for b in ex.break_reasons]
+
+
 def _step(model, x):
     """(output, {name: grad}, bytes saved for backward outside parameters and buffers)."""
     model.zero_grad(set_to_none=True)
