@@ -28,7 +28,7 @@ __all__ = [
     "classes_missing_note",
     "labels_to_ids",
     "seeded_order",
-    "shared_texts_note",
+    "shared_items_note",
     "split_fractions",
     "texts_of",
 ]
@@ -255,7 +255,7 @@ def classes_missing_note(classes: Sequence[Any], present: Collection[Any], lacki
     return f"{len(absent)} of {len(classes)} classes have {lacking} ({shown}): the model cannot learn them"
 
 
-def shared_texts_note(train: Split, val: Split, test: Split, what: str = "texts") -> str | None:
+def shared_items_note(train: Split, val: Split, test: Split, what: str = "texts") -> str | None:
     """A note counting val/test items (texts, or image files of list-file layouts) that also
     appear in train (a table with duplicates, split by row; a list repeating a line), or None:
     their accuracy is optimistic."""

@@ -12,7 +12,7 @@ from .core import (
     Split,
     complete_splits,
     labels_to_ids,
-    shared_texts_note,
+    shared_items_note,
     split_fractions,
     texts_of,
 )
@@ -173,7 +173,7 @@ def load_hf(
     else:
         train, val, test = complete_splits(splits["train"], splits.get("val"), splits.get("test"), split_seed, notes)
     if kind == "text":
-        notes += filter(None, [shared_texts_note(train, val, test)])
+        notes += filter(None, [shared_items_note(train, val, test)])
     return DataBundle(
         name=Path(where).name if not spec.startswith("hf:") else where,
         kind=kind,

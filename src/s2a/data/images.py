@@ -15,7 +15,7 @@ from .core import (
     Split,
     carve,
     labels_to_ids,
-    shared_texts_note,
+    shared_items_note,
     split_fractions,
 )
 
@@ -321,7 +321,7 @@ def load_vtab(directory: str | os.PathLike, *, split_seed: int = 0) -> DataBundl
         n_val = 200 if len(train) >= 1000 else max(1, len(train) // 5)
         train, val = carve(train, n_val, split_seed)
         notes.append(f"val: {n_val} examples of train800val200.txt carved out (split_seed={split_seed})")
-    notes += filter(None, [shared_texts_note(train, val, test, "image files")])
+    notes += filter(None, [shared_items_note(train, val, test, "image files")])
     return DataBundle(
         name=root.name,
         kind="image",

@@ -17,7 +17,7 @@ from .core import (
     Split,
     complete_splits,
     labels_to_ids,
-    shared_texts_note,
+    shared_items_note,
     split_fractions,
     texts_of,
 )
@@ -238,7 +238,7 @@ def load_text_table(
         notes.append(f"one file: seeded 80/10/10 train/val/test split (split_seed={split_seed})")
     else:
         train, val, test = complete_splits(splits["train"], splits.get("val"), splits.get("test"), split_seed, notes)
-    notes += filter(None, [shared_texts_note(train, val, test)])
+    notes += filter(None, [shared_items_note(train, val, test)])
     return DataBundle(
         name=path.name,
         kind="text",

@@ -831,7 +831,7 @@ class Trainer:
             planned=self._planned_stop,
         )
 
-    def _diverged(self, loss: float, lr: float, what: str = "the training loss") -> None:
+    def _diverged(self, loss: float, lr: float, validation: bool = False) -> None:
         """Stop before a non-finite step reaches a checkpoint, the metrics or a report: what the
         run directory holds stays the last good state. Resuming would replay the same step, so
         the advice is to start over with other options."""
@@ -839,7 +839,7 @@ class Trainer:
         last = self.run_dir / CKPT_DIR / "last.pt"
         if self._last_saved_step is None:
             kept = "no checkpoint was written this run"
-        elif what != "the training loss" and self._last_saved_step == self.global_step:
+        elif validation and self._last_saved_step == self.global_step:
             # --save-every wrote the step whose update broke the weights
             kept = f"{last} (step {self._last_saved_step}) holds the weights that step broke"
         else:
@@ -851,7 +851,9 @@ class Trainer:
             hints.append("clip gradients with --max-grad-norm 1.0")
         hints.append("check the inputs for NaN or infinite values")
         raise TrainError(
-            f"{what} became {loss} at step {self.global_step + (what == 'the training loss')}/{self.total_steps} "
+            # a training loss belongs to the step being taken, a validation loss to the last one taken
+            f"the {'validation' if validation else 'training'} loss became {loss} at step "
+            f"{self.global_step + (not validation)}/{self.total_steps} "
             f"(epoch {self.epoch + 1}): training diverged; {kept}. Start over (--overwrite) after one of: "
             f"{'; '.join(hints)}."
         )
@@ -930,7 +932,7 @@ class Trainer:
             val = self.evaluate(self.data.val)
             if not math.isfinite(val["loss"]):  # the epoch's last update broke the weights: argmax of
                 # NaN logits is class 0, an accuracy that means nothing, so nothing is saved
-                self._diverged(val["loss"], self.optimizer.param_groups[0]["lr"], "the validation loss")
+                self._diverged(val["loss"], self.optimizer.param_groups[0]["lr"], validation=True)
             es = self.epoch_stats
             entry = {
                 "epoch": epoch + 1, "global_step": self.global_step, "loss": val["loss"], "acc": val["acc"],

@@ -120,7 +120,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _trained_since_apply(model: nn.Module, state: Any) -> list[str]:
     """Parameters made trainable after :func:`s2a.apply` (a block unfrozen by hand): saved too."""
-    return [n for n, p in model.named_parameters() if p.requires_grad and n not in set(state.tuned_keys)]
+    tuned = set(state.tuned_keys)
+    return [n for n, p in model.named_parameters() if p.requires_grad and n not in tuned]
 
 
 def tuned_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -157,7 +158,7 @@ def save_tuned(model: nn.Module, directory: str | os.PathLike) -> Path:
         "tensors": {"file": TENSORS_FILE, "sha256": hashlib.sha256(blob).hexdigest(),
                     "bytes": len(blob), "count": len(tensors),
                     "numel": sum(t.numel() for t in tensors.values()),
-                    "trained_since_apply": _trained_since_apply(unwrap_compiled(model), state)},
+                    "trained_since_apply": sorted(set(tensors) - set(state.tuned_keys))},
     }
     _atomic_write(directory / TENSORS_FILE, blob)
     _atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
