@@ -34,6 +34,8 @@ def test_modules_are_canonical():
         ({"modules": 3}, "modules", "'bias', 'norm', 'prompt', 'side'"),
         ({"prompt_rank": 0}, "prompt_rank", ">= 1"),
         ({"prompt_rank": 2.0}, "prompt_rank", ">= 1"),
+        ({"prompt_positions": 0}, "prompt_positions", ">= 1"),
+        ({"prompt_positions": 64, "modules": ("bias",)}, "prompt_positions", "needs 'prompt' in modules"),
         ({"side_reduction": True}, "side_reduction", ">= 1"),
         ({"side_depth": -1}, "side_depth", ">= 1"),
         ({"act_bits": 5}, "act_bits", "[2, 3, 4, 8]"),
@@ -89,8 +91,10 @@ configs = st.builds(
 
 @settings(max_examples=60, deadline=None)
 @given(configs, st.dictionaries(st.sampled_from(["gelu", "silu", "softmax", "layer_norm", "dropout"]),
-                                st.sampled_from([2, 4, 8]), max_size=3), st.booleans())
-def test_json_round_trip(cfg, op_bits, fuse):
+                                st.sampled_from([2, 4, 8]), max_size=3), st.booleans(),
+       st.none() | st.integers(1, 4096))
+def test_json_round_trip(cfg, op_bits, fuse, positions):
+    cfg.prompt_positions = positions if "prompt" in cfg.modules else None
     if cfg.act_bits is not None:
         cfg.op_bits = op_bits
     cfg.fuse_side = fuse and "side" in cfg.modules

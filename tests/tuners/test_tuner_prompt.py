@@ -118,6 +118,48 @@ def test_text_prompt_covers_max_positions_any_length():
             next(iter(prompts.values())).A.zero_()
 
 
+def test_text_prompt_positions_caps_the_rows(tmp_path):
+    """A long-context decoder need not train a row per position it could ever see."""
+    model, _ = build("llama_lm")
+    base = copy.deepcopy(model)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None, prompt_positions=16))
+    prompts = model._s2a_tuner.prompts
+    assert {p.A.shape for p in prompts.values()} == {(16, 4)}
+    ids = torch.randint(1, 100, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits)
+        with pytest.raises(ValueError, match="prompt_positions"):
+            model(torch.randint(1, 100, (2, 17)))
+    # generation past the cap: the cached step reaches position 16
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        key = "cache" if "cache" in out else "past_key_values"
+        with pytest.raises(ValueError, match="covers 16 positions, got position 16"):
+            model(ids[:, :1], **{key: out[key]}, use_cache=True, position_ids=torch.full((2, 1), 16))
+    # saved and loaded with its config: the same rows
+    with torch.no_grad():
+        for p in prompts.values():
+            p.A.normal_()
+    s2a.save_tuned(model, tmp_path)
+    fresh = copy.deepcopy(base)
+    s2a.load_tuned(fresh, tmp_path)
+    assert {p.A.shape for p in fresh._s2a_tuner.prompts.values()} == {(16, 4)}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("family, positions, match", [
+    ("vit", 8, "only text models"),
+    ("resnet", 8, "only text models"),
+    ("bert_cls", 65, "exceeds the model's maximum length"),
+])
+def test_prompt_positions_refused_where_it_means_nothing(family, positions, match):
+    model, batch = build(family)
+    with pytest.raises(ValueError, match=match):
+        s2a.apply(model, s2a.S2AConfig(act_bits=None, prompt_positions=positions),
+                  example_input=example_of(batch))
+
+
 def _with_trained_prompts(family: str):
     """``family``'s model prepared by s2a.apply, its prompts moved off zero as by training."""
     model, _ = build(family)

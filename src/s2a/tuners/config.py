@@ -42,6 +42,11 @@ class S2AConfig:
             backward stores the normalised input anyway; a BatchNorm on frozen statistics
             then has to store it (at ``act_bits``), where otherwise it stores nothing.
         prompt_rank: r of the low-rank prompt ``X + A·B`` (A: positions x r, B: r x channels).
+        prompt_positions: text models: the positions the prompt covers (rows of A); None: the
+            model's maximum (``max_position_embeddings``), which for long-context decoders
+            (131072 for Llama 3.1) makes A most of the trainable parameters. Longer sequences,
+            or positions at or past it, then raise an error. Vision prompts cover the dry
+            run's grid and take no ``prompt_positions``.
         side_reduction: k of the side branch's channel average pooling (D -> D/k).
         side_depth: number of light blocks in the side branch.
         act_bits: bits of the activation storage (``s2a.compress_activations``); None
@@ -61,6 +66,7 @@ class S2AConfig:
 
     modules: tuple[str, ...] = DEFAULT_MODULES
     prompt_rank: int = 4
+    prompt_positions: int | None = None
     side_reduction: int = 8
     side_depth: int = 4
     act_bits: int | None = 4
@@ -99,6 +105,13 @@ class S2AConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < lo:
                 raise ValueError(f"{name}={v!r}: expected an integer >= {lo}")
+
+        if self.prompt_positions is not None:
+            if not _is_int(self.prompt_positions) or self.prompt_positions < 1:
+                raise ValueError(f"prompt_positions={self.prompt_positions!r}: expected None or an integer >= 1")
+            if "prompt" not in self.modules:
+                raise ValueError(
+                    f"prompt_positions={self.prompt_positions}: needs 'prompt' in modules (got {list(self.modules)})")
 
         if self.act_bits is not None and (not _is_int(self.act_bits) or self.act_bits not in ACT_BITS):
             raise ValueError(f"act_bits={self.act_bits!r}: expected None or one of {list(ACT_BITS)}")

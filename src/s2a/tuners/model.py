@@ -347,7 +347,7 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
         for n in train_norm_weights(model):
             kinds.setdefault(n, "norm")
     if "prompt" in config.modules:
-        prompts, handles = add_prompts(model, info, config.prompt_rank)
+        prompts, handles = add_prompts(model, info, config.prompt_rank, config.prompt_positions)
         hooks += handles
         for block, prompt in prompts.items():
             path = prompt_path(model, block)

@@ -96,7 +96,8 @@ class LowRankPrompt(nn.Module):
                         and int(position_ids.max()) >= self.positions):
                     raise ValueError(
                         f"low-rank prompt covers {self.positions} positions, got position "
-                        f"{int(position_ids.max())}")
+                        f"{int(position_ids.max())} (a text prompt covers S2AConfig.prompt_positions, "
+                        "by default the model's maximum length)")
                 return self._rows(position_ids)
             if self.fixed_length and n != self.positions:
                 raise ValueError(
@@ -106,8 +107,9 @@ class LowRankPrompt(nn.Module):
             if start + n > self.positions:
                 raise ValueError(
                     f"sequence of {n} tokens{f' after {start} cached ones' if start else ''}, but the "
-                    f"low-rank prompt covers {self.positions} positions (the maximum length, or the dry "
-                    "run's length for vision models: pass example_input= of the size you train with)")
+                    f"low-rank prompt covers {self.positions} positions (text: the maximum length, or "
+                    "S2AConfig.prompt_positions; vision: the dry run's length, so pass example_input= "
+                    "of the size you train with)")
             return self._rows(slice(start, start + n))
         grid = tuple(x.shape[2:]) if self.layout == "nchw" else tuple(x.shape[1:3])
         if grid != self.grid:
@@ -206,17 +208,22 @@ def _register(model: nn.Module, block_name: str, prompt: LowRankPrompt) -> None:
     holder.add_module(chain[-1], prompt)
 
 
-def add_prompts(model: nn.Module, info: BackboneInfo, rank: int) -> tuple[dict[str, LowRankPrompt], list]:
+def add_prompts(
+    model: nn.Module, info: BackboneInfo, rank: int, positions: int | None = None
+) -> tuple[dict[str, LowRankPrompt], list]:
     """Insert a :class:`LowRankPrompt` before every block of ``info`` (registered at
-    :func:`prompt_path`, applied by a forward pre-hook on the block).
+    :func:`prompt_path`, applied by a forward pre-hook on the block). ``positions``: the rows
+    of a text prompt (None: the model's maximum length).
 
     Returns ({block name: prompt}, hook handles)."""
     check_prompts(model, info)
+    if positions is not None:
+        _check_positions(info, positions)
     prompts, handles = {}, []
     for block in info.blocks:
         module = model.get_submodule(block.name)
         if block.layout == "tokens" and info.max_positions is not None:
-            grid = (max(info.max_positions, block.in_grid[0]),)
+            grid = (positions or max(info.max_positions, block.in_grid[0]),)
         else:
             grid = block.in_grid
         ref = next(module.parameters(), None)
@@ -234,6 +241,18 @@ def add_prompts(model: nn.Module, info: BackboneInfo, rank: int) -> tuple[dict[s
         handles.append(module.register_forward_pre_hook(prompt.pre_hook, with_kwargs=True))
         prompts[block.name] = prompt
     return prompts, handles
+
+
+def _check_positions(info: BackboneInfo, positions: int) -> None:
+    if info.max_positions is None or not any(b.layout == "tokens" for b in info.blocks):
+        raise ValueError(
+            f"prompt_positions={positions}: only text models take it (their prompt covers their "
+            f"maximum length); the prompt of this {info.family} backbone covers the grid of the "
+            "dry run's input: drop prompt_positions, and pass example_input= of the size you train with")
+    if positions > info.max_positions:
+        raise ValueError(
+            f"prompt_positions={positions} exceeds the model's maximum length ({info.max_positions} "
+            "positions): use at most that")
 
 
 _CACHE_KWARGS = ("layer_past", "past_key_value", "past_key_values", "cache")
