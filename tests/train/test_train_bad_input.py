@@ -148,6 +148,31 @@ def test_mismatched_checkpoint(run_cli, tmp_path, finished_run):
     assert "written by a run with other options (seed)" in msg
 
 
+def test_checkpoint_of_another_backbone_is_refused(run_cli, tmp_path, image_folder):
+    """The frozen backbone is rebuilt on resume; its sums must be the checkpoint's, up to the
+    summation order of another device."""
+    run = tmp_path / "linear"
+    linear = [a if a != "full" else "linear" for a in VIT]
+    assert run_cli(*linear, "--data", str(image_folder), "--out", str(run)) == 0
+    ckpts = {p: load_checkpoint(p) for p in (run / "checkpoints").glob("*.pt")}
+    checksum, magnitude = ckpts[run / "checkpoints" / "last.pt"]["frozen_checksum"]
+    assert magnitude > abs(checksum) > 0
+
+    def write(frozen):
+        for path, ckpt in ckpts.items():  # (a finished run tests its best checkpoint again)
+            torch.save({**ckpt, "frozen_checksum": frozen}, path)
+
+    write([checksum + 1e-13 * magnitude, magnitude])  # summed in another order (another device)
+    assert run_cli("--out", str(run), "--resume") == 0
+    # other weights; a float is a checkpoint from before the magnitude was kept, compared exactly
+    for changed in ([checksum + 1e-6 * magnitude, magnitude], checksum * (1 + 1e-15)):
+        write(changed)
+        msg = _error(run_cli, "--out", str(run), "--resume")
+        assert "the frozen backbone differs from the one this checkpoint was trained on" in msg
+    write(checksum)
+    assert run_cli("--out", str(run), "--resume") == 0
+
+
 def test_checkpoint_from_before_an_option_existed_still_resumes(run_cli, tmp_path, finished_run):
     run = _copy(finished_run, tmp_path)
     last = run / "checkpoints" / "last.pt"

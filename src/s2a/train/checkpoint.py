@@ -10,6 +10,7 @@ is stored so that a different backbone is caught instead of silently trained on.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import tempfile
@@ -33,6 +34,7 @@ __all__ = [
     "load_model_tensors",
     "model_tensors",
     "restore_rng",
+    "same_frozen",
 ]
 
 FORMAT = "s2a-train-checkpoint"
@@ -93,14 +95,30 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return trainable, buffers
 
 
-def frozen_checksum(model: nn.Module) -> float:
-    """A float64 checksum of the frozen parameters (0.0 when everything trains)."""
-    total = 0.0
+def frozen_checksum(model: nn.Module) -> tuple[float, float]:
+    """``(checksum, magnitude)`` of the frozen parameters: a weighted float64 sum of their
+    values and the sum of their absolute values ((0.0, 0.0) when everything trains)."""
+    total = magnitude = 0.0
     with torch.no_grad():
         for i, (_, p) in enumerate(model.named_parameters()):
             if not p.requires_grad:
-                total += float(p.detach().double().sum()) * (1.0 + 1e-3 * (i % 97))
-    return total
+                values = p.detach().double()
+                total += float(values.sum()) * (1.0 + 1e-3 * (i % 97))
+                magnitude += float(values.abs().sum())
+    return total, magnitude
+
+
+def same_frozen(saved: Any, current: tuple[float, float]) -> bool:
+    """Whether a checkpoint's :func:`frozen_checksum` is the current backbone's. The sums are
+    compared to 1e-10 of the magnitude: a GPU sums in another order than the CPU (a run resumed
+    on another device), while other weights or another initialisation change them by far more."""
+    if isinstance(saved, (int, float)):  # checkpoints before the magnitude was kept
+        return float(saved) == current[0]
+    try:
+        checksum, magnitude = (float(v) for v in saved)
+    except (TypeError, ValueError):
+        return False
+    return math.isclose(checksum, current[0], rel_tol=0, abs_tol=1e-10 * max(magnitude, current[1]))
 
 
 def load_model_tensors(model: nn.Module, ckpt: dict[str, Any], where: str) -> None:

@@ -55,6 +55,7 @@ from .checkpoint import (
     load_model_tensors,
     model_tensors,
     restore_rng,
+    same_frozen,
 )
 from .config import TrainConfig, TrainError
 from .distributed import (
@@ -553,7 +554,7 @@ class Trainer:
             "version": VERSION,
             "kind": kind,
             "fingerprint": json.dumps(self.config.fingerprint(), sort_keys=True),
-            "frozen_checksum": self.frozen_sum,
+            "frozen_checksum": list(self.frozen_sum),
             "trainable": trainable,
             "buffers": buffers,
             "epoch": self.epoch,
@@ -612,7 +613,7 @@ class Trainer:
                 "it cannot continue this one. Use --overwrite to start over."
             )
         load_model_tensors(self.model, ckpt, where)
-        if not math.isclose(float(ckpt.get("frozen_checksum", 0.0)), self.frozen_sum, rel_tol=0, abs_tol=0):
+        if not same_frozen(ckpt.get("frozen_checksum", 0.0), self.frozen_sum):
             raise CheckpointError(
                 f"{where}: the frozen backbone differs from the one this checkpoint was trained on "
                 "(other pretrained weights or another random initialisation)"
