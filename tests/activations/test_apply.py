@@ -834,3 +834,20 @@ def test_summary_lists_modules_whose_calls_the_mode_routes():
     s2a.restore(model)
     s2a.compress_activations(model, ops=["relu6"])
     assert "bn1" not in s2a.compression_summary(model)
+
+
+def test_summary_lists_attention_switched_to_sdpa():
+    """timm's fused_attn flag and transformers' attention implementation are switched, not
+    patched: the summary listed neither."""
+    from transformers import BertConfig, BertModel
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)
+    s2a.compress_activations(vit)
+    summary = s2a.compression_summary(vit)
+    assert summary["blocks.0.attn"] == summary["blocks.1.attn"] == "attention@8"
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, attn_implementation="eager"))
+    s2a.compress_activations(bert)
+    assert "attention@8" in s2a.compression_summary(bert).values()
+    s2a.restore(bert)
+    assert s2a.compression_summary(bert) == {}

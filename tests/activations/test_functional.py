@@ -802,3 +802,54 @@ def test_group_norm_modules_and_small_maps():
     # under 16 positions per row the scales would cost more than they save: native
     x = torch.randn(2, 8, 3, 3, requires_grad=True)
     assert S.group_norm(x, 2).grad_fn.name() == "NativeGroupNormBackward0"
+
+
+def test_bad_dims_and_shapes_fail_as_natively():
+    """The kernels read the normalised extent from the input, and softmax wrapped its dim:
+    a wrong argument used another axis instead of failing."""
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    for shape in ((5,), (3, 5), (2, 3, 4, 4)):
+        with pytest.raises(RuntimeError, match="normalized_shape"):
+            S.layer_norm(x, shape)
+        with pytest.raises(RuntimeError, match="normalized_shape"):
+            S.rms_norm(x, shape)
+    torch.testing.assert_close(S.layer_norm(x, (3, 4)), F.layer_norm(x, (3, 4)))
+
+    class Norm(nn.Module):
+        def forward(self, x):
+            return F.layer_norm(x, (8,))
+
+    class Soft(nn.Module):
+        def forward(self, x):
+            return x.softmax(-4)
+
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        s2a.compress_activations(Norm())(x)
+    with pytest.raises(IndexError, match="out of range"):
+        s2a.compress_activations(Soft())(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_frozen_batch_norm_on_running_stats_keeps_nothing_in_any_dtype(dtype):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(16)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.normal_()
+        bn.bias.normal_()
+    bn = bn.eval().to(dtype).requires_grad_(False)
+    x = torch.randn(4, 16, 8, 8, dtype=dtype, requires_grad=True)
+    ref = bn(x)
+    (gr,) = torch.autograd.grad(ref, x, torch.ones_like(ref))
+    s2a.compress_activations(bn)
+    assert s2a.compression_summary(bn) == {"": "batch_norm@none"}
+    assert saved_bytes(bn, x)[1] == 16 * 4  # one float32 per channel
+    y = bn(x)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert y.dtype == dtype
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(y, ref, **tol)
+    torch.testing.assert_close(gx, gr, **tol)
+    bn.train()  # batch statistics: the normalised input is kept
+    assert s2a.compression_summary(bn) == {"": "batch_norm@4"}

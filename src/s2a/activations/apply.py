@@ -1059,6 +1059,17 @@ def restore(model: nn.Module) -> nn.Module:
     return model
 
 
+def _affine_batch_norm(module: nn.Module) -> bool:
+    """Whether a BatchNorm runs as a per-channel affine map that keeps nothing of its input:
+    its weight frozen, and on its running statistics (eval mode, or a forward pre-hook marked
+    ``keeps_running_stats``, as ``s2a.apply``'s frozen statistics are)."""
+    weight = getattr(module, "weight", None)
+    if (isinstance(weight, torch.Tensor) and weight.requires_grad) or getattr(module, "running_mean", None) is None:
+        return False
+    return not module.training or any(getattr(h, "keeps_running_stats", False)
+                                      for h in module._forward_pre_hooks.values())
+
+
 def compression_summary(model: nn.Module) -> dict[str, str]:
     """Module path -> ``"kind@storage"`` for every patched module of a compressed model.
 
@@ -1066,7 +1077,8 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
     (ReLU-type functions always 1, exact; ``drop_path`` 1 bit per sample; attention the
     width of Q/K/V; ``max_pool`` 8 bits per output element, 16 for windows of over 256
     elements), ``seed`` (dropout regenerating its mask), ``none`` (a convolution whose
-    weight is frozen keeps no input; average pooling keeps nothing) or ``native`` (a
+    weight is frozen keeps no input, nor does a BatchNorm with a frozen weight on its running
+    statistics; average pooling keeps nothing) or ``native`` (a
     convolution with a trainable weight keeps its full-precision input, as PyTorch does) or
     ``unfused`` (a fused block, MLP or experts, whose weights train since, or that peft wrapped
     or a hook watches: it runs its own forward, each operator inside as listed).
@@ -1097,7 +1109,12 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
         if op == "conv":
             weight = getattr(module, "weight", None)
             return "native" if isinstance(weight, torch.Tensor) and weight.requires_grad else "none"
+        if op == "batch_norm" and _affine_batch_norm(module):
+            return "none"
         return spec.bits_for(op)
 
     entries = [(m, k) for m, k, _ in state.patched] + state.routed
+    # attention that runs through SDPA by a flag or a transformers implementation switch
+    entries += [(m, "attention") for m, attr, _ in state.attrs if attr == "fused_attn"]
+    entries += [(m, "attention") for m, _ in state.attn_impl]
     return {names.get(id(m), "?"): f"{k}@{storage(k, m)}" for m, k in entries}

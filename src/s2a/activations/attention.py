@@ -154,6 +154,9 @@ def softmax(x: torch.Tensor, dim: int = -1, bits: int = 4, *, sink: list | None 
     check_bits(bits, ROW_BITS, "bits")
     if not (torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0 or x.dim() == 0:
         return torch.softmax(x, dim)
+    if not -x.dim() <= dim < x.dim():
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-x.dim()}, {x.dim() - 1}], "
+                         f"but got {dim})")
     return _Softmax.apply(x, dim % x.dim(), bits, sink)
 
 

@@ -312,6 +312,19 @@ class _RMSNorm(_LayerNorm):
     """The RMS flavour, under its own name: memory reports file its bytes as ``rms_norm``."""
 
 
+def _norm_dims(x: torch.Tensor, normalized_shape: Sequence[int] | int, op: str) -> int:
+    """The number of trailing dims a norm normalises, after checking that they are
+    ``normalized_shape`` (the kernels read the extent from ``x``, so a mismatch would
+    normalise over the wrong one instead of failing as natively)."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    nd = len(shape)
+    if nd == 0 or nd > x.dim() or tuple(x.shape[x.dim() - nd:]) != shape:
+        raise RuntimeError(
+            f"{op}: given normalized_shape={list(shape)}, expected an input of shape "
+            f"[*, {', '.join(map(str, shape))}], but got input of size {list(x.shape)}")
+    return nd
+
+
 def layer_norm(
     x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None, eps: float = 1e-5, bits: int = 4,
@@ -320,7 +333,7 @@ def layer_norm(
     _check_row_bits(bits, "layer_norm")
     if not _needs_grad(x, weight, bias) or x.numel() == 0:
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    nd = len(normalized_shape) if not isinstance(normalized_shape, int) else 1
+    nd = _norm_dims(x, normalized_shape, "layer_norm")
     return _LayerNorm.apply(x, weight, bias, eps, nd, False, bits)
 
 
@@ -337,7 +350,7 @@ def rms_norm(
         # As ATen: the epsilon of the type it computes in (float32 for bf16 / fp16 input),
         # not of the input's (bf16's 7.8e-3 would swamp the mean square of small inputs).
         eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
-    nd = len(normalized_shape) if not isinstance(normalized_shape, int) else 1
+    nd = _norm_dims(x, normalized_shape, "rms_norm")
     return _RMSNorm.apply(x, weight, None, eps, nd, True, bits)
 
 
@@ -600,7 +613,11 @@ def _affine_batch_norm(x, mean, rstd, weight, bias):
     if bias is not None:
         shift = bias.float() + shift
     shape = (x.shape[1],) + (1,) * (x.dim() - 2)
-    return torch.addcmul(shift.view(shape), x, a.view(shape))
+    if x.dtype == torch.float32:
+        return torch.addcmul(shift.view(shape), x, a.view(shape))
+    # half inputs: computed in float32 and rounded once, as the native kernel does; the
+    # casts keep nothing for backward
+    return torch.addcmul(shift.view(shape), x.float(), a.view(shape)).to(x.dtype)
 
 
 def batch_norm(
@@ -616,7 +633,7 @@ def batch_norm(
     if not training and running_mean is not None:
         mean = running_mean.float()
         rstd = torch.rsqrt(running_var.float() + eps)
-        if x.dtype == torch.float32 and x.dim() >= 2 and not (weight is not None and weight.requires_grad):
+        if x.dim() >= 2 and not (weight is not None and weight.requires_grad):
             return _affine_batch_norm(x, mean, rstd, weight, bias)
         return _BatchNorm.apply(x, weight, bias, mean, rstd, False, eps, bits).reshape(x.shape)
     if training and x.numel() // x.shape[1] == 1:

@@ -230,6 +230,9 @@ def _keep_running_stats(module: nn.Module, args) -> None:
     module.training = False
 
 
+_keep_running_stats.keeps_running_stats = True  # read by s2a.compression_summary
+
+
 def _refuse_unfilled(model: nn.Module, _args: Any) -> None:
     if not any(p.is_meta for p in model.parameters()):
         raise RuntimeError(
