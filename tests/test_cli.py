@@ -71,6 +71,8 @@ def test_unknown_model_is_a_clear_error():
             ["--model", "vit_tiny_patch16_224", "--batch-size", "2", "--img-size", "32", "--seq-len", "8"],
             "not allowed with",
         ),
+        (["--model", "vit_tiny_patch16_224", "--batch-size", "2", "--details", "--top", "0"], "--top"),
+        (["--model", "vit_tiny_patch16_224", "--batch-size", "2", "--details", "--top", "-1"], "--top"),
     ],
 )
 def test_bad_arguments_exit_with_message(argv, needle, capsys):
@@ -90,7 +92,7 @@ def test_size_that_does_not_fit_the_model():
     assert "max_position_embeddings" in str(info.value.code)
     with pytest.raises(SystemExit) as info:
         main(["memory", "--model", "minilm", "--batch-size", "1", "--img-size", "32"])
-    assert "--img-size applies to timm" in str(info.value.code)
+    assert "--img-size applies to image models; minilm is a text model" in str(info.value.code)
 
 
 def test_no_command_is_an_error(capsys):
@@ -135,3 +137,70 @@ def test_torchrun_worker_leaves_with_the_status_and_message_of_its_run(body, cod
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == "ran\natexit ran\n"  # atexit functions ran, stdout flushed; nothing after
     assert stderr in proc.stderr
+
+
+@pytest.mark.parametrize(("device", "needle"), [("foo", "--device 'foo'"), ("cuda:0", "CUDA is not available")])
+def test_bad_device_is_named_before_anything_runs(device, needle, monkeypatch):
+    import s2a.cli as cli
+
+    monkeypatch.setattr(cli, "build_model", lambda *a, **k: pytest.fail("built the model first"))
+    if device.startswith("cuda"):
+        monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        main(["memory", "--model", "vit_tiny_patch16_224", "--batch-size", "1", "--device", device])
+    assert needle in str(info.value.code)
+
+
+def test_json_path_checked_first_and_its_folder_made(tmp_path, monkeypatch, capsys):
+    import s2a.cli as cli
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "build_model", lambda *a, **k: pytest.fail("built the model first"))
+        with pytest.raises(SystemExit) as info:
+            main(["memory", "--model", "resnet18", "--batch-size", "1", "--json", str(tmp_path)])
+        assert "is a directory" in str(info.value.code)
+    path = tmp_path / "new" / "folder" / "mem.json"
+    with pytest.raises(SystemExit) as info:  # 1x1 maps at the end: one value per channel
+        main(["memory", "--model", "resnet18", "--batch-size", "1", "--img-size", "32"])
+    assert "raise --batch-size or --img-size" in str(info.value.code)
+    assert main(["memory", "--model", "resnet18", "--batch-size", "2", "--img-size", "32",
+                 "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["model"] == "resnet18"
+
+
+def _save_tiny(tmp_path, config_cls: str, model_cls: str, **kw):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw))
+    model.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_transformers_image_model_directory(tmp_path, capsys):
+    path = _save_tiny(tmp_path, "ViTConfig", "ViTModel", hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    assert main(["memory", "--model", path, "--batch-size", "2"]) == 0
+    assert "images (2, 3, 32, 32)" in capsys.readouterr().out
+    assert main(["memory", "--model", path, "--batch-size", "2", "--img-size", "16"]) == 0
+    assert "images (2, 3, 16, 16)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["memory", "--model", path, "--batch-size", "1", "--seq-len", "8"])
+    assert "is an image model: use --img-size" in str(info.value.code)
+
+
+def test_decoder_step_keeps_no_kv_cache_and_an_empty_bias_setup_is_named(tmp_path, capsys):
+    """A KV cache is no part of a training step; the llama has no biases and no head."""
+    path = _save_tiny(tmp_path, "LlamaConfig", "LlamaModel", vocab_size=100, hidden_size=32,
+                      num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      max_position_embeddings=64)
+    out_json = tmp_path / "m.json"
+    assert main(["memory", "--model", path, "--batch-size", "2", "--seq-len", "16", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "'bias' trains nothing here" in out
+    reports = json.loads(out_json.read_text())["reports"]
+    assert all(0.95 < r["cross_check_ratio"] < 1.05 for r in reports.values() if r["cross_check_ratio"])
+    for label, r in reports.items():  # each report's own notes are printed
+        for note in r["notes"]:
+            assert f"note [{label}]: {note}" in out

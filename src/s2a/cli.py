@@ -105,9 +105,7 @@ def build_model(
     gen = torch.Generator().manual_seed(seed)
     hf_dir = _transformers_dir(name)
     if hf_dir is not None:
-        if img_size is not None:
-            raise CliError("--img-size applies to timm image models; use --seq-len for text models")
-        return _build_transformers(name, hf_dir, batch_size, seq_len, gen, seed)
+        return _build_transformers(name, hf_dir, batch_size, seq_len, img_size, gen, seed)
 
     import timm
 
@@ -143,12 +141,37 @@ def build_model(
 
 
 def _build_transformers(
-    name: str, path: str, batch_size: int, seq_len: int | None, gen: torch.Generator, seed: int
+    name: str, path: str, batch_size: int, seq_len: int | None, img_size: int | None,
+    gen: torch.Generator, seed: int,
 ) -> ModelSpec:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import inspect
+
     from transformers import AutoConfig, AutoModel
 
     config = AutoConfig.from_pretrained(path)
+    label = name if name.lower() in ALIASES else os.path.basename(os.path.normpath(path))
+    vision = getattr(config, "vision_config", None) or config
+    if getattr(config, "vocab_size", None) is None and hasattr(vision, "image_size"):
+        if seq_len is not None:
+            raise CliError(f"--seq-len applies to text models; {label} is an image model: use --img-size")
+        side = img_size or vision.image_size
+        side = side[0] if isinstance(side, (tuple, list)) else int(side)
+        chans = int(getattr(vision, "num_channels", 3))
+        torch.manual_seed(seed)
+        model = AutoModel.from_pretrained(path)
+        model.train()
+        x = torch.randn(batch_size, chans, side, side, generator=gen)
+        batch: dict[str, Any] = {"pixel_values": x}
+        if img_size is not None and "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
+            batch["interpolate_pos_encoding"] = True  # ViT-type position tables are for image_size
+        return ModelSpec(model=model, batch=batch, label=label, source="transformers",
+                         input_desc=f"images {tuple(x.shape)}")
+    if getattr(config, "vocab_size", None) is None:
+        raise CliError(f"{path}: its config ({type(config).__name__}) has neither a vocab_size (text) nor an "
+                       "image_size (images); s2a memory builds inputs for those two kinds only")
+    if img_size is not None:
+        raise CliError(f"--img-size applies to image models; {label} is a text model: use --seq-len")
     max_len = getattr(config, "max_position_embeddings", None)
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, max_len) if max_len else DEFAULT_SEQ_LEN
@@ -162,7 +185,8 @@ def _build_transformers(
     vocab = int(config.vocab_size)
     input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    label = name if name.lower() in ALIASES else os.path.basename(os.path.normpath(path))
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        batch["use_cache"] = False  # a training step keeps no KV cache
     return ModelSpec(
         model=model,
         batch=batch,
@@ -213,12 +237,28 @@ def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
 
     out = sys.stdout if out is None else out
 
+    # bad --device and --json before the model is built and measured
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise CliError(f"--device {args.device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda requested but CUDA is not available")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise CliError(f"--device {args.device!r} cannot be used here: {exc}") from None
+    if args.json:
+        if os.path.isdir(args.json):
+            raise CliError(f"--json {args.json} is a directory; give a file path such as {os.path.join(args.json, 'memory.json')}")
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        except OSError as exc:
+            raise CliError(f"--json {args.json}: cannot create its folder ({exc})") from None
+
     spec = build_model(
         args.model, args.batch_size, img_size=args.img_size, seq_len=args.seq_len, seed=args.seed
     )
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda requested but CUDA is not available")
     base = spec.model.to(device)
     base.train()
     batch = _to_device(spec.batch, device)
@@ -251,8 +291,10 @@ def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
                 model, batch, optimizer_step=args.optimizer_step, name=f"{spec.label} [{label}]"
             )
         except (RuntimeError, ValueError, AssertionError, TypeError) as exc:
+            hint = (" (a BatchNorm that trains needs more than one value per channel: raise "
+                    "--batch-size or --img-size)" if "more than 1 value per channel" in str(exc) else "")
             raise CliError(
-                f"training step failed for {spec.label} ({label}) on {spec.input_desc}: {exc}"
+                f"training step failed for {spec.label} ({label}) on {spec.input_desc}: {exc}{hint}"
             ) from exc
         del model
 
@@ -279,8 +321,14 @@ def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         for r in reports.values():
             print("", file=out)
             print(r.table(top_modules=args.top), file=out)
+    if reports.get("bias") is not None and reports["bias"].trainable_params == 0:
+        notes.append("'bias' trains nothing here (no biases, no classifier head): its columns measure a "
+                     "forward with nothing to backpropagate into")
     for note in notes:
         print(f"note: {note}", file=out)
+    for label, r in reports.items():
+        for note in r.notes:
+            print(f"note [{label}]: {note}", file=out)
 
     result = {
         "model": spec.label,
@@ -292,8 +340,11 @@ def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         "notes": notes,
     }
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
+        try:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(result, fh, indent=2)
+        except OSError as exc:
+            raise CliError(f"--json {args.json}: cannot write it ({exc})") from None
         print(f"wrote {args.json}", file=out)
     return result
 
@@ -319,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mem.add_argument("--batch-size", type=_positive_int, required=True)
     size = mem.add_mutually_exclusive_group()
-    size.add_argument("--img-size", type=_positive_int, help="image side for timm models")
+    size.add_argument("--img-size", type=_positive_int, help="image side for image models")
     size.add_argument(
         "--seq-len", type=_positive_int, help=f"sequence length for text models (default {DEFAULT_SEQ_LEN})"
     )
@@ -331,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizer-step", action="store_true", help="include an AdamW step (state and peak)"
     )
     mem.add_argument("--details", action="store_true", help="print each report's breakdowns")
-    mem.add_argument("--top", type=int, default=10, help="module rows in --details (default 10)")
+    mem.add_argument("--top", type=_positive_int, default=10, help="module rows in --details (default 10)")
     mem.set_defaults(func=run_memory)
 
     from s2a.train.cli import add_compare_parser, add_train_parser

@@ -267,6 +267,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a PyTorch file (``state_dict``/``model`` nesting
     and a ``module.`` prefix are undone). Raises :class:`ZooError` for unreadable files."""
     path = Path(path)
+    if path.is_dir():
+        raise ZooError(f"weights file {path} is a directory; give the weights file in it (.safetensors, .pt, .pth, .bin)")
     if not path.is_file():
         raise ZooError(f"weights file {path} does not exist")
     try:

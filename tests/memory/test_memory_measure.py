@@ -468,3 +468,35 @@ def test_tensors_kept_outside_save_for_backward_get_a_note():
     assert "exact" in sneaky.peak_method and sneaky.cross_check_ratio > 1.25
     note = next(n for n in sneaky.notes if n.startswith("cross-check"))
     assert "outside save_for_backward" in note and "ctx attributes" in note
+
+
+def test_batch_sliced_from_a_larger_tensor_counts_the_slice():
+    """A dataset held in memory is alive whatever the step saves: a batch that is a slice of
+    it counts its own bytes, not the dataset's."""
+    model = _mlp()
+    data = torch.randn(1000, 8)
+    copied = measure(model, data[3:6].clone())
+    for batch in (data[3:6], data[:, :8][3:6], data[3:9:2]):
+        report = measure(model, batch)
+        assert report.saved_bytes - report.saved_input_bytes == copied.saved_bytes - copied.saved_input_bytes
+    assert measure(model, data[3:6]).saved_bytes == copied.saved_bytes == 528
+    strided = measure(model, data[3:9:2])  # rows 3, 5, 7: the span of 5 rows, not 1000
+    assert strided.saved_input_bytes == 5 * 8 * F32
+
+
+def test_autocast_copies_of_weights_are_counted_in_each_run():
+    """Autocast caches the low-precision copy of each trainable weight until the outermost
+    autocast exits: the run that reads the peak must make its own, as a training step does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.ReLU()) for _ in range(4)])
+    x = torch.randn(64, 256)
+    plain = measure(model, x)
+    with torch.autocast("cpu", torch.bfloat16):
+        inside = measure(model, x)
+    assert inside.notes == []
+    with torch.autocast("cpu", torch.bfloat16):
+        model(x)  # the user's own forward fills the cache first
+        again = measure(model, x)
+    assert again.peak_bytes == inside.peak_bytes
+    # the bf16 copies of the weights are saved (for dL/dx) and counted: they are not parameters
+    assert inside.saved_bytes > plain.saved_bytes

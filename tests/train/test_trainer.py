@@ -168,6 +168,14 @@ def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
     assert len(header) == 3 and header[1].endswith("#1") and header[2].startswith(header[1][:-1])
     with pytest.raises(SystemExit, match="cannot write"):
         main(["compare", str(a), "--md", str(plot / "x.md")])
+    # a report.json edited by hand: named, not a traceback
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for content, needle in (("5", "holds a JSON int"), (json.dumps({**ra, "accuracy": None}), "accuracy=None"),
+                            (json.dumps({**ra, "trainable_percent": "0.8"}), "trainable_percent='0.8'")):
+        (edited / "report.json").write_text(content)
+        with pytest.raises(SystemExit, match=needle):
+            main(["compare", str(a), str(edited)])
 
 
 def test_dropout_option_sets_every_dropout_rate(minilm_ready, tmp_path):

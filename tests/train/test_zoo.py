@@ -105,6 +105,8 @@ def test_weights_file_errors(tmp_path):
         load_model("test_vit", 3, weights=bad)
     with pytest.raises(ZooError, match="does not exist"):
         load_model("test_vit", 3, weights=tmp_path / "nope.pt")
+    with pytest.raises(ZooError, match="is a directory; give the weights file in it"):
+        load_model("test_vit", 3, weights=tmp_path)
     whole = tmp_path / "whole.pt"
     torch.save(other.model, whole)  # the model object, not its state dict
     with pytest.raises(ZooError, match=r"holds pickled Python objects .*save model.state_dict\(\) instead") as info:

@@ -79,6 +79,11 @@ def _iter_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (tuple, list)):
         for v in obj:
             yield from _iter_tensors(v, _depth + 1)
+    elif hasattr(obj, "get_seq_length") and isinstance(getattr(obj, "layers", None), (list, tuple)):
+        # a transformers KV cache: its layers' keys and values (a forward with use_cache on)
+        for layer in obj.layers:
+            for name in ("keys", "values"):
+                yield from _iter_tensors(getattr(layer, name, None), _depth + 1)
     elif hasattr(obj, "logits") or hasattr(obj, "last_hidden_state"):
         for name in ("loss", "logits", "last_hidden_state", "pooler_output"):
             v = getattr(obj, name, None)
@@ -157,9 +162,30 @@ class _Record:
     preexisting: bool
     tokens: list[int] = field(default_factory=list)
     refs: list[weakref.ref] = field(default_factory=list)
+    span: tuple[int, int] | None = None  # preexisting: the bytes the saved views reach
 
     def alive(self) -> bool:
         return any(r() is not None for r in self.refs)
+
+    def reach(self, t: torch.Tensor, storage_bytes: int) -> None:
+        """A batch that is a slice of a larger tensor (a dataset in memory) keeps that tensor
+        alive whether or not the graph saves the slice: count only the bytes the saved views
+        span."""
+        lo, hi = _view_span(t)
+        if self.span is not None:
+            lo, hi = min(lo, self.span[0]), max(hi, self.span[1])
+        self.span = (lo, hi)
+        self.nbytes = min(storage_bytes, hi - lo)
+
+
+def _view_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte of ``t``'s storage that ``t`` reads."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    if t.numel() == 0:
+        return start, start
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return start, start + (last + 1) * size
 
 
 class _SavedTensorTracer:
@@ -201,6 +227,8 @@ class _SavedTensorTracer:
             path = self.path_stack[-1] if self.path_stack else OUTSIDE_PATH
             rec = _Record(key, nbytes, path, key in self.preexisting)
             self.records[key] = rec
+        if rec.preexisting:
+            rec.reach(t, nbytes)
         rec.tokens.append(token)
         rec.refs.append(weakref.ref(packed))
         return packed
@@ -417,7 +445,9 @@ def measure(
     ``params -> Optimizer``) and report its state; the parameters are restored afterwards. The
     state is allocated before the forward (one step on zero gradients at learning rate 0), so
     ``peak_bytes`` is that of a steady-state step, not of a first step.
-    The model runs in its current ``training`` mode and is left exactly as it was.
+    The model runs in its current ``training`` mode and is left exactly as it was. On CUDA the
+    allocator's peak counter is reset (``torch.cuda.reset_peak_memory_stats``) to read the
+    step's own peak: read ``torch.cuda.max_memory_allocated`` first if you track your own.
     """
     loss_fn = loss_fn or default_loss
     device = _model_device(model, batch)
@@ -458,11 +488,15 @@ def measure(
 
         try:
             state.clear_grads()
+            # Inside autocast, the low-precision copies of trainable weights are cached until the
+            # outermost autocast exits: each run makes its own, as a training step would.
+            torch.clear_autocast_cache()
             fwd_peak = _instrumented_run(
                 model, batch, loss_fn, probe, excluded, preexisting, report, reset_rng
             )
             if optimizer_step:
                 state.snapshot_trainable()
+            torch.clear_autocast_cache()
             _allocator_run(model, batch, loss_fn, probe, report, reset_rng, optimizer_step, fwd_peak)
         finally:
             if probe is not None:

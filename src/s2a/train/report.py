@@ -198,9 +198,16 @@ def load_report(run_dir: str | os.PathLike) -> dict[str, Any]:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path} is unreadable ({exc}); rerun that training with --overwrite") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"{path} holds a JSON {type(report).__name__}, not a run's report; it was not written by s2a train")
     missing = [k for k in REQUIRED_KEYS if k not in report]
     if missing:
         raise ValueError(f"{path} lacks {missing}; it was not written by s2a train")
+    bad = [k for k in ("accuracy", "trainable_params", "trainable_percent")
+           if isinstance(report[k], bool) or not isinstance(report[k], (int, float))]
+    if bad:
+        raise ValueError(f"{path}: {', '.join(f'{k}={report[k]!r}' for k in bad)} should be numbers; "
+                         "it was edited or not written by s2a train (rerun that training with --overwrite)")
     return report
 
 

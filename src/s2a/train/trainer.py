@@ -1032,11 +1032,13 @@ class Trainer:
         self._check_ckpt(best, str(best_path))
         test = self.evaluate(self.data.test)
         self._emit({"event": "test", "global_step": self.global_step, "epoch": best["epoch"], **test})
+        dev = info.device
+        # measure() resets CUDA's peak counter to read the step's own peak: the run's is read first
+        run_peak = int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0
         mem, mem_notes = (self._measure() if info.is_main else (None, []))
         timing = self._timing()
         if timing["step_time_s"] is None:  # a finished run resumed from a checkpoint older than saved step times
             timing.update(self._earlier_timing())
-        dev = info.device
         last = self.history[-1] if self.history else {}
         report: dict[str, Any] = {
             "accuracy": test["acc"],
@@ -1054,7 +1056,8 @@ class Trainer:
             "grad_bytes": mem.grad_bytes if mem is not None else None,
             # allocator growth after the forward / what the saved-tensor hooks predict (1.0: they agree)
             "memory_cross_check_ratio": mem.cross_check_ratio if mem is not None else None,
-            "process_peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else _peak_rss_bytes(),
+            "process_peak_memory_bytes": (max(run_peak, int(torch.cuda.max_memory_allocated(dev)))
+                                          if dev.type == "cuda" else _peak_rss_bytes()),
             **timing,
             "throughput_unit": "training examples per second (all processes)",
             "train_time_s": self.train_time,
