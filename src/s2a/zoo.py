@@ -353,7 +353,7 @@ def _zero_head(model: nn.Module, head_names: tuple[str, ...]) -> list[str]:
                 if linears[-1].bias is not None:
                     linears[-1].bias.zero_()
             zeroed.append(name)
-    return [f"classifier {', '.join(zeroed)} initialised to zero"] if zeroed else []
+    return [f"classifier head {', '.join(map(repr, zeroed))} initialised to zero"] if zeroed else []
 
 
 # ---------------------------------------------------------------------------- builders
@@ -574,7 +574,8 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
     model.config.problem_type = "single_label_classification"
     children = dict(model.named_children())
     heads = tuple(n for n in HF_HEAD_CHILDREN if n in children)
-    notes = [f"transformers {type(model).__name__} from {path} (classifier for {num_classes} classes: "
+    built = "s2a-built" if generic else "transformers"  # (a generic classifier's class is named by s2a)
+    notes = [f"{built} {type(model).__name__} from {path} (classifier for {num_classes} classes: "
              "fresh unless the directory holds one of that size)"]
     if missing:  # transformers only warns (and _quiet_transformers hides it): say it here
         notes.append(f"{len(missing)} weights of {type(model).__name__} are not in the checkpoint and start "

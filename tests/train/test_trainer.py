@@ -82,6 +82,24 @@ def test_prompt_rank_sets_the_rank_of_every_prompt(run_cli, image_folder, tmp_pa
     assert prompts and all(s[1] == 6 for k, s in prompts.items() if k.endswith(".A"))
     assert all(s[0] == 6 for k, s in prompts.items() if k.endswith(".B"))
     assert json.loads((out / "config.json").read_text())["config"]["prompt_rank"] == 6
+    # the run's tuned/ directory, loaded as the report says, is the best checkpoint's model
+    report = json.loads((out / "report.json").read_text())
+    assert report["tuned_dir"] == "tuned" and any("s2a.load_tuned(zm.model" in n for n in report["notes"])
+    import s2a
+    from s2a.train import seed_everything
+    from s2a.zoo import load_model
+
+    seed_everything(0)
+    zm = load_model("test_vit", 3, img_size=32)
+    s2a.load_tuned(zm.model, out / "tuned")
+    best = load_checkpoint(out / "checkpoints" / "best.pt")["trainable"]
+    loaded = dict(zm.model.named_parameters())
+    assert set(best) == {n for n, p in loaded.items() if p.requires_grad}
+    assert all(torch.equal(loaded[n].detach(), t) for n, t in best.items())
+    # a random-init backbone built without the run's seed is refused, not silently used
+    seed_everything(1)
+    with pytest.raises(ValueError, match="backbone"):
+        s2a.load_tuned(load_model("test_vit", 3, img_size=32).model, out / "tuned")
 
 
 def test_precisions_and_accumulation(run_cli, image_folder, tmp_path):

@@ -580,6 +580,23 @@ def test_generic_decoder_prompt_follows_the_kv_cache(family):
             torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", list(_DECODERS))
+def test_generic_text_model_needs_no_example_input(family):
+    """The fallback adapter's default dry-run input was an image: a generic transformers text
+    model (GPT-2, Bloom, GPT-Neo) needed example_input=."""
+    import transformers
+
+    cls, config, kw, _ = _DECODERS[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, config)(vocab_size=100, **kw)).eval()
+    base = copy.deepcopy(model)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None))
+    assert model._s2a_tuner.info.family == "generic" and model._s2a_tuner.prompts
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
 def test_decoder_prompt_rows_with_left_padding_follow_the_given_position_ids():
     # As generate() does: position_ids counted along the attention mask make a left-padded
     # sentence take its own tokens' rows, so padding changes its logits no more than the model's

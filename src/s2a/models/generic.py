@@ -22,6 +22,7 @@ from .registry import (
     default_image_input,
     is_classifier_layer,
     module_path,
+    text_input,
 )
 
 HEAD_NAMES = ("head", "fc", "classifier", "score", "classification_head")
@@ -195,6 +196,11 @@ class GenericAdapter(ModelAdapter):
         return min(n, PROMPT_ROWS) if valid else PROMPT_ROWS
 
     def example_input(self, model: nn.Module) -> Any:
+        """A short token sequence for a transformers text model (one that takes ``input_ids``
+        and has a vocabulary), else an image at the model's own size."""
+        config = getattr(model, "config", None)
+        if isinstance(getattr(config, "vocab_size", None), int) and self.max_positions(model) is not None:
+            return text_input(model)
         return default_image_input(model)
 
 

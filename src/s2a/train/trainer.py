@@ -73,6 +73,7 @@ __all__ = ["RUN_FILES", "TrainInterrupted", "Trainer", "seed_everything", "train
 
 RUN_FILES = ("config.json", "metrics.jsonl", "report.json", "report.md", "memory_by_operator.png", "curves.png")
 CKPT_DIR = "checkpoints"
+TUNED_DIR = "tuned"  # s2a runs: the best checkpoint as an s2a.save_tuned directory
 
 
 class TrainInterrupted(TrainError):
@@ -1022,6 +1023,30 @@ class Trainer:
         except (OSError, ValueError, AttributeError):
             return {}
 
+    def _save_tuned(self) -> str:
+        """The best checkpoint's tuned tensors as an ``s2a.save_tuned`` directory (``tuned/``),
+        what ``s2a.load_tuned`` puts on a freshly built model; returns its name in the run."""
+        from s2a.tuners import save_tuned
+
+        try:
+            save_tuned(self.model, self.run_dir / TUNED_DIR)
+        except OSError as exc:
+            raise TrainError(f"cannot write {self.run_dir / TUNED_DIR} ({exc}); the checkpoints are intact: "
+                             "free space, then --resume rewrites it and the report") from None
+        return TUNED_DIR
+
+    def _load_hint(self, tuned_dir: str) -> str:
+        rc = self.config
+        kw = [str(self.data.num_classes)]
+        kw += [f"{k}={v!r}" for k, v in (("weights", rc.weights), ("max_length", rc.max_length),
+                                         ("img_size", rc.img_size)) if v is not None]
+        # the model is built after seeding, so that a randomly initialised backbone is the same
+        return (f"the best checkpoint's tuned tensors are in {tuned_dir}/; to use them: "
+                f"import s2a, s2a.train, s2a.zoo; s2a.train.seed_everything({rc.seed}); "
+                f"zm = s2a.zoo.load_model({rc.model!r}, {', '.join(kw)}); "
+                f"s2a.load_tuned(zm.model, {str(self.run_dir / tuned_dir)!r}); zm.model.eval() "
+                "(zm.preprocess makes its inputs)")
+
     def _finish(self) -> dict[str, Any]:
         info = self.dist
         assert info is not None
@@ -1090,6 +1115,9 @@ class Trainer:
         if mem is not None and mem.by_module:
             top = sorted(mem.by_module.items(), key=lambda kv: -kv[1])[:20]
             report["saved_by_module_top"] = dict(top)
+        if info.is_main and rc.method == "s2a":
+            report["tuned_dir"] = self._save_tuned()
+            report["notes"].append(self._load_hint(report["tuned_dir"]))
         if info.is_main:
             write_report(self.run_dir, report, read_metrics(self.run_dir / "metrics.jsonl"))
             self._log(
