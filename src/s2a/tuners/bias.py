@@ -134,12 +134,14 @@ def _leaves_reached(out: Any) -> set[int] | None:
     return reached
 
 
-def probe_graph(probe: Callable[[], Any], modules: list[nn.Module]) -> tuple[set[int], set[int]] | None:
-    """(ids of ``modules`` that ran in ``probe()``, ids of the leaves its output depends on);
-    None when the output has no graph (nothing can be told from it)."""
+def _unused(model: nn.Module, added: list[_AddedBias], probe: Callable[[], Any]) -> list[_AddedBias]:
+    """The added biases whose layer's parent module ran in ``probe()`` but that its output does
+    not depend on. A layer whose parent did not run (an expert a router did not pick, a
+    training-only branch) is kept: another input may use it."""
+    parents = {a.path: model.get_submodule(a.path.rpartition(".")[0]) for a in added if a.path}
     ran: set[int] = set()
     hooks = [m.register_forward_pre_hook(lambda mod, _args: ran.add(id(mod)))
-             for m in {id(m): m for m in modules}.values()]
+             for m in {id(m): m for m in parents.values()}.values()]
     try:
         # Only the graph's structure is read, never a gradient: drop what a backward would need.
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop_saved, _drop_saved):
@@ -148,28 +150,10 @@ def probe_graph(probe: Callable[[], Any], modules: list[nn.Module]) -> tuple[set
         for h in hooks:
             h.remove()
     reached = _leaves_reached(out)
-    return None if reached is None else (ran, reached)
-
-
-def _unused(model: nn.Module, found: list[tuple[str, nn.Module, nn.Parameter] | _AddedBias],
-            probe: Callable[[], Any]) -> list[tuple[str, nn.Module, nn.Parameter] | _AddedBias]:
-    """The biases of ``found`` that ran in ``probe()`` but that its output does not depend on:
-    a model's own bias whose layer ran (the stages after a timm ``features_only`` model's last
-    output index), an added one whose layer's parent ran (a parent that reads only the layer's
-    weight). A layer that did not run (an expert a router did not pick, a training-only branch)
-    is kept: another input may use it."""
-    def runner(f: tuple[str, nn.Module, nn.Parameter] | _AddedBias) -> nn.Module | None:
-        if isinstance(f, _AddedBias):
-            return model.get_submodule(f.path.rpartition(".")[0]) if f.path else None
-        return f[1]
-
-    runners = {id(f): runner(f) for f in found}
-    graph = probe_graph(probe, [m for m in runners.values() if m is not None])
-    if graph is None:
+    if reached is None:
         return []
-    ran, reached = graph
-    return [f for f in found if runners[id(f)] is not None and id(runners[id(f)]) in ran
-            and id(f.module.bias if isinstance(f, _AddedBias) else f[2]) not in reached]
+    return [a for a in added if a.path in parents and id(parents[a.path]) in ran
+            and id(a.module.bias) not in reached]
 
 
 def add_bias(model: nn.Module, add_missing: bool = True, exclude: tuple[str, ...] = (),
@@ -178,17 +162,17 @@ def add_bias(model: nn.Module, add_missing: bool = True, exclude: tuple[str, ...
 
     Returns (names of the bias parameters made trainable, hook handles to remove on undo).
     Modules whose path starts with one of ``exclude`` are left alone. ``probe``: one forward
-    of ``model`` (``s2a.apply`` passes its dry run in eval mode); with it, the biases the output
-    does not depend on are left frozen (the model's own, where their layer ran) or removed
-    again (added ones, where their layer's parent ran).
+    of ``model`` (``s2a.apply`` passes its dry run in eval mode); with it, a bias added to a
+    layer whose parent ran but whose bias the output does not depend on is removed again.
     """
-    found: list[tuple[str, nn.Module, nn.Parameter] | _AddedBias] = []  # in module order
+    found: list[str | _AddedBias] = []  # in module order
     for path, module in list(model.named_modules()):
         if any(path == e or path.startswith(e + ".") for e in exclude):
             continue
         for pn, p in module._parameters.items():
             if isinstance(p, nn.Parameter) and _is_bias(module, pn, p):
-                found.append((f"{path}.{pn}" if path else pn, module, p))
+                p.requires_grad_(True)
+                found.append(f"{path}.{pn}" if path else pn)
         shape = bias_shape(module)
         if not add_missing or shape is None or isinstance(module._parameters.get("bias"), nn.Parameter):
             continue
@@ -206,20 +190,14 @@ def add_bias(model: nn.Module, add_missing: bool = True, exclude: tuple[str, ...
         module.register_parameter("bias", nn.Parameter(torch.zeros(shape, **kw)))
         hook = module.register_forward_hook(_add_output_bias) if _is_rms_norm(module) else None
         found.append(_AddedBias(path, module, before, hook))
-    own = [f[2] for f in found if not isinstance(f, _AddedBias)]
-    before = {id(p): p.requires_grad for p in own}
-    for p in own:
-        p.requires_grad_(True)
-    unused = _unused(model, found, probe) if probe is not None and found else []
-    for f in unused:
-        if isinstance(f, _AddedBias):
-            f.remove()
-        else:
-            f[2].requires_grad_(before[id(f[2])])
-    dropped = {id(f) for f in unused}
-    kept = [f for f in found if id(f) not in dropped]
-    names = [f.name if isinstance(f, _AddedBias) else f[0] for f in kept]
-    handles = [f.hook for f in kept if isinstance(f, _AddedBias) and f.hook is not None]
+    added = [a for a in found if isinstance(a, _AddedBias)]
+    unused = _unused(model, added, probe) if probe is not None and added else []
+    for a in unused:
+        a.remove()
+    dropped = {id(a) for a in unused}
+    kept = [a for a in found if id(a) not in dropped]
+    names = [a.name if isinstance(a, _AddedBias) else a for a in kept]
+    handles = [a.hook for a in kept if isinstance(a, _AddedBias) and a.hook is not None]
     return names, handles
 
 
@@ -237,27 +215,17 @@ def _is_norm(module: nn.Module) -> bool:
             or _is_named_norm(module))
 
 
-def train_norm_weights(model: nn.Module, probe: Callable[[], Any] | None = None) -> list[str]:
+def train_norm_weights(model: nn.Module) -> list[str]:
     """Make the scale (``weight``) of every normalisation layer of ``model`` trainable (in place).
 
     The "norm" module. ``dL/dw = sum dL/dy * x̂`` needs the normalised input x̂, which a
     LayerNorm / RMSNorm whose input needs a gradient stores for its own backward anyway, so
     there it costs no activation memory. Returns the names of the weights made trainable;
-    norms without an affine weight are skipped, and, given a dry forward (``probe``), those
-    whose layer ran but that the output does not depend on."""
+    norms without an affine weight are skipped."""
     weights = norm_weights(model)
-    before = {name: w.requires_grad for name, w in weights.items()}
     for weight in weights.values():
         weight.requires_grad_(True)
-    owners = {name: model.get_submodule(name.rpartition(".")[0]) for name in weights}
-    graph = probe_graph(probe, list(owners.values())) if probe is not None and weights else None
-    if graph is not None:
-        ran, reached = graph
-        for name, weight in weights.items():
-            if id(owners[name]) in ran and id(weight) not in reached:
-                weight.requires_grad_(before[name])
-                del before[name]
-    return [name for name in weights if name in before]
+    return list(weights)
 
 
 def norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:

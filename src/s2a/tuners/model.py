@@ -339,19 +339,18 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
                 kinds[f"{name}.{pn}"] = "head"
     hooks: list = []
     prompts: dict[str, LowRankPrompt] = {}
-    # The dry run tells which biases, norm scales and block inputs the output never depends on
-    # (they would never get a gradient): those are left out.
-    probe = functools.partial(eval_forward, model, dry_run_input(model, example_input, info.adapter))
     if "bias" in config.modules:
+        # The dry run tells which added zero biases the output never depends on (dropped).
+        probe = functools.partial(eval_forward, model, dry_run_input(model, example_input, info.adapter))
         names, handles = add_bias(model, add_missing=config.add_missing_bias, probe=probe)
         hooks += handles
         for n in names:
             kinds.setdefault(n, "bias")
     if "norm" in config.modules:
-        for n in train_norm_weights(model, probe=probe):
+        for n in train_norm_weights(model):
             kinds.setdefault(n, "norm")
     if "prompt" in config.modules:
-        prompts, handles = add_prompts(model, info, config.prompt_rank, config.prompt_positions, probe=probe)
+        prompts, handles = add_prompts(model, info, config.prompt_rank, config.prompt_positions)
         hooks += handles
         for block, prompt in prompts.items():
             path = prompt_path(model, block)

@@ -32,16 +32,12 @@ block's path from it (``s2a_prompts.blocks.0.A``; see :func:`prompt_path`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
 from s2a.models import BackboneInfo
 from s2a.models.registry import hidden_from_call, refuse_sequence_first, runs_children
-
-from .bias import probe_graph
 
 PROMPT_ATTR = "s2a_prompt"  # a block's child
 PROMPTS_ATTR = "s2a_prompts"  # an ancestor's child that holds the prompts of container blocks
@@ -140,7 +136,12 @@ class LowRankPrompt(nn.Module):
         pos = kwargs.get(self.position_ids_kwarg) if self.position_ids_kwarg else None
         pos = pos if isinstance(pos, torch.Tensor) else None
         start = _cached_length(kwargs, self.cache_layer) if pos is None and self.cache_layer is not None else 0
-        return _with_hidden(args, kwargs, where, self(x, pos, start))
+        y = self(x, pos, start)
+        if where == 0:
+            return (y, *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs[where] = y
+        return args, kwargs
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
@@ -154,40 +155,6 @@ class LowRankPrompt(nn.Module):
         self.register_buffer("prompt", prompt)
         self.merged = True
         return self
-
-
-def _with_hidden(args: tuple, kwargs: dict, where: str | int, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    """A block call's (args, kwargs) with its hidden state (at ``where``) replaced."""
-    if where == 0:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, where: hidden}
-
-
-def _unreached_blocks(model: nn.Module, names: list[str], probe: Callable[[], Any]) -> set[str]:
-    """The blocks of ``names`` that ran in ``probe()`` but whose input its output does not
-    depend on: a zero leaf added to each block's input tells."""
-    leaves: dict[str, list[torch.Tensor]] = {}
-
-    def tag(name: str) -> Callable:
-        def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            found = hidden_from_call(args, kwargs)
-            if found is None or not found[1].is_floating_point():
-                return None
-            leaf = torch.zeros((), dtype=found[1].dtype, device=found[1].device, requires_grad=True)
-            leaves.setdefault(name, []).append(leaf)
-            return _with_hidden(args, kwargs, found[0], found[1] + leaf)
-        return pre_hook
-
-    hooks = [model.get_submodule(n).register_forward_pre_hook(tag(n), with_kwargs=True) for n in names]
-    try:
-        graph = probe_graph(probe, [])
-    finally:
-        for h in hooks:
-            h.remove()
-    if graph is None:
-        return set()
-    reached = graph[1]
-    return {n for n, tagged in leaves.items() if not any(id(t) in reached for t in tagged)}
 
 
 def _prompt_home(model: nn.Module, block_name: str) -> tuple[str, list[str]]:
@@ -242,25 +209,18 @@ def _register(model: nn.Module, block_name: str, prompt: LowRankPrompt) -> None:
 
 
 def add_prompts(
-    model: nn.Module, info: BackboneInfo, rank: int, positions: int | None = None,
-    probe: Callable[[], Any] | None = None,
+    model: nn.Module, info: BackboneInfo, rank: int, positions: int | None = None
 ) -> tuple[dict[str, LowRankPrompt], list]:
     """Insert a :class:`LowRankPrompt` before every block of ``info`` (registered at
     :func:`prompt_path`, applied by a forward pre-hook on the block). ``positions``: the rows
     of a text prompt (None: the model's maximum length).
 
-    Given a dry forward (``probe``), blocks that ran but whose input the output does not depend
-    on (the stages after a timm ``features_only`` model's last output index) get none.
-
     Returns ({block name: prompt}, hook handles)."""
     check_prompts(model, info)
     if positions is not None:
         _check_positions(info, positions)
-    skip = _unreached_blocks(model, [b.name for b in info.blocks], probe) if probe is not None else set()
     prompts, handles = {}, []
-    for index, block in enumerate(info.blocks):
-        if block.name in skip:
-            continue
+    for block in info.blocks:
         module = model.get_submodule(block.name)
         if block.layout == "tokens" and info.max_positions is not None:
             grid = (positions or max(info.max_positions, block.in_grid[0]),)
@@ -276,7 +236,7 @@ def add_prompts(
         prompt = LowRankPrompt(block.layout, grid, block.in_dim, rank, info.position_ids_kwarg,
                                fixed_length=fixed, **kw)
         if block.layout == "tokens" and not fixed and info.position_ids_kwarg is None:
-            prompt.cache_layer = _cache_layer(module, index)
+            prompt.cache_layer = _cache_layer(module, len(prompts))
         _register(model, block.name, prompt)
         handles.append(module.register_forward_pre_hook(prompt.pre_hook, with_kwargs=True))
         prompts[block.name] = prompt
