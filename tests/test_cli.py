@@ -160,6 +160,9 @@ def test_json_path_checked_first_and_its_folder_made(tmp_path, monkeypatch, caps
             main(["memory", "--model", "resnet18", "--batch-size", "1", "--json", str(tmp_path)])
         assert "is a directory" in str(info.value.code)
     path = tmp_path / "new" / "folder" / "mem.json"
+    with pytest.raises(SystemExit):  # a run that fails leaves no folder behind
+        main(["memory", "--model", "no_such_model_xyz", "--batch-size", "1", "--json", str(path)])
+    assert not (tmp_path / "new").exists()
     with pytest.raises(SystemExit) as info:  # 1x1 maps at the end: one value per channel
         main(["memory", "--model", "resnet18", "--batch-size", "1", "--img-size", "32"])
     assert "raise --batch-size or --img-size" in str(info.value.code)

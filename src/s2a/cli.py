@@ -151,7 +151,7 @@ def _build_transformers(
 
     config = AutoConfig.from_pretrained(path)
     label = name if name.lower() in ALIASES else os.path.basename(os.path.normpath(path))
-    vision = getattr(config, "vision_config", None) or config
+    vision = config  # (a multimodal config, CLIP's, has both halves: neither branch fits it)
     if getattr(config, "vocab_size", None) is None and hasattr(vision, "image_size"):
         if seq_len is not None:
             raise CliError(f"--seq-len applies to text models; {label} is an image model: use --img-size")
@@ -248,13 +248,8 @@ def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as exc:
         raise CliError(f"--device {args.device!r} cannot be used here: {exc}") from None
-    if args.json:
-        if os.path.isdir(args.json):
-            raise CliError(f"--json {args.json} is a directory; give a file path such as {os.path.join(args.json, 'memory.json')}")
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        except OSError as exc:
-            raise CliError(f"--json {args.json}: cannot create its folder ({exc})") from None
+    if args.json and os.path.isdir(args.json):
+        raise CliError(f"--json {args.json} is a directory; give a file path such as {os.path.join(args.json, 'memory.json')}")
 
     spec = build_model(
         args.model, args.batch_size, img_size=args.img_size, seq_len=args.seq_len, seed=args.seed
@@ -341,6 +336,7 @@ def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
     }
     if args.json:
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w", encoding="utf-8") as fh:
                 json.dump(result, fh, indent=2)
         except OSError as exc:

@@ -500,3 +500,26 @@ def test_autocast_copies_of_weights_are_counted_in_each_run():
     assert again.peak_bytes == inside.peak_bytes
     # the bf16 copies of the weights are saved (for dL/dx) and counted: they are not parameters
     assert inside.saved_bytes > plain.saved_bytes
+
+
+def test_sparse_and_nested_batches_count_their_storage():
+    model = _mlp()
+    dense = torch.randn(3, 8)
+    sparse = measure(model, dense.to_sparse())
+    assert sparse.saved_input_bytes > 4  # (a sparse tensor has no strides to span)
+    nested = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)], layout=torch.jagged)
+    assert measure(model, nested).saved_bytes > 0
+
+
+def test_kv_caches_in_the_output_are_walked():
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    from s2a.memory.measure import _iter_tensors
+
+    def filled():
+        cache = DynamicCache()
+        cache.update(torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4), 0)
+        return cache
+
+    assert len(list(_iter_tensors({"past_key_values": filled()}))) == 2
+    assert len(list(_iter_tensors({"past_key_values": EncoderDecoderCache(filled(), filled())}))) == 4

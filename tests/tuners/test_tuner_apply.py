@@ -589,3 +589,18 @@ def test_sequence_first_transformer_layers_refused():
     model = SequenceFirst()  # biases do not care about the layout
     s2a.apply(model, s2a.S2AConfig(modules=("bias",), act_bits=None), example_input=ids)
     assert s2a.trainable_parameters(model).by_kind["bias"] > 0
+
+
+def test_trainable_head_keeps_only_its_pooled_input():
+    """ViT's head reads x[:, 0], a view of the (B, N, D) tokens: saved for the head's weight
+    gradient, it kept every token alive."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=5)
+    x = torch.randn(2, 3, 224, 224)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None))
+    report = s2a.measure(model, x)
+    assert report.by_module["head"] == 2 * 192 * 4  # the class tokens, not 2 x 197 x 192 floats
+    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=5)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if k in base.state_dict()})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x))

@@ -152,12 +152,13 @@ def test_text_prompt_positions_caps_the_rows(tmp_path):
     ("vit", 8, "only text models"),
     ("resnet", 8, "only text models"),
     ("bert_cls", 65, "exceeds the model's maximum length"),
+    ("llama_lm", 8, "the dry run's input holds 12 tokens"),
 ])
 def test_prompt_positions_refused_where_it_means_nothing(family, positions, match):
     model, batch = build(family)
+    example = {"input_ids": torch.randint(1, 100, (1, 12))} if family == "llama_lm" else example_of(batch)
     with pytest.raises(ValueError, match=match):
-        s2a.apply(model, s2a.S2AConfig(act_bits=None, prompt_positions=positions),
-                  example_input=example_of(batch))
+        s2a.apply(model, s2a.S2AConfig(act_bits=None, prompt_positions=positions), example_input=example)
 
 
 def _with_trained_prompts(family: str):

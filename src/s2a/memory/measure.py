@@ -79,11 +79,14 @@ def _iter_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (tuple, list)):
         for v in obj:
             yield from _iter_tensors(v, _depth + 1)
-    elif hasattr(obj, "get_seq_length") and isinstance(getattr(obj, "layers", None), (list, tuple)):
-        # a transformers KV cache: its layers' keys and values (a forward with use_cache on)
-        for layer in obj.layers:
+    elif hasattr(obj, "get_seq_length"):
+        # a transformers KV cache (a forward with use_cache on): its layers' keys and values,
+        # an encoder-decoder's two caches
+        for layer in getattr(obj, "layers", None) or ():
             for name in ("keys", "values"):
                 yield from _iter_tensors(getattr(layer, name, None), _depth + 1)
+        for name in ("self_attention_cache", "cross_attention_cache"):
+            yield from _iter_tensors(getattr(obj, name, None), _depth + 1)
     elif hasattr(obj, "logits") or hasattr(obj, "last_hidden_state"):
         for name in ("loss", "logits", "last_hidden_state", "pooler_output"):
             v = getattr(obj, name, None)
@@ -227,7 +230,7 @@ class _SavedTensorTracer:
             path = self.path_stack[-1] if self.path_stack else OUTSIDE_PATH
             rec = _Record(key, nbytes, path, key in self.preexisting)
             self.records[key] = rec
-        if rec.preexisting:
+        if rec.preexisting and t.layout == torch.strided and not t.is_nested:
             rec.reach(t, nbytes)
         rec.tokens.append(token)
         rec.refs.append(weakref.ref(packed))

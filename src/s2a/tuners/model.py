@@ -226,6 +226,22 @@ def rebuild_input(spec: Mapping[str, Any] | None, device: torch.device | None = 
 
 
 # ---------------------------------------------------------------------------- apply
+def _compact_head_input(module: nn.Module, args: tuple) -> tuple | None:
+    """A trainable head keeps its input for its weight's gradient. Where that input is a view
+    of a larger tensor (the class token ``x[:, 0]`` of a ViT's (B, N, D) output), it would
+    keep the whole tensor alive: the head gets a copy of just the view. (While compiling, the
+    storage cannot be traced: a non-contiguous input stands for such a view.)"""
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if x is None or not x.is_floating_point() or not torch.is_grad_enabled():
+        return None
+    if torch.compiler.is_compiling():
+        if x.is_contiguous():
+            return None
+    elif x.untyped_storage().nbytes() < 2 * x.numel() * x.element_size():
+        return None
+    return (x.clone(memory_format=torch.contiguous_format), *args[1:])
+
+
 def _keep_running_stats(module: nn.Module, args) -> None:
     module.training = False
 
@@ -332,12 +348,14 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
     # With the side branch alone the prediction comes from the side network (it replaces
     # the model's logits), so the backbone's own head stays frozen.
     side_only = config.modules == ("side",)
+    hooks: list = []
     if info.head_trainable and not side_only:
         for name in info.head_names:
-            for pn, p in model.get_submodule(name).named_parameters():
+            head = model.get_submodule(name)
+            for pn, p in head.named_parameters():
                 p.requires_grad_(True)
                 kinds[f"{name}.{pn}"] = "head"
-    hooks: list = []
+            hooks.append(head.register_forward_pre_hook(_compact_head_input))
     prompts: dict[str, LowRankPrompt] = {}
     if "bias" in config.modules:
         # The dry run tells which added zero biases the output never depends on (dropped).

@@ -253,6 +253,11 @@ def _check_positions(info: BackboneInfo, positions: int) -> None:
         raise ValueError(
             f"prompt_positions={positions} exceeds the model's maximum length ({info.max_positions} "
             "positions): use at most that")
+    longest = max(b.in_grid[0] for b in info.blocks if b.layout == "tokens")
+    if longest > positions:
+        raise ValueError(
+            f"prompt_positions={positions}, but the dry run's input holds {longest} tokens: the prompt "
+            "must cover the lengths you train on; raise prompt_positions or pass a shorter example_input")
 
 
 _CACHE_KWARGS = ("layer_past", "past_key_value", "past_key_values", "cache")
