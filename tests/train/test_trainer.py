@@ -100,6 +100,13 @@ def test_prompt_rank_sets_the_rank_of_every_prompt(run_cli, image_folder, tmp_pa
     seed_everything(1)
     with pytest.raises(ValueError, match="backbone"):
         s2a.load_tuned(load_model("test_vit", 3, img_size=32).model, out / "tuned")
+    assert str((out / "tuned").resolve()) in next(n for n in report["notes"] if "load_tuned" in n)
+    mode = (out / "tuned" / "tuned.safetensors").stat().st_mode & 0o777
+    assert mode == (out / "report.json").stat().st_mode & 0o777  # (mkstemp's 0600 made it private)
+    # another method over the same folder leaves no stale tuned/ behind
+    run_cli("--model", "test_vit", "--img-size", "32", "--data", str(image_folder), "--method", "linear",
+            "--epochs", "1", "--batch-size", "8", "--out", str(out), "--overwrite")  # fmt: skip
+    assert not (out / "tuned").exists()
 
 
 def test_precisions_and_accumulation(run_cli, image_folder, tmp_path):

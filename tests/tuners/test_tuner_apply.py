@@ -604,3 +604,19 @@ def test_trainable_head_keeps_only_its_pooled_input():
     base.load_state_dict({k: v for k, v in model.state_dict().items() if k in base.state_dict()})
     with torch.no_grad():
         torch.testing.assert_close(model(x), base(x))
+
+
+def test_head_copy_leaves_torch_func_alone():
+    """Per-sample gradients through torch.func: its wrapped tensors have no storage to read."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, num_classes=3, img_size=32)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=torch.zeros(1, 3, 32, 32))
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss(p, x):
+        return functional_call(model, p, (x.unsqueeze(0),)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, torch.randn(2, 3, 32, 32))
+    assert per_sample["head.weight"].shape == (2, 3, 192)

@@ -575,6 +575,16 @@ def test_generic_text_model_needs_no_example_input(family):
         torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
 
 
+def test_encoder_decoder_text_model_still_asks_for_an_example_input():
+    import transformers
+
+    model = transformers.BartForSequenceClassification(transformers.BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
+    with pytest.raises(ValueError, match="pass example_input="):
+        s2a.apply(model, s2a.S2AConfig(act_bits=None))
+
+
 def test_decoder_prompt_rows_with_left_padding_follow_the_given_position_ids():
     # As generate() does: position_ids counted along the attention mask make a left-padded
     # sentence take its own tokens' rows, so padding changes its logits no more than the model's

@@ -197,9 +197,11 @@ class GenericAdapter(ModelAdapter):
 
     def example_input(self, model: nn.Module) -> Any:
         """A short token sequence for a transformers text model (one that takes ``input_ids``
-        and has a vocabulary), else an image at the model's own size."""
+        and has a vocabulary; not an encoder-decoder, whose decoder needs its own input), else
+        an image at the model's own size."""
         config = getattr(model, "config", None)
-        if isinstance(getattr(config, "vocab_size", None), int) and self.max_positions(model) is not None:
+        if (isinstance(getattr(config, "vocab_size", None), int) and not getattr(config, "is_encoder_decoder", False)
+                and self.max_positions(model) is not None):
             return text_input(model)
         return default_image_input(model)
 

@@ -317,9 +317,9 @@ class Trainer:
             for name in RUN_FILES:
                 with contextlib.suppress(FileNotFoundError):
                     (d / name).unlink()
-            ck = d / CKPT_DIR
-            if ck.is_dir():
-                shutil.rmtree(ck)
+            for sub in (CKPT_DIR, TUNED_DIR):
+                if (d / sub).is_dir():
+                    shutil.rmtree(d / sub)
         (d / CKPT_DIR).mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ setup
@@ -1037,15 +1037,19 @@ class Trainer:
 
     def _load_hint(self, tuned_dir: str) -> str:
         rc = self.config
+        weights = os.path.abspath(rc.weights) if rc.weights is not None else None
+        model = os.path.abspath(rc.model) if os.path.isdir(rc.model) else rc.model
         kw = [str(self.data.num_classes)]
-        kw += [f"{k}={v!r}" for k, v in (("weights", rc.weights), ("max_length", rc.max_length),
+        kw += [f"{k}={v!r}" for k, v in (("weights", weights), ("max_length", rc.max_length),
                                          ("img_size", rc.img_size)) if v is not None]
+        autocast = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}.get(rc.precision)
         # the model is built after seeding, so that a randomly initialised backbone is the same
         return (f"the best checkpoint's tuned tensors are in {tuned_dir}/; to use them: "
                 f"import s2a, s2a.train, s2a.zoo; s2a.train.seed_everything({rc.seed}); "
-                f"zm = s2a.zoo.load_model({rc.model!r}, {', '.join(kw)}); "
-                f"s2a.load_tuned(zm.model, {str(self.run_dir / tuned_dir)!r}); zm.model.eval() "
-                "(zm.preprocess makes its inputs)")
+                f"zm = s2a.zoo.load_model({model!r}, {', '.join(kw)}); "
+                f"s2a.load_tuned(zm.model, {os.path.abspath(self.run_dir / tuned_dir)!r}); zm.model.eval() "
+                "(zm.preprocess makes its inputs"
+                + (f"; it was evaluated under torch.autocast(device_type, {autocast})" if autocast else "") + ")")
 
     def _finish(self) -> dict[str, Any]:
         info = self.dist

@@ -235,10 +235,14 @@ def _compact_head_input(module: nn.Module, args: tuple) -> tuple | None:
     if x is None or not x.is_floating_point() or not torch.is_grad_enabled():
         return None
     if torch.compiler.is_compiling():
-        if x.is_contiguous():
+        if x.dim() != 2 or x.is_contiguous():  # (pooled features; not a feature map in channels_last)
             return None
-    elif x.untyped_storage().nbytes() < 2 * x.numel() * x.element_size():
-        return None
+    else:
+        try:
+            if x.untyped_storage().nbytes() < 2 * x.numel() * x.element_size():
+                return None
+        except (NotImplementedError, RuntimeError):  # torch.func wrappers, tensor subclasses
+            return None
     return (x.clone(memory_format=torch.contiguous_format), *args[1:])
 
 

@@ -106,7 +106,10 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
 # ---------------------------------------------------------------------------- save / load
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: the files are shared like any other
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
