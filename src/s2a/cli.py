@@ -151,13 +151,13 @@ def _build_transformers(
 
     config = AutoConfig.from_pretrained(path)
     label = name if name.lower() in ALIASES else os.path.basename(os.path.normpath(path))
-    vision = config  # (a multimodal config, CLIP's, has both halves: neither branch fits it)
-    if getattr(config, "vocab_size", None) is None and hasattr(vision, "image_size"):
+    # (a multimodal config, CLIP's, keeps each half in a sub-config: neither branch takes it)
+    if getattr(config, "vocab_size", None) is None and hasattr(config, "image_size"):
         if seq_len is not None:
             raise CliError(f"--seq-len applies to text models; {label} is an image model: use --img-size")
-        side = img_size or vision.image_size
+        side = img_size or config.image_size
         side = side[0] if isinstance(side, (tuple, list)) else int(side)
-        chans = int(getattr(vision, "num_channels", 3))
+        chans = int(getattr(config, "num_channels", 3))
         torch.manual_seed(seed)
         model = AutoModel.from_pretrained(path)
         model.train()

@@ -1059,7 +1059,7 @@ def restore(model: nn.Module) -> nn.Module:
     return model
 
 
-def _affine_batch_norm(module: nn.Module) -> bool:
+def _batch_norm_keeps_nothing(module: nn.Module) -> bool:
     """Whether a BatchNorm runs as a per-channel affine map that keeps nothing of its input:
     its weight frozen, and on its running statistics (eval mode, or a forward pre-hook marked
     ``keeps_running_stats``, as ``s2a.apply``'s frozen statistics are)."""
@@ -1109,7 +1109,7 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
         if op == "conv":
             weight = getattr(module, "weight", None)
             return "native" if isinstance(weight, torch.Tensor) and weight.requires_grad else "none"
-        if op == "batch_norm" and _affine_batch_norm(module):
+        if op == "batch_norm" and _batch_norm_keeps_nothing(module):
             return "none"
         return spec.bits_for(op)
 
