@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from s2a._files import atomic_write
 from s2a.activations import restore
 
 from .config import S2AConfig
@@ -104,23 +104,6 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
 
 
 # ---------------------------------------------------------------------------- save / load
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: the files are shared like any other
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _trained_since_apply(model: nn.Module, state: Any) -> list[str]:
     """Parameters made trainable after :func:`s2a.apply` (a block unfrozen by hand): saved too."""
     tuned = set(state.tuned_keys)
@@ -163,8 +146,9 @@ def save_tuned(model: nn.Module, directory: str | os.PathLike) -> Path:
                     "numel": sum(t.numel() for t in tensors.values()),
                     "trained_since_apply": sorted(set(tensors) - set(state.tuned_keys))},
     }
-    _atomic_write(directory / TENSORS_FILE, blob)
-    _atomic_write(directory / CONFIG_FILE, json.dumps(meta, indent=2).encode())
+    atomic_write(directory / TENSORS_FILE, lambda fh: fh.write(blob))
+    config_text = json.dumps(meta, indent=2).encode()
+    atomic_write(directory / CONFIG_FILE, lambda fh: fh.write(config_text))
     return directory
 
 
