@@ -152,48 +152,41 @@ def _build_transformers(
     config = AutoConfig.from_pretrained(path)
     label = name if name.lower() in ALIASES else os.path.basename(os.path.normpath(path))
     # (a multimodal config, CLIP's, keeps each half in a sub-config: neither branch takes it)
-    if getattr(config, "vocab_size", None) is None and hasattr(config, "image_size"):
+    image = getattr(config, "vocab_size", None) is None and hasattr(config, "image_size")
+    batch: dict[str, Any]
+    if image:
         if seq_len is not None:
             raise CliError(f"--seq-len applies to text models; {label} is an image model: use --img-size")
         side = img_size or config.image_size
         side = side[0] if isinstance(side, (tuple, list)) else int(side)
-        chans = int(getattr(config, "num_channels", 3))
-        torch.manual_seed(seed)
-        model = AutoModel.from_pretrained(path)
-        model.train()
-        x = torch.randn(batch_size, chans, side, side, generator=gen)
-        batch: dict[str, Any] = {"pixel_values": x}
-        if img_size is not None and "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
-            batch["interpolate_pos_encoding"] = True  # ViT-type position tables are for image_size
-        return ModelSpec(model=model, batch=batch, label=label, source="transformers",
-                         input_desc=f"images {tuple(x.shape)}")
-    if getattr(config, "vocab_size", None) is None:
-        raise CliError(f"{path}: its config ({type(config).__name__}) has neither a vocab_size (text) nor an "
-                       "image_size (images); s2a memory builds inputs for those two kinds only")
-    if img_size is not None:
-        raise CliError(f"--img-size applies to image models; {label} is a text model: use --seq-len")
-    max_len = getattr(config, "max_position_embeddings", None)
-    if seq_len is None:
-        seq_len = min(DEFAULT_SEQ_LEN, max_len) if max_len else DEFAULT_SEQ_LEN
-    if seq_len <= 0:
-        raise CliError(f"--seq-len must be positive, got {seq_len}")
-    if max_len is not None and seq_len > max_len:
-        raise CliError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={max_len}")
+        x = torch.randn(batch_size, int(getattr(config, "num_channels", 3)), side, side, generator=gen)
+        batch, input_desc = {"pixel_values": x}, f"images {tuple(x.shape)}"
+    else:
+        if getattr(config, "vocab_size", None) is None:
+            raise CliError(f"{path}: its config ({type(config).__name__}) has neither a vocab_size (text) nor an "
+                           "image_size (images); s2a memory builds inputs for those two kinds only")
+        if img_size is not None:
+            raise CliError(f"--img-size applies to image models; {label} is a text model: use --seq-len")
+        max_len = getattr(config, "max_position_embeddings", None)
+        if seq_len is None:
+            seq_len = min(DEFAULT_SEQ_LEN, max_len) if max_len else DEFAULT_SEQ_LEN
+        if seq_len <= 0:
+            raise CliError(f"--seq-len must be positive, got {seq_len}")
+        if max_len is not None and seq_len > max_len:
+            raise CliError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={max_len}")
+        vocab = int(config.vocab_size)
+        input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+        batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        input_desc = f"tokens {tuple(input_ids.shape)} (vocab {vocab})"
     torch.manual_seed(seed)
     model = AutoModel.from_pretrained(path)
     model.train()
-    vocab = int(config.vocab_size)
-    input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    if "use_cache" in inspect.signature(model.forward).parameters:
+    takes = inspect.signature(model.forward).parameters
+    if image and img_size is not None and "interpolate_pos_encoding" in takes:
+        batch["interpolate_pos_encoding"] = True  # ViT-type position tables are for image_size
+    if not image and "use_cache" in takes:
         batch["use_cache"] = False  # a training step keeps no KV cache
-    return ModelSpec(
-        model=model,
-        batch=batch,
-        label=label,
-        source="transformers",
-        input_desc=f"tokens {tuple(input_ids.shape)} (vocab {vocab})",
-    )
+    return ModelSpec(model=model, batch=batch, label=label, source="transformers", input_desc=input_desc)
 
 
 # ---------------------------------------------------------------------------- set-ups
