@@ -208,3 +208,10 @@ def test_output_attentions_runs_the_original_attention():
     s2a.restore(model)
     assert model.config._attn_implementation == "eager"
     assert len(model(**batch, output_attentions=True).attentions) == 2
+
+
+def test_summary_lists_attention_on_sdpa_before_or_by_s2a():
+    # A model already on SDPA (transformers' default) had no attention entry at all.
+    for impl in ("eager", "sdpa"):
+        summary = s2a.compression_summary(s2a.compress_activations(_bert(impl)))
+        assert [k for k, v in summary.items() if v.startswith("attention@")] == [""], impl

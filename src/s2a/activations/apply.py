@@ -770,6 +770,9 @@ def _switch_attention(module: nn.Module, state: _State) -> bool:
             return False
         state.attn_impl.append((module, impl))
         return True
+    if (impl == "sdpa" and hasattr(module, "set_attn_implementation")
+            and not any(m.config is config for m in [*state.sdpa_models, *(m for m, _ in state.attn_impl)])):
+        state.sdpa_models.append(module)  # already on SDPA: only compression_summary needs it
     return False
 
 
@@ -780,6 +783,7 @@ class _State:
     routed: list = field(default_factory=list)  # (module, kind): unpatched, its calls routed by the mode
     attrs: list = field(default_factory=list)
     attn_impl: list = field(default_factory=list)  # (transformers model, its own implementation)
+    sdpa_models: list = field(default_factory=list)  # transformers models on SDPA before s2a
     original_attn: int = 0  # depth of forwards that asked for attention weights (see _attn_hooks)
     attn_now: list = field(default_factory=list)  # (model, implementation) to go back to after them
     hooks: list = field(default_factory=list)
@@ -1114,7 +1118,8 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
         return spec.bits_for(op)
 
     entries = [(m, k) for m, k, _ in state.patched] + state.routed
-    # attention that runs through SDPA by a flag or a transformers implementation switch
+    # attention that runs through SDPA by a flag, a transformers implementation switch, or
+    # a transformers model's own choice of SDPA
     entries += [(m, "attention") for m, attr, _ in state.attrs if attr == "fused_attn"]
-    entries += [(m, "attention") for m, _ in state.attn_impl]
+    entries += [(m, "attention") for m, _ in state.attn_impl] + [(m, "attention") for m in state.sdpa_models]
     return {names.get(id(m), "?"): f"{k}@{storage(k, m)}" for m, k in entries}
