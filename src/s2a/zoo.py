@@ -157,11 +157,14 @@ def _to_chw_uint8(item: Any) -> torch.Tensor:
         item = np.asarray(item)
     t = torch.from_numpy(np.array(item, copy=True)) if isinstance(item, np.ndarray) else item
     if t.dtype != torch.uint8:
+        # [0, 1] is a float convention: an integer image of 0s and 1s is near-black, not white
+        unit = t.dtype.is_floating_point and t.numel() and t.max() <= 1.0
         t = t.float()
-        if t.numel() and t.min() < 0:
-            raise ZooError(f"image values reach {t.min().item():g}: pass unnormalised pixels "
-                           "([0, 1] or [0, 255]); the preprocessor normalises them")
-        if t.max() <= 1.0:
+        if t.numel() and (t.min() < 0 or t.max() > 256):
+            raise ZooError(f"image values reach {(t.min() if t.min() < 0 else t.max()).item():g}: pass "
+                           "unnormalised 8-bit pixels ([0, 1] floats or [0, 255]); the preprocessor "
+                           "normalises them")
+        if unit:
             t = t * 255.0
         t = t.round().clamp(0, 255).to(torch.uint8)
     if t.ndim == 2:  # H, W grey

@@ -521,3 +521,95 @@ def test_integer_labels_with_a_stray_name_are_names_and_noted(tmp_path):
     ids = tmp_path / "ids.csv"
     ids.write_text("text,label\n" + "\n".join(f"{t},{lab}" for t, lab in rows[:-1]) + "\n")
     assert not any("the labels are integers" in n for n in load_data(str(ids)).notes)
+
+
+# ---------------------------------------------------------------------------- splits that disagree
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+
+
+def test_splits_labelled_differently_are_refused(tmp_path, image_tree, write_pngs):
+    """Each loaded, with a note, and then scored near zero on test: a case difference, ids in
+    one split and names in another, test classes train never saw."""
+    d = tmp_path / "t"
+    d.mkdir()
+    _jsonl(d / "train.jsonl", [(f"s{i}", "neg" if i % 2 else "pos") for i in range(20)])
+    _jsonl(d / "test.jsonl", [(f"t{i}", "Neg" if i % 2 else "pos") for i in range(6)])
+    with pytest.raises(DataError, match=r"class 'Neg' has no train example, but train has 'neg'"):
+        load_data(str(d))
+    _jsonl(d / "test.jsonl", [(f"t{i}", str(i % 2)) for i in range(6)])
+    with pytest.raises(DataError, match=r"the train labels are class names \(e.g. 'pos'\)|the test labels are class ids"):
+        load_data(str(d))
+    _jsonl(d / "test.jsonl", [(f"t{i}", "happy" if i % 2 else "sad") for i in range(6)])
+    with pytest.raises(DataError, match=r"6 of 8 val/test examples belong to classes with no train example"):
+        load_data(str(d))
+    root = image_tree({"train": 4}, name="cased")  # blue / green / red
+    for ci, c in enumerate(("Blue", "Green", "Red")):
+        write_pngs(root / "test" / c, 2, ci, seed=ci)
+    with pytest.raises(DataError, match="class 'Blue' has no train example, but train has 'blue'"):
+        load_data(str(root))
+
+
+def test_val_that_is_the_test_split(tmp_path):
+    d = tmp_path / "t"
+    d.mkdir()
+    _jsonl(d / "train.jsonl", [(f"s{i}", i % 2) for i in range(20)])
+    _jsonl(d / "test.jsonl", [(f"t{i}", i % 2) for i in range(6)])
+    _jsonl(d / "val.jsonl", [(f"t{i}", i % 2) for i in range(6)])
+    with pytest.raises(DataError, match="the val and test splits hold the same 6 texts"):
+        load_data(str(d))
+    _jsonl(d / "val.jsonl", [(f"t{i}" if i < 2 else f"v{i}", i % 2) for i in range(6)])
+    assert "2 of 6 val texts also appear in test" in " ".join(load_data(str(d)).notes)
+    (d / "dev.csv").write_text("text,label\na,0\n")
+    with pytest.raises(DataError, match=r"val\.jsonl and dev\.csv are all val files: keep one of them"):
+        load_data(str(d))
+
+
+def test_table_mistakes_are_named(tmp_path, monkeypatch):
+    t = tmp_path / "tokens.jsonl"
+    t.write_text("".join(json.dumps({"text": ["tok", str(i)], "label": i % 2}) + "\n" for i in range(10)))
+    with pytest.raises(DataError, match=r"row 1: text is a list .*join the tokens"):
+        load_data(str(t))
+    dup = tmp_path / "dup.csv"
+    dup.write_text("text,label,label\n" + "".join(f"s{i},{i % 2},0\n" for i in range(10)))
+    with pytest.raises(DataError, match=r"names column\(s\) \['label'\] more than once"):
+        load_data(str(dup))
+    semi = tmp_path / "semi.csv"
+    semi.write_text("text;label\n" + "".join(f"s{i};{i % 2}\n" for i in range(10)))
+    with pytest.raises(DataError, match="separated by ';'"):
+        load_data(str(semi))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(("text,label\n" + "".join(f"caf\xe9 {i},{i % 2}\n" for i in range(10))).encode("latin-1"))
+    with pytest.raises(DataError, match="save it as UTF-8"):
+        load_data(str(latin))
+    long = tmp_path / "long.csv"  # over the csv module's default field limit of 128 KiB
+    long.write_text("text,label\n" + "".join(f"{'word ' * 30000}{i},{i % 2}\n" for i in range(10)))
+    assert len(load_data(str(long)).train.items[0]) > 150_000
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "test.csv").write_text("text,label\na,0\nb,1\n")
+    with pytest.raises(DataError, match="needs a train file"):
+        load_data(str(only))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert len(load_data("~/long.csv").classes) == 2  # "--data=~/x" reaches Python unexpanded
+
+
+def test_image_folder_follows_linked_folders(image_tree):
+    root = image_tree({"all": 3}, flat=True, name="linked")
+    (root / "blue" / "more").symlink_to(root / "green", target_is_directory=True)  # 3 more, under blue
+    (root / "red" / "loop").symlink_to(root / "red", target_is_directory=True)  # read once
+    d = load_data(str(root))
+    assert len(d.train) + len(d.val) + len(d.test) == 12
+
+
+def test_hugging_face_splits_that_disagree(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+    train = datasets.Dataset.from_dict({"text": [f"s{i}" for i in range(30)], "label": [i % 2 for i in range(30)]})
+    other = datasets.Dataset.from_dict({"text": ["t0", "t1"], "stars": [0, 1]})
+    datasets.DatasetDict({"train": train, "test": other}).save_to_disk(str(tmp_path / "cols"))
+    with pytest.raises(DataError, match=r"split 'test' has no column 'label' \(its columns: \['text', 'stars'\]\)"):
+        load_data(str(tmp_path / "cols"))
+    partly = datasets.Dataset.from_dict({"text": ["t0", "t1", "t2"], "label": [0, -1, 1]})
+    datasets.DatasetDict({"train": train, "test": partly}).save_to_disk(str(tmp_path / "partly"))
+    with pytest.raises(DataError, match=r"split 'test' has 1 unlabelled row\(s\) of 3"):
+        load_data(str(tmp_path / "partly"))

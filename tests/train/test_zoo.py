@@ -169,8 +169,12 @@ def test_image_preprocessor_16_bit_short_images_and_pixel_lists(tmp_path):
     assert t.shape == (3, 3, 8) and t[0].eq(200).all() and t[1:].eq(0).all()
     # pixel lists (a Hugging Face array column) and [0, 1] floats; normalised floats are refused
     assert torch.equal(_to_chw_uint8(np.full((5, 5, 3), 0.5).tolist()), torch.full((3, 5, 5), 128, dtype=torch.uint8))
-    with pytest.raises(ZooError, match="pass unnormalised pixels"):
+    with pytest.raises(ZooError, match="pass unnormalised 8-bit pixels"):
         _to_chw_uint8(torch.full((3, 4, 4), -1.0))
+    # integers are [0, 255] whatever their largest value: a 0/1 integer image stays near-black
+    assert _to_chw_uint8(np.ones((5, 5, 3), dtype=np.int64)).max() == 1
+    with pytest.raises(ZooError, match="image values reach 65535"):  # 16-bit values were clipped at 255
+        _to_chw_uint8(np.full((5, 5, 3), 65535, dtype=np.int32))
 
 
 def _tiny_llama_dir(path, arch="llama"):

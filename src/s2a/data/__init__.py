@@ -55,7 +55,13 @@ from .images import (
     load_vtab,
     read_idx,
 )
-from .text import RT_INSTALL, TABLE_SUFFIXES, load_rotten_tomatoes, load_text_table
+from .text import (
+    RT_INSTALL,
+    SPLIT_FILE_NAMES,
+    TABLE_SUFFIXES,
+    load_rotten_tomatoes,
+    load_text_table,
+)
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -121,8 +127,9 @@ def resolve_kind(spec: str) -> str:
             return "vtab"
         if find_idx_files(path) is not None:
             return "idx"
-        if any((path / f"train{s}").is_file() for s in TABLE_SUFFIXES):
-            return "table-dir"
+        if any((path / f"{stem}{s}").is_file() for stems in SPLIT_FILE_NAMES.values() for stem in stems
+               for s in TABLE_SUFFIXES):
+            return "table-dir"  # (without train.*, load_text_table says it is needed)
         return "image-folder"
     close = difflib.get_close_matches(spec.lower(), list(BUILTIN_DATASETS), n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -155,6 +162,8 @@ def load_data(
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise DataError(f"{name} (--{name.replace('_', '-')}) must be an integer >= 1, got {value!r}")
     kind = resolve_kind(spec)
+    if not kind.startswith(("builtin:", "hf-hub")):  # a path: "--data=~/x" reaches here unexpanded
+        spec = str(Path(spec).expanduser())
     if (text_column is not None or label_column is not None) and kind in (
         "builtin:rotten-tomatoes", "builtin:fashion-mnist", "idx", "vtab", "image-folder",
     ):  # fmt: skip

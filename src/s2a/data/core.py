@@ -198,6 +198,10 @@ def texts_of(values: Iterable[Any], *, where: str, split: str) -> list[str]:
     for row, v in enumerate(values, 1):
         if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
             raise DataError(f"{where}: {_row_name(split, row)}: text {v!r} is missing: give that row a text or drop it")
+        if not isinstance(v, (str, int, float, np.integer, np.floating)):  # str() would train on a repr
+            raise DataError(
+                f"{where}: {_row_name(split, row)}: text is a {type(v).__name__} ({str(v)[:60]}...), not a "
+                "string: join the tokens into one string per row, or pick another text column (--text-column)")
         out.append(str(v))
     return out
 
@@ -222,6 +226,7 @@ def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict
                 out.append(_parse_label(v))
             except ValueError as exc:
                 raise DataError(f"{where}: {_row_name(split, row)}: label {v!r} {exc}") from None
+    _refuse_ids_beside_names(parsed, where)
     flat = [v for vs in parsed.values() for v in vs]
     texts = [v for v in flat if isinstance(v, str)]
     if texts and all(_INTEGER.fullmatch(v) for v in texts):  # a CSV column of ids
@@ -246,6 +251,21 @@ def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict
     return {k: [index[v] for v in vs] for k, vs in parsed.items()}, [str(c) for c in classes]
 
 
+def _refuse_ids_beside_names(parsed: Mapping[str, Sequence[int | str]], where: str) -> None:
+    """One split labelled by class ids, another by names ("0"/"1" beside "neg"/"pos"): taken
+    together they would be four classes, and no test example could be predicted right."""
+    def is_id(v: int | str) -> bool:
+        return isinstance(v, int) or bool(_INTEGER.fullmatch(v))
+
+    ids = {k: next(v for v in vs if is_id(v)) for k, vs in parsed.items() if vs and all(is_id(v) for v in vs)}
+    names = {k: next(iter(vs)) for k, vs in parsed.items() if vs and not any(is_id(v) for v in vs)}
+    if ids and names:
+        (a, x), (b, y) = next(iter(ids.items())), next(iter(names.items()))
+        raise DataError(
+            f"{where}: the {a} labels are class ids (e.g. {x!r}) and the {b} labels are class names "
+            f"(e.g. {y!r}): label every split the same way (all ids or all names)")
+
+
 def classes_missing_note(classes: Sequence[Any], present: Collection[Any], lacking: str) -> str | None:
     """A note naming the classes outside ``present`` (e.g. with no training example), or None."""
     absent = [c for c in classes if c not in present]
@@ -257,14 +277,30 @@ def classes_missing_note(classes: Sequence[Any], present: Collection[Any], lacki
 
 def shared_items_note(train: Split, val: Split, test: Split, what: str = "texts") -> str | None:
     """A note counting val/test items (texts, or image files of list-file layouts) that also
-    appear in train (a table with duplicates, split by row; a list repeating a line), or None:
-    their accuracy is optimistic."""
-    seen = {str(t).strip() for t in train.items}
-    hits = {name: sum(str(t).strip() in seen for t in s.items) for name, s in (("test", test), ("val", val))}
-    if not any(hits.values()):
-        return None
-    return (f"{hits['test']} of {len(test)} test and {hits['val']} of {len(val)} val {what} also appear in "
-            "train (duplicate rows): their accuracy is optimistic; deduplicate the data to avoid it")
+    appear in train (a table with duplicates, split by row; a list repeating a line), and val
+    items that are test items, or None: their accuracy is optimistic, or the choice of the
+    best epoch saw test examples. A val split that is the test split (not train's rows again)
+    is refused: selection would run on the test set."""
+    def keys(split: Split) -> list[str]:
+        return [str(t).strip() for t in split.items]
+
+    seen, in_test = set(keys(train)), set(keys(test))
+    val_keys = keys(val)
+    # (a table of repeated rows can put the same texts in all three splits: noted below)
+    if sorted(val_keys) == sorted(keys(test)) and not in_test <= seen:
+        raise DataError(
+            f"the val and test splits hold the same {len(in_test)} {what}: the best epoch would be chosen "
+            "on the test set. Give a separate val split, or none (then one is carved from train)")
+    hits = {name: sum(k in seen for k in ks) for name, ks in (("test", keys(test)), ("val", val_keys))}
+    val_in_test = sum(k in in_test for k in val_keys)
+    notes = []
+    if any(hits.values()):
+        notes.append(f"{hits['test']} of {len(test)} test and {hits['val']} of {len(val)} val {what} also appear "
+                     "in train (duplicate rows): their accuracy is optimistic; deduplicate the data to avoid it")
+    if val_in_test:
+        notes.append(f"{val_in_test} of {len(val)} val {what} also appear in test: the best epoch was chosen "
+                     "partly on test examples; make the splits disjoint to avoid it")
+    return "; ".join(notes) or None
 
 
 def complete_splits(
@@ -317,6 +353,7 @@ class DataBundle:
                 raise DataError(f"{self.name}: {split_name} label {bad[0]} is outside 0..{k - 1}")
         note = self.check_train_classes("no train example")
         if note:
+            self._refuse_unshared_labels()
             self.notes.append(note)
         ids = [c for c in self.classes if _INTEGER.fullmatch(str(c))]
         if ids and len(ids) < k:  # "0".."11" and "n/a": names, sorted as text
@@ -339,6 +376,28 @@ class DataBundle:
                 "the training data hold more than one class?"
             )
         return classes_missing_note(self.classes, {self.classes[i] for i in present}, lacking)
+
+    def _refuse_unshared_labels(self) -> None:
+        """A class only val/test hold is kept (see :meth:`check_train_classes`), but not
+        when it is a train class spelt otherwise ("Pos" beside "pos"), nor when most val/test
+        examples are of such classes: the splits do not share their labels, and their
+        accuracy would be near zero."""
+        present = {self.classes[i] for i in set(self.train.labels)}
+        folded = {c.strip().casefold(): c for c in present}
+        for c in self.classes:
+            if c not in present and c.strip().casefold() in folded:
+                raise DataError(
+                    f"{self.name}: class {c!r} has no train example, but train has {folded[c.strip().casefold()]!r}: "
+                    "the two would be separate classes. Spell the labels the same way in every split")
+        held = {i for i in range(len(self.classes)) if self.classes[i] in present}
+        labels = self.val.labels + self.test.labels
+        unseen = sum(v not in held for v in labels)
+        if unseen * 2 > len(labels):
+            absent = sorted({self.classes[v] for v in labels if v not in held})
+            raise DataError(
+                f"{self.name}: {unseen} of {len(labels)} val/test examples belong to classes with no train "
+                f"example ({absent[:10]}{'...' if len(absent) > 10 else ''}; train has {sorted(present)[:10]}): "
+                "the splits do not share their labels. Use the same class names or ids in every split")
 
     @property
     def num_classes(self) -> int:

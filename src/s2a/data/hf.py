@@ -150,14 +150,21 @@ def load_hf(
         if xcol is None:
             raise DataError(f"{where}: no text or image column (looked for {list(TEXT_COLUMN_GUESSES + IMAGE_COLUMN_GUESSES)}); columns found: {columns}. Name it with --text-column or --image-column.")
         kind = "text"
+    for k, ds in parts.items():  # the columns were picked from the first split
+        lacking = [c for c in (lcol, xcol) if c not in ds.column_names]
+        if lacking:
+            raise DataError(f"{where}: split {k!r} has no column {lacking[0]!r} (its columns: "
+                            f"{list(ds.column_names)}): give every split the same columns")
     raws = {k: list(ds[lcol]) for k, ds in parts.items()}
     notes = []
     for k in list(raws):
-        if any(_unlabelled(v) for v in raws[k]):  # e.g. GLUE's test splits: every label is -1
-            if k != "test":
-                raise DataError(f"{where}: split {k!r} has unlabelled rows (label -1 or None)")
+        unlabelled = sum(_unlabelled(v) for v in raws[k])
+        if unlabelled == len(raws[k]) and k == "test":  # e.g. GLUE's test splits: every label is -1
             del raws[k], parts[k]
             notes.append("the test split is unlabelled (label -1 or None): not used")
+        elif unlabelled:
+            raise DataError(f"{where}: split {k!r} has {unlabelled} unlabelled row(s) of {len(raws[k])} "
+                            "(label -1 or None): drop them (Dataset.filter) and save the dataset again")
     names_by = {k: list(getattr(parts[k].features.get(lcol), "names", None) or []) for k in raws}
     if any(names_by.values()):
         ids_by, classes = _class_label_ids(raws, names_by, lcol, where)

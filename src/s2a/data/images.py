@@ -154,11 +154,20 @@ def _hidden(name: str) -> bool:
 
 
 def _images_under(directory: Path) -> list[Path]:
-    return sorted(
-        p for p in directory.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        and not any(_hidden(part) for part in p.relative_to(directory).parts)
-    )
+    """Image files below ``directory``, following linked folders (Path.rglob does not before
+    Python 3.13: a class folder of links to the real folders would look empty), each real
+    folder once (a link to a parent would loop)."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        found += [Path(top, f) for f in files
+                  if not _hidden(f) and Path(f).suffix.lower() in IMAGE_SUFFIXES and Path(top, f).is_file()]
+    return sorted(found)
 
 
 def _class_dirs(directory: Path) -> list[Path]:

@@ -24,6 +24,7 @@ from .core import (
 
 __all__ = [
     "RT_INSTALL",
+    "SPLIT_FILE_NAMES",
     "TABLE_SUFFIXES",
     "load_rotten_tomatoes",
     "load_text_table",
@@ -105,6 +106,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     quote. Tables that need quoting are CSV. Every format is read as utf-8-sig: a BOM (Notepad,
     Excel's "CSV UTF-8") would otherwise cling to the first column name or break the JSON."""
     suffix = path.suffix.lower()
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # 128 KiB by default: a long document
     try:
         if suffix in (".csv", ".tsv"):
             with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -112,6 +114,10 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                           else csv.DictReader(fh))
                 rows = []
                 width = len(reader.fieldnames or ())
+                named = [c for c in reader.fieldnames or () if c.strip()]
+                twice = sorted({c for c in named if named.count(c) > 1})
+                if twice:  # DictReader would keep the last of them, silently
+                    raise DataError(f"{path}: the header names column(s) {twice} more than once: rename them")
                 for row in reader:
                     extra = row.pop(None, None)  # fields beyond the header's
                     if extra and any(str(v).strip() for v in extra):
@@ -155,7 +161,9 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                     if not isinstance(obj, dict):
                         raise DataError(f"{path}:{lineno}: expected a JSON object per line")
                     rows.append(obj)
-    except (OSError, UnicodeDecodeError, csv.Error, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise DataError(f"cannot read {path}: {exc}: save it as UTF-8") from None
+    except (OSError, csv.Error, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     columns: list[str] = []
     for r in rows[:1000]:
@@ -186,6 +194,9 @@ def _table_split(path: Path, text_column: str | None, label_column: str | None) 
     rows, columns = _read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
+    if len(columns) == 1 and text_column not in columns and any(c in columns[0] for c in ";|"):
+        raise DataError(f"{path}: one column, {columns[0]!r}: is it separated by ';' or '|'? A .csv must be "
+                        "comma-separated (a .tsv tab-separated): save it so")
     tcol = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text", str(path), "--text-column")
     lcol = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label", str(path), "--label-column")
     for i, r in enumerate(rows):  # an empty or null value is refused with the others, by texts_of / labels_to_ids
@@ -197,11 +208,13 @@ def _table_split(path: Path, text_column: str | None, label_column: str | None) 
 def _split_files(directory: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for split, stems in SPLIT_FILE_NAMES.items():
-        for stem in stems:
-            for suffix in TABLE_SUFFIXES:
-                p = directory / f"{stem}{suffix}"
-                if p.is_file() and split not in found:
-                    found[split] = p
+        files = [directory / f"{stem}{suffix}" for stem in stems for suffix in TABLE_SUFFIXES]
+        files = [p for p in files if p.is_file()]
+        if len(files) > 1:
+            raise DataError(f"{directory}: {' and '.join(p.name for p in files)} are all {split} files: "
+                            "keep one of them (or move the others out)")
+        if files:
+            found[split] = files[0]
     return found
 
 
