@@ -43,6 +43,9 @@ def test_torchrun_two_cpu_processes_match_one(image_folder, tmp_path, run_cli):
     a = json.loads((single / "report.json").read_text())
     b = json.loads((ddp / "report.json").read_text())
     assert a["world_size"] == 1 and b["world_size"] == 2
+    # each process draws its own dropout masks: one seed made every share draw rank 0's
+    rng = load_checkpoint(ddp / "checkpoints" / "last.pt")["rng_per_rank"]
+    assert not torch.equal(rng[0]["torch"], rng[1]["torch"])
     assert a["steps"] == b["steps"] == 8
     ta = load_checkpoint(single / "checkpoints" / "last.pt")["trainable"]
     tb = load_checkpoint(ddp / "checkpoints" / "last.pt")["trainable"]

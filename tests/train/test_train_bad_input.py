@@ -104,6 +104,9 @@ def test_resume_with_other_options_is_refused(run_cli, tmp_path, finished_run):
     run = _copy(finished_run, tmp_path)
     msg = _error(run_cli, "--out", str(run), "--resume", "--lr", "0.5")
     assert "--resume continues a run with its own options" in msg and "--lr 0.5" in msg
+    resolved = json.loads((run / "config.json").read_text())["resolved"]["lr"]
+    assert f"(the run has its default, {resolved!r})" in msg  # not "the run has None"
+    assert run_cli("--out", str(run), "--resume", "--lr", str(resolved)) == 0  # the rate it ran with
     # a finished run resumes to its report again (nothing left to train)
     assert run_cli("--out", str(run), "--resume") == 0
     cfg = TrainConfig.from_dict({**json.loads((run / "config.json").read_text())["config"], "lr": 0.5})

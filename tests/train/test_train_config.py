@@ -15,9 +15,12 @@ BASE = ["--model", "test_vit", "--data", "rotten-tomatoes"]
 @pytest.mark.parametrize(
     ("flag", "value", "needle"),
     [
-        ("--lr", "0", "lr (--lr) must be a number > 0"),
-        ("--lr", "-1e-3", "lr (--lr) must be a number > 0"),
-        ("--lr", "nan", "lr (--lr) must be a number > 0"),
+        ("--lr", "0", "lr (--lr) must be a number > 0 (at most 3.4e37"),
+        ("--lr", "-1e-3", "lr (--lr) must be a number > 0 (at most 3.4e37"),
+        ("--lr", "nan", "lr (--lr) must be a number > 0 (at most 3.4e37"),
+        ("--lr", "1e39", "lr (--lr) must be a number > 0 (at most 3.4e37"),
+        ("--seed", str(2**44), "seed (--seed) must be an integer in [0, 2**32)"),
+        ("--weight-decay", "1e39", "weight_decay (--weight-decay) must be a number >= 0 (at most 3.4e37)"),
         ("--epochs", "0", "epochs (--epochs) must be an integer >= 1"),
         ("--batch-size", "0", "batch_size (--batch-size) must be an integer >= 1"),
         ("--batch-size", "-4", "batch_size (--batch-size) must be an integer >= 1"),

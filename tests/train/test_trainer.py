@@ -183,6 +183,7 @@ def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
     ra = json.loads((a / "report.json").read_text())
     assert f"{100 * ra['accuracy']:.2f}%" in out and "saved for backward" in out
     assert plot.stat().st_size > 1000 and md.read_text().startswith("| ")
+    assert "Note: these runs differ" not in out
     with pytest.raises(SystemExit, match="no finished run"):
         main(["compare", str(a), str(tmp_path / "nowhere")])
     # runs of one method get distinct labels (the plot would draw them as one bar); output
@@ -196,6 +197,10 @@ def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
     # a report.json edited by hand: named, not a traceback
     edited = tmp_path / "edited"
     edited.mkdir()
+    (edited / "report.json").write_text(json.dumps({**ra, "batch_size": 2 * ra["batch_size"], "world_size": 2}))
+    main(["compare", str(a), str(edited)])
+    assert (f"Note: these runs differ in batch_size ({ra['batch_size']}, {2 * ra['batch_size']}); world_size (1, 2)"
+            in capsys.readouterr().out)
     for content, needle in (("5", "holds a JSON int"), (json.dumps({**ra, "accuracy": None}), "accuracy=None"),
                             (json.dumps({**ra, "trainable_percent": "0.8"}), "trainable_percent='0.8'")):
         (edited / "report.json").write_text(content)

@@ -150,8 +150,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if not path.is_file():
             raise CliError(f"nothing to resume: {path} does not exist (drop --resume to start a run there)")
         try:
-            saved = json.loads(path.read_text(encoding="utf-8"))["config"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            whole = json.loads(path.read_text(encoding="utf-8"))
+            saved, resolved = whole["config"], whole.get("resolved") or {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CliError(f"{path} is unreadable ({exc}); start again with --overwrite") from None
         conflicts = []
         for k, v in given.items():
@@ -159,7 +160,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             if k in RUNTIME_FIELDS:
                 continue
             new = list(v) if isinstance(v, tuple) else v
-            if old != new:
+            if old is None and k in resolved:  # a default the run filled in (--lr, --act-bits)
+                if resolved[k] != new:
+                    conflicts.append(f"--{k.replace('_', '-')} {new!r} (the run has its default, {resolved[k]!r})")
+            elif old != new:
                 conflicts.append(f"--{k.replace('_', '-')} {new!r} (the run has {old!r})")
         if conflicts:
             raise CliError(

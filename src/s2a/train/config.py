@@ -34,6 +34,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 RUNTIME_FIELDS = ("out", "device", "num_workers", "progress", "log_every", "stop_after", "save_every")
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 class TrainError(ValueError):
     """A training run that cannot start or continue; the message says why and what to do."""
 
@@ -190,14 +193,23 @@ class TrainConfig:
                 fail(name, "an integer >= 1")
         if self.img_size is not None and (not is_int(self.img_size) or self.img_size < 8):
             fail("img_size", "an integer >= 8")
-        for name in ("num_workers", "save_every", "seed", "split_seed", "stop_after"):
+        for name in ("num_workers", "save_every", "stop_after"):
             v = getattr(self, name)
             if not is_int(v) or v < 0:
                 fail(name, "an integer >= 0")
-        if self.lr is not None and (not is_num(self.lr) or self.lr <= 0):
-            fail("lr", "a number > 0")
-        if not is_num(self.weight_decay) or self.weight_decay < 0:
-            fail("weight_decay", "a number >= 0")
+        for name in ("seed", "split_seed"):  # (torch seeds take 64 bits; the trainer derives others)
+            v = getattr(self, name)
+            if not is_int(v) or not 0 <= v < 2**32:
+                fail(name, "an integer in [0, 2**32)")
+        # Past float32's range an AdamW step fails inside PyTorch, after the whole set-up: its
+        # first step moves by 10 x lr (bias correction), and scales weights by 1 - lr * decay.
+        if self.lr is not None and (not is_num(self.lr) or not 0 < self.lr <= _FLOAT32_MAX / 10):
+            fail("lr", "a number > 0 (at most 3.4e37: AdamW's first step is 10 x lr, in float32)")
+        if not is_num(self.weight_decay) or not 0 <= self.weight_decay <= _FLOAT32_MAX / 10:
+            fail("weight_decay", "a number >= 0 (at most 3.4e37)")
+        if self.lr is not None and self.lr * self.weight_decay > _FLOAT32_MAX / 10:
+            fail("weight_decay", f"at most {_FLOAT32_MAX / 10 / self.lr:.3g} with --lr {self.lr:g} (AdamW "
+                 "scales the weights by 1 - lr x weight decay, in float32)")
         if not is_num(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
             fail("warmup_ratio", "in [0, 1)")
         if not is_num(self.max_grad_norm) or self.max_grad_norm < 0:

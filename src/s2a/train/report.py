@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REQUIRED_KEYS", "compare_runs", "load_report", "plot_curves", "plot_memory", "read_metrics", "write_report"]
+__all__ = ["REQUIRED_KEYS", "compare_runs", "load_report", "plot_curves", "plot_memory", "read_metrics",
+           "train_loss_label", "write_report"]
 
 REQUIRED_KEYS = (
     "accuracy",
@@ -81,7 +82,14 @@ def plot_memory(by_kind: Mapping[str, int], path: str | os.PathLike, title: str)
     fig.savefig(str(path))
 
 
-def plot_curves(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str) -> None:
+def train_loss_label(label_smoothing: Any) -> str:
+    """Validation loss is plain cross-entropy; training loss is smoothed when asked: said, or
+    the gap between the two curves would look like over- or under-fitting."""
+    return f"train loss (label smoothing {label_smoothing})" if label_smoothing else "train loss"
+
+
+def plot_curves(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str,
+                label_smoothing: float = 0.0) -> None:
     """Left: training loss per step and validation loss per epoch; right: accuracies."""
     train = [m for m in metrics if m.get("event") == "train"]
     val = [m for m in metrics if m.get("event") == "val"]
@@ -90,7 +98,7 @@ def plot_curves(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike, t
     ax1 = fig.add_subplot(1, 2, 1)
     ax2 = fig.add_subplot(1, 2, 2)
     if train:
-        ax1.plot([m["global_step"] for m in train], [m["loss"] for m in train], label="train loss (step)", lw=1)
+        ax1.plot([m["global_step"] for m in train], [m["loss"] for m in train], label=f"{train_loss_label(label_smoothing)}, by step", lw=1)
     if val:
         ax1.plot([m["global_step"] for m in val], [m["loss"] for m in val], "o-", label="val loss (epoch)")
         ax2.plot([m["epoch"] for m in val], [m["acc"] for m in val], "o-", label="val accuracy")
@@ -131,7 +139,7 @@ def write_report(run_dir: str | os.PathLike, report: dict[str, Any], metrics: Se
     plots = {}
     try:
         plot_memory(report.get("saved_by_kind") or {}, run_dir / "memory_by_operator.png", title)
-        plot_curves(metrics, run_dir / "curves.png", title)
+        plot_curves(metrics, run_dir / "curves.png", title, report.get("label_smoothing") or 0.0)
         plots = {"memory by operator": "memory_by_operator.png", "loss and accuracy": "curves.png"}
     except Exception as exc:  # plotting must never lose a finished run
         report.setdefault("notes", []).append(f"plots not written: {type(exc).__name__}: {exc}")
@@ -172,7 +180,8 @@ def write_report(run_dir: str | os.PathLike, report: dict[str, Any], metrics: Se
         parts.append("")
     hist = report.get("history") or []
     if hist:
-        parts += ["## Epochs", "", "| epoch | train loss | train acc | val loss | val acc |", "|---|---|---|---|---|"]
+        parts += ["## Epochs", "", f"| epoch | {train_loss_label(report.get('label_smoothing'))} | train acc | "
+                  "val loss | val acc |", "|---|---|---|---|---|"]
         for h in hist:
             parts.append(
                 f"| {h['epoch']} | {h.get('train_loss', float('nan')):.4f} | {pct(h.get('train_acc'))} | "
@@ -220,6 +229,9 @@ def _run_label(report: Mapping[str, Any]) -> str:
     return label
 
 
+_COMPARED_SETUP = ("model", "data", "num_train", "num_test", "batch_size", "world_size", "precision", "device")
+
+
 def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike | None = None) -> str:
     """Side-by-side Markdown table of finished runs; ratios are to the first run.
 
@@ -251,6 +263,13 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    # Memory is measured on one process's micro-batch: the batch size and the number of
+    # processes change it as much as the method does.
+    unlike = [f"{k} ({', '.join(str(r.get(k)) for r in reports)})" for k in _COMPARED_SETUP
+              if len({json.dumps(r.get(k), sort_keys=True) for r in reports}) > 1]
+    if unlike:
+        lines += ["", f"Note: these runs differ in {'; '.join(unlike)}: the ratios compare unlike set-ups, "
+                  "not the methods alone."]
     if plot is not None:
         fig = _figure(9, 3.6)
         ax1, ax2 = fig.subplots(1, 2)

@@ -67,7 +67,7 @@ from .distributed import (
     init_distributed,
 )
 from .methods import apply_method
-from .report import read_metrics, write_report
+from .report import read_metrics, train_loss_label, write_report
 
 __all__ = ["RUN_FILES", "TrainInterrupted", "Trainer", "seed_everything", "train"]
 
@@ -434,6 +434,18 @@ class Trainer:
         if not self.params:
             raise TrainError(f"method {cfg.method!r} left no trainable parameter")
         broadcast_module(self.model, info)
+        if info.world_size > 1:
+            # Each process its own dropout masks (with one seed, every share drew the first
+            # share's); rank 0 keeps the single-process stream.
+            seed_everything(cfg.seed + 1_000_003 * info.rank)
+            batch_stats = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                           and m.training and not any(getattr(h, "keeps_running_stats", False)
+                                                      for h in m._forward_pre_hooks.values())]
+            if batch_stats:
+                self.method_notes = [*self.method_notes, (
+                    f"{len(batch_stats)} BatchNorm layer(s) normalise with batch statistics: each of the "
+                    f"{info.world_size} processes normalises its own share of a micro-batch (no SyncBatchNorm), "
+                    "so this run differs from one process's with the same global batch")]
         self.trainable_params = sum(p.numel() for p in self.params)
         self.total_params = sum(p.numel() for p in self.model.parameters())
         self.frozen_sum = frozen_checksum(self.model)
@@ -768,7 +780,7 @@ class Trainer:
         # last step of an epoch may end with a short one); times world_size, which
         # all_reduce_grads divides by.
         weight_per_example = info.world_size / sum(n_global for _, n_global in entries)
-        for share, _n_global in entries:
+        for share, n_global in entries:
             t0 = time.perf_counter()
             inputs, labels = next(loader)
             inputs, labels = _to_device(inputs, info.device), labels.to(info.device)
@@ -779,9 +791,11 @@ class Trainer:
                 except ValueError as exc:
                     if "more than 1 value per channel" not in str(exc):
                         raise
+                    share_of = (f" (this process's share of a micro-batch of {n_global}, split over "
+                                f"{info.world_size} processes)" if info.world_size > 1 else "")
                     raise TrainError(
-                        f"a micro-batch of {len(labels)} example(s) reached a BatchNorm layer that normalises "
-                        f"with the batch's statistics, which one value per channel cannot give ({exc}). "
+                        f"a micro-batch of {len(labels)} example(s){share_of} reached a BatchNorm layer that "
+                        f"normalises with the batch's statistics, which one value per channel cannot give ({exc}). "
                         f"Pick a --batch-size (now {self.rc.batch_size}) that leaves no such last micro-batch "
                         f"of the {len(self.data.train)} training examples, or another --train-size; then start "
                         "over with --overwrite") from None
@@ -945,7 +959,7 @@ class Trainer:
             self._emit({"event": "epoch", "epoch": epoch + 1, "global_step": self.global_step,
                         "train_loss": entry["train_loss"], "train_acc": entry["train_acc"]})  # fmt: skip
             self._log(
-                f"epoch {epoch + 1}/{rc.epochs}: train loss {entry['train_loss']:.4f} acc {entry['train_acc']:.4f} | "
+                f"epoch {epoch + 1}/{rc.epochs}: {train_loss_label(rc.label_smoothing)} {entry['train_loss']:.4f} acc {entry['train_acc']:.4f} | "
                 f"val loss {val['loss']:.4f} acc {val['acc']:.4f}"
             )
             improved = not self.best or val["acc"] > self.best["val_acc"]

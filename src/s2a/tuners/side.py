@@ -767,7 +767,11 @@ def _resolve_blocks(model: nn.Module, info: Any) -> list[tuple[str, nn.Module]]:
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
-    """``t``, copied when it is a view into a larger storage (a kept view keeps it all alive)."""
+    """``t``, copied when it is a view into a larger storage (a kept view keeps it all alive).
+    (While compiling, the storage cannot be traced: a non-contiguous tensor stands for such a
+    view, as in the head's input copy of :mod:`s2a.tuners.model`.)"""
+    if torch.compiler.is_compiling():
+        return t if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
     try:
         larger = t.untyped_storage().nbytes() > t.numel() * t.element_size()
     except (RuntimeError, NotImplementedError):  # pragma: no cover - odd tensor subclasses
