@@ -157,10 +157,12 @@ def _to_chw_uint8(item: Any) -> torch.Tensor:
         item = np.asarray(item)
     t = torch.from_numpy(np.array(item, copy=True)) if isinstance(item, np.ndarray) else item
     if t.dtype != torch.uint8:
-        # [0, 1] is a float convention: an integer image of 0s and 1s is near-black, not white
-        unit = t.dtype.is_floating_point and t.numel() and t.max() <= 1.0
+        # [0, 1] is a float (and bool) convention: an integer image of 0s and 1s is near-black;
+        # a resize's overshoot (1.01, 256.3) is within either range
+        floating = t.dtype.is_floating_point
+        unit = t.dtype == torch.bool or (floating and t.numel() and t.max() <= 1.05)
         t = t.float()
-        if t.numel() and (t.min() < 0 or t.max() > 256):
+        if t.numel() and (t.min() < (-0.05 if floating else 0) or t.max() > (300 if floating else 255)):
             raise ZooError(f"image values reach {(t.min() if t.min() < 0 else t.max()).item():g}: pass "
                            "unnormalised 8-bit pixels ([0, 1] floats or [0, 255]); the preprocessor "
                            "normalises them")

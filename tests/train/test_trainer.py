@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,6 +198,11 @@ def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
     # a report.json edited by hand: named, not a traceback
     edited = tmp_path / "edited"
     edited.mkdir()
+    # the same data named from another directory, another GPU of a kind, an older report: alike
+    moved = {k: v for k, v in ra.items() if k != "world_size"}
+    (edited / "report.json").write_text(json.dumps({**moved, "data": f"/elsewhere/{Path(ra['data']).name}/"}))
+    main(["compare", str(a), str(edited)])
+    assert "Note: these runs differ" not in capsys.readouterr().out
     (edited / "report.json").write_text(json.dumps({**ra, "batch_size": 2 * ra["batch_size"], "world_size": 2}))
     main(["compare", str(a), str(edited)])
     assert (f"Note: these runs differ in batch_size ({ra['batch_size']}, {2 * ra['batch_size']}); world_size (1, 2)"

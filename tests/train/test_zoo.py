@@ -173,6 +173,8 @@ def test_image_preprocessor_16_bit_short_images_and_pixel_lists(tmp_path):
         _to_chw_uint8(torch.full((3, 4, 4), -1.0))
     # integers are [0, 255] whatever their largest value: a 0/1 integer image stays near-black
     assert _to_chw_uint8(np.ones((5, 5, 3), dtype=np.int64)).max() == 1
+    assert _to_chw_uint8(np.ones((5, 5), dtype=bool)).min() == 255  # a mask is white where True
+    assert _to_chw_uint8(np.full((5, 5, 3), 1.01)).min() == 255  # a resize's overshoot of [0, 1]
     with pytest.raises(ZooError, match="image values reach 65535"):  # 16-bit values were clipped at 255
         _to_chw_uint8(np.full((5, 5, 3), 65535, dtype=np.int32))
 

@@ -113,7 +113,10 @@ def resolve_kind(spec: str) -> str:
         if len(spec) <= 3:
             raise DataError("hf: needs a dataset name, e.g. hf:rotten_tomatoes")
         return "hf-hub"
-    path = Path(spec).expanduser()
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError as exc:  # "~nouser/x"
+        raise DataError(f"{spec}: {exc}") from None
     if path.is_file():
         if path.suffix.lower() in TABLE_SUFFIXES:
             return "table"
@@ -127,9 +130,12 @@ def resolve_kind(spec: str) -> str:
             return "vtab"
         if find_idx_files(path) is not None:
             return "idx"
-        if any((path / f"{stem}{s}").is_file() for stems in SPLIT_FILE_NAMES.values() for stem in stems
-               for s in TABLE_SUFFIXES):
-            return "table-dir"  # (without train.*, load_text_table says it is needed)
+        if any((path / f"train{s}").is_file() for s in TABLE_SUFFIXES):
+            return "table-dir"
+        if not any(p.is_dir() for p in path.iterdir()) and any(
+                (path / f"{stem}{s}").is_file() for stems in SPLIT_FILE_NAMES.values() for stem in stems
+                for s in TABLE_SUFFIXES):
+            return "table-dir"  # tables alone, but no train.*: load_text_table says it is needed
         return "image-folder"
     close = difflib.get_close_matches(spec.lower(), list(BUILTIN_DATASETS), n=3, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""

@@ -196,11 +196,12 @@ def texts_of(values: Iterable[Any], *, where: str, split: str) -> list[str]:
     or drop it."""
     out = []
     for row, v in enumerate(values, 1):
-        if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+        if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
             raise DataError(f"{where}: {_row_name(split, row)}: text {v!r} is missing: give that row a text or drop it")
         if not isinstance(v, (str, int, float, np.integer, np.floating)):  # str() would train on a repr
+            shown = str(v) if len(str(v)) <= 60 else str(v)[:60] + "..."
             raise DataError(
-                f"{where}: {_row_name(split, row)}: text is a {type(v).__name__} ({str(v)[:60]}...), not a "
+                f"{where}: {_row_name(split, row)}: text is a {type(v).__name__} ({shown}), not a "
                 "string: join the tokens into one string per row, or pick another text column (--text-column)")
         out.append(str(v))
     return out
@@ -253,17 +254,29 @@ def labels_to_ids(raw: Mapping[str, Sequence[Any]], *, where: str) -> tuple[dict
 
 def _refuse_ids_beside_names(parsed: Mapping[str, Sequence[int | str]], where: str) -> None:
     """One split labelled by class ids, another by names ("0"/"1" beside "neg"/"pos"): taken
-    together they would be four classes, and no test example could be predicted right."""
+    together they would be four classes, and no test example could be predicted right. (A
+    split holding both kinds shows they are one class set: "0", "1" and "other".)"""
     def is_id(v: int | str) -> bool:
         return isinstance(v, int) or bool(_INTEGER.fullmatch(v))
 
-    ids = {k: next(v for v in vs if is_id(v)) for k, vs in parsed.items() if vs and all(is_id(v) for v in vs)}
-    names = {k: next(iter(vs)) for k, vs in parsed.items() if vs and not any(is_id(v) for v in vs)}
+    kinds = {k: {is_id(v) for v in vs} for k, vs in parsed.items() if vs}
+    if any(len(both) == 2 for both in kinds.values()):
+        return
+    ids = {k: next(iter(vs)) for k, vs in parsed.items() if kinds.get(k) == {True}}
+    names = {k: next(iter(vs)) for k, vs in parsed.items() if kinds.get(k) == {False}}
     if ids and names:
         (a, x), (b, y) = next(iter(ids.items())), next(iter(names.items()))
         raise DataError(
             f"{where}: the {a} labels are class ids (e.g. {x!r}) and the {b} labels are class names "
             f"(e.g. {y!r}): label every split the same way (all ids or all names)")
+
+
+def _case_hint(absent: Sequence[Any], present: Collection[Any]) -> str:
+    folded = {str(c).strip().casefold(): c for c in present}
+    pairs = [(c, folded[str(c).strip().casefold()]) for c in absent if str(c).strip().casefold() in folded]
+    if not pairs:
+        return ""
+    return f" ({pairs[0][0]!r} differs from the train class {pairs[0][1]!r} in case or spaces only)"
 
 
 def classes_missing_note(classes: Sequence[Any], present: Collection[Any], lacking: str) -> str | None:
@@ -272,25 +285,20 @@ def classes_missing_note(classes: Sequence[Any], present: Collection[Any], lacki
     if not absent:
         return None
     shown = f"{absent[:10]}{'...' if len(absent) > 10 else ''}"
-    return f"{len(absent)} of {len(classes)} classes have {lacking} ({shown}): the model cannot learn them"
+    return (f"{len(absent)} of {len(classes)} classes have {lacking} ({shown}){_case_hint(absent, present)}: "
+            "the model cannot learn them")
 
 
 def shared_items_note(train: Split, val: Split, test: Split, what: str = "texts") -> str | None:
     """A note counting val/test items (texts, or image files of list-file layouts) that also
     appear in train (a table with duplicates, split by row; a list repeating a line), and val
     items that are test items, or None: their accuracy is optimistic, or the choice of the
-    best epoch saw test examples. A val split that is the test split (not train's rows again)
-    is refused: selection would run on the test set."""
+    best epoch saw test examples."""
     def keys(split: Split) -> list[str]:
         return [str(t).strip() for t in split.items]
 
     seen, in_test = set(keys(train)), set(keys(test))
     val_keys = keys(val)
-    # (a table of repeated rows can put the same texts in all three splits: noted below)
-    if sorted(val_keys) == sorted(keys(test)) and not in_test <= seen:
-        raise DataError(
-            f"the val and test splits hold the same {len(in_test)} {what}: the best epoch would be chosen "
-            "on the test set. Give a separate val split, or none (then one is carved from train)")
     hits = {name: sum(k in seen for k in ks) for name, ks in (("test", keys(test)), ("val", val_keys))}
     val_in_test = sum(k in in_test for k in val_keys)
     notes = []
@@ -303,14 +311,25 @@ def shared_items_note(train: Split, val: Split, test: Split, what: str = "texts"
     return "; ".join(notes) or None
 
 
+def _same_examples(a: Split, b: Split) -> bool:
+    sa, sb = a.strings(), b.strings()
+    return (sa is not None and sb is not None
+            and sorted(zip(sa, a.labels, strict=True)) == sorted(zip(sb, b.labels, strict=True)))
+
+
 def complete_splits(
     train: Split, val: Split | None, test: Split | None, split_seed: int, notes: list[str]
 ) -> tuple[Split, Split, Split]:
     """Fill in missing validation / test splits from ``train`` (seeded, 10% each).
 
     A validation split without a labelled test split becomes the test split, so that the test
-    examples are never the ones used for model selection.
+    examples are never the ones used for model selection; for the same reason a validation
+    split that is the test split again (same items and labels) is replaced by one from train.
     """
+    if val is not None and test is not None and _same_examples(val, test):
+        val = None
+        notes.append("the validation split is the test split again: not used (the best epoch would be "
+                     "chosen on test examples)")
     if test is None and val is not None:
         test, val = val, None
         notes.append("no test split: the validation split is the test split")
@@ -378,26 +397,20 @@ class DataBundle:
         return classes_missing_note(self.classes, {self.classes[i] for i in present}, lacking)
 
     def _refuse_unshared_labels(self) -> None:
-        """A class only val/test hold is kept (see :meth:`check_train_classes`), but not
-        when it is a train class spelt otherwise ("Pos" beside "pos"), nor when most val/test
-        examples are of such classes: the splits do not share their labels, and their
-        accuracy would be near zero."""
-        present = {self.classes[i] for i in set(self.train.labels)}
-        folded = {c.strip().casefold(): c for c in present}
-        for c in self.classes:
-            if c not in present and c.strip().casefold() in folded:
-                raise DataError(
-                    f"{self.name}: class {c!r} has no train example, but train has {folded[c.strip().casefold()]!r}: "
-                    "the two would be separate classes. Spell the labels the same way in every split")
-        held = {i for i in range(len(self.classes)) if self.classes[i] in present}
+        """A class only val/test hold is kept (see :meth:`check_train_classes`), but not when
+        most val/test examples are of such classes: the splits do not share their labels
+        ("Pos" beside "pos", other folder names), and their accuracy would be near zero."""
+        held = set(self.train.labels)
         labels = self.val.labels + self.test.labels
         unseen = sum(v not in held for v in labels)
         if unseen * 2 > len(labels):
+            present = sorted(self.classes[i] for i in held)
             absent = sorted({self.classes[v] for v in labels if v not in held})
             raise DataError(
                 f"{self.name}: {unseen} of {len(labels)} val/test examples belong to classes with no train "
-                f"example ({absent[:10]}{'...' if len(absent) > 10 else ''}; train has {sorted(present)[:10]}): "
-                "the splits do not share their labels. Use the same class names or ids in every split")
+                f"example ({absent[:10]}{'...' if len(absent) > 10 else ''}; train has {present[:10]}): "
+                f"the splits do not share their labels{_case_hint(absent, present)}. Use the same class "
+                "names or ids in every split")
 
     @property
     def num_classes(self) -> int:

@@ -150,16 +150,19 @@ def load_hf(
         if xcol is None:
             raise DataError(f"{where}: no text or image column (looked for {list(TEXT_COLUMN_GUESSES + IMAGE_COLUMN_GUESSES)}); columns found: {columns}. Name it with --text-column or --image-column.")
         kind = "text"
-    for k, ds in parts.items():  # the columns were picked from the first split
+    notes = []
+    for k, ds in list(parts.items()):  # the columns were picked from the first split
         lacking = [c for c in (lcol, xcol) if c not in ds.column_names]
-        if lacking:
+        if lacking == [lcol] and k == "test":  # a competition's test split, shipped without labels
+            del parts[k]
+            notes.append(f"the test split has no {lcol!r} column: not used")
+        elif lacking:
             raise DataError(f"{where}: split {k!r} has no column {lacking[0]!r} (its columns: "
                             f"{list(ds.column_names)}): give every split the same columns")
     raws = {k: list(ds[lcol]) for k, ds in parts.items()}
-    notes = []
     for k in list(raws):
         unlabelled = sum(_unlabelled(v) for v in raws[k])
-        if unlabelled == len(raws[k]) and k == "test":  # e.g. GLUE's test splits: every label is -1
+        if raws[k] and unlabelled == len(raws[k]) and k == "test":  # e.g. GLUE's test splits: all -1
             del raws[k], parts[k]
             notes.append("the test split is unlabelled (label -1 or None): not used")
         elif unlabelled:

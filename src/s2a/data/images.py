@@ -156,8 +156,9 @@ def _hidden(name: str) -> bool:
 def _images_under(directory: Path) -> list[Path]:
     """Image files below ``directory``, following linked folders (Path.rglob does not before
     Python 3.13: a class folder of links to the real folders would look empty), each real
-    folder once (a link to a parent would loop)."""
-    found, seen = [], set()
+    folder once (a link to a parent would loop), never a folder above ``directory``."""
+    found = []
+    seen = {str(p) for p in Path(os.path.realpath(directory)).parents}  # a link up would walk siblings
     for top, dirs, files in os.walk(directory, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:

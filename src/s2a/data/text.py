@@ -98,8 +98,9 @@ def load_rotten_tomatoes(*, split_seed: int = 0) -> DataBundle:
 
 
 # ---------------------------------------------------------------------------- tables
-def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows (dicts) and column names of a CSV / TSV / JSONL / JSON file.
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str], set[str]]:
+    """Rows (dicts), column names and the names the header repeats of a CSV / TSV / JSONL /
+    JSON file.
 
     TSV is read as plain tab-separated lines, without quoting (as GLUE's files are): with CSV
     quoting, a sentence that opens with ``"`` would silently swallow the rows up to the next
@@ -114,10 +115,8 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                           else csv.DictReader(fh))
                 rows = []
                 width = len(reader.fieldnames or ())
-                named = [c for c in reader.fieldnames or () if c.strip()]
-                twice = sorted({c for c in named if named.count(c) > 1})
-                if twice:  # DictReader would keep the last of them, silently
-                    raise DataError(f"{path}: the header names column(s) {twice} more than once: rename them")
+                named = list(reader.fieldnames or ())
+                twice = {c for c in named if c.strip() and named.count(c) > 1}  # DictReader keeps the last
                 for row in reader:
                     extra = row.pop(None, None)  # fields beyond the header's
                     if extra and any(str(v).strip() for v in extra):
@@ -135,7 +134,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
                         )
                     rows.append(row)
                 columns = list(reader.fieldnames or [])
-            return rows, columns
+            return rows, columns, twice
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):  # {"data": [...]} or column-oriented {"col": [...]}
@@ -170,7 +169,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         for k in r:
             if k not in columns:
                 columns.append(k)
-    return rows, columns
+    return rows, columns, set()
 
 
 def _pick_column(columns: list[str], wanted: str | None, guesses: tuple[str, ...], role: str, where: str, flag: str) -> str:
@@ -191,14 +190,18 @@ def _pick_column(columns: list[str], wanted: str | None, guesses: tuple[str, ...
 
 
 def _table_split(path: Path, text_column: str | None, label_column: str | None) -> tuple[list[str], list[Any]]:
-    rows, columns = _read_rows(path)
+    rows, columns, twice = _read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
-    if len(columns) == 1 and text_column not in columns and any(c in columns[0] for c in ";|"):
+    if (path.suffix.lower() == ".csv" and len(columns) == 1 and text_column not in columns
+            and any(c in columns[0] for c in ";|")):
         raise DataError(f"{path}: one column, {columns[0]!r}: is it separated by ';' or '|'? A .csv must be "
                         "comma-separated (a .tsv tab-separated): save it so")
     tcol = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text", str(path), "--text-column")
     lcol = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label", str(path), "--label-column")
+    if {tcol, lcol} & twice:
+        raise DataError(f"{path}: the header names column {sorted({tcol, lcol} & twice)[0]!r} more than once: "
+                        "rename one of them")
     for i, r in enumerate(rows):  # an empty or null value is refused with the others, by texts_of / labels_to_ids
         if tcol not in r or lcol not in r:
             raise DataError(f"{path}: row {i + 1} has no value in column {tcol if tcol not in r else lcol!r}")

@@ -160,7 +160,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             if k in RUNTIME_FIELDS:
                 continue
             new = list(v) if isinstance(v, tuple) else v
-            if old is None and k in resolved:  # a default the run filled in (--lr, --act-bits)
+            if old is None and resolved.get(k) is not None:  # a default the run filled in (--lr, --act-bits)
                 if resolved[k] != new:
                     conflicts.append(f"--{k.replace('_', '-')} {new!r} (the run has its default, {resolved[k]!r})")
             elif old != new:

@@ -232,6 +232,16 @@ def _run_label(report: Mapping[str, Any]) -> str:
 _COMPARED_SETUP = ("model", "data", "num_train", "num_test", "batch_size", "world_size", "precision", "device")
 
 
+def _setup_value(key: str, value: Any) -> str:
+    """What must match for a fair ratio: a dataset by its folder or file name (runs started
+    from other directories name it by other paths), a device by its type."""
+    if key == "data" and isinstance(value, str):
+        return Path(value.rstrip("/\\")).name or value
+    if key == "device" and isinstance(value, str):
+        return value.split(":")[0]
+    return json.dumps(value, sort_keys=True)
+
+
 def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike | None = None) -> str:
     """Side-by-side Markdown table of finished runs; ratios are to the first run.
 
@@ -266,7 +276,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
     # Memory is measured on one process's micro-batch: the batch size and the number of
     # processes change it as much as the method does.
     unlike = [f"{k} ({', '.join(str(r.get(k)) for r in reports)})" for k in _COMPARED_SETUP
-              if len({json.dumps(r.get(k), sort_keys=True) for r in reports}) > 1]
+              if all(k in r for r in reports) and len({_setup_value(k, r[k]) for r in reports}) > 1]
     if unlike:
         lines += ["", f"Note: these runs differ in {'; '.join(unlike)}: the ratios compare unlike set-ups, "
                   "not the methods alone."]

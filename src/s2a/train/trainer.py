@@ -436,7 +436,7 @@ class Trainer:
         broadcast_module(self.model, info)
         if info.world_size > 1:
             # Each process its own dropout masks (with one seed, every share drew the first
-            # share's); rank 0 keeps the single-process stream.
+            # share's).
             seed_everything(cfg.seed + 1_000_003 * info.rank)
             batch_stats = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                            and m.training and not any(getattr(h, "keeps_running_stats", False)
