@@ -98,6 +98,11 @@ TIMM: dict[str, tuple[str, dict, int, bool]] = {
     "efficientnet_lite0": ("tf_efficientnet_lite0", dict(), 64, False),
     "ghostnet": ("ghostnet_050", dict(), 64, False),
     "repvit": ("repvit_m0_9", dict(), 64, False),
+    # blocks split over sibling containers, nested ModuleLists, an auxiliary token head
+    "coat_lite": ("coat_lite_tiny", dict(img_size=64), 64, False),
+    "visformer": ("visformer_tiny", dict(img_size=112), 112, False),
+    "twins": ("twins_svt_small", dict(img_size=64), 64, False),
+    "volo": ("volo_d1_224", dict(img_size=64), 64, False),
 }
 
 # ----------------------------------------------------------------------- transformers zoo
@@ -115,6 +120,9 @@ HF: dict[str, tuple[str, str, dict, str, bool, bool]] = {
     "bert": ("BertForSequenceClassification", "BertConfig", TEXT, "text", True, True),
     "bert-token": ("BertForTokenClassification", "BertConfig", TEXT, "text", True, False),
     "bert-bare": ("BertModel", "BertConfig", TEXT, "text", False, False),
+    "bert-qa": ("BertForQuestionAnswering", "BertConfig", TEXT, "text", False, False),
+    "xlnet": ("XLNetForSequenceClassification", "XLNetConfig", dict(
+        vocab_size=V, d_model=32, n_layer=2, n_head=2, d_inner=64), "text", True, False),
     "roberta": ("RobertaForSequenceClassification", "RobertaConfig", dict(TEXT, pad_token_id=1), "text1", True, False),
     "distilbert": ("DistilBertForSequenceClassification", "DistilBertConfig", dict(
         vocab_size=V, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64), "text", True, False),
@@ -176,6 +184,9 @@ HF: dict[str, tuple[str, str, dict, str, bool, bool]] = {
         patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
         decoder_hidden_size=32), "image", True, False),
     "clip-vision": ("CLIPVisionModel", "CLIPVisionConfig", dict(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64), "image", False, False),
+    "siglip-vision": ("SiglipVisionModel", "SiglipVisionConfig", dict(
         image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64), "image", False, False),
     "whisper-audio-cls": ("WhisperForAudioClassification", "WhisperConfig", dict(

@@ -445,3 +445,38 @@ def test_generic_opens_attribute_stages_to_their_blocks():
 
     with pytest.raises(UnsupportedModelError, match="cannot find the blocks of TutorialNet"):
         find_adapter(TutorialNet())
+
+
+def test_task_heads_of_other_names_train_and_refuse_a_class_count():
+    """qa_outputs, XLNet's sequence summary + logits_proj: their weights stayed frozen (only
+    their biases trained); num_classes on a span or per-choice scorer gave wrong shapes."""
+    import s2a
+
+    ids = torch.randint(0, 100, (2, 8))
+    qa = T.BertForQuestionAnswering(T.BertConfig(**TEXT))
+    assert describe(qa, {"input_ids": ids}).head_names == ("qa_outputs",)
+    for cls in (T.BertForQuestionAnswering, T.BertForMultipleChoice):
+        x = ids[:, None].expand(2, 3, 8).contiguous() if cls is T.BertForMultipleChoice else ids
+        with pytest.raises(ValueError, match=f"num_classes: {cls.__name__} scores .*pass num_classes=None"):
+            s2a.apply(cls(T.BertConfig(**TEXT)), s2a.S2AConfig(num_classes=5), example_input={"input_ids": x})
+    xlnet = T.XLNetForSequenceClassification(T.XLNetConfig(vocab_size=100, d_model=32, n_layer=2, n_head=2,
+                                                           d_inner=64, num_labels=3))
+    info = describe(xlnet, {"input_ids": ids})
+    assert info.head_names == ("sequence_summary", "logits_proj") and info.classifier_names == ("logits_proj",)
+    # a feature model's pooling block is not a classifier to replace (SigLIP's attention pooling)
+    siglip = T.SiglipVisionModel(T.SiglipVisionConfig(**HFVIT))
+    assert describe(siglip, {"pixel_values": IMG}).head_names == ()
+
+
+def test_generic_blocks_across_sibling_containers_and_nested_lists():
+    """CoaT's serial_blocks1..4 and Twins' blocks.i.j: the fallback prompted one stage (CoaT)
+    or refused (Twins: its ModuleLists are never called); VOLO's aux_head kept 1000 outputs."""
+    x = torch.zeros(1, 3, 64, 64)
+    coat = timm.create_model("coat_lite_tiny", img_size=64, num_classes=5)
+    assert [b.name for b in describe(coat, x).blocks] == [f"serial_blocks{i}.{j}" for i in range(1, 5) for j in (0, 1)]
+    twins = timm.create_model("twins_svt_small", img_size=64, num_classes=5, depths=(1, 1, 2, 1))
+    assert [b.name for b in describe(twins, x).blocks] == ["blocks.0.0", "blocks.1.0", "blocks.2.0", "blocks.2.1",
+                                                           "blocks.3.0"]
+    volo = timm.create_model("volo_d1_224", img_size=64, num_classes=5)
+    info = describe(volo, x)
+    assert info.head_names == ("head", "aux_head") and info.classifier_names == ("head", "aux_head")

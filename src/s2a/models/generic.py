@@ -25,7 +25,10 @@ from .registry import (
     text_input,
 )
 
-HEAD_NAMES = ("head", "fc", "classifier", "score", "classification_head")
+HEAD_NAMES = ("head", "fc", "classifier", "score", "classification_head", "qa_outputs", "logits_proj")
+# transformers task layers before the classifier, new in a *For* model like the classifier
+# (Wav2Vec2's projector, XLNet's sequence summary): trained with it
+PRE_HEAD_NAMES = ("pre_classifier", "projector", "sequence_summary")
 TRUNK_SHARE = 0.6
 
 
@@ -54,13 +57,29 @@ def _is_torch_layer(cls: type) -> bool:
     return cls.__module__.startswith("torch.nn")
 
 
+_CONTAINERS = (nn.ModuleList, nn.Sequential)
+
+
+def _container_members(m: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The children of ``m`` if it is a container; else the children of its container
+    children together, in registration order: blocks split over sibling containers (CoaT's
+    ``serial_blocks1..4``, Visformer's ``stage1..3``) are one group, not one stage of it."""
+    if isinstance(m, _CONTAINERS):  # a ModuleList member is never called: its members are (Twins)
+        return [(f"{n}.{k}", b) if type(c) is nn.ModuleList else (n, c) for n, c in m.named_children()
+                for k, b in (c.named_children() if type(c) is nn.ModuleList else [("", c)])]
+    lists = [(n, c) for n, c in m.named_children() if isinstance(c, _CONTAINERS) and n not in HEAD_NAMES]
+    if len(lists) < 2:
+        return []
+    return [(f"{n}.{k}", b) for n, c in lists for k, b in c.named_children() if not _is_torch_layer(type(b))]
+
+
 def _largest_group(model: nn.Module, containers_only: bool) -> list[str]:
     best, best_key = [], None
     for name, m in model.named_modules():
-        if containers_only and not isinstance(m, (nn.ModuleList, nn.Sequential)):
+        if name.split(".")[0] in HEAD_NAMES:  # a classifier's layers are not blocks (EfficientViT-MIT)
             continue
         groups: dict[type, list[tuple[str, nn.Module]]] = {}
-        for child_name, child in m.named_children():
+        for child_name, child in (_container_members(m) if containers_only else m.named_children()):
             groups.setdefault(type(child), []).append((child_name, child))
         for cls, members in groups.items():
             if len(members) < 2:
@@ -139,12 +158,17 @@ class GenericAdapter(ModelAdapter):
         # A transformers classifier may hold a pre-classifier block under one of these names
         # too (ModernBERT: ``head`` = dense, activation, LayerNorm before ``classifier``): the
         # head is the one with the model's ``num_labels`` outputs, else the last one.
-        labels = getattr(getattr(model, "config", None), "num_labels", None)
-        for spec in found:
-            out = classifier_features(model.get_submodule(spec.classifiers[0]))[1]
-            if isinstance(labels, int) and out == labels:
-                return spec
-        return found[-1] if found else None
+        config = getattr(model, "config", None)
+        labels = getattr(config, "num_labels", None)
+        chosen = next((spec for spec in found if isinstance(labels, int)
+                       and classifier_features(model.get_submodule(spec.classifiers[0]))[1] == labels), None)
+        transformers_model = config is not None and hasattr(model, "base_model_prefix")
+        if chosen is None and found and not (transformers_model and "For" not in type(model).__name__):
+            chosen = found[-1]  # (a transformers feature model's "head" is its pooling: SigLIP's)
+        if chosen is None or not transformers_model:
+            return chosen
+        pre = tuple(n for n, c in model.named_children() if n in PRE_HEAD_NAMES and _numel(c) > 0)
+        return HeadSpec(names=pre + chosen.names, classifiers=chosen.classifiers) if pre else chosen
 
     def _timm_head(self, model: nn.Module) -> HeadSpec | None:
         """The head a timm model declares. ``get_classifier()`` returns one module or, for
@@ -170,6 +194,12 @@ class GenericAdapter(ModelAdapter):
                 names.append(name)
         if not classifiers:
             return None
+        widths = {classifier_features(model.get_submodule(c))[1] for c in classifiers}
+        for n, c in model.named_children():  # VOLO's aux_head: token logits added to the head's
+            if (n not in names and n.endswith("head") and is_classifier_layer(c)
+                    and classifier_features(c)[1] in widths):
+                names.append(n)
+                classifiers.append(n)
         return HeadSpec(names=tuple(names), classifiers=tuple(classifiers))
 
     def replace_head(self, model: nn.Module, num_classes: int) -> None:

@@ -257,6 +257,12 @@ class ModelAdapter:
                 f"num_classes: {type(model).__name__} is a language model (head {spec.classifiers}); "
                 "use num_classes=None or a *ForSequenceClassification model"
             )
+        cls = type(model).__name__
+        if cls.endswith("ForQuestionAnswering") or "ForMultipleChoice" in cls:
+            scores = ("answer-span starts and ends" if cls.endswith("ForQuestionAnswering") else
+                      "each choice with one output (the number of choices comes from the input)")
+            raise ValueError(f"num_classes: {cls} scores {scores}, not classes: its head trains as it is; "
+                             "pass num_classes=None")
         for path in spec.classifiers:
             replace_classifier(model, path, num_classes)
 
@@ -548,7 +554,8 @@ def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
     if missing:
         raise UnsupportedModelError(
             f"the dry forward of {type(model).__name__} did not run blocks {missing} with a "
-            "tensor input/output; pass example_input= or register an adapter"
+            "tensor input/output (they were never called, or with other than one tensor): pass "
+            "example_input= if the dry run's input was not what the model takes, else register an adapter"
         )
     return modules, shapes, len(positions) == len(modules)
 
