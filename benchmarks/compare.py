@@ -88,7 +88,8 @@ BACKBONES: dict[str, dict[str, Any]] = {
 # row label -> s2a train options (S2A's own rows: module sets and storage widths)
 VARIANTS: dict[str, dict[str, Any]] = {
     **{m: {"method": m} for m in ("full", "linear", "bitfit", "vpt", "lora", "ia3", "prompt-tuning",
-                                  "adaptformer", "lst", "full-ckpt", "lora-ckpt", "mesa8", "fewbit2")},
+                                  "adaptformer", "lst", "full-ckpt", "bitfit-ckpt", "lora-ckpt", "mesa8",
+                                  "fewbit2")},
     "s2a": {"method": "s2a", "modules": "bias,prompt", "act_bits": "4"},
     "s2a-2bit": {"method": "s2a", "modules": "bias,prompt", "act_bits": "2"},
     "s2a-3bit": {"method": "s2a", "modules": "bias,prompt", "act_bits": "3"},
@@ -113,7 +114,7 @@ LR_SCREEN = (0.3, 1.0, 3.0)
 LR_EXTEND = 2
 # Same optimisation, other storage: checkpointing and Mesa / Few-bit storage change how a method
 # keeps its activations, not what it optimises, so they train at that method's rate.
-SHARES_RATE = {"full-ckpt": "full", "mesa8": "full", "fewbit2": "full", "lora-ckpt": "lora"}
+SHARES_RATE = {"full-ckpt": "full", "mesa8": "full", "fewbit2": "full", "lora-ckpt": "lora", "bitfit-ckpt": "bitfit"}
 
 
 def base_lr(label: str, kind: str) -> float:

@@ -27,7 +27,7 @@ def _grads(model, batch, seed=3):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize(("plain", "ckpt"), [("full", "full-ckpt"), ("lora", "lora-ckpt")])
+@pytest.mark.parametrize(("plain", "ckpt"), [("full", "full-ckpt"), ("bitfit", "bitfit-ckpt"), ("lora", "lora-ckpt")])
 def test_checkpointing_gives_the_same_gradients_with_dropout(plain, ckpt):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     a = apply_method(_vit_with_dropout(), plain, head_names=("head",), example_input=x).model

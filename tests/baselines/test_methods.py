@@ -23,6 +23,7 @@ DECLARED = {
     "fewbit2": lambda n, f: True,
     "linear": lambda n, f: _head(n, f),
     "bitfit": lambda n, f: n.endswith(".bias") or _head(n, f),
+    "bitfit-ckpt": lambda n, f: n.endswith(".bias") or _head(n, f),
     "vpt": lambda n, f: n == "vpt_prompts.prompts" or _head(n, f),
     "adaptformer": lambda n, f: ".adaptformer." in n or _head(n, f),
     "lst": lambda n, f: n.startswith("lst_side."),
@@ -33,7 +34,7 @@ DECLARED = {
     "prompt-tuning": lambda n, f: "prompt_encoder" in n or ".modules_to_save." in n,
 }
 # zero-initialised methods and storage configurations: the output at initialisation is the backbone's
-SAME_OUTPUT = {"full", "full-ckpt", "mesa8", "fewbit2", "linear", "bitfit", "adaptformer", "lora",
+SAME_OUTPUT = {"full", "full-ckpt", "mesa8", "fewbit2", "linear", "bitfit", "bitfit-ckpt", "adaptformer", "lora",
                "lora-ckpt", "ia3", "s2a-lora"}
 CASES = [("vit", m) for m in DECLARED if m != "prompt-tuning"] + [
     ("bert_cls", m) for m in ("bitfit", "vpt", "adaptformer", "lst", "lora", "ia3", "prompt-tuning")
@@ -115,7 +116,7 @@ def test_unsupported_combinations_name_method_family_and_alternatives(family, me
         assert w in msg, (w, msg)
 
 
-@pytest.mark.parametrize("method", ["mesa8", "fewbit2", "full-ckpt", "lora-ckpt"])
+@pytest.mark.parametrize("method", ["mesa8", "fewbit2", "full-ckpt", "bitfit-ckpt", "lora-ckpt"])
 def test_fixed_storage_methods_refuse_act_bits(method, tmp_path):
     with pytest.raises(TrainError, match=f"--method {method} takes no --act-bits"):
         TrainConfig(model="m", data="d", out=str(tmp_path), method=method, act_bits=4)

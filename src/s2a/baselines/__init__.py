@@ -9,7 +9,7 @@ reaches it through :func:`s2a.train.methods.apply_method`). One module per famil
 * :mod:`.adaptformer`: ``adaptformer`` (parallel bottleneck adapters);
 * :mod:`.lst`: ``lst`` (Ladder Side-Tuning);
 * :mod:`.peft_methods`: ``lora``, ``ia3``, ``prompt-tuning``, ``s2a-lora`` (Hugging Face peft);
-* :mod:`.checkpointing`: ``full-ckpt``, ``lora-ckpt`` (torch.utils.checkpoint per block);
+* :mod:`.checkpointing`: ``full-ckpt``, ``bitfit-ckpt``, ``lora-ckpt`` (torch.utils.checkpoint per block);
 * :mod:`.engine`: ``mesa8``, ``fewbit2`` (configurations of s2a's activation engine that
   imitate Mesa and Few-bit Backward / Approx-BP; not those projects' code).
 """
@@ -58,6 +58,8 @@ for _spec in (
                lst.apply_lst),
     MethodSpec("full-ckpt", "full fine-tuning with activation checkpointing of every block",
                checkpointing.apply_full_ckpt, storage="never", norm_stats="trained"),
+    MethodSpec("bitfit-ckpt", "BitFit with activation checkpointing of every block",
+               checkpointing.apply_bitfit_ckpt, storage="never"),
     MethodSpec("lora-ckpt", "peft LoRA with activation checkpointing of every block",
                checkpointing.apply_lora_ckpt, _TARGETS, storage="never"),
     MethodSpec("mesa8", "full fine-tuning, every operator stored at 8 bits by our engine (Mesa-style)",

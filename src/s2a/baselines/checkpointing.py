@@ -1,4 +1,4 @@
-"""Activation checkpointing of every block: ``full-ckpt`` and ``lora-ckpt``.
+"""Activation checkpointing of every block: ``full-ckpt``, ``bitfit-ckpt`` and ``lora-ckpt``.
 
 Each backbone block's ``forward`` (the blocks of :func:`s2a.models.describe_backbone`) runs
 under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` while gradients are
@@ -80,23 +80,28 @@ def _without_kv_cache(model: nn.Module, result: MethodResult) -> None:
         result.notes.append("key/value cache turned off (config.use_cache=False): a recomputed block would fill it twice")
 
 
-def apply_full_ckpt(model: nn.Module, ctx: MethodContext) -> MethodResult:
-    from .simple import apply_full
-
-    blocks = [b.module for b in ctx.info(model).blocks]
-    result = apply_full(model, ctx)
+def _checkpointed_method(model: nn.Module, ctx: MethodContext, apply) -> MethodResult:
+    blocks = [b.module for b in ctx.info(model).blocks]  # before peft wraps the model
+    result = apply(model, ctx)
     _without_kv_cache(model, result)
     n = checkpoint_blocks(blocks)
     result.notes.append(f"activation checkpointing of {n} blocks (torch.utils.checkpoint, non-reentrant)")
     return result
+
+
+def apply_full_ckpt(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    from .simple import apply_full
+
+    return _checkpointed_method(model, ctx, apply_full)
+
+
+def apply_bitfit_ckpt(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    from .simple import apply_bitfit
+
+    return _checkpointed_method(model, ctx, apply_bitfit)
 
 
 def apply_lora_ckpt(model: nn.Module, ctx: MethodContext) -> MethodResult:
     from .peft_methods import apply_lora
 
-    blocks = [b.module for b in ctx.info(model).blocks]  # before peft wraps the model
-    result = apply_lora(model, ctx)
-    _without_kv_cache(model, result)
-    n = checkpoint_blocks(blocks)
-    result.notes.append(f"activation checkpointing of {n} blocks (torch.utils.checkpoint, non-reentrant)")
-    return result
+    return _checkpointed_method(model, ctx, apply_lora)

@@ -101,7 +101,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     o.add_argument(
         "--lr", type=float,
         help="peak learning rate (default: full, full-ckpt, mesa8, fewbit2 5e-5 text / 2e-4 image "
-        "transformer / 1e-3 CNN; s2a, linear, bitfit 5e-3 text / 1e-3 image transformer / 1e-2 CNN; "
+        "transformer / 1e-3 CNN; s2a, linear, bitfit, bitfit-ckpt 5e-3 text / 1e-3 image transformer / 1e-2 CNN; "
         "lora, lora-ckpt, s2a-lora, vpt, adaptformer 1e-3; ia3, lst 3e-3; prompt-tuning 3e-2; a CNN is "
         "an image model with most of its weights in convolutions)",
     )  # fmt: skip

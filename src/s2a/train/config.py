@@ -23,12 +23,12 @@ __all__ = [
 # every --method (s2a.baselines.METHOD_SPECS describes each one)
 METHODS = (
     "full", "linear", "bitfit", "vpt", "lora", "ia3", "prompt-tuning", "adaptformer", "lst",
-    "full-ckpt", "lora-ckpt", "mesa8", "fewbit2", "s2a", "s2a-lora",
+    "full-ckpt", "bitfit-ckpt", "lora-ckpt", "mesa8", "fewbit2", "s2a", "s2a-lora",
 )  # fmt: skip
 # methods that compress their activations by default (--act-bits None -> 4; 0 turns it off)
 COMPRESSED_BY_DEFAULT = ("s2a", "s2a-lora")
 # methods that fix their own activation storage, or recompute instead of storing: no --act-bits
-NO_ACT_BITS = ("mesa8", "fewbit2", "full-ckpt", "lora-ckpt")
+NO_ACT_BITS = ("mesa8", "fewbit2", "full-ckpt", "bitfit-ckpt", "lora-ckpt")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # options that may differ when a run is resumed (they do not change what is computed)
 RUNTIME_FIELDS = ("out", "device", "num_workers", "progress", "log_every", "stop_after", "save_every")

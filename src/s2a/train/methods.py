@@ -1,7 +1,7 @@
 """Fine-tuning methods of ``s2a train``: the trainer's single entry into :mod:`s2a.baselines`.
 
 :func:`apply_method` looks ``method`` up in :data:`s2a.baselines.METHOD_SPECS` (full, linear,
-bitfit, vpt, lora, ia3, prompt-tuning, adaptformer, lst, full-ckpt, lora-ckpt, mesa8, fewbit2,
+bitfit, vpt, lora, ia3, prompt-tuning, adaptformer, lst, full-ckpt, bitfit-ckpt, lora-ckpt, mesa8, fewbit2,
 s2a, s2a-lora; ``s2a train --help`` lists them with one line each) and turns a method that does
 not fit the model into a :class:`TrainError` naming the method, the model family and the methods
 that do fit. ``act_bits`` compresses the activations of the methods that leave storage native
