@@ -20,7 +20,7 @@ from s2a.train import (
     TrainInterrupted,
     load_checkpoint,
 )
-from s2a.train.trainer import set_dropout
+from s2a.train.trainer import batch_statistics_layers, set_dropout
 
 TINY_TEXT = ["--train-size", "64", "--max-length", "32", "--val-size", "32", "--test-size", "32",
              "--batch-size", "16", "--epochs", "1"]  # fmt: skip
@@ -379,3 +379,17 @@ def test_full_and_linear_take_act_bits(run_cli, image_folder, tmp_path):
         assert report["act_bits"] == (None if bits == "none" else 4)
         saved[bits] = report["saved_activation_bytes"]
     assert saved["4"] < saved["none"]
+
+
+def test_batch_statistics_layers_are_those_that_normalise_each_process_share():
+    # under torchrun these see one process's share of a micro-batch: the report says so
+    import timm
+
+    from s2a.train.methods import apply_method
+
+    x = torch.randn(2, 3, 32, 32)
+    full = apply_method(timm.create_model("resnet18", num_classes=3), "full", head_names=("fc",)).model.train()
+    assert len(batch_statistics_layers(full)) == 20
+    tuned = apply_method(timm.create_model("resnet18", num_classes=3), "s2a", head_names=("fc",),
+                         example_input=x).model.train()
+    assert batch_statistics_layers(tuned) == []  # frozen on their running statistics

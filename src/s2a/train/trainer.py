@@ -91,6 +91,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def batch_statistics_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The BatchNorm layers a training forward normalises with the batch's statistics (not
+    those s2a.apply froze on their running statistics)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            and m.training and not any(getattr(h, "keeps_running_stats", False) for h in m._forward_pre_hooks.values())]
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The training order of epoch ``epoch``: depends only on ``(n, seed, epoch)``."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -438,9 +445,7 @@ class Trainer:
             # Each process its own dropout masks (with one seed, every share drew the first
             # share's).
             seed_everything(cfg.seed + 1_000_003 * info.rank)
-            batch_stats = [m for m in self.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                           and m.training and not any(getattr(h, "keeps_running_stats", False)
-                                                      for h in m._forward_pre_hooks.values())]
+            batch_stats = batch_statistics_layers(self.model)
             if batch_stats:
                 self.method_notes = [*self.method_notes, (
                     f"{len(batch_stats)} BatchNorm layer(s) normalise with batch statistics: each of the "
