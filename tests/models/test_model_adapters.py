@@ -480,3 +480,25 @@ def test_generic_blocks_across_sibling_containers_and_nested_lists():
     volo = timm.create_model("volo_d1_224", img_size=64, num_classes=5)
     info = describe(volo, x)
     assert info.head_names == ("head", "aux_head") and info.classifier_names == ("head", "aux_head")
+
+
+def test_head_rules_leave_trunks_and_user_classes_alone():
+    """SelecSLS's ``head`` is trunk (its classifier is ``fc``); a user's own PreTrainedModel
+    keeps its ``classifier``; a conv_head as wide as the classes is not an auxiliary head."""
+    x = torch.zeros(1, 3, 64, 64)
+    assert [b.name for b in describe(timm.create_model("selecsls42b"), x).blocks] == [f"head.{i}" for i in range(4)]
+    assert describe(timm.create_model("mobilenetv3_small_100", num_classes=1024), x).head_names == ("classifier",)
+
+    class Custom(T.PreTrainedModel):
+        config_class = T.BertConfig
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.encoder = T.BertModel(cfg)
+            self.classifier = nn.Linear(cfg.hidden_size, 5)  # config.num_labels left at 2
+
+        def forward(self, input_ids):
+            return self.classifier(self.encoder(input_ids).last_hidden_state[:, 0])
+
+    info = describe(Custom(T.BertConfig(**TEXT)), {"input_ids": torch.randint(0, 100, (2, 8))})
+    assert info.head_names == ("classifier",) and info.head_trainable

@@ -10,6 +10,7 @@ the one with its ``num_labels`` outputs)."""
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 from torch import nn
@@ -73,12 +74,28 @@ def _container_members(m: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(f"{n}.{k}", b) for n, c in lists for k, b in c.named_children() if not _is_torch_layer(type(b))]
 
 
+def _classifier_tops(model: nn.Module) -> set[str]:
+    """Top-level children that are the classifier, whose layers are never blocks: the one
+    timm's ``get_classifier()`` lies in (EfficientViT-MIT's ``head``; SelecSLS's ``head`` is
+    trunk, its classifier ``fc``), else a head-named child of torch layers only (torchvision
+    VGG's ``classifier``)."""
+    if _is_timm_style(model):
+        found = model.get_classifier()
+        paths = [module_path(model, f) for f in (found if isinstance(found, (tuple, list)) else (found,))
+                 if isinstance(f, nn.Module)]
+        return {p.split(".")[0] for p in paths if p}
+    return {n for n, c in model.named_children()
+            if n in HEAD_NAMES and all(_is_torch_layer(type(x)) for x in c.modules())}
+
+
 def _largest_group(model: nn.Module, containers_only: bool) -> list[str]:
     best, best_key = [], None
+    skip, total = _classifier_tops(model), _numel(model)
     for name, m in model.named_modules():
-        if name.split(".")[0] in HEAD_NAMES:  # a classifier's layers are not blocks (EfficientViT-MIT)
+        if name.split(".")[0] in skip:
             continue
         groups: dict[type, list[tuple[str, nn.Module]]] = {}
+        across = containers_only and not isinstance(m, _CONTAINERS)
         for child_name, child in (_container_members(m) if containers_only else m.named_children()):
             groups.setdefault(type(child), []).append((child_name, child))
         for cls, members in groups.items():
@@ -86,6 +103,10 @@ def _largest_group(model: nn.Module, containers_only: bool) -> list[str]:
                 continue
             # attribute children: blocks, not torch's own layers (conv1, fc1..fc3, head)
             if not containers_only and (_is_torch_layer(cls) or any(n in HEAD_NAMES for n, _ in members)):
+                continue
+            # blocks gathered across sibling containers must be the trunk, as attribute stages
+            # must (parallel branches of one stem or one Inception module are not)
+            if across and sum(_numel(c) for _, c in members) < TRUNK_SHARE * total:
                 continue
             key = (sum(_numel(c) for _, c in members), len(members))
             if key[0] > 0 and (best_key is None or key > best_key):
@@ -163,8 +184,12 @@ class GenericAdapter(ModelAdapter):
         chosen = next((spec for spec in found if isinstance(labels, int)
                        and classifier_features(model.get_submodule(spec.classifiers[0]))[1] == labels), None)
         transformers_model = config is not None and hasattr(model, "base_model_prefix")
-        if chosen is None and found and not (transformers_model and "For" not in type(model).__name__):
-            chosen = found[-1]  # (a transformers feature model's "head" is its pooling: SigLIP's)
+        # a transformers feature model's "head" is its pooling (SigLIP's); a user's own
+        # PreTrainedModel subclass or a *For* class keeps the fallback
+        feature_model = (type(model).__module__.startswith("transformers.")
+                         and not re.search(r"For[A-Z]", type(model).__name__))
+        if chosen is None and found and not feature_model:
+            chosen = found[-1]
         if chosen is None or not transformers_model:
             return chosen
         pre = tuple(n for n, c in model.named_children() if n in PRE_HEAD_NAMES and _numel(c) > 0)
@@ -194,12 +219,10 @@ class GenericAdapter(ModelAdapter):
                 names.append(name)
         if not classifiers:
             return None
-        widths = {classifier_features(model.get_submodule(c))[1] for c in classifiers}
-        for n, c in model.named_children():  # VOLO's aux_head: token logits added to the head's
-            if (n not in names and n.endswith("head") and is_classifier_layer(c)
-                    and classifier_features(c)[1] in widths):
-                names.append(n)
-                classifiers.append(n)
+        aux = getattr(model, "aux_head", None)  # VOLO: token logits added to the head's
+        if isinstance(aux, nn.Linear) and "aux_head" not in names:
+            names.append("aux_head")
+            classifiers.append("aux_head")
         return HeadSpec(names=tuple(names), classifiers=tuple(classifiers))
 
     def replace_head(self, model: nn.Module, num_classes: int) -> None:

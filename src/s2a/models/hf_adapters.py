@@ -74,7 +74,7 @@ class HFAdapter(ModelAdapter):
     model_types: tuple[str, ...] = ()
     layer_classes: tuple[str, ...] = ()
     # top-level children of *For... models that form the head, in forward order
-    head_children: tuple[str, ...] = ("pre_classifier", "classifier", "score", "qa_outputs")
+    head_children: tuple[str, ...] = ("pre_classifier", "sequence_summary", "classifier", "score", "qa_outputs")
     lm_children: tuple[str, ...] = ("lm_head",)
 
     def matches(self, model: nn.Module) -> bool:

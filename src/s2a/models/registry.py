@@ -258,8 +258,8 @@ class ModelAdapter:
                 "use num_classes=None or a *ForSequenceClassification model"
             )
         cls = type(model).__name__
-        if cls.endswith("ForQuestionAnswering") or "ForMultipleChoice" in cls:
-            scores = ("answer-span starts and ends" if cls.endswith("ForQuestionAnswering") else
+        if "ForQuestionAnswering" in cls or "ForMultipleChoice" in cls:
+            scores = ("answer-span starts and ends" if "ForQuestionAnswering" in cls else
                       "each choice with one output (the number of choices comes from the input)")
             raise ValueError(f"num_classes: {cls} scores {scores}, not classes: its head trains as it is; "
                              "pass num_classes=None")

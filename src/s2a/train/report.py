@@ -233,10 +233,10 @@ _COMPARED_SETUP = ("model", "data", "num_train", "num_test", "batch_size", "worl
 
 
 def _setup_value(key: str, value: Any) -> str:
-    """What must match for a fair ratio: a dataset by its folder or file name (runs started
-    from other directories name it by other paths), a device by its type."""
+    """What must match for a fair ratio: a dataset as named (a trailing slash aside), a device
+    by its type (two GPUs of one machine are alike)."""
     if key == "data" and isinstance(value, str):
-        return Path(value.rstrip("/\\")).name or value
+        return os.path.normpath(value) if value else value
     if key == "device" and isinstance(value, str):
         return value.split(":")[0]
     return json.dumps(value, sort_keys=True)
