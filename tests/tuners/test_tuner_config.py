@@ -41,7 +41,7 @@ def test_modules_are_canonical():
         ({"act_bits": 5}, "act_bits", "[2, 3, 4, 8]"),
         ({"act_bits": 1}, "act_bits", "[2, 3, 4, 8]"),
         ({"op_bits": {"gleu": 4}}, "op_bits", "'gelu'"),
-        ({"op_bits": {"softmax": 1}}, "op_bits['softmax']", "[2, 3, 4, 8]"),
+        ({"op_bits": {"softmax": 1}}, "op_bits['softmax']", "0 (kept native) or one of [2, 3, 4, 8]"),
         ({"op_bits": {"relu": 1, "gelu": 16}}, "op_bits['gelu']", "[1, 2, 3, 4, 8]"),
         ({"op_bits": [4]}, "op_bits", "kind"),
         ({"op_bits": {"gelu": 2}, "act_bits": None}, "op_bits", "act_bits"),
@@ -65,6 +65,22 @@ def test_per_operator_bits_keep_all_kinds_and_attention_default():
     assert ops["attention"] == 8  # the engine's default (8-bit Q/K/V, recomputed probabilities)
     assert ops["matmul"] == 8 and ops["star_relu"] == 8  # theirs too (operands kept as they are)
     assert S2AConfig(act_bits=3, op_bits={"attention": 4}).compression_ops()["attention"] == 4
+    # 0 keeps a kind native: attention whose logits are too large for 8-bit Q / K
+    ops = S2AConfig(op_bits={"attention": 0}).compression_ops()
+    assert "attention" not in ops and ops["gelu"] == 4
+
+
+def test_attention_kept_native_by_op_bits():
+    import timm
+    import torch
+
+    import s2a
+
+    torch.manual_seed(0)
+    vit = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    s2a.apply(vit, S2AConfig(op_bits={"attention": 0}), example_input=torch.randn(2, 3, 32, 32))
+    kinds = set(s2a.compression_summary(vit).values())
+    assert "gelu@4" in kinds and not any(k.startswith("attention") for k in kinds)
 
 
 def test_from_dict_rejects_unknown_fields_and_bad_json():

@@ -52,7 +52,9 @@ class S2AConfig:
         act_bits: bits of the activation storage (``s2a.compress_activations``); None
             turns compression off.
         op_bits: per-operator bits ``{kind: bits}``, kinds from ``s2a.activations.OP_KINDS``;
-            kinds not listed use ``act_bits`` (attention keeps its own 8-bit default).
+            kinds not listed use ``act_bits`` (attention keeps its own 8-bit default); 0
+            keeps a kind native (attention whose logits are so large that 8-bit Q / K no
+            longer give its softmax back).
         num_classes: replace the classifier head by a fresh one with this many outputs;
             None keeps the model's head. On a backbone without a head (timm ``num_classes=0``,
             a transformers ``AutoModel``) with ``"side"`` in ``modules``: the side branch's
@@ -125,8 +127,8 @@ class S2AConfig:
             if kind not in OP_KINDS:
                 raise ValueError(f"op_bits: unknown operator kind {kind!r}; allowed kinds: {list(OP_KINDS)}")
             allowed = bits_allowed(kind)
-            if not _is_int(bits) or bits not in allowed:
-                raise ValueError(f"op_bits[{kind!r}]={bits!r}: expected one of {list(allowed)}")
+            if not _is_int(bits) or (bits != 0 and bits not in allowed):
+                raise ValueError(f"op_bits[{kind!r}]={bits!r}: expected 0 (kept native) or one of {list(allowed)}")
         if op_bits and self.act_bits is None:
             raise ValueError("op_bits: per-operator bits need act_bits (got act_bits=None, compression off)")
         self.op_bits = op_bits
@@ -153,7 +155,7 @@ class S2AConfig:
         ops = {k: self.op_bits.get(k, defaults.bits_for(k)) for k in OP_KINDS}
         if "attention" not in self.op_bits:
             ops["attention"] = defaults.attention_storage()[1]
-        return ops
+        return {k: b for k, b in ops.items() if b != 0}  # 0: that kind stays native
 
     def replace(self, **changes: Any) -> S2AConfig:
         """A validated copy with ``changes`` applied."""
