@@ -297,9 +297,9 @@ def shared_items_note(train: Split, val: Split, test: Split, what: str = "texts"
     def keys(split: Split) -> list[str]:
         return [str(t).strip() for t in split.items]
 
-    seen, in_test = set(keys(train)), set(keys(test))
-    val_keys = keys(val)
-    hits = {name: sum(k in seen for k in ks) for name, ks in (("test", keys(test)), ("val", val_keys))}
+    seen, test_keys, val_keys = set(keys(train)), keys(test), keys(val)
+    hits = {name: sum(k in seen for k in ks) for name, ks in (("test", test_keys), ("val", val_keys))}
+    in_test = set(test_keys)
     val_in_test = sum(k in in_test for k in val_keys)
     notes = []
     if any(hits.values()):
