@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -234,7 +235,7 @@ def test_outputs_can_be_modified_in_place(op):
 
     def run(in_place: bool):
         xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-        y = softmax(xs[0], -1) if op == "softmax" else ours(op)(*xs)
+        y = softmax(xs[0], -1) if op == "softmax" else ours(op, bits=8)(*xs)
         y = y.add_(1) if in_place else y + 1
         return torch.autograd.grad(y, xs[0], torch.ones_like(y))
 
@@ -271,7 +272,7 @@ def test_attention_unbatched_2d(monkeypatch, mode, chunk):
 @pytest.mark.parametrize("mode", MODES)
 def test_attention_forward_matches_native(mode):
     q, k, v, g = make_qkv(L=50, S=70)
-    out, _ = attn_grads(ours(mode), q, k, v, g)
+    out, _ = attn_grads(ours(mode, bits=8), q, k, v, g)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
 
 
@@ -291,12 +292,61 @@ def test_attention_8bit_cosine(mode):
     assert_grads_close(got, ref, 0.999)
 
 
-def test_recompute_4bit_is_less_accurate_but_sane():
+def test_recompute_4bit_is_less_accurate_but_sane(monkeypatch):
     # Documented trade-off: recompute at 4 bits misses 0.99 (that is why it is not the default).
+    # Forced here: at logit std 3 the guard would keep P instead.
+    monkeypatch.setattr(A, "RECOMPUTE_MAX_LOGIT_ERROR", math.inf)
     q, k, v, g = make_qkv(B=1, H=4, L=128, E=64)
     _, ref = reference(q, k, v, g)
     _, got = attn_grads(ours("recompute", bits=4), q, k, v, g)
     assert_grads_close(got, ref, 0.85)
+
+
+def _recompute_call(q, k, v, g, bits, **kw):
+    """(saved tensors, gradients, warnings) of one recompute-mode call."""
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mp.setattr(A, "_warned_recompute", False)
+        saved, (_, grads) = saved_tensors_of(lambda: attn_grads(ours("recompute", bits=bits), q, k, v, g, **kw))
+    return saved, grads, [w for w in caught if "too large to recompute" in str(w.message)]
+
+
+@pytest.mark.parametrize(("bits", "sigma"), [(8, 300.0), (4, 3.0)])
+def test_recompute_keeps_probabilities_when_logits_are_too_large(monkeypatch, bits, sigma):
+    # Logits in the hundreds (Visformer at random init reaches thousands): recomputed from
+    # rounded Q and K they are off by nats and the gradient is lost. Such a call keeps P.
+    q, k, v, g = make_qkv(B=2, H=3, L=40, E=32, sigma=sigma)
+    _, ref = reference(q, k, v, g)
+    saved, got, warned = _recompute_call(q, k, v, g, bits)
+    assert len(warned) == 1 and "op_bits={'attention': 0}" in str(warned[0].message)
+    want = sum(expected_bytes(t.shape, 8) for t in (q, k, v)) + expected_bytes((2, 3, 40, 40), bits)
+    assert nbytes(saved) == want  # P at the call's bits, Q, K and V at qkv_bits (8)
+    assert_grads_close(got, ref, 0.99)
+    # without the guard the same call's gradient is far off
+    monkeypatch.setattr(A, "RECOMPUTE_MAX_LOGIT_ERROR", math.inf)
+    _, unguarded, _ = _recompute_call(q, k, v, g, bits)
+    assert min(cosine(a, b) for a, b in zip(unguarded, ref, strict=True)) < 0.98
+
+
+def test_recompute_guard_warns_once_and_spares_ordinary_logits(monkeypatch):
+    q, k, v, g = make_qkv(B=1, H=2, L=16, E=32, sigma=3.0)
+    saved, _, warned = _recompute_call(q, k, v, g, 8)  # ViT-like logits at 8 bits: recomputed
+    assert not warned and nbytes(saved) == sum(expected_bytes(t.shape, 8) for t in (q, k, v))
+    monkeypatch.setattr(A, "_warned_recompute", False)
+    big = [t * 20 for t in (q, k)]
+    with pytest.warns(RuntimeWarning, match="too large to recompute"):
+        attn_grads(ours("recompute", bits=8), *big, v, g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attn_grads(ours("recompute", bits=8), *big, v, g)  # reported once per process
+
+
+def test_recompute_guard_sees_each_head_group_under_gqa():
+    # one large key head (GQA, 2 query heads per key head): the estimate must reach it
+    q, k, v, g = make_qkv(B=1, H=4, Hkv=2, L=24, E=16, sigma=1.0)
+    k[:, 1] *= 400
+    _, _, warned = _recompute_call(q, k, v, g, 8, enable_gqa=True)
+    assert len(warned) == 1
 
 
 def key_padding(B, S, dtype=torch.bool):
@@ -528,7 +578,8 @@ def test_attention_dropout_mask_costs_eight_bytes():
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_attention_chunked_equals_unchunked(monkeypatch, mode, dropout_p):
     B, H, L, S = 2, 2, 37, 29
-    q, k, v, g = make_qkv(B=B, H=H, L=L, S=S)
+    # logit std 0.5: small enough to recompute from 4-bit Q and K (no fallback to keeping P)
+    q, k, v, g = make_qkv(B=B, H=H, L=L, S=S, sigma=0.5 if mode == "recompute" else 3.0)
     mask = key_padding(B, S)
     out1, got1 = attn_grads(ours(mode), q, k, v, g, attn_mask=mask)
     # 580 logits: one batch item per slice (2 slices), 10 query rows per chunk (4 per slice)
@@ -655,7 +706,7 @@ def test_attention_saved_bytes_exact_probs(bits, qkv_bits):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_attention_saved_bytes_exact_recompute(bits):
-    q, k, v, g = make_qkv(B=2, H=3, L=13, S=11, E=32)
+    q, k, v, g = make_qkv(B=2, H=3, L=13, S=11, E=32, sigma=0.05)  # small enough for 2-bit Q/K
     want = sum(expected_bytes(t.shape, bits) for t in (q, k, v))
     saved, (out, _) = saved_tensors_of(lambda: attn_grads(ours("recompute", bits=bits), q, k, v, g))
     assert nbytes(saved) == want

@@ -18,7 +18,8 @@ every byte:
       the attention probabilities P at ``bits`` on the ``probs`` codebook.
     * ``"recompute"``: Q, K, V stored at ``bits`` only; backward recomputes P from
       the stored Q, K (and the mask, kept by reference) and uses
-      ``rowsum(P * dP)`` in the softmax backward, so the output is not needed.
+      ``rowsum(P * dP)`` in the softmax backward, so the output is not needed. Calls
+      whose logits are too large for that (Visformer's, in the thousands) keep P instead.
 
     Dropout on P costs no bytes: a seed drawn from the default CPU generator
     (``torch.manual_seed`` makes runs reproducible) seeds a private
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +64,15 @@ DEFAULT_MODE = "probs"
 # peak) and takes 40 MiB off a 4-layer SmolLM2-135M step's peak (batch 8 x 256, with the gated
 # MLP's 2**20 chunks), where the attention logits set the forward's peak.
 CHUNK_ELEMS = 1 << 20
+# "recompute" rebuilds P in backward from the stored Q and K, so their rounding error enters the
+# logits. When the estimated error (:func:`_recompute_logit_error`) passes this many nats, the
+# call stores P itself instead ("probs" mode: P at the same bits, Q/K/V at ``qkv_bits``).
+# Measured per attention call (random-init timm models, pretrained MiniLM; 8 bits): estimates
+# up to 0.37 kept the op's gradient cosine >= 0.999, 0.995 gave 0.944, 3.1 gave 0.76 and
+# Visformer's logits in the thousands (estimates 17-124) gave 0.35 to 0.001; P at 8 bits gave
+# >= 0.989 on all of them.
+# Pretrained MiniLM's largest estimate is 0.22, ViT/DeiT/Swin at random init 0.002-0.008.
+RECOMPUTE_MAX_LOGIT_ERROR = 0.5
 # Q/K/V rows (head dim, per-row absmax): uniform levels. With absmax scaling of
 # 32-128 Gaussian-like values they are as accurate as normal-quantile levels
 # (4 bits: relative MSE 0.0083 vs 0.0077) and encode by rounding, not bucketize.
@@ -426,6 +437,44 @@ def _add_mask_grad(dmask: torch.Tensor, ds: torch.Tensor, sl: slice | None, i0: 
     region.add_(ds.sum_to_size(region.shape))
 
 
+def _recompute_logit_error(q: torch.Tensor, k: torch.Tensor, scale: float, groups: int, bits: int) -> torch.Tensor:
+    """Estimated worst standard deviation (nats) over heads of the error that ``bits``-bit Q and
+    K put in the recomputed logits: per element, rounding to a step of 2 absmax / (2**bits - 1)
+    has std step / sqrt(12), so ``q_hat . k_hat - q . k`` has about
+    ``step_q / sqrt(12) * |k| + step_k / sqrt(12) * |q|``, here with each head's largest step and
+    norm. O(rows x head dim), against the O(rows^2 x head dim) of the attention itself."""
+    per_unit = scale * 2.0 / ((2**bits - 1) * math.sqrt(12.0))
+
+    def head_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        absmax = t.abs().amax(-1).amax(-1).float()
+        norm = torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32).amax(-1)
+        return absmax[..., None, None], norm[..., None, None]  # (..., heads, 1, 1) for _expand_kv
+
+    q_max, q_norm = head_stats(q)
+    k_max, k_norm = (_expand_kv(t, groups) for t in head_stats(k))
+    return (q_max * k_norm + k_max * q_norm).amax() * per_unit
+
+
+_warned_recompute = False
+
+
+def _warn_recompute_fallback(error: float, bits: int, qkv_bits: int) -> None:
+    global _warned_recompute
+    if _warned_recompute:
+        return
+    _warned_recompute = True
+    warnings.warn(
+        f"attention logits too large to recompute from {bits}-bit Q and K (estimated logit error "
+        f"{error:.2g} nats, limit {RECOMPUTE_MAX_LOGIT_ERROR}): such calls keep their probabilities "
+        f"at {bits} bits instead, and Q, K, V at {qkv_bits} ({bits / 8:g} byte per query-key pair and "
+        "head more). To keep "
+        "attention exact, leave it native: S2AConfig(op_bits={'attention': 0}) or "
+        "compress_activations(..., ops={...} without 'attention'). Reported once per process.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _batch_index(sl: slice | None) -> tuple[slice, ...]:
     """Index prefix selecting batch slice ``sl``; empty for the whole batch, which may have no
     batch dim at all (unbatched 2-D Q, K, V)."""
@@ -480,7 +529,10 @@ def scaled_dot_product_attention(
       to 2 more for 3 bits) + 4 bytes per row of head dim for each of Q, K, V, plus
       ``packed_nbytes(n_P, bits)`` + 4 bytes per row of P.
     * ``mode="recompute"``: the same for Q, K, V at ``bits``, plus the mask tensor
-      (by reference, it is an input).
+      (by reference, it is an input). A call whose logits are too large for ``bits``-bit Q
+      and K (estimated recomputation error over ``RECOMPUTE_MAX_LOGIT_ERROR`` nats) is
+      stored as ``mode="probs"`` (P at ``bits``, Q, K, V at ``qkv_bits``), with a warning
+      once per process; not checked under ``torch.compile``.
 
     plus 8 bytes (one int64 seed) when ``dropout_p > 0``. A float mask that requires grad
     (a trainable relative-position bias) gets its gradient and costs nothing more. Falls
@@ -547,5 +599,12 @@ def scaled_dot_product_attention(
     if mask is not None and mask.dtype != torch.bool and dt is not None:
         mask = mask.to(dt)
     sc = scale if scale is not None else 1.0 / math.sqrt(q.size(-1))
+    if mode == "recompute" and not torch.compiler.is_compiling():
+        # one host sync per call (as a padding mask's dead-row check has); a compiled graph
+        # keeps the mode it was given
+        error = float(_recompute_logit_error(q.detach(), k.detach(), sc, groups, bits))
+        if math.isfinite(error) and error > RECOMPUTE_MAX_LOGIT_ERROR:  # (non-finite rows are NaN either way)
+            _warn_recompute_fallback(error, bits, qkv_bits)
+            mode = "probs"
     cfg = _Cfg(float(dropout_p), bool(is_causal), float(sc), groups, bits, mode, qkv_bits)
     return _SDPA.apply(q, k, v, mask, cfg)
