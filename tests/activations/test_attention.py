@@ -341,12 +341,37 @@ def test_recompute_guard_warns_once_and_spares_ordinary_logits(monkeypatch):
         attn_grads(ours("recompute", bits=8), *big, v, g)  # reported once per process
 
 
-def test_recompute_guard_sees_each_head_group_under_gqa():
-    # one large key head (GQA, 2 query heads per key head): the estimate must reach it
+def test_recompute_guard_pairs_query_and_key_heads_under_gqa():
+    # GQA, 2 query heads per key head: query heads 0, 1 read key head 0, heads 2, 3 key head 1.
     q, k, v, g = make_qkv(B=1, H=4, Hkv=2, L=24, E=16, sigma=1.0)
-    k[:, 1] *= 400
+    q[:, :2] *= 20  # large queries meet ordinary keys, large keys ordinary queries: each
+    k[:, 1] *= 20  # head's logits grow 20x, within the limit (a max over all heads: 400x)
+    _, _, warned = _recompute_call(q, k, v, g, 8, enable_gqa=True)
+    assert not warned
+    q[:, 2] *= 20  # now query head 2 meets the large key head
     _, _, warned = _recompute_call(q, k, v, g, 8, enable_gqa=True)
     assert len(warned) == 1
+
+
+def test_recompute_guard_ignores_non_finite_heads_and_the_sign_of_scale():
+    q, k, v, g = make_qkv(B=1, H=2, L=16, E=32, sigma=300.0)
+    q[0, 0, 3, 5] = float("nan")  # head 0 is NaN in either mode; head 1 still needs P
+    assert len(_recompute_call(q, k, v, g, 8)[2]) == 1
+    q, k, v, g = make_qkv(B=1, H=2, L=16, E=32, sigma=300.0)
+    assert len(_recompute_call(q, k, v, g, 8, scale=-1 / math.sqrt(32))[2]) == 1
+
+
+def test_recompute_guard_leaves_meta_and_fake_tensors_alone():
+    # shape-only runs (meta device, FakeTensorMode tracing) cannot read the estimate back
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run(device="cpu"):
+        q, k, v = (torch.randn(1, 2, 8, 16, device=device, requires_grad=True) for _ in range(3))
+        return ours("recompute", bits=8)(q, k, v).shape
+
+    assert run("meta") == (1, 2, 8, 16)
+    with FakeTensorMode():
+        assert run() == (1, 2, 8, 16)
 
 
 def key_padding(B, S, dtype=torch.bool):
@@ -528,7 +553,7 @@ def test_attention_nan_propagates_like_native(mode):
     q[0, 1, 3, 5] = float("nan")
     with sdpa_kernel(SDPBackend.MATH):
         ref_out, ref = attn_grads(F.scaled_dot_product_attention, q, k, v, g)
-    out, got = attn_grads(ours(mode), q, k, v, g)
+    out, got = attn_grads(ours(mode, bits=8), q, k, v, g)
     assert torch.isnan(out[torch.isnan(ref_out)]).all()
     for a, b in zip(got, ref, strict=True):
         assert torch.isnan(a[torch.isnan(b)]).all()

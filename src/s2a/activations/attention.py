@@ -34,8 +34,9 @@ N=197, d=64, logit std 2-4, ``benchmarks/results/attention_modes.md``) it is the
 only mode reaching gradient cosine >= 0.99 at 4 bits (dq, dk, dv >= 0.9978, with
 725 KB per ViT-B block per sample vs 2.43 MB for native fp32 SDPA), while
 ``"recompute"`` at 4 bits saves 255 KB but reaches only 0.926-0.965 because 4-bit
-Q/K perturb the logits. Note that ``mode="recompute", bits=8`` beats the default
-on every axis measured (482 KB, cosine >= 0.9997, 1.4x vs 1.4-1.7x native CPU time),
+Q/K perturb the logits by about a nat (such calls now keep P instead, see
+``RECOMPUTE_MAX_LOGIT_ERROR``: 4-bit recompute holds only for logits a few times smaller).
+Note that ``mode="recompute", bits=8`` beats the default on every axis measured (482 KB, cosine >= 0.9997, 1.4x vs 1.4-1.7x native CPU time),
 which is why ``compress_activations`` uses it unless told otherwise.
 """
 
@@ -442,17 +443,33 @@ def _recompute_logit_error(q: torch.Tensor, k: torch.Tensor, scale: float, group
     K put in the recomputed logits: per element, rounding to a step of 2 absmax / (2**bits - 1)
     has std step / sqrt(12), so ``q_hat . k_hat - q . k`` has about
     ``step_q / sqrt(12) * |k| + step_k / sqrt(12) * |q|``, here with each head's largest step and
-    norm. O(rows x head dim), against the O(rows^2 x head dim) of the attention itself."""
-    per_unit = scale * 2.0 / ((2**bits - 1) * math.sqrt(12.0))
+    norm. Heads holding a NaN or an infinity count 0 (their rows are NaN in either mode). O(rows x
+    head dim), against the O(rows^2 x head dim) of the attention itself.
+
+    It over-estimates when one channel dominates both Q and K (stored exactly at the row max, it
+    adds no error but dominates the norms): such calls keep P needlessly, at a cost in bytes
+    that the warning names."""
+    per_unit = abs(scale) * 2.0 / ((2**bits - 1) * math.sqrt(12.0))
 
     def head_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        absmax = t.abs().amax(-1).amax(-1).float()
+        absmax = t.abs().amax(-1).amax(-1).float()  # (vector_norm with ord=inf is 10x slower on CPU)
         norm = torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32).amax(-1)
         return absmax[..., None, None], norm[..., None, None]  # (..., heads, 1, 1) for _expand_kv
 
     q_max, q_norm = head_stats(q)
     k_max, k_norm = (_expand_kv(t, groups) for t in head_stats(k))
-    return (q_max * k_norm + k_max * q_norm).amax() * per_unit
+    per_head = q_max * k_norm + k_max * q_norm
+    return torch.where(per_head.isfinite(), per_head, 0.0).amax() * per_unit
+
+
+def _checks_recompute(q: torch.Tensor) -> bool:
+    """Whether this call can read the estimate back: not while tracing (a compiled graph keeps
+    the mode it was given), on meta or fake tensors, or in CUDA-graph capture."""
+    if not math.isfinite(RECOMPUTE_MAX_LOGIT_ERROR) or torch.compiler.is_compiling() or q.is_meta:
+        return False
+    if isinstance(q, torch._subclasses.FakeTensor):
+        return False
+    return not (q.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 _warned_recompute = False
@@ -469,7 +486,8 @@ def _warn_recompute_fallback(error: float, bits: int, qkv_bits: int) -> None:
         f"at {bits} bits instead, and Q, K, V at {qkv_bits} ({bits / 8:g} byte per query-key pair and "
         "head more). To keep "
         "attention exact, leave it native: S2AConfig(op_bits={'attention': 0}) or "
-        "compress_activations(..., ops={...} without 'attention'). Reported once per process.",
+        "compress_activations(..., ops={...} without 'attention'); to recompute anyway, set "
+        "s2a.activations.attention.RECOMPUTE_MAX_LOGIT_ERROR = float('inf'). Reported once per process.",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -599,11 +617,10 @@ def scaled_dot_product_attention(
     if mask is not None and mask.dtype != torch.bool and dt is not None:
         mask = mask.to(dt)
     sc = scale if scale is not None else 1.0 / math.sqrt(q.size(-1))
-    if mode == "recompute" and not torch.compiler.is_compiling():
-        # one host sync per call (as a padding mask's dead-row check has); a compiled graph
-        # keeps the mode it was given
+    if mode == "recompute" and _checks_recompute(q):
+        # one host sync per call, as a padding mask's dead-row check has
         error = float(_recompute_logit_error(q.detach(), k.detach(), sc, groups, bits))
-        if math.isfinite(error) and error > RECOMPUTE_MAX_LOGIT_ERROR:  # (non-finite rows are NaN either way)
+        if error > RECOMPUTE_MAX_LOGIT_ERROR:
             _warn_recompute_fallback(error, bits, qkv_bits)
             mode = "probs"
     cfg = _Cfg(float(dropout_p), bool(is_causal), float(sc), groups, bits, mode, qkv_bits)

@@ -53,8 +53,8 @@ class S2AConfig:
             turns compression off.
         op_bits: per-operator bits ``{kind: bits}``, kinds from ``s2a.activations.OP_KINDS``;
             kinds not listed use ``act_bits`` (attention keeps its own 8-bit default); 0
-            keeps a kind native (attention whose logits are so large that 8-bit Q / K no
-            longer give its softmax back).
+            keeps a kind native (attention calls whose logits are too large to recompute from
+            8-bit Q / K already keep their probabilities instead, with a warning).
         num_classes: replace the classifier head by a fresh one with this many outputs;
             None keeps the model's head. On a backbone without a head (timm ``num_classes=0``,
             a transformers ``AutoModel``) with ``"side"`` in ``modules``: the side branch's
