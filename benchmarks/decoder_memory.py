@@ -118,7 +118,7 @@ def _setup(arch: str, label: str, quick: bool, inputs: dict) -> tuple[torch.nn.M
                                                           example_input=inputs)).model
     state = getattr(model, "_s2a_compression", None)
     if state is not None and label == "s2a-unfused":
-        for module, kind, _ in state.patched:
+        for module, kind, *_ in state.patched:
             if kind.startswith(fused_kind):
                 module.__dict__.pop("forward")  # back to the model's own forward
         return model, 0

@@ -323,10 +323,12 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], head_names: tuple[
             parts.append(f"unexpected {len(unexpected)} keys: {few(unexpected)}")
         if shape_bad:
             parts.append(
-                f"{len(shape_bad)} shape mismatches: "
+                f"{len(shape_bad)} shape mismatches (file vs model): "
                 + few([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in shape_bad])
             )
-        raise ZooError(f"weights {where} do not match the model: " + "; ".join(parts))
+        hint = (" The file holds another size of this architecture: pass the --model it was saved from."
+                if shape_bad and not missing and not unexpected else "")
+        raise ZooError(f"weights {where} do not match the model: " + "; ".join(parts) + hint)
     keep = {k: v for k, v in sd.items() if not (k in head_keys and own[k].shape != v.shape)}
     skipped = sorted(set(sd) - set(keep))
     model.load_state_dict(keep, strict=False)
@@ -657,12 +659,17 @@ def model_kind(name: str) -> str:
 def _unknown(name: str) -> ZooError:
     import timm
 
+    if os.sep in name or name.startswith((".", "~")):
+        path = Path(name).expanduser()
+        if not path.exists():
+            return ZooError(f"model {name!r}: no such file or directory (a transformers model directory "
+                            "holds config.json)")
     close = difflib.get_close_matches(name, [*ALIASES, *timm.list_models()], n=5, cutoff=0.6)
     hint = f" Close names: {', '.join(close)}." if close else ""
     return ZooError(
         f"unknown model {name!r}: not one of the aliases {sorted(ALIASES)}, not a timm model name, "
         f"and not a directory holding a transformers model (config.json).{hint} "
-        "List timm models with: python -c \"import timm; print(timm.list_models('*vit*'))\""
+        "List timm models with: python -c \"import timm; print(timm.list_models('*vit*'))\" (any name pattern)"
     )
 
 

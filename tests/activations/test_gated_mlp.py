@@ -297,7 +297,7 @@ def test_hf_default_compression_is_strict_clean_and_saves_far_less():
     unfused = copy.deepcopy(model)
     s2a.compress_activations(model, strict=True)  # no `mul` reported: the product is covered
     s2a.compress_activations(unfused)
-    for module, kind, _ in unfused._s2a_compression.patched:
+    for module, kind, *_ in unfused._s2a_compression.patched:
         if kind.startswith("gated_mlp"):
             module.__dict__.pop("forward")
     ids = torch.randint(1, 64, (4, 16))

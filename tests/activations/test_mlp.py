@@ -146,7 +146,7 @@ def _step(model, x):
 
 
 def _unpatch_lean(model):
-    for module, kind, _ in model._s2a_compression.patched:
+    for module, kind, *_ in model._s2a_compression.patched:
         if kind.startswith("frozen_mlp") or kind == "attention":
             module.__dict__.pop("forward")
 

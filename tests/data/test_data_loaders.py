@@ -633,3 +633,15 @@ def test_hugging_face_splits_that_disagree(tmp_path):
     datasets.DatasetDict({"train": train, "test": partly}).save_to_disk(str(tmp_path / "partly"))
     with pytest.raises(DataError, match=r"split 'test' has 1 unlabelled row\(s\) of 3"):
         load_data(str(tmp_path / "partly"))
+
+
+def test_swapped_text_and_label_columns_are_named(tmp_path):
+    """Sentences as labels: nearly every one distinct, so val/test labels are none of train's.
+    The splits are s2a's own, so "use the same class names" would be the wrong advice."""
+    path = tmp_path / "reviews.csv"
+    rows = [f"a {'fine' if i % 2 else 'dull'} film number {i},{i % 2}" for i in range(60)]
+    path.write_text("sentence,sentiment\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"the labels take \d+ distinct values in \d+ training examples .*"
+                                        r"is the label column a text or id column\? Check --label-column"):
+        load_data(str(path), text_column="sentiment", label_column="sentence")
+    assert load_data(str(path), text_column="sentence", label_column="sentiment").classes == ["0", "1"]

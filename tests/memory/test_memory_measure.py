@@ -523,3 +523,65 @@ def test_kv_caches_in_the_output_are_walked():
 
     assert len(list(_iter_tensors({"past_key_values": filled()}))) == 2
     assert len(list(_iter_tensors({"past_key_values": EncoderDecoderCache(filled(), filled())}))) == 4
+
+
+def test_meta_models_are_counted_as_on_the_cpu():
+    """The meta device holds no memory (every storage at address 0): storages are told apart by
+    their storage objects, so a model too large for this machine can still be counted."""
+    x = torch.randn(5, 8)
+    cpu = measure(_mlp(), x)
+    meta = measure(_mlp().to("meta"), x.to("meta"))
+    assert meta.saved_bytes == cpu.saved_bytes > 0
+    assert meta.by_kind == cpu.by_kind
+
+
+def test_sparse_tensors_saved_by_the_graph_count_their_indices_and_values():
+    n = 2000
+    adj = torch.sparse_coo_tensor(torch.randint(0, n, (2, 4000)), torch.rand(4000), (n, n)).coalesce()
+    held = adj._indices().untyped_storage().nbytes() + adj._values().untyped_storage().nbytes()
+
+    class Graph(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.adj = adj  # a plain tensor attribute: kept by the graph, alive anyway
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.sparse.mm(self.adj, self.lin(x)).relu()
+
+    report = measure(Graph(), torch.randn(n, 16, requires_grad=True))
+    assert held < 100_000
+    assert report.saved_input_bytes == n * 16 * F32 + held  # not n * n * 4 = 16 MB
+    assert report.saved_bytes < 4 * n * 16 * F32 + held
+
+
+def test_scripted_submodules_are_measured_under_their_parent():
+    model = nn.Sequential(nn.Linear(8, 16), torch.jit.script(nn.Sequential(nn.GELU(), nn.Linear(16, 4))))
+    assert measure(model, torch.randn(3, 8)).saved_bytes == measure(_mlp(), torch.randn(3, 8)).saved_bytes
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        (("resnet18", torch.randn(2, 8)), {}, "expects an nn.Module"),
+        ((_mlp(), torch.randn(2, 8), "mse"), {}, "loss_fn must be a function"),
+        ((_mlp(), torch.randn(2, 8)), {"optimizer_step": "adam"}, "optimizer_step must be"),
+        ((nn.LazyLinear(4), torch.randn(2, 8)), {}, "run one forward first"),
+    ],
+)
+def test_bad_arguments_are_refused_up_front(args, kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        measure(*args, **kwargs)
+
+
+def test_an_accumulating_step_runs_with_the_gradients_alive():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 512))
+    x = torch.randn(2048, 512)  # activations (4 MiB a layer) set the peak, not the optimizer step
+    first = measure(model, x, optimizer_step=True)
+    later = measure(model, x, optimizer_step=True, accumulating=True)
+    assert later.saved_bytes == first.saved_bytes and later.grad_bytes == first.grad_bytes
+    assert later.forward_live_bytes == first.forward_live_bytes
+    # the gradients were alive through the forward: the peak holds them on top of it
+    assert later.peak_bytes >= first.peak_bytes + later.grad_bytes // 4
+    assert all(p.grad is None for p in model.parameters())  # left as it was

@@ -206,6 +206,10 @@ def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
     main(["compare", str(a), str(edited)])
     assert (f"Note: these runs differ in batch_size ({ra['batch_size']}, {2 * ra['batch_size']}); world_size (1, 2)"
             in capsys.readouterr().out)
+    # a run that saves nothing for backward (a side branch alone) is 0.00x, not left blank
+    (edited / "report.json").write_text(json.dumps({**ra, "saved_activation_bytes": 0}))
+    main(["compare", str(a), str(edited)])
+    assert "0 B (0.00x)" in capsys.readouterr().out
     for content, needle in (("5", "holds a JSON int"), (json.dumps({**ra, "accuracy": None}), "accuracy=None"),
                             (json.dumps({**ra, "trainable_percent": "0.8"}), "trainable_percent='0.8'")):
         (edited / "report.json").write_text(content)

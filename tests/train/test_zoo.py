@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -99,6 +100,12 @@ def test_weights_file_errors(tmp_path):
     save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(path))
     with pytest.raises(ZooError, match=r"do not match the model: missing \d+ keys"):
         load_model("test_vit", 3, img_size=32, weights=path)
+    # the file of another size of the architecture: every layer's width differs
+    tiny = tmp_path / "vit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in load_model("vit_tiny_patch16_224", 3).model.state_dict().items()}, str(tiny))
+    with pytest.raises(ZooError, match=r"shape mismatches \(file vs model\): .*\(192,\) vs \(384,\)") as info:
+        load_model("vit_small_patch16_224", 3, weights=tiny)
+    assert "another size of this architecture" in str(info.value)
     bad = tmp_path / "corrupt.safetensors"
     bad.write_bytes(b"\x00\x01garbage")
     with pytest.raises(ZooError, match="corrupt"):
@@ -121,6 +128,8 @@ def test_unknown_model_names():
     assert "unknown model 'vit_tinyy_patch16_224'" in msg and "vit_tiny_patch16_224" in msg and "minilm" in msg
     with pytest.raises(ZooError, match="unknown model"):
         model_kind("minilmm")
+    with pytest.raises(ZooError, match="no such file or directory"):  # a path, not a name
+        load_model("/nowhere/my-model", 2)
     with pytest.raises(ZooError, match="num_classes"):
         load_model("test_vit", 1)
 
@@ -340,3 +349,30 @@ def test_training_forward_of_a_decoder_runs_without_kv_cache():
     assert report.forward_live_bytes == pytest.approx(report.saved_bytes, rel=1e-3)
     with_cache = measure(fresh, batch, lambda o, _: o.logits.sum())
     assert with_cache.forward_live_bytes > report.forward_live_bytes + 2 * 2 * 32 * 32 * 4  # K, V
+
+
+def test_the_memory_report_measures_a_decoder_step_as_it_trains(tmp_path, run_cli, monkeypatch):
+    """Without its KV cache (as zoo.call_model runs the step), and with the gradients of the
+    earlier micro-batches alive under gradient accumulation."""
+    import s2a.memory
+
+    path = _tiny_llama_dir(tmp_path / "llama")
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = ["text,label"] + [f"{'good film' if i % 2 else 'a very dull plot'},{i % 2}" for i in range(16)]
+    for split in ("train", "val", "test"):
+        (data / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    calls = []
+    real = s2a.memory.measure
+
+    def spy(model, batch, *args, **kwargs):
+        calls.append((dict(batch), kwargs.get("accumulating")))
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(s2a.memory, "measure", spy)
+    assert run_cli("--model", str(path), "--data", str(data), "--method", "s2a", "--epochs", "1",
+                   "--batch-size", "4", "--grad-accum", "2", "--out", str(tmp_path / "run")) == 0
+    (batch, accumulating), = calls
+    assert batch["use_cache"] is False and accumulating is True
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["peak_memory_bytes"] > 0

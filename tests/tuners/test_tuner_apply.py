@@ -141,8 +141,13 @@ def test_same_class_other_shapes_refused(tmp_path):
     with pytest.raises(ValueError, match=r"backbone mismatch.*missing from the model|backbone mismatch.*not in the saved"):
         s2a.load_tuned(deeper, tmp_path)
     wider = timm.create_model("vit_small_patch16_224", img_size=32, depth=2, num_classes=5)
-    with pytest.raises(ValueError, match=r"backbone mismatch.*shapes differ"):
+    with pytest.raises(ValueError, match=r"backbone mismatch.*shapes differ") as info:
         s2a.load_tuned(wider, tmp_path)
+    assert "another input size" not in str(info.value)
+    larger = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=5)
+    with pytest.raises(ValueError, match=r"pos_embed .*only position embeddings differ: the model was built for "
+                                         r"another input size"):
+        s2a.load_tuned(larger, tmp_path)
 
 
 def test_num_classes_replaces_head_and_loads_on_any_head(tmp_path):

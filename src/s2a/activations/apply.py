@@ -20,6 +20,8 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
+import threading
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,7 +29,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from . import functional as S
 from . import gate as G
@@ -350,8 +352,10 @@ class _CompressMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        entry = _FUNCTIONS.get(func)
         state = self.state
+        if state.running.depth == 0:  # left on the stack by an interrupted forward, then cleared
+            return func(*args, **kwargs)
+        entry = _FUNCTIONS.get(func)
         # Compressed softmax probabilities: reshapes, casts and dropout pass their codes on, and
         # matmul(probs, V) keeps the codes instead of the probabilities (see probs.py).
         tag = (PR.tag_of(args[0]) if args and state.disabled == 0 and "out" not in kwargs
@@ -511,7 +515,7 @@ def _keeps_activation(out, first: int, trainable: set) -> bool:
 # --- module patching ---------------------------------------------------------------
 
 _ACTIVATION_CLASSES = {
-    "GELU": "gelu", "GELUActivation": "gelu", "AccurateGELUActivation": "gelu",
+    "GELU": "gelu", "GELUActivation": "gelu", "AccurateGELUActivation": "gelu_tanh",
     "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh",
     "FastGELUActivation": "gelu_tanh", "BloomGelu": "gelu_tanh", "QuickGELU": "quick_gelu", "QuickGELUActivation": "quick_gelu",
     "SiLU": "silu", "Swish": "silu", "SiLUActivation": "silu", "ReLU": "relu", "ReLU6": "relu6",
@@ -537,10 +541,19 @@ _SUSPECT_WORDS = ("GELU", "ReLU", "SiLU", "Swish", "Mish", "Sigmoid", "Tanh", "S
 def _forward_owner(module: nn.Module) -> str:
     """Name of the class that defines the ``forward`` ``module`` runs (its own, or the parent
     class's that it inherits)."""
+    return _forward_class(module).__name__
+
+
+def _forward_class(module: nn.Module) -> type:
     for cls in type(module).__mro__:
         if "forward" in vars(cls):
-            return cls.__name__
-    return type(module).__name__
+            return cls
+    return type(module)
+
+
+# Libraries whose activation classes are known by name: a user's own ``Swish`` may compute
+# x * sigmoid(beta * x), not SiLU.
+_KNOWN_LIBRARIES = ("torch", "timm", "transformers")
 
 
 def _runs_torch_forward(module: nn.Module) -> bool:
@@ -573,7 +586,8 @@ def _module_op(module: nn.Module, spec: CompressionSpec):
     Classes are recognised by the class whose ``forward`` they run: a subclass that only
     changes ``__init__`` (timm's ``LayerNorm2dNoBias``) is its parent's forward."""
     name = _forward_owner(module)
-    kind = _ACTIVATION_CLASSES.get(name)
+    library = _forward_class(module).__module__.partition(".")[0]
+    kind = _ACTIVATION_CLASSES.get(name) if library in _KNOWN_LIBRARIES else None
     if type(module) is nn.ReLU6:  # PyTorch's runs Hardtanh's forward: its own name is clearer
         kind = "relu6"
     if kind is not None and not any(True for _ in module.parameters()):
@@ -671,13 +685,15 @@ def _adaptive_avg_pool_forward(module: nn.Module, x: torch.Tensor) -> torch.Tens
 
 
 def _activation_forward(kind: str, spec: CompressionSpec, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # in place as the module was asked to be: a caller may read its input back (``act(h); h``)
+    inplace = bool(getattr(module, "inplace", False))
     if kind == "leaky_relu":
-        return _act(kind, spec, x, module.negative_slope)
+        return _act(kind, spec, x, module.negative_slope, inplace=inplace)
     if kind == "hardtanh":
-        return _act(kind, spec, x, module.min_val, module.max_val)
+        return _act(kind, spec, x, module.min_val, module.max_val, inplace=inplace)
     if kind == "softplus":
         return _act(kind, spec, x, module.beta, module.threshold)
-    return S.activation(x, kind, spec.bits_for(kind))
+    return _act(kind, spec, x, inplace=inplace)
 
 
 def _softmax_forward(spec: CompressionSpec, module: nn.Softmax, x: torch.Tensor) -> torch.Tensor:
@@ -719,7 +735,7 @@ def _hf_rms_norm_forward(spec: CompressionSpec, module: nn.Module, spelling: RMS
 
 
 def _dropout_forward(spec: CompressionSpec, module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
-    return _dropout(spec, x, module.p, module.training)
+    return _dropout(spec, x, module.p, module.training, bool(getattr(module, "inplace", False)))
 
 
 def _drop_path_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -740,7 +756,8 @@ def _timm_ln() -> tuple:
 
 
 def _patched_batch_norm(module: nn.modules.batchnorm._BatchNorm, spec: CompressionSpec, x):
-    # Mirrors nn.BatchNorm's forward: momentum / cumulative average and stats selection.
+    # Mirrors nn.BatchNorm's forward: input check, momentum / cumulative average and stats selection.
+    module._check_input_dim(x)
     momentum = 0.0 if module.momentum is None else module.momentum
     if module.training and module.track_running_stats and module.num_batches_tracked is not None:
         module.num_batches_tracked.add_(1)
@@ -776,10 +793,24 @@ def _switch_attention(module: nn.Module, state: _State) -> bool:
     return False
 
 
+class _Running(threading.local):
+    """What the forwards now running in one thread are doing. Threads share a compressed model
+    (a server's request threads, ``nn.DataParallel`` replicas) but not the function-mode stack,
+    so each one enters its own mode and counts its own depth."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.disabled = 0  # depth of skipped subtrees
+        self.mode: _CompressMode | None = None
+        self.entered: list = []  # the modules whose _enter ran, innermost last
+        self.paths: list = []  # module paths of the forwards now running
+        self.trainable: set = set()  # storages of its trainable parameters (strict)
+
+
 @dataclass
 class _State:
     spec: CompressionSpec
-    patched: list = field(default_factory=list)  # (module, kind, previous instance forward or None)
+    patched: list = field(default_factory=list)  # (module, kind, previous instance forward or None, ours)
     routed: list = field(default_factory=list)  # (module, kind): unpatched, its calls routed by the mode
     attrs: list = field(default_factory=list)
     attn_impl: list = field(default_factory=list)  # (transformers model, its own implementation)
@@ -788,11 +819,27 @@ class _State:
     attn_now: list = field(default_factory=list)  # (model, implementation) to go back to after them
     hooks: list = field(default_factory=list)
     uncovered_calls: set = field(default_factory=set)
-    depth: int = 0
-    disabled: int = 0
-    mode: _CompressMode | None = None
-    paths: list = field(default_factory=list)  # module paths of the forwards now running
-    trainable: set = field(default_factory=set)  # storages of its trainable parameters (strict)
+    root: nn.Module | None = None  # the compressed model (a deepcopy's state holds the copy)
+    running: _Running = field(default_factory=_Running)
+
+    @property
+    def disabled(self) -> int:
+        return self.running.disabled
+
+    @property
+    def paths(self) -> list:
+        return self.running.paths
+
+    @property
+    def trainable(self) -> set:
+        return self.running.trainable
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: a copy starts with nothing running
+        return {k: v for k, v in vars(self).items() if k != "running"}
+
+    def __setstate__(self, values: dict) -> None:
+        vars(self).update(values)
+        self.running = _Running()
 
     attention_paths: frozenset = frozenset()  # paths of modules named like attention
 
@@ -863,8 +910,10 @@ def compress_activations(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress_activations expects an nn.Module, got {type(model).__name__}")
-    if getattr(model, "_s2a_compression", None) is not None:
-        raise RuntimeError("model is already compressed; call s2a.restore(model) first to change settings")
+    done = _compressed_in(model)
+    if done or getattr(model, "_s2a_compression", None) is not None:
+        where = "" if not done or done[0][0] == "<root>" else f" (its submodule {done[0][0]})"
+        raise RuntimeError(f"model is already compressed{where}; call s2a.restore(model) first to change settings")
     spec = _validate(bits, ops, dropout_mode, attention_mode)
     if isinstance(skip, str):
         raise TypeError(f"skip must be a list of module path patterns (strings), got the string {skip!r}")
@@ -874,8 +923,7 @@ def compress_activations(
     spec.skip = skip
     spec.strict = strict
     _check_skip(model, spec.skip)
-    state = _State(spec)
-    state.mode = _CompressMode(state)
+    state = _State(spec, root=model)
     state.attention_paths = frozenset((p or "<root>") for p, m in model.named_modules() if _names_attention(m))
     uncovered, replaced = [], []
     for path, module in model.named_modules():
@@ -886,11 +934,13 @@ def compress_activations(
             # the root's forward, and its functional calls must save what they saved the first
             # time. Marked as observers, so timm's fused MLP still fuses.
             where = path or "<root>"
-            state.hooks.append(module.register_forward_pre_hook(observer_hook(partial(_enter, state, where))))
+            # prepended: a pre-hook of the user's that raises must not leave _exit unbalanced
+            state.hooks.append(module.register_forward_pre_hook(
+                observer_hook(partial(_enter, state, where)), prepend=True))
             state.hooks.append(module.register_forward_hook(observer_hook(partial(_exit, state)), always_call=True))
         if skipped:
             if path and module is not model:
-                state.hooks.append(module.register_forward_pre_hook(partial(_disable, state)))
+                state.hooks.append(module.register_forward_pre_hook(partial(_disable, state), prepend=True))
                 state.hooks.append(module.register_forward_hook(partial(_enable, state), always_call=True))
             continue
         lean_args = dict(act_kind=lambda m: (_module_op(m, spec) or (None,))[0],
@@ -898,7 +948,7 @@ def compress_activations(
         lean = (lean_timm_forward(module, path, state, **lean_args)
                 or lean_hf_forward(module, path, state, **lean_args))
         if lean is not None:  # its children are patched too: they still run inside it
-            state.patched.append((module, lean[0], module.__dict__.get("forward")))
+            state.patched.append((module, lean[0], module.__dict__.get("forward"), lean[1]))
             module.forward = lean[1]
             if lean[0] != "attention":
                 continue
@@ -912,7 +962,7 @@ def compress_activations(
         if found is not None:
             kind, fwd = found
             if spec.enabled(kind):
-                state.patched.append((module, kind, module.__dict__.get("forward")))
+                state.patched.append((module, kind, module.__dict__.get("forward"), fwd))
                 module.forward = fwd
                 if kind == "star_relu":  # its own nn.ReLU child does not run any more
                     replaced.append(f"{path}.")
@@ -1004,22 +1054,38 @@ def _attn_exit(state: _State, module, args, output):
 
 
 def _enter(state: _State, path: str, module, args):
-    if state.depth == 0:
-        state.mode.__enter__()
+    run = state.running
+    if path == "<root>" and module is not state.root and state.root is not None:
+        raise RuntimeError(
+            "this model was compressed by s2a and then copied without its compression state "
+            "(nn.DataParallel's replicas, copy.copy): the copy would run s2a's patched forwards on "
+            "the original's weights. Use DistributedDataParallel (torchrun) or one device, and "
+            "copy.deepcopy for copies"
+        )
+    if path == "<root>" and run.depth:  # a forward left without its exit (Ctrl-C): start afresh
+        _clear_running(state)
+    if run.depth == 0:
+        if run.mode is None:
+            run.mode = _CompressMode(state)
+        run.mode.__enter__()
         if state.spec.strict:  # what a trainable weight keeps is not an activation s2a could store
-            state.trainable = {p.untyped_storage().data_ptr() for p in module.parameters()
-                               if p.requires_grad}
-    state.depth += 1
-    state.paths.append(path)
+            run.trainable = {p.untyped_storage().data_ptr() for p in module.parameters()
+                             if p.requires_grad}
+    run.depth += 1
+    run.entered.append(module)
+    run.paths.append(path)
 
 
 def _exit(state: _State, module, args, output):
-    state.depth -= 1
-    if state.paths:
-        state.paths.pop()
-    if state.depth == 0:
-        state.mode.__exit__(None, None, None)
-        state.trainable = set()
+    run = state.running
+    if not run.entered or run.entered[-1] is not module:
+        return  # its _enter never ran: a forward pre-hook before it raised
+    run.entered.pop()
+    run.paths.pop()
+    run.depth -= 1
+    if run.depth == 0:
+        run.mode.__exit__(None, None, None)
+        run.trainable = set()
         PR.clear_tags()
         if state.spec.strict and state.uncovered_calls:
             calls = sorted(state.uncovered_calls)
@@ -1031,17 +1097,32 @@ def _exit(state: _State, module, args, output):
             )
 
 
+def _clear_running(state: _State) -> None:
+    """Forget this thread's forwards that never exited (a KeyboardInterrupt skips the exit
+    hooks that an exception runs), taking their mode off the stack if it is on top."""
+    run = state.running
+    stack = _get_current_function_mode_stack()
+    if run.depth and run.mode is not None and stack and stack[-1] is run.mode:
+        run.mode.__exit__(None, None, None)
+    run.depth, run.disabled = 0, 0
+    run.entered, run.paths, run.trainable = [], [], set()
+    PR.clear_tags()
+
+
 def _disable(state: _State, module, args):
-    state.disabled += 1
+    state.running.disabled += 1
 
 
 def _enable(state: _State, module, args, output):
-    state.disabled -= 1
+    state.running.disabled -= 1
 
 
 def _undo(model: nn.Module, state: _State) -> None:
-    for module, _kind, previous in state.patched:
-        if previous is None:
+    replaced = []
+    for module, kind, previous, ours in state.patched:
+        if module.__dict__.get("forward") is not ours:  # replaced since (accelerate's hooks): kept
+            replaced.append(kind)
+        elif previous is None:
             module.__dict__.pop("forward", None)
         else:
             module.forward = previous
@@ -1051,15 +1132,31 @@ def _undo(model: nn.Module, state: _State) -> None:
         module.set_attn_implementation(impl)
     for h in state.hooks:
         h.remove()
+    _clear_running(state)
+    if replaced:
+        warnings.warn(
+            f"restore: {len(replaced)} module forward(s) patched by s2a ({sorted(set(replaced))}) were "
+            "replaced since by something else (a wrapper, accelerate's hooks) and are left as they are: "
+            "they may still call s2a's compressed forward",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _compressed_in(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of ``model`` and its submodules that hold a compression (read from the
+    instance: peft's and DDP's wrappers forward attribute reads to the model they hold)."""
+    return [(p or "<root>", m) for p, m in model.named_modules() if vars(m).get("_s2a_compression") is not None]
 
 
 def restore(model: nn.Module) -> nn.Module:
-    """Undo :func:`compress_activations` (a no-op on a model that is not compressed)."""
-    state = getattr(model, "_s2a_compression", None)
-    if state is None:
-        return model
-    _undo(model, state)
-    del model._s2a_compression
+    """Undo :func:`compress_activations` on ``model`` and on any of its submodules it was
+    applied to (a peft or DDP wrapper around a compressed model); a no-op where there is none.
+    Also clears what a forward interrupted by Ctrl-C left running in this thread."""
+    for _path, module in _compressed_in(model):
+        state = vars(module)["_s2a_compression"]
+        _undo(module, state)
+        del module._s2a_compression
     return model
 
 
@@ -1117,7 +1214,7 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
             return "none"
         return spec.bits_for(op)
 
-    entries = [(m, k) for m, k, _ in state.patched] + state.routed
+    entries = [(m, k) for m, k, _, _ in state.patched] + state.routed
     # attention that runs through SDPA by a flag, a transformers implementation switch, or
     # a transformers model's own choice of SDPA
     entries += [(m, "attention") for m, attr, _ in state.attrs if attr == "fused_attn"]

@@ -453,7 +453,7 @@ def _recompute_logit_error(q: torch.Tensor, k: torch.Tensor, scale: float, group
 
     def head_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         absmax = t.abs().amax(-1).amax(-1).float()  # (vector_norm with ord=inf is 10x slower on CPU)
-        norm = torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32).amax(-1)
+        norm = torch.linalg.vector_norm(t, dim=-1, dtype=torch.promote_types(t.dtype, torch.float32)).amax(-1).float()
         return absmax[..., None, None], norm[..., None, None]  # (..., heads, 1, 1) for _expand_kv
 
     q_max, q_norm = head_stats(q)

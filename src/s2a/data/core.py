@@ -406,6 +406,12 @@ class DataBundle:
         if unseen * 2 > len(labels):
             present = sorted(self.classes[i] for i in held)
             absent = sorted({self.classes[v] for v in labels if v not in held})
+            n_train = len(self.train.labels)
+            if n_train >= 10 and len(held) * 2 > n_train:  # labels nearly all distinct: text, ids
+                raise DataError(
+                    f"{self.name}: the labels take {len(held)} distinct values in {n_train} training examples "
+                    f"(e.g. {present[:3]}), and {unseen} of {len(labels)} val/test labels are none of them: "
+                    "is the label column a text or id column? Check --label-column / --text-column")
             raise DataError(
                 f"{self.name}: {unseen} of {len(labels)} val/test examples belong to classes with no train "
                 f"example ({absent[:10]}{'...' if len(absent) > 10 else ''}; train has {present[:10]}): "

@@ -55,16 +55,35 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 # ---------------------------------------------------------------------------- tensor helpers
 def storage_key(t: torch.Tensor) -> tuple[StorageKey, int]:
-    """``(key, nbytes)`` of the storage under ``t``: two views of one storage share the key."""
+    """``(key, nbytes)`` of the storage under ``t``: two views of one storage share the key.
+    A sparse tensor's are those of its index and value tensors; storages without memory (the
+    meta device, fake tensors) are told apart by their storage object, not their address."""
+    if t.layout != torch.strided and not t.is_nested:
+        parts = _sparse_parts(t)
+        if parts:
+            keys = [storage_key(p) for p in parts]
+            return ("sparse", *(k for k, _ in keys)), sum(n for _, n in keys)
     try:
         storage = t.untyped_storage()
         nbytes = int(storage.nbytes())
         ptr = int(storage.data_ptr())
-    except (RuntimeError, NotImplementedError, TypeError):  # sparse, nested, odd subclasses
+    except (RuntimeError, NotImplementedError, TypeError):  # nested, odd subclasses
         return ("tensor", id(t)), t.numel() * t.element_size()
     if nbytes == 0:
         return ("empty",), 0
+    if ptr == 0:
+        return (t.device.type, t.device.index, "storage", storage._cdata), nbytes
     return (t.device.type, t.device.index, ptr), nbytes
+
+
+def _sparse_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    if t.layout == torch.sparse_coo:
+        return [t._indices(), t._values()]
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.ccol_indices(), t.row_indices(), t.values()]
+    return []
 
 
 def _iter_tensors(obj: Any, _depth: int = 0) -> Iterator[torch.Tensor]:
@@ -338,6 +357,8 @@ class _ModuleStack:
         self.handles: list[Any] = []
         for name, module in model.named_modules():
             path = name or ROOT_PATH
+            if isinstance(module, torch.jit.ScriptModule):  # takes no hooks: counted to its parent
+                continue
 
             @observer_hook
             def pre(_m, _args, path=path):
@@ -438,6 +459,7 @@ def measure(
     loss_fn: LossFn | None = None,
     *,
     optimizer_step: bool | Callable[[list[nn.Parameter]], torch.optim.Optimizer] = False,
+    accumulating: bool = False,
     name: str | None = None,
 ) -> MemoryReport:
     """Measure one training step of ``model`` on ``batch``; see :class:`MemoryReport`.
@@ -448,10 +470,23 @@ def measure(
     ``params -> Optimizer``) and report its state; the parameters are restored afterwards. The
     state is allocated before the forward (one step on zero gradients at learning rate 0), so
     ``peak_bytes`` is that of a steady-state step, not of a first step.
+    ``accumulating``: the step is a gradient-accumulation micro-batch after the first, whose
+    forward and backward run with the gradients already alive (allocated before the forward).
     The model runs in its current ``training`` mode and is left exactly as it was. On CUDA the
     allocator's peak counter is reset (``torch.cuda.reset_peak_memory_stats``) to read the
     step's own peak: read ``torch.cuda.max_memory_allocated`` first if you track your own.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"measure expects an nn.Module, got {type(model).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a function (output, batch) -> scalar loss, got {loss_fn!r}")
+    if not (isinstance(optimizer_step, bool) or callable(optimizer_step)):
+        raise TypeError(
+            f"optimizer_step must be True, False or a factory params -> Optimizer, got {optimizer_step!r}"
+        )
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(f"the model has uninitialised lazy parameters ({lazy[:3]}): run one forward first")
     loss_fn = loss_fn or default_loss
     device = _model_device(model, batch)
     probe = probe_for(device)
@@ -500,27 +535,31 @@ def measure(
             if optimizer_step:
                 state.snapshot_trainable()
             torch.clear_autocast_cache()
-            _allocator_run(model, batch, loss_fn, probe, report, reset_rng, optimizer_step, fwd_peak)
+            _allocator_run(model, batch, loss_fn, probe, report, reset_rng, optimizer_step, fwd_peak,
+                           accumulating)
         finally:
             if probe is not None:
                 probe.close()  # an exception mid-step must not leave the profiler running
             state.restore()
     if probe is None:
         notes.append(f"no allocator statistics for device {device}: peak and cross-check skipped")
-    unexplained = _unexplained_live_bytes(report)
+    unexplained = _unexplained_live_bytes(report, probe is not None and probe.exact_peak)
     if unexplained:
         notes.append(unexplained)
     report.notes.extend(notes)
     return report
 
 
-def _unexplained_live_bytes(report: MemoryReport) -> str | None:
+def _unexplained_live_bytes(report: MemoryReport, exact: bool) -> str | None:
     """A note when the allocator's live bytes after the forward and the saved-tensor hooks'
-    count disagree by more than a quarter and 1 MiB: something keeps tensors the hooks cannot
+    count disagree by more than 5 % and 1 MiB (a quarter with a sampled allocator): something keeps tensors the hooks cannot
     see (a custom autograd Function's ``ctx.attr``, a module caching its input), and
     ``saved_bytes`` then undercounts (or, the other way, counts what is freed anyway)."""
     live, expected = report.forward_live_bytes, report.expected_forward_live_bytes
-    if live is None or expected is None or abs(live - expected) <= max(2**20, 0.25 * max(live, expected)):
+    # an exact allocator (CUDA's, CPU's profiler) matched the hooks to the byte on every model
+    # measured but for autocast's weight copies; a sampled one (glibc's) is looser
+    share, floor = (0.05, 2**20) if exact else (0.25, 2**20)
+    if live is None or expected is None or abs(live - expected) <= max(floor, share * max(live, expected)):
         return None
     mib = 2**20
     if live > expected:
@@ -607,6 +646,7 @@ def _allocator_run(
     reset_rng: Callable[[], None],
     optimizer_step: Any,
     fwd_peak: int | None,
+    accumulating: bool = False,
 ) -> None:
     """Run B: hook-free forward + loss (cross-check), backward (peak, grads), optimizer step."""
     reset_rng()
@@ -624,6 +664,10 @@ def _allocator_run(
             # parameters. So the state is allocated here, inside the window.
             opt = _make_optimizer(optimizer_step, trainable)
             _allocate_state(opt, trainable)
+        if accumulating:
+            for p in trainable:
+                p.grad = torch.zeros_like(p)
+        if opt is not None or accumulating:
             primed = probe.live() - base if probe is not None else 0
         output = _call(model, batch)
         loss = loss_fn(output, batch)

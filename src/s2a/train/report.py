@@ -258,7 +258,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
 
     def ratio(key: str, r: Mapping[str, Any]) -> str:
         a, b = r.get(key), ref.get(key)
-        return "" if not a or not b or r is ref else f" ({a / b:.2f}x)"
+        return "" if a is None or not b or r is ref else f" ({a / b:.2f}x)"  # 0 bytes: 0.00x
 
     header = ["", *labels]
     rows = [

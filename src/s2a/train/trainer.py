@@ -999,16 +999,24 @@ class Trainer:
 
             return F.cross_entropy(logits_of(out).float(), labels, label_smoothing=ls)
 
+        from s2a.zoo import _takes_use_cache
+
         batch = inputs if isinstance(inputs, dict) else (inputs,)
+        if isinstance(batch, dict) and "use_cache" not in batch and self.model.training and _takes_use_cache(self.model):
+            batch = {**batch, "use_cache": False}  # as the training step (zoo.call_model) runs it
+        accumulating = self.rc.grad_accum > 1
         try:
             with self._autocast():
-                # AdamW's state, alive through every step after the first, belongs in the peak
+                # AdamW's state, alive through every step after the first, belongs in the peak,
+                # and so do the gradients of earlier micro-batches under gradient accumulation
                 report = measure(
-                    self.model, batch, loss_fn, optimizer_step=True, name=f"{self.rc.model} [{self.rc.method}]"
+                    self.model, batch, loss_fn, optimizer_step=True, accumulating=accumulating,
+                    name=f"{self.rc.model} [{self.rc.method}]",
                 )
         except Exception as exc:  # the report must not be lost to a measurement problem
             return None, [f"memory not measured: {type(exc).__name__}: {exc}"]
-        notes.append(f"memory measured by s2a.measure on one training micro-batch of {n} examples per process")
+        notes.append(f"memory measured by s2a.measure on one training micro-batch of {n} examples per process"
+                     + (", with the gradients of the earlier micro-batches alive" if accumulating else ""))
         return report, notes
 
     def _timing(self) -> dict[str, float | None]:

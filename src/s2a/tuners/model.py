@@ -179,6 +179,9 @@ def fingerprint_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any]) ->
         parts.append(f"{len(missing)} tensor(s) missing from the model, e.g. {missing[:3]}")
     if extra:
         parts.append(f"{len(extra)} tensor(s) not in the saved backbone, e.g. {extra[:3]}")
+    if differ and all("pos" in k.lower() or "position" in k.lower() for k in differ):
+        parts.append("only position embeddings differ: the model was built for another input size "
+                     "(build it with the img_size it was tuned at, e.g. timm.create_model(..., img_size=N))")
     return (f"{got.get('class')} with {got.get('num_parameters'):,} parameters does not match the "
             f"saved backbone with {expected.get('num_parameters'):,}: " + "; ".join(parts or ["hash differs"]))
 
