@@ -659,7 +659,7 @@ def model_kind(name: str) -> str:
 def _unknown(name: str) -> ZooError:
     import timm
 
-    if os.sep in name or name.startswith((".", "~")):
+    if name.startswith((os.sep, ".", "~")):  # a local path ("org/name" may be a hub id)
         path = Path(name).expanduser()
         if not path.exists():
             return ZooError(f"model {name!r}: no such file or directory (a transformers model directory "

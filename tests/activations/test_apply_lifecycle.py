@@ -195,3 +195,44 @@ def test_data_parallel_replicas_are_refused_and_copies_run():
         replica(X)
     twin = copy.deepcopy(model)  # an EMA or teacher copy is its own compressed model
     assert bytes_of(twin, X) == bytes_of(model, X)
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool1d(2), nn.AvgPool1d(2), nn.AdaptiveAvgPool1d(3)])
+@pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.Dropout(0.2, inplace=True)])
+def test_in_place_modules_after_1d_pooling(pool, act):
+    # ATen's 1d pooling returns a view of its 2d result: made inside the compressed pooling's
+    # Function, it could not be modified in place (audio and time-series CNNs)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), pool, act)
+    x = torch.randn(2, 2, 16)
+    want = model(x)
+    s2a.compress_activations(model, bits=4)
+    got = model(x)
+    if isinstance(act, nn.ReLU):
+        torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert model[0].weight.grad is not None
+
+
+def test_a_raising_pre_hook_on_a_skipped_module_keeps_the_rest_compressed():
+    fresh = bytes_of(s2a.compress_activations(mlp(), bits=4, skip=["1"]), X)
+    model = s2a.compress_activations(mlp(), bits=4, skip=["1"])
+    reject = model[1].register_forward_pre_hook(
+        lambda m, a: (_ for _ in ()).throw(ValueError("bad input")), prepend=True)  # before _disable
+    with pytest.raises(ValueError, match="bad input"):
+        model(X)
+    reject.remove()
+    assert bytes_of(model, X) == fresh  # the root's functional SiLU still compressed
+
+
+def test_a_state_pickled_before_per_thread_state_still_restores():
+    # compressed models pickled by the previous release: 3-field patch records, shared counters
+    model = s2a.compress_activations(mlp(), bits=4)
+    state = model._s2a_compression
+    old = {k: v for k, v in vars(state).items() if k != "running"}
+    old["patched"] = [entry[:3] for entry in old["patched"]]
+    old.update(depth=0, disabled=0, mode=None, paths=[], trainable=set())
+    state.__setstate__(old)
+    assert "2" in s2a.compression_summary(model)
+    s2a.restore(model)
+    assert "forward" not in vars(model[2])

@@ -190,6 +190,11 @@ def test_apply_validates_and_refuses_twice():
     s2a.compress_activations(compressed)
     with pytest.raises(RuntimeError, match="already compressed"):
         s2a.apply(compressed, s2a.S2AConfig())
+    partly, _ = build("resnet")  # one block compressed by hand: refused before anything changes
+    s2a.compress_activations(partly.layer1)
+    with pytest.raises(RuntimeError, match=r"already compressed \(its submodule layer1\)"):
+        s2a.apply(partly, s2a.S2AConfig())
+    assert all(p.requires_grad for p in partly.parameters())
 
 
 def test_num_classes_without_head_is_an_error():

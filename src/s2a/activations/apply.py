@@ -793,6 +793,9 @@ def _switch_attention(module: nn.Module, state: _State) -> bool:
     return False
 
 
+_UNRECORDED = "unrecorded"  # s2a's own forward, in a state pickled before it was recorded
+
+
 class _Running(threading.local):
     """What the forwards now running in one thread are doing. Threads share a compressed model
     (a server's request threads, ``nn.DataParallel`` replicas) but not the function-mode stack,
@@ -803,6 +806,7 @@ class _Running(threading.local):
         self.disabled = 0  # depth of skipped subtrees
         self.mode: _CompressMode | None = None
         self.entered: list = []  # the modules whose _enter ran, innermost last
+        self.skipping: list = []  # the skipped modules whose _disable ran, innermost last
         self.paths: list = []  # module paths of the forwards now running
         self.trainable: set = set()  # storages of its trainable parameters (strict)
 
@@ -838,6 +842,10 @@ class _State:
         return {k: v for k, v in vars(self).items() if k != "running"}
 
     def __setstate__(self, values: dict) -> None:
+        for key in ("depth", "disabled", "mode", "paths", "trainable"):  # pickled before _Running
+            values.pop(key, None)
+        values["patched"] = [entry if len(entry) == 4 else (*entry, _UNRECORDED)
+                             for entry in values.get("patched", [])]
         vars(self).update(values)
         self.running = _Running()
 
@@ -1105,22 +1113,26 @@ def _clear_running(state: _State) -> None:
     if run.depth and run.mode is not None and stack and stack[-1] is run.mode:
         run.mode.__exit__(None, None, None)
     run.depth, run.disabled = 0, 0
-    run.entered, run.paths, run.trainable = [], [], set()
+    run.entered, run.skipping, run.paths, run.trainable = [], [], [], set()
     PR.clear_tags()
 
 
 def _disable(state: _State, module, args):
     state.running.disabled += 1
+    state.running.skipping.append(module)
 
 
 def _enable(state: _State, module, args, output):
-    state.running.disabled -= 1
+    run = state.running
+    if run.skipping and run.skipping[-1] is module:  # (not when a pre-hook before _disable raised)
+        run.skipping.pop()
+        run.disabled -= 1
 
 
 def _undo(model: nn.Module, state: _State) -> None:
     replaced = []
     for module, kind, previous, ours in state.patched:
-        if module.__dict__.get("forward") is not ours:  # replaced since (accelerate's hooks): kept
+        if ours is not _UNRECORDED and module.__dict__.get("forward") is not ours:  # replaced since: kept
             replaced.append(kind)
         elif previous is None:
             module.__dict__.pop("forward", None)

@@ -124,6 +124,13 @@ def _window_positions(idx, in_sz, out_sz, kernel, stride, padding, dilation) -> 
     return code
 
 
+def _own(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as a tensor of its own: ATen's 1d pooling returns a view of its 2d result, and a
+    view made inside an autograd Function cannot be modified in place (an ``inplace=True``
+    activation after the pooling would raise)."""
+    return y.clone() if y._is_view() else y
+
+
 class _MaxPool(torch.autograd.Function):
     """Max pooling over the trailing ``d`` dims of (N, C, *spatial) input; keeps the argmax's
     position inside its window, one small integer per output element."""
@@ -134,6 +141,7 @@ class _MaxPool(torch.autograd.Function):
         native = (_aten.max_pool1d_with_indices, _aten.max_pool2d_with_indices,
                   _aten.max_pool3d_with_indices)[d - 1]
         y, idx = native(x, kernel, stride, padding, dilation, ceil_mode)
+        y = _own(y)
         in_sz, out_sz = list(x.shape[2:]), list(y.shape[2:])
         ctx.save_for_backward(_window_positions(idx, in_sz, out_sz, kernel, stride, padding,
                                                 dilation).to(_code_dtype(math.prod(kernel))))
@@ -271,7 +279,7 @@ class _AvgPool(torch.autograd.Function):
         else:
             y = (_aten.avg_pool1d, _aten.avg_pool2d, _aten.avg_pool3d)[d - 1](x, *params)
         ctx.meta = (x.shape, _memory_format(x), adaptive, params)
-        return y
+        return _own(y)
 
     @staticmethod
     @once_differentiable

@@ -17,6 +17,7 @@ consumer runs natively (strict mode reports what it keeps).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass, replace
 
@@ -29,22 +30,30 @@ from .products import keep_rows, rebuild_rows
 from .rowquant import dequantize_rows, row_codebook
 
 _ATTR = "_s2a_probs"
-_TAGGED: list[weakref.ref] = []  # tensors tagged in the running forward (see clear_tags)
+class _Tagged(threading.local):
+    """Tensors tagged in the forward running in this thread (see clear_tags): a forward ending
+    in one thread must not untag another's."""
+
+    def __init__(self) -> None:
+        self.refs: list[weakref.ref] = []
+
+
+_TAGGED = _Tagged()
 
 
 def _set(t: torch.Tensor, tag: _Tag) -> None:
     setattr(t, _ATTR, tag)
-    _TAGGED.append(weakref.ref(t))
+    _TAGGED.refs.append(weakref.ref(t))
 
 
 def clear_tags() -> None:
     """Drop the tags of the forward that ended: the probabilities it returned (attention
     weights) must not hold the codes, nor carry them into a later forward."""
-    for ref in _TAGGED:
+    for ref in _TAGGED.refs:
         t = ref()
         if t is not None and _ATTR in t.__dict__:
             delattr(t, _ATTR)
-    _TAGGED.clear()
+    _TAGGED.refs.clear()
 
 
 @dataclass(frozen=True)

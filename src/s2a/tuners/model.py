@@ -179,7 +179,7 @@ def fingerprint_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any]) ->
         parts.append(f"{len(missing)} tensor(s) missing from the model, e.g. {missing[:3]}")
     if extra:
         parts.append(f"{len(extra)} tensor(s) not in the saved backbone, e.g. {extra[:3]}")
-    if differ and all("pos" in k.lower() or "position" in k.lower() for k in differ):
+    if differ and all("pos_embed" in k or "position_embedding" in k for k in differ):
         parts.append("only position embeddings differ: the model was built for another input size "
                      "(build it with the img_size it was tuned at, e.g. timm.create_model(..., img_size=N))")
     return (f"{got.get('class')} with {got.get('num_parameters'):,} parameters does not match the "
@@ -314,9 +314,14 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
             "peft's LoRA weights and head copies included, and would add biases inside its layers. "
             "Call s2a.apply on the base model instead; or, to train LoRA with 4-bit activations, call "
             "s2a.compress_activations(peft_model) (what `s2a train --method s2a-lora` does)")
-    if config.act_bits is not None and getattr(model, "_s2a_compression", None) is not None:
-        raise RuntimeError("model is already compressed; call s2a.restore(model) first "
-                           "(s2a.apply compresses with config.act_bits)")
+    if config.act_bits is not None:
+        from s2a.activations.apply import _compressed_in
+
+        done = _compressed_in(model)
+        if done or getattr(model, "_s2a_compression", None) is not None:
+            where = f" (its submodule {done[0][0]})" if done and done[0][0] != "<root>" else ""
+            raise RuntimeError(f"model is already compressed{where}; call s2a.restore(model) first "
+                               "(s2a.apply compresses with config.act_bits)")
 
     info = describe_backbone(model, example_input)
     # A backbone without a head (timm num_classes=0, a transformers AutoModel) takes
