@@ -353,7 +353,7 @@ class _CompressMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         state = self.state
-        if state.running.depth == 0:  # left on the stack by an interrupted forward, then cleared
+        if not state.running.entered:  # left on the stack by an interrupted forward, then cleared
             return func(*args, **kwargs)
         entry = _FUNCTIONS.get(func)
         # Compressed softmax probabilities: reshapes, casts and dropout pass their codes on, and
@@ -802,10 +802,8 @@ class _Running(threading.local):
     so each one enters its own mode and counts its own depth."""
 
     def __init__(self) -> None:
-        self.depth = 0
-        self.disabled = 0  # depth of skipped subtrees
         self.mode: _CompressMode | None = None
-        self.entered: list = []  # the modules whose _enter ran, innermost last
+        self.entered: list = []  # the modules whose _enter ran, innermost last (the depth)
         self.skipping: list = []  # the skipped modules whose _disable ran, innermost last
         self.paths: list = []  # module paths of the forwards now running
         self.trainable: set = set()  # storages of its trainable parameters (strict)
@@ -828,7 +826,8 @@ class _State:
 
     @property
     def disabled(self) -> int:
-        return self.running.disabled
+        """Depth of skipped subtrees now running in this thread."""
+        return len(self.running.skipping)
 
     @property
     def paths(self) -> list:
@@ -918,10 +917,7 @@ def compress_activations(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress_activations expects an nn.Module, got {type(model).__name__}")
-    done = _compressed_in(model)
-    if done or getattr(model, "_s2a_compression", None) is not None:
-        where = "" if not done or done[0][0] == "<root>" else f" (its submodule {done[0][0]})"
-        raise RuntimeError(f"model is already compressed{where}; call s2a.restore(model) first to change settings")
+    refuse_compressed(model, "to change settings")
     spec = _validate(bits, ops, dropout_mode, attention_mode)
     if isinstance(skip, str):
         raise TypeError(f"skip must be a list of module path patterns (strings), got the string {skip!r}")
@@ -1070,16 +1066,15 @@ def _enter(state: _State, path: str, module, args):
             "the original's weights. Use DistributedDataParallel (torchrun) or one device, and "
             "copy.deepcopy for copies"
         )
-    if path == "<root>" and run.depth:  # a forward left without its exit (Ctrl-C): start afresh
+    if path == "<root>" and run.entered:  # a forward left without its exit (Ctrl-C): start afresh
         _clear_running(state)
-    if run.depth == 0:
+    if not run.entered:
         if run.mode is None:
             run.mode = _CompressMode(state)
         run.mode.__enter__()
         if state.spec.strict:  # what a trainable weight keeps is not an activation s2a could store
             run.trainable = {p.untyped_storage().data_ptr() for p in module.parameters()
                              if p.requires_grad}
-    run.depth += 1
     run.entered.append(module)
     run.paths.append(path)
 
@@ -1090,8 +1085,7 @@ def _exit(state: _State, module, args, output):
         return  # its _enter never ran: a forward pre-hook before it raised
     run.entered.pop()
     run.paths.pop()
-    run.depth -= 1
-    if run.depth == 0:
+    if not run.entered:
         run.mode.__exit__(None, None, None)
         run.trainable = set()
         PR.clear_tags()
@@ -1110,15 +1104,13 @@ def _clear_running(state: _State) -> None:
     hooks that an exception runs), taking their mode off the stack if it is on top."""
     run = state.running
     stack = _get_current_function_mode_stack()
-    if run.depth and run.mode is not None and stack and stack[-1] is run.mode:
+    if run.entered and run.mode is not None and stack and stack[-1] is run.mode:
         run.mode.__exit__(None, None, None)
-    run.depth, run.disabled = 0, 0
     run.entered, run.skipping, run.paths, run.trainable = [], [], [], set()
     PR.clear_tags()
 
 
 def _disable(state: _State, module, args):
-    state.running.disabled += 1
     state.running.skipping.append(module)
 
 
@@ -1126,7 +1118,6 @@ def _enable(state: _State, module, args, output):
     run = state.running
     if run.skipping and run.skipping[-1] is module:  # (not when a pre-hook before _disable raised)
         run.skipping.pop()
-        run.disabled -= 1
 
 
 def _undo(model: nn.Module, state: _State) -> None:
@@ -1159,6 +1150,14 @@ def _compressed_in(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of ``model`` and its submodules that hold a compression (read from the
     instance: peft's and DDP's wrappers forward attribute reads to the model they hold)."""
     return [(p or "<root>", m) for p, m in model.named_modules() if vars(m).get("_s2a_compression") is not None]
+
+
+def refuse_compressed(model: nn.Module, why: str) -> None:
+    """Raise if ``model`` or one of its submodules is compressed already."""
+    done = _compressed_in(model)
+    if done or getattr(model, "_s2a_compression", None) is not None:  # (a wrapper that forwards it)
+        where = f" (its submodule {done[0][0]})" if done and done[0][0] != "<root>" else ""
+        raise RuntimeError(f"model is already compressed{where}; call s2a.restore(model) first {why}")
 
 
 def restore(model: nn.Module) -> nn.Module:

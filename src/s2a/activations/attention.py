@@ -36,7 +36,8 @@ only mode reaching gradient cosine >= 0.99 at 4 bits (dq, dk, dv >= 0.9978, with
 ``"recompute"`` at 4 bits saves 255 KB but reaches only 0.926-0.965 because 4-bit
 Q/K perturb the logits by about a nat (such calls now keep P instead, see
 ``RECOMPUTE_MAX_LOGIT_ERROR``: 4-bit recompute holds only for logits a few times smaller).
-Note that ``mode="recompute", bits=8`` beats the default on every axis measured (482 KB, cosine >= 0.9997, 1.4x vs 1.4-1.7x native CPU time),
+Note that ``mode="recompute", bits=8`` beats the default on every axis measured (482 KB,
+cosine >= 0.9997, 1.4x vs 1.4-1.7x native CPU time),
 which is why ``compress_activations`` uses it unless told otherwise.
 """
 
@@ -484,8 +485,7 @@ def _warn_recompute_fallback(error: float, bits: int, qkv_bits: int) -> None:
         f"attention logits too large to recompute from {bits}-bit Q and K (estimated logit error "
         f"{error:.2g} nats, limit {RECOMPUTE_MAX_LOGIT_ERROR}): such calls keep their probabilities "
         f"at {bits} bits instead, and Q, K, V at {qkv_bits} ({bits / 8:g} byte per query-key pair and "
-        "head more). To keep "
-        "attention exact, leave it native: S2AConfig(op_bits={'attention': 0}) or "
+        "head more). To keep attention exact, leave it native: S2AConfig(op_bits={'attention': 0}) or "
         "compress_activations(..., ops={...} without 'attention'); to recompute anyway, set "
         "s2a.activations.attention.RECOMPUTE_MAX_LOGIT_ERROR = float('inf'). Reported once per process.",
         RuntimeWarning,

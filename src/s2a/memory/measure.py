@@ -558,8 +558,8 @@ def _unexplained_live_bytes(report: MemoryReport, exact: bool) -> str | None:
     live, expected = report.forward_live_bytes, report.expected_forward_live_bytes
     # an exact allocator (CUDA's, CPU's profiler) matched the hooks to the byte on every model
     # measured but for autocast's weight copies; a sampled one (glibc's) is looser
-    share, floor = (0.05, 2**20) if exact else (0.25, 2**20)
-    if live is None or expected is None or abs(live - expected) <= max(floor, share * max(live, expected)):
+    share = 0.05 if exact else 0.25
+    if live is None or expected is None or abs(live - expected) <= max(2**20, share * max(live, expected)):
         return None
     mib = 2**20
     if live > expected:

@@ -315,13 +315,9 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
             "Call s2a.apply on the base model instead; or, to train LoRA with 4-bit activations, call "
             "s2a.compress_activations(peft_model) (what `s2a train --method s2a-lora` does)")
     if config.act_bits is not None:
-        from s2a.activations.apply import _compressed_in
+        from s2a.activations.apply import refuse_compressed
 
-        done = _compressed_in(model)
-        if done or getattr(model, "_s2a_compression", None) is not None:
-            where = f" (its submodule {done[0][0]})" if done and done[0][0] != "<root>" else ""
-            raise RuntimeError(f"model is already compressed{where}; call s2a.restore(model) first "
-                               "(s2a.apply compresses with config.act_bits)")
+        refuse_compressed(model, "(s2a.apply compresses with config.act_bits)")
 
     info = describe_backbone(model, example_input)
     # A backbone without a head (timm num_classes=0, a transformers AutoModel) takes
