@@ -236,3 +236,10 @@ def test_a_state_pickled_before_per_thread_state_still_restores():
     assert "2" in s2a.compression_summary(model)
     s2a.restore(model)
     assert "forward" not in vars(model[2])
+
+
+def test_compression_summary_of_a_compiled_model_uses_the_eager_paths():
+    model = s2a.compress_activations(mlp(), bits=4)
+    compiled = torch.compile(model)  # wrapped only: nothing is compiled before a call
+    assert s2a.compression_summary(compiled) == s2a.compression_summary(model)
+    assert "2" in s2a.compression_summary(compiled)

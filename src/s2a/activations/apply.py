@@ -1182,6 +1182,14 @@ def _batch_norm_keeps_nothing(module: nn.Module) -> bool:
                                       for h in module._forward_pre_hooks.values())
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The model a ``torch.compile`` wrapper runs: the wrapper's parameter, state-dict and
+    module names carry an ``_orig_mod.`` prefix that the names s2a recorded do not."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
+        model = model._modules["_orig_mod"]
+    return model
+
+
 def compression_summary(model: nn.Module) -> dict[str, str]:
     """Module path -> ``"kind@storage"`` for every patched module of a compressed model.
 
@@ -1195,6 +1203,7 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
     ``unfused`` (a fused block, MLP or experts, whose weights train since, or that peft wrapped
     or a hook watches: it runs its own forward, each operator inside as listed).
     """
+    model = unwrap_compiled(model)  # a torch.compile wrapper: the eager paths
     state = getattr(model, "_s2a_compression", None)
     if state is None:
         return {}

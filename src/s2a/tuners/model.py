@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from s2a.activations import compress_activations
+from s2a.activations.apply import unwrap_compiled
 from s2a.models import BackboneInfo, describe_backbone, refresh_head
 from s2a.models.registry import dry_run_input, eval_forward
 
@@ -69,14 +70,6 @@ def _refuse_failed(model: nn.Module) -> None:
     if failed is not None:
         raise RuntimeError(f"s2a.apply failed part way on this model ({failed}), which is left half "
                            "prepared; build a fresh model")
-
-
-def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The model a ``torch.compile`` wrapper runs: the wrapper's parameter and state-dict names
-    carry an ``_orig_mod.`` prefix that the names s2a recorded do not."""
-    while type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
-        model = model._modules["_orig_mod"]
-    return model
 
 
 def current_fingerprint(model: nn.Module, state: TunerState) -> dict[str, Any]:
