@@ -722,10 +722,16 @@ def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
     8 x 256: 90 MiB, where S2A keeps 167 MiB for backward), as transformers does under
     checkpointing."""
     if isinstance(inputs, dict):
-        if "use_cache" not in inputs and model.training and torch.is_grad_enabled() and _takes_use_cache(model):
-            inputs = {**inputs, "use_cache": False}
-        return logits_of(model(**inputs))
+        return logits_of(model(**without_kv_cache(model, inputs)))
     return logits_of(model(inputs))
+
+
+def without_kv_cache(model: nn.Module, inputs: dict) -> dict:
+    """``inputs`` with ``use_cache=False`` added for a training forward of a model that takes it
+    (see :func:`call_model`)."""
+    if "use_cache" not in inputs and model.training and torch.is_grad_enabled() and _takes_use_cache(model):
+        return {**inputs, "use_cache": False}
+    return inputs
 
 
 def _takes_use_cache(model: nn.Module) -> bool:

@@ -999,11 +999,10 @@ class Trainer:
 
             return F.cross_entropy(logits_of(out).float(), labels, label_smoothing=ls)
 
-        from s2a.zoo import _takes_use_cache
+        from s2a.zoo import without_kv_cache
 
-        batch = inputs if isinstance(inputs, dict) else (inputs,)
-        if isinstance(batch, dict) and "use_cache" not in batch and self.model.training and _takes_use_cache(self.model):
-            batch = {**batch, "use_cache": False}  # as the training step (zoo.call_model) runs it
+        # as the training step (zoo.call_model) runs it
+        batch = without_kv_cache(self.model, inputs) if isinstance(inputs, dict) else (inputs,)
         accumulating = self.rc.grad_accum > 1
         try:
             with self._autocast():
