@@ -170,6 +170,11 @@ def test_s2a_method(minilm_ready, run_cli, tmp_path):
     assert report["method"] == "s2a" and report["modules"] == ["bias", "prompt"] and report["act_bits"] == 4
     assert 0 < report["trainable_percent"] < 5
     assert report["saved_activation_bytes"] > 0
+    # 16 sentences padded to the longest, at most --max-length tokens
+    batch, tokens = report["measured_input_shape"]
+    assert batch == 16 and 2 < tokens <= 32
+    assert f"| measured micro-batch input | 16 x {tokens} |" in (out / "report.md").read_text()
+    assert f"(input 16 x {tokens})" in " ".join(report["notes"])
 
 
 def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
@@ -206,6 +211,13 @@ def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
     main(["compare", str(a), str(edited)])
     assert (f"Note: these runs differ in batch_size ({ra['batch_size']}, {2 * ra['batch_size']}); world_size (1, 2)"
             in capsys.readouterr().out)
+    # another image size or padded length changes the memory as much as the method does
+    batch, tokens = ra["measured_input_shape"]
+    (edited / "report.json").write_text(json.dumps({**ra, "measured_input_shape": [batch, tokens + 7]}))
+    main(["compare", str(a), str(edited)])
+    out = capsys.readouterr().out
+    assert f"| measured micro-batch input | {batch} x {tokens} | {batch} x {tokens + 7} |" in out
+    assert f"Note: these runs differ in measured_input_shape ({batch} x {tokens}, {batch} x {tokens + 7})" in out
     # a run that saves nothing for backward (a side branch alone) is 0.00x, not left blank
     (edited / "report.json").write_text(json.dumps({**ra, "saved_activation_bytes": 0}))
     main(["compare", str(a), str(edited)])

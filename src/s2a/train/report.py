@@ -127,6 +127,10 @@ def _md_table(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _shape_text(shape: Any) -> str:
+    return " x ".join(map(str, shape)) if isinstance(shape, list) and shape else "n/a"
+
+
 def _dropout_text(rate: Any) -> str:
     return "the model's own rates" if rate is None else f"{rate} (every dropout layer)"
 
@@ -153,6 +157,7 @@ def write_report(run_dir: str | os.PathLike, report: dict[str, Any], metrics: Se
         ("trainable params", f"{report.get('trainable_params'):,} of {report.get('total_params'):,} "
                              f"({report.get('trainable_percent'):.3f}%)"),
         ("saved activation bytes (one micro-batch)", _fmt_bytes(report.get("saved_activation_bytes"))),
+        ("measured micro-batch input", _shape_text(report.get("measured_input_shape"))),
         ("peak memory (one micro-batch step with AdamW state, above weights)",
          _fmt_bytes(report.get("peak_memory_bytes"))),
         ("process peak memory", _fmt_bytes(report.get("process_peak_memory_bytes"))),
@@ -229,7 +234,8 @@ def _run_label(report: Mapping[str, Any]) -> str:
     return label
 
 
-_COMPARED_SETUP = ("model", "data", "num_train", "num_test", "batch_size", "world_size", "precision", "device")
+_COMPARED_SETUP = ("model", "data", "num_train", "num_test", "batch_size", "measured_input_shape", "world_size",
+                   "precision", "device")
 
 
 def _setup_value(key: str, value: Any) -> str:
@@ -240,6 +246,10 @@ def _setup_value(key: str, value: Any) -> str:
     if key == "device" and isinstance(value, str):
         return value.split(":")[0]
     return json.dumps(value, sort_keys=True)
+
+
+def _setup_text(key: str, value: Any) -> str:
+    return _shape_text(value) if key == "measured_input_shape" else str(value)
 
 
 def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike | None = None) -> str:
@@ -269,13 +279,14 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
         ["step time", *(f"{r['step_time_s']:.3f} s" + ratio("step_time_s", r) if r["step_time_s"] else "n/a" for r in reports)],
         ["throughput", *(f"{r['throughput']:.1f} ex/s" if r["throughput"] else "n/a" for r in reports)],
         ["examples train / test", *(f"{r.get('num_train')} / {r.get('num_test')}" for r in reports)],
+        ["measured micro-batch input", *(_shape_text(r.get("measured_input_shape")) for r in reports)],
         ["run", *(str(d) for d in run_dirs)],
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     # Memory is measured on one process's micro-batch: the batch size and the number of
     # processes change it as much as the method does.
-    unlike = [f"{k} ({', '.join(str(r.get(k)) for r in reports)})" for k in _COMPARED_SETUP
+    unlike = [f"{k} ({', '.join(_setup_text(k, r.get(k)) for r in reports)})" for k in _COMPARED_SETUP
               if all(k in r for r in reports) and len({_setup_value(k, r[k]) for r in reports}) > 1]
     if unlike:
         lines += ["", f"Note: these runs differ in {'; '.join(unlike)}: the ratios compare unlike set-ups, "

@@ -182,6 +182,17 @@ class _Batches(torch.utils.data.Dataset):
         return self.preprocess(items), labels
 
 
+def _input_shape(inputs: Any) -> list[int] | None:
+    """Shape of the batch's main tensor (token ids or pixels), for the report."""
+    if isinstance(inputs, torch.Tensor):
+        return list(inputs.shape)
+    if isinstance(inputs, dict):
+        for key in ("input_ids", "pixel_values", "input_values", "inputs_embeds"):
+            if isinstance(inputs.get(key), torch.Tensor):
+                return list(inputs[key].shape)
+    return None
+
+
 def _to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(device, non_blocking=True)
@@ -484,6 +495,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
+        self.measured_input_shape: list[int] | None = None  # of the batch memory is measured on
         self.best: dict[str, Any] = {}
         self.epoch_stats = [0.0, 0.0, 0.0]  # loss sum, correct, seen
         self.step_times: list[float] = []  # whole optimizer steps, data loading included
@@ -991,6 +1003,7 @@ class Trainer:
 
         n = min(len(self.data.train), math.ceil(self.rc.batch_size / info.world_size))
         inputs, labels = self.train_ds.collate([self.train_ds[i] for i in range(n)])
+        self.measured_input_shape = _input_shape(inputs)
         inputs, labels = _to_device(inputs, info.device), labels.to(info.device)
         ls = self.rc.label_smoothing
 
@@ -1014,7 +1027,9 @@ class Trainer:
                 )
         except Exception as exc:  # the report must not be lost to a measurement problem
             return None, [f"memory not measured: {type(exc).__name__}: {exc}"]
+        shape = self.measured_input_shape
         notes.append(f"memory measured by s2a.measure on one training micro-batch of {n} examples per process"
+                     + (f" (input {' x '.join(map(str, shape))})" if shape else "")
                      + (", with the gradients of the earlier micro-batches alive" if accumulating else ""))
         return report, notes
 
@@ -1111,6 +1126,8 @@ class Trainer:
             "grad_bytes": mem.grad_bytes if mem is not None else None,
             # allocator growth after the forward / what the saved-tensor hooks predict (1.0: they agree)
             "memory_cross_check_ratio": mem.cross_check_ratio if mem is not None else None,
+            # memory grows with the input: a text batch is padded to its longest sentence
+            "measured_input_shape": self.measured_input_shape if mem is not None else None,
             "process_peak_memory_bytes": (max(run_peak, int(torch.cuda.max_memory_allocated(dev)))
                                           if dev.type == "cuda" else _peak_rss_bytes()),
             **timing,
