@@ -95,6 +95,21 @@ def test_size_that_does_not_fit_the_model():
     assert "--img-size applies to image models; minilm is a text model" in str(info.value.code)
 
 
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["train", "--modle", "minilm", "--out", "x"], "usage: s2a train"),
+        (["train", "--modle", "minilm", "--out", "x"], "(did you mean --model for --modle?)"),
+        (["compare", "a", "--plt=x.png"], "(did you mean --plot for --plt?)"),
+        (["memory", "--model", "m", "--batch-size", "1", "--bogus"], "unrecognized arguments: --bogus\n"),
+    ],
+)
+def test_unknown_option_names_its_subcommand_and_the_closest_option(argv, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and needle in capsys.readouterr().err
+
+
 def test_no_command_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main([])

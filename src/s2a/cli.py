@@ -376,14 +376,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     from s2a.train.cli import add_compare_parser, add_train_parser
 
-    add_train_parser(sub)
-    add_compare_parser(sub)
+    parser.set_defaults(subcommands={"memory": mem, "train": add_train_parser(sub), "compare": add_compare_parser(sub)})
     return parser
 
 
+def _typo_distance(a: str, b: str) -> int:
+    """Edits (insert, delete, replace, swap two neighbours) from ``a`` to ``b``: a swap
+    such as --modle is one edit from --model, where difflib prefers --modules."""
+    rows = [list(range(len(b) + 1))]
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (ca != cb)))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse; an unknown option is reported by its subcommand, with its usage and the
+    option it most resembles (argparse would print the top-level usage alone)."""
+    args, extra = parser.parse_known_args(argv)
+    subparser = args.__dict__.pop("subcommands")[args.command]
+    if extra:
+        known = [o for action in subparser._actions for o in action.option_strings if o.startswith("--")]
+        hints = []
+        for word in (w.split("=")[0] for w in extra if w.startswith("--")):
+            distance, best = min((_typo_distance(word, o), o) for o in known)
+            if distance <= max(2, len(word) // 4):
+                hints.append(f"{best} for {word}")
+        subparser.error(f"unrecognized arguments: {' '.join(extra)}"
+                        + (f" (did you mean {'; '.join(hints)}?)" if hints else ""))
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(build_parser(), argv)
     if _is_torchrun_worker():
         _run_then_exit(lambda: args.func(args))
     args.func(args)
