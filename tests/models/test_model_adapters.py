@@ -144,6 +144,44 @@ def test_pooled_features():
     llama = T.LlamaForSequenceClassification(T.LlamaConfig(**TEXT, pad_token_id=0)).eval()
     with torch.no_grad():
         assert describe(llama).pooled_features(llama, ids).shape == (2, 32)
+        # right padding: the feature is the last real token's, the one the model classifies from
+        padded, mask = ids.clone(), torch.ones_like(ids)
+        padded[1, 4:] = mask[1, 4:] = 0
+        feature = describe(llama).pooled_features(llama, input_ids=padded, attention_mask=mask)
+        torch.testing.assert_close(llama.score(feature), llama(input_ids=padded, attention_mask=mask).logits)
+
+
+def test_pool_leaves_padding_out():
+    hidden = torch.arange(24.0).reshape(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    info = describe(T.LlamaModel(T.LlamaConfig(**TEXT)).eval())
+    assert info.pooling == "last"
+    torch.testing.assert_close(info.pool(hidden, mask=mask), torch.stack([hidden[0, 3], hidden[1, 1]]))
+    torch.testing.assert_close(info.pool(hidden), hidden[:, -1])
+    for pooling, expect in (("mean", torch.stack([hidden[0].mean(0), hidden[1, :2].mean(0)])),
+                            ("max", torch.stack([hidden[0, 3], hidden[1, 1]])), ("cls", hidden[:, 0])):
+        info.pooling = pooling
+        torch.testing.assert_close(info.pool(hidden, mask=mask), expect)
+    info.pooling = "mean"
+    with pytest.raises(ValueError, match="does not match"):
+        info.pool(hidden, mask=mask[:, :3])
+
+
+def test_generic_timm_token_models_pool_as_timm_does():
+    # BEiT is no VisionTransformer: the generic adapter reads its class token and pooling
+    torch.manual_seed(0)
+    for pool in ("token", "avg"):
+        beit = timm.create_model("beit_base_patch16_224", img_size=32, depth=2, embed_dim=32, num_heads=2,
+                                 num_classes=3, global_pool=pool).eval()
+        info = describe(beit)
+        assert info.family == "generic" and info.num_prefix_tokens == 1
+        assert info.pooling == ("cls" if pool == "token" else "mean")
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            hidden = beit.forward_features(x)
+            # BEiT's average pooling normalises after pooling: compare the pooled tokens
+            expect = hidden[:, 0] if pool == "token" else hidden[:, 1:].mean(1)
+            torch.testing.assert_close(info.pool(hidden), expect)
 
 
 def test_dry_run_leaves_model_untouched():

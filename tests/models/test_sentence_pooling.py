@@ -107,3 +107,7 @@ def test_minilm_uses_its_mean_pooling():
     zm = load_model("minilm", 2, max_length=16)
     assert isinstance(zm.model.bert.pooler, SentencePooler) and zm.model.bert.pooler.mode == "mean"
     assert any("mean pooling" in n for n in zm.notes)
+    # the backbone description (the side branch, VPT and LST read it) says so too
+    from s2a.models import describe_backbone
+
+    assert describe_backbone(zm.model).pooling == "mean"

@@ -561,3 +561,19 @@ def test_side_refuses_a_bare_sequential_model():
     with pytest.raises(ValueError, match="side network cannot be attached to a bare Sequential"):
         s2a.apply(model, s2a.S2AConfig(modules=("side",), num_classes=3), example_input=torch.zeros(1, 3, 4, 4))
     assert all(p.requires_grad for p in model.parameters()) and not hasattr(model, SIDE)
+
+
+def test_fused_decoder_reads_each_row_at_its_last_real_token():
+    # LLaMA's classifier reads every token; the side branch's fused feature must be the
+    # token the model classifies from (a right-padded row's last real one), not a pad
+    from tuner_zoo import build
+
+    from s2a.models import describe_backbone
+
+    model, batch = build("llama_cls")
+    attach_side(model, describe_backbone(model), config(fuse=True))
+    randomize_heads(model)
+    padded = model(**batch).logits
+    real = int(batch["attention_mask"][1].sum())
+    alone = model(input_ids=batch["input_ids"][1:, :real], attention_mask=batch["attention_mask"][1:, :real]).logits
+    torch.testing.assert_close(padded[1:], alone, rtol=0, atol=1e-5)

@@ -163,6 +163,14 @@ class GenericAdapter(ModelAdapter):
     def blocks(self, model: nn.Module) -> list[BlockSpec]:
         return [BlockSpec(n) for n in self._blocks(model)]
 
+    # timm's token models outside VisionTransformer (BEiT, EVA, ...) say how they pool
+    def pooling(self, model: nn.Module) -> str:
+        return "cls" if _is_timm_style(model) and getattr(model, "global_pool", None) == "token" else "mean"
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        n = getattr(model, "num_prefix_tokens", 0) if _is_timm_style(model) else 0
+        return n if isinstance(n, int) and not isinstance(n, bool) else 0
+
     def head(self, model: nn.Module) -> HeadSpec | None:
         if _is_timm_style(model):
             return self._timm_head(model)

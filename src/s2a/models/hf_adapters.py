@@ -108,7 +108,12 @@ class HFAdapter(ModelAdapter):
         return text_input(model)
 
     def pooling(self, model: nn.Module) -> str:
-        return "cls"
+        from .sentence_pooling import SentencePooler
+
+        # a sentence-transformers encoder classifies from the pooling it was trained with
+        base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+        pooler = getattr(base, "pooler", None)
+        return pooler.mode if isinstance(pooler, SentencePooler) else "cls"
 
 
 @register_adapter

@@ -111,7 +111,8 @@ class BackboneInfo:
         head_names / classifier_names / head_trainable / task: see :class:`HeadSpec`
             (empty names and task "features" for a bare backbone).
         pooling: how the backbone pools its last hidden state for the head:
-            "cls" (first token), "mean" (tokens or spatial average), "last" (last token).
+            "cls" (first token), "mean" (tokens or spatial average), "max" (token-wise
+            maximum; sentence-transformers max pooling), "last" (last real token).
         num_prefix_tokens: class / distillation / register tokens in front of the patch
             tokens (0 for text and CNNs).
         max_positions: positions a prompt must cover for variable-length inputs (text:
@@ -167,17 +168,33 @@ class BackboneInfo:
         return [model.get_submodule(n) for n in self.classifier_names]
 
     # -- pooled features -------------------------------------------------------------
-    def pool(self, hidden: torch.Tensor, layout: str = "tokens") -> torch.Tensor:
-        """Pool one hidden state to (B, C) the way this backbone pools for its head."""
+    def pool(self, hidden: torch.Tensor, layout: str = "tokens", mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pool one hidden state to (B, C) the way this backbone pools for its head.
+
+        ``mask`` (B, T), 1 for real tokens: padding is left out of a mean or max, and
+        ``"last"`` reads each row's last real token (text batches are padded on the right)."""
         if layout == "nchw":
             return hidden.mean(dim=(2, 3))
         if layout == "nhwc":
             return hidden.mean(dim=(1, 2))
         if self.pooling == "cls":
             return hidden[:, 0]
+        if mask is not None and mask.shape != hidden.shape[:2]:
+            raise ValueError(f"pool: mask of shape {tuple(mask.shape)} does not match the "
+                             f"{tuple(hidden.shape[:2])} token states")
         if self.pooling == "last":
-            return hidden[:, -1]
-        return hidden[:, self.num_prefix_tokens:].mean(dim=1)
+            if mask is None:
+                return hidden[:, -1]
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            last = (mask.bool() * (positions + 1)).argmax(dim=1)  # an all-padding row reads token 0
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        hidden = hidden[:, self.num_prefix_tokens:]
+        if mask is None:
+            return hidden.amax(dim=1) if self.pooling == "max" else hidden.mean(dim=1)
+        keep = mask[:, self.num_prefix_tokens:].to(hidden.dtype).unsqueeze(-1)
+        if self.pooling == "max":
+            return hidden.masked_fill(keep == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
+        return (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)  # all padding: zeros, not NaN
 
     def pooled_features(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Run ``model`` and return the (B, F) features its classifier receives (for a
@@ -197,7 +214,7 @@ class BackboneInfo:
             x = captured["x"]
             if x.dim() == 4:  # a 1x1 conv classifier reads the pooled (B, C, 1, 1) map
                 return x.mean(dim=(2, 3))
-            return self.pool(x) if x.dim() == 3 else x
+            return self.pool(x, mask=_attention_mask(kwargs)) if x.dim() == 3 else x
         out = model(*args, **kwargs)
         hidden = getattr(out, "last_hidden_state", None)
         if hidden is None:
@@ -205,7 +222,12 @@ class BackboneInfo:
         if hidden.dim() == 2:
             return hidden
         layout = self.blocks[-1].layout if hidden.dim() == 4 else "tokens"
-        return self.pool(hidden, layout)
+        return self.pool(hidden, layout, mask=_attention_mask(kwargs) if layout == "tokens" else None)
+
+
+def _attention_mask(kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    mask = kwargs.get("attention_mask")
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 # ---------------------------------------------------------------------------- adapter API

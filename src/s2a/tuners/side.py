@@ -632,6 +632,8 @@ class SideHandle:
         self.pool_last = False
         self.pooled_fn: Callable[[Any], torch.Tensor] | None = None
         self.pool_fn: Callable[..., torch.Tensor] | None = None
+        self.pool_takes_mask = False
+        self.call_mask: torch.Tensor | None = None  # the running forward's token mask
         self.mask_fn: Callable[[tuple, dict], torch.Tensor | None] | None = None
 
     def remove(self) -> None:
@@ -691,6 +693,7 @@ class _SideForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         h = self.handle
         h.captured = {}
+        h.call_mask = mask = self._mask(args, kwargs)
         h.active += 1
         try:
             with torch.no_grad() if h.side_only else contextlib.nullcontext():
@@ -698,6 +701,7 @@ class _SideForward:
                 pooled = h.pooled_fn(output) if h.pooled_fn is not None else None
         finally:
             h.active -= 1
+            h.call_mask = None
         captured, h.captured = h.captured, {}
         missing = [h.block_paths[i] for i in range(len(h.block_paths)) if i not in captured]
         if missing:
@@ -709,7 +713,7 @@ class _SideForward:
         if h.side_only and pooled is not None:
             pooled = _compact(pooled.detach())
         hiddens = [captured[i] for i in range(len(h.block_paths))]
-        side = h.network(hiddens, pooled, self._mask(args, kwargs), pre_pooled=True)
+        side = h.network(hiddens, pooled, mask, pre_pooled=True)
         labels = h.call_argument("labels", args, kwargs)
         logits = side
         if not h.side_only:
@@ -734,16 +738,14 @@ def _capture_block(handle: SideHandle, index: int, _module: nn.Module, _args: An
         hidden = hidden.detach()
     handle.captured[index] = _compact(handle.network.pool_hidden(index, hidden))
     if handle.pool_last and index == len(handle.block_paths) - 1:
-        layout = handle.layouts[index]
-        pooled = handle.pool_fn(hidden, layout) if handle.pool_fn is not None else _pool_default(hidden, layout)
-        handle.captured[-1] = _compact(pooled)
+        handle.captured[-1] = _compact(_pool(handle, hidden, handle.layouts[index]))
 
 
 def _capture_classifier_input(handle: SideHandle, _module: nn.Module, args: tuple) -> None:
     if handle.active and -1 not in handle.captured and args:
         x = args[0]
         if x.dim() == 3:
-            x = handle.pool_fn(x) if handle.pool_fn is not None else x.mean(dim=1)
+            x = _pool(handle, x, "tokens")
         elif x.dim() == 4:  # a 1x1 conv classifier (timm ResNetV2) reads the pooled (B, C, 1, 1) map
             x = x.mean(dim=(2, 3))
         handle.captured[-1] = _compact(x.detach() if handle.side_only else x)
@@ -779,12 +781,22 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format) if larger else t
 
 
-def _pool_default(hidden: torch.Tensor, layout: str) -> torch.Tensor:
+def _pool(handle: SideHandle, hidden: torch.Tensor, layout: str) -> torch.Tensor:
+    """The backbone's pooling of ``hidden``; tokens without padding (a decoder's last token is
+    its last real one: text batches are padded on the right)."""
+    mask = handle.call_mask
+    if layout != "tokens" or mask is None or mask.shape != hidden.shape[:2]:
+        mask = None
+    if handle.pool_fn is not None:
+        return handle.pool_fn(hidden, layout, mask=mask) if handle.pool_takes_mask else handle.pool_fn(hidden, layout)
     if layout == "nchw":
         return hidden.mean(dim=(2, 3))
     if layout == "nhwc":
         return hidden.mean(dim=(1, 2))
-    return hidden.mean(dim=1)
+    if mask is None:
+        return hidden.mean(dim=1)
+    keep = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
 def detach_side(model: nn.Module) -> bool:
@@ -885,6 +897,11 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
     handle.pooled_fn = pooled_fn
     info_pool = getattr(info, "pool", None)
     handle.pool_fn = info_pool if callable(info_pool) else None
+    if handle.pool_fn is not None:
+        try:
+            handle.pool_takes_mask = "mask" in inspect.signature(handle.pool_fn).parameters
+        except (TypeError, ValueError):
+            handle.pool_takes_mask = False
     handle.mask_fn = getattr(info, "token_mask", None)
     for index, (_path, block) in enumerate(blocks):
         handle.hook_handles.append(block.register_forward_hook(functools.partial(_capture_block, handle, index)))
