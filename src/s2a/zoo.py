@@ -574,6 +574,14 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
         raise ZooError(f"{path}: cannot build a {auto.__name__} ({config.model_type}): {exc}") from None
     # a fresh classifier is expected; a backbone weight left at random init is not
     missing = sorted(k for k in loading.get("missing_keys", ()) if k.split(".")[0] not in HF_HEAD_CHILDREN)
+    # ignore_mismatched_sizes is for the classifier; a backbone tensor of another shape would
+    # be silently re-initialised
+    mismatched = sorted(k if isinstance(k, str) else k[0] for k in loading.get("mismatched_keys", ()))
+    mismatched = [k for k in mismatched if k.split(".")[0] not in HF_HEAD_CHILDREN]
+    if mismatched:
+        raise ZooError(f"{path}: {len(mismatched)} weights have another shape in the checkpoint than config.json "
+                       f"gives them (e.g. {mismatched[:3]}): the config does not describe these weights; "
+                       "restore the directory's config.json")
     generic = auto is not transformers.AutoModelForSequenceClassification and kind == "text"
     if missing and generic:
         raise ZooError(f"{path}: {len(missing)} backbone weights of {type(model).__name__} are not in the "
@@ -611,12 +619,16 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
             if tok.eos_token is None:
                 raise ZooError(f"{path}: the tokenizer has neither a pad nor an eos token to pad batches with")
             tok.pad_token = tok.eos_token
-            model.config.pad_token_id = tok.pad_token_id
-        limit = getattr(config, "max_position_embeddings", None)
+        # a decoder's classifier finds each row's last real token by the config's pad id: it
+        # must be the id the tokenizer pads with (Qwen2's config has none)
+        model.config.pad_token_id = tok.pad_token_id
+        limit = _max_text_length(config, tok)
         if max_length is None:
             max_length = min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
         elif limit is not None and max_length > limit:
-            raise ZooError(f"--max-length {max_length} exceeds the model's max_position_embeddings={limit}")
+            raise ZooError(f"--max-length {max_length} exceeds the {limit} tokens {label} can take "
+                           f"(max_position_embeddings={getattr(config, 'max_position_embeddings', None)}"
+                           f"{', less the padding offset of its positions' if _offset_positions(config) else ''})")
         pre: TextPreprocessor | ImagePreprocessor = TextPreprocessor(tok, max_length)
     else:
         from transformers import AutoImageProcessor
@@ -625,15 +637,36 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
             proc = AutoImageProcessor.from_pretrained(path)
         except Exception as exc:
             raise ZooError(f"{path}: cannot load the image processor (preprocessor_config.json): {exc}") from None
-        size = getattr(proc, "size", None) or {}
+        # the model's input is the processor's crop when it crops (DeiT: resize 256, crop 224)
+        size = (getattr(proc, "crop_size", None) if getattr(proc, "do_center_crop", False) else None) \
+            or getattr(proc, "size", None) or {}
         h = size.get("height") or size.get("shortest_edge") or getattr(config, "image_size", 224)
         w = size.get("width") or h
-        if img_size is not None:
-            h = w = img_size
+        if img_size is not None and (img_size, img_size) != (h, w):
+            raise ZooError(f"--img-size {img_size}: {label} takes {h}x{w} images (its position embeddings "
+                           "are for that grid); leave --img-size out")
         mean = getattr(proc, "image_mean", None) or (0.5, 0.5, 0.5)
         std = getattr(proc, "image_std", None) or (0.5, 0.5, 0.5)
-        pre = ImagePreprocessor((h, w), mean, std, "bilinear")
+        bicubic = int(getattr(proc, "resample", 2) or 2) == 3  # PIL's BICUBIC
+        pre = ImagePreprocessor((h, w), mean, std, "bicubic" if bicubic else "bilinear")
     return ZooModel(model, pre, kind, label, "transformers", heads, num_classes, notes)
+
+
+def _offset_positions(config: Any) -> bool:
+    """RoBERTa-style position ids start after the padding index."""
+    return getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text")
+
+
+def _max_text_length(config: Any, tokenizer: Any) -> int | None:
+    """The longest input the model can embed: its position table, less RoBERTa's offset, and
+    no more than the tokenizer's own limit."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and _offset_positions(config):
+        limit -= int(getattr(config, "pad_token_id", 1) or 1) + 1
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 10**6 and (limit is None or tok_limit < limit):
+        limit = tok_limit
+    return limit
 
 
 def model_kind(name: str) -> str:

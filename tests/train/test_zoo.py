@@ -376,3 +376,72 @@ def test_the_memory_report_measures_a_decoder_step_as_it_trains(tmp_path, run_cl
     assert batch["use_cache"] is False and accumulating is True
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["peak_memory_bytes"] > 0
+
+
+def test_a_tokenizer_pad_token_is_the_config_pad_id(tmp_path):
+    # Qwen2-style: the tokenizer pads, the config names no pad id; the classifier finds each
+    # row's last real token by that id, so it must be set
+    from transformers import AutoTokenizer
+
+    path = _tiny_llama_dir(tmp_path / "llama")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.add_special_tokens({"pad_token": "[UNK]"})
+    tok.save_pretrained(str(path))
+    zm = load_model(str(path), 2, max_length=8)
+    assert zm.model.config.pad_token_id == tok.pad_token_id == 0
+    zm.model.eval()
+    with torch.no_grad():
+        both = call_model(zm.model, zm.preprocess(["good film", "a very dull film plot"]))
+        alone = call_model(zm.model, zm.preprocess(["good film"]))
+    torch.testing.assert_close(both[:1], alone, rtol=0, atol=1e-5)
+
+
+def _tiny_encoder_dir(path, model_type, **config):
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(model_type, vocab_size=20, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64, **config)
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(cfg).save_pretrained(str(path))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "[UNK]", "a", "b"])}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="<pad>").save_pretrained(str(path))
+    return path
+
+
+def test_max_length_is_what_the_positions_can_embed(tmp_path):
+    # RoBERTa's positions start after its padding index: 22 rows embed 20 tokens
+    roberta = _tiny_encoder_dir(tmp_path / "roberta", "roberta", max_position_embeddings=22, pad_token_id=1)
+    with pytest.raises(ZooError, match="exceeds the 20 tokens roberta can take"):
+        load_model(str(roberta), 2, max_length=21)
+    zm = load_model(str(roberta), 2, max_length=20)
+    with torch.no_grad():
+        assert call_model(zm.model.eval(), zm.preprocess([" ".join(["a"] * 40)])).shape == (1, 2)
+
+
+def test_a_backbone_weight_of_another_shape_is_refused(tmp_path):
+    bert = _tiny_encoder_dir(tmp_path / "bert", "bert", max_position_embeddings=16)
+    config = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32}))
+    with pytest.raises(ZooError, match=r"another shape in the checkpoint than config.json .*position_embeddings"):
+        load_model(str(bert), 2)
+
+
+def test_transformers_image_model_takes_the_processor_crop(tmp_path):
+    from transformers import DeiTImageProcessor, ViTConfig, ViTForImageClassification
+
+    path = tmp_path / "deit"
+    ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64)).save_pretrained(str(path))
+    # DeiT's processor: resize to 40, crop 32 (the model's input), bicubic
+    DeiTImageProcessor(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32}).save_pretrained(str(path))
+    zm = load_model(str(path), 3)
+    assert zm.preprocess.size == (32, 32) and zm.preprocess.interpolation == "bicubic"
+    with torch.no_grad():
+        assert call_model(zm.model.eval(), zm.preprocess([torch.zeros(3, 50, 50, dtype=torch.uint8)])).shape == (1, 3)
+    load_model(str(path), 3, img_size=32)
+    with pytest.raises(ZooError, match="--img-size 64: deit takes 32x32 images"):
+        load_model(str(path), 3, img_size=64)
