@@ -23,10 +23,14 @@ import numpy as np
 __all__ = [
     "DataBundle",
     "DataError",
+    "FileContent",
     "Split",
     "carve",
     "classes_missing_note",
+    "content_keys",
+    "item_keys",
     "labels_to_ids",
+    "same_examples",
     "seeded_order",
     "shared_items_note",
     "split_fractions",
@@ -289,32 +293,119 @@ def classes_missing_note(classes: Sequence[Any], present: Collection[Any], lacki
             "the model cannot learn them")
 
 
-def shared_items_note(train: Split, val: Split, test: Split, what: str = "texts") -> str | None:
-    """A note counting val/test items (texts, or image files of list-file layouts) that also
-    appear in train (a table with duplicates, split by row; a list repeating a line), and val
-    items that are test items, or None: their accuracy is optimistic, or the choice of the
-    best epoch saw test examples."""
-    def keys(split: Split) -> list[str]:
-        return [str(t).strip() for t in split.items]
+class FileContent:
+    """The content of image files, for :func:`content_keys`: stage 0 is the byte size, 1 a
+    hash of the first 16 KiB, 2 a hash of the whole file (files over 16 KiB only)."""
 
-    seen, test_keys, val_keys = set(keys(train)), keys(test), keys(val)
+    content_stages = 3
+    HEAD = 16 * 1024
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+        self._sizes: list[int] = []
+
+    def content_keys(self, stage: int, indices: Sequence[int] | None) -> list[str]:
+        if stage == 0:
+            self._sizes = []
+            for p in self.paths:
+                try:
+                    self._sizes.append(os.stat(p).st_size)
+                except OSError:
+                    self._sizes.append(-1)
+            return [f"{n}" if n >= 0 else f"missing:{p}" for n, p in zip(self._sizes, self.paths, strict=True)]
+        out = []
+        for i in indices or ():
+            if stage == 2 and self._sizes[i] <= self.HEAD:  # the head was the whole file
+                out.append("")
+                continue
+            h = hashlib.blake2b(digest_size=16)
+            try:
+                with open(self.paths[i], "rb") as fh:
+                    if stage == 1:
+                        h.update(fh.read(self.HEAD))
+                    else:
+                        for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                            h.update(block)
+            except OSError:
+                out.append(f"unreadable:{self.paths[i]}")
+                continue
+            out.append(h.hexdigest())
+        return out
+
+
+def content_keys(sources: Sequence[Any]) -> list[list[str]]:
+    """One key per item of each source, equal for items of equal content, computed in stages
+    (``source.content_keys(stage, indices)``; ``source.content_stages`` of them): stage 0 for
+    every item (cheap: a byte size), each later stage only for the items whose key so far is
+    shared with another source. Linear, and most items are never read: only what may be a
+    duplicate across the sources (splits) is hashed."""
+    keys = [list(src.content_keys(0, None)) for src in sources]
+    for stage in range(1, min(src.content_stages for src in sources)):
+        owners: dict[str, int] = {}
+        for k, ks in enumerate(keys):
+            for key in set(ks):
+                owners[key] = -1 if owners.get(key, k) != k else k
+        shared = {key for key, k in owners.items() if k < 0}
+        if not shared:
+            break
+        for src, ks in zip(sources, keys, strict=True):
+            todo = [i for i, key in enumerate(ks) if key in shared]
+            if todo:
+                for i, more in zip(todo, src.content_keys(stage, todo), strict=True):
+                    ks[i] = f"{ks[i]}/{more}"
+    return keys
+
+
+def item_keys(splits: Sequence[Split], *, files: bool = False) -> list[list[str]] | None:
+    """Per split, a key per item that is equal for the same example: the stripped text, the
+    content of an image file (``files``: the items are paths) or of a lazy item that gives
+    :func:`content_keys` (a Hugging Face image column); None when the items have none (pixel
+    arrays)."""
+    if files:
+        paths = [s.strings() for s in splits]
+        if any(p is None for p in paths):
+            return None
+        return content_keys([FileContent(p) for p in paths])  # type: ignore[arg-type]
+    if all(callable(getattr(s.items, "content_keys", None)) for s in splits):
+        return content_keys([s.items for s in splits])
+    strings = [s.strings() for s in splits]
+    if any(t is None for t in strings):
+        return None
+    return [[t.strip() for t in ts] for ts in strings]  # type: ignore[union-attr]
+
+
+def shared_items_note(train: Split, val: Split, test: Split, what: str = "texts", *, files: bool = False) -> str | None:
+    """A note counting val/test items (texts, images) that also appear in train (a table with
+    duplicates, split by row; a list repeating a line; an image copied into two folders), and
+    val items that are test items, or None: their accuracy is optimistic, or the choice of the
+    best epoch saw test examples. ``files``: the items are image file paths, compared by
+    content (:class:`FileContent`)."""
+    keys = item_keys([train, val, test], files=files)
+    if keys is None:
+        return None
+    train_keys, val_keys, test_keys = keys
+    seen = set(train_keys)
     hits = {name: sum(k in seen for k in ks) for name, ks in (("test", test_keys), ("val", val_keys))}
     in_test = set(test_keys)
     val_in_test = sum(k in in_test for k in val_keys)
+    why = "duplicate rows" if what == "texts" else "the same image content"
     notes = []
     if any(hits.values()):
         notes.append(f"{hits['test']} of {len(test)} test and {hits['val']} of {len(val)} val {what} also appear "
-                     "in train (duplicate rows): their accuracy is optimistic; deduplicate the data to avoid it")
+                     f"in train ({why}): their accuracy is optimistic; deduplicate the data to avoid it")
     if val_in_test:
         notes.append(f"{val_in_test} of {len(val)} val {what} also appear in test: the best epoch was chosen "
                      "partly on test examples; make the splits disjoint to avoid it")
     return "; ".join(notes) or None
 
 
-def _same_examples(a: Split, b: Split) -> bool:
-    sa, sb = a.strings(), b.strings()
-    return (sa is not None and sb is not None
-            and sorted(zip(sa, a.labels, strict=True)) == sorted(zip(sb, b.labels, strict=True)))
+def same_examples(a: Split, b: Split, *, files: bool = False) -> bool:
+    """Whether ``a`` and ``b`` hold the same examples (item content and label), in any order."""
+    if len(a) != len(b) or sorted(a.labels) != sorted(b.labels):
+        return False
+    keys = item_keys([a, b], files=files)
+    return (keys is not None
+            and sorted(zip(keys[0], a.labels, strict=True)) == sorted(zip(keys[1], b.labels, strict=True)))
 
 
 def complete_splits(
@@ -326,7 +417,7 @@ def complete_splits(
     examples are never the ones used for model selection; for the same reason a validation
     split that is the test split again (same items and labels) is replaced by one from train.
     """
-    if val is not None and test is not None and _same_examples(val, test):
+    if val is not None and test is not None and same_examples(val, test):
         val = None
         notes.append("the validation split is the test split again: not used (the best epoch would be "
                      "chosen on test examples)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,19 @@ def _import_datasets():
 
 
 class _HFColumn:
-    """A lazy view of one column of a ``datasets.Dataset`` (decodes images on access)."""
+    """A lazy view of one column of a ``datasets.Dataset`` (decodes images on access).
 
-    def __init__(self, ds: Any, column: str) -> None:
+    It also gives the content of its items without decoding them (:meth:`content_keys`, for
+    :func:`~s2a.data.core.content_keys`): an image's encoded bytes (or its path, when the
+    dataset holds paths only) read from the Arrow table."""
+
+    content_stages = 2
+
+    def __init__(self, ds: Any, column: str, *, base: Any = None, rows: list[int] | None = None) -> None:
         self.ds = ds
         self.column = column
+        self._base = ds if base is None else base  # the split as loaded; ``rows`` index it
+        self._rows = rows
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -58,7 +67,62 @@ class _HFColumn:
         return self.ds[int(i)][self.column]
 
     def take(self, indices: list[int]) -> _HFColumn:
-        return _HFColumn(self.ds.select(indices), self.column)
+        rows = [self._row(i) for i in indices]
+        return _HFColumn(self.ds.select(indices), self.column, base=self._base, rows=rows)
+
+    def _row(self, i: int) -> int:
+        return int(i) if self._rows is None else self._rows[int(i)]
+
+    def _arrow(self, rows: list[int]) -> Any:
+        """The column's Arrow values at ``rows`` of the loaded split (copies only those)."""
+        import pyarrow as pa
+
+        if getattr(self._base, "_indices", None) is None:  # no indices mapping: the table's rows
+            return self._base.data.column(self.column).take(pa.array(rows, type=pa.int64()))
+        return self._base.with_format("arrow")[rows].column(self.column)
+
+    def content_keys(self, stage: int, indices: list[int] | None) -> list[str]:
+        """Stage 0: for every item, the byte size of an encoded image (or its path); stage 1,
+        for ``indices``: a hash of the image bytes (or of the value, for other columns)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if stage == 0:
+            rows = [self._row(i) for i in range(len(self))]
+            if not rows:
+                return []
+            if getattr(self._base, "_indices", None) is None:  # offsets only: no image is read
+                col = self._base.data.column(self.column)
+            else:
+                parts = [self._arrow(rows[a : a + 1000]) for a in range(0, len(rows), 1000)]
+                col = pa.chunked_array([c for part in parts for c in part.chunks], type=parts[0].type)
+                rows = list(range(len(rows)))
+            if not _is_image_struct(col.type):
+                return [""] * len(rows)  # every item goes on to stage 1
+            sizes = pc.binary_length(pc.struct_field(col, "bytes")).to_pylist()
+            paths = pc.struct_field(col, "path").to_pylist()
+            return [f"b{sizes[r]}" if sizes[r] is not None else f"p{paths[r]}" for r in rows]
+        out = []
+        idx = list(indices or ())
+        for a in range(0, len(idx), 1000):
+            values = self._arrow([self._row(i) for i in idx[a : a + 1000]])
+            for v in values.to_pylist():
+                if isinstance(v, dict) and v.get("bytes") is not None:
+                    out.append(hashlib.blake2b(v["bytes"], digest_size=16).hexdigest())
+                elif isinstance(v, dict) and set(v) == {"bytes", "path"}:
+                    out.append(f"path:{v['path']}")
+                else:
+                    out.append(hashlib.blake2b(repr(v).encode(), digest_size=16).hexdigest())
+        return out
+
+
+def _is_image_struct(t: Any) -> bool:
+    """An Image feature's storage: struct<bytes: binary, path: string>."""
+    import pyarrow as pa
+
+    if not pa.types.is_struct(t) or {t.field(i).name for i in range(t.num_fields)} != {"bytes", "path"}:
+        return False
+    return pa.types.is_binary(t.field("bytes").type) or pa.types.is_large_binary(t.field("bytes").type)
 
 
 def _pick(columns: list[str], wanted: str | None, guesses: tuple[str, ...], role: str, where: str, flag: str) -> str | None:
@@ -129,10 +193,14 @@ def load_hf(
     else:
         parts = {}
         for key, aliases in SPLIT_ALIASES.items():
-            for a in aliases:
-                if a in loaded:
-                    parts[key] = loaded[a]
-                    break
+            found = [a for a in aliases if a in loaded]
+            if len(found) > 1:  # taking one would silently drop the other
+                raise DataError(
+                    f"{where}: splits {' and '.join(repr(a) for a in found)} are {'both' if len(found) == 2 else 'all'} "
+                    f"{key} splits: keep one of "
+                    "them (load it with datasets, drop the others with DatasetDict.pop, and save_to_disk)")
+            if found:
+                parts[key] = loaded[found[0]]
         if "train" not in parts:
             raise DataError(f"{where}: no 'train' split; splits found: {list(loaded)}")
     first = next(iter(parts.values()))
@@ -182,8 +250,7 @@ def load_hf(
         notes.append(f"single split: seeded 80/10/10 (split_seed={split_seed})")
     else:
         train, val, test = complete_splits(splits["train"], splits.get("val"), splits.get("test"), split_seed, notes)
-    if kind == "text":
-        notes += filter(None, [shared_items_note(train, val, test)])
+    notes += filter(None, [shared_items_note(train, val, test, "texts" if kind == "text" else "images")])
     return DataBundle(
         name=Path(where).name if not spec.startswith("hf:") else where,
         kind=kind,

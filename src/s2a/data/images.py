@@ -15,6 +15,7 @@ from .core import (
     Split,
     carve,
     labels_to_ids,
+    same_examples,
     shared_items_note,
     split_fractions,
 )
@@ -101,14 +102,27 @@ def load_idx_dir(
     arrays = {k: read_idx(p) for k, p in files.items()}
     for part in ("train", "test"):
         imgs, labs = arrays[f"{part}_images"], arrays[f"{part}_labels"]
-        if imgs.ndim != 3 or labs.ndim != 1 or len(imgs) != len(labs):
-            raise DataError(f"{directory}: {part} images {imgs.shape} do not match labels {labs.shape}")
+        if imgs.ndim != 3:
+            colour = " (colour images?)" if imgs.ndim == 4 and imgs.shape[-1] in (3, 4) else ""
+            raise DataError(
+                f"{files[f'{part}_images']}: images of shape {imgs.shape}{colour}; IDX images must be greyscale, "
+                "(N, H, W) like MNIST's: store colour images as files in an image folder "
+                "(root/train/<class>/*.png) instead")
+        if labs.ndim != 1:
+            raise DataError(f"{files[f'{part}_labels']}: labels of shape {labs.shape}; IDX labels must be one "
+                            "class id per image, (N,)")
+        if len(imgs) != len(labs):
+            raise DataError(f"{directory}: {len(imgs)} {part} images but {len(labs)} {part} labels: the "
+                            f"{files[f'{part}_images'].name} and {files[f'{part}_labels'].name} files do not belong together")
     train = Split(arrays["train_images"], arrays["train_labels"].tolist())
     test = Split(arrays["test_images"], arrays["test_labels"].tolist())
-    train, val = carve(train, min(val_size, len(train) // 5), split_seed)
+    top = int(max(max(train.labels, default=0), max(test.labels, default=0)))  # before val is carved out
     if classes is None:
-        k = int(max(max(train.labels), max(test.labels))) + 1
-        classes = [str(i) for i in range(k)]
+        classes = [str(i) for i in range(top + 1)]
+    elif top >= len(classes):
+        raise DataError(f"{directory}: label {top} found, but {name or Path(directory).name} has {len(classes)} "
+                        f"classes (labels 0..{len(classes) - 1}): is this the right data?")
+    train, val = carve(train, min(val_size, len(train) // 5), split_seed)
     return DataBundle(
         name=name or Path(directory).name,
         kind="image",
@@ -175,19 +189,67 @@ def _class_dirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and not _hidden(p.name))
 
 
-def _folder_split(directory: Path, *, training: bool) -> tuple[list[str], list[str], list[str]]:
-    """(paths, raw labels (class names), class names found) of one ``class/xxx.jpg`` folder."""
+def _loose_images(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir()
+                  if not _hidden(p.name) and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _folder_split(directory: Path, *, training: bool, hint: str = "") -> tuple[list[str], list[str], list[str]]:
+    """(paths, raw labels (class names), names of the class folders that hold images) of one
+    ``class/xxx.jpg`` folder. ``hint`` is added when ``directory`` has no class folders."""
     dirs = _class_dirs(directory)
-    paths, raw = [], []
+    loose = _loose_images(directory)
+    if loose:  # a label comes from a class folder: these would be dropped
+        shown = ", ".join(p.name for p in loose[:3]) + (", ..." if len(loose) > 3 else "")
+        raise DataError(
+            f"{directory}: {len(loose)} image(s) directly in it, not in a class folder ({shown}): images must be "
+            f"in class folders, {directory}/<class>/{loose[0].name}: move each into the folder of its class"
+            + ("" if dirs else hint))
+    paths, raw, names = [], [], []
     for d in dirs:
         imgs = _images_under(d)
         if not imgs and training:  # a class with no training image could never be predicted
             raise DataError(
                 f"{d}: class folder with no images ({', '.join(IMAGE_SUFFIXES)}); add its images or remove it"
             )
+        if imgs:  # an empty val/ or test/ class folder is no class
+            names.append(d.name)
         paths += [str(p) for p in imgs]
         raw += [d.name] * len(imgs)
-    return paths, raw, [d.name for d in dirs]
+    if not paths:
+        raise DataError(f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)}) under class folders "
+                        f"({directory}/<class>/*.jpg)" + ("" if dirs else hint))
+    return paths, raw, names
+
+
+SPLIT_DIR_NAMES = {"train": ("train",), "val": VAL_NAMES, "test": ("test",)}
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    """The train/, val/ (valid/, validation/) and test/ folders of ``root``, in any case; two
+    folders for one split are refused (reading one would silently drop the other)."""
+    dirs = _class_dirs(root)
+    found = {}
+    for split, names in SPLIT_DIR_NAMES.items():
+        hits = [d for d in dirs if d.name.lower() in names]
+        if len(hits) > 1:
+            raise DataError(f"{root}: {' and '.join(d.name + '/' for d in hits)} are {'both' if len(hits) == 2 else 'all'} "
+                            f"{split} folders: keep one of them (or move the others out)")
+        if hits:
+            found[split] = hits[0]
+    return found
+
+
+def _flat_layout_hint(root: Path, split_dirs: dict[str, Path]) -> str:
+    """What to do when a split folder is really a class of the flat layout (vehicles:
+    bus/, car/, train/)."""
+    names = sorted(d.name + "/" for d in split_dirs.values())
+    them = names[0] if len(names) == 1 else f"one of {', '.join(names)}"
+    others = [d.name + "/" for d in _class_dirs(root) if d not in split_dirs.values()]
+    beside = f" beside {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}" if others else ""
+    return (f". {root} is read as the split layout (root/train/<class>/*.jpg) because it has {', '.join(names)}; "
+            f"if {them} is a class of the flat layout root/<class>/*.jpg{beside}, rename that class folder "
+            "(a class folder may not be named train, val, valid, validation or test)")
 
 
 def load_image_folder(directory: str | os.PathLike, *, split_seed: int = 0) -> DataBundle:
@@ -196,63 +258,59 @@ def load_image_folder(directory: str | os.PathLike, *, split_seed: int = 0) -> D
     * ``root/train/<class>/*.jpg`` (+ ``root/val/<class>/...``, ``root/test/<class>/...``):
       the splits as given. Without ``test/``, ``val/`` becomes the test split (ImageNet
       convention, where the public val set is the benchmark) and 10% of train is held out as
-      val, so the test split is never used for model selection. Without ``val/`` either,
-      10% of train becomes val and 10% test.
+      val, so the test split is never used for model selection (also when ``val/`` holds the
+      same images as ``test/``). Without ``val/`` either, 10% of train becomes val and 10% test.
     * ``root/<class>/*.jpg`` only: a seeded 80/10/10 split.
 
-    Class ids follow the sorted class folder names (as torchvision's ImageFolder does).
+    Class ids follow the sorted names of the class folders that hold images (as torchvision's
+    ImageFolder does), over all splits. Images that are in more than one split (by content:
+    copies count) are noted.
     """
     root = Path(directory)
-    sub = {p.name.lower(): p for p in _class_dirs(root)}
+    split_dirs = _split_dirs(root)
     notes: list[str] = []
-    if "train" in sub:
-        t_paths, t_raw, classes = _folder_split(sub["train"], training=True)
-        if not t_paths:
-            raise DataError(f"{sub['train']}: no images ({', '.join(IMAGE_SUFFIXES)}) under class folders")
-        val_dir = next((sub[v] for v in VAL_NAMES if v in sub), None)
-        test_dir = sub.get("test")
+    if "train" in split_dirs:
+        hint = _flat_layout_hint(root, split_dirs)
+        read = {k: _folder_split(d, training=k == "train", hint=hint) for k, d in split_dirs.items()}
         # a class that only val/ or test/ hold keeps its output, as in the other layouts (the
         # bundle's check names it in the notes): its images count as errors, not dropped
-        classes = sorted({*classes, *(d.name for s in (val_dir, test_dir) if s is not None for d in _class_dirs(s))})
+        classes = sorted({c for _, _, names in read.values() for c in names})
         index = {c: i for i, c in enumerate(classes)}
-        train = Split(t_paths, [index[c] for c in t_raw])
-
-        def load(d: Path) -> Split:
-            paths, raw, _ = _folder_split(d, training=False)
-            if not paths:
-                raise DataError(f"{d}: no images under class folders")
-            return Split(paths, [index[c] for c in raw])
-
-        if test_dir is not None:
-            test = load(test_dir)
-            if val_dir is not None:
-                val = load(val_dir)
-            else:
-                train, val = carve(train, max(1, len(train) // 10), split_seed)
-                notes.append("no val/ folder: 10% of train held out as val")
-        elif val_dir is not None:
-            test = load(val_dir)
+        splits = {k: Split(paths, [index[c] for c in raw]) for k, (paths, raw, _) in read.items()}
+        train, val, test = splits["train"], splits.get("val"), splits.get("test")
+        val_name = split_dirs["val"].name if "val" in split_dirs else ""
+        if val is not None and test is not None and same_examples(val, test, files=True):
+            val = None
+            notes.append(f"{val_name}/ holds the same images as {split_dirs['test'].name}/: not used as val (the "
+                         "best epoch would be chosen on test examples); 10% of train held out as val")
             train, val = carve(train, max(1, len(train) // 10), split_seed)
-            notes.append(f"no test/ folder: {val_dir.name}/ used as the test split, 10% of train held out as val")
-        else:
+        elif test is not None and val is None:
+            train, val = carve(train, max(1, len(train) // 10), split_seed)
+            notes.append("no val/ folder: 10% of train held out as val")
+        elif val is not None and test is None:
+            test = val
+            train, val = carve(train, max(1, len(train) // 10), split_seed)
+            notes.append(f"no test/ folder: {val_name}/ used as the test split, 10% of train held out as val")
+        elif val is None:
             train, val, test = split_fractions(train, (0.8, 0.1, 0.1), split_seed)
             notes.append("only train/: seeded 80/10/10 train/val/test split")
     else:
-        split_dirs = sorted(n for n in sub if n in VAL_NAMES or n == "test")
         if split_dirs:
+            names = ", ".join(sorted(d.name + "/" for d in split_dirs.values()))
             raise DataError(
-                f"{root}: has {', '.join(n + '/' for n in split_dirs)} but no train/ folder; put the "
-                "training images in root/train/<class>/ (or use root/<class>/ alone for a seeded split)"
+                f"{root}: has {names} but no train/ folder; put the training images in root/train/<class>/ "
+                "(or use root/<class>/ alone for a seeded split)" + _flat_layout_hint(root, split_dirs)
             )
-        paths, raw, classes = _folder_split(root, training=True)
-        if not paths:
+        if not _class_dirs(root) and not _loose_images(root):
             raise DataError(
                 f"{root}: no images found. Expected the ImageNet layout root/train/<class>/*.jpg "
                 f"(optionally val/ and test/) or root/<class>/*.jpg, with suffixes {', '.join(IMAGE_SUFFIXES)}"
             )
+        paths, raw, classes = _folder_split(root, training=True)
         index = {c: i for i, c in enumerate(classes)}
         train, val, test = split_fractions(Split(paths, [index[c] for c in raw]), (0.8, 0.1, 0.1), split_seed)
         notes.append(f"class folders only: seeded 80/10/10 split (split_seed={split_seed})")
+    notes += filter(None, [shared_items_note(train, val, test, "images", files=True)])
     return DataBundle(
         name=root.name,
         kind="image",
@@ -331,7 +389,7 @@ def load_vtab(directory: str | os.PathLike, *, split_seed: int = 0) -> DataBundl
         n_val = 200 if len(train) >= 1000 else max(1, len(train) // 5)
         train, val = carve(train, n_val, split_seed)
         notes.append(f"val: {n_val} examples of train800val200.txt carved out (split_seed={split_seed})")
-    notes += filter(None, [shared_items_note(train, val, test, "image files")])
+    notes += filter(None, [shared_items_note(train, val, test, "image files", files=True)])
     return DataBundle(
         name=root.name,
         kind="image",

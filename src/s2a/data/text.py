@@ -164,11 +164,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str], set[str]]:
         raise DataError(f"cannot read {path}: {exc}: save it as UTF-8") from None
     except (OSError, csv.Error, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
-    columns: list[str] = []
-    for r in rows[:1000]:
-        for k in r:
-            if k not in columns:
-                columns.append(k)
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # every row: a column may start late
     return rows, columns, set()
 
 
@@ -204,7 +200,10 @@ def _table_split(path: Path, text_column: str | None, label_column: str | None) 
                         "rename one of them")
     for i, r in enumerate(rows):  # an empty or null value is refused with the others, by texts_of / labels_to_ids
         if tcol not in r or lcol not in r:
-            raise DataError(f"{path}: row {i + 1} has no value in column {tcol if tcol not in r else lcol!r}")
+            col = tcol if tcol not in r else lcol
+            lacking = sum(col not in r for r in rows)
+            raise DataError(f"{path}: row {i + 1} has no value in column {col!r} ({lacking} of {len(rows)} rows have "
+                            "none): give every row a value there, or drop those rows")
     return texts_of((r[tcol] for r in rows), where=str(path), split="all"), [r[lcol] for r in rows]
 
 
