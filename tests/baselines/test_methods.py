@@ -223,3 +223,126 @@ def test_adaptformer_reads_the_residual_stream(family):
         call(model, batch)
     torch.testing.assert_close(seen["adapter"], seen["stream"])
     assert block.mlp.adaptformer.drop.p == 0.1
+
+
+def test_adaptformer_on_a_bf16_model():
+    # the adapters were created in fp32 beside a bf16 MLP: the first forward failed
+    from tuner_zoo import build
+
+    from s2a.train.methods import apply_method
+
+    model, batch = build("vit")
+    model, batch = model.to(torch.bfloat16), batch.to(torch.bfloat16)
+    res = apply_method(model, "adaptformer", head_names=HEADS["vit"], example_input=batch)
+    assert {p.dtype for n, p in res.model.named_parameters() if ".adaptformer." in n} == {torch.bfloat16}
+    assert output(call(res.model, batch)).dtype == torch.bfloat16
+    assert step(res.model, batch)
+
+
+def _side_inputs(model: torch.nn.Module, batch, autocast: bool) -> tuple[list[torch.dtype], torch.Tensor]:
+    side = model.lst_side
+    seen: list[torch.dtype] = []
+    handle = side.register_forward_pre_hook(lambda m, a: seen.extend(h.dtype for h in a[0]))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = call(model, batch)
+    finally:
+        handle.remove()
+    return seen, out
+
+
+def test_lst_keeps_block_outputs_at_the_autocast_width():
+    # every captured block output became an fp32 copy: under bf16 autocast, twice the memory
+    # of what the down-projections compute with (and store for backward)
+    _, res, batch = prepared("vit", "lst")
+    model = res.model.train()
+    with torch.no_grad():
+        model.lst_side.head.weight.normal_()
+    dtypes, ref = _side_inputs(model, batch, autocast=False)
+    assert dtypes == [torch.float32] * 2
+    dtypes, out = _side_inputs(model, batch, autocast=True)
+    assert dtypes == [torch.bfloat16] * 2
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None for p in model.lst_side.parameters())
+
+
+@pytest.mark.parametrize(("problem", "labels"), [
+    ("single_label_classification", torch.tensor([0, 1])),
+    ("regression", torch.tensor([[0.5, -1.0], [2.0, 0.0]])),
+    ("multi_label_classification", torch.tensor([[1.0, 0.0], [1.0, 1.0]])),
+])  # fmt: skip
+def test_lst_loss_is_the_side_networks(problem, labels):
+    # labels= returned the frozen backbone head's loss, which has no gradient
+    import torch.nn.functional as F
+
+    _, res, batch = prepared("bert_cls", "lst")
+    model = res.model.train()
+    if problem != "single_label_classification":
+        model.config.problem_type = problem
+    with torch.no_grad():
+        model.lst_side.head.weight.normal_()
+    rule = {"single_label_classification": F.cross_entropy, "regression": F.mse_loss,
+            "multi_label_classification": F.binary_cross_entropy_with_logits}[problem]
+    out = model(**batch, labels=labels)
+    torch.testing.assert_close(out.loss, rule(out.logits, labels))
+    assert out.to_tuple()[0] is out.loss and out.loss.requires_grad
+    out.loss.backward()
+    assert model.lst_side.head.weight.grad is not None
+    assert model.config.problem_type == problem
+    loss, logits = model(**batch, labels=labels, return_dict=False)[:2]
+    torch.testing.assert_close(loss, rule(logits, labels))
+
+
+def _fingerprint(model: torch.nn.Module, batch) -> tuple:
+    with torch.no_grad():
+        out = output(call(model, batch)).clone()
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return (out, [n for n, _ in model.named_modules()], [(n, p.requires_grad) for n, p in model.named_parameters()],
+            hooks, [n for n, m in model.named_modules() if "forward" in vars(m)])
+
+
+def _assert_same(a: tuple, b: tuple) -> None:
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+    assert a[1:] == b[1:]
+
+
+@pytest.mark.parametrize("method", ["vpt", "adaptformer", "linear", "bitfit"])
+def test_a_missing_head_leaves_the_model_untouched(method):
+    # the model was frozen and the prompts / adapters hooked in before the head lookup failed
+    from tuner_zoo import build
+
+    from s2a.train.methods import apply_method
+
+    model, batch = build("vit")
+    before = _fingerprint(model, batch)
+    with pytest.raises(TrainError, match="cannot find the classifier head"):
+        apply_method(model, method, head_names=("nohead",), example_input=batch)
+    _assert_same(_fingerprint(model, batch), before)
+
+
+@pytest.mark.parametrize("method", ["adaptformer", "vpt", "lst", "lora", "s2a-lora", "full"])
+def test_a_failed_compression_undoes_the_method(method, monkeypatch):
+    # --act-bits compression ran after the method had changed the model; when it failed, the
+    # model stayed half configured (and compressed, where the failure came late)
+    from tuner_zoo import build
+
+    import s2a
+    from s2a.baselines import MethodContext, MethodNotApplicable, apply_spec
+
+    real = s2a.compress_activations
+
+    def failing(model, **kw):
+        real(model, **kw)
+        raise TypeError("late failure")
+
+    monkeypatch.setattr(s2a, "compress_activations", failing)
+    model, batch = build("vit")
+    before = _fingerprint(model, batch)
+    with pytest.raises(MethodNotApplicable, match="--act-bits 4: late failure"):
+        apply_spec(model, MethodContext(method, HEADS["vit"], act_bits=4, example_input=batch))
+    assert not any("_s2a_compression" in vars(m) for m in model.modules())
+    _assert_same(_fingerprint(model, batch), before)
+    monkeypatch.setattr(s2a, "compress_activations", real)
+    res = apply_spec(model, MethodContext(method, HEADS["vit"], act_bits=4, example_input=batch))
+    assert step(res.model, batch)  # the model takes the method again

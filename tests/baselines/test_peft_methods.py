@@ -40,3 +40,51 @@ def test_prompt_tuning_is_peft_prompt_learning():
     assert model.peft_config["default"].num_virtual_tokens == 20
     out = model(**batch)
     assert out.logits.shape == (2, 2)
+
+
+@pytest.mark.parametrize("bits", [5, 16])
+def test_s2a_lora_refuses_bad_act_bits_like_the_other_methods(bits):
+    # a raw ValueError from compress_activations, after peft had wrapped the model
+    from peft.tuners import lora
+    from tuner_zoo import build
+
+    from s2a.baselines import MethodContext, MethodNotApplicable, apply_spec
+
+    for method in ("s2a-lora", "lora"):
+        model, batch = build("vit")
+        with pytest.raises(MethodNotApplicable, match=f"--act-bits {bits}: bits={bits} is not supported"):
+            apply_spec(model, MethodContext(method, ("head",), act_bits=bits, example_input=batch))
+        assert not any(isinstance(m, lora.LoraLayer) for m in model.modules())
+        assert all(p.requires_grad for p in model.parameters())
+
+
+# family -> positions left beside the 20 virtual tokens (RoBERTa's start after its padding index)
+ROOM = {"bert_cls": 44, "distilbert_cls": 44, "roberta_cls": 42}
+
+
+@pytest.mark.parametrize("family", list(ROOM))
+def test_prompt_tuning_refuses_sequences_beyond_the_positions(family):
+    # tokens + virtual tokens beyond max_position_embeddings failed with a bare shape error
+    import torch
+    from tuner_zoo import build
+
+    from s2a.baselines import MethodContext, MethodNotApplicable, apply_spec
+    from s2a.baselines.peft_methods import PromptTooLongError
+
+    heads = ("pre_classifier", "classifier") if family == "distilbert_cls" else ("classifier",)
+    room = ROOM[family]
+
+    def batch(n: int) -> dict:
+        ids = torch.randint(3, 100, (2, n), generator=torch.Generator().manual_seed(0))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    model, example = build(family)
+    with pytest.raises(MethodNotApplicable, match=f"--max-length {room + 1} .*use --max-length {room} or less"):
+        apply_spec(model, MethodContext("prompt-tuning", heads, example_input=example, max_length=room + 1))
+    with pytest.raises(MethodNotApplicable, match=f"use --max-length {room} or less"):
+        apply_spec(model, MethodContext("prompt-tuning", heads, example_input=batch(room + 1)))
+    assert not isinstance(model, peft.PeftModel) and all(p.requires_grad for p in model.parameters())
+    res = apply_spec(model, MethodContext("prompt-tuning", heads, example_input=example, max_length=room))
+    assert res.model(**batch(room)).logits.shape == (2, 2)
+    with pytest.raises(PromptTooLongError, match=f"20 virtual tokens .*use --max-length {room} or less"):
+        res.model(**batch(room + 1))

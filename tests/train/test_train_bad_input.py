@@ -370,3 +370,11 @@ def test_resume_with_more_classes_than_config_json_lists(run_cli, tmp_path):
     (data / "train" / "class999").rename(data / "train" / "class100")
     assert run_cli("--out", str(run), "--resume") == 0
     assert json.loads((run / "report.json").read_text())["steps"] == 6
+
+
+def test_prompt_tuning_longer_than_the_positions_is_refused_up_front(run_cli, tmp_path, minilm_ready):
+    # MiniLM embeds 512 positions; 20 virtual tokens leave 492 for the text
+    msg = _error(run_cli, "--model", "minilm", "--data", "rotten-tomatoes", "--method", "prompt-tuning",
+                 "--max-length", "500", "--train-size", "16", "--out", str(tmp_path / "r"))
+    assert "--max-length 500 (500 tokens) plus 20 virtual tokens need 520 positions" in msg
+    assert "use --max-length 492 or less" in msg

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import MethodContext, MethodResult, freeze, train_heads
+from .registry import MethodContext, MethodResult, find_heads, freeze, train_heads
 
 # family -> (path of the MLP inside a block, how it is called)
 #   "mlp":    forward(x) -> MLP(x); the adapter reads x
@@ -100,12 +100,15 @@ def _output_forward(original, adapter: ParallelAdapter, hidden: torch.Tensor, in
 def add_adapters(model: nn.Module, info: Any, bottleneck: int = 64, scale: float = 0.1) -> list[str]:
     """Insert one :class:`ParallelAdapter` per block (in place); returns the MLP paths."""
     sub, call = MLP_PATHS[info.family]
-    ref = next(model.parameters())
     paths = []
     for block in info.blocks:
         path = f"{block.name}.{sub}"
         mlp = model.get_submodule(path)
-        adapter = ParallelAdapter(block.in_dim, bottleneck, scale).to(ref.device)
+        # the MLP's own weights give device and dtype (a bf16 / fp16 model: a bf16 / fp16 adapter)
+        ref = next((p for p in mlp.parameters() if p.is_floating_point()), None)
+        if ref is None:
+            ref = next(p for p in model.parameters() if p.is_floating_point())
+        adapter = ParallelAdapter(block.in_dim, bottleneck, scale).to(device=ref.device, dtype=ref.dtype)
         mlp.add_module(ADAPTER_ATTR, adapter)
         norm = NORM_BEFORE_MLP.get(info.family)
         if norm is not None:
@@ -118,9 +121,10 @@ def add_adapters(model: nn.Module, info: Any, bottleneck: int = 64, scale: float
 
 def apply_adaptformer(model: nn.Module, ctx: MethodContext) -> MethodResult:
     info = ctx.info(model)
+    heads = find_heads(model, ctx.head_names, ctx.method)  # before the model changes
     freeze(model)
     paths = add_adapters(model, info)
-    heads = train_heads(model, ctx.head_names, ctx.method)
+    train_heads(model, tuple(heads), ctx.method)
     return MethodResult(model, [
         f"AdaptFormer: parallel adapters (bottleneck 64, scale 0.1, dropout 0.1) reading the residual stream, beside {len(paths)} MLPs "
         f"and the head {heads} train"

@@ -7,7 +7,9 @@ output ``h_i`` is shrunk by a LEARNED linear down-projection ``D_i -> w`` (``w =
 ``T = 0.1``; one pre-norm transformer layer of width ``w`` (heads of 32 channels, feed-forward
 ``4 w``, no dropout) follows every rung. The side state is read out like the backbone pools
 (first token for ``[CLS]``-pooled models, else the masked mean) and a fresh linear head
-(zero-initialised) makes the prediction: the backbone's own head is not used.
+(zero-initialised) makes the prediction: the backbone's own head is not used, and with
+``labels=`` the returned loss is that of the side network's logits (the model's own loss rule:
+cross-entropy, MSE or BCE by ``config.problem_type``, as transformers classifiers).
 Feature maps (CNNs, Swin) are averaged to a 2 x 2 grid of side tokens per block first.
 
 How this differs from S2A's ``side`` module (:mod:`s2a.tuners.side`), which is also a ladder:
@@ -63,7 +65,17 @@ class LadderSideNetwork(nn.Module):
     def capture(self, index: int, _module: nn.Module, _args: Any, output: Any) -> None:
         """Forward hook of backbone block ``index``."""
         hidden = output if isinstance(output, torch.Tensor) else output[0]
-        self.captured[index] = _as_tokens(hidden.detach(), self.layouts[index]).float().contiguous()
+        self.captured[index] = _as_tokens(hidden.detach(), self.layouts[index]).to(self.input_dtype(hidden))
+
+    def input_dtype(self, hidden: torch.Tensor) -> torch.dtype:
+        """The dtype the down-projections compute in: autocast's where it is on for the hidden
+        state's device (the cast autocast would make anyway, made once here, so that no
+        full-precision copy of a block output stays alive), else their weights' (an fp32 side
+        network beside a bf16 / fp16 backbone)."""
+        kind = hidden.device.type
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+        return self.down[0].weight.dtype
 
     def forward(self, hiddens: list[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
         pad = None if mask is None else ~mask.to(torch.bool)
@@ -96,15 +108,50 @@ def _as_tokens(hidden: torch.Tensor, layout: str) -> torch.Tensor:
     return hidden
 
 
-def _set_logits(output: Any, logits: torch.Tensor) -> Any:
+def _set_logits(output: Any, logits: torch.Tensor, loss: torch.Tensor | None = None) -> Any:
+    """``output`` with the side network's logits (and, for ``labels=``, their loss, first)."""
     if isinstance(output, torch.Tensor):
         return logits
     if isinstance(output, dict) or hasattr(output, "logits"):
-        output["logits"] = logits  # a loss from labels= would still be the unused head's
-        return output
+        if loss is None:
+            output["logits"] = logits
+            return output
+        fields = {**dict(output.items()), "logits": logits, "loss": loss}
+        return type(output)(**fields)  # a ModelOutput: the loss takes its place in front
     if isinstance(output, tuple):
-        return (logits, *output[1:])
+        return (logits, *output[1:]) if loss is None else (loss, logits, *output[1:])
     raise TypeError(f"LST: cannot place logits in a model output of type {type(output).__name__}")
+
+
+def sequence_classification_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss a transformers ``*ForSequenceClassification`` / ``*ForImageClassification``
+    model computes from ``labels=`` (its ``config.problem_type``, inferred the same way when
+    unset), on the side network's logits."""
+    config = getattr(model, "config", None)
+    num_labels = getattr(config, "num_labels", None)
+    if num_labels is None or not hasattr(config, "problem_type"):
+        raise TypeError(f"LST: labels= given to {type(model).__name__}, whose loss rule LST does not know "
+                        "(it knows transformers classifiers'); compute the loss from the returned logits")
+    labels = labels.to(logits.device)
+    problem = config.problem_type
+    if problem is None:  # as transformers decides, and records, on the first call with labels
+        if num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+        config.problem_type = problem
+    if problem == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze().float(), labels.squeeze().to(torch.float32))
+        return F.mse_loss(logits.float(), labels.to(torch.float32))
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels).float(), labels.view(-1))
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.to(torch.float32))
+    raise ValueError(f"LST: {type(model).__name__} has config.problem_type={problem!r}, a loss rule LST "
+                     "does not know; compute the loss from the returned logits")
 
 
 class _LSTForward:
@@ -120,6 +167,9 @@ class _LSTForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         side: LadderSideNetwork = getattr(self.model, LST_ATTR)
         side.captured = {}
+        # the frozen head's loss would be the backbone's, without gradients: the loss of the
+        # side network's logits is computed below instead
+        labels = kwargs.pop("labels", None)
         with torch.no_grad():
             if self.original is not None:
                 output = self.original(*args, **kwargs)
@@ -131,7 +181,9 @@ class _LSTForward:
             raise RuntimeError(f"LST: blocks {missing} did not run in the forward")
         mask = kwargs.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        return _set_logits(output, side([captured[i] for i in range(len(side.layouts))], mask))
+        logits = side([captured[i] for i in range(len(side.layouts))], mask)
+        loss = None if labels is None else sequence_classification_loss(self.model, logits, labels)
+        return _set_logits(output, logits, loss)
 
 
 def attach_lst(model: nn.Module, info: Any, num_classes: int) -> LadderSideNetwork:

@@ -21,7 +21,10 @@ peft treats as custom models, a plain ``PeftModel``.
   image models and timm models are refused. A decoder classifier (Llama) reads its last real
   token: peft hands it ``inputs_embeds``, from which transformers cannot find that token and
   takes the last position, a pad under right padding, so :class:`_LastTokenAtEnd` moves the
-  last real token's state there.
+  last real token's state there. With learned absolute positions (BERT, RoBERTa, DistilBERT)
+  the tokens and the virtual tokens must fit the position table: a ``--max-length``
+  (``MethodContext.max_length``) or example batch that does not is refused up front, and a
+  longer batch later raises :class:`PromptTooLongError` naming ``--max-length``.
 * ``s2a-lora``: ``lora`` plus :func:`s2a.compress_activations` at ``act_bits`` (default 4):
   S2A's activation storage on top of peft LoRA.
 """
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import MethodContext, MethodNotApplicable, MethodResult
+from .registry import MethodContext, MethodNotApplicable, MethodResult, check_act_bits
 
 LORA_RANK = 8
 LORA_ALPHA = 16
@@ -133,6 +136,9 @@ def apply_prompt_tuning(model: nn.Module, ctx: MethodContext) -> MethodResult:
             f"got {type(model).__name__}"
         )
     info = ctx.info(model)
+    limit = position_limit(model)
+    if limit is not None:
+        _check_prompt_positions(model, ctx, limit)
     hf = model.config
     heads = getattr(hf, "num_attention_heads", None) or getattr(hf, "n_heads", None)
     cfg = peft.PromptTuningConfig(
@@ -145,6 +151,10 @@ def apply_prompt_tuning(model: nn.Module, ctx: MethodContext) -> MethodResult:
     wrapped = _wrap(model, cfg)
     notes = [f"peft prompt tuning: {PROMPT_TOKENS} virtual tokens (sampled from the vocabulary), "
              f"head {list(ctx.head_names)} as modules_to_save ({_count(wrapped)})"]
+    if limit is not None:
+        # a longer batch (dynamic padding, a call outside the trainer) would otherwise fail deep in
+        # the embeddings with a bare shape error
+        model.register_forward_pre_hook(_PositionLimit(limit, type(model).__name__), with_kwargs=True)
     if info.family == "hf-llama":
         base = model.get_submodule(model.base_model_prefix)
         hooks = _LastTokenAtEnd()
@@ -152,6 +162,59 @@ def apply_prompt_tuning(model: nn.Module, ctx: MethodContext) -> MethodResult:
         base.register_forward_hook(hooks.after, with_kwargs=True)
         notes.append("the classifier reads the last real token's state (peft's inputs_embeds hide it from transformers)")
     return MethodResult(wrapped, notes)
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions a transformers text model's learned absolute position embeddings
+    cover (BERT, RoBERTa, DistilBERT...; RoBERTa's start after its padding index), None for
+    models without them (rotary decoders such as Llama take any length)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    embeddings = getattr(base if isinstance(base, nn.Module) else model, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(table, nn.Embedding):
+        return None
+    limit = table.num_embeddings
+    if table.padding_idx is not None:
+        limit -= table.padding_idx + 1
+    return limit
+
+
+def _too_long(model: str, what: str, tokens: int, limit: int) -> str:
+    return (f"--method prompt-tuning: {what} ({tokens} tokens) plus {PROMPT_TOKENS} virtual tokens need "
+            f"{tokens + PROMPT_TOKENS} positions, but {model} has {limit} position embeddings: "
+            f"use --max-length {limit - PROMPT_TOKENS} or less")
+
+
+def _check_prompt_positions(model: nn.Module, ctx: MethodContext, limit: int) -> None:
+    """Refuse up front when the sequences to come cannot fit beside the virtual tokens."""
+    name = type(model).__name__
+    if limit <= PROMPT_TOKENS:
+        raise MethodNotApplicable(f"--method prompt-tuning: {name} has {limit} position embeddings, "
+                                  f"no room beside {PROMPT_TOKENS} virtual tokens")
+    if ctx.max_length is not None and ctx.max_length + PROMPT_TOKENS > limit:
+        raise MethodNotApplicable(_too_long(name, f"--max-length {ctx.max_length}", ctx.max_length, limit))
+    example = ctx.example_input
+    ids = example.get("input_ids") if isinstance(example, dict) else None
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] + PROMPT_TOKENS > limit:
+        raise MethodNotApplicable(_too_long(name, "the example batch", ids.shape[1], limit))
+
+
+class PromptTooLongError(ValueError):
+    """A batch that does not fit the model's positions beside the virtual tokens."""
+
+
+class _PositionLimit:
+    """Forward pre-hook of the transformers model under peft's prompt tuning: a clear error,
+    naming ``--max-length`` and the virtual tokens, for a sequence longer than its positions.
+    A class, not a closure: the model still deep-copies and pickles."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        self.limit, self.name = limit, name
+
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = kwargs.get("inputs_embeds")  # peft passes the embeddings with the virtual tokens in front
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] > self.limit:
+            raise PromptTooLongError(_too_long(self.name, "a batch", x.shape[1] - PROMPT_TOKENS, self.limit))
 
 
 class _LastTokenAtEnd:
@@ -182,11 +245,19 @@ class _LastTokenAtEnd:
 
 
 def apply_s2a_lora(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    """LoRA, then S2A's storage. A width s2a refuses is refused before peft wraps the model,
+    as :class:`MethodNotApplicable` (as ``--act-bits`` of the other methods); a later failure
+    leaves the model unwrapped again (:func:`apply_spec` undoes the wrap)."""
     from s2a import compress_activations
 
-    result = apply_lora(model, ctx)
     bits = ctx.act_bits
     if bits:
-        compress_activations(result.model, bits=bits)
+        check_act_bits(bits)
+    result = apply_lora(model, ctx)
+    if bits:
+        try:
+            compress_activations(result.model, bits=bits)
+        except (ValueError, TypeError) as exc:
+            raise MethodNotApplicable(f"--act-bits {bits}: {exc}") from None
         result.notes.append(f"activations stored at {bits} bits (s2a.compress_activations on the peft model)")
     return result

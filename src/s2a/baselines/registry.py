@@ -9,6 +9,7 @@ and applies the optional extra activation compression (``act_bits``) uniformly.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,7 +68,9 @@ class MethodContext:
     ``head_names``: module paths of the classifier head (kept trainable); ``modules``:
     S2A modules and ``prompt_rank``: rank of S2A's low-rank prompt (``s2a`` only);
     ``act_bits``: storage width or None; ``example_input``: one preprocessed batch for dry runs
-    (None: the adapter's default input)."""
+    (None: the adapter's default input); ``max_length``: the longest token sequence the text
+    preprocessing produces (--max-length), None if unknown (prompt tuning checks it against the
+    model's positions)."""
 
     method: str
     head_names: tuple[str, ...] = ()
@@ -75,6 +78,7 @@ class MethodContext:
     act_bits: int | None = None
     example_input: Any = None
     prompt_rank: int = 4
+    max_length: int | None = None
     _info: Any = field(default=None, repr=False)
 
     def info(self, model: nn.Module) -> Any:
@@ -133,7 +137,12 @@ def not_applicable(method: str, info: Any, reason: str) -> MethodNotApplicable:
 
 
 def apply_spec(model: nn.Module, ctx: MethodContext) -> MethodResult:
-    """Configure ``model`` for ``ctx.method`` (in place where possible); see the module doc."""
+    """Configure ``model`` for ``ctx.method`` (in place where possible); see the module doc.
+
+    Transactional: what can be checked (the method, its fit, ``act_bits``) is checked before the
+    model changes, and a later failure (of the method, or of the activation compression after
+    it) undoes the changes before the error propagates: the model is left as it was given
+    (except after a failed ``s2a.apply``, which marks the model as half prepared itself)."""
     spec = METHOD_SPECS.get(ctx.method)
     if spec is None:
         raise MethodNotApplicable(f"unknown method {ctx.method!r}; choose one of {list(METHOD_SPECS)}")
@@ -146,18 +155,83 @@ def apply_spec(model: nn.Module, ctx: MethodContext) -> MethodResult:
         reason = spec.supports(info)
         if reason is not None:
             raise not_applicable(ctx.method, info, reason)
-    result = spec.apply(model, ctx)
-    if spec.norm_stats == "frozen" and keep_norm_stats(result.model):
-        result.notes.append("BatchNorm layers keep the backbone's running statistics (frozen like its weights)")
-    if spec.storage == "optional" and ctx.act_bits:
-        from s2a import compress_activations
+    compress = spec.storage == "optional" and bool(ctx.act_bits)
+    if compress:
+        check_act_bits(ctx.act_bits)
+    snapshot = ModelSnapshot(model)
+    result = None
+    try:
+        result = spec.apply(model, ctx)
+        if spec.norm_stats == "frozen" and keep_norm_stats(result.model):
+            result.notes.append("BatchNorm layers keep the backbone's running statistics (frozen like its weights)")
+        if compress:
+            from s2a import compress_activations
 
-        try:
-            compress_activations(result.model, bits=ctx.act_bits)
-        except (ValueError, TypeError) as exc:
-            raise MethodNotApplicable(f"--act-bits {ctx.act_bits}: {exc}") from None
-        result.notes.append(f"activations stored at {ctx.act_bits} bits (s2a.compress_activations)")
+            try:
+                compress_activations(result.model, bits=ctx.act_bits)
+            except (ValueError, TypeError) as exc:
+                raise MethodNotApplicable(f"--act-bits {ctx.act_bits}: {exc}") from None
+            result.notes.append(f"activations stored at {ctx.act_bits} bits (s2a.compress_activations)")
+    except BaseException:
+        if not _s2a_apply_failed(model):
+            from s2a import restore
+
+            for m in (model, None if result is None else result.model):
+                if m is not None:
+                    restore(m)  # activation compression, where any was installed
+            snapshot.restore()
+        raise
     return result
+
+
+def check_act_bits(bits: int) -> None:
+    """Refuse a storage width :func:`s2a.compress_activations` would refuse, before anything changes."""
+    from s2a.activations.apply import _validate
+
+    try:
+        _validate(bits, None, "regenerate", None)
+    except (ValueError, TypeError) as exc:
+        raise MethodNotApplicable(f"--act-bits {bits}: {exc}") from None
+
+
+def _s2a_apply_failed(model: nn.Module) -> bool:
+    from s2a.tuners.model import FAILED_ATTR
+
+    return FAILED_ATTR in model.__dict__
+
+
+class ModelSnapshot:
+    """The module tree of a model as it is now, to undo a method that failed part way.
+
+    Records, for every module, its attributes (children, parameters, buffers, hook
+    dictionaries, an instance-level ``forward``, ``training``...; containers by a shallow copy)
+    and every parameter's ``requires_grad``. :meth:`restore` puts them back: modules and hooks a
+    method added go, replaced children (a peft layer around a Linear, a ``modules_to_save``
+    copy) return. Tensor values are not copied: the methods here do not write into the
+    backbone's weights."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [(m, {k: _shallow(v) for k, v in vars(m).items()}) for m in model.modules()]
+        self.grads = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for module, saved in self.modules:
+            now = vars(module)
+            for key in [k for k in now if k not in saved]:
+                del now[key]
+            for key, value in saved.items():
+                current = now.get(key)
+                if isinstance(value, (dict, set)) and type(current) is type(value) and current is not value:
+                    current.clear()  # the same container object: other references to it stay valid
+                    current.update(value)
+                else:
+                    now[key] = value
+        for p, flag in self.grads:
+            p.requires_grad_(flag)
+
+
+def _shallow(value: Any) -> Any:
+    return type(value)(value) if type(value) in (dict, set, OrderedDict) else value
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -175,8 +249,9 @@ def freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def train_heads(model: nn.Module, head_names: tuple[str, ...], method: str) -> list[str]:
-    """Make the classifier head(s) trainable; returns the names found (error if none)."""
+def find_heads(model: nn.Module, head_names: tuple[str, ...], method: str) -> list[str]:
+    """The classifier head(s) among ``head_names`` that ``model`` has (MethodNotApplicable if
+    none); changes nothing, so a method looks its head up before it changes the model."""
     modules = dict(model.named_modules())
     found = [n for n in head_names if n in modules]
     if not found:
@@ -184,7 +259,13 @@ def train_heads(model: nn.Module, head_names: tuple[str, ...], method: str) -> l
             f"--method {method}: cannot find the classifier head of {type(model).__name__} "
             f"(looked for {list(head_names)})"
         )
+    return found
+
+
+def train_heads(model: nn.Module, head_names: tuple[str, ...], method: str) -> list[str]:
+    """Make the classifier head(s) trainable; returns the names found (error if none)."""
+    found = find_heads(model, head_names, method)
     for n in found:
-        for p in modules[n].parameters():
+        for p in model.get_submodule(n).parameters():
             p.requires_grad_(True)
     return found

@@ -17,6 +17,7 @@ from .registry import (
     MethodContext,
     MethodNotApplicable,
     MethodResult,
+    find_heads,
     freeze,
     train_heads,
 )
@@ -29,17 +30,19 @@ def apply_full(model: nn.Module, ctx: MethodContext) -> MethodResult:
 
 
 def apply_linear(model: nn.Module, ctx: MethodContext) -> MethodResult:
+    heads = find_heads(model, ctx.head_names, ctx.method)  # before the model changes
     freeze(model)
-    heads = train_heads(model, ctx.head_names, ctx.method)
+    train_heads(model, tuple(heads), ctx.method)
     return MethodResult(model, [f"linear probe: only {heads} train"])
 
 
 def apply_bitfit(model: nn.Module, ctx: MethodContext) -> MethodResult:
     from s2a.tuners import add_bias
 
+    heads = find_heads(model, ctx.head_names, ctx.method)  # before the model changes
     freeze(model)
     names, _ = add_bias(model, add_missing=False)
-    heads = train_heads(model, ctx.head_names, ctx.method)
+    train_heads(model, tuple(heads), ctx.method)
     return MethodResult(model, [f"BitFit: {len(names)} existing bias tensors and the head {heads} train"])
 
 

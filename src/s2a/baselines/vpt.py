@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import MethodContext, MethodResult, freeze, train_heads
+from .registry import MethodContext, MethodResult, find_heads, freeze, train_heads
 
 VPT_FAMILIES = ("timm-vit", "hf-vit", "hf-bert", "hf-distilbert")
 DEFAULT_TOKENS = 10
@@ -116,9 +116,10 @@ def add_deep_prompts(model: nn.Module, info: Any, num_tokens: int = DEFAULT_TOKE
 
 def apply_vpt(model: nn.Module, ctx: MethodContext) -> MethodResult:
     info = ctx.info(model)
+    heads = find_heads(model, ctx.head_names, ctx.method)  # before the model changes
     freeze(model)
     prompts = add_deep_prompts(model, info)
-    heads = train_heads(model, ctx.head_names, ctx.method)
+    train_heads(model, tuple(heads), ctx.method)
     return MethodResult(model, [
         f"VPT-deep: {prompts.num_tokens} prompt tokens at each of {len(info.blocks)} blocks "
         f"({prompts.prompts.numel():,} parameters) and the head {heads} train"

@@ -31,15 +31,19 @@ def apply_method(
     prompt_rank: int = 4,
     act_bits: int | None = None,
     example_input: Any = None,
+    max_length: int | None = None,
 ) -> MethodResult:
     """Configure ``model`` for ``method``; returns the model to train (a peft wrapper for the
     peft methods) with notes for the report.
 
     ``example_input``: one preprocessed batch of the real data, for the dry run that finds the
     blocks (an image prompt is tied to the input size, which ``--img-size`` may change).
+    ``max_length``: the longest token sequence of the text preprocessing (prompt tuning checks
+    that its virtual tokens fit beside it).
     """
     ctx = MethodContext(
-        method, tuple(head_names), tuple(modules), act_bits, example_input, prompt_rank=prompt_rank
+        method, tuple(head_names), tuple(modules), act_bits, example_input, prompt_rank=prompt_rank,
+        max_length=max_length,
     )
     try:
         return apply_spec(model, ctx)
