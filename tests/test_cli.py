@@ -102,6 +102,7 @@ def test_size_that_does_not_fit_the_model():
         (["train", "--modle", "minilm", "--out", "x"], "(did you mean --model for --modle?)"),
         (["compare", "a", "--plt=x.png"], "(did you mean --plot for --plt?)"),
         (["memory", "--model", "m", "--batch-size", "1", "--bogus"], "unrecognized arguments: --bogus\n"),
+        (["--bogus", "compare", "a"], "usage: s2a [-h]"),
     ],
 )
 def test_unknown_option_names_its_subcommand_and_the_closest_option(argv, needle, capsys):
@@ -174,6 +175,12 @@ def test_json_path_checked_first_and_its_folder_made(tmp_path, monkeypatch, caps
         with pytest.raises(SystemExit) as info:
             main(["memory", "--model", "resnet18", "--batch-size", "1", "--json", str(tmp_path)])
         assert "is a directory" in str(info.value.code)
+    (tmp_path / "file").write_text("")
+    with monkeypatch.context() as m:  # a path under a file: refused before any measurement
+        m.setattr(cli, "build_model", lambda *a, **k: pytest.fail("built the model first"))
+        with pytest.raises(SystemExit) as info:
+            main(["memory", "--model", "resnet18", "--batch-size", "1", "--json", str(tmp_path / "file" / "m.json")])
+        assert "is a file, not a folder" in str(info.value.code)
     path = tmp_path / "new" / "folder" / "mem.json"
     with pytest.raises(SystemExit):  # a run that fails leaves no folder behind
         main(["memory", "--model", "no_such_model_xyz", "--batch-size", "1", "--json", str(path)])

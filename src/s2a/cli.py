@@ -224,6 +224,20 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _check_writable(path: str, flag: str) -> None:
+    """Refuse a file that cannot be written, before minutes of work (its folders are made only
+    once there is something to write)."""
+    target = os.path.abspath(path)
+    ancestor = os.path.dirname(target)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise CliError(f"{flag} {path}: {ancestor} is a file, not a folder; choose another path")
+    writable = os.access(target, os.W_OK) if os.path.exists(target) else os.access(ancestor, os.W_OK)
+    if not writable:
+        raise CliError(f"{flag} {path}: cannot write there (permission denied); choose another path")
+
+
 def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
     from s2a.activations import compress_activations
     from s2a.memory import compare_table, measure
@@ -243,6 +257,8 @@ def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         raise CliError(f"--device {args.device!r} cannot be used here: {exc}") from None
     if args.json and os.path.isdir(args.json):
         raise CliError(f"--json {args.json} is a directory; give a file path such as {os.path.join(args.json, 'memory.json')}")
+    if args.json:
+        _check_writable(args.json, "--json")
 
     spec = build_model(
         args.model, args.batch_size, img_size=args.img_size, seq_len=args.seq_len, seed=args.seed
@@ -399,6 +415,10 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     option it most resembles (argparse would print the top-level usage alone)."""
     args, extra = parser.parse_known_args(argv)
     subparser = args.__dict__.pop("subcommands")[args.command]
+    words = list(sys.argv[1:] if argv is None else argv)
+    before = words[: words.index(args.command)] if args.command in words else []
+    if any(w in before for w in extra):  # s2a --bogus train: the top level's, not the subcommand's
+        parser.error(f"unrecognized arguments: {' '.join(w for w in extra if w in before)}")
     if extra:
         known = [o for action in subparser._actions for o in action.option_strings if o.startswith("--")]
         hints = []

@@ -114,6 +114,13 @@ def test_resume_with_other_options_is_refused(run_cli, tmp_path, finished_run):
         Trainer(cfg, resume=True).fit()
 
 
+def test_resume_of_an_edited_config_is_named(run_cli, tmp_path, finished_run):
+    run = _copy(finished_run, tmp_path)
+    (run / "config.json").write_text(json.dumps({"config": {"model": "test_vit"}}))
+    msg = _error(run_cli, "--out", str(run), "--resume")
+    assert "config.json: the saved options lack ['data']" in msg and "--overwrite" in msg
+
+
 def test_corrupt_checkpoint(run_cli, tmp_path, finished_run):
     run = _copy(finished_run, tmp_path)
     last = run / "checkpoints" / "last.pt"
@@ -243,7 +250,9 @@ def test_single_example_batch_at_a_batchnorm_in_training_is_named(run_cli, tmp_p
 def test_file_system_errors_are_named(run_cli, tmp_path, image_folder):
     (tmp_path / "afile").write_text("x")
     msg = _error(run_cli, *VIT, "--data", str(image_folder), "--out", str(tmp_path / "afile" / "sub"))
-    assert "afile" in msg and "Not a directory" in msg and "--resume" in msg and "Traceback" not in msg
+    # nothing was written there: nothing to resume
+    assert "afile" in msg and "Not a directory" in msg and "Traceback" not in msg
+    assert "Choose an --out that can be written" in msg and "--resume" not in msg
 
 
 @pytest.mark.parametrize(

@@ -218,10 +218,26 @@ def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"| measured micro-batch input | {batch} x {tokens} | {batch} x {tokens + 7} |" in out
     assert f"Note: these runs differ in measured_input_shape ({batch} x {tokens}, {batch} x {tokens + 7})" in out
-    # a run that saves nothing for backward (a side branch alone) is 0.00x, not left blank
+    # a run that saves nothing for backward (a side branch alone) is 0.00x, not left blank;
+    # a tiny ratio keeps its digits; native storage is named so, not "32-bit"
     (edited / "report.json").write_text(json.dumps({**ra, "saved_activation_bytes": 0}))
     main(["compare", str(a), str(edited)])
     assert "0 B (0.00x)" in capsys.readouterr().out
+    (edited / "report.json").write_text(json.dumps({**ra, "saved_activation_bytes": ra["saved_activation_bytes"] / 500,
+                                                    "method": "s2a", "modules": ["bias"], "act_bits": None}))
+    main(["compare", str(a), str(edited)])
+    out = capsys.readouterr().out
+    assert "(0.002x)" in out and "s2a (bias, native storage)" in out
+    # an unfinished run: continue it; a plot name without suffix is a PNG, and named so
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=f"unfinished run .*s2a train --out {unfinished} --resume"):
+        main(["compare", str(a), str(unfinished)])
+    main(["compare", str(a), "--plot", str(tmp_path / "bare")])
+    assert f"wrote {tmp_path / 'bare.png'}" in capsys.readouterr().out and (tmp_path / "bare.png").is_file()
+    with pytest.raises(SystemExit, match=r"--plot .*p\.txt: write a \.png"):
+        main(["compare", str(a), "--plot", str(tmp_path / "p.txt")])
     for content, needle in (("5", "holds a JSON int"), (json.dumps({**ra, "accuracy": None}), "accuracy=None"),
                             (json.dumps({**ra, "trainable_percent": "0.8"}), "trainable_percent='0.8'")):
         (edited / "report.json").write_text(content)

@@ -226,6 +226,12 @@ def _two_col_table(
     return "\n".join(out)
 
 
+def format_ratio(ratio: float) -> str:
+    """``0.25 -> '0.25x'``; a ratio under 0.01 keeps two significant digits (``'0.0018x'``),
+    not ``'0.00x'``, which reads as nothing."""
+    return f"{ratio:.2f}x" if ratio == 0 or abs(ratio) >= 0.01 else f"{ratio:.2g}x"
+
+
 def compare_table(reports: Mapping[str, MemoryReport], *, kinds: bool = True) -> str:
     """Markdown table with one column per report; ratios are against the first column."""
     if not reports:
@@ -235,8 +241,8 @@ def compare_table(reports: Mapping[str, MemoryReport], *, kinds: bool = True) ->
 
     def with_ratio(value: int | None, ref: int | None) -> str:
         text = format_bytes(value)
-        if value is not None and ref and value != ref:
-            text += f" ({value / ref:.2f}x)"
+        if value is not None and ref:
+            text += f" ({format_ratio(value / ref)})"
         return text
 
     rows: list[tuple[str, list[str]]] = [
@@ -245,7 +251,7 @@ def compare_table(reports: Mapping[str, MemoryReport], *, kinds: bool = True) ->
             [with_ratio(r.saved_bytes, first.saved_bytes) for r in reports.values()],
         ),
         (
-            "peak step memory",
+            "peak step memory (above weights)",
             [with_ratio(r.peak_bytes, first.peak_bytes) for r in reports.values()],
         ),
         (

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, PRECISIONS, RUNTIME_FIELDS, TrainConfig
+from .config import METHODS, PRECISIONS, RUNTIME_FIELDS, TrainConfig, TrainError
 
 __all__ = ["add_train_parser", "config_from_args", "run_train"]
 
@@ -120,11 +120,13 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     mode.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     r.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     r.add_argument("--num-workers", type=int, help="data loading processes (default 0)")
-    r.add_argument("--save-every", type=int, help="also write last.pt every N optimizer steps (default: per epoch)")
+    r.add_argument("--save-every", type=int,
+                   help="also write last.pt every N optimizer steps (default 0: once per epoch)")
     r.add_argument("--log-every", type=int, help="metrics.jsonl line every N steps (default 1)")
     r.add_argument(
         "--stop-after", type=int, metavar="N",
-        help="stop this invocation after N optimizer steps, writing last.pt (time-sliced jobs; --resume continues)",
+        help="stop this invocation after N optimizer steps, writing last.pt (time-sliced jobs; --resume "
+             "continues; default 0: run to the end)",
     )  # fmt: skip
     r.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     p.set_defaults(func=run_train)
@@ -174,7 +176,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         # --save-every, when not given, stays the run's (a preemptible job keeps saving)
         merged = {k: v for k, v in saved.items() if k not in RUNTIME_FIELDS or k == "save_every"}
         merged.update({k: v for k, v in given.items() if k in RUNTIME_FIELDS})
-        return TrainConfig.from_dict(merged)
+        try:
+            return TrainConfig.from_dict(merged)
+        except (TrainError, TypeError, ValueError) as exc:
+            raise CliError(f"{path}: {exc}; start again with --overwrite") from None
     missing = [f"--{k}" for k in ("model", "data") if k not in given]
     if missing:
         raise CliError(f"s2a train needs {' and '.join(missing)} (or --resume to continue a run)")
@@ -186,7 +191,6 @@ def run_train(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
     from s2a.data import DataError
     from s2a.zoo import ZooError
 
-    from .config import TrainError
     from .trainer import Trainer, TrainInterrupted
 
     out = sys.stdout if out is None else out
@@ -209,6 +213,8 @@ def run_train(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         raise CliError(str(exc)) from None
     except OSError as exc:  # the file system (a full disk, --out under a file), not the run
         what = f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+        if not (Path(args.out) / "config.json").is_file():  # nothing was written: nothing to continue
+            raise CliError(f"{what}. Choose an --out that can be written (a folder, or a path under one)") from None
         raise CliError(
             f"{what}. Checkpoints are written to a temporary file and moved into place, so those in "
             f"{Path(args.out) / 'checkpoints'} (if any) are whole: fix the cause, then continue with "
@@ -253,8 +259,15 @@ def run_compare(args: argparse.Namespace, out: Any = None) -> str:
     from .report import compare_runs
 
     out = sys.stdout if out is None else out
+    plot = args.plot
+    if plot:
+        suffix = Path(plot).suffix.lower()
+        if not suffix:  # matplotlib would write plot.png: say so, and name that file
+            plot = plot + ".png"
+        elif suffix not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+            raise CliError(f"--plot {plot}: write a .png (or .pdf, .svg, .jpg) file")
     try:
-        table = compare_runs(args.runs, plot=args.plot)
+        table = compare_runs(args.runs, plot=plot)
         if args.md:
             Path(args.md).parent.mkdir(parents=True, exist_ok=True)
             Path(args.md).write_text(table + "\n", encoding="utf-8")
@@ -263,7 +276,7 @@ def run_compare(args: argparse.Namespace, out: Any = None) -> str:
     except OSError as exc:
         raise CliError(f"cannot write {exc.filename or 'the output'}: {exc.strerror or exc}") from None
     print(table, file=out)
-    for path in (args.plot, args.md):
+    for path in (plot, args.md):
         if path:
             print(f"wrote {path}", file=out)
     return table

@@ -254,6 +254,11 @@ class TrainConfig:
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise TrainError(f"unknown training option(s) {unknown}; known: {names}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        lacking = [k for k in required if k not in data]
+        if lacking:
+            raise TrainError(f"the saved options lack {lacking}: they were edited or written by another program")
         kwargs = dict(data)
         if isinstance(kwargs.get("modules"), list):
             kwargs["modules"] = tuple(kwargs["modules"])

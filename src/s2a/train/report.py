@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from s2a.memory.report import format_ratio
+
 __all__ = ["REQUIRED_KEYS", "compare_runs", "load_report", "plot_curves", "plot_memory", "read_metrics",
            "train_loss_label", "write_report"]
 
@@ -207,6 +209,9 @@ def load_report(run_dir: str | os.PathLike) -> dict[str, Any]:
     """``report.json`` of a finished run, or a :class:`ValueError` naming what is missing."""
     path = Path(run_dir) / "report.json"
     if not path.is_file():
+        if (Path(run_dir) / "config.json").is_file():  # started, stopped before its report
+            raise ValueError(f"{run_dir} holds an unfinished run (no report.json yet); finish it with "
+                             f"s2a train --out {run_dir} --resume")
         raise ValueError(f"{run_dir} holds no finished run (no report.json); train it first with s2a train --out {run_dir}")
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
@@ -228,7 +233,8 @@ def load_report(run_dir: str | os.PathLike) -> dict[str, Any]:
 def _run_label(report: Mapping[str, Any]) -> str:
     label = str(report.get("method"))
     if report.get("method") == "s2a":
-        label += f" ({'+'.join(report.get('modules') or [])}, {report.get('act_bits') or 32}-bit)"
+        bits = report.get("act_bits")
+        label += f" ({'+'.join(report.get('modules') or [])}, {f'{bits}-bit' if bits else 'native storage'})"
     elif report.get("act_bits"):
         label += f" ({report['act_bits']}-bit)"
     return label
@@ -268,14 +274,14 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
 
     def ratio(key: str, r: Mapping[str, Any]) -> str:
         a, b = r.get(key), ref.get(key)
-        return "" if a is None or not b or r is ref else f" ({a / b:.2f}x)"  # 0 bytes: 0.00x
+        return "" if a is None or not b or r is ref else f" ({format_ratio(a / b)})"  # 0 bytes: 0.00x
 
     header = ["", *labels]
     rows = [
         ["test accuracy", *(f"{100 * r['accuracy']:.2f}%" for r in reports)],
         ["trainable params", *(f"{r['trainable_params']:,} ({r['trainable_percent']:.3f}%)" for r in reports)],
         ["saved for backward (micro-batch)", *(_fmt_bytes(r["saved_activation_bytes"]) + ratio("saved_activation_bytes", r) for r in reports)],
-        ["step peak memory", *(_fmt_bytes(r["peak_memory_bytes"]) + ratio("peak_memory_bytes", r) for r in reports)],
+        ["step peak memory (above weights)", *(_fmt_bytes(r["peak_memory_bytes"]) + ratio("peak_memory_bytes", r) for r in reports)],
         ["step time", *(f"{r['step_time_s']:.3f} s" + ratio("step_time_s", r) if r["step_time_s"] else "n/a" for r in reports)],
         ["throughput", *(f"{r['throughput']:.1f} ex/s" if r["throughput"] else "n/a" for r in reports)],
         ["examples train / test", *(f"{r.get('num_train')} / {r.get('num_test')}" for r in reports)],
@@ -299,7 +305,11 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
         ax2.barh(labels, [(r["saved_activation_bytes"] or 0) / 2**20 for r in reports], color="tab:orange")
         ax2.set_xlabel("bytes saved for backward, one step (MiB)")
         ax2.set_yticks([])
-        fig.suptitle(f"{ref.get('model')} on {ref.get('data')}")
+        for ax in (ax1, ax2):
+            ax.invert_yaxis()  # the first run on top, as in the table
+        setups = {(r.get("model"), r.get("data")) for r in reports}
+        fig.suptitle(f"{ref.get('model')} on {ref.get('data')}" if len(setups) == 1
+                     else "runs of different models or data (see the table's note)")
         fig.tight_layout()
         Path(plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(plot)
