@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.sentence_pooling import sentence_pooling_mode, use_sentence_pooling
+from .models.sentence_pooling import SentencePooler, sentence_pooling_mode, use_sentence_pooling
 
 __all__ = [
     "ALIASES",
@@ -282,7 +282,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             sd: Any = load_file(str(path))
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            import argparse
+
+            # timm's training checkpoints (model_best.pth.tar) hold their command line as an
+            # argparse.Namespace beside the state dict: a plain attribute bag, safe to load
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" not in str(exc).lower().replace(" ", "_"):
             raise ZooError(f"cannot read weights file {path} (corrupt, or not a state dict): {exc}") from None
@@ -343,7 +348,7 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], head_names: tuple[
 
 
 def _zero_head(model: nn.Module, head_names: tuple[str, ...]) -> list[str]:
-    """Zero the final Linear of a fresh classifier head.
+    """Zero the final Linear (or 1x1 convolution: ResNetV2's head) of a fresh classifier head.
 
     timm's default head initialisation scales with 1/sqrt(num_classes) (EfficientNet's is
     U(-0.32, 0.32) for 10 classes): on pretrained features the first logits are then large,
@@ -353,7 +358,8 @@ def _zero_head(model: nn.Module, head_names: tuple[str, ...]) -> list[str]:
     zeroed = []
     for name in head_names:
         head = model.get_submodule(name)
-        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)
+                   or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))]
         if linears:
             with torch.no_grad():
                 linears[-1].weight.zero_()
@@ -592,9 +598,6 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
     built = "s2a-built" if generic else "transformers"  # (a generic classifier's class is named by s2a)
     notes = [f"{built} {type(model).__name__} from {path} (classifier for {num_classes} classes: "
              "fresh unless the directory holds one of that size)"]
-    if missing:  # transformers only warns (and _quiet_transformers hides it): say it here
-        notes.append(f"{len(missing)} weights of {type(model).__name__} are not in the checkpoint and start "
-                     f"at random init: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if generic:
         notes.append(f"transformers has no sequence classifier for {config.model_type}: its generic one "
                      "(a score layer on the last real token, as LLaMA's) over the decoder")
@@ -608,6 +611,11 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
                          "token states it was trained with (its BERT pooler is dropped)")
         else:
             notes.append(f"sentence-transformers pooling '{pooling}' ignored: {type(model).__name__} has no pooler to replace")
+    missing, pooler_notes = _drop_untrained_pooler(model, missing)
+    notes += pooler_notes
+    if missing:  # transformers only warns (and _quiet_transformers hides it): say it here
+        notes.append(f"{len(missing)} weights of {type(model).__name__} are not in the checkpoint and start "
+                     f"at random init: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if kind == "text":
         from transformers import AutoTokenizer
 
@@ -650,6 +658,31 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
         bicubic = int(getattr(proc, "resample", 2) or 2) == 3  # PIL's BICUBIC
         pre = ImagePreprocessor((h, w), mean, std, "bicubic" if bicubic else "bilinear")
     return ZooModel(model, pre, kind, label, "transformers", heads, num_classes, notes)
+
+
+def _drop_untrained_pooler(model: nn.Module, missing: list[str]) -> tuple[list[str], list[str]]:
+    """Replace a pooler the checkpoint has no weights for (DeBERTa-v3's, a BERT saved without
+    its pretraining heads) by a parameter-free read of the first token; returns the missing
+    keys left and a note. A frozen backbone would keep the random pooler as a fixed random
+    projection in front of the classifier, and a model built again (to load tuned tensors)
+    would draw another one."""
+    found = sorted({k[: k.index("pooler.") + len("pooler")] for k in missing
+                    if k.startswith("pooler.") or ".pooler." in k})
+    notes, dropped = [], []
+    for path in found:
+        pooler = model.get_submodule(path)
+        if isinstance(pooler, SentencePooler):  # replaced by the sentence-transformers pooling
+            dropped += [k for k in missing if k.startswith(path + ".")]
+            continue
+        keys = [f"{path}.{n}" for n, _ in pooler.named_parameters()]
+        square = all(m.in_features == m.out_features for m in pooler.modules() if isinstance(m, nn.Linear))
+        if keys and set(keys) <= set(missing) and square:
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, SentencePooler("cls"))
+            dropped += keys
+            notes.append(f"the checkpoint has no weights for {path} ({type(pooler).__name__}): the classifier "
+                         "reads the first token's state instead of a randomly initialised pooler")
+    return [k for k in missing if k not in dropped], notes
 
 
 def _offset_positions(config: Any) -> bool:

@@ -445,3 +445,55 @@ def test_transformers_image_model_takes_the_processor_crop(tmp_path):
     load_model(str(path), 3, img_size=32)
     with pytest.raises(ZooError, match="--img-size 64: deit takes 32x32 images"):
         load_model(str(path), 3, img_size=64)
+
+
+def test_a_timm_training_checkpoint_loads(tmp_path):
+    # timm's train.py saves its arguments (an argparse.Namespace) beside the weights
+    import argparse
+
+    import timm
+
+    torch.manual_seed(0)
+    source = timm.create_model("test_vit", num_classes=3)
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "arch": "test_vit", "state_dict": source.state_dict(),
+                "args": argparse.Namespace(lr=0.1, model="test_vit"), "metric": 71.5}, path)
+    zm = load_model("test_vit", 3, weights=path)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in zm.model.state_dict().items() if "head" not in k)
+
+
+def test_a_fresh_1x1_conv_classifier_starts_at_zero(tmp_path):
+    # ResNetV2 classifies with a 1x1 convolution: zeroed as a Linear head is (loss ln(C) at start)
+    from timm.models.resnetv2 import ResNetV2
+
+    from s2a.zoo import _load_into
+
+    def build(classes):
+        return ResNetV2(layers=(1, 1), channels=(32, 32), stem_chs=32, basic=True, bottle_ratio=1.0,
+                        num_classes=classes)
+
+    sd = build(5).state_dict()
+    model = build(3)
+    notes = _load_into(model, sd, ("head",), "w.pt")
+    assert "classifier head 'head' initialised to zero" in notes
+    assert not model.head.fc.weight.any() and not model.head.fc.bias.any()
+
+
+def test_a_checkpoint_without_pooler_weights_reads_the_first_token(tmp_path):
+    # a BERT saved without its pooler: a random frozen pooler would differ at every build
+    # (load_tuned would meet another one), so the classifier reads [CLS] itself
+    from transformers import BertConfig, BertModel
+
+    from s2a.models.sentence_pooling import SentencePooler
+
+    path = _tiny_encoder_dir(tmp_path / "bert", "bert", max_position_embeddings=16)
+    BertModel(BertConfig.from_pretrained(str(path)), add_pooling_layer=False).save_pretrained(str(path))
+    built = [load_model(str(path), 2, max_length=8) for _ in range(2)]
+    assert isinstance(built[0].model.bert.pooler, SentencePooler)
+    assert any("no weights for bert.pooler (BertPooler)" in n for n in built[0].notes)
+    assert not any("random init" in n for n in built[0].notes)
+    batch = built[0].preprocess(["a b a", "b"])
+    with torch.no_grad():
+        for zm in built:
+            zm.model.classifier.weight.fill_(0.1)
+        torch.testing.assert_close(call_model(built[0].model.eval(), batch), call_model(built[1].model.eval(), batch))
