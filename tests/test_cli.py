@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -21,6 +22,16 @@ def _offline(monkeypatch):
 def _check_table(out: str) -> None:
     for needle in ("| saved for backward", "| peak step memory", "| trainable params", "full", "bias"):
         assert needle in out, out
+
+
+def test_memory_prints_no_profiler_noise():
+    # the CPU allocator's once-per-process profiler warning (C++, on file descriptor 2)
+    script = ("from s2a.cli import main; main(['memory', '--model', 'vit_tiny_patch16_224', '--batch-size', '2', "
+              "'--img-size', '32'])")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "S2A_COMPILE": "0"})
+    assert proc.returncode == 0 and "| saved for backward" in proc.stdout
+    assert "Memory block of unknown size" not in proc.stderr, proc.stderr
 
 
 def test_memory_timm_vit(capsys, tmp_path):

@@ -246,8 +246,12 @@ class ProfilerProbe:
         from torch.autograd import _enable_profiler, _prepare_profiler
 
         with _quiet_stderr():
+            # a block allocated before and freed under the profiler makes the CPU allocator
+            # warn once per process ("Memory block of unknown size..."): let it be this one
+            primer = torch.empty(64)
             _prepare_profiler(self._config, self._activities)
             _enable_profiler(self._config, self._activities)
+            del primer
         self._running = True
 
     def _stop(self) -> Any:
