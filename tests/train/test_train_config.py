@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -37,6 +38,7 @@ BASE = ["--model", "test_vit", "--data", "rotten-tomatoes"]
         ("--img-size", "4", "img_size (--img-size) must be an integer >= 8"),
         ("--prompt-rank", "0", "prompt_rank (--prompt-rank) must be an integer >= 1"),
         ("--modules", "bias,bais", "modules (--modules) must be names from ['bias', 'norm', 'prompt', 'side'] (unknown: ['bais'])"),
+        ("--modules", "bias,bias", "modules (--modules) must be each module once (got bias,bias)"),
         ("--act-bits", "5", "act_bits (--act-bits) must be None, 0 (off) or one of the bit widths [2, 3, 4, 8]"),
         ("--act-bits", "-4", "act_bits (--act-bits) must be None, 0 (off) or one of the bit widths"),
         ("--eval-batch-size", "0", "eval_batch_size (--eval-batch-size) must be an integer >= 1"),
@@ -109,6 +111,17 @@ def test_prompt_rank_needs_the_s2a_prompt_module(method, modules):
     with pytest.raises(TrainError, match="--prompt-rank 8 applies only to --method s2a with the prompt module"):
         TrainConfig(model="m", data="d", out="x", method=method, modules=modules, prompt_rank=8)
     assert TrainConfig(model="m", data="d", out="x", method="s2a", prompt_rank=8).prompt_rank == 8
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--method", "full", "--modules", "bias,prompt"], "--modules applies only to --method s2a (got --method full"),
+    (["--method", "lora", "--prompt-rank", "4"], "--prompt-rank applies only to --method s2a (got --method lora"),
+    (["--modules", "side", "--prompt-rank", "4"], "--prompt-rank applies only with the prompt module (got --modules side)"),
+])
+def test_options_given_at_their_default_are_still_refused_where_they_do_nothing(run_cli, tmp_path, args, needle):
+    with pytest.raises(SystemExit, match=re.escape(needle)):
+        run_cli(*BASE, *args, "--out", str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_default_prompt_rank_is_s2a_configs():

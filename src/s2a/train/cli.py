@@ -183,7 +183,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     missing = [f"--{k}" for k in ("model", "data") if k not in given]
     if missing:
         raise CliError(f"s2a train needs {' and '.join(missing)} (or --resume to continue a run)")
-    return TrainConfig(**given)
+    # an option given at its default value is still one the method would ignore
+    method = given.get("method", TrainConfig.method)
+    for option in ("modules", "prompt_rank"):
+        if option in given and method != "s2a":
+            raise CliError(f"--{option.replace('_', '-')} applies only to --method s2a (got --method {method}, "
+                           f"which chooses its own trainable parameters); drop --{option.replace('_', '-')}")
+    config = TrainConfig(**given)
+    if "prompt_rank" in given and "prompt" not in config.modules:
+        raise CliError(f"--prompt-rank applies only with the prompt module (got --modules {','.join(config.modules)}); "
+                       "drop --prompt-rank or add prompt to --modules")
+    return config
 
 
 def run_train(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:

@@ -160,6 +160,8 @@ class TrainConfig:
         self.modules = tuple(self.modules)
         if not self.modules:
             fail("modules", "a non-empty list such as bias,prompt")
+        if len(set(self.modules)) < len(self.modules):
+            fail("modules", f"each module once (got {','.join(self.modules)})")
         unknown = [m for m in self.modules if m not in MODULES]
         if unknown:
             fail("modules", f"names from {list(MODULES)} (unknown: {unknown})")
