@@ -23,7 +23,8 @@ examples:
   torchrun --nproc_per_node 2 -m s2a.cli train ...   # data parallel (gloo on CPU, NCCL on GPU)
 
 the run directory holds config.json, metrics.jsonl, checkpoints/{last,best}.pt, report.json,
-report.md, memory_by_operator.png and curves.png.
+report.md, memory_by_operator.png and curves.png; with --method s2a also tuned/ (the tuned
+tensors for s2a.load_tuned; report.md says how to load them).
 """
 
 
