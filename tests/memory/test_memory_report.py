@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
@@ -63,3 +64,12 @@ def test_compare_table_markdown():
     assert "10.00%" in table
     assert "saved: gelu (s2a)" in table
     assert compare_table({}) == ""
+    assert "4.00 KiB (1.00x)" in table  # the reference column says so, not a blank
+    # a list of reports is named by their model names; a repeated name is told apart
+    a.model_name, b.model_name = "vit", "vit"
+    header = compare_table([a, b]).splitlines()[0]
+    assert [c.strip() for c in header.split("|")[2:4]] == ["vit", "vit #2"]
+    tiny = MemoryReport(saved_bytes=4, trainable_params=1, total_params=10)
+    assert "4 B (0.00098x)" in compare_table([a, tiny])
+    with pytest.raises(TypeError, match="item 1 is a dict"):
+        compare_table([a, {}])

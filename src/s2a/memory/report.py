@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,8 +232,21 @@ def format_ratio(ratio: float) -> str:
     return f"{ratio:.2f}x" if ratio == 0 or abs(ratio) >= 0.01 else f"{ratio:.2g}x"
 
 
-def compare_table(reports: Mapping[str, MemoryReport], *, kinds: bool = True) -> str:
-    """Markdown table with one column per report; ratios are against the first column."""
+def compare_table(reports: Mapping[str, MemoryReport] | Sequence[MemoryReport], *, kinds: bool = True) -> str:
+    """Markdown table with one column per report; ratios are against the first column.
+
+    ``reports``: ``{column name: report}``, or a list of reports named by their ``model_name``
+    (``measure(..., name=...)``; a repeated name gets ``#2``...)."""
+    if not isinstance(reports, Mapping):
+        if isinstance(reports, MemoryReport):
+            raise TypeError("compare_table takes several reports: a list of them, or {name: report}")
+        named: dict[str, MemoryReport] = {}
+        for i, r in enumerate(reports):
+            if not isinstance(r, MemoryReport):
+                raise TypeError(f"compare_table: item {i} is a {type(r).__name__}, not a MemoryReport")
+            name = r.model_name or f"report {i + 1}"
+            named[name if name not in named else f"{name} #{i + 1}"] = r
+        reports = named
     if not reports:
         return ""
     names = list(reports)
