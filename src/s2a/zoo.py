@@ -630,13 +630,11 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
         # a decoder's classifier finds each row's last real token by the config's pad id: it
         # must be the id the tokenizer pads with (Qwen2's config has none)
         model.config.pad_token_id = tok.pad_token_id
-        limit = _max_text_length(config, tok)
+        limit, why = _max_text_length(config, tok)
         if max_length is None:
             max_length = min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
         elif limit is not None and max_length > limit:
-            raise ZooError(f"--max-length {max_length} exceeds the {limit} tokens {label} can take "
-                           f"(max_position_embeddings={getattr(config, 'max_position_embeddings', None)}"
-                           f"{', less the padding offset of its positions' if _offset_positions(config) else ''})")
+            raise ZooError(f"--max-length {max_length} exceeds the {limit} tokens {label} can take ({why})")
         pre: TextPreprocessor | ImagePreprocessor = TextPreprocessor(tok, max_length)
     else:
         from transformers import AutoImageProcessor
@@ -651,8 +649,10 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
         h = size.get("height") or size.get("shortest_edge") or getattr(config, "image_size", 224)
         w = size.get("width") or h
         if img_size is not None and (img_size, img_size) != (h, w):
-            raise ZooError(f"--img-size {img_size}: {label} takes {h}x{w} images (its position embeddings "
-                           "are for that grid); leave --img-size out")
+            if getattr(config, "patch_size", None) is not None:  # a ViT: positions for one patch grid
+                raise ZooError(f"--img-size {img_size}: {label} takes {h}x{w} images (its position embeddings "
+                               "are for that grid); leave --img-size out")
+            h = w = img_size  # a CNN takes any size
         mean = getattr(proc, "image_mean", None) or (0.5, 0.5, 0.5)
         std = getattr(proc, "image_std", None) or (0.5, 0.5, 0.5)
         bicubic = int(getattr(proc, "resample", 2) or 2) == 3  # PIL's BICUBIC
@@ -690,16 +690,19 @@ def _offset_positions(config: Any) -> bool:
     return getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text")
 
 
-def _max_text_length(config: Any, tokenizer: Any) -> int | None:
-    """The longest input the model can embed: its position table, less RoBERTa's offset, and
-    no more than the tokenizer's own limit."""
+def _max_text_length(config: Any, tokenizer: Any) -> tuple[int | None, str]:
+    """The longest input the model can embed, and why: its position table, less RoBERTa's
+    offset, and no more than the tokenizer's own limit."""
     limit = getattr(config, "max_position_embeddings", None)
+    why = f"max_position_embeddings={limit}"
     if isinstance(limit, int) and _offset_positions(config):
-        limit -= int(getattr(config, "pad_token_id", 1) or 1) + 1
+        pad = getattr(config, "pad_token_id", None)
+        limit -= (1 if pad is None else int(pad)) + 1
+        why += ", less the padding offset of its positions"
     tok_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_limit, int) and 0 < tok_limit < 10**6 and (limit is None or tok_limit < limit):
-        limit = tok_limit
-    return limit
+        limit, why = tok_limit, f"its tokenizer's model_max_length={tok_limit}"
+    return limit, why
 
 
 def model_kind(name: str) -> str:

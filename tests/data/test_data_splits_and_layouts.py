@@ -63,6 +63,40 @@ def test_hugging_face_image_column_keys_follow_selected_rows(tmp_path):
     assert len(set(a)) == 3
 
 
+def test_hugging_face_pixel_arrays_are_not_hashed(tmp_path, monkeypatch):
+    # an Array3D column would be read and converted row by row: no duplicate check, as before
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+    from s2a.data import core
+    from s2a.data.hf import _HFColumn
+
+    features = datasets.Features({"pixel_values": datasets.Array3D((4, 4, 3), "uint8"), "label": datasets.Value("int64")})
+    rows = {"pixel_values": np.zeros((10, 4, 4, 3), np.uint8).tolist(), "label": [i % 2 for i in range(10)]}
+    ds = datasets.Dataset.from_dict(rows, features=features)
+    assert _HFColumn(ds, "pixel_values").content_stages == 0
+    monkeypatch.setattr(core, "content_keys", lambda *a, **k: pytest.fail("pixel arrays hashed"))
+    datasets.DatasetDict(train=ds, test=ds.select(range(4))).save_to_disk(str(tmp_path / "arr"))
+    d = load_data(str(tmp_path / "arr"), image_column="pixel_values")
+    assert not any("also appear" in n for n in d.notes)
+
+
+def test_duplicate_check_reads_a_bounded_number_of_files(image_tree, monkeypatch):
+    from s2a.data import core
+
+    opened = []
+    real = core.FileContent.content_keys
+
+    def count(self, stage, indices):
+        opened.extend(indices or ())
+        return real(self, stage, indices)
+
+    monkeypatch.setattr(core.FileContent, "content_keys", count)
+    monkeypatch.setattr(core, "MAX_CONTENT_READS", 4)
+    root = image_tree({"train": 6, "val": 2, "test": 3})  # images of one size: every one may repeat
+    notes = " ".join(load_data(str(root)).notes)
+    assert "images were not compared across the splits for duplicates" in notes and "more than the 4" in notes
+    assert not opened  # refused before any file was read
+
+
 # ---------------------------------------------------------------------------- 2, 6. IDX
 def test_idx_classes_count_the_labels_carved_into_val(tmp_path):
     n = 50

@@ -420,6 +420,20 @@ def test_max_length_is_what_the_positions_can_embed(tmp_path):
     zm = load_model(str(roberta), 2, max_length=20)
     with torch.no_grad():
         assert call_model(zm.model.eval(), zm.preprocess([" ".join(["a"] * 40)])).shape == (1, 2)
+    # padding index 0: positions 1..21 embed 21 tokens
+    zero = _tiny_encoder_dir(tmp_path / "roberta0", "roberta", max_position_embeddings=22, pad_token_id=0)
+    with pytest.raises(ZooError, match="exceeds the 21 tokens"):
+        load_model(str(zero), 2, max_length=22)
+    load_model(str(zero), 2, max_length=21)
+    # a tokenizer that takes fewer tokens than the positions: named as the limit
+    from transformers import AutoTokenizer
+
+    bert = _tiny_encoder_dir(tmp_path / "bert", "bert", max_position_embeddings=64)
+    tok = AutoTokenizer.from_pretrained(str(bert))
+    tok.model_max_length = 16
+    tok.save_pretrained(str(bert))
+    with pytest.raises(ZooError, match=r"exceeds the 16 tokens bert can take \(its tokenizer's model_max_length=16\)"):
+        load_model(str(bert), 2, max_length=32)
 
 
 def test_a_backbone_weight_of_another_shape_is_refused(tmp_path):
@@ -445,6 +459,17 @@ def test_transformers_image_model_takes_the_processor_crop(tmp_path):
     load_model(str(path), 3, img_size=32)
     with pytest.raises(ZooError, match="--img-size 64: deit takes 32x32 images"):
         load_model(str(path), 3, img_size=64)
+    # a CNN takes any size
+    from transformers import ConvNextImageProcessor, ResNetConfig, ResNetForImageClassification
+
+    cnn = tmp_path / "resnet"
+    ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                              layer_type="basic")).save_pretrained(str(cnn))
+    ConvNextImageProcessor().save_pretrained(str(cnn))
+    zm = load_model(str(cnn), 3, img_size=48)
+    assert zm.preprocess.size == (48, 48)
+    with torch.no_grad():
+        assert call_model(zm.model.eval(), zm.preprocess([torch.zeros(3, 50, 50, dtype=torch.uint8)])).shape == (1, 3)
 
 
 def test_a_timm_training_checkpoint_loads(tmp_path):

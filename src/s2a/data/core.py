@@ -333,12 +333,22 @@ class FileContent:
         return out
 
 
-def content_keys(sources: Sequence[Any]) -> list[list[str]]:
+# items hashed at most for the duplicate notes: sizes collide often in large image sets
+# (ImageNet: ~20% of train shares a byte size with a val image), and each one is a file read
+MAX_CONTENT_READS = 20_000
+
+
+class TooManyReads(Exception):
+    """:func:`content_keys` would read more items than it was allowed."""
+
+
+def content_keys(sources: Sequence[Any], max_reads: int | None = None) -> list[list[str]]:
     """One key per item of each source, equal for items of equal content, computed in stages
     (``source.content_keys(stage, indices)``; ``source.content_stages`` of them): stage 0 for
     every item (cheap: a byte size), each later stage only for the items whose key so far is
     shared with another source. Linear, and most items are never read: only what may be a
-    duplicate across the sources (splits) is hashed."""
+    duplicate across the sources (splits) is hashed; more than ``max_reads`` such items raise
+    :class:`TooManyReads` before any is read."""
     keys = [list(src.content_keys(0, None)) for src in sources]
     for stage in range(1, min(src.content_stages for src in sources)):
         owners: dict[str, int] = {}
@@ -348,26 +358,28 @@ def content_keys(sources: Sequence[Any]) -> list[list[str]]:
         shared = {key for key, k in owners.items() if k < 0}
         if not shared:
             break
-        for src, ks in zip(sources, keys, strict=True):
-            todo = [i for i, key in enumerate(ks) if key in shared]
+        todos = [[i for i, key in enumerate(ks) if key in shared] for ks in keys]
+        if max_reads is not None and sum(map(len, todos)) > max_reads:
+            raise TooManyReads(sum(map(len, todos)))
+        for src, ks, todo in zip(sources, keys, todos, strict=True):
             if todo:
                 for i, more in zip(todo, src.content_keys(stage, todo), strict=True):
                     ks[i] = f"{ks[i]}/{more}"
     return keys
 
 
-def item_keys(splits: Sequence[Split], *, files: bool = False) -> list[list[str]] | None:
+def item_keys(splits: Sequence[Split], *, files: bool = False, max_reads: int | None = None) -> list[list[str]] | None:
     """Per split, a key per item that is equal for the same example: the stripped text, the
     content of an image file (``files``: the items are paths) or of a lazy item that gives
     :func:`content_keys` (a Hugging Face image column); None when the items have none (pixel
-    arrays)."""
+    arrays). ``max_reads``: see :func:`content_keys`."""
     if files:
         paths = [s.strings() for s in splits]
         if any(p is None for p in paths):
             return None
-        return content_keys([FileContent(p) for p in paths])  # type: ignore[arg-type]
-    if all(callable(getattr(s.items, "content_keys", None)) for s in splits):
-        return content_keys([s.items for s in splits])
+        return content_keys([FileContent(p) for p in paths], max_reads)  # type: ignore[arg-type]
+    if all(getattr(s.items, "content_stages", 0) > 0 for s in splits):
+        return content_keys([s.items for s in splits], max_reads)
     strings = [s.strings() for s in splits]
     if any(t is None for t in strings):
         return None
@@ -380,7 +392,11 @@ def shared_items_note(train: Split, val: Split, test: Split, what: str = "texts"
     val items that are test items, or None: their accuracy is optimistic, or the choice of the
     best epoch saw test examples. ``files``: the items are image file paths, compared by
     content (:class:`FileContent`)."""
-    keys = item_keys([train, val, test], files=files)
+    try:
+        keys = item_keys([train, val, test], files=files, max_reads=MAX_CONTENT_READS)
+    except TooManyReads as many:
+        return (f"{what} were not compared across the splits for duplicates: {many.args[0]} of them share a byte "
+                f"size with another split's, more than the {MAX_CONTENT_READS} this check reads")
     if keys is None:
         return None
     train_keys, val_keys, test_keys = keys

@@ -52,13 +52,17 @@ class _HFColumn:
     :func:`~s2a.data.core.content_keys`): an image's encoded bytes (or its path, when the
     dataset holds paths only) read from the Arrow table."""
 
-    content_stages = 2
-
     def __init__(self, ds: Any, column: str, *, base: Any = None, rows: list[int] | None = None) -> None:
         self.ds = ds
         self.column = column
         self._base = ds if base is None else base  # the split as loaded; ``rows`` index it
         self._rows = rows
+
+    @property
+    def content_stages(self) -> int:
+        """2 for an Image column (its encoded bytes are compared), 0 for pixel arrays (Array3D:
+        hashing them would read and convert every image; no duplicate check)."""
+        return 2 if _is_image_struct(self._base.data.column(self.column).type) else 0
 
     def __len__(self) -> int:
         return len(self.ds)

@@ -10,9 +10,11 @@ the one with its ``num_labels`` outputs)."""
 from __future__ import annotations
 
 import inspect
+import numbers
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from .registry import (
@@ -169,7 +171,9 @@ class GenericAdapter(ModelAdapter):
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         n = getattr(model, "num_prefix_tokens", 0) if _is_timm_style(model) else 0
-        return n if isinstance(n, int) and not isinstance(n, bool) else 0
+        if isinstance(n, torch.Tensor) and n.numel() == 1:
+            n = n.item()
+        return int(n) if isinstance(n, numbers.Integral) and not isinstance(n, bool) else 0
 
     def head(self, model: nn.Module) -> HeadSpec | None:
         if _is_timm_style(model):

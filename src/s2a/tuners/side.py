@@ -693,7 +693,8 @@ class _SideForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         h = self.handle
         h.captured = {}
-        h.call_mask = mask = self._mask(args, kwargs)
+        outer_mask, h.call_mask = h.call_mask, self._mask(args, kwargs)
+        mask = h.call_mask
         h.active += 1
         try:
             with torch.no_grad() if h.side_only else contextlib.nullcontext():
@@ -701,7 +702,7 @@ class _SideForward:
                 pooled = h.pooled_fn(output) if h.pooled_fn is not None else None
         finally:
             h.active -= 1
-            h.call_mask = None
+            h.call_mask = outer_mask  # a nested call gives the outer one its mask back
         captured, h.captured = h.captured, {}
         missing = [h.block_paths[i] for i in range(len(h.block_paths)) if i not in captured]
         if missing:
