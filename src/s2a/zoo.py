@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models.hf_adapters import learned_position_limit
 from .models.sentence_pooling import SentencePooler, sentence_pooling_mode, use_sentence_pooling
 
 __all__ = [
@@ -630,7 +631,7 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
         # a decoder's classifier finds each row's last real token by the config's pad id: it
         # must be the id the tokenizer pads with (Qwen2's config has none)
         model.config.pad_token_id = tok.pad_token_id
-        limit, why = _max_text_length(config, tok)
+        limit, why = _max_text_length(model, config, tok)
         if max_length is None:
             max_length = min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
         elif limit is not None and max_length > limit:
@@ -685,19 +686,16 @@ def _drop_untrained_pooler(model: nn.Module, missing: list[str]) -> tuple[list[s
     return [k for k in missing if k not in dropped], notes
 
 
-def _offset_positions(config: Any) -> bool:
-    """RoBERTa-style position ids start after the padding index."""
-    return getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text")
-
-
-def _max_text_length(config: Any, tokenizer: Any) -> tuple[int | None, str]:
-    """The longest input the model can embed, and why: its position table, less RoBERTa's
-    offset, and no more than the tokenizer's own limit."""
-    limit = getattr(config, "max_position_embeddings", None)
-    why = f"max_position_embeddings={limit}"
-    if isinstance(limit, int) and _offset_positions(config):
-        pad = getattr(config, "pad_token_id", None)
-        limit -= (1 if pad is None else int(pad)) + 1
+def _max_text_length(model: nn.Module, config: Any, tokenizer: Any) -> tuple[int | None, str]:
+    """The longest input the model can embed, and why: its learned position table (less
+    RoBERTa's padding offset), else the config's context, and no more than the tokenizer's
+    own limit."""
+    table = getattr(config, "max_position_embeddings", None)
+    limit = learned_position_limit(model)
+    why = f"max_position_embeddings={table}"
+    if limit is None:
+        limit = table
+    elif limit != table:
         why += ", less the padding offset of its positions"
     tok_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_limit, int) and 0 < tok_limit < 10**6 and (limit is None or tok_limit < limit):

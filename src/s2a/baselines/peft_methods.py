@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from s2a.models.hf_adapters import learned_position_limit
+
 from .registry import MethodContext, MethodNotApplicable, MethodResult, check_act_bits
 
 LORA_RANK = 8
@@ -136,7 +138,7 @@ def apply_prompt_tuning(model: nn.Module, ctx: MethodContext) -> MethodResult:
             f"got {type(model).__name__}"
         )
     info = ctx.info(model)
-    limit = position_limit(model)
+    limit = learned_position_limit(model)
     if limit is not None:
         _check_prompt_positions(model, ctx, limit)
     hf = model.config
@@ -162,21 +164,6 @@ def apply_prompt_tuning(model: nn.Module, ctx: MethodContext) -> MethodResult:
         base.register_forward_hook(hooks.after, with_kwargs=True)
         notes.append("the classifier reads the last real token's state (peft's inputs_embeds hide it from transformers)")
     return MethodResult(wrapped, notes)
-
-
-def position_limit(model: nn.Module) -> int | None:
-    """How many positions a transformers text model's learned absolute position embeddings
-    cover (BERT, RoBERTa, DistilBERT...; RoBERTa's start after its padding index), None for
-    models without them (rotary decoders such as Llama take any length)."""
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    embeddings = getattr(base if isinstance(base, nn.Module) else model, "embeddings", None)
-    table = getattr(embeddings, "position_embeddings", None)
-    if not isinstance(table, nn.Embedding):
-        return None
-    limit = table.num_embeddings
-    if table.padding_idx is not None:
-        limit -= table.padding_idx + 1
-    return limit
 
 
 def _too_long(model: str, what: str, tokens: int, limit: int) -> str:

@@ -170,3 +170,18 @@ class HFLlamaAdapter(HFAdapter):
 
     def position_ids_kwarg(self, model: nn.Module) -> str | None:
         return "position_ids"
+
+
+def learned_position_limit(model: nn.Module) -> int | None:
+    """How many positions a transformers text model's learned absolute position embeddings
+    cover (BERT, RoBERTa, DistilBERT...; RoBERTa's start after its padding index), None for
+    models without them (rotary decoders such as Llama take any length)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    embeddings = getattr(base if isinstance(base, nn.Module) else model, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(table, nn.Embedding):
+        return None
+    limit = table.num_embeddings
+    if table.padding_idx is not None:
+        limit -= table.padding_idx + 1
+    return limit
