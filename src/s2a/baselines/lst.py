@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from s2a.models.sentence_pooling import masked_mean
+
 from .registry import MethodContext, MethodNotApplicable, MethodResult, freeze
 
 REDUCTION = 8
@@ -92,11 +94,8 @@ class LadderSideNetwork(nn.Module):
         state = self.norm(state)
         if self.readout == "first":
             pooled = state[:, 0]
-        elif mask is not None and mask.shape[1] == state.shape[1]:
-            m = mask.to(state.dtype).unsqueeze(-1)
-            pooled = (state * m).sum(1) / m.sum(1).clamp_min(1.0)
         else:
-            pooled = state.mean(1)
+            pooled = masked_mean(state, mask if mask is not None and mask.shape[1] == state.shape[1] else None)
         return self.head(pooled)
 
 

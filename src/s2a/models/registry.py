@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from .sentence_pooling import masked_max, masked_mean
+
 LAYOUTS = ("tokens", "nchw", "nhwc")
 TASKS = ("classification", "lm", "features")
 # keyword names under which frameworks pass a block's hidden state
@@ -189,12 +191,8 @@ class BackboneInfo:
             last = (mask.bool() * (positions + 1)).argmax(dim=1)  # an all-padding row reads token 0
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         hidden = hidden[:, self.num_prefix_tokens:]
-        if mask is None:
-            return hidden.amax(dim=1) if self.pooling == "max" else hidden.mean(dim=1)
-        keep = mask[:, self.num_prefix_tokens:].to(hidden.dtype).unsqueeze(-1)
-        if self.pooling == "max":
-            return hidden.masked_fill(keep == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
-        return (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)  # all padding: zeros, not NaN
+        keep = None if mask is None else mask[:, self.num_prefix_tokens:]
+        return masked_max(hidden, keep) if self.pooling == "max" else masked_mean(hidden, keep)
 
     def pooled_features(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Run ``model`` and return the (B, F) features its classifier receives (for a

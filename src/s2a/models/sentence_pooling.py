@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SentencePooler", "sentence_pooling_mode", "use_sentence_pooling"]
+__all__ = ["SentencePooler", "masked_max", "masked_mean", "sentence_pooling_mode", "use_sentence_pooling"]
 
 _MODES = {
     "pooling_mode_mean_tokens": "mean",
@@ -54,6 +54,22 @@ def sentence_pooling_mode(path: str | Path) -> str | None:
     return chosen[0]
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, keepdim: bool = False) -> torch.Tensor:
+    """Mean over dim 1 of (B, N, C) token states; ``mask`` (B, N) (1 = real token) or None.
+    An all-padding row gives zeros, not NaN."""
+    if mask is None:
+        return x.mean(dim=1, keepdim=keepdim)
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(dim=1, keepdim=keepdim) / m.sum(dim=1, keepdim=keepdim).clamp_min(1.0)
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Maximum over dim 1 of (B, N, C) token states, padding left out."""
+    if mask is None:
+        return x.amax(dim=1)
+    return x.masked_fill(mask.unsqueeze(-1) == 0, torch.finfo(x.dtype).min).amax(dim=1)
+
+
 class SentencePooler(nn.Module):
     """Parameter-free pooling of token states: masked mean, masked max or the first token."""
 
@@ -76,12 +92,7 @@ class SentencePooler(nn.Module):
                 f"{tuple(hidden_states.shape[:2])} token states (a method that adds tokens must "
                 "also extend the mask it passes to the model)"
             )
-        mask = mask.to(hidden_states.dtype).unsqueeze(-1)
-        if self.mode == "mean":
-            # clamp: an all-padding row gives zeros rather than NaN
-            return (hidden_states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        filled = hidden_states.masked_fill(mask == 0, torch.finfo(hidden_states.dtype).min)
-        return filled.max(1).values
+        return masked_mean(hidden_states, mask) if self.mode == "mean" else masked_max(hidden_states, mask)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"

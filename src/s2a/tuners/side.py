@@ -82,6 +82,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from s2a.models.registry import refuse_sequence_first, runs_children
+from s2a.models.sentence_pooling import masked_mean
 
 __all__ = [
     "LAYOUTS",
@@ -216,15 +217,6 @@ def _spatial_pool_nchw(x: torch.Tensor, grid: int) -> torch.Tensor:
     else:
         x = F.adaptive_avg_pool2d(x, grid)
     return x.flatten(2).transpose(1, 2)
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, keepdim: bool = False) -> torch.Tensor:
-    """Mean over dim 1 of (B, N, W); ``mask`` (B, N) (True/1 = real token) or None."""
-    if mask is None:
-        return x.mean(dim=1, keepdim=keepdim)
-    m = mask.to(x.dtype).unsqueeze(-1)
-    out = (x * m).sum(dim=1, keepdim=keepdim) / m.sum(dim=1, keepdim=keepdim).clamp_min(1.0)
-    return out
 
 
 # ---------------------------------------------------------------------------- side network
@@ -446,7 +438,7 @@ class LiteSideNetwork(nn.Module):
                 elif state.shape[1] == x.shape[1]:
                     state = state + x
                 else:  # token count changed: carry the mean token over
-                    state = _masked_mean(state, self._mask_for(token_mask, state.shape[1]), True) + x
+                    state = masked_mean(state, self._mask_for(token_mask, state.shape[1]), True) + x
             if state is not None:
                 state = block(state, self._mask_for(token_mask, state.shape[1]))
         assert state is not None  # the first side block always gets backbone block 0
@@ -454,7 +446,7 @@ class LiteSideNetwork(nn.Module):
         if self.readout == "first":
             feat = state[:, 0]
         else:
-            feat = _masked_mean(state, self._mask_for(token_mask, state.shape[1]))
+            feat = masked_mean(state, self._mask_for(token_mask, state.shape[1]))
         logits = self.head(feat)
         if self.fuse:
             assert backbone_pooled is not None
@@ -794,10 +786,7 @@ def _pool(handle: SideHandle, hidden: torch.Tensor, layout: str) -> torch.Tensor
         return hidden.mean(dim=(2, 3))
     if layout == "nhwc":
         return hidden.mean(dim=(1, 2))
-    if mask is None:
-        return hidden.mean(dim=1)
-    keep = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+    return masked_mean(hidden, mask)
 
 
 def detach_side(model: nn.Module) -> bool:
