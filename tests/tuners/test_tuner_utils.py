@@ -127,8 +127,43 @@ def test_load_reuses_the_saved_input_size(tmp_path):
     s2a.load_tuned(fresh, tmp_path)
     with torch.no_grad():
         assert torch.equal(fresh(batch), model(batch))
-    with pytest.raises(ValueError, match="shapes differ"):
+    with pytest.raises(ValueError, match=r"other feature-map grids.* pass example_input= of the size used at save time"):
         s2a.load_tuned(copy.deepcopy(base), tmp_path, example_input=torch.zeros(1, 3, 64, 64))
+
+
+def test_a_prompt_grid_of_the_same_size_but_other_shape_is_refused(tmp_path):
+    # 32x64 and 64x32 inputs give prompts of the same shapes: the grids tell them apart
+    base, _ = build("resnet")
+    model = copy.deepcopy(base)
+    s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input=torch.zeros(2, 3, 32, 64))
+    s2a.save_tuned(model, tmp_path)
+    assert all(g[0] * 2 == g[1] for g in json.loads((tmp_path / "s2a_config.json").read_text())["prompt_grids"].values())
+    with pytest.raises(ValueError, match="trained on other feature-map grids"):
+        s2a.load_tuned(copy.deepcopy(base), tmp_path, example_input=torch.zeros(2, 3, 64, 32))
+    s2a.load_tuned(copy.deepcopy(base), tmp_path)  # the saved input size
+
+
+def test_tuned_tensors_load_onto_a_half_precision_copy_with_tiny_weights(tmp_path):
+    # timm's cls_token starts at std 1e-6: subnormal in fp16, rounded by a few percent
+    base, model, _ = applied("vit")
+    assert base.cls_token.abs().max() < 1e-4
+    s2a.save_tuned(model, tmp_path)
+    s2a.load_tuned(copy.deepcopy(base).half(), tmp_path)
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.cls_token.normal_(0, 1e-6)  # another draw of it is still told apart
+    with pytest.raises(ValueError, match="cls_token"):
+        s2a.load_tuned(other, tmp_path)
+
+
+def test_a_dynamic_size_vit_refuses_another_grid_of_as_many_patches():
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=3, dynamic_img_size=True)
+    s2a.apply(vit, s2a.S2AConfig(act_bits=None), example_input=torch.zeros(1, 3, 32, 64))
+    vit(torch.zeros(1, 3, 32, 64))
+    with pytest.raises(ValueError, match=r"image of size \(64, 32\), but the low-rank prompts were built for \(32, 64\)"):
+        vit(torch.zeros(1, 3, 64, 32))
 
 
 @pytest.mark.parametrize("family", ["vit", "swin", "convnext", "distilbert_cls", "llama_cls"])

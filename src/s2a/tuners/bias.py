@@ -188,7 +188,9 @@ def add_bias(model: nn.Module, add_missing: bool = True, exclude: tuple[str, ...
         ref = module.weight if isinstance(getattr(module, "weight", None), torch.Tensor) else None
         kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
         module.register_parameter("bias", nn.Parameter(torch.zeros(shape, **kw)))
-        hook = module.register_forward_hook(_add_output_bias) if _is_rms_norm(module) else None
+        # an RMSNorm without a bias slot gets it added to its output; one that declares
+        # ``bias = None`` (xLSTM's) adds it itself, and a hook would add it twice
+        hook = module.register_forward_hook(_add_output_bias) if _is_rms_norm(module) and before == "absent" else None
         found.append(_AddedBias(path, module, before, hook))
     added = [a for a in found if isinstance(a, _AddedBias)]
     unused = _unused(model, added, probe) if probe is not None and added else []

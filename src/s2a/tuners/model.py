@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +118,10 @@ _SIGNATURE_SAMPLES = 1024
 # Two backbones agree when their projections differ by at most this fraction of the sample's
 # norm: a copy in bf16 / fp16 differs by ~2**-9 of it, another initialisation by ~1.4.
 WEIGHT_TOLERANCE = 0.02
+# ...plus fp16's rounding where values are subnormal in fp16 (timm's cls_token starts at std
+# 1e-6): up to 2**-25 per element, a sum of 1024 of them ~ sqrt(1024) * 2**-25 / sqrt(3); this
+# floor is six times that, and 1/20 of what another random init of such a tensor moves
+_WEIGHT_FLOOR = math.sqrt(_SIGNATURE_SAMPLES) * 2.0**-24
 
 
 def weight_signature(p: torch.Tensor) -> list[float]:
@@ -145,8 +150,10 @@ def weights_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any],
     whose values before it do not matter."""
     a, b = expected.get("weights") or {}, got.get("weights") or {}
     common = sorted((set(a) & set(b)) - set(loaded_over))
-    differ = [k for k in common if abs(a[k][0] - b[k][0]) > WEIGHT_TOLERANCE * max(a[k][1], b[k][1])
-              or abs(a[k][1] - b[k][1]) > WEIGHT_TOLERANCE * max(a[k][1], b[k][1])]
+    def tolerance(k: str) -> float:
+        return WEIGHT_TOLERANCE * max(a[k][1], b[k][1]) + _WEIGHT_FLOOR
+
+    differ = [k for k in common if abs(a[k][0] - b[k][0]) > tolerance(k) or abs(a[k][1] - b[k][1]) > tolerance(k)]
     if not differ:
         return None
     return (f"the weights of {len(differ)} of {len(common)} backbone tensors differ from those the tuned "
@@ -337,6 +344,22 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
         raise
 
 
+class _ImageSizeGuard:
+    """Forward pre-hook of a timm ViT built with ``dynamic_img_size``: its prompt rows belong
+    to the dry run's patch grid, and another image of as many patches (32x64 against 64x32)
+    would pass the blocks' token count check with its rows on the wrong patches."""
+
+    def __init__(self, size: tuple[int, ...]) -> None:
+        self.size = size
+
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("x")
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and tuple(x.shape[2:]) != self.size:
+            raise ValueError(f"image of size {tuple(x.shape[2:])}, but the low-rank prompts were built for "
+                             f"{self.size} (their rows belong to that patch grid): pass example_input= of the "
+                             "size you train with to s2a.apply")
+
+
 def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_input: Any,
              fingerprint: dict[str, Any], replaced: tuple[str, ...], original_keys: set[str]) -> nn.Module:
     """The changes :func:`apply` makes once the config is known to fit the model (a failure
@@ -375,6 +398,9 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
             path = prompt_path(model, block)
             for pn, _ in prompt.named_parameters():
                 kinds[f"{path}.{pn}"] = "prompt"
+        image = dry_run_input(model, example_input, info.adapter)
+        if getattr(model, "dynamic_img_size", False) and isinstance(image, torch.Tensor) and image.dim() == 4:
+            hooks.append(model.register_forward_pre_hook(_ImageSizeGuard(tuple(image.shape[2:])), with_kwargs=True))
     if config.freeze_norm_stats:
         hooks += keep_norm_stats(model)
 

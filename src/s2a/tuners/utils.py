@@ -141,6 +141,8 @@ def save_tuned(model: nn.Module, directory: str | os.PathLike) -> Path:
         "backbone": current_fingerprint(model, state),
         "family": state.info.family,
         "example_input": state.example_input,
+        # a feature map's prompt rows belong to its grid: 8x16 and 16x8 have the same shapes
+        "prompt_grids": {block: list(prompt.grid) for block, prompt in state.prompts.items()},
         "tensors": {"file": TENSORS_FILE, "sha256": hashlib.sha256(blob).hexdigest(),
                     "bytes": len(blob), "count": len(tensors),
                     "numel": sum(t.numel() for t in tensors.values()),
@@ -239,6 +241,12 @@ def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: An
                 "batch like the one given to s2a.apply"
             ) from exc
         state = get_state(model)
+    grids = {block: list(prompt.grid) for block, prompt in state.prompts.items()}
+    saved_grids = meta.get("prompt_grids", grids)  # (older saves did not record them)
+    other = [f"{block} {grids.get(block)} (saved {g})" for block, g in saved_grids.items() if grids.get(block) != g]
+    if other:
+        raise ValueError(f"load_tuned: the prompts were trained on other feature-map grids: {other[:3]}; "
+                         "pass example_input= of the size used at save time")
     since = [k for k in meta.get("tensors", {}).get("trained_since_apply", []) if k not in state.tuned_keys]
     params = dict(model.named_parameters())
     absent = [k for k in since if k not in params]
