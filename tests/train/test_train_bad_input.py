@@ -239,6 +239,27 @@ def test_update_that_breaks_the_weights_at_an_epochs_end_saves_nothing(run_cli, 
     assert not (run / "checkpoints" / "best.pt").exists() and not (run / "report.json").exists()
 
 
+def test_an_update_that_breaks_the_weights_is_never_saved_over_last(run_cli, tmp_path, image_folder, monkeypatch):
+    # a finite loss, then an update that overflows (forced here): --save-every must not write it
+    step, calls = torch.optim.AdamW.step, []
+
+    def overflowing(self, *a, **k):
+        out = step(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    run = tmp_path / "r"
+    msg = _error(run_cli, *VIT, "--data", str(image_folder), "--out", str(run), "--save-every", "1")
+    assert "the update of step 2/" in msg and "left non-finite weights" in msg
+    assert "last.pt (step 1) is untouched" in msg
+    last = load_checkpoint(run / "checkpoints" / "last.pt", kind="last")
+    assert last["global_step"] == 1 and all(torch.isfinite(t).all() for t in last["trainable"].values())
+
+
 def test_single_example_batch_at_a_batchnorm_in_training_is_named(run_cli, tmp_path, image_folder):
     # resnet18 at 32 px ends on 1x1 maps: a last micro-batch of 1 gives BatchNorm one value per channel
     args = ["--model", "resnet18", "--img-size", "32", "--method", "full", "--epochs", "1", "--data", str(image_folder)]

@@ -595,6 +595,10 @@ class Trainer:
     def _save_last(self) -> None:
         """Every process calls this at the same points (their RNG states are gathered)."""
         assert self.dist is not None
+        # the loss was finite before the update; the update itself may have broken the weights
+        # (every process holds the same ones, so all of them stop here)
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):
+            self._diverged(float("nan"), self.optimizer.param_groups[0]["lr"], weights=True)
         rng = capture_rng(self.dist.device)
         per_rank = [rng]
         if self.dist.enabled:  # dropout draws depend on each process's share of the batch
@@ -865,7 +869,7 @@ class Trainer:
             planned=self._planned_stop,
         )
 
-    def _diverged(self, loss: float, lr: float, validation: bool = False) -> None:
+    def _diverged(self, loss: float, lr: float, validation: bool = False, weights: bool = False) -> None:
         """Stop before a non-finite step reaches a checkpoint, the metrics or a report: what the
         run directory holds stays the last good state. Resuming would replay the same step, so
         the advice is to start over with other options."""
@@ -884,10 +888,12 @@ class Trainer:
         if rc.max_grad_norm <= 0:
             hints.append("clip gradients with --max-grad-norm 1.0")
         hints.append("check the inputs for NaN or infinite values")
+        # a training loss belongs to the step being taken, a validation loss to the last one taken
+        what = (f"the update of step {self.global_step}/{self.total_steps} left non-finite weights" if weights
+                else f"the {'validation' if validation else 'training'} loss became {loss} at step "
+                     f"{self.global_step + (not validation)}/{self.total_steps}")
         raise TrainError(
-            # a training loss belongs to the step being taken, a validation loss to the last one taken
-            f"the {'validation' if validation else 'training'} loss became {loss} at step "
-            f"{self.global_step + (not validation)}/{self.total_steps} "
+            f"{what} "
             f"(epoch {self.epoch + 1}): training diverged; {kept}. Start over (--overwrite) after one of: "
             f"{'; '.join(hints)}."
         )
