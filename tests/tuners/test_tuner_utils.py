@@ -116,6 +116,13 @@ def test_load_onto_applied_model_checks_config(tmp_path):
         s2a.load_tuned(other, tmp_path)
     with pytest.raises(ValueError, match=r"needs a model prepared by s2a\.apply"):
         s2a.save_tuned(copy.deepcopy(base), tmp_path / "x")
+    # a prompt rank without the prompt module shapes nothing: the configs agree
+    biases = copy.deepcopy(base)
+    s2a.apply(biases, s2a.S2AConfig(modules=("bias",), act_bits=None, prompt_rank=8))
+    s2a.save_tuned(biases, tmp_path / "bias")
+    plain = copy.deepcopy(base)
+    s2a.apply(plain, s2a.S2AConfig(modules=("bias",), act_bits=None))
+    s2a.load_tuned(plain, tmp_path / "bias")
 
 
 def test_load_reuses_the_saved_input_size(tmp_path):

@@ -184,6 +184,14 @@ def read_tuned(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     return meta, tensors
 
 
+def _in_use(config: S2AConfig) -> dict[str, Any]:
+    """The config's fields that shape the tuned tensors: a prompt rank without the prompt
+    module, or side settings without the side branch, change nothing."""
+    unused = {"prompt": ("prompt_rank", "prompt_positions"), "side": ("side_reduction", "side_depth", "fuse_side")}
+    drop = {f for module, fields in unused.items() if module not in config.modules for f in fields}
+    return {k: v for k, v in config.to_dict().items() if k not in drop}
+
+
 def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: Any = None, *,
                check_weights: bool = True) -> nn.Module:
     """Load tuned tensors written by :func:`save_tuned` onto ``model``, in place.
@@ -205,7 +213,7 @@ def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: An
         if state.merged:
             raise RuntimeError("load_tuned: the model was merged for inference (prompts folded into "
                                "constants); load onto a freshly built backbone instead")
-        if state.config != config:
+        if _in_use(state.config) != _in_use(config):
             raise ValueError(f"load_tuned: the model was prepared with {state.config}, the saved "
                              f"tensors with {config}")
         now = current_fingerprint(model, state)
