@@ -163,6 +163,21 @@ def test_tuned_tensors_load_onto_a_half_precision_copy_with_tiny_weights(tmp_pat
         s2a.load_tuned(other, tmp_path)
 
 
+def test_other_batchnorm_statistics_are_another_backbone(tmp_path):
+    # frozen BatchNorms normalise with their running statistics: the biases are trained on them
+    base, model, batch = applied("resnet")
+    s2a.save_tuned(model, tmp_path)
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.bn1.running_var.mul_(3.0)
+    with pytest.raises(ValueError, match=r"bn1\.running_var"):
+        s2a.load_tuned(other, tmp_path)
+    fresh = copy.deepcopy(base)
+    s2a.load_tuned(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(batch), model(batch))
+
+
 def test_a_dynamic_size_vit_refuses_another_grid_of_as_many_patches():
     import timm
 

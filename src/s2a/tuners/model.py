@@ -21,7 +21,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,9 +78,16 @@ def current_fingerprint(model: nn.Module, state: TunerState) -> dict[str, Any]:
     backbone as it is now: weights loaded, or first materialised from the meta device, after
     ``apply`` are the ones the tuned tensors are trained on."""
     names = set(state.fingerprint.get("shapes", ()))
-    weights = {n: weight_signature(p) for n, p in unwrap_compiled(model).named_parameters()
-               if n in names and not p.is_meta}
+    weights = {n: weight_signature(t) for n, t in _signed(unwrap_compiled(model)) if n in names}
     return {**state.fingerprint, "weights": weights}
+
+
+def _signed(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors a weight signature covers: parameters, and floating buffers (BatchNorm's
+    running statistics: the tuned biases are trained on the backbone's own)."""
+    for n, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and not t.is_meta:
+            yield n, t
 
 
 def get_state(model: nn.Module, what: str = "this") -> TunerState:
@@ -108,7 +115,7 @@ def backbone_fingerprint(model: nn.Module, exclude: tuple[str, ...] = ()) -> dic
     shapes = {k: list(v.shape) for k, v in model.state_dict().items() if not _excluded(k, exclude)}
     digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()
     params = [(n, p) for n, p in model.named_parameters() if not _excluded(n, exclude)]
-    weights = {n: weight_signature(p) for n, p in params if not p.is_meta}
+    weights = {n: weight_signature(t) for n, t in _signed(model) if not _excluded(n, exclude)}
     return {"class": type(model).__name__, "num_tensors": len(shapes),
             "num_parameters": sum(p.numel() for _, p in params), "sha256": digest, "shapes": shapes,
             "weights": weights}
