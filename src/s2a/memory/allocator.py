@@ -247,7 +247,8 @@ class ProfilerProbe:
 
         with _quiet_stderr():
             # a block allocated before and freed under the profiler makes the CPU allocator
-            # warn once per process ("Memory block of unknown size..."): let it be this one
+            # warn ("Memory block of unknown size...") on the first such free of the process and
+            # every 1000th after: let the first be this one (a short run then prints none)
             primer = torch.empty(64)
             _prepare_profiler(self._config, self._activities)
             _enable_profiler(self._config, self._activities)
