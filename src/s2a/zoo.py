@@ -691,11 +691,12 @@ def _max_text_length(model: nn.Module, config: Any, tokenizer: Any) -> tuple[int
     RoBERTa's padding offset), else the config's context, and no more than the tokenizer's
     own limit."""
     table = getattr(config, "max_position_embeddings", None)
-    limit = learned_position_limit(model)
+    learned = learned_position_limit(model)
     why = f"max_position_embeddings={table}"
-    if limit is None:
-        limit = table
-    elif limit != table:
+    # a table may hold rows past the config's limit (Nystromformer's two extra): the smaller one
+    offset = learned is not None and table is not None and learned < table
+    limit = learned if table is None or offset else table
+    if offset:
         why += ", less the padding offset of its positions"
     tok_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_limit, int) and 0 < tok_limit < 10**6 and (limit is None or tok_limit < limit):

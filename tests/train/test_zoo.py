@@ -425,6 +425,10 @@ def test_max_length_is_what_the_positions_can_embed(tmp_path):
     with pytest.raises(ZooError, match="exceeds the 21 tokens"):
         load_model(str(zero), 2, max_length=22)
     load_model(str(zero), 2, max_length=21)
+    # a table with rows past the config's limit (Nystromformer's two): the config's limit holds
+    nystrom = _tiny_encoder_dir(tmp_path / "nystrom", "nystromformer", max_position_embeddings=16, segment_means_seq_len=16)
+    with pytest.raises(ZooError, match=r"exceeds the 16 tokens nystrom can take \(max_position_embeddings=16\)"):
+        load_model(str(nystrom), 2, max_length=17)
     # a tokenizer that takes fewer tokens than the positions: named as the limit
     from transformers import AutoTokenizer
 

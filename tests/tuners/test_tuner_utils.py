@@ -116,6 +116,12 @@ def test_load_onto_applied_model_checks_config(tmp_path):
         s2a.load_tuned(other, tmp_path)
     with pytest.raises(ValueError, match=r"needs a model prepared by s2a\.apply"):
         s2a.save_tuned(copy.deepcopy(base), tmp_path / "x")
+    # storage bits change no tuned tensor: tensors trained at 4 bits load onto a native model
+    native = copy.deepcopy(base)
+    s2a.apply(native, s2a.S2AConfig(act_bits=4))
+    s2a.load_tuned(native, tmp_path)
+    with pytest.raises(ValueError, match=r"another config than the saved tensors: prompt_rank=2 \(saved 4\)$"):
+        s2a.load_tuned(other, tmp_path)
     # a prompt rank without the prompt module shapes nothing: the configs agree
     biases = copy.deepcopy(base)
     s2a.apply(biases, s2a.S2AConfig(modules=("bias",), act_bits=None, prompt_rank=8))
@@ -182,10 +188,17 @@ def test_a_dynamic_size_vit_refuses_another_grid_of_as_many_patches():
     import timm
 
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=3, dynamic_img_size=True)
-    s2a.apply(vit, s2a.S2AConfig(act_bits=None), example_input=torch.zeros(1, 3, 32, 64))
+    s2a.apply(vit, s2a.S2AConfig(act_bits=None), example_input=(torch.zeros(1, 3, 32, 64),))  # as args
     vit(torch.zeros(1, 3, 32, 64))
     with pytest.raises(ValueError, match=r"image of size \(64, 32\), but the low-rank prompts were built for \(32, 64\)"):
         vit(torch.zeros(1, 3, 64, 32))
+    with pytest.raises(ValueError, match="patch grid"):  # the features alone too
+        vit.forward_features(torch.zeros(1, 3, 64, 32))
+    # with dynamic padding an image of the same patch grid is the same prompt rows
+    padded = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=3, dynamic_img_size=True,
+                               dynamic_img_pad=True)
+    s2a.apply(padded, s2a.S2AConfig(act_bits=None), example_input=torch.zeros(1, 3, 64, 64))
+    assert padded(torch.zeros(1, 3, 60, 60)).shape == (1, 3)
 
 
 @pytest.mark.parametrize("family", ["vit", "swin", "convnext", "distilbert_cls", "llama_cls"])

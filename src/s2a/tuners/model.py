@@ -83,9 +83,12 @@ def current_fingerprint(model: nn.Module, state: TunerState) -> dict[str, Any]:
 
 
 def _signed(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors a weight signature covers: parameters, and floating buffers (BatchNorm's
-    running statistics: the tuned biases are trained on the backbone's own)."""
-    for n, t in (*model.named_parameters(), *model.named_buffers()):
+    """The tensors a weight signature covers: parameters, and the running statistics of the
+    BatchNorms (the tuned biases are trained on the backbone's own; ``freeze_norm_stats``
+    keeps them; other layers' running buffers, such as EvoNorm's, may move in training)."""
+    buffers = [(f"{path}.{n}" if path else n, t) for path, m in model.named_modules() if isinstance(m, _BatchNorm)
+               for n, t in m.named_buffers(recurse=False)]
+    for n, t in (*model.named_parameters(), *buffers):
         if t.is_floating_point() and not t.is_meta:
             yield n, t
 
@@ -351,20 +354,33 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
         raise
 
 
-class _ImageSizeGuard:
-    """Forward pre-hook of a timm ViT built with ``dynamic_img_size``: its prompt rows belong
-    to the dry run's patch grid, and another image of as many patches (32x64 against 64x32)
-    would pass the blocks' token count check with its rows on the wrong patches."""
+def _first_image(example: Any) -> torch.Tensor | None:
+    """The first (B, C, H, W) floating tensor of an input (a tensor, args or kwargs)."""
+    items = example.values() if isinstance(example, Mapping) else example if isinstance(example, (tuple, list)) else [example]
+    return next((t for t in items if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()), None)
 
-    def __init__(self, size: tuple[int, ...]) -> None:
+
+class _PatchGridGuard:
+    """Forward pre-hook on the patch embedding of a timm ViT built with ``dynamic_img_size``:
+    its prompt rows belong to the dry run's patch grid, and an image of another grid with as
+    many patches (32x64 against 64x32) would pass the blocks' token count check with its rows
+    on the wrong patches. Compared as patch grids (``dynamic_img_pad`` pads 60x60 to 64x64's)."""
+
+    def __init__(self, patch_embed: nn.Module, size: tuple[int, ...]) -> None:
         self.size = size
+        self.grid = self._grid(patch_embed, size)
 
-    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("x")
-        if isinstance(x, torch.Tensor) and x.dim() == 4 and tuple(x.shape[2:]) != self.size:
+    @staticmethod
+    def _grid(patch_embed: nn.Module, size: tuple[int, ...]) -> tuple[int, ...]:
+        feat_size = getattr(patch_embed, "dynamic_feat_size", None)
+        return tuple(feat_size(size)) if callable(feat_size) else size
+
+    def __call__(self, patch_embed: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and self._grid(patch_embed, tuple(x.shape[2:])) != self.grid:
             raise ValueError(f"image of size {tuple(x.shape[2:])}, but the low-rank prompts were built for "
-                             f"{self.size} (their rows belong to that patch grid): pass example_input= of the "
-                             "size you train with to s2a.apply")
+                             f"{self.size} (their rows belong to its patch grid {self.grid}): pass "
+                             "example_input= of the size you train with to s2a.apply")
 
 
 def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_input: Any,
@@ -405,9 +421,11 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
             path = prompt_path(model, block)
             for pn, _ in prompt.named_parameters():
                 kinds[f"{path}.{pn}"] = "prompt"
-        image = dry_run_input(model, example_input, info.adapter)
-        if getattr(model, "dynamic_img_size", False) and isinstance(image, torch.Tensor) and image.dim() == 4:
-            hooks.append(model.register_forward_pre_hook(_ImageSizeGuard(tuple(image.shape[2:])), with_kwargs=True))
+        patch_embed = getattr(model, "patch_embed", None)
+        image = _first_image(dry_run_input(model, example_input, info.adapter))
+        if getattr(model, "dynamic_img_size", False) and isinstance(patch_embed, nn.Module) and image is not None:
+            guard = _PatchGridGuard(patch_embed, tuple(image.shape[2:]))
+            hooks.append(patch_embed.register_forward_pre_hook(guard))
     if config.freeze_norm_stats:
         hooks += keep_norm_stats(model)
 

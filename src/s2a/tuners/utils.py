@@ -189,6 +189,7 @@ def _in_use(config: S2AConfig) -> dict[str, Any]:
     module, or side settings without the side branch, change nothing."""
     unused = {"prompt": ("prompt_rank", "prompt_positions"), "side": ("side_reduction", "side_depth", "fuse_side")}
     drop = {f for module, fields in unused.items() if module not in config.modules for f in fields}
+    drop |= {"act_bits", "op_bits"}  # how activations are stored, not the tensors
     return {k: v for k, v in config.to_dict().items() if k not in drop}
 
 
@@ -213,9 +214,11 @@ def load_tuned(model: nn.Module, directory: str | os.PathLike, example_input: An
         if state.merged:
             raise RuntimeError("load_tuned: the model was merged for inference (prompts folded into "
                                "constants); load onto a freshly built backbone instead")
-        if _in_use(state.config) != _in_use(config):
-            raise ValueError(f"load_tuned: the model was prepared with {state.config}, the saved "
-                             f"tensors with {config}")
+        mine, saved = _in_use(state.config), _in_use(config)
+        if mine != saved:
+            differ = ", ".join(f"{k}={mine.get(k)!r} (saved {saved.get(k)!r})"
+                               for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k))
+            raise ValueError(f"load_tuned: the model was prepared with another config than the saved tensors: {differ}")
         now = current_fingerprint(model, state)
     else:
         replaced = ()
