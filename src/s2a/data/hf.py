@@ -87,7 +87,7 @@ class _HFColumn:
 
     def content_keys(self, stage: int, indices: list[int] | None) -> list[str]:
         """Stage 0: for every item, the byte size of an encoded image (or its path); stage 1,
-        for ``indices``: a hash of the image bytes (or of the value, for other columns)."""
+        for ``indices``: a hash of the image bytes. Image columns only (:attr:`content_stages`)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -101,8 +101,6 @@ class _HFColumn:
                 parts = [self._arrow(rows[a : a + 1000]) for a in range(0, len(rows), 1000)]
                 col = pa.chunked_array([c for part in parts for c in part.chunks], type=parts[0].type)
                 rows = list(range(len(rows)))
-            if not _is_image_struct(col.type):
-                return [""] * len(rows)  # every item goes on to stage 1
             sizes = pc.binary_length(pc.struct_field(col, "bytes")).to_pylist()
             paths = pc.struct_field(col, "path").to_pylist()
             return [f"b{sizes[r]}" if sizes[r] is not None else f"p{paths[r]}" for r in rows]
@@ -110,13 +108,11 @@ class _HFColumn:
         idx = list(indices or ())
         for a in range(0, len(idx), 1000):
             values = self._arrow([self._row(i) for i in idx[a : a + 1000]])
-            for v in values.to_pylist():
-                if isinstance(v, dict) and v.get("bytes") is not None:
+            for v in values.to_pylist():  # {"bytes": ..., "path": ...}, or None for a missing image
+                if v is not None and v["bytes"] is not None:
                     out.append(hashlib.blake2b(v["bytes"], digest_size=16).hexdigest())
-                elif isinstance(v, dict) and set(v) == {"bytes", "path"}:
-                    out.append(f"path:{v['path']}")
                 else:
-                    out.append(hashlib.blake2b(repr(v).encode(), digest_size=16).hexdigest())
+                    out.append(f"path:{None if v is None else v['path']}")
         return out
 
 
