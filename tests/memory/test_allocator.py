@@ -109,3 +109,34 @@ def test_probe_readings_follow_tensor_allocations():
     assert not torch.autograd._profiler_enabled()
     with pytest.raises(RuntimeError, match="outside start"):
         probe.live()
+
+
+def test_a_reused_address_with_a_stale_allocator_size_is_not_subtracted():
+    # the CPU allocator remembers the size of a block allocated under a profiler and freed
+    # after it; a later block at that address, freed under the next profiler, reports that size
+    probe = ProfilerProbe()
+    reused = 0
+    for numel in (1000, 4000, 20000, 100000):
+        probe.start()
+        first = torch.empty(numel)
+        probe.close()
+        address = first.data_ptr()
+        del first
+        others, second = [], None  # allocated with no profiler running: their sizes are unknown
+        for _ in range(64):
+            block = torch.empty(numel)
+            if block.data_ptr() == address:
+                second = block
+                break
+            others.append(block)
+        del others
+        if second is None:
+            continue
+        reused += 1
+        probe.start()
+        try:
+            del second
+            assert probe.live() == 0 and probe.peak() == 0
+        finally:
+            probe.close()
+    assert reused, "the C allocator never handed the same block back; this check proved nothing"

@@ -204,9 +204,12 @@ class ProfilerProbe:
     seen (tensors and their kernels' scratch buffers), the counterpart of the CUDA counters;
     C++ objects such as autograd nodes are not. The profiler records the threads PyTorch runs
     the step on (the caller's, and on CPU the backward's, which is the caller's); tensors
-    another Python thread allocates meanwhile are not seen. A block allocated before the
-    probe started and freed during the step has no recorded size, so its free is not
-    subtracted: live and peak then read high, never low. Uses the private ``torch.autograd`` profiler
+    another Python thread allocates meanwhile are not seen. Frees are paired with the
+    allocations this probe saw, by address: a block allocated before the probe started and freed
+    during the step is not subtracted, so live and peak then read high, never low. (The
+    allocator's own size of such a block cannot be trusted: it keeps the size of every block
+    allocated under some earlier profiler and freed after it, and reports that size again when
+    a later block at the same address is freed.) Uses the private ``torch.autograd`` profiler
     entry points that ``torch.profiler.profile`` wraps (the public object adds a costly
     post-processing of every event); :func:`probe_for` falls back to :class:`HostProbe` when
     they are missing or a profiler is already running.
@@ -226,6 +229,7 @@ class ProfilerProbe:
         self._running = False
         self._live = 0
         self._peak = 0
+        self._sizes: dict[int, int] = {}  # address -> bytes of the live blocks this probe saw allocated
 
     @staticmethod
     def available() -> bool:
@@ -266,18 +270,25 @@ class ProfilerProbe:
     def _collect(self, restart: bool) -> None:
         if not self._running:
             return
-        from torch.autograd import DeviceType
+        from torch._C._profiler import _EventType
 
         result = self._stop()
-        events: list[Any] = [
-            e
-            for e in result.events()
-            if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
-        ]
-        events.sort(key=lambda e: e.start_ns())  # stable: same-instant events keep their order
+        allocations: list[tuple[int, int, int]] = []  # (time, address, signed bytes)
+        pending = list(reversed(result.experimental_event_tree()))
+        while pending:  # depth first, in recorded order
+            event = pending.pop()
+            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+                fields = event.extra_fields
+                allocations.append((event.start_time_ns, fields.ptr, fields.alloc_size))
+            pending.extend(reversed(event.children))
+        allocations.sort(key=lambda a: a[0])  # stable: same-instant events keep their order
         live = peak = self._live
-        for e in events:
-            live += e.nbytes()
+        for _, address, nbytes in allocations:
+            if nbytes > 0:
+                live += nbytes - self._sizes.get(address, 0)  # a free missed between two sessions
+                self._sizes[address] = nbytes
+            else:
+                live -= self._sizes.pop(address, 0)
             if live > peak:
                 peak = live
         self._live, self._peak = live, max(self._peak, peak)
@@ -293,6 +304,7 @@ class ProfilerProbe:
     def start(self) -> int:
         self.close()
         self._live = self._peak = 0
+        self._sizes.clear()
         self._begin()
         return 0
 
