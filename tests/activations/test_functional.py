@@ -853,3 +853,38 @@ def test_frozen_batch_norm_on_running_stats_keeps_nothing_in_any_dtype(dtype):
     torch.testing.assert_close(gx, gr, **tol)
     bn.train()  # batch statistics: the normalised input is kept
     assert s2a.compression_summary(bn) == {"": "batch_norm@4"}
+
+
+def test_the_dispatcher_says_which_autocast_runs_norms_in_float32():
+    for op in ("aten::layer_norm", "aten::group_norm", "aten::rms_norm"):
+        assert S._autocast_kernel(op, "cuda")  # CUDA autocast's float32 list
+        assert not S._autocast_kernel(op, "cpu")  # CPU autocast leaves them in the input's dtype
+    assert not S._autocast_kernel("aten::layer_norm", "meta")  # no autocast key at all
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "group_norm"])
+def test_norms_follow_an_autocast_that_runs_them_in_float32(op, monkeypatch):
+    # as CUDA autocast does natively: the norm computes in and returns float32, and the input's
+    # gradient comes back in its own dtype through the cast (checked here on CPU autocast,
+    # told to behave so, against the native op on the float32 cast)
+    monkeypatch.setattr(S, "_autocast_kernel", lambda name, device: name == f"aten::{op}")
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 32).bfloat16().requires_grad_()
+    w = torch.randn(8 if op == "group_norm" else 32, requires_grad=True)
+    call = {"layer_norm": lambda t, bits=None: (S.layer_norm(t, (32,), w, None, bits=bits) if bits
+                                                else F.layer_norm(t, (32,), w)),
+            "rms_norm": lambda t, bits=None: (S.rms_norm(t, (32,), w, bits=bits) if bits
+                                              else F.rms_norm(t, (32,), w)),
+            "group_norm": lambda t, bits=None: (S.group_norm(t, 2, w, None, bits=bits) if bits
+                                                else F.group_norm(t, 2, w))}[op]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = call(x, bits=8)
+    assert y.dtype == torch.float32
+    ref = call(x.detach().float().requires_grad_())
+    assert torch.allclose(y, ref, atol=1e-5)
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert gx.dtype == torch.bfloat16
+    x32 = x.detach().float().requires_grad_()
+    (gx_ref,) = torch.autograd.grad(call(x32), x32, g)
+    assert cosine(gx.float(), gx_ref) > 0.999

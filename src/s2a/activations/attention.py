@@ -54,7 +54,14 @@ import torch.nn.functional as F
 from ._once import once_differentiable
 from .kernels import dropout_mask
 from .packing import check_bits
-from .rowquant import ROW_BITS, dequantize_rows, quantize_rows, row_codebook, softmax_backward_rows
+from .rowquant import (
+    ROW_BITS,
+    dequantize_rows,
+    quantize_rows,
+    renorm_rows,
+    row_codebook,
+    softmax_backward_rows,
+)
 
 SDPA_MODES = ("probs", "recompute")
 DEFAULT_MODE = "probs"
@@ -108,17 +115,6 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 # --------------------------------------------------------------------------- softmax
 
 
-def _renormalize(p: torch.Tensor) -> torch.Tensor:
-    """Rescale dequantised probability rows to sum to 1 again.
-
-    Rounding breaks sum(p) == 1, and then the softmax backward no longer sums to
-    zero over a row: a gradient leaks into directions where the exact one is 0
-    (e.g. the key bias, which softmax cannot see). Rows of zeros stay zero.
-    """
-    total = p.sum(-1, keepdim=True)
-    return p.div_(torch.where(total > 0, total, torch.ones_like(total)))
-
-
 def _softmax_bwd(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``y * (g - sum(g * y))`` over the last dim (fused ATen kernel when available)."""
     fused = getattr(torch, "_softmax_backward_data", None)
@@ -151,7 +147,7 @@ class _Softmax(torch.autograd.Function):
         if cdt == torch.float32:  # decode + renormalise + backward: one fused kernel
             dx = softmax_backward_rows(packed, scale, cb, g)
         else:
-            y = _renormalize(dequantize_rows(packed, scale, cb, shape, cdt))
+            y = renorm_rows(dequantize_rows(packed, scale, cb, shape, cdt))
             dx = _softmax_bwd(g.to(cdt), y)
         return dx.movedim(-1, dim).to(dtype), None, None, None
 

@@ -10,6 +10,7 @@ If no input requires grad (inference, frozen prefix) the native op runs as is.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -301,7 +302,31 @@ def group_norm(
     if (not _needs_grad(x, weight, bias) or x.numel() == 0 or x.dim() < 3 or x.shape[1] % num_groups
             or math.prod(x.shape[2:]) < 16):
         return F.group_norm(x, num_groups, weight, bias, eps)
+    x, weight, bias = _as_autocast_norm("aten::group_norm", x, weight, bias)
     return _GroupNorm.apply(x, int(num_groups), weight, bias, float(eps), bits)
+
+
+@functools.cache
+def _autocast_kernel(op: str, device_type: str) -> bool:
+    """Whether autocast has a kernel for ``op`` on ``device_type``. For the norms that is the
+    float32 policy: CUDA (XPU, MPS...) autocast runs layer_norm, group_norm and rms_norm in
+    float32, CPU autocast in the input's dtype. Asked of the dispatcher, as the lists change
+    between PyTorch versions (rms_norm joined later; MPS has none)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autocast" + device_type.upper())
+    except (RuntimeError, AttributeError):  # no autocast dispatch key for this device
+        return False
+
+
+def _as_autocast_norm(op: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The norm's tensors as native autocast would pass them to ``op``: fp16 / bf16 ones cast
+    to float32 where autocast runs it in float32 (the output is then float32 too, and the
+    gradients flow back through the casts, as natively)."""
+    x = tensors[0]
+    if _autocast_dtype(x.device.type) is None or not _autocast_kernel(op, x.device.type):
+        return tensors
+    return tuple(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+                 for t in tensors)
 
 
 def _check_row_bits(bits: int, what: str) -> None:
@@ -334,6 +359,7 @@ def layer_norm(
     if not _needs_grad(x, weight, bias) or x.numel() == 0:
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     nd = _norm_dims(x, normalized_shape, "layer_norm")
+    x, weight, bias = _as_autocast_norm("aten::layer_norm", x, weight, bias)
     return _LayerNorm.apply(x, weight, bias, eps, nd, False, bits)
 
 
@@ -351,6 +377,7 @@ def rms_norm(
         # not of the input's (bf16's 7.8e-3 would swamp the mean square of small inputs).
         eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
     nd = _norm_dims(x, normalized_shape, "rms_norm")
+    x, weight = _as_autocast_norm("aten::rms_norm", x, weight)
     return _RMSNorm.apply(x, weight, None, eps, nd, True, bits)
 
 
@@ -656,7 +683,7 @@ def batch_norm(
 # --- dropout ------------------------------------------------------------------------
 
 
-def _fresh_seed(device: torch.device) -> torch.Tensor:
+def _fresh_seed() -> torch.Tensor:
     # Drawn from the default generator, so torch.manual_seed makes runs reproducible.
     return torch.randint(0, 2**62, (1,), dtype=torch.int64)
 
@@ -683,7 +710,7 @@ def _dropout_masked(x: torch.Tensor, p: float, regenerate: bool):
     generator, with or without autograd: a reentrant checkpoint runs the forward without
     grad and recomputes it with grad, and both must draw the same mask. The output is
     flat when ``hashed`` (callers view it as ``x.shape``), else shaped like ``x``."""
-    seed = _fresh_seed(x.device)
+    seed = _fresh_seed()
     hashed = regenerate and _hashed(x.device)
     if hashed:
         return kernels.dropout_apply(x, seed, p), seed, None, True

@@ -236,8 +236,11 @@ def _decode_codes(
     return kernels.level_of(codes, levels, bits) * scale
 
 
-def _renorm_rows(p: torch.Tensor) -> torch.Tensor:
-    # Rounding breaks sum(p) == 1; rows of zeros stay zero (see attention._renormalize).
+def renorm_rows(p: torch.Tensor) -> torch.Tensor:
+    """Rescale dequantised probability rows to sum to 1 again. Rounding breaks sum(p) == 1,
+    and then the softmax backward no longer sums to zero over a row: a gradient leaks into
+    directions where the exact one is 0 (e.g. the key bias, which softmax cannot see). Rows
+    of zeros stay zero."""
     total = p.sum(-1, keepdim=True)
     return p / torch.where(total > 0, total, torch.ones_like(total))
 
@@ -245,12 +248,12 @@ def _renorm_rows(p: torch.Tensor) -> torch.Tensor:
 def _decode_body(codes, scale, levels, *, bits: int, rule: str, signed: bool, renorm: bool):
     """float32 rows from unpacked codes (``renorm``: each row rescaled to sum 1)."""
     out = _decode_codes(codes, scale, levels, bits, rule, signed)
-    return _renorm_rows(out) if renorm else out
+    return renorm_rows(out) if renorm else out
 
 
 def _softmax_backward_body(codes, scale, levels, g, *, bits: int, rule: str):
     """dx = p * (g - sum(g * p)), p decoded and renormalised in the same loop."""
-    p = _renorm_rows(_decode_codes(codes, scale, levels, bits, rule, False))
+    p = renorm_rows(_decode_codes(codes, scale, levels, bits, rule, False))
     gf = g.float()
     return p * (gf - (gf * p).sum(-1, keepdim=True))
 
