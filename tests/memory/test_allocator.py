@@ -115,8 +115,7 @@ def test_a_reused_address_with_a_stale_allocator_size_is_not_subtracted():
     # the CPU allocator remembers the size of a block allocated under a profiler and freed
     # after it; a later block at that address, freed under the next profiler, reports that size
     probe = ProfilerProbe()
-    reused = 0
-    for numel in (1000, 4000, 20000, 100000):
+    for numel in [1000, 4000, 20000, 100000, 2**24] * 10:  # 2**24: an mmap'ed block
         probe.start()
         first = torch.empty(numel)
         probe.close()
@@ -129,14 +128,14 @@ def test_a_reused_address_with_a_stale_allocator_size_is_not_subtracted():
                 second = block
                 break
             others.append(block)
-        del others
+        del others, block  # `second` must hold the block's only reference
         if second is None:
             continue
-        reused += 1
         probe.start()
         try:
             del second
             assert probe.live() == 0 and probe.peak() == 0
         finally:
             probe.close()
-    assert reused, "the C allocator never handed the same block back; this check proved nothing"
+        return
+    pytest.skip("the C allocator never handed the same block back: nothing to check here")

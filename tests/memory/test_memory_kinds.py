@@ -72,3 +72,10 @@ def test_compressed_norms_are_filed_under_their_own_kind():
     w = torch.ones(16, requires_grad=True)
     assert node_kind(S.rms_norm(x, (16,), w, 1e-6).grad_fn) == "rms_norm (s2a)"
     assert node_kind(S.layer_norm(x, (16,), w).grad_fn) == "layer_norm (s2a)"
+
+
+def test_custom_operator_table_has_no_repeated_entry():
+    from s2a.memory.kinds import _CUSTOM_OPS
+
+    needles = [needle for needle, _ in _CUSTOM_OPS]
+    assert len(needles) == len(set(needles))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -506,9 +508,136 @@ def test_sparse_and_nested_batches_count_their_storage():
     model = _mlp()
     dense = torch.randn(3, 8)
     sparse = measure(model, dense.to_sparse())
-    assert sparse.saved_input_bytes > 4  # (a sparse tensor has no strides to span)
+    assert sparse.saved_input_bytes == 2 * 24 * 8 + 24 * F32  # indices (int64) and values
+    # a jagged nested tensor is a wrapper around its values and offsets: their storages count
+    # once each, whichever wrapper saves them (not its outer size, once per wrapper object)
     nested = torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)], layout=torch.jagged)
-    assert measure(model, nested).saved_bytes > 0
+    report = measure(model, nested)
+    offsets = 3 * 8
+    assert report.saved_input_bytes == 5 * 8 * F32 + offsets
+    # x and offsets (linear), 5 x 16 twice (gelu, linear), the output (pow) and pow's output
+    # (the nested mean of the default loss keeps it)
+    assert report.saved_bytes == 5 * 8 * F32 + offsets + 2 * 5 * 16 * F32 + 2 * 5 * 4 * F32
+    # a loss on the output's values: the nested output (kept by values()) and its values (kept
+    # by pow) are one storage
+    on_values = measure(model, nested, loss_fn=lambda out, batch: out.values().pow(2).mean())
+    assert on_values.saved_bytes == 5 * 8 * F32 + offsets + 2 * 5 * 16 * F32 + 5 * 4 * F32
+
+
+def test_tensor_subclasses_count_their_inner_storages():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    n = 4096
+
+    class Views(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            h = (x * self.scale).exp()  # mul saves x, exp saves h
+            return sum(h[i::4].cos().sum() for i in range(4))  # four views of h, each saved
+
+    def loss(out, batch):
+        return out.a + out.b if isinstance(out, TwoTensor) else out
+
+    x = TwoTensor(torch.randn(n), torch.randn(n))  # two inner tensors of n floats
+    report = measure(Views(), x, loss_fn=loss)
+    assert report.saved_input_bytes == 2 * n * F32
+    assert report.saved_bytes == 4 * n * F32  # x and h, two halves each, views counted once
+    assert report.num_saved_storages == 4
+    assert report.forward_live_bytes == pytest.approx(report.expected_forward_live_bytes, abs=64)
+
+
+def test_module_tensors_rebound_by_the_forward_stay_alive_through_the_step():
+    """Storages that exist before the step are recognised by address: one freed mid-step (a
+    tensor attribute the forward rebinds) could be taken by an activation, which would then be
+    filed as preexisting. measure holds them until it returns."""
+
+    class Rebinds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 64)
+            self.last = torch.zeros(256, 64)  # a plain tensor attribute, the size of h
+            self.old_alive: list[bool] = []
+
+        def forward(self, x):
+            old = weakref.ref(self.last)
+            self.last = x.detach() * 1
+            self.old_alive.append(old() is not None)
+            return self.lin(x).sin()
+
+    model = Rebinds()
+    report = measure(model, torch.randn(256, 64), loss_fn=lambda out, batch: out.sum())
+    assert model.old_alive[0]  # run A: the original attribute was not freed
+    assert report.saved_input_bytes == 256 * 64 * F32  # x alone
+    assert report.saved_bytes == 2 * 256 * 64 * F32  # x and h
+
+
+def test_a_buffer_rebound_by_the_forward_is_put_back():
+    class RunningMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+            self.register_buffer("avg", torch.zeros(16))
+
+        def forward(self, x):
+            h = self.lin(x)
+            self.avg = 0.9 * self.avg + 0.1 * h.detach().mean(0)  # rebinds, not in place
+            return h.relu()
+
+    model = RunningMean()
+    before = model.avg
+    measure(model, torch.randn(8, 16))
+    assert model.avg is before and model._buffers["avg"] is before
+    assert torch.equal(before, torch.zeros(16))
+
+
+def test_inference_mode_is_refused():
+    model, x = _mlp(), torch.randn(3, 8)
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"inference_mode.*call measure outside"):
+        measure(model, x)
+
+
+def test_a_forward_that_changes_its_batch_in_place_gets_a_note():
+    class Scales(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, x):
+            x.mul_(2)
+            return self.lin(x)
+
+    x = torch.ones(4, 16)
+    report = measure(Scales(), x)
+    assert any("modified the batch in place" in note for note in report.notes)
+    assert not any("in place" in note for note in measure(_mlp(), torch.randn(3, 8)).notes)
+
+
+def test_compiled_regions_get_their_own_kind_not_their_module_name():
+    class LinearBlock(nn.Module):  # a name that reads as one operator; it runs three
+        def __init__(self):
+            super().__init__()
+            self.lin, self.norm, self.act = nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.norm(self.lin(x)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), LinearBlock())
+    x = torch.randn(4, 8)
+    eager = measure(model, x)
+    model[1].compile(backend="aot_eager")
+    try:
+        report = measure(model, x)
+    finally:
+        torch._dynamo.reset()
+    assert report.by_kind.get("compiled region", 0) > 0
+    assert not any(kind.endswith("(custom)") for kind in report.by_kind)
+    assert sum(report.by_kind.values()) == report.saved_bytes
+    assert any("not split by operator" in note for note in report.notes)
+    assert not any("not split by operator" in note for note in eager.notes)
 
 
 def test_kv_caches_in_the_output_are_walked():

@@ -33,6 +33,8 @@ def test_str_is_a_readable_table():
     for needle in ("saved for backward", "peak step memory", "operator", "gelu", "linear", "%"):
         assert needle in text
     assert "528 B" in text
+    # saved_input_bytes also counts module tensor attributes, not only the batch: said so
+    assert "(of which batch and module tensor attributes 96 B)" in text
 
 
 def test_format_bytes_and_count():
@@ -73,3 +75,12 @@ def test_compare_table_markdown():
     assert "4 B (0.00098x)" in compare_table([a, tiny])
     with pytest.raises(TypeError, match="item 1 is a dict"):
         compare_table([a, {}])
+
+
+def test_compare_table_column_names_are_unique():
+    reports = [MemoryReport(saved_bytes=100, model_name="vit"), MemoryReport(saved_bytes=200, model_name="vit #3"),
+               MemoryReport(saved_bytes=300, model_name="vit")]
+    table = compare_table(reports)
+    header = [c.strip() for c in table.splitlines()[0].split("|")[2:-1]]
+    assert header == ["vit", "vit #3", "vit #4"]
+    assert "300 B (3.00x)" in table  # no column lost

@@ -424,3 +424,37 @@ def test_batch_statistics_layers_are_those_that_normalise_each_process_share():
     tuned = apply_method(timm.create_model("resnet18", num_classes=3), "s2a", head_names=("fc",),
                          example_input=x).model.train()
     assert batch_statistics_layers(tuned) == []  # frozen on their running statistics
+
+
+def _fake_run(path, **fields):
+    path.mkdir()
+    report = {"method": "full", "accuracy": 0.9, "trainable_params": 10, "trainable_percent": 100.0,
+              "saved_activation_bytes": 2**20, "peak_memory_bytes": 2**21, "step_time_s": 0.1, "throughput": 10.0}
+    (path / "report.json").write_text(json.dumps({**report, **fields}))
+    return path
+
+
+def test_compare_plot_gives_an_unmeasured_run_no_bar(tmp_path, monkeypatch):
+    from s2a.train import report as train_report
+
+    figures = []
+    make = train_report._figure
+    monkeypatch.setattr(train_report, "_figure", lambda *a: figures.append(make(*a)) or figures[-1])
+    runs = [_fake_run(tmp_path / "a", method="full"), _fake_run(tmp_path / "b", method="bitfit"),
+            _fake_run(tmp_path / "c", method="lora", saved_activation_bytes=None)]
+    table = train_report.compare_runs(runs, plot=tmp_path / "cmp.png")
+    assert "| n/a |" in table  # the table says so ...
+    ax_acc, ax_saved = figures[0].axes
+    assert [t.get_text() for t in ax_acc.get_yticklabels()] == ["full", "bitfit", "lora"]
+    bars = ax_saved.patches  # ... and the plot draws no 0-byte bar for it, but says so
+    assert [round(b.get_y() + b.get_height() / 2) for b in bars] == [0, 1]
+    assert [t.get_text().strip() for t in ax_saved.texts] == ["not measured"]
+    assert round(ax_saved.texts[0].get_position()[1]) == 2
+
+
+def test_compare_formats_bytes_as_the_memory_report_does(tmp_path):
+    from s2a.train.report import compare_runs
+
+    runs = [_fake_run(tmp_path / "a", saved_activation_bytes=2**41), _fake_run(tmp_path / "b", peak_memory_bytes=None)]
+    table = compare_runs(runs)
+    assert "| 2.00 TiB |" in table and "n/a" in table

@@ -12,6 +12,9 @@ stable label used in the per-operator breakdown of :class:`~s2a.memory.MemoryRep
   naming no known operator keep their class name, unless the module that ran them names one
   (``measure`` then uses the module's class: a ``_MaskActivation`` inside ``nn.ReLU`` is
   ``relu (s2a)``).
+* the node of a ``torch.compile``'d region (``CompiledFunctionBackward``) -> ``compiled region``:
+  its saved tensors belong to whatever operators the compiler fused, not to one operator, and
+  not to the module running it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import re
 
 import torch
 
-__all__ = ["custom_origin", "kind_from_class_name", "node_kind"]
+__all__ = ["COMPILED_KIND", "custom_origin", "kind_from_class_name", "node_kind"]
+
+COMPILED_KIND = "compiled region"
 
 # Built-in nodes: exact base names (class name without the trailing "Backward<N>").
 _BUILTIN: dict[str, str] = {
@@ -133,7 +138,6 @@ _CUSTOM_OPS: tuple[tuple[str, str], ...] = (
     ("moeexperts", "moe_experts"),
     ("globalresponsenorm", "grn"),
     ("starrelu", "star_relu"),
-    ("groupnorm", "group_norm"),
 )
 
 _CUSTOM_OPS_LONGEST_FIRST = tuple(sorted(_CUSTOM_OPS, key=lambda it: -len(it[0])))
@@ -173,6 +177,12 @@ def custom_origin(node: object) -> str | None:
     return "s2a" if module == "s2a" or module.startswith("s2a.") else "custom"
 
 
+def _is_compiled(node: object) -> bool:
+    """A node of a torch.compile'd region: its Function is built by AOTAutograd."""
+    fwd = getattr(type(node), "_forward_cls", None)
+    return (getattr(fwd, "__module__", "") or "").startswith("torch._functorch")
+
+
 # ctx attributes a generic custom Function may use to say which operator it computes
 _CTX_NAME_ATTRS = ("name", "op", "op_name", "kind", "activation")
 
@@ -188,6 +198,8 @@ def node_kind(node: object) -> str:
     origin = custom_origin(node)
     if origin is None:
         return kind_from_class_name(name)
+    if _is_compiled(node):
+        return COMPILED_KIND
     kind = kind_from_class_name(name, custom=True, origin=origin)
     if kind != name:
         return kind

@@ -19,8 +19,9 @@
   step (any step but the first), state alive throughout.
 
 Everything observable about the model is restored afterwards: hooks, ``.grad`` (of parameters
-and of batch tensors), buffers (BatchNorm running statistics), parameters (after an optimizer
-step), ``training`` and ``requires_grad`` flags, and the global RNG state.
+and of batch tensors), buffers (the same tensor objects, with their values: BatchNorm running
+statistics), parameters (after an optimizer step), ``training`` and ``requires_grad`` flags, and
+the global RNG state.
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ import functools
 import gc
 import operator
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from s2a.activations.mlp import observer_hook
 from s2a.memory.allocator import AllocatorProbe, probe_for
-from s2a.memory.kinds import custom_origin, kind_from_class_name, node_kind
-from s2a.memory.report import MemoryReport
+from s2a.memory.kinds import COMPILED_KIND, custom_origin, kind_from_class_name, node_kind
+from s2a.memory.report import MemoryReport, format_bytes
 
 __all__ = ["default_loss", "measure", "storage_key"]
 
@@ -56,24 +58,47 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 # ---------------------------------------------------------------------------- tensor helpers
 def storage_key(t: torch.Tensor) -> tuple[StorageKey, int]:
     """``(key, nbytes)`` of the storage under ``t``: two views of one storage share the key.
-    A sparse tensor's are those of its index and value tensors; storages without memory (the
-    meta device, fake tensors) are told apart by their storage object, not their address."""
+    A tensor held in several storages (sparse indices and values, a tensor subclass such as a
+    jagged nested tensor) gets a key made of theirs, and their bytes summed; see
+    :func:`_storages`. A tensor whose storage cannot be read is keyed by ``id(t)``, valid only
+    while ``t`` lives."""
+    parts = _storages(t)
+    if len(parts) == 1 and parts[0][0] is not None:
+        return parts[0][0], parts[0][1]
+    keys = [key if key is not None else ("tensor", id(leaf)) for key, _, leaf in parts]
+    return ("parts", *keys), sum(n for _, n, _ in parts)
+
+
+def _storages(t: torch.Tensor) -> list[tuple[StorageKey | None, int, torch.Tensor]]:
+    """``(key, nbytes, leaf)`` for each storage holding ``t``'s data, ``leaf`` the plain tensor
+    viewing it: ``t`` itself, the index and value tensors of a sparse tensor, the inner tensors
+    of a wrapper subclass (``__tensor_flatten__``: a jagged nested tensor's values and offsets,
+    TwoTensor's two halves), whose own storage holds no data. Storages without memory (the meta
+    device, fake tensors) are told apart by their storage object, not their address. Key None:
+    the storage cannot be read (an odd subclass); ``nbytes`` is then the tensor's own size."""
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        inner = (getattr(t, n) for n in names)
+        return [s for x in inner if isinstance(x, torch.Tensor) for s in _storages(x)]
     if t.layout != torch.strided and not t.is_nested:
         parts = _sparse_parts(t)
         if parts:
-            keys = [storage_key(p) for p in parts]
-            return ("sparse", *(k for k, _ in keys)), sum(n for _, n in keys)
+            return [s for p in parts for s in _storages(p)]
     try:
         storage = t.untyped_storage()
         nbytes = int(storage.nbytes())
         ptr = int(storage.data_ptr())
-    except (RuntimeError, NotImplementedError, TypeError):  # nested, odd subclasses
-        return ("tensor", id(t)), t.numel() * t.element_size()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return [(None, t.numel() * t.element_size(), t)]
     if nbytes == 0:
-        return ("empty",), 0
+        return [(("empty",), 0, t)]
     if ptr == 0:
-        return (t.device.type, t.device.index, "storage", storage._cdata), nbytes
-    return (t.device.type, t.device.index, ptr), nbytes
+        return [((t.device.type, t.device.index, "storage", storage._cdata), nbytes, t)]
+    return [((t.device.type, t.device.index, ptr), nbytes, t)]
+
+
+def _storage_keys(tensors: Iterable[torch.Tensor]) -> set[StorageKey]:
+    return {key for t in tensors for key, _, _ in _storages(t) if key is not None}
 
 
 def _sparse_parts(t: torch.Tensor) -> list[torch.Tensor]:
@@ -238,21 +263,23 @@ class _SavedTensorTracer:
         # Detached: a saved output (softmax, tanh, ...) would otherwise hold its own grad_fn,
         # a cycle through C++ that Python's collector cannot see, leaking the whole graph.
         packed = _Packed(token, t.detach())
-        key, nbytes = storage_key(t)
-        if key in self.excluded:
-            self.num_excluded += 1
-            return packed
-        rec = self.records.get(key)
-        if rec is not None and not rec.alive():
-            rec = None
-        if rec is None:
-            path = self.path_stack[-1] if self.path_stack else OUTSIDE_PATH
-            rec = _Record(key, nbytes, path, key in self.preexisting)
-            self.records[key] = rec
-        if rec.preexisting and t.layout == torch.strided and not t.is_nested:
-            rec.reach(t, nbytes)
-        rec.tokens.append(token)
-        rec.refs.append(weakref.ref(packed))
+        for key, nbytes, leaf in _storages(t):
+            if key is None:  # a storage that cannot be read: this save counts on its own
+                key = ("unread", token)
+            if key in self.excluded:
+                self.num_excluded += 1
+                continue
+            rec = self.records.get(key)
+            if rec is not None and not rec.alive():
+                rec = None
+            if rec is None:
+                path = self.path_stack[-1] if self.path_stack else OUTSIDE_PATH
+                rec = _Record(key, nbytes, path, key in self.preexisting)
+                self.records[key] = rec
+            if rec.preexisting and leaf is t and t.layout == torch.strided and not t.is_nested:
+                rec.reach(t, nbytes)
+            rec.tokens.append(token)
+            rec.refs.append(weakref.ref(packed))
         return packed
 
     def unpack(self, packed: _Packed) -> torch.Tensor:
@@ -393,6 +420,10 @@ class _SavedState:
         self.requires_grad = [p.requires_grad for p in self.params]
         self.training = [(m, m.training) for m in model.modules()]
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        # a forward may rebind a buffer (self.ema = ...) instead of updating it in place
+        self.buffer_slots = [
+            (m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None
+        ]
         self.batch = [(t, t.grad) for t in batch_tensors if t.is_leaf and t.requires_grad]
         self.param_data: list[tuple[nn.Parameter, torch.Tensor]] = []
 
@@ -406,6 +437,8 @@ class _SavedState:
             t.grad = None
 
     def restore(self) -> None:
+        for m, name, b in self.buffer_slots:
+            m._buffers[name] = b
         with torch.no_grad():
             for p, data in self.param_data:
                 p.copy_(data)
@@ -420,6 +453,17 @@ class _SavedState:
             m.training = flag
 
 
+def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
+    """Version counters, bumped by every in-place change (None: an inference tensor has none)."""
+    out: list[int | None] = []
+    for t in tensors:
+        try:
+            out.append(t._version)
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
 def _rng_devices(device: torch.device) -> list[int]:
     if device.type == "cuda":
         return [device.index if device.index is not None else torch.cuda.current_device()]
@@ -427,11 +471,13 @@ def _rng_devices(device: torch.device) -> list[int]:
 
 
 def _storages_bytes(tensors: list[torch.Tensor], skip: set[StorageKey]) -> dict[StorageKey, int]:
+    """Bytes of each storage holding ``tensors``, those keyed in ``skip`` left out."""
     out: dict[StorageKey, int] = {}
-    for t in tensors:
-        key, nbytes = storage_key(t)
-        if key not in skip:
-            out[key] = nbytes
+    for i, t in enumerate(tensors):
+        for key, nbytes, _ in _storages(t):
+            key = key if key is not None else ("unread", i)  # cannot be matched: counted apart
+            if key not in skip:
+                out[key] = nbytes
     return out
 
 
@@ -484,6 +530,15 @@ def measure(
         raise TypeError(
             f"optimizer_step must be True, False or a factory params -> Optimizer, got {optimizer_step!r}"
         )
+    if torch.is_inference_mode_enabled():
+        # enable_grad does not lift inference mode: autograd would record nothing, and every
+        # count read 0. Tensors made in inference mode cannot be saved for backward at all, so
+        # measure does not leave it by itself either.
+        raise ValueError(
+            "measure cannot run inside torch.inference_mode(): no graph is recorded there, so "
+            "nothing would be saved for backward; call measure outside the inference_mode block "
+            "(with a model and batch created outside it)"
+        )
     lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
     if lazy:
         raise ValueError(f"the model has uninitialised lazy parameters ({lazy[:3]}): run one forward first")
@@ -493,17 +548,16 @@ def measure(
     params = list(model.parameters())
     batch_tensors = _unique(_iter_tensors(batch))
 
-    excluded = {storage_key(t)[0] for t in params}
-    excluded |= {storage_key(t)[0] for t in model.buffers()}
+    excluded = _storage_keys(params) | _storage_keys(model.buffers())
     # storages alive before the step that the graph may keep: batch tensors, and plain tensor
     # attributes of modules (neither parameter nor buffer); counted as saved, but as
-    # "preexisting" they add nothing to the allocator's growth during the step
-    preexisting = {storage_key(t)[0] for t in batch_tensors}
-    for m in model.modules():
-        for v in vars(m).values():
-            if isinstance(v, torch.Tensor):
-                preexisting.add(storage_key(v)[0])
-    preexisting -= excluded
+    # "preexisting" they add nothing to the allocator's growth during the step. Held here until
+    # measure returns: a forward that rebinds such an attribute (self.cache = ...) would free
+    # the old storage, and an activation allocated at its address would pass for preexisting.
+    held = [*batch_tensors]
+    held += [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    preexisting = _storage_keys(held) - excluded
+    batch_versions = _versions(batch_tensors)
 
     state = _SavedState(model, batch_tensors)
     notes: list[str] = []
@@ -532,6 +586,11 @@ def measure(
             fwd_peak = _instrumented_run(
                 model, batch, loss_fn, probe, excluded, preexisting, report, reset_rng
             )
+            if _versions(batch_tensors) != batch_versions:
+                notes.append(
+                    "the forward (or the loss) modified the batch in place: the allocator run (peak, gradients, "
+                    "cross-check) was measured on the altered input, and the caller's batch was changed"
+                )
             if optimizer_step:
                 state.snapshot_trainable()
             torch.clear_autocast_cache()
@@ -541,6 +600,12 @@ def measure(
             if probe is not None:
                 probe.close()  # an exception mid-step must not leave the profiler running
             state.restore()
+    if COMPILED_KIND in report.by_kind:
+        notes.append(
+            f"torch.compile'd regions save {format_bytes(report.by_kind[COMPILED_KIND])}, reported as "
+            f"'{COMPILED_KIND}' and not split by operator (the compiler fuses them): measure the "
+            "uncompiled model for that split"
+        )
     if probe is None:
         notes.append(f"no allocator statistics for device {device}: peak and cross-check skipped")
     unexplained = _unexplained_live_bytes(report, probe is not None and probe.exact_peak)
@@ -614,7 +679,9 @@ def _instrumented_run(
     report.saved_bytes = sum(rec.nbytes for rec in records)
     report.saved_input_bytes = sum(rec.nbytes for rec in records if rec.preexisting)
     report.num_saved_storages = len(records)
-    report.num_saved_tensors = sum(sum(r() is not None for r in rec.refs) for rec in records)
+    report.num_saved_tensors = len(
+        {tok for rec in records for tok, r in zip(rec.tokens, rec.refs, strict=True) if r() is not None}
+    )  # a tensor held in several storages (sparse, subclass) is one tensor
     # largest first; ties keep forward order (records are created in forward order)
     report.by_kind = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
     report.by_module = dict(sorted(by_module.items(), key=lambda kv: -kv[1]))
@@ -689,11 +756,7 @@ def _allocator_run(
     if probe is not None:
         probe.sample()
 
-    grads: dict[StorageKey, int] = {}
-    for p in trainable:
-        if p.grad is not None:
-            key, nbytes = storage_key(p.grad)
-            grads[key] = nbytes
+    grads = _storages_bytes([p.grad for p in trainable if p.grad is not None], set())
     report.grad_bytes = sum(grads.values())
 
     if opt is not None:

@@ -159,7 +159,7 @@ class MemoryReport:
         )
         lines.append(
             f"saved for backward {format_bytes(self.saved_bytes)} in {self.num_saved_storages} "
-            f"storages / {self.num_saved_tensors} tensors (batch inputs "
+            f"storages / {self.num_saved_tensors} tensors (of which batch and module tensor attributes "
             f"{format_bytes(self.saved_input_bytes)})"
         )
         lines.append(
@@ -245,7 +245,10 @@ def compare_table(reports: Mapping[str, MemoryReport] | Sequence[MemoryReport], 
             if not isinstance(r, MemoryReport):
                 raise TypeError(f"compare_table: item {i} is a {type(r).__name__}, not a MemoryReport")
             name = r.model_name or f"report {i + 1}"
-            named[name if name not in named else f"{name} #{i + 1}"] = r
+            unique, n = name, i + 1
+            while unique in named:  # "vit", "vit #3", "vit": the third is not "vit #3"
+                unique, n = f"{name} #{n}", n + 1
+            named[unique] = r
         reports = named
     if not reports:
         return ""

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from s2a.memory.report import format_ratio
+from s2a.memory.report import format_bytes, format_ratio
 
 __all__ = ["REQUIRED_KEYS", "compare_runs", "load_report", "plot_curves", "plot_memory", "read_metrics",
            "train_loss_label", "write_report"]
@@ -25,13 +25,8 @@ REQUIRED_KEYS = (
 
 
 def _fmt_bytes(n: Any) -> str:
-    if n is None:
-        return "n/a"
-    n = float(n)
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{int(n)} B"
+    """``format_bytes``, with "n/a" for a value never measured."""
+    return "n/a" if n is None else format_bytes(n)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -299,14 +294,21 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
                   "not the methods alone."]
     if plot is not None:
         fig = _figure(9, 3.6)
-        ax1, ax2 = fig.subplots(1, 2)
-        ax1.barh(labels, [100 * r["accuracy"] for r in reports], color="tab:blue")
+        ax1, ax2 = fig.subplots(1, 2, sharey=True)
+        rows = range(len(reports))
+        ax1.barh(rows, [100 * r["accuracy"] for r in reports], color="tab:blue")
+        ax1.set_yticks(rows, labels)
         ax1.set_xlabel("test accuracy (%)")
-        ax2.barh(labels, [(r["saved_activation_bytes"] or 0) / 2**20 for r in reports], color="tab:orange")
+        # a run whose measurement failed gets no bar: a 0-byte bar would read as "saves nothing"
+        saved = [(y, r["saved_activation_bytes"]) for y, r in zip(rows, reports, strict=True)]
+        measured = [(y, v) for y, v in saved if v is not None]
+        ax2.barh([y for y, _ in measured], [v / 2**20 for _, v in measured], color="tab:orange")
+        for y, v in saved:
+            if v is None:
+                ax2.text(0, y, " not measured", va="center", fontsize=8, color="tab:gray")
         ax2.set_xlabel("bytes saved for backward, one step (MiB)")
-        ax2.set_yticks([])
-        for ax in (ax1, ax2):
-            ax.invert_yaxis()  # the first run on top, as in the table
+        ax2.tick_params(labelleft=False)
+        ax1.invert_yaxis()  # (shared with ax2) the first run on top, as in the table
         setups = {(r.get("model"), r.get("data")) for r in reports}
         fig.suptitle(f"{ref.get('model')} on {ref.get('data')}" if len(setups) == 1
                      else "runs of different models or data (see the table's note)")
