@@ -158,26 +158,54 @@ def interleaved(
     ]
 
 
-def run_child(script: str, label: str, extra: Sequence[str] = (), timeout: int = 3600) -> dict[str, Any]:
-    """Run ``script --child LABEL --child-out FILE [extra...]`` in its own process (one set-up
-    that runs out of memory does not take the others down; its peak is its own) and return the
-    JSON it wrote, with ``elapsed_s``; or ``{"setup": label, "error": ...}``."""
-    out = Path(f"/tmp/s2a_{Path(script).stem}_{os.getpid()}_{label.replace('+', '_')}.json")
+def run_child(script: str, child: Sequence[str], ident: dict[str, Any], extra: Sequence[str] = (),
+              timeout: int = 3600) -> dict[str, Any]:
+    """Run ``script --child CHILD... --child-out FILE [extra...]`` in its own process (one set-up
+    that runs out of memory or hangs does not take the others down; its peak is its own) and
+    return the JSON it wrote, with ``elapsed_s`` (unless the child set it); on failure or timeout
+    ``{**ident, "error": ...}``, so the caller records it for that set-up and goes on."""
+    tag = "_".join(child).replace("+", "_").replace("/", "_")
+    out = Path(f"/tmp/s2a_{Path(script).stem}_{os.getpid()}_{tag}.json")
     t0 = time.perf_counter()
-    cmd = [sys.executable, script, "--child", label, "--child-out", str(out), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, script, "--child", *child, "--child-out", str(out), *extra]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out.unlink(missing_ok=True)
+        return {**ident, "error": f"timed out after {timeout} s", "elapsed_s": time.perf_counter() - t0}
     if proc.returncode != 0 or not out.exists():
-        tail = " | ".join((proc.stderr or "").strip().splitlines()[-3:])
-        return {"setup": label, "error": f"rc {proc.returncode}: {tail}"}
+        tail = " | ".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
+        why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"rc {proc.returncode}"
+        return {**ident, "error": f"{why}: {tail}", "elapsed_s": time.perf_counter() - t0}
     res = json.loads(out.read_text())
     out.unlink()
-    res["elapsed_s"] = time.perf_counter() - t0
+    res.setdefault("elapsed_s", time.perf_counter() - t0)
     return res
 
 
-def ratio_of_medians(a: dict[str, float], b: dict[str, float]) -> float:
-    """``b / a`` of the medians (a = reference)."""
-    return b["median_ms"] / a["median_ms"]
+def saved_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages saved for backward while ``fn`` runs: a storage saved
+    twice (the same tensor, or two views of it) is kept once, so it is counted once."""
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return total
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two tensors, flattened, in float64."""
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
 def paired_ratio(a: dict[str, float], b: dict[str, float]) -> float:

@@ -30,7 +30,10 @@ same tree and settings as ``benchmarks/accuracy.py`` (``full`` and ``s2a`` runs 
 
 Rows this invocation does not measure are kept from an existing ``<name>.json``, each with the
 sitting (date, load, command) it was measured in, so backbones and methods can be measured in
-separate sittings (``full`` is re-measured each time: it is the reference of the ratios).
+separate sittings (``full`` is re-measured each time: it is the reference of the ratios). Rows
+are merged only if measured with the same settings (model, batch, image size / sequence length,
+classes, device): otherwise the script refuses, naming the difference (use another ``--name``, or
+rerun those methods too).
 ``--time-methods`` times a subset (memory is always measured for every method): one ViT-B/16
 step at batch 64 takes tens of seconds on a CPU. A row re-measured untimed keeps the step time
 of its earlier sitting, which the Markdown names ("step times measured ...").
@@ -128,7 +131,8 @@ def base_lr(label: str, kind: str) -> float:
 
 
 def screened(label: str) -> bool:
-    """Rows whose rate is screened here: not full / s2a (tuned by accuracy.py) or their variants."""
+    """Rows whose rate is screened here: not full / s2a (tuned by accuracy.py) or their variants
+    (s2a-2bit, s2a-side, ...: they train at s2a's rate)."""
     return label not in SHARES_RATE and VARIANTS[label]["method"] not in ("full", "s2a")
 
 
@@ -144,8 +148,8 @@ def chosen_lr(backbone: str, label: str, run_missing: bool = False) -> tuple[flo
         lr, dir_label, _ = chosen_lr(backbone, SHARES_RATE[label], run_missing)
         return lr, label if dir_label == SHARES_RATE[label] else f"{label}@lr{lr:g}", f"{SHARES_RATE[label]}'s rate"
     base = base_lr(label, b["kind"])
-    if not screened(label):
-        return base, label, "tuned by accuracy.py"
+    if not screened(label):  # only full and s2a themselves were tuned; s2a's variants reuse its rate
+        return base, label, "tuned by accuracy.py" if label in ("full", "s2a") else "s2a's rate"
     grid = [float(f"{base * m:.3g}") for m in LR_SCREEN]
     vals = {}
 
@@ -240,6 +244,48 @@ def _sync(device: torch.device) -> None:
 
 
 LOAD_AT_START: list[float] = []
+# what defines a row's measurement besides its method: rows measured with other values are not comparable
+SETUP_KEYS = ("model", "batch", "img_size", "seq_len", "classes", "device")
+
+
+def setup_of(backbone: str, device: str) -> dict[str, Any]:
+    """The settings this invocation measures ``backbone`` with (fp32 always: not a setting here)."""
+    return {k: v for k, v in {**BACKBONES[backbone], "device": device}.items() if k in SETUP_KEYS}
+
+
+def _earlier_setup(old: dict[str, Any], detail: dict[str, Any]) -> dict[str, Any] | None:
+    """A kept row's settings; rows written before they were stored take their file's backbone
+    description and their sitting's device."""
+    if "setup" in detail:
+        return detail["setup"]
+    cfg = old.get("backbones", {}).get(detail["backbone"])
+    if cfg is None:
+        return None
+    device = old.get("sittings", {}).get(detail.get("measured"), {}).get("device", "cpu")
+    return {k: v for k, v in {**cfg, "device": device}.items() if k in SETUP_KEYS}
+
+
+def setup_conflicts(name: str, old: dict[str, Any], setups: dict[str, dict[str, Any]],
+                    remeasured: set[tuple[str, str]]) -> None:
+    """Refuse to merge, into ``<name>.json``, rows measured with other settings than this
+    invocation's (``setups``: backbone -> settings) beside rows it measures: their bytes, times
+    and ratios would not be comparable."""
+    for bb, mine in setups.items():
+        differ: dict[str, set[str]] = {}
+        for d in old.get("details", []):
+            if d["backbone"] != bb or (bb, d["method"]) in remeasured:
+                continue
+            theirs = _earlier_setup(old, d) or {}
+            for k in SETUP_KEYS:
+                if theirs.get(k) != mine.get(k):
+                    differ.setdefault(f"{k} {theirs.get(k)} (theirs) vs {mine.get(k)} (now)", set()).add(d["method"])
+        if differ:
+            methods = sorted(set().union(*differ.values()))
+            raise SystemExit(
+                f"compare: {RESULTS / name}.json holds {bb} rows measured with other settings: "
+                + "; ".join(f"{what}: {', '.join(sorted(ms))}" for what, ms in differ.items())
+                + f". Write to another --name, or rerun those methods too (--methods {','.join(methods)}) "
+                "with these settings.")
 
 
 def sitting_of(t0: float) -> str:
@@ -301,6 +347,7 @@ def measure_one(backbone: str, label: str, device: torch.device, warmup: int, re
         "weight_bytes": weights, "step_peak_bytes": report.peak_bytes, "peak_method": report.peak_method,
         "grad_bytes": report.grad_bytes, "optimizer_state_bytes": report.optimizer_state_bytes,
         "saved_by_kind": report.by_kind, "step_times_s": times, "notes": res.notes, "measured": measured,
+        "setup": setup_of(backbone, str(device)),
     }  # fmt: skip
     del model, res, zm, opt, report
     gc.collect()
@@ -352,10 +399,12 @@ S2A_PREFIX = "s2a"
 SIDE_LIKE = ("linear", "lst", "s2a-side")
 
 
-def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def checks(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The three figures of issue 5, on the rows that were measured (absent rows: no check)."""
+    rows = data["rows"]
     out: list[dict[str, Any]] = []
     by = {(r["backbone"], r["method"]): r for r in rows}
+    details = {(d["backbone"], d["method"]): d for d in data.get("details", [])}
     for bb in dict.fromkeys(r["backbone"] for r in rows):
         full, s2a = by.get((bb, "full")), by.get((bb, "s2a"))
         if full is None or s2a is None:
@@ -377,6 +426,11 @@ def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if mine is None:
             out.append({"backbone": bb, "check": "s2a step faster than full",
                         "value": "not timed beside full", "ok": None})  # fmt: skip
+        elif ckpt is not None and timed_in(details.get((bb, "s2a"))) != timed_in(details.get((bb, "full-ckpt"))):
+            # each ratio is against its own sitting's full: two sittings' ratios are not comparable
+            out.append({"backbone": bb, "check": "s2a step faster than full (full-ckpt: not comparable, "
+                        "different sittings)", "value": f"{mine:.2f} x full; full-ckpt "
+                        f"{ckpt['step_time_s_vs_full']:.2f} x full in another sitting", "ok": mine < 1.0})
         else:
             slower = mine >= 1.0 or (ckpt is not None and mine >= ckpt["step_time_s_vs_full"])
             out.append({"backbone": bb, "check": "s2a step faster than full" + (" and full-ckpt" if ckpt else ""),
@@ -481,8 +535,9 @@ def to_markdown(data: dict[str, Any]) -> str:
             "by accuracy.py; screened: the peer ran seed 0 at 0.3x, 1x and 3x its base rate (s2a's for linear "
             "and BitFit, default_lr otherwise), then 3x further past the edge while that improved (at most "
             f"{LR_EXTEND} more), and the best validation accuracy chose the rate of every seed; "
-            "'<method>'s rate': the same optimisation with other storage (checkpointing, Mesa / Few-bit) "
-            "shares that method's rate; default: not screened yet.",
+            "'<method>'s rate': the same optimisation with other storage (checkpointing, Mesa / Few-bit), "
+            "or an s2a variant (other bit widths or modules), shares that method's rate; default: not "
+            "screened yet.",
             "Every method with a frozen backbone keeps its BatchNorm running statistics (as s2a does); full "
             "fine-tuning and its storage variants train them.",
             "mesa8 / fewbit2 are configurations of s2a's activation engine imitating Mesa and Few-bit / "
@@ -591,6 +646,10 @@ def main() -> None:
     if args.refresh_accuracy:
         refresh_accuracy(args.name, seeds, args.run_missing, set(backbones), set(methods))
         return
+    path = RESULTS / f"{args.name}.json"
+    if path.is_file():  # refuse now, not after hours of measuring
+        setup_conflicts(args.name, _with_sittings(json.loads(path.read_text())),
+                        {b: setup_of(b, str(device)) for b in backbones}, {(b, m) for b in backbones for m in methods})
     t0 = time.time()
     LOAD_AT_START[:] = os.getloadavg() if hasattr(os, "getloadavg") else ()
     rows, details, skipped, finished = [], [], [], {}
@@ -618,7 +677,6 @@ def write_partial(args: argparse.Namespace, backbones: list[str], methods: list[
                   t0: float) -> None:
     """Write the results measured so far (every row carries its own numbers)."""
     rows, details = [dict(r) for r in rows], [dict(d) for d in details]  # the merge edits them
-    add_ratios(rows)
     timing = f"{args.repeats} timed steps after {args.warmup} warm-up"
     if args.time_methods == "none":
         timing = "memory only, no timed steps"
@@ -636,7 +694,9 @@ def write_partial(args: argparse.Namespace, backbones: list[str], methods: list[
             "skipped": skipped, "seeds_finished": finished, "details": details,
             "not_measured": [p for p in planned if p not in done]}  # fmt: skip
     with _locked(args.name):
-        finish(args.name, keep_earlier_rows(args.name, data), quiet=True)
+        setups = {b: setup_of(b, str(args.device)) for b in backbones}
+        finish(args.name, keep_earlier_rows(args.name, data, setups, {(b, m) for b in backbones for m in methods}),
+               quiet=True)
 
 
 @contextlib.contextmanager
@@ -662,18 +722,26 @@ def _with_sittings(old: dict[str, Any]) -> dict[str, Any]:
     return old
 
 
-def keep_earlier_rows(name: str, data: dict[str, Any]) -> dict[str, Any]:
+def keep_earlier_rows(name: str, data: dict[str, Any], setups: dict[str, dict[str, Any]],
+                      planned: set[tuple[str, str]]) -> dict[str, Any]:
     """Carry over, from an existing ``<name>.json``, every row this invocation did not measure:
     a ViT-B/16 pass takes hours on a CPU, and need not be repeated to add or refresh other
-    rows. Each row's sitting (date, load, command) stays in ``sittings``, named per row."""
+    rows. Each row's sitting (date, load, command) stays in ``sittings``, named per row.
+    ``setups``: this invocation's settings per backbone; ``planned``: the (backbone, method)
+    rows it measures, a row measured with other settings among them is dropped, not kept, until
+    it is re-measured (a partial write must not mix the two)."""
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         return data
     old = _with_sittings(json.loads(path.read_text()))
     new = {(r["backbone"], r["method"]) for r in data["rows"]} | {(x["backbone"], x["method"]) for x in data["skipped"]}
+    # again at each write: an invocation started meanwhile may have written other settings
+    setup_conflicts(name, old, setups, planned)
+    stale = {(d["backbone"], d["method"]) for d in old.get("details", [])
+             if (d["backbone"], d["method"]) in planned and _earlier_setup(old, d) != setups.get(d["backbone"])}
 
     def earlier(x: dict[str, Any]) -> bool:
-        return (x["backbone"], x["method"]) not in new
+        return (x["backbone"], x["method"]) not in new | stale
 
     now = data["meta"]["date"]
     data["sittings"] = {**{k: v for k, v in old.get("sittings", {}).items() if k != now}, now: data["meta"]}
@@ -706,16 +774,17 @@ def _keep_earlier_times(old: dict[str, Any], data: dict[str, Any]) -> None:
         prev, prev_detail, detail = old_rows.get(key), old_details.get(key), details.get(key)
         if r["step_time_s"] is not None or prev is None or prev.get("step_time_s") is None:
             continue
-        if detail is None or prev_detail is None:
-            continue
+        if detail is None or prev_detail is None or _earlier_setup(old, prev_detail) != detail.get("setup"):
+            continue  # a time taken with other settings is not this row's
         r["step_time_s"], r["throughput"] = prev["step_time_s"], prev["throughput"]
         detail["step_times_s"] = prev_detail.get("step_times_s", [])
         detail["timed"] = prev_detail.get("timed", prev_detail.get("measured"))
 
 
 def finish(name: str, data: dict[str, Any], quiet: bool = False) -> None:
+    add_ratios(data["rows"])  # after the merge: kept rows are compared with today's full
     step_ratios(data)
-    data["checks"] = checks(data["rows"])
+    data["checks"] = checks(data)
     md = to_markdown(data)
     write_results(name, data, md)
     plot(data["rows"], RESULTS / f"{name}.png")
@@ -740,7 +809,6 @@ def refresh_accuracy(name: str, seeds: list[int], run_missing: bool, backbones: 
             acc = accuracy_of(r["backbone"], r["method"], seeds, False)
             r.update({f: acc[f] for f in ("accuracy", "accuracy_std", "lr", "lr_choice")})
             data["seeds_finished"][f"{r['backbone']}/{r['method']}"] = acc["n"]
-        add_ratios(data["rows"])
         data["meta"]["accuracy_refreshed"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         finish(name, data)
 

@@ -162,7 +162,11 @@ def time_steps(arch: str, quick: bool, repeats: int) -> dict[str, Any]:
 
 def to_markdown(data: dict[str, Any]) -> str:
     by = {r["setup"]: r for r in data["results"]}
-    full = by["full"]["report"]
+    full = by["full"].get("report")  # None: full failed, no ratios
+
+    def vs(key: str, rep: dict[str, Any]) -> str:
+        return f"{rep[key] / full[key]:.3f}" if full and full[key] else "-"
+
     rows = []
     for r in data["results"]:
         if "error" in r:
@@ -171,8 +175,8 @@ def to_markdown(data: dict[str, Any]) -> str:
         rep = r["report"]
         kinds = sorted(rep["by_kind"].items(), key=lambda kv: -kv[1])[:3]
         rows.append([
-            r["setup"], mib(rep["saved_bytes"]), f"{rep['saved_bytes'] / full['saved_bytes']:.3f}",
-            mib(rep["peak_bytes"]), f"{rep['peak_bytes'] / full['peak_bytes']:.3f}",
+            r["setup"], mib(rep["saved_bytes"]), vs("saved_bytes", rep),
+            mib(rep["peak_bytes"]), vs("peak_bytes", rep),
             f"{rep['trainable_params']:,}", f"{100 * rep['trainable_params'] / rep['total_params']:.2f}%",
             ", ".join(f"{k} {mib(v)}" for k, v in kinds), f"{r['measure_s']:.0f}",
         ])
@@ -227,15 +231,16 @@ def main() -> None:
         Path(args.child_out).write_text(json.dumps(run_one(args.arch, args.child, args.quick)))
         return
     t0 = time.perf_counter()
+    # the date and load of the start, not of the end
+    meta = metadata(repeats=f"memory: 1 measured step per set-up; time: {args.repeats} rounds")
     results = []
     for label, _, _ in SETUPS:
-        results.append(run_child(__file__, label, ["--arch", args.arch] + (["--quick"] if args.quick else [])))
+        results.append(run_child(__file__, [label], {"setup": label},
+                                 ["--arch", args.arch] + (["--quick"] if args.quick else [])))
         print(label, results[-1].get("error", "ok"), flush=True)
-    load = os.getloadavg()
+    meta["load_avg_at_timing"] = os.getloadavg()
     timing = time_steps(args.arch, args.quick, args.repeats) if args.repeats > 0 else None
-    meta = metadata(repeats=f"memory: 1 measured step per set-up; time: {args.repeats} rounds",
-                    runtime_s=time.perf_counter() - t0)
-    meta["load_avg_at_timing"] = load
+    meta["runtime_s"] = time.perf_counter() - t0
     data = {"meta": meta, "arch": args.arch, "size": _size(args.arch, args.quick), "results": results,
             "step_time": timing, "repeats": args.repeats}
     name = "decoder_memory" + ("_moe" if args.arch == "moe" else "") + ("_quick" if args.quick else "")

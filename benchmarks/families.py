@@ -1,6 +1,7 @@
 """Architecture coverage: does ``s2a.apply`` work on my architecture?
 
-Builds ~35 timm and ~35 transformers architectures with tiny random weights (no downloads),
+Builds every timm and transformers architecture listed in ``TIMM`` and ``HF`` below (the
+result files count them) with tiny random weights (no downloads),
 applies ``S2AConfig(modules=("bias", "prompt"))`` (``bias,prompt,side`` on a few) with
 ``num_classes=5`` where the model has a head, and runs five checks on each:
 

@@ -35,6 +35,7 @@ import copy
 import csv
 import importlib.util
 import io
+import json
 import os
 import re
 import sys
@@ -52,7 +53,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import s2a
-from _common import header, md_table, metadata, pass_fail, write_results
+from _common import RESULTS, cosine, header, md_table, metadata, pass_fail, write_results
 from s2a.activations import attention as SA
 from s2a.activations import functional as S
 from s2a.activations.codebooks import SMOOTH_FUNCTIONS
@@ -76,10 +77,6 @@ EXACT = {
     "leaky_relu": (lambda t: F.leaky_relu(t, 0.01), {"negative_slope": 0.01}),
     "hardtanh": (F.hardtanh, {}),
 }
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
 def grads(fn: Callable, inputs: dict[str, torch.Tensor], wrt: list[str], g: torch.Tensor,
@@ -311,7 +308,19 @@ def bench_minilm(quick: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- report
+def _int_bits(obj: Any) -> Any:
+    """``obj`` with the keys of every ``bits`` dict as ints: JSON turns them into strings, and
+    the report indexes them by bit width (a rebuild from fidelity.json needs them back)."""
+    if isinstance(obj, list):
+        return [_int_bits(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    return {k: ({int(b): _int_bits(v) for b, v in val.items()} if k == "bits" and isinstance(val, dict)
+                else _int_bits(val)) for k, val in obj.items()}
+
+
 def to_markdown(data: dict[str, Any]) -> str:
+    data = _int_bits(data)
     notes = [
         "Cosine similarity between gradients, computed in float64 over the flattened tensors.",
     ]
@@ -380,7 +389,15 @@ def to_markdown(data: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small inputs, 8 sentences")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only rebuild the .md from the existing .json (with --quick: the quick one)")
     args = ap.parse_args()
+    name = "fidelity_quick" if args.quick else "fidelity"
+    if args.report_only:
+        md = to_markdown(json.loads((RESULTS / f"{name}.json").read_text()))
+        (RESULTS / f"{name}.md").write_text(md)
+        print(md)
+        return
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     meta = metadata(repeats="1 (deterministic: fixed seeds, one gradient per setting)")
@@ -388,7 +405,6 @@ def main() -> None:
     data["minilm"] = bench_minilm(args.quick)
     data["ops"] = bench_ops(args.quick)
     meta["runtime_s"] = time.perf_counter() - t0
-    name = "fidelity_quick" if args.quick else "fidelity"
     jp, mp = write_results(name, data, to_markdown(data))
     print(mp.read_text())
     print(f"wrote {jp} and {mp} in {meta['runtime_s']:.0f} s")

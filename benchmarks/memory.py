@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, header, md_table, metadata, mib, pass_fail, write_results
+from _common import RESULTS, header, md_table, metadata, mib, pass_fail, run_child, write_results
 
 MODELS = {
     # key: (model name for s2a.cli.build_model, batch, extra kwargs)
@@ -85,24 +84,6 @@ def run_one(key: str, setup: str, quick: bool) -> dict[str, Any]:
         "elapsed_s": elapsed,
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-
-
-def run_child(key: str, setup: str, timeout: int) -> dict[str, Any]:
-    out = Path(f"/tmp/s2a_bench_memory_{os.getpid()}_{key}_{setup.replace('+', '_')}.json")
-    cmd = [sys.executable, __file__, "--child", key, setup, "--child-out", str(out)]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": key, "setup": setup, "error": f"timed out after {timeout} s"}
-    if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-        why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"rc {proc.returncode}"
-        return {"model": key, "setup": setup, "error": f"{why}: {' | '.join(tail)}",
-                "elapsed_s": time.perf_counter() - t0}
-    res = json.loads(out.read_text())
-    out.unlink()
-    return res
 
 
 def kept_rows(name: str, models: list[str]) -> list[dict]:
@@ -292,9 +273,9 @@ def to_markdown(data: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small stand-in models, in-process, < 60 s")
+    ap.add_argument("--quick", action="store_true", help="small stand-in models, in-process")
     ap.add_argument("--models", nargs="*", choices=list(MODELS),
-                    help="default: all four (--quick: vit_b16 and minilm stand-ins)")
+                    help="default: every model (--quick: vit_b16 and minilm stand-ins)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per set-up subprocess")
     ap.add_argument("--render", metavar="JSON", help="only rewrite the .md from a results .json")
     ap.add_argument("--child", nargs=2, metavar=("MODEL", "SETUP"), help=argparse.SUPPRESS)
@@ -321,7 +302,7 @@ def main() -> None:
             if args.quick:
                 res = run_one(key, setup, quick=True)
             else:
-                res = run_child(key, setup, args.timeout)
+                res = run_child(__file__, [key, setup], {"model": key, "setup": setup}, timeout=args.timeout)
             r = res.get("report")
             msg = res.get("error") or (
                 f"saved {mib(r['saved_bytes'])} MiB, peak {mib(r['peak_bytes'])} MiB, "

@@ -17,7 +17,7 @@ as a reference; interleaved, median of ``--steps`` steps after warm-up.
 
     python benchmarks/ops.py            # full sizes
     python benchmarks/ops.py --quick    # small shapes, ViT-Ti batch 2 (smoke test)
-    python benchmarks/ops.py --ops softmax,layer_norm --skip-step   # a subset, no files written
+    python benchmarks/ops.py --ops softmax,layer_norm   # a subset, no ViT step, no files written
 
 Writes ``benchmarks/results/ops.json`` and ``ops.md`` (``ops_quick.*`` with --quick).
 """
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import s2a
-from _common import header, interleaved, md_table, metadata, pass_fail, write_results
+from _common import header, interleaved, md_table, metadata, pass_fail, saved_bytes, write_results
 from s2a.activations import attention as SA
 from s2a.activations import functional as S
 from s2a.activations import kernels
@@ -62,25 +62,6 @@ def s2a_compile(enabled: bool):
             os.environ.pop("S2A_COMPILE", None)
         else:
             os.environ["S2A_COMPILE"] = old
-
-
-def saved_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the distinct storages saved for backward while ``fn`` runs (forward only)."""
-    seen: set[int] = set()
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        s = t.untyped_storage()
-        if s.data_ptr() not in seen:
-            seen.add(s.data_ptr())
-            total += s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return total
 
 
 # ---------------------------------------------------------------------------- operators
@@ -356,16 +337,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes and ViT-Ti batch 2")
     ap.add_argument("--repeats", type=int, help="timed rounds per operator (default 9; quick 3)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds (default 2)")
+    ap.add_argument("--warmup", type=int, help="untimed rounds (default 2; quick 1)")
     ap.add_argument("--steps", type=int, help="timed ViT steps (default 7; quick 2)")
     ap.add_argument("--ops", help="comma-separated operators to run (e.g. softmax,layer_norm); "
-                    "a subset run prints its table and writes no result files")
+                    "a subset run prints its table, skips the ViT step and writes no result files")
     ap.add_argument("--skip-step", action="store_true",
                     help="skip the ViT step (prints only, writes no result files)")
     args = ap.parse_args()
     repeats = args.repeats or (3 if args.quick else 9)
     steps = args.steps or (2 if args.quick else 7)
-    warmup = 1 if args.quick else args.warmup
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     meta = metadata(repeats=f"operators: median of {repeats} after {warmup} warm-up rounds; "
@@ -377,11 +358,8 @@ def main() -> None:
         for r in data["ops"]:
             print(f"{r['op']:24s} cpu-time ratio {r['cpu_ratio']:.2f}x  saved "
                   f"{r['native_saved_bytes']} -> {r['s2a_saved_bytes']} B")
-        if args.skip_step:
-            return
+        return  # a subset or no step: nothing complete to write
     data["step"] = bench_step(args.quick, steps, warmup)
-    if only is not None:
-        return
     meta["runtime_s"] = time.perf_counter() - t0
     meta["load_avg_at_end"] = os.getloadavg()
     name = "ops_quick" if args.quick else "ops"

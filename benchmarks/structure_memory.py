@@ -62,15 +62,19 @@ def run_one(label: str, quick: bool) -> dict[str, Any]:
 
 
 def to_markdown(data: dict[str, Any]) -> str:
-    rows, full = [], next(r for r in data["results"] if r["setup"] == "full")["report"]
+    rows, full = [], next(r for r in data["results"] if r["setup"] == "full").get("report")  # None: failed
+
+    def vs(key: str, rep: dict[str, Any]) -> str:
+        return f"{rep[key] / full[key]:.3f}" if full and full[key] else "-"
+
     for r in data["results"]:
         if "error" in r:
             rows.append([r["setup"], "error: " + r["error"], "", "", "", "", ""])
             continue
         rep = r["report"]
         rows.append([
-            r["setup"], mib(rep["saved_bytes"]), f"{rep['saved_bytes'] / full['saved_bytes']:.3f}",
-            mib(rep["peak_bytes"]), f"{rep['peak_bytes'] / full['peak_bytes']:.3f}",
+            r["setup"], mib(rep["saved_bytes"]), vs("saved_bytes", rep),
+            mib(rep["peak_bytes"]), vs("peak_bytes", rep),
             f"{rep['trainable_params']:,}", f"{100 * rep['trainable_params'] / rep['total_params']:.2f}%",
         ])
     lines = header(
@@ -94,12 +98,13 @@ def main() -> None:
         Path(args.child_out).write_text(json.dumps(run_one(args.child, args.quick)))
         return
     t0 = time.perf_counter()
+    meta = metadata(repeats="1 measured step per set-up")  # the date and load of the start
     results = []
     for label, _, _ in setups():
-        results.append(run_child(__file__, label, ["--quick"] if args.quick else []))
+        results.append(run_child(__file__, [label], {"setup": label}, ["--quick"] if args.quick else []))
         print(label, "error" if "error" in results[-1] else "ok", flush=True)
     name, batch = FULL["quick" if args.quick else "full"]
-    meta = metadata(repeats="1 measured step per set-up", runtime_s=time.perf_counter() - t0)
+    meta["runtime_s"] = time.perf_counter() - t0
     data = {"meta": meta, "model": name, "batch": batch, "results": results}
     write_results("structure_memory" + ("_quick" if args.quick else ""), data, to_markdown(data))
 
