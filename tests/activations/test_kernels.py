@@ -269,3 +269,47 @@ def test_dropout_keys_tensor_matches_python():
     seeds = [0, 1, 2**31, 2**32 - 1, 2**32, 2**62 - 1] + [rng.getrandbits(62) for _ in range(300)]
     for s in seeds:
         assert K.dropout_keys_tensor(torch.tensor([s])).tolist() == list(K.dropout_keys(s)), s
+
+
+def test_compiled_kernels_are_not_recompiled_for_each_state_of_a_function_mode(monkeypatch):
+    # s2a's own TorchFunctionMode reads how many forwards are running: traced into the kernel's
+    # graph, each depth was one more recompile, until the limit sent the kernel back to eager
+    import warnings
+
+    from torch.overrides import TorchFunctionMode
+
+    from s2a.activations import rowquant as RQ
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(  # dynamo only: fast
+        fn, backend="eager", dynamic=kw.get("dynamic"), fullgraph=kw.get("fullgraph", False)))
+    monkeypatch.setenv("S2A_COMPILE", "1")
+    for module in (K, RQ):
+        monkeypatch.setattr(module, "_COMPILED", {})
+        monkeypatch.setattr(module, "_FAILED", set())
+    torch._dynamo.reset()
+
+    class DepthMode(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.running: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if not self.running:
+                return func(*args, **(kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    def scaled(x, *, k):
+        return x * k + 1
+
+    x = torch.randn(1 << 16)
+    want = K.dropout_apply(x, 1234, 0.1), scaled(x, k=3)
+    mode = DepthMode()
+    with mode, warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fall-back to eager warns
+        for depth in range(torch._dynamo.config.recompile_limit + 4):
+            mode.running = [None] * depth
+            assert torch.equal(K.dropout_apply(x, 1234, 0.1), want[0])
+            assert torch.equal(RQ.run_fused(scaled, x, k=3), want[1])
+    assert not K._FAILED and not RQ._FAILED
+    assert len(K._COMPILED) == 1 and len(RQ._COMPILED) == 1

@@ -214,6 +214,15 @@ COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
 SMALL = 1 << 16
 
 
+def call_compiled(fn: Callable, *tensors: torch.Tensor):
+    """Call a compiled kernel with no ``__torch_function__`` handling: the kernels are plain
+    tensor code, and a TorchFunctionMode on the stack (s2a's own, whose state follows the
+    nesting of forwards) would be traced into the graph and guarded on, one recompile per
+    state it is in, until the recompile limit fails the kernel over to eager."""
+    with torch._C.DisableTorchFunction():
+        return fn(*tensors)
+
+
 def _run(name: str, eager: Callable, *args):
     # One compiled variant per static configuration (non-tensor arguments and dtypes);
     # floats that vary travel as 0-d tensors (a Python float would be baked in).
@@ -230,7 +239,7 @@ def _run(name: str, eager: Callable, *args):
         fn = _COMPILED[name] = torch.compile(_bind_static(eager, args), dynamic=True,
                                              fullgraph=True, options=COMPILE_OPTIONS)
     try:
-        return fn(*(a for a in args if isinstance(a, torch.Tensor)))
+        return call_compiled(fn, *(a for a in args if isinstance(a, torch.Tensor)))
     except Exception as exc:  # compiler missing or unsupported platform: stay correct, warn once
         _FAILED.add(name)
         warnings.warn(

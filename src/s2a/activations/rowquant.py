@@ -298,7 +298,7 @@ def run_fused(body: Callable[..., Any], *tensors: torch.Tensor, **static: object
         fn = _COMPILED[key] = torch.compile(_bind(body, static), dynamic=True, fullgraph=True,
                                                options=kernels.COMPILE_OPTIONS)
     try:
-        return fn(*tensors)
+        return kernels.call_compiled(fn, *tensors)
     except Exception as exc:  # compiler missing or unsupported platform: stay correct, warn once
         _FAILED.add(key)
         warnings.warn(
