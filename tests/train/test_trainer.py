@@ -120,6 +120,20 @@ def test_precisions_and_accumulation(run_cli, image_folder, tmp_path):
         assert 0.0 <= report["accuracy"] <= 1.0
 
 
+def test_fp16_steps_the_scaler_skips_do_not_advance_the_schedule(run_cli, image_folder, tmp_path, monkeypatch):
+    # a scale so large that the first updates overflow: GradScaler skips it and halves the scale
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device: real(device, init_scale=2.0**18))
+    out = tmp_path / "fp16"
+    run_cli("--model", "test_vit", "--img-size", "32", "--data", str(image_folder), "--method", "full",
+            "--epochs", "1", "--train-size", "24", "--batch-size", "4", "--precision", "fp16",
+            "--out", str(out))  # fmt: skip
+    last = load_checkpoint(out / "checkpoints" / "last.pt", kind="last")
+    skipped = round(-torch.log2(torch.tensor(last["scaler"]["scale"] / 2.0**18)).item())
+    assert last["global_step"] == 6 and 1 <= skipped < 6
+    assert last["scheduler"]["last_epoch"] == 6 - skipped
+
+
 def test_step_time_leaves_out_data_loading(run_cli, image_folder, tmp_path, monkeypatch):
     """Methods compare on what a step computes: a slow loader shows in data_time_s and
     wall_throughput, not in step_time_s / throughput."""

@@ -836,12 +836,18 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         if self.rc.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.rc.max_grad_norm)
+        stepped = True
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # update() lowers the scale after inf / NaN gradients, when step() skipped the
+            # update: the schedule waits too (early fp16 steps would otherwise eat the warm-up)
+            stepped = self.scaler.get_scale() >= scale
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if stepped:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if info.device.type == "cuda":  # else the next step's batch copy waits for this step's kernels
             torch.cuda.synchronize(info.device)
