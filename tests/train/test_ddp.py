@@ -62,3 +62,29 @@ def test_torchrun_two_cpu_processes_match_one(image_folder, tmp_path, run_cli):
     assert la == pytest.approx(lb, rel=1e-4)
     assert [h["acc"] for h in a["history"]] == [h["acc"] for h in b["history"]]
     assert a["accuracy"] == b["accuracy"]
+
+
+def _reduce_grads_on_rank(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from s2a.train.distributed import DistInfo, all_reduce_grads
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        both, one, neither = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+        both.grad = torch.full((3,), float(rank + 1))
+        if rank == 1:
+            one.grad = torch.full((3,), 4.0)
+        all_reduce_grads([both, one, neither], DistInfo(rank, 2, 0, torch.device("cpu")))
+        torch.save([p.grad for p in (both, one, neither)], f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_parameter_no_process_has_a_gradient_for_keeps_none(tmp_path):
+    # as in one process, where AdamW then skips it; a zero gradient would decay and move it
+    torch.multiprocessing.spawn(_reduce_grads_on_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        both, one, neither = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(both, torch.full((3,), 1.5)) and torch.equal(one, torch.full((3,), 2.0))
+        assert neither is None

@@ -96,17 +96,22 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
 
 
 def all_reduce_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
-    """Average the gradients of ``params`` over all processes (missing gradients count as 0)."""
+    """Average the gradients of ``params`` over all processes (a gradient missing on some
+    counts as 0 there). A parameter no process computed a gradient for keeps none, as in one
+    process: AdamW then leaves it alone (a zero gradient would still decay it and move it
+    along its running moments)."""
     if not info.enabled or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = torch.cat([*(g.reshape(-1).float() for g in grads), has_grad])
     dist.all_reduce(flat)
     flat /= info.world_size
+    used = (flat[-len(params):] > 0).tolist()  # one device sync, not one per parameter
     offset = 0
-    for p, g in zip(params, grads, strict=True):
+    for p, g, u in zip(params, grads, used, strict=True):
         n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype).clone()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype).clone() if u else None
         offset += n
 
 
