@@ -81,6 +81,20 @@ def test_no_graph_breaks(kind):
     assert ex.graph_count <= MAX_BREAKS[kind] + 1
 
 
+@pytest.mark.parametrize("kind", ["vit", "bert"])
+def test_no_graph_breaks_under_autocast(kind):
+    # the norms ask whether autocast runs them in float32: a constant table, not the dispatcher
+    m, x = _prepared(kind)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _logits(m(x)).float().sum()
+
+    ex = dynamo.explain(step)(x)
+    reasons = [b.reason.splitlines()[0] for b in ex.break_reasons]
+    assert ex.graph_break_count <= MAX_BREAKS[kind], reasons
+
+
 def test_text_models_with_a_mask_and_position_ids_trace_whole():
     # BERT with its attention mask, Llama (bias + prompt rows gathered by position_ids): no
     # data-dependent check in s2a's hooks may break the graph

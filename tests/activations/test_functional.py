@@ -857,9 +857,8 @@ def test_frozen_batch_norm_on_running_stats_keeps_nothing_in_any_dtype(dtype):
 
 def test_the_dispatcher_says_which_autocast_runs_norms_in_float32():
     for op in ("aten::layer_norm", "aten::group_norm", "aten::rms_norm"):
-        assert S._autocast_kernel(op, "cuda")  # CUDA autocast's float32 list
-        assert not S._autocast_kernel(op, "cpu")  # CPU autocast leaves them in the input's dtype
-    assert not S._autocast_kernel("aten::layer_norm", "meta")  # no autocast key at all
+        assert (op, "cuda") in S._AUTOCAST_FLOAT32_NORMS  # CUDA autocast's float32 list
+        assert (op, "cpu") not in S._AUTOCAST_FLOAT32_NORMS  # CPU autocast leaves them in the input's dtype
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "group_norm"])
@@ -867,7 +866,7 @@ def test_norms_follow_an_autocast_that_runs_them_in_float32(op, monkeypatch):
     # as CUDA autocast does natively: the norm computes in and returns float32, and the input's
     # gradient comes back in its own dtype through the cast (checked here on CPU autocast,
     # told to behave so, against the native op on the float32 cast)
-    monkeypatch.setattr(S, "_autocast_kernel", lambda name, device: name == f"aten::{op}")
+    monkeypatch.setattr(S, "_AUTOCAST_FLOAT32_NORMS", frozenset({(f"aten::{op}", "cpu")}))
     torch.manual_seed(0)
     x = torch.randn(4, 8, 32).bfloat16().requires_grad_()
     w = torch.randn(8 if op == "group_norm" else 32, requires_grad=True)

@@ -313,3 +313,21 @@ def test_compiled_kernels_are_not_recompiled_for_each_state_of_a_function_mode(m
             assert torch.equal(RQ.run_fused(scaled, x, k=3), want[1])
     assert not K._FAILED and not RQ._FAILED
     assert len(K._COMPILED) == 1 and len(RQ._COMPILED) == 1
+
+
+def test_compiled_kernels_keep_a_tensor_subclass_as_the_eager_ones_do(monkeypatch):
+    # __torch_function__ is switched off around compiled kernels for plain tensors only
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(
+        fn, backend="eager", dynamic=kw.get("dynamic"), fullgraph=kw.get("fullgraph", False)))
+    monkeypatch.setattr(K, "_COMPILED", {})
+    monkeypatch.setattr(K, "_FAILED", set())
+    torch._dynamo.reset()
+
+    class Tagged(torch.Tensor):
+        pass
+
+    x = torch.randn(1 << 16).as_subclass(Tagged)
+    for compiled in ("1", "0"):
+        monkeypatch.setenv("S2A_COMPILE", compiled)
+        assert type(K.dropout_apply(x, 1234, 0.1)) is Tagged, compiled

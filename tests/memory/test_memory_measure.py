@@ -549,10 +549,11 @@ def test_tensor_subclasses_count_their_inner_storages():
     assert report.forward_live_bytes == pytest.approx(report.expected_forward_live_bytes, abs=64)
 
 
-def test_module_tensors_rebound_by_the_forward_stay_alive_through_the_step():
-    """Storages that exist before the step are recognised by address: one freed mid-step (a
-    tensor attribute the forward rebinds) could be taken by an activation, which would then be
-    filed as preexisting. measure holds them until it returns."""
+def test_a_module_tensor_the_forward_rebinds_is_freed_and_its_address_not_taken_for_input():
+    """Storages that exist before the step are recognised by address, while a tensor viewing
+    them lives: one freed mid-step (a tensor attribute the forward rebinds) is freed as in a
+    real step (holding it would raise the peak), and an activation allocated at its address is
+    not filed as preexisting."""
 
     class Rebinds(nn.Module):
         def __init__(self):
@@ -567,11 +568,12 @@ def test_module_tensors_rebound_by_the_forward_stay_alive_through_the_step():
             self.old_alive.append(old() is not None)
             return self.lin(x).sin()
 
-    model = Rebinds()
-    report = measure(model, torch.randn(256, 64), loss_fn=lambda out, batch: out.sum())
-    assert model.old_alive[0]  # run A: the original attribute was not freed
-    assert report.saved_input_bytes == 256 * 64 * F32  # x alone
-    assert report.saved_bytes == 2 * 256 * 64 * F32  # x and h
+    for _ in range(5):  # the allocator may or may not hand the freed block to h
+        model = Rebinds()
+        report = measure(model, torch.randn(256, 64), loss_fn=lambda out, batch: out.sum())
+        assert model.old_alive[0] is False  # run A: the original attribute was freed
+        assert report.saved_input_bytes == 256 * 64 * F32  # x alone
+        assert report.saved_bytes == 2 * 256 * 64 * F32  # x and h
 
 
 def test_a_buffer_rebound_by_the_forward_is_put_back():

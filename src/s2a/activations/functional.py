@@ -10,7 +10,6 @@ If no input requires grad (inference, frozen prefix) the native op runs as is.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -306,16 +305,24 @@ def group_norm(
     return _GroupNorm.apply(x, int(num_groups), weight, bias, float(eps), bits)
 
 
-@functools.cache
-def _autocast_kernel(op: str, device_type: str) -> bool:
-    """Whether autocast has a kernel for ``op`` on ``device_type``. For the norms that is the
-    float32 policy: CUDA (XPU, MPS...) autocast runs layer_norm, group_norm and rms_norm in
-    float32, CPU autocast in the input's dtype. Asked of the dispatcher, as the lists change
-    between PyTorch versions (rms_norm joined later; MPS has none)."""
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autocast" + device_type.upper())
-    except (RuntimeError, AttributeError):  # no autocast dispatch key for this device
-        return False
+def _autocast_float32_norms() -> frozenset[tuple[str, str]]:
+    """(op, device type) pairs autocast has a kernel for. For the norms that is the float32
+    policy: CUDA (XPU, MPS...) autocast runs layer_norm, group_norm and rms_norm in float32,
+    CPU autocast in the input's dtype. Asked of the dispatcher, as the lists change between
+    PyTorch versions (rms_norm joined later; MPS has none); once, at import: a traced model
+    (torch.compile) can read a constant table, not the dispatcher."""
+    pairs = set()
+    for device in ("cpu", "cuda", "xpu", "mps", "mtia", "maia", "hpu", "xla"):
+        for op in ("aten::layer_norm", "aten::group_norm", "aten::rms_norm"):
+            try:
+                if torch._C._dispatch_has_kernel_for_dispatch_key(op, "Autocast" + device.upper()):
+                    pairs.add((op, device))
+            except (RuntimeError, AttributeError):  # no autocast dispatch key for this device
+                break
+    return frozenset(pairs)
+
+
+_AUTOCAST_FLOAT32_NORMS = _autocast_float32_norms()
 
 
 def _as_autocast_norm(op: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -323,7 +330,7 @@ def _as_autocast_norm(op: str, *tensors: torch.Tensor | None) -> tuple[torch.Ten
     to float32 where autocast runs it in float32 (the output is then float32 too, and the
     gradients flow back through the casts, as natively)."""
     x = tensors[0]
-    if _autocast_dtype(x.device.type) is None or not _autocast_kernel(op, x.device.type):
+    if _autocast_dtype(x.device.type) is None or (op, x.device.type) not in _AUTOCAST_FLOAT32_NORMS:
         return tensors
     return tuple(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
                  for t in tensors)

@@ -218,7 +218,10 @@ def call_compiled(fn: Callable, *tensors: torch.Tensor):
     """Call a compiled kernel with no ``__torch_function__`` handling: the kernels are plain
     tensor code, and a TorchFunctionMode on the stack (s2a's own, whose state follows the
     nesting of forwards) would be traced into the graph and guarded on, one recompile per
-    state it is in, until the recompile limit fails the kernel over to eager."""
+    state it is in, until the recompile limit fails the kernel over to eager. Not for tensor
+    subclasses: their ``__torch_function__`` must run, as on the eager path."""
+    if any(type(t) is not torch.Tensor for t in tensors):
+        return fn(*tensors)
     with torch._C.DisableTorchFunction():
         return fn(*tensors)
 

@@ -101,6 +101,27 @@ def _storage_keys(tensors: Iterable[torch.Tensor]) -> set[StorageKey]:
     return {key for t in tensors for key, _, _ in _storages(t) if key is not None}
 
 
+class _Preexisting:
+    """The storages alive before the step that the graph may keep (batch tensors, plain tensor
+    attributes of modules), with weak references to the tensors holding them. A key counts only
+    while one of them lives: a forward that rebinds an attribute (``self.cache = ...``) frees the
+    old storage, and an activation allocated at its address must not pass for preexisting. (A
+    strong reference would keep the old storage alive and raise the measured peak.)"""
+
+    def __init__(self, tensors: Iterable[torch.Tensor], excluded: set[StorageKey]) -> None:
+        self._refs: dict[StorageKey, list[weakref.ref]] = {}
+        for t in tensors:  # t itself, not its parts: a sparse tensor's are made per call
+            for key, _, _ in _storages(t):
+                if key is not None and key not in excluded:
+                    self._refs.setdefault(key, []).append(weakref.ref(t))
+
+    def __contains__(self, key: object) -> bool:
+        return any(r() is not None for r in self._refs.get(key, ()))  # type: ignore[arg-type]
+
+    def live_keys(self) -> set[StorageKey]:
+        return {key for key in self._refs if key in self}
+
+
 def _sparse_parts(t: torch.Tensor) -> list[torch.Tensor]:
     if t.layout == torch.sparse_coo:
         return [t._indices(), t._values()]
@@ -244,7 +265,7 @@ class _SavedTensorTracer:
     its address is counted anew, and the old one no longer counts.
     """
 
-    def __init__(self, excluded: set[StorageKey], preexisting: set[StorageKey]) -> None:
+    def __init__(self, excluded: set[StorageKey], preexisting: _Preexisting) -> None:
         self.excluded = excluded
         self.preexisting = preexisting
         self.path_stack: list[str] = []
@@ -551,12 +572,10 @@ def measure(
     excluded = _storage_keys(params) | _storage_keys(model.buffers())
     # storages alive before the step that the graph may keep: batch tensors, and plain tensor
     # attributes of modules (neither parameter nor buffer); counted as saved, but as
-    # "preexisting" they add nothing to the allocator's growth during the step. Held here until
-    # measure returns: a forward that rebinds such an attribute (self.cache = ...) would free
-    # the old storage, and an activation allocated at its address would pass for preexisting.
-    held = [*batch_tensors]
-    held += [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
-    preexisting = _storage_keys(held) - excluded
+    # "preexisting" they add nothing to the allocator's growth during the step
+    attributes = [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    preexisting = _Preexisting([*batch_tensors, *attributes], excluded)
+    del attributes  # weakly held from here: a rebound attribute is freed as in a real step
     batch_versions = _versions(batch_tensors)
 
     state = _SavedState(model, batch_tensors)
@@ -641,7 +660,7 @@ def _instrumented_run(
     loss_fn: LossFn,
     probe: AllocatorProbe | None,
     excluded: set[StorageKey],
-    preexisting: set[StorageKey],
+    preexisting: _Preexisting,
     report: MemoryReport,
     reset_rng: Callable[[], None],
 ) -> int | None:
@@ -695,7 +714,7 @@ def _instrumented_run(
     #       rounding: not modelled, tens of bytes per node.
     # Nothing else: temporaries of each op are freed by then, and no hook runs in run B.
     saved_keys = {rec.key for rec in records}
-    alive = _storages_bytes([*out_tensors, loss], excluded | preexisting | saved_keys)
+    alive = _storages_bytes([*out_tensors, loss], excluded | preexisting.live_keys() | saved_keys)
     report.output_bytes = sum(_storages_bytes(out_tensors, excluded).values())
     report.expected_forward_live_bytes = (
         report.saved_bytes - report.saved_input_bytes + sum(alive.values())
