@@ -79,7 +79,8 @@ def _storages(t: torch.Tensor) -> list[tuple[StorageKey | None, int, torch.Tenso
     if is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
         inner = (getattr(t, n) for n in names)
-        return [s for x in inner if isinstance(x, torch.Tensor) for s in _storages(x)]
+        parts = [s for x in inner if isinstance(x, torch.Tensor) for s in _storages(x)]
+        return parts or [(None, t.numel() * t.element_size(), t)]  # no inner tensor to read
     if t.layout != torch.strided and not t.is_nested:
         parts = _sparse_parts(t)
         if parts:
