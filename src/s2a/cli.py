@@ -144,12 +144,11 @@ def _build_transformers(
     name: str, path: str, batch_size: int, seq_len: int | None, img_size: int | None,
     gen: torch.Generator, seed: int,
 ) -> ModelSpec:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import inspect
 
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
     label = name if name.lower() in ALIASES else os.path.basename(os.path.normpath(path))
     # (a multimodal config, CLIP's, keeps each half in a sub-config: neither branch takes it)
     image = getattr(config, "vocab_size", None) is None and hasattr(config, "image_size")
@@ -179,7 +178,7 @@ def _build_transformers(
         batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         input_desc = f"tokens {tuple(input_ids.shape)} (vocab {vocab})"
     torch.manual_seed(seed)
-    model = AutoModel.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, local_files_only=True)
     model.train()
     takes = inspect.signature(model.forward).parameters
     if image and img_size is not None and "interpolate_pos_encoding" in takes:

@@ -550,12 +550,11 @@ def _decoder_classifier(config: Any) -> type | None:
 
 
 def _build_transformers(name: str, path: str, num_classes: int, max_length: int | None, img_size: int | None) -> ZooModel:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise ZooError(f"{path}: cannot read the transformers config: {exc}") from None
     has_tokenizer = any(
@@ -571,6 +570,7 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
         with _quiet_transformers():
             model, loading = auto.from_pretrained(
                 path,
+                local_files_only=True,
                 num_labels=num_classes,
                 ignore_mismatched_sizes=True,
                 id2label={i: str(i) for i in range(num_classes)},
@@ -621,7 +621,7 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
         from transformers import AutoTokenizer
 
         try:
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:
             raise ZooError(f"{path}: cannot load the tokenizer: {exc}") from None
         if tok.pad_token is None:  # decoders (GPT-2, Llama): pad with EOS; the head reads the last real token
@@ -641,7 +641,7 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
         from transformers import AutoImageProcessor
 
         try:
-            proc = AutoImageProcessor.from_pretrained(path)
+            proc = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         except Exception as exc:
             raise ZooError(f"{path}: cannot load the image processor (preprocessor_config.json): {exc}") from None
         # the model's input is the processor's crop when it crops (DeiT: resize 256, crop 224)

@@ -666,6 +666,22 @@ def test_meta_models_are_counted_as_on_the_cpu():
     assert meta.by_kind == cpu.by_kind
 
 
+def test_compressed_norms_are_counted_on_the_meta_device_as_on_the_cpu():
+    # the norms switch autocast off around their native kernel: the meta device has no autocast
+    import s2a
+
+    def model():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Flatten(2), nn.LayerNorm(36), nn.GELU())
+        return s2a.compress_activations(net, bits=4)
+
+    x = torch.randn(2, 3, 8, 8)
+    cpu = measure(model(), x)
+    meta = measure(model().to("meta"), x.to("meta"))
+    assert meta.saved_bytes == cpu.saved_bytes > 0
+    assert meta.by_kind == cpu.by_kind and {"group_norm (s2a)", "layer_norm (s2a)"} <= set(cpu.by_kind)
+
+
 def test_sparse_tensors_saved_by_the_graph_count_their_indices_and_values():
     n = 2000
     adj = torch.sparse_coo_tensor(torch.randint(0, n, (2, 4000)), torch.rand(4000), (n, n)).coalesce()

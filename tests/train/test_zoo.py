@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,14 @@ from safetensors.torch import save_file
 
 import s2a
 from s2a.zoo import ImagePreprocessor, ZooError, call_model, load_model, model_kind
+
+
+def test_loading_a_transformers_directory_leaves_the_hub_setting_alone(minilm_ready, monkeypatch):
+    # a local directory is read with local_files_only: setting HF_HUB_OFFLINE for the whole
+    # process made a later hf:NAME dataset (or the user's own Hub calls) offline too
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    load_model("minilm", 2, max_length=16)
+    assert "HF_HUB_OFFLINE" not in os.environ
 
 
 def test_minilm_classifier_and_tokenizer(minilm_ready):

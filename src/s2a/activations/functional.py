@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import kernels
 from . import rowquant as RQ
 from ._once import once_differentiable
-from .attention import _autocast_dtype
+from .attention import _autocast_dtype, _no_autocast
 from .codebooks import SMOOTH_FUNCTIONS, get_codebook
 from .packing import check_bits, pack, unpack
 from .rowquant import ROW_BITS, dequantize_rows, quantize_rows, row_codebook
@@ -192,7 +192,7 @@ class _LayerNorm(torch.autograd.Function):
             y = y.to(x.dtype)  # as F.rms_norm: the input's dtype, whatever the weight's
         else:
             # The native kernel gives the exact output and the per-row statistics.
-            with torch.autocast(x.device.type, enabled=False):
+            with _no_autocast(x.device.type):
                 y, mean, rstd = torch.native_layer_norm(x, norm_shape, weight, bias, eps)
             mean, rstd = mean.float().reshape(-1, 1), rstd.float().reshape(-1, 1)
         fast = bits != 3 and d % (8 // bits) == 0
@@ -253,7 +253,7 @@ class _GroupNorm(torch.autograd.Function):
     def forward(ctx, x, groups: int, weight, bias, eps: float, bits: int):
         n, c = x.shape[:2]
         hw = math.prod(x.shape[2:])
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hw, groups, eps)
         mean, rstd = mean.float().reshape(n, groups, 1), rstd.float().reshape(n, groups, 1)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
