@@ -271,6 +271,19 @@ def test_dropout_keys_tensor_matches_python():
         assert K.dropout_keys_tensor(torch.tensor([s])).tolist() == list(K.dropout_keys(s)), s
 
 
+def _fresh_dynamo_only_kernels(monkeypatch) -> None:
+    """Kernels compiled anew, by dynamo alone (the eager backend: no C++ to build, fast)."""
+    from s2a.activations import rowquant as RQ
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(
+        fn, backend="eager", dynamic=kw.get("dynamic"), fullgraph=kw.get("fullgraph", False)))
+    for module in (K, RQ):
+        monkeypatch.setattr(module, "_COMPILED", {})
+        monkeypatch.setattr(module, "_FAILED", set())
+    torch._dynamo.reset()
+
+
 def test_compiled_kernels_are_not_recompiled_for_each_state_of_a_function_mode(monkeypatch):
     # s2a's own TorchFunctionMode reads how many forwards are running: traced into the kernel's
     # graph, each depth was one more recompile, until the limit sent the kernel back to eager
@@ -280,14 +293,8 @@ def test_compiled_kernels_are_not_recompiled_for_each_state_of_a_function_mode(m
 
     from s2a.activations import rowquant as RQ
 
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(  # dynamo only: fast
-        fn, backend="eager", dynamic=kw.get("dynamic"), fullgraph=kw.get("fullgraph", False)))
     monkeypatch.setenv("S2A_COMPILE", "1")
-    for module in (K, RQ):
-        monkeypatch.setattr(module, "_COMPILED", {})
-        monkeypatch.setattr(module, "_FAILED", set())
-    torch._dynamo.reset()
+    _fresh_dynamo_only_kernels(monkeypatch)
 
     class DepthMode(TorchFunctionMode):
         def __init__(self):
@@ -317,12 +324,7 @@ def test_compiled_kernels_are_not_recompiled_for_each_state_of_a_function_mode(m
 
 def test_compiled_kernels_keep_a_tensor_subclass_as_the_eager_ones_do(monkeypatch):
     # __torch_function__ is switched off around compiled kernels for plain tensors only
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(
-        fn, backend="eager", dynamic=kw.get("dynamic"), fullgraph=kw.get("fullgraph", False)))
-    monkeypatch.setattr(K, "_COMPILED", {})
-    monkeypatch.setattr(K, "_FAILED", set())
-    torch._dynamo.reset()
+    _fresh_dynamo_only_kernels(monkeypatch)
 
     class Tagged(torch.Tensor):
         pass
