@@ -10,8 +10,8 @@ summed in float rather than shifted as uint8 masks (each ~4-9x faster). Measured
 on 2 CPU cores (benchmarks/ops.py, fp32): encode of 38.7M GELU inputs 270 -> 60 ms
 (native GELU forward ~145 ms), ReLU mask of 25.7M inputs 120 -> 13 ms.
 
-Set ``S2A_COMPILE=0`` to force the eager path (same results, slower). If the
-compiler is unavailable the eager path is used after one warning.
+Set ``S2A_COMPILE=0`` to force the eager path (same results; slower, and a higher step peak
+from the unfused temporaries). If the compiler is unavailable the eager path is used after one warning.
 """
 
 from __future__ import annotations
