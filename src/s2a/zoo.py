@@ -110,14 +110,15 @@ class TextPreprocessor:
 
 
 def _pil_to_rgb(img: Any) -> np.ndarray:
-    """PIL image of any mode -> (H, W, 3) uint8. 16-bit grey (I;16) is scaled from [0, 65535],
-    32-bit grey (I) from [0, 255] or [0, 65535] and float grey (F) from [0, 1] or [0, 255]:
+    """PIL image of any mode -> (H, W, 3) uint8. 16-bit grey (I;16, and the I that PIL makes of
+    16-bit PGM / PNG files, scaled to [0, 65535] whatever their maxval) is scaled from [0, 65535];
+    other 32-bit grey (I) from [0, 255] or [0, 65535] and float grey (F) from [0, 1] or [0, 255]:
     PIL's own convert("RGB") clips them at 255, turning a 16-bit image almost white."""
     if img.mode.startswith("I") or img.mode == "F":
         a = np.asarray(img, dtype=np.float64)
         low, peak = (a.min(), a.max()) if a.size else (0.0, 0.0)
-        if img.mode.startswith("I;16"):
-            top = 65535.0
+        if img.mode.startswith("I;16") or (img.mode == "I" and img.format in ("PPM", "PNG")):
+            top = 65535.0  # by the file's sample format: a dark image must not be read as 8-bit
         elif img.mode == "F":
             top = 1.0 if peak <= 1.0 else 255.0
         else:
@@ -152,7 +153,11 @@ def _to_chw_uint8(item: Any) -> torch.Tensor:
     elif not isinstance(item, (np.ndarray, torch.Tensor, list)):
         if not callable(getattr(item, "convert", None)):
             raise ZooError(f"cannot use an object of type {type(item).__name__} as an image")
-        item = _pil_to_rgb(item)  # PIL image: L, P, RGBA, CMYK, I;16 ... -> RGB
+        try:
+            item = _pil_to_rgb(item)  # PIL image: L, P, RGBA, CMYK, I;16 ... -> RGB
+        except (OSError, ValueError) as exc:  # decoded lazily: a truncated or corrupt file fails here
+            name = getattr(item, "filename", "") or "a PIL image (e.g. of a Hugging Face Image column)"
+            raise ZooError(f"cannot read image {name}: {exc}") from None
         from_pil = True
     if isinstance(item, list):  # e.g. a Hugging Face pixel array column
         item = np.asarray(item)

@@ -6,6 +6,7 @@ import gzip
 import importlib.util
 import json
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -113,6 +114,37 @@ def test_idx_directory_and_corrupt_idx(tmp_path):
     bad.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">III", 10, 8, 8) + b"\x00" * 7)
     with pytest.raises(DataError, match="header says"):
         read_idx(bad)
+    bad.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">I", 10))  # header cut short
+    with pytest.raises(DataError, match="truncated IDX header"):
+        read_idx(bad)
+    damaged = tmp_path / "damaged-idx.gz"
+    packed = bytearray(gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 4000) + bytes(range(250)) * 16))
+    packed[10] = 0xFF  # the first deflate block's header: zlib.error, not an OSError
+    with pytest.raises(zlib.error):
+        gzip.decompress(bytes(packed))
+    damaged.write_bytes(bytes(packed))
+    with pytest.raises(DataError, match="cannot read IDX file"):
+        read_idx(damaged)
+
+
+def test_fashion_mnist_dir_setting_is_used_or_refused(monkeypatch, tmp_path):
+    d = tmp_path / "fm"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    _write_idx(d / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (30, 28, 28)))
+    _write_idx(d / "train-labels-idx1-ubyte.gz", np.arange(30) % 10)
+    _write_idx(d / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (10, 28, 28)))
+    monkeypatch.setenv(images_mod.FASHION_MNIST_ENV, str(d))
+    # three of the four files: refused, though the system copy may be installed
+    with pytest.raises(DataError, match=r"S2A_FASHION_MNIST_DIR=.*lacks some of the four IDX files"):
+        load_data("fashion-mnist")
+    monkeypatch.setenv(images_mod.FASHION_MNIST_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="is not a directory"):
+        load_data("fashion-mnist")
+    _write_idx(d / "t10k-labels-idx1-ubyte.gz", np.arange(10) % 10)
+    monkeypatch.setenv(images_mod.FASHION_MNIST_ENV, str(d))
+    data = load_data("fashion-mnist")
+    assert len(data.test) == 10 and str(d) in data.source
 
 
 # ---------------------------------------------------------------------------- image folders

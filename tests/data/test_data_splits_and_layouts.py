@@ -49,6 +49,26 @@ def test_hugging_face_image_splits_are_compared_by_content_without_decoding(tmp_
     assert "6 of 6 test and 0 of 2 val images also appear in train (the same image content)" in " ".join(t.notes)
 
 
+def test_hugging_face_unreadable_image_names_its_row(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+    import io
+
+    from PIL import Image
+
+    from s2a.data.hf import _HFColumn
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    images = [{"bytes": buf.getvalue(), "path": None}, {"bytes": buf.getvalue()[:-400], "path": None}]
+    ds = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    col = _HFColumn(ds, "image")
+    assert col[0].size == (32, 32)
+    with pytest.raises(DataError, match="cannot read row 1 of column 'image': image file is truncated"):
+        col[1]
+    with pytest.raises(DataError, match="cannot read row 1 of column 'image'"):
+        col.take([0, 1])[1]  # the row of the loaded split, not of the selection
+
+
 def test_hugging_face_image_column_keys_follow_selected_rows(tmp_path):
     datasets = pytest.importorskip("datasets", reason="pip install datasets")
     from s2a.data.core import content_keys

@@ -180,6 +180,15 @@ def test_image_preprocessor_16_bit_short_images_and_pixel_lists(tmp_path):
     t = _to_chw_uint8(str(tmp_path / "g16.png"))
     assert Image.open(tmp_path / "g16.png").mode == "I;16"
     assert torch.equal(t[0], torch.from_numpy(np.rint(grey16 / 257.0).astype(np.uint8)))
+    # PIL opens a 16-bit PGM as I, scaled to [0, 65535]: a dark one is not read as 8-bit
+    (tmp_path / "dark.pgm").write_bytes(b"P5\n2 1\n65535\n" + (200).to_bytes(2, "big") + (300).to_bytes(2, "big"))
+    assert Image.open(tmp_path / "dark.pgm").mode == "I"
+    assert _to_chw_uint8(str(tmp_path / "dark.pgm"))[0].tolist() == [[1, 1]]
+    # a PIL image decodes lazily: a truncated one fails on conversion, with a clear error
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "c.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "c.jpg").read_bytes()[:-400])
+    with pytest.raises(ZooError, match=r"cannot read image .*cut\.jpg: image file is truncated"):
+        _to_chw_uint8(Image.open(tmp_path / "cut.jpg"))
     # a PIL image is H, W, C even when it is 1, 3 or 4 pixels high
     red = np.zeros((3, 8, 3), np.uint8)
     red[..., 0] = 200

@@ -68,7 +68,10 @@ class _HFColumn:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> Any:
-        return self.ds[int(i)][self.column]
+        try:
+            return self.ds[int(i)][self.column]
+        except (OSError, ValueError) as exc:  # an Image column decodes here: a missing or bad file
+            raise DataError(f"cannot read row {self._row(i)} of column {self.column!r}: {exc}") from None
 
     def take(self, indices: list[int]) -> _HFColumn:
         rows = [self._row(i) for i in indices]

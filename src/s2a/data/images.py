@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     try:
         with opener(path, "rb") as fh:
             data = fh.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # a damaged gzip stream raises zlib.error
         raise DataError(f"cannot read IDX file {path}: {exc}") from None
     if len(data) < 4:
         raise DataError(f"{path}: too short to be an IDX file")
@@ -66,6 +67,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
         raise DataError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes; {ndim} dimensions need {header})")
     dims = struct.unpack(">" + "I" * ndim, data[4:header])
     size = int(np.prod(dims))
     if len(data) - header != size:
@@ -136,8 +139,18 @@ def load_idx_dir(
 
 
 def fashion_mnist_dir() -> Path:
-    candidates = [os.environ[FASHION_MNIST_ENV]] if os.environ.get(FASHION_MNIST_ENV) else []
-    candidates += list(FASHION_MNIST_DIRS)
+    chosen = os.environ.get(FASHION_MNIST_ENV)
+    if chosen:  # the user's explicit choice: used or refused, never silently replaced by the system copy
+        if find_idx_files(chosen) is None:
+            have = sorted(p.name for p in Path(chosen).iterdir()) if Path(chosen).is_dir() else None
+            raise DataError(
+                f"{FASHION_MNIST_ENV}={chosen} "
+                + ("is not a directory" if have is None else f"lacks some of the four IDX files "
+                   f"{', '.join(IDX_STEMS.values())} (.gz or not); it holds {have[:8] or 'nothing'}")
+                + f". Point it at a directory holding them, or unset it to use {FASHION_MNIST_DIRS[0]}"
+            )
+        return Path(chosen)
+    candidates = list(FASHION_MNIST_DIRS)
     for c in candidates:
         if find_idx_files(c) is not None:
             return Path(c)
