@@ -540,3 +540,93 @@ def test_head_rules_leave_trunks_and_user_classes_alone():
 
     info = describe(Custom(T.BertConfig(**TEXT)), {"input_ids": torch.randint(0, 100, (2, 8))})
     assert info.head_names == ("classifier",) and info.head_trainable
+
+
+@pytest.mark.parametrize("build", [
+    lambda: T.GPT2ForSequenceClassification(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100,
+                                                         pad_token_id=0)),
+    lambda: T.BertForSequenceClassification(T.BertConfig(**TEXT)),
+])
+def test_num_classes_updates_the_label_count_transformers_loss_reads(build):
+    # The generic adapter left config.num_labels at 2: GPT-2's loss reshaped 4 x 5 logits
+    # into 10 rows of 2 and crashed on 4 labels.
+    import s2a
+
+    model = build()
+    s2a.apply(model, s2a.S2AConfig(modules=("bias",), num_classes=5, act_bits=None))
+    assert model.config.num_labels == model.num_labels == 5
+    out = model(input_ids=torch.randint(5, 100, (4, 8)), labels=torch.tensor([0, 1, 4, 3]))
+    assert out.logits.shape == (4, 5) and out.loss.isfinite()
+
+
+def test_layout_of_a_feature_map_with_as_many_channels_as_columns():
+    """A (B, 8, 8, 8) input fits both layouts: a stage opening with a channels-first LayerNorm
+    (a subclass of nn.LayerNorm: transformers' ConvNeXt, timm's LayerNorm2d) was read as NHWC,
+    so its prompt and side branch took W for the channels."""
+    import torchvision
+    from timm.models.metaformer import MetaFormer
+
+    convnext = T.ConvNextForImageClassification(T.ConvNextConfig(
+        image_size=32, num_stages=3, hidden_sizes=[8, 16, 32], depths=[1, 1, 1], num_labels=3))
+    info = describe(convnext, {"pixel_values": IMG})
+    assert info.layouts == ["nchw"] * 3 and [b.in_dim for b in info.blocks] == [8, 8, 16]
+    poolformer = MetaFormer(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), num_classes=3)
+    info = describe(poolformer, IMG)
+    assert info.layouts == ["nchw"] * 4 and info.dims == [8, 16, 32, 64]
+    # a plain LayerNorm on the last dimension still says NHWC (torchvision's Swin stage)
+    swin = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 1],
+                                              window_size=[2, 2], num_classes=3)
+    info = describe(swin, IMG)
+    assert info.block_names[1] == "features.1" and info.blocks[1].in_shape == (8, 8, 8)
+    assert info.layouts[1:] == ["nhwc"] * 2 and info.dims[1:] == [8, 16]
+
+
+@pytest.mark.parametrize(("build", "names"), [
+    (lambda: T.SwiftFormerForImageClassification(T.SwiftFormerConfig(
+        image_size=32, depths=[1, 1, 1, 1], embed_dims=[16, 16, 32, 32], num_labels=3)), ("head", "dist_head")),
+    (lambda: T.LevitForImageClassificationWithTeacher(T.LevitConfig(
+        image_size=32, hidden_sizes=[32, 48, 64], num_attention_heads=[1, 1, 1], depths=[1, 1, 1], key_dim=[8, 8, 8],
+        num_labels=3)), ("classifier", "classifier_distill")),
+    (lambda: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**HFVIT, num_labels=3)),
+     ("cls_classifier", "distillation_classifier")),
+])
+def test_transformers_distilled_heads_train_and_change_width_together(build, names):
+    # Only the head named like HEAD_NAMES was found (none of DeiT's): the distillation head
+    # stayed frozen, and num_classes left it at 3 outputs, to be averaged with 5.
+    import s2a
+
+    torch.manual_seed(0)
+    model = build()
+    s2a.apply(model, s2a.S2AConfig(modules=("bias",), num_classes=5, act_bits=None))
+    assert model._s2a_tuner.info.head_names == names
+    assert all(p.requires_grad for n in names for p in model.get_submodule(n).parameters())
+    assert model(pixel_values=torch.randn(2, 3, 32, 32)).logits.shape == (2, 5)
+
+
+def test_torchvision_vit_head_is_found_in_heads():
+    import torchvision
+
+    import s2a
+
+    def build():
+        return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                    hidden_dim=16, mlp_dim=32, num_classes=3)
+
+    info = describe(build(), IMG)
+    assert info.family == "generic" and (info.head_names, info.classifier_names) == (("heads",), ("heads.head",))
+    model = build()
+    s2a.apply(model, s2a.S2AConfig(modules=("bias",), num_classes=5, act_bits=None), example_input=IMG)
+    assert model.heads.head.weight.requires_grad and model(IMG).shape == (1, 5)
+
+
+def test_class_token_joining_after_the_blocks_is_not_pooled_from_them():
+    # CaiT's / XCiT's blocks see the patch tokens only; their class token joins the class
+    # attention layers after them: "cls" pooling read the first patch.
+    for name in ("cait_xxs24_224", "xcit_nano_12_p16_224"):
+        model = timm.create_model(name, img_size=32, depth=2, num_classes=0)
+        info = describe(model)
+        assert info.blocks[-1].out_shape[0] == 4 and (info.pooling, info.num_prefix_tokens) == ("mean", 0), name
+    # where the class token is in the blocks, the model's pooling stands (ConViT's joins its last block)
+    convit = timm.create_model("convit_tiny", img_size=32, depth=2, local_up_to_layer=1, num_classes=0)
+    info = describe(convit)
+    assert [b.in_shape[0] for b in info.blocks] == [4, 5] and (info.pooling, info.num_prefix_tokens) == ("cls", 1)

@@ -577,3 +577,48 @@ def test_fused_decoder_reads_each_row_at_its_last_real_token():
     real = int(batch["attention_mask"][1].sum())
     alone = model(input_ids=batch["input_ids"][1:, :real], attention_mask=batch["attention_mask"][1:, :real]).logits
     torch.testing.assert_close(padded[1:], alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["TokenClassification", "QuestionAnswering", "MultipleChoice"])
+@pytest.mark.parametrize("modules", [("side",), ("bias", "side")])
+def test_apply_refuses_a_head_that_predicts_per_token(head, modules):
+    # The side network makes one (B, C) prediction per sequence: it dropped token logits,
+    # QA's start / end logits, and crashed on token labels with a batch-size mismatch.
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=4 if head == "TokenClassification" else 2)
+    model = getattr(transformers, f"BertFor{head}")(cfg)
+    ids = torch.randint(1, 100, (2, 3, 9) if head == "MultipleChoice" else (2, 9))
+    with pytest.raises(ValueError, match=r"one prediction per input .*BertFor\w+'s head .*makes another kind"):
+        s2a.apply(model, s2a.S2AConfig(modules=modules, act_bits=None), example_input={"input_ids": ids})
+    assert all(p.requires_grad for p in model.parameters()) and not hasattr(model, SIDE)
+
+
+def test_block_unfrozen_after_side_only_apply_trains():
+    # With "side" alone the backbone ran under no_grad whatever the user unfroze afterwards:
+    # the block was counted trainable and saved, but never got a gradient.
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=NUM_CLASSES)
+    x = torch.randn(2, 3, 32, 32)
+    s2a.apply(model, s2a.S2AConfig(modules=("side",), side_reduction=4, act_bits=None), example_input=x[:1])
+    randomize_heads(model)
+    for p in model.blocks[1].parameters():
+        p.requires_grad_(True)
+    model(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.blocks[1].parameters())
+    assert all(p.grad is None for p in model.blocks[0].parameters())
+    for p in model.blocks[1].parameters():
+        p.requires_grad_(False)
+    assert backbone_bytes(s2a.measure(model, x)) == {}  # frozen again: no_grad again
+
+
+def test_detach_side_refuses_an_applied_model(tmp_path):
+    # It left the tuner state pointing at the removed side network: nothing trainable, and
+    # save_tuned failed with KeyError 's2a_side.gate_logits'.
+    from s2a.tuners.side import detach_side
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=NUM_CLASSES)
+    s2a.apply(model, s2a.S2AConfig(modules=("side",), side_reduction=4, act_bits=None),
+              example_input=torch.zeros(1, 3, 32, 32))
+    with pytest.raises(RuntimeError, match=r"prepared by s2a\.apply.*build a fresh model"):
+        detach_side(model)
+    assert hasattr(model, SIDE) and model(torch.zeros(2, 3, 32, 32)).shape == (2, NUM_CLASSES)
+    s2a.save_tuned(model, tmp_path)

@@ -630,3 +630,44 @@ def test_head_copy_leaves_torch_func_alone():
 
     per_sample = vmap(grad(loss), in_dims=(None, 0))(params, torch.randn(2, 3, 32, 32))
     assert per_sample["head.weight"].shape == (2, 3, 192)
+
+
+@pytest.mark.parametrize("cls", ["Roberta", "Electra"])
+def test_head_taking_the_first_token_itself_keeps_only_that_token(cls):
+    # RoBERTa's / ELECTRA's head takes features[:, 0] inside: with dropout 0 its dense layer
+    # saved that view, and with it the whole (B, N, D) last hidden state.
+    import transformers
+
+    cfg = getattr(transformers, f"{cls}Config")(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = getattr(transformers, f"{cls}ForSequenceClassification")(cfg)
+    s2a.apply(model, s2a.S2AConfig(modules=("bias",), num_classes=3, act_bits=None))
+    model.train()
+    views = []
+
+    def pack(t):
+        if t.numel() and t.untyped_storage().nbytes() >= 2 * t.numel() * t.element_size():
+            views.append(tuple(t.shape))
+        return t
+
+    ids = torch.randint(3, 100, (2, 40))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids).logits.sum().backward()
+    assert views == []
+
+
+@pytest.mark.parametrize("family", ["bert", "hf_vit", "llama"])
+def test_side_on_a_bare_backbone_trains_nothing_the_logits_skip(family):
+    # The side logits replace a bare backbone's output: its pooler / final norm biases were
+    # trainable, counted and saved, but never got a gradient.
+    model, batch = build(family)
+    s2a.apply(model, s2a.S2AConfig(modules=("bias", "side"), side_reduction=4, num_classes=3, act_bits=None),
+              example_input=example_of(batch))
+    with torch.no_grad():
+        for p in model.s2a_side.parameters():
+            p.normal_(0, 0.1)
+    forward(model, batch, grad=True).square().sum().backward()
+    tp = s2a.trainable_parameters(model)
+    assert [n for n in tp.by_name if dict(model.named_parameters())[n].grad is None] == []
+    assert tp.by_kind["bias"] > 0

@@ -4,8 +4,9 @@ any module: stages registered as plain attributes, timm's RegNet ``s1``..``s4``,
 opened to the blocks it holds, ``s1.b1``, ``s3.b1``..); the layout is
 inferred from the dry run; the head is what a timm model's ``get_classifier()`` names
 (every classifier it averages, distillation heads included), else a top-level ``head`` /
-``fc`` / ``classifier`` / ``score`` / ``classification_head`` child (for a transformers model,
-the one with its ``num_labels`` outputs)."""
+``fc`` / ``classifier`` / ``score`` / ``classification_head`` / ``heads`` child (for a
+transformers model, the one with its ``num_labels`` outputs, or every ``*head*`` /
+``*classifier*`` child with them where the model averages several)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .registry import (
+    BlockInfo,
     BlockSpec,
     HeadSpec,
     ModelAdapter,
@@ -28,7 +30,7 @@ from .registry import (
     text_input,
 )
 
-HEAD_NAMES = ("head", "fc", "classifier", "score", "classification_head", "qa_outputs", "logits_proj")
+HEAD_NAMES = ("head", "fc", "classifier", "score", "classification_head", "qa_outputs", "logits_proj", "heads")
 # transformers task layers before the classifier, new in a *For* model like the classifier
 # (Wav2Vec2's projector, XLNet's sequence summary): trained with it
 PRE_HEAD_NAMES = ("pre_classifier", "projector", "sequence_summary")
@@ -175,6 +177,23 @@ class GenericAdapter(ModelAdapter):
             n = n.item()
         return int(n) if isinstance(n, numbers.Integral) and not isinstance(n, bool) else 0
 
+    @staticmethod
+    def seen_prefix(blocks: list[BlockInfo], patches: tuple[int, ...] | None, pooling: str,
+                    prefix: int) -> tuple[str, int]:
+        """``pooling`` and ``prefix`` if a block's tokens are the patch embedding's (of output
+        shape ``patches``) plus ``prefix`` ones (ConViT's class token joins its last blocks,
+        MViTv2's stages pool the patches but keep it), else "mean" and 0: CaiT's and XCiT's
+        class token joins after the blocks found here, whose token 0 is a patch. Without a
+        prefix count or a patch embedding to compare with (CoaT: class token in every block,
+        no ``num_prefix_tokens``), nothing is changed."""
+        if prefix <= 0 or patches is None or len(patches) not in (3, 4):
+            return pooling, prefix
+        grids = {patches[1]} if len(patches) == 3 else {patches[1] * patches[2], patches[2] * patches[3]}
+        if any(b.layout == "tokens" and n - prefix in grids
+                              for b in blocks for n in (b.in_shape[0], b.out_shape[0])):
+            return pooling, prefix
+        return ("mean" if pooling == "cls" else pooling), 0
+
     def head(self, model: nn.Module) -> HeadSpec | None:
         if _is_timm_style(model):
             return self._timm_head(model)
@@ -202,10 +221,30 @@ class GenericAdapter(ModelAdapter):
                          and not re.search(r"For[A-Z]", type(model).__name__))
         if chosen is None and found and not feature_model:
             chosen = found[-1]
+        if transformers_model and not feature_model and isinstance(labels, int):
+            chosen = self._averaged_heads(model, labels, chosen)
         if chosen is None or not transformers_model:
             return chosen
         pre = tuple(n for n, c in model.named_children() if n in PRE_HEAD_NAMES and _numel(c) > 0)
         return HeadSpec(names=pre + chosen.names, classifiers=chosen.classifiers) if pre else chosen
+
+    def _averaged_heads(self, model: nn.Module, labels: int, chosen: HeadSpec | None) -> HeadSpec | None:
+        """Every top-level ``*head*`` / ``*classifier*`` child of a transformers classifier
+        whose output layers have its ``num_labels`` outputs: the distilled models average a
+        class head and a distillation head (SwiftFormer's ``head`` + ``dist_head``, LeViT's
+        ``classifier`` + ``classifier_distill``, DeiT's ``cls_classifier`` +
+        ``distillation_classifier``), which must all train and change width together."""
+        base = getattr(model, "base_model_prefix", "")
+        names: list[str] = []
+        classifiers: list[str] = []
+        for n, m in model.named_children():
+            layers = _output_layers(m) if n != base and re.search("head|classifier", n) else []
+            if layers and classifier_features(m.get_submodule(layers[-1]))[1] == labels:
+                names.append(n)
+                classifiers += [f"{n}.{k}" if k else n for k in layers]
+        if len(names) < 2 and chosen is not None:
+            return chosen
+        return HeadSpec(names=tuple(names), classifiers=tuple(classifiers)) if names else chosen
 
     def _timm_head(self, model: nn.Module) -> HeadSpec | None:
         """The head a timm model declares. ``get_classifier()`` returns one module or, for

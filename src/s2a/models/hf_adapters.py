@@ -95,12 +95,6 @@ class HFAdapter(ModelAdapter):
             return HeadSpec(names=lm, classifiers=lm, trainable=False, task="lm")
         return None
 
-    def replace_head(self, model: nn.Module, num_classes: int) -> None:
-        super().replace_head(model, num_classes)
-        model.config.num_labels = num_classes
-        if hasattr(model, "num_labels"):  # the classification models' loss reshapes logits by it
-            model.num_labels = num_classes
-
     def max_positions(self, model: nn.Module) -> int | None:
         return getattr(model.config, "max_position_embeddings", None)
 

@@ -285,6 +285,12 @@ class ModelAdapter:
                              "pass num_classes=None")
         for path in spec.classifiers:
             replace_classifier(model, path, num_classes)
+        # a transformers classifier's own loss reshapes the logits by its label count
+        config = getattr(model, "config", None)
+        if isinstance(getattr(config, "num_labels", None), int):
+            config.num_labels = num_classes
+        if isinstance(getattr(model, "num_labels", None), int):
+            model.num_labels = num_classes
 
 
 _REGISTRY: list[ModelAdapter] = []
@@ -461,10 +467,19 @@ def module_path(model: nn.Module, module: nn.Module) -> str | None:
 
 
 # ---------------------------------------------------------------------------- describe
+def _channels_first_norm(m: nn.Module) -> bool:
+    """A LayerNorm over dim 1 of a feature map: transformers' ConvNeXt norms say so in their
+    ``data_format``, timm's in their class name (LayerNorm2d and its subclasses); all of
+    them subclass nn.LayerNorm, which normalises the last dimension."""
+    return isinstance(m, nn.LayerNorm) and (getattr(m, "data_format", None) == "channels_first"
+                                            or any(c.__name__.lower().endswith("2d") for c in type(m).__mro__))
+
+
 def _layout_from_weights(block: nn.Module, shape: tuple[int, ...]) -> str | None:
     """The layout of a (B, ?, ?, ?) block input read from the first layer (in registration
-    order) whose channel count is ``shape[1]`` or ``shape[3]``; None when no layer has
-    either (SwinV2's stages open with a PatchMerging that works on 4C channels)."""
+    order) whose channel count is ``shape[1]`` or ``shape[3]`` (both when C == W: a
+    channels-first LayerNorm then says NCHW); None when no layer has either (SwinV2's
+    stages open with a PatchMerging that works on 4C channels)."""
     for m in block.modules():
         if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm)):
             c = (m.in_channels if isinstance(m, nn.Conv2d)
@@ -475,6 +490,8 @@ def _layout_from_weights(block: nn.Module, shape: tuple[int, ...]) -> str | None
                 return "nhwc"
         if isinstance(m, (nn.Linear, nn.LayerNorm)):
             c = m.in_features if isinstance(m, nn.Linear) else m.normalized_shape[-1]
+            if c == shape[1] and _channels_first_norm(m):
+                return "nchw"
             if c == shape[3]:
                 return "nhwc"
             if c == shape[1]:
@@ -531,10 +548,10 @@ def _infer_layouts(specs: list[BlockSpec], modules: list[nn.Module], shapes: dic
     return layouts
 
 
-def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
+def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any, watch: nn.Module | None = None):
     """Run one no-grad eval forward, recording each block's input and output shape; also
     whether every block received ``position_ids`` of its tokens (decoders that follow a KV
-    cache pass them to their layers)."""
+    cache pass them to their layers), and the first output shape of ``watch`` (or None)."""
     modules = [model.get_submodule(s.name) for s in specs]
     shapes: dict[int, list] = {i: [None, None] for i in range(len(specs))}
     handles = []
@@ -561,9 +578,18 @@ def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
                     shapes[i][1] = tuple(t.shape)
         return hook
 
+    watched: list[tuple[int, ...]] = []
+
+    def see(mod, args, output):
+        t = first_tensor(output)
+        if t is not None and not watched:
+            watched.append(tuple(t.shape))
+
     for i, m in enumerate(modules):
         handles.append(m.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(m.register_forward_hook(post(i)))
+    if watch is not None:
+        handles.append(watch.register_forward_hook(see))
     try:
         with torch.no_grad():
             eval_forward(model, example_input)
@@ -577,7 +603,7 @@ def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any):
             "tensor input/output (they were never called, or with other than one tensor): pass "
             "example_input= if the dry run's input was not what the model takes, else register an adapter"
         )
-    return modules, shapes, len(positions) == len(modules)
+    return modules, shapes, len(positions) == len(modules), (watched[0] if watched else None)
 
 
 def eval_forward(model: nn.Module, example_input: Any) -> Any:
@@ -642,7 +668,12 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
     if len(specs) == 0:
         raise UnsupportedModelError(f"adapter {adapter.name} found no blocks in {type(model).__name__}")
     example_input = dry_run_input(model, example_input, adapter)
-    modules, shapes, gets_positions = _dry_run(model, specs, example_input)
+    from .generic import GenericAdapter
+
+    generic = isinstance(adapter, GenericAdapter)
+    patch_embed = getattr(model, "patch_embed", None) if generic else None
+    modules, shapes, gets_positions, patches = _dry_run(
+        model, specs, example_input, patch_embed if isinstance(patch_embed, nn.Module) else None)
     layouts = _infer_layouts(specs, modules, shapes)
     blocks = []
     for i, (spec, module, layout) in enumerate(zip(specs, modules, layouts, strict=True)):
@@ -651,16 +682,16 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
             raise ValueError(f"adapter {adapter.name}: layout {layout!r} not in {LAYOUTS}")
         blocks.append(BlockInfo(spec.name, layout, in_shape[1:], out_shape[1:], spec.stage,
                                 spec.prefix_tokens, module))
-    from .generic import GenericAdapter
-
     max_positions = adapter.max_positions(model)
-    generic = isinstance(adapter, GenericAdapter)
+    pooling, prefix = adapter.pooling(model), adapter.num_prefix_tokens(model)
+    if generic:
+        pooling, prefix = adapter.seen_prefix(blocks, patches, pooling, prefix)
     info = BackboneInfo(
         family=adapter.name,
         model_class=type(model).__name__,
         blocks=blocks,
-        pooling=adapter.pooling(model),
-        num_prefix_tokens=adapter.num_prefix_tokens(model),
+        pooling=pooling,
+        num_prefix_tokens=prefix,
         max_positions=max_positions,
         fixed_tokens=max_positions is None and (not generic or _holds_image(example_input)),
         # The generic fallback cannot know a decoder's signature: blocks that were handed the

@@ -134,14 +134,11 @@ def _leaves_reached(out: Any) -> set[int] | None:
     return reached
 
 
-def _unused(model: nn.Module, added: list[_AddedBias], probe: Callable[[], Any]) -> list[_AddedBias]:
-    """The added biases whose layer's parent module ran in ``probe()`` but that its output does
-    not depend on. A layer whose parent did not run (an expert a router did not pick, a
-    training-only branch) is kept: another input may use it."""
-    parents = {a.path: model.get_submodule(a.path.rpartition(".")[0]) for a in added if a.path}
+def _probe_graph(probe: Callable[[], Any], modules: Any) -> tuple[set[int] | None, set[int]]:
+    """(:func:`_leaves_reached` of ``probe()``'s output, ids of those of ``modules`` that ran in it)."""
     ran: set[int] = set()
     hooks = [m.register_forward_pre_hook(lambda mod, _args: ran.add(id(mod)))
-             for m in {id(m): m for m in parents.values()}.values()]
+             for m in {id(m): m for m in modules}.values()]
     try:
         # Only the graph's structure is read, never a gradient: drop what a backward would need.
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_drop_saved, _drop_saved):
@@ -149,11 +146,39 @@ def _unused(model: nn.Module, added: list[_AddedBias], probe: Callable[[], Any])
     finally:
         for h in hooks:
             h.remove()
-    reached = _leaves_reached(out)
+    return _leaves_reached(out), ran
+
+
+def _unused(model: nn.Module, added: list[_AddedBias], probe: Callable[[], Any]) -> list[_AddedBias]:
+    """The added biases whose layer's parent module ran in ``probe()`` but that its output does
+    not depend on. A layer whose parent did not run (an expert a router did not pick, a
+    training-only branch) is kept: another input may use it."""
+    parents = {a.path: model.get_submodule(a.path.rpartition(".")[0]) for a in added if a.path}
+    reached, ran = _probe_graph(probe, parents.values())
     if reached is None:
         return []
     return [a for a in added if a.path in parents and id(parents[a.path]) in ran
             and id(a.module.bias) not in reached]
+
+
+def unreached_trainable(model: nn.Module, probe: Callable[[], Any], exclude: tuple[str, ...] = ()) -> list[str]:
+    """Names of the trainable parameters whose module ran in ``probe()`` (one forward of
+    ``model``) but that its output does not depend on: they would never get a gradient (the
+    pooler of a backbone whose output the side branch replaces). Modules under ``exclude``, and
+    those that did not run (another input may use them), are left out."""
+    owners = {}
+    for path, module in model.named_modules():
+        if any(path == e or path.startswith(e + ".") for e in exclude):
+            continue
+        for pn, p in module._parameters.items():
+            if isinstance(p, nn.Parameter) and p.requires_grad:
+                owners[f"{path}.{pn}" if path else pn] = (module, p)
+    if not owners:
+        return []
+    reached, ran = _probe_graph(probe, [m for m, _ in owners.values()])
+    if reached is None:
+        return []
+    return [n for n, (m, p) in owners.items() if id(m) in ran and id(p) not in reached]
 
 
 def add_bias(model: nn.Module, add_missing: bool = True, exclude: tuple[str, ...] = (),

@@ -28,16 +28,17 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 from s2a.activations import compress_activations
 from s2a.activations.apply import unwrap_compiled
 from s2a.models import BackboneInfo, describe_backbone, refresh_head
 from s2a.models.registry import dry_run_input, eval_forward
 
-from .bias import add_bias, norm_weights, train_norm_weights
+from .bias import add_bias, norm_weights, train_norm_weights, unreached_trainable
 from .config import S2AConfig
 from .prompt import LowRankPrompt, add_prompts, check_prompts, prompt_path
-from .side import attach_side, check_side
+from .side import SIDE_ATTR, attach_side, check_side
 
 STATE_ATTR = "_s2a_tuner"
 FAILED_ATTR = "_s2a_apply_failed"  # the error of an apply that stopped part way
@@ -241,8 +242,9 @@ def rebuild_input(spec: Mapping[str, Any] | None, device: torch.device | None = 
 # ---------------------------------------------------------------------------- apply
 def _compact_head_input(module: nn.Module, args: tuple) -> tuple | None:
     """A trainable head keeps its input for its weight's gradient. Where that input is a view
-    of a larger tensor (the class token ``x[:, 0]`` of a ViT's (B, N, D) output), it would
-    keep the whole tensor alive: the head gets a copy of just the view. (While compiling, the
+    of a larger tensor (the class token ``x[:, 0]`` of a ViT's (B, N, D) output, taken by the
+    model or inside the head), it would keep the whole tensor alive: the head (and each
+    Linear / Conv in it) gets a copy of just the view. (While compiling, the
     storage cannot be traced: a non-contiguous input stands for such a view.)"""
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
     if x is None or not x.is_floating_point() or not torch.is_grad_enabled():
@@ -335,7 +337,7 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
     new_head = config.num_classes is not None and not ("side" in config.modules and not info.head_names)
     replaced = info.head_names if new_head else ()
     if "side" in config.modules:
-        check_side(info, config, model)
+        check_side(info, config, model, example_input)
     if "prompt" in config.modules:
         check_prompts(model, info)
     if "norm" in config.modules and not norm_weights(model):
@@ -402,7 +404,9 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
             for pn, p in head.named_parameters():
                 p.requires_grad_(True)
                 kinds[f"{name}.{pn}"] = "head"
-            hooks.append(head.register_forward_pre_hook(_compact_head_input))
+            # ...and its inner layers: RoBERTa's / ELECTRA's head takes features[:, 0] itself
+            layers = [m for m in head.modules() if m is head or isinstance(m, (nn.Linear, _ConvNd))]
+            hooks += [m.register_forward_pre_hook(_compact_head_input) for m in layers]
     prompts: dict[str, LowRankPrompt] = {}
     if "bias" in config.modules:
         # The dry run tells which added zero biases the output never depends on (dropped).
@@ -444,6 +448,14 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
         for n, p in model.named_parameters():
             if n not in before and p.requires_grad:
                 kinds.setdefault(n, "side")
+        if not info.head_names and not side_only:
+            # The side logits replace a bare backbone's output: what only that output read (its
+            # final norm, pooler) would never get a gradient.
+            probe = functools.partial(eval_forward, model, dry_run_input(model, example_input, info.adapter))
+            params = dict(model.named_parameters())
+            for n in unreached_trainable(model, probe, exclude=(SIDE_ATTR,)):
+                params[n].requires_grad_(False)
+                kinds.pop(n, None)
 
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     for n in trainable:

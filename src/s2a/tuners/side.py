@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2a.models.registry import refuse_sequence_first, runs_children
+from s2a.models.registry import dry_run_input, eval_forward, refuse_sequence_first, runs_children
 from s2a.models.sentence_pooling import masked_mean
 
 __all__ = [
@@ -491,10 +491,13 @@ def _check_home(model: nn.Module) -> None:
             "the model in an nn.Module whose forward calls it")
 
 
-def check_side(info: BackboneInfo, config: SideConfig, model: nn.Module | None = None) -> None:
+def check_side(info: BackboneInfo, config: SideConfig, model: nn.Module | None = None,
+               example_input: Any = None) -> None:
     """Raise the ValueError :func:`attach_side` would raise for this backbone (``model``, when
     given) and config, before anything is changed (``s2a.apply`` calls it first, so that a bad
-    config leaves the model untouched)."""
+    config leaves the model untouched). With ``model``, a head that does not make one
+    prediction per input is refused too (a dry run on ``example_input``, see
+    :func:`_check_per_input_head`)."""
     if model is not None:
         _check_home(model)
     refuse_sequence_first(info, "side branch")
@@ -508,6 +511,46 @@ def check_side(info: BackboneInfo, config: SideConfig, model: nn.Module | None =
                                  _check_reduction(config.side_reduction, "side_reduction"), "error")
     if problem:
         raise ValueError(problem)
+    if model is not None:
+        _check_per_input_head(model, info, example_input)
+
+
+def _rows(out: Any) -> int | None:
+    try:
+        return _first_tensor(out).shape[0]
+    except TypeError:
+        return None
+
+
+def _check_per_input_head(model: nn.Module, info: Any, example_input: Any) -> None:
+    """The side network makes one prediction per input (a sequence, an image), which replaces
+    or is added to the head's: refuse a head that makes another kind (one per token, QA's
+    start / end logits, one per choice), whose output the side branch would silently drop."""
+    if not getattr(info, "head_names", ()):
+        return  # a bare backbone: the side network's logits become its output
+    rows: list[int | None] = []
+    last = _resolve_blocks(model, info)[-1][1]
+    hook = last.register_forward_hook(lambda _m, _a, out: rows.append(_rows(out)))
+    try:
+        with torch.no_grad():
+            out = eval_forward(model, dry_run_input(model, example_input, getattr(info, "adapter", None)))
+    finally:
+        hook.remove()
+    logits, batch = _get_logits(out), rows[-1] if rows else None
+    if logits is None:
+        keys = [k for k in (out.keys() if isinstance(out, Mapping) else ()) if str(k).endswith("logits")]
+        why = f"its output has no logits ({', '.join(keys)})" if keys else "its output has no logits"
+    elif logits.dim() != 2:
+        why = f"its logits have shape {tuple(logits.shape)}" + (f" for a batch of {batch}" if batch else "")
+    elif batch is not None and batch != logits.shape[0]:
+        why = f"its logits have shape {tuple(logits.shape)} while its blocks see {batch} rows"
+    else:
+        return
+    raise ValueError(
+        f"the side branch makes one prediction per input (logits of shape (batch, num_classes)), but "
+        f"{type(model).__name__}'s head {tuple(info.head_names)} makes another kind: {why}. Use 'side' "
+        "with a sequence or image classification model (or a bare backbone and num_classes), or "
+        "leave 'side' out of modules")
 
 
 # ---------------------------------------------------------------------------- integration
@@ -627,11 +670,22 @@ class SideHandle:
         self.pool_takes_mask = False
         self.call_mask: torch.Tensor | None = None  # the running forward's token mask
         self.mask_fn: Callable[[tuple, dict], torch.Tensor | None] | None = None
+        # side only: backbone parameters frozen when attached; one unfrozen since (by hand, after
+        # s2a.apply) makes the backbone run with grad, else it would silently never train
+        self.frozen: tuple[nn.Parameter, ...] = ()
+        self.detach = side_only  # the running forward's: keep the backbone out of autograd
 
     def remove(self) -> None:
         """Undo :func:`attach_side`: hooks, the forward wrapper and ``model.s2a_side``."""
         if self.removed:
             return
+        from .model import STATE_ATTR  # (model imports this module)
+
+        if getattr(self.model, STATE_ATTR, None) is not None:
+            raise RuntimeError(
+                "this side branch belongs to a model prepared by s2a.apply, whose tuned tensors, "
+                "save_tuned and load_tuned count on it; s2a has no undo of apply: build a fresh model "
+                "(and s2a.apply it without 'side' in modules) instead of removing the side branch")
         current = self.model.__dict__.get("forward")
         if current is not self.wrapped_forward:
             raise RuntimeError(
@@ -687,14 +741,16 @@ class _SideForward:
         h.captured = {}
         outer_mask, h.call_mask = h.call_mask, self._mask(args, kwargs)
         mask = h.call_mask
+        outer_detach = h.detach
+        h.detach = detach = h.side_only and not any(p.requires_grad for p in h.frozen)
         h.active += 1
         try:
-            with torch.no_grad() if h.side_only else contextlib.nullcontext():
+            with torch.no_grad() if detach else contextlib.nullcontext():
                 output = h.original_forward(*args, **kwargs)
                 pooled = h.pooled_fn(output) if h.pooled_fn is not None else None
         finally:
             h.active -= 1
-            h.call_mask = outer_mask  # a nested call gives the outer one its mask back
+            h.call_mask, h.detach = outer_mask, outer_detach  # a nested call gives the outer one its own back
         captured, h.captured = h.captured, {}
         missing = [h.block_paths[i] for i in range(len(h.block_paths)) if i not in captured]
         if missing:
@@ -703,8 +759,8 @@ class _SideForward:
             pooled = captured.get(-1)
             if pooled is None:
                 raise RuntimeError("side branch: no pooled backbone output was found but fuse_side=True")
-        if h.side_only and pooled is not None:
-            pooled = _compact(pooled.detach())
+        if pooled is not None:
+            pooled = _compact(pooled.detach() if detach else pooled)
         hiddens = [captured[i] for i in range(len(h.block_paths))]
         side = h.network(hiddens, pooled, mask, pre_pooled=True)
         labels = h.call_argument("labels", args, kwargs)
@@ -727,7 +783,7 @@ def _capture_block(handle: SideHandle, index: int, _module: nn.Module, _args: An
     if not handle.active:
         return
     hidden = _first_tensor(output)
-    if handle.side_only:
+    if handle.detach:
         hidden = hidden.detach()
     handle.captured[index] = _compact(handle.network.pool_hidden(index, hidden))
     if handle.pool_last and index == len(handle.block_paths) - 1:
@@ -741,7 +797,7 @@ def _capture_classifier_input(handle: SideHandle, _module: nn.Module, args: tupl
             x = _pool(handle, x, "tokens")
         elif x.dim() == 4:  # a 1x1 conv classifier (timm ResNetV2) reads the pooled (B, C, 1, 1) map
             x = x.mean(dim=(2, 3))
-        handle.captured[-1] = _compact(x.detach() if handle.side_only else x)
+        handle.captured[-1] = _compact(x.detach() if handle.detach else x)
 
 
 def _resolve_blocks(model: nn.Module, info: Any) -> list[tuple[str, nn.Module]]:
@@ -790,7 +846,9 @@ def _pool(handle: SideHandle, hidden: torch.Tensor, layout: str) -> torch.Tensor
 
 
 def detach_side(model: nn.Module) -> bool:
-    """Undo :func:`attach_side` on ``model`` (if attached); True if something was removed."""
+    """Undo :func:`attach_side` on ``model`` (if attached); True if something was removed. A
+    model prepared by ``s2a.apply`` is refused (RuntimeError): its tuner state counts on the
+    side branch."""
     handle = model.__dict__.get(HANDLE_ATTR)
     if handle is None:
         return False
@@ -811,7 +869,9 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
 
       - side only: runs the original forward under ``torch.no_grad()`` (the backbone saves
         nothing for backward), then the side network with autograd in the caller's grad mode;
-        the result replaces the model's logits;
+        the result replaces the model's logits. A backbone parameter frozen at attach time and
+        unfrozen since (a block unfrozen by hand after ``s2a.apply``) makes the backbone run, at
+        that call, with grad and undetached, so that it trains;
       - combined with other modules: runs the backbone normally; the side output is added to the
         model's logits when they have ``num_classes`` columns, else it replaces them.
 
@@ -880,6 +940,8 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
         p.requires_grad_(True)
 
     handle = SideHandle(model, network, side_only)
+    if side_only:
+        handle.frozen = tuple(p for p in model.parameters() if not p.requires_grad)
     handle.block_paths = [path for path, _ in blocks]
     handle.layouts = layouts
     handle.fuse = fuse
