@@ -603,6 +603,22 @@ def test_transformers_distilled_heads_train_and_change_width_together(build, nam
     assert model(pixel_values=torch.randn(2, 3, 32, 32)).logits.shape == (2, 5)
 
 
+def test_a_lone_auxiliary_head_is_not_taken_for_the_head():
+    # BEiT segmentation: the decode head was not found; its training-only auxiliary head, the
+    # one *head* child with num_labels outputs, was trained and resized alone
+    import transformers
+
+    import s2a
+
+    cfg = transformers.BeitConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                  image_size=32, patch_size=8, out_indices=[1, 2, 3, 4], use_auxiliary_head=True,
+                                  pool_scales=[1, 2], auxiliary_channels=16, num_labels=3)
+    model = transformers.BeitForSemanticSegmentation(cfg)
+    assert describe(model, {"pixel_values": torch.randn(1, 3, 32, 32)}).head_names == ()
+    with pytest.raises(ValueError, match="has no classification head to replace"):
+        s2a.apply(model, s2a.S2AConfig(modules=("bias",), num_classes=5, act_bits=None))
+
+
 def test_torchvision_vit_head_is_found_in_heads():
     import torchvision
 

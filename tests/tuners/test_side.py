@@ -608,6 +608,16 @@ def test_block_unfrozen_after_side_only_apply_trains():
     for p in model.blocks[1].parameters():
         p.requires_grad_(False)
     assert backbone_bytes(s2a.measure(model, x)) == {}  # frozen again: no_grad again
+    # built on the meta device: to_empty puts new Parameters in the modules, read at each call
+    with torch.device("meta"):
+        meta = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=NUM_CLASSES)
+    s2a.apply(meta, s2a.S2AConfig(modules=("side",), side_reduction=4, act_bits=None), example_input=x[:1].to("meta"))
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(model.state_dict())
+    for p in meta.blocks[1].parameters():
+        p.requires_grad_(True)
+    meta(x).square().sum().backward()
+    assert meta.blocks[1].mlp.fc1.weight.grad is not None and meta.blocks[0].mlp.fc1.weight.grad is None
 
 
 def test_detach_side_refuses_an_applied_model(tmp_path):

@@ -242,9 +242,9 @@ class GenericAdapter(ModelAdapter):
             if layers and classifier_features(m.get_submodule(layers[-1]))[1] == labels:
                 names.append(n)
                 classifiers += [f"{n}.{k}" if k else n for k in layers]
-        if len(names) < 2 and chosen is not None:
+        if len(names) < 2:  # only widens a pick: a lone match may be an auxiliary head (BEiT segmentation's)
             return chosen
-        return HeadSpec(names=tuple(names), classifiers=tuple(classifiers)) if names else chosen
+        return HeadSpec(names=tuple(names), classifiers=tuple(classifiers))
 
     def _timm_head(self, model: nn.Module) -> HeadSpec | None:
         """The head a timm model declares. ``get_classifier()`` returns one module or, for

@@ -672,7 +672,8 @@ class SideHandle:
         self.mask_fn: Callable[[tuple, dict], torch.Tensor | None] | None = None
         # side only: backbone parameters frozen when attached; one unfrozen since (by hand, after
         # s2a.apply) makes the backbone run with grad, else it would silently never train
-        self.frozen: tuple[nn.Parameter, ...] = ()
+        # (held as (module, name): to_empty / load_state_dict(assign=True) put new Parameters there)
+        self.frozen: tuple[tuple[nn.Module, str], ...] = ()
         self.detach = side_only  # the running forward's: keep the backbone out of autograd
 
     def remove(self) -> None:
@@ -742,7 +743,7 @@ class _SideForward:
         outer_mask, h.call_mask = h.call_mask, self._mask(args, kwargs)
         mask = h.call_mask
         outer_detach = h.detach
-        h.detach = detach = h.side_only and not any(p.requires_grad for p in h.frozen)
+        h.detach = detach = h.side_only and not any(_trains(m, n) for m, n in h.frozen)
         h.active += 1
         try:
             with torch.no_grad() if detach else contextlib.nullcontext():
@@ -777,6 +778,11 @@ class _SideForward:
             return h.mask_fn(args, kwargs)
         mask = h.call_argument("attention_mask", args, kwargs)
         return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def _trains(module: nn.Module, name: str) -> bool:
+    p = module._parameters.get(name)
+    return p is not None and p.requires_grad
 
 
 def _capture_block(handle: SideHandle, index: int, _module: nn.Module, _args: Any, output: Any) -> None:
@@ -941,7 +947,8 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
 
     handle = SideHandle(model, network, side_only)
     if side_only:
-        handle.frozen = tuple(p for p in model.parameters() if not p.requires_grad)
+        handle.frozen = tuple((m, n) for m in model.modules() for n, p in m._parameters.items()
+                              if p is not None and not p.requires_grad)
     handle.block_paths = [path for path, _ in blocks]
     handle.layouts = layouts
     handle.fuse = fuse
