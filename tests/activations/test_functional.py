@@ -319,6 +319,26 @@ def test_batch_norm_one_value_per_channel_raises_in_training():
     assert torch.equal(S.batch_norm(x, rm, rv, w), F.batch_norm(x, rm, rv, w))
 
 
+def test_batch_norm_eval_without_running_stats_raises_as_natively():
+    # s2a normalised by the batch's statistics where F.batch_norm refuses
+    x, w = torch.randn(3, 4, requires_grad=True), torch.ones(4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
+        S.batch_norm(x, None, None, w, training=False)
+
+
+def test_frozen_conv_one_element_stride_padding_dilation():
+    # (2,) is expanded by ATen in the forward; the backward indexed stride[1]: IndexError
+    w = torch.randn(4, 3, 3, 3)
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    args = ((2,), (1,), (2,))
+    y_ref = F.conv2d(x, w, None, *args)
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    y = S.conv(x, w, None, *args)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    assert torch.equal(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+
+
 def test_batch_norm_eval_frozen_keeps_no_activation():
     bn = torch.nn.BatchNorm2d(16).eval().requires_grad_(False)
     bn.bias.requires_grad_(True)

@@ -662,9 +662,10 @@ def batch_norm(
     """``F.batch_norm`` storing the normalised input low-bit (or nothing in eval mode with
     frozen affine); float64 input runs natively (its kernels compute in float32)."""
     _check_row_bits(bits, "batch_norm")
-    if not _needs_grad(x, weight, bias) or x.numel() == 0 or x.dtype == torch.float64:
+    if (not _needs_grad(x, weight, bias) or x.numel() == 0 or x.dtype == torch.float64
+            or (not training and (running_mean is None or running_var is None))):  # the last: F's error
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    if not training and running_mean is not None:
+    if not training:
         mean = running_mean.float()
         rstd = torch.rsqrt(running_var.float() + eps)
         if x.dim() >= 2 and not (weight is not None and weight.requires_grad):
@@ -891,7 +892,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _tuple(v, n: int) -> list[int]:
-    return list(v) if isinstance(v, (tuple, list)) else [int(v)] * n
+    if isinstance(v, (tuple, list)):
+        return list(v) * n if len(v) == 1 else list(v)  # ATen expands (2,) as it does 2
+    return [int(v)] * n
 
 
 def conv(
