@@ -540,8 +540,22 @@ def to_markdown(data: dict[str, Any]) -> str:
             "screened yet.",
             "Every method with a frozen backbone keeps its BatchNorm running statistics (as s2a does); full "
             "fine-tuning and its storage variants train them.",
-            "mesa8 / fewbit2 are configurations of s2a's activation engine imitating Mesa and Few-bit / "
-            "Approx-BP, not those projects' code.",
+            "mesa8 / fewbit2 are configurations of s2a's activation engine imitating Mesa and Few-bit, not "
+            "those projects' code. mesa8 leaves the inputs of trainable linear / matmul and convolution layers "
+            "at full precision (Mesa stores them at 8 bits): its memory is an upper bound on Mesa's (on "
+            "ViT-B/16 at batch 64 those inputs are about 3.1 GiB of its saved bytes). fewbit2 leaves out Approx-BP's "
+            "memory-sharing LayerNorm.",
+            "IA3 on a timm block's fused qkv projection scales the queries too (IA3 scales keys and values): "
+            "a third of that output is kept beyond what IA3 needs (ViT-B/16 at batch 64: about 443 of its 3,103 MiB of "
+            "stored products).",
+            "MiniLM's dropout (0.1) is on in its measured steps. On the CPU, PyTorch keeps a 4-byte mask per "
+            "dropout element and runs attention with dropout unfused, keeping the attention probabilities; "
+            "s2a regenerates its masks from a seed. A GPU's fused kernels avoid most of this, so the peers' "
+            "MiniLM peaks are higher here than they would be there (LoRA at batch 8 x 128 tokens: 312.4 MiB "
+            "with dropout, 198.7 without; s2a 126.1 and 122.3).",
+            "The lead over the checkpointed peers depends on the batch: where the weights dominate they tie "
+            "s2a (compare_vit_b16_batch16.md: ViT-B/16 at batch 16, bitfit-ckpt and lora-ckpt 606.5 and "
+            "618.7 MiB, s2a 620.0).",
             "The peak is that of a steady-state step: AdamW's state (2 x the trainable bytes) is allocated "
             "before the forward, as it is in every step after the first.",
         ],
