@@ -682,6 +682,26 @@ def test_compressed_norms_are_counted_on_the_meta_device_as_on_the_cpu():
     assert meta.by_kind == cpu.by_kind and {"group_norm (s2a)", "layer_norm (s2a)"} <= set(cpu.by_kind)
 
 
+def test_meta_device_measure_does_not_compile_kernels(monkeypatch):
+    # meta tensors went to torch.compile, which failed (a graph dump in a warning) before the
+    # eager fallback gave the right shapes
+    import warnings
+
+    import s2a
+    from s2a.activations import kernels, rowquant
+
+    monkeypatch.setenv("S2A_COMPILE", "1")
+    monkeypatch.setattr(kernels, "SMALL", 0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Softmax(-1), nn.Linear(32, 4))
+    s2a.compress_activations(net.to("meta"), bits=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = measure(net, torch.randn(8, 16, device="meta"))
+    assert report.saved_bytes > 0 and not [w for w in caught if "torch.compile" in str(w.message)]
+    assert not [k for k in kernels._COMPILED if k.endswith("/meta")]
+    assert not [k for k in rowquant._COMPILED if k[-1] == "meta"]
+
+
 def test_sparse_tensors_saved_by_the_graph_count_their_indices_and_values():
     n = 2000
     adj = torch.sparse_coo_tensor(torch.randint(0, n, (2, 4000)), torch.rand(4000), (n, n)).coalesce()

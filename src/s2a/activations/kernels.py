@@ -16,8 +16,10 @@ from the unfused temporaries). If the compiler is unavailable the eager path is 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 import types
 import warnings
 from collections.abc import Callable
@@ -222,6 +224,17 @@ def call_compiled(fn: Callable, *tensors: torch.Tensor):
     subclasses: their ``__torch_function__`` must run, as on the eager path."""
     if any(type(t) is not torch.Tensor for t in tensors):
         return fn(*tensors)
+    if "torch.utils.cpp_extension" not in sys.modules and not torch.cuda.is_available():
+        # the first compile imports it, which logs "No CUDA runtime is found, using CUDA_HOME=..."
+        # on a CPU-only machine: an alarm about nothing s2a needs
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            with torch._C.DisableTorchFunction():
+                return fn(*tensors)
+        finally:
+            log.setLevel(level)
     with torch._C.DisableTorchFunction():
         return fn(*tensors)
 
@@ -235,8 +248,8 @@ def _run(name: str, eager: Callable, *args):
         return eager(*args)
     statics = "/".join(str(a) for a in args if not isinstance(a, torch.Tensor))
     name = f"{name}/{statics}/{args[0].dtype}/{args[1].dtype}/{args[0].device.type}"
-    if not compile_enabled() or name in _FAILED or args[0].numel() < SMALL:
-        return eager(*args)
+    if not compile_enabled() or name in _FAILED or args[0].numel() < SMALL or args[0].is_meta:
+        return eager(*args)  # (meta: shapes only, which the eager code gives without compiling)
     fn = _COMPILED.get(name)
     if fn is None:
         fn = _COMPILED[name] = torch.compile(_bind_static(eager, args), dynamic=True,

@@ -291,7 +291,7 @@ def run_fused(body: Callable[..., Any], *tensors: torch.Tensor, **static: object
     t0 = tensors[0]
     key = (body.__name__, tuple(sorted(static.items())),
            tuple(t.dtype for t in tensors), t0.device.type)
-    if not kernels.compile_enabled() or key in _FAILED or t0.numel() < kernels.SMALL:
+    if not kernels.compile_enabled() or key in _FAILED or t0.numel() < kernels.SMALL or t0.is_meta:
         return body(*tensors, **static)
     fn = _COMPILED.get(key)
     if fn is None:
