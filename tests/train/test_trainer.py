@@ -203,8 +203,10 @@ def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
     assert f"{100 * ra['accuracy']:.2f}%" in out and "saved for backward" in out
     assert plot.stat().st_size > 1000 and md.read_text().startswith("| ")
     assert "Note: these runs differ" not in out
-    with pytest.raises(SystemExit, match="no finished run"):
+    with pytest.raises(SystemExit, match="nowhere does not exist: give the --out directory of a finished"):
         main(["compare", str(a), str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="is not an s2a train run directory"):  # was: "train it first" there
+        main(["compare", str(a), str(root)])
     # runs of one method get distinct labels (the plot would draw them as one bar); output
     # folders are created, and a path that cannot be written is a clear error
     md = tmp_path / "new" / "cmp.md"
@@ -375,7 +377,7 @@ def test_interrupted_runs_resume_without_losing_anything(reference_runs, tmp_pat
     # step times travel in last.pt: the report times all 6 steps, not just the last run's 2
     assert len(got["step_times"]) == 6 and report["step_time_s"] > 0 and report["throughput"] > 0
     # each of the 3 process starts' first step (warm-up) is left out of the timing
-    assert got["warmup_steps"] == [0, 2, 4]
+    assert got["warmup_steps"] == [0, 2, 4] and report["timed_steps"] == 3
     steady = [1, 3, 5]
     compute = [got["step_times"][i] - got["step_data_times"][i] for i in steady]
     assert report["step_time_s"] == pytest.approx(statistics.median(compute))
@@ -472,3 +474,63 @@ def test_compare_formats_bytes_as_the_memory_report_does(tmp_path):
     runs = [_fake_run(tmp_path / "a", saved_activation_bytes=2**41), _fake_run(tmp_path / "b", peak_memory_bytes=None)]
     table = compare_runs(runs)
     assert "| 2.00 TiB |" in table and "n/a" in table
+
+
+def test_a_short_run_says_its_step_time_is_from_few_steps(run_cli, image_folder, tmp_path, capsys):
+    from s2a.train.report import FEW_TIMED_STEPS, timing_caveat, write_report
+
+    out = tmp_path / "short"
+    run_cli("--model", "test_vit", "--img-size", "32", "--data", str(image_folder), "--method", "full",
+            "--epochs", "1", "--train-size", "8", "--batch-size", "4", "--out", str(out))  # fmt: skip
+    captured = capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 2 and report["timed_steps"] == 1  # the first step is warm-up
+    md = (out / "report.md").read_text()
+    assert f"| {report['step_time_s']:.4f} s (only 1 timed step: see the notes) |" in md
+    assert f"- {timing_caveat(1)}" in md and "from only 1 timed step and likely include the first compilations" in md
+    assert "(from only 1 timed step, likely with compilation: see the report)" in captured.out
+    # enough steps: no caveat (the median itself is unchanged)
+    for n, flagged in ((FEW_TIMED_STEPS - 1, True), (FEW_TIMED_STEPS, False)):
+        again = tmp_path / f"timed{n}"
+        again.mkdir()
+        write_report(again, {**report, "timed_steps": n}, [])
+        text = (again / "report.md").read_text()
+        assert ("likely include the first compilations" in text) is flagged
+        assert (f"| {report['step_time_s']:.4f} s |" in text) is not flagged
+
+
+def test_train_prints_the_report_path_once(run_cli, image_folder, tmp_path, capsys):
+    out = tmp_path / "once"
+    run_cli("--model", "test_vit", "--img-size", "32", "--data", str(image_folder), "--method", "linear",
+            "--epochs", "1", "--train-size", "4", "--batch-size", "4", "--out", str(out))  # fmt: skip
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("report.md") == 1  # on the summary's stdout
+    assert captured.out.splitlines()[-1] == f"wrote {out / 'report.md'}"
+
+
+def test_compare_flags_a_step_time_from_few_steps(tmp_path):
+    from s2a.train.report import compare_runs
+
+    runs = [_fake_run(tmp_path / "a", method="full", timed_steps=1, step_time_s=0.2),
+            _fake_run(tmp_path / "b", method="bitfit", timed_steps=7), _fake_run(tmp_path / "c", method="lora")]
+    table = compare_runs(runs)
+    assert "| step time | 0.200 s [only 1 timed step] | 0.100 s (0.50x) | 0.100 s (0.50x) |" in table
+    assert "| throughput | 10.0 ex/s [only 1 timed step] | 10.0 ex/s | 10.0 ex/s |" in table
+    assert ("Note: the step time and throughput of full (1 timed step) are from fewer than 5 timed steps "
+            "and likely include the first compilations") in table
+    assert "timed steps" not in compare_runs(runs[1:])  # 7 steps, and an older report without the count
+
+
+def test_curves_of_one_epoch_have_whole_epoch_ticks(tmp_path, monkeypatch):
+    from s2a.train import report as train_report
+
+    figures = []
+    make = train_report._figure
+    monkeypatch.setattr(train_report, "_figure", lambda *a: figures.append(make(*a)) or figures[-1])
+    metrics = [{"event": "train", "global_step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    metrics += [{"event": "val", "epoch": 1, "global_step": 3, "loss": 0.4, "acc": 0.7},
+                {"event": "epoch", "epoch": 1, "global_step": 3, "train_acc": 0.6}]
+    train_report.plot_curves(metrics, tmp_path / "curves.png", "one epoch")
+    ax_epochs = figures[0].axes[1]
+    lo, hi = ax_epochs.get_xlim()
+    assert [t for t in ax_epochs.get_xticks() if lo <= t <= hi] == [1.0]

@@ -10,8 +10,8 @@ from typing import Any
 
 from s2a.memory.report import format_bytes, format_ratio
 
-__all__ = ["REQUIRED_KEYS", "compare_runs", "load_report", "plot_curves", "plot_memory", "read_metrics",
-           "train_loss_label", "write_report"]
+__all__ = ["FEW_TIMED_STEPS", "REQUIRED_KEYS", "compare_runs", "few_timed_steps", "load_report", "plot_curves",
+           "plot_memory", "read_metrics", "timing_caveat", "train_loss_label", "write_report"]
 
 REQUIRED_KEYS = (
     "accuracy",
@@ -22,6 +22,35 @@ REQUIRED_KEYS = (
     "step_time_s",
     "throughput",
 )
+
+
+# Fewer timed steps than this and the step time / throughput are flagged as unrepresentative.
+# The timing is a median over the steps after each process start's first, but the slow steps
+# are not only the first: on text each new padded sentence length recompiles (torch.compile's
+# dynamic shapes), so the second and third steps can still be compiling (a 2-step run read
+# 1.80 s for a step that settles at 0.6-0.8 s). A median of n steps ignores up to (n - 1) // 2
+# slow ones: with 5 it outvotes two such stragglers; below that, one or two decide it.
+FEW_TIMED_STEPS = 5
+
+
+def few_timed_steps(report: Mapping[str, Any]) -> int | None:
+    """The number of steps a run's timing is based on when it is too few to trust (below
+    :data:`FEW_TIMED_STEPS`), else None (also for a report from before ``timed_steps``)."""
+    n = report.get("timed_steps")
+    if isinstance(n, bool) or not isinstance(n, int) or not report.get("step_time_s"):
+        return None
+    return n if n < FEW_TIMED_STEPS else None
+
+
+def _steps_text(n: int) -> str:
+    return f"{n} timed step{'' if n == 1 else 's'}"
+
+
+def timing_caveat(n: int) -> str:
+    """What a timing from only ``n`` steps means, and what to do about it."""
+    return (f"step time and throughput are from only {_steps_text(n)} and likely include the first "
+            "compilations (torch.compile, each new input shape) and allocator warm-up: train longer "
+            f"(at least {FEW_TIMED_STEPS} steps after the first) for a representative figure")
 
 
 def _fmt_bytes(n: Any) -> str:
@@ -108,7 +137,9 @@ def plot_curves(metrics: Sequence[Mapping[str, Any]], path: str | os.PathLike, t
     ax2.set_ylim(0, 1.02)
     from matplotlib.ticker import MaxNLocator
 
-    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # whole epochs: min_n_ticks=1, or an axis around one epoch (0.945 to 1.055, holding a
+    # single integer) falls back to fractional ticks
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -148,6 +179,9 @@ def write_report(run_dir: str | os.PathLike, report: dict[str, Any], metrics: Se
     def pct(v: Any) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}%"
 
+    few = few_timed_steps(report)
+    few_text = f" (only {_steps_text(few)}: see the notes)" if few is not None else ""
+
     rows = [
         ("accuracy (test, best-val checkpoint)", pct(report.get("accuracy"))),
         ("val accuracy (best epoch)", f"{pct(report.get('val_accuracy'))} (epoch {report.get('best_epoch')})"),
@@ -159,8 +193,9 @@ def write_report(run_dir: str | os.PathLike, report: dict[str, Any], metrics: Se
          _fmt_bytes(report.get("peak_memory_bytes"))),
         ("process peak memory", _fmt_bytes(report.get("process_peak_memory_bytes"))),
         ("step time (median, data loading excluded)",
-         f"{report.get('step_time_s'):.4f} s" if report.get("step_time_s") else "n/a"),
-        ("throughput (median step)", f"{report.get('throughput'):.1f} examples/s" if report.get("throughput") else "n/a"),
+         f"{report.get('step_time_s'):.4f} s{few_text}" if report.get("step_time_s") else "n/a"),
+        ("throughput (median step)",
+         f"{report.get('throughput'):.1f} examples/s{few_text}" if report.get("throughput") else "n/a"),
         ("data loading per step (median); wall throughput",
          f"{report['data_time_s']:.4f} s; {report['wall_throughput']:.1f} examples/s"
          if report.get("data_time_s") is not None and report.get("wall_throughput") else "n/a"),
@@ -192,7 +227,8 @@ def write_report(run_dir: str | os.PathLike, report: dict[str, Any], metrics: Se
         parts.append("")
     if plots:
         parts += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
-    notes = report.get("notes") or []
+    # the caveat goes to report.md only: report.json has timed_steps, and stays as the run wrote it
+    notes = [*([timing_caveat(few)] if few is not None else []), *(report.get("notes") or [])]
     if notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     _write_text(run_dir / "report.md", "\n".join(parts))
@@ -207,7 +243,10 @@ def load_report(run_dir: str | os.PathLike) -> dict[str, Any]:
         if (Path(run_dir) / "config.json").is_file():  # started, stopped before its report
             raise ValueError(f"{run_dir} holds an unfinished run (no report.json yet); finish it with "
                              f"s2a train --out {run_dir} --resume")
-        raise ValueError(f"{run_dir} holds no finished run (no report.json); train it first with s2a train --out {run_dir}")
+        if not Path(run_dir).exists():
+            raise ValueError(f"{run_dir} does not exist: give the --out directory of a finished s2a train run")
+        raise ValueError(f"{run_dir} is not an s2a train run directory (no report.json or config.json): give "
+                         "the --out directory of a finished run")
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -271,14 +310,21 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
         a, b = r.get(key), ref.get(key)
         return "" if a is None or not b or r is ref else f" ({format_ratio(a / b)})"  # 0 bytes: 0.00x
 
+    few = [few_timed_steps(r) for r in reports]
+
+    def few_text(r_few: int | None) -> str:
+        return "" if r_few is None else f" [only {_steps_text(r_few)}]"
+
     header = ["", *labels]
     rows = [
         ["test accuracy", *(f"{100 * r['accuracy']:.2f}%" for r in reports)],
         ["trainable params", *(f"{r['trainable_params']:,} ({r['trainable_percent']:.3f}%)" for r in reports)],
         ["saved for backward (micro-batch)", *(_fmt_bytes(r["saved_activation_bytes"]) + ratio("saved_activation_bytes", r) for r in reports)],
         ["step peak memory (above weights)", *(_fmt_bytes(r["peak_memory_bytes"]) + ratio("peak_memory_bytes", r) for r in reports)],
-        ["step time", *(f"{r['step_time_s']:.3f} s" + ratio("step_time_s", r) if r["step_time_s"] else "n/a" for r in reports)],
-        ["throughput", *(f"{r['throughput']:.1f} ex/s" if r["throughput"] else "n/a" for r in reports)],
+        ["step time", *(f"{r['step_time_s']:.3f} s" + ratio("step_time_s", r) + few_text(n) if r["step_time_s"] else "n/a"
+                        for r, n in zip(reports, few, strict=True))],
+        ["throughput", *(f"{r['throughput']:.1f} ex/s" + few_text(n) if r["throughput"] else "n/a"
+                         for r, n in zip(reports, few, strict=True))],
         ["examples train / test", *(f"{r.get('num_train')} / {r.get('num_test')}" for r in reports)],
         ["measured micro-batch input", *(_shape_text(r.get("measured_input_shape")) for r in reports)],
         ["run", *(str(d) for d in run_dirs)],
@@ -292,6 +338,11 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
     if unlike:
         lines += ["", f"Note: these runs differ in {'; '.join(unlike)}: the ratios compare unlike set-ups, "
                   "not the methods alone."]
+    short = [f"{lab} ({_steps_text(n)})" for lab, n in zip(labels, few, strict=True) if n is not None]
+    if short:
+        lines += ["", f"Note: the step time and throughput of {', '.join(short)} are from fewer than "
+                  f"{FEW_TIMED_STEPS} timed steps and likely include the first compilations (torch.compile, "
+                  "each new input shape): the speed ratios may mislead; train longer for a representative figure."]
     if plot is not None:
         fig = _figure(9, 3.6)
         ax1, ax2 = fig.subplots(1, 2, sharey=True)

@@ -1055,15 +1055,19 @@ class Trainer:
           full step's is batch / step_time_s; one slow step moves neither);
         * ``data_time_s``: median time a step waited for its batches;
         * ``wall_throughput``: examples / wall time of those steps, data loading included
-          (what the run achieved)."""
+          (what the run achieved);
+        * ``timed_steps``: how many steps those figures are based on (few: see
+          :data:`s2a.train.report.FEW_TIMED_STEPS`)."""
         warm = set(self.timing_warmup)
         steady = [i for i in range(len(self.step_times)) if i not in warm] or list(range(len(self.step_times)))
         compute = [max(self.step_times[i] - self.step_data_times[i], 1e-9) for i in steady]
         wall = sum(self.step_times[i] for i in steady)
         samples = [self.step_samples[i] for i in steady]
         if not steady:
-            return {"step_time_s": None, "throughput": None, "data_time_s": None, "wall_throughput": None}
+            return {"step_time_s": None, "throughput": None, "data_time_s": None, "wall_throughput": None,
+                    "timed_steps": 0}
         return {
+            "timed_steps": len(steady),
             "step_time_s": statistics.median(compute),
             "throughput": statistics.median(n / t for n, t in zip(samples, compute, strict=True)),
             "data_time_s": statistics.median(self.step_data_times[i] for i in steady),
@@ -1073,7 +1077,8 @@ class Trainer:
     def _earlier_timing(self) -> dict[str, float | None]:
         try:
             old = json.loads((self.run_dir / "report.json").read_text(encoding="utf-8"))
-            return {k: old.get(k) for k in ("step_time_s", "throughput", "data_time_s", "wall_throughput")}
+            return {k: old.get(k) for k in ("step_time_s", "throughput", "data_time_s", "wall_throughput",
+                                            "timed_steps")}
         except (OSError, ValueError, AttributeError):
             return {}
 
@@ -1181,9 +1186,8 @@ class Trainer:
         if info.is_main:
             write_report(self.run_dir, report, read_metrics(self.run_dir / "metrics.jsonl"))
             self._log(
-                f"test accuracy {test['acc']:.4f} ({test['n']} examples, best epoch {self.best.get('epoch')}); "
-                f"report in {self.run_dir}/report.md"
-            )
+                f"test accuracy {test['acc']:.4f} ({test['n']} examples, best epoch {self.best.get('epoch')})"
+            )  # the report's path: s2a train prints it (once) with its summary
         barrier(info)
         return report
 
