@@ -289,7 +289,8 @@ def test_first_kernel_compile_on_a_cpu_machine_logs_no_cuda_home_alarm():
             "net = s2a.compress_activations(nn.Sequential(nn.Linear(8, 8), nn.GELU()), bits=4)\n"
             "net(torch.randn(64, 8)).sum().backward()\n"
             "import torch.utils.cpp_extension\n")  # fmt: skip
-    env = {**os.environ, "S2A_COMPILE": "1"}
+    # a CUDA_HOME without a GPU is what makes torch log it: set one, so that the test can fail anywhere
+    env = {**os.environ, "S2A_COMPILE": "1", "CUDA_HOME": os.path.dirname(sys.executable)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "No CUDA runtime is found" not in proc.stderr

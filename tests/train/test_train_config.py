@@ -39,7 +39,7 @@ BASE = ["--model", "test_vit", "--data", "rotten-tomatoes"]
         ("--prompt-rank", "0", "prompt_rank (--prompt-rank) must be an integer >= 1"),
         ("--modules", "bias,bais", "modules (--modules) must be names from ['bias', 'norm', 'prompt', 'side'] (unknown: ['bais'])"),
         ("--modules", "bias,bias", "modules (--modules) must be each module once (got bias,bias)"),
-        ("--act-bits", "5", "act_bits (--act-bits) must be one of the bit widths [2, 3, 4, 8], or 0 / none (off)"),
+        ("--act-bits", "5", "act_bits (--act-bits) must be one of the bit widths [2, 3, 4, 8], or 0 (off; 'none' on the command line)"),
         ("--act-bits", "-4", "act_bits (--act-bits) must be one of the bit widths"),
         ("--eval-batch-size", "0", "eval_batch_size (--eval-batch-size) must be an integer >= 1"),
         ("--val-size", "0", "val_size (--val-size) must be an integer >= 1"),

@@ -490,13 +490,14 @@ def test_a_short_run_says_its_step_time_is_from_few_steps(run_cli, image_folder,
     assert f"- {timing_caveat(1)}" in md and "from only 1 timed step and likely include the first compilations" in md
     assert "(from only 1 timed step, likely with compilation: see the report)" in captured.out
     # enough steps: no caveat (the median itself is unchanged)
-    for n, flagged in ((FEW_TIMED_STEPS - 1, True), (FEW_TIMED_STEPS, False)):
+    for n, flagged in ((0, True), (FEW_TIMED_STEPS - 1, True), (FEW_TIMED_STEPS, False)):
         again = tmp_path / f"timed{n}"
         again.mkdir()
         write_report(again, {**report, "timed_steps": n}, [])
         text = (again / "report.md").read_text()
         assert ("likely include the first compilations" in text) is flagged
         assert (f"| {report['step_time_s']:.4f} s |" in text) is not flagged
+    assert "from only first steps after a start (0 timed steps)" in (tmp_path / "timed0" / "report.md").read_text()
 
 
 def test_train_prints_the_report_path_once(run_cli, image_folder, tmp_path, capsys):

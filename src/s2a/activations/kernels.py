@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import types
 import warnings
 from collections.abc import Callable
@@ -216,6 +217,9 @@ COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
 SMALL = 1 << 16
 
 
+_QUIET_LOCK = threading.Lock()
+
+
 def call_compiled(fn: Callable, *tensors: torch.Tensor):
     """Call a compiled kernel with no ``__torch_function__`` handling: the kernels are plain
     tensor code, and a TorchFunctionMode on the stack (s2a's own, whose state follows the
@@ -227,14 +231,15 @@ def call_compiled(fn: Callable, *tensors: torch.Tensor):
     if "torch.utils.cpp_extension" not in sys.modules and not torch.cuda.is_available():
         # the first compile imports it, which logs "No CUDA runtime is found, using CUDA_HOME=..."
         # on a CPU-only machine: an alarm about nothing s2a needs
-        log = logging.getLogger("torch.utils.cpp_extension")
-        level = log.level
-        log.setLevel(logging.ERROR)
-        try:
-            with torch._C.DisableTorchFunction():
-                return fn(*tensors)
-        finally:
-            log.setLevel(level)
+        with _QUIET_LOCK:  # (threads: one level saved and restored at a time)
+            log = logging.getLogger("torch.utils.cpp_extension")
+            level = log.level
+            log.setLevel(logging.ERROR)
+            try:
+                with torch._C.DisableTorchFunction():
+                    return fn(*tensors)
+            finally:
+                log.setLevel(level)
     with torch._C.DisableTorchFunction():
         return fn(*tensors)
 

@@ -179,7 +179,8 @@ class TrainConfig:
                 "or add prompt to --modules"
             )
         if self.act_bits is not None and (not is_int(self.act_bits) or self.act_bits not in (0, *ACT_BITS)):
-            fail("act_bits", f"one of the bit widths {list(ACT_BITS)}, or 0 / none (off)")
+            fail("act_bits", f"one of the bit widths {list(ACT_BITS)}, or 0 (off; 'none' on the command line), "
+                 "or None in Python (the method's default)")
         if self.method in NO_ACT_BITS and self.act_bits:
             raise TrainError(
                 f"--method {self.method} takes no --act-bits (got {self.act_bits}): it fixes its own "

@@ -43,6 +43,8 @@ def few_timed_steps(report: Mapping[str, Any]) -> int | None:
 
 
 def _steps_text(n: int) -> str:
+    if n == 0:  # every step was a process start's first: the median falls back to them
+        return "first steps after a start (0 timed steps)"
     return f"{n} timed step{'' if n == 1 else 's'}"
 
 

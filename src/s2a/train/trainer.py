@@ -1067,7 +1067,8 @@ class Trainer:
             return {"step_time_s": None, "throughput": None, "data_time_s": None, "wall_throughput": None,
                     "timed_steps": 0}
         return {
-            "timed_steps": len(steady),
+            # steps past each start's first: 0 when the figures fall back to first steps only
+            "timed_steps": sum(i not in warm for i in range(len(self.step_times))),
             "step_time_s": statistics.median(compute),
             "throughput": statistics.median(n / t for n, t in zip(samples, compute, strict=True)),
             "data_time_s": statistics.median(self.step_data_times[i] for i in steady),
