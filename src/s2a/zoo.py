@@ -168,6 +168,8 @@ def _to_chw_uint8(item: Any) -> torch.Tensor:
         floating = t.dtype.is_floating_point
         unit = t.dtype == torch.bool or (floating and t.numel() and t.max() <= 1.05)
         t = t.float()
+        if floating and not torch.isfinite(t).all():  # NaN passes every range check below
+            raise ZooError("image holds NaN or infinite values: pass finite 8-bit pixels ([0, 1] floats or [0, 255])")
         if t.numel() and (t.min() < (-0.05 if floating else 0) or t.max() > (300 if floating else 255)):
             raise ZooError(f"image values reach {(t.min() if t.min() < 0 else t.max()).item():g}: pass "
                            "unnormalised 8-bit pixels ([0, 1] floats or [0, 255]); the preprocessor "

@@ -233,3 +233,32 @@ def test_flat_class_named_like_a_split_is_explained(tmp_path, write_pngs):
     write_pngs(root / "test", 4, 2, seed=5)
     with pytest.raises(DataError, match=r"has test/ but no train/ folder.*if test/ is a class of the flat layout"):
         load_data(str(root))
+
+
+def test_hugging_face_float_pixels_are_scaled_by_one_factor_per_dataset(tmp_path):
+    # decided image by image, a near-black [0, 255] image (every value <= 1) was read as [0, 1]
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+    from s2a.zoo import _to_chw_uint8
+
+    features = datasets.Features({"pixel_values": datasets.Array3D((8, 8, 3), "float32"), "label": datasets.Value("int64")})
+
+    def save(name, pixels):
+        rows = {"pixel_values": pixels.tolist(), "label": [i % 2 for i in range(len(pixels))]}
+        ds = datasets.Dataset.from_dict(rows, features=features)
+        datasets.DatasetDict(train=ds, test=ds.select(range(2))).save_to_disk(str(tmp_path / name))
+        return load_data(str(tmp_path / name), image_column="pixel_values")
+
+    pixels = np.random.default_rng(0).uniform(0, 255, (10, 8, 8, 3)).astype(np.float32)
+    pixels[1] = 1.0  # near-black, in [0, 255]
+    d = save("wide", pixels)
+    items = {tuple(_to_chw_uint8(d.train.items[i]).flatten().tolist()) for i in range(len(d.train))}
+    items |= {tuple(_to_chw_uint8(d.test.items[i]).flatten().tolist()) for i in range(len(d.test))}
+    assert tuple([1] * 192) in items and tuple([255] * 192) not in items
+    d = save("unit", pixels / 255.0)  # [0, 1]: scaled to 8-bit
+    got = np.stack([np.asarray(d.test.items[i]) for i in range(len(d.test))])
+    assert got.dtype == np.uint8 and got.max() > 200
+    with pytest.raises(DataError, match=r"image column 'pixel_values' holds values in \[-2.99.*unnormalised"):
+        save("normalised", pixels / 64.0 - 3.0)
+    pixels[3, 0, 0, 0] = np.nan  # min / max skip NaN
+    with pytest.raises(DataError, match="image column 'pixel_values' holds NaN or infinite values"):
+        save("nan", pixels)

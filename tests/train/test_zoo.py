@@ -204,6 +204,10 @@ def test_image_preprocessor_16_bit_short_images_and_pixel_lists(tmp_path):
     assert _to_chw_uint8(np.full((5, 5, 3), 1.01)).min() == 255  # a resize's overshoot of [0, 1]
     with pytest.raises(ZooError, match="image values reach 65535"):  # 16-bit values were clipped at 255
         _to_chw_uint8(np.full((5, 5, 3), 65535, dtype=np.int32))
+    nan = np.full((5, 5, 3), 0.5)
+    nan[0, 0, 0] = np.nan  # passed every range check and became a 0 pixel
+    with pytest.raises(ZooError, match="image holds NaN or infinite values"):
+        _to_chw_uint8(nan)
 
 
 def _tiny_llama_dir(path, arch="llama"):

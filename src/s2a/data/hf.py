@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .core import (
     DataBundle,
     DataError,
@@ -52,11 +54,15 @@ class _HFColumn:
     :func:`~s2a.data.core.content_keys`): an image's encoded bytes (or its path, when the
     dataset holds paths only) read from the Arrow table."""
 
-    def __init__(self, ds: Any, column: str, *, base: Any = None, rows: list[int] | None = None) -> None:
+    def __init__(
+        self, ds: Any, column: str, *, base: Any = None, rows: list[int] | None = None, pixel_scale: float | None = None
+    ) -> None:
         self.ds = ds
         self.column = column
         self._base = ds if base is None else base  # the split as loaded; ``rows`` index it
         self._rows = rows
+        # float pixel arrays -> uint8 by one factor for the whole dataset (:func:`_float_pixel_scale`)
+        self.pixel_scale = pixel_scale
 
     @property
     def content_stages(self) -> int:
@@ -69,13 +75,16 @@ class _HFColumn:
 
     def __getitem__(self, i: int) -> Any:
         try:
-            return self.ds[int(i)][self.column]
+            value = self.ds[int(i)][self.column]
         except (OSError, ValueError) as exc:  # an Image column decodes here: a missing or bad file
             raise DataError(f"cannot read row {self._row(i)} of column {self.column!r}: {exc}") from None
+        if self.pixel_scale is None or value is None:
+            return value
+        return np.rint(np.asarray(value, dtype=np.float32) * self.pixel_scale).clip(0, 255).astype(np.uint8)
 
     def take(self, indices: list[int]) -> _HFColumn:
         rows = [self._row(i) for i in indices]
-        return _HFColumn(self.ds.select(indices), self.column, base=self._base, rows=rows)
+        return _HFColumn(self.ds.select(indices), self.column, base=self._base, rows=rows, pixel_scale=self.pixel_scale)
 
     def _row(self, i: int) -> int:
         return int(i) if self._rows is None else self._rows[int(i)]
@@ -117,6 +126,39 @@ class _HFColumn:
                 else:
                     out.append(f"path:{None if v is None else v['path']}")
         return out
+
+
+def _float_pixel_scale(parts: dict[str, Any], column: str, where: str) -> float | None:
+    """For a column of float pixel arrays, the factor to 8-bit pixels, decided once for the whole
+    dataset: 255 when every value is within [0, 1], 1 when they reach past it ([0, 255]).
+    Decided image by image, a near-black [0, 255] image (all values <= 1) would be read as a
+    [0, 1] one and brightened 255 times. None for other columns (Image, integer arrays)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    low = high = None
+    for ds in parts.values():
+        for chunk in ds.data.column(column).chunks:
+            values = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+            while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type):
+                values = values.flatten()
+            if not pa.types.is_floating(values.type):
+                return None
+            if pc.any(pc.invert(pc.is_finite(values))).as_py():  # min_max skips NaN
+                raise DataError(f"{where}: image column {column!r} holds NaN or infinite values: "
+                                "fix or drop those rows (Dataset.filter) and save the dataset again")
+            lo, hi = pc.min_max(values).values()
+            if lo.is_valid:
+                low = lo.as_py() if low is None else min(low, lo.as_py())
+                high = hi.as_py() if high is None else max(high, hi.as_py())
+    if low is None:
+        return None
+    if low < -0.05 or high > 300:
+        raise DataError(
+            f"{where}: image column {column!r} holds values in [{low:g}, {high:g}]: pass unnormalised "
+            "pixels ([0, 1] floats or [0, 255]); the preprocessor normalises them")
+    # a resize's overshoot (1.01, 256.3) is within either range
+    return 255.0 if high <= 1.05 else 1.0
 
 
 def _is_image_struct(t: Any) -> bool:
@@ -244,9 +286,10 @@ def load_hf(
         ids_by, classes = _class_label_ids(raws, names_by, lcol, where)
     else:
         ids_by, classes = labels_to_ids(raws, where=where)
+    scale = _float_pixel_scale(parts, xcol, where) if kind == "image" else None
     splits = {}
     for k, ds in parts.items():
-        items = texts_of(ds[xcol], where=where, split=k) if kind == "text" else _HFColumn(ds, xcol)
+        items = texts_of(ds[xcol], where=where, split=k) if kind == "text" else _HFColumn(ds, xcol, pixel_scale=scale)
         splits[k] = Split(items, ids_by[k])
     if "all" in splits:
         train, val, test = split_fractions(splits["all"], (0.8, 0.1, 0.1), split_seed)
