@@ -88,3 +88,23 @@ def test_prompt_tuning_refuses_sequences_beyond_the_positions(family):
     assert res.model(**batch(room)).logits.shape == (2, 2)
     with pytest.raises(PromptTooLongError, match=f"20 virtual tokens .*use --max-length {room} or less"):
         res.model(**batch(room + 1))
+
+
+def test_ia3_refuses_a_model_without_its_feed_forward_module():
+    # on a mixture-of-experts decoder peft scaled k and v only, reported as IA3
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from s2a.baselines import MethodContext, MethodNotApplicable, apply_spec
+
+    cfg = transformers.GraniteMoeConfig(vocab_size=100, hidden_size=32, intermediate_size=16, num_local_experts=4,
+                                        num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=1,
+                                        num_hidden_layers=2, pad_token_id=0)
+    model = transformers.GraniteMoeForCausalLM(cfg)
+    batch = {"input_ids": torch.randint(1, 100, (2, 8)), "use_cache": False}
+    with pytest.raises(MethodNotApplicable, match="IA3 scales the feed-forward input, but GraniteMoeForCausalLM "
+                                                  "has no module named down_proj"):
+        apply_spec(model, MethodContext("ia3", (), example_input=batch))
+    assert all(p.requires_grad for p in model.parameters())
+    lora = apply_spec(model, MethodContext("lora", (), example_input=batch)).model  # attention targets exist
+    assert any(".lora_A." in n for n, p in lora.named_parameters() if p.requires_grad)

@@ -119,6 +119,14 @@ def apply_ia3(model: nn.Module, ctx: MethodContext) -> MethodResult:
     peft = _peft()
     info = ctx.info(model)
     _, targets, feedforward = TARGETS[info.family]
+    names = [n for n, _ in model.named_modules()]
+    if not any(n == t or n.endswith("." + t) for n in names for t in feedforward):
+        # peft would scale k and v only: cheaper than IA3, whose feed-forward scale is part of it
+        raise MethodNotApplicable(
+            f"IA3 scales the feed-forward input, but {type(model).__name__} has no module named "
+            f"{' or '.join(feedforward)} (a mixture-of-experts block keeps its experts' weights in one "
+            "fused module); use lora, bitfit or s2a"
+        )
     cfg = peft.IA3Config(
         target_modules=targets, feedforward_modules=feedforward, modules_to_save=list(ctx.head_names),
         task_type="SEQ_CLS" if _is_seq_cls(model) else None,
