@@ -727,6 +727,72 @@ def test_scripted_submodules_are_measured_under_their_parent():
     assert measure(model, torch.randn(3, 8)).saved_bytes == measure(_mlp(), torch.randn(3, 8)).saved_bytes
 
 
+def test_checkpointed_plain_functions_are_not_recomputed_by_the_walk():
+    # a region that runs no module escaped the module pre-hook guard: recomputed once per
+    # saved tensor (42 runs instead of 3)
+    from torch.utils.checkpoint import checkpoint
+
+    calls = []
+
+    def region(x, w1, w2):
+        calls.append(1)
+        for _ in range(4):
+            x = x + F.gelu(x @ w1) @ w2
+        return x
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(16, 32) * 0.1)
+            self.w2 = nn.Parameter(torch.randn(32, 16) * 0.1)
+
+        def forward(self, x):
+            return checkpoint(region, x, self.w1, self.w2, use_reentrant=False)
+
+    net = Net()
+    report = measure(net, torch.randn(8, 16), lambda out, _batch: out.sum())
+    assert len(calls) == 3  # run A forward, run B forward, run B backward's recomputation
+    assert report.saved_bytes == 8 * 16 * 4  # the region's input
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_dropout_masks_are_named_dropout_on_the_cpu():
+    # CPU dropout saves its mask through a plain mul: a functional dropout inside another
+    # module and timm's DropPath were reported as "mul" (CUDA says dropout)
+    timm = pytest.importorskip("timm")
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            p = torch.softmax(self.fc(x) @ x.transpose(-1, -2), -1)
+            return F.dropout(p, 0.25, training=self.training) @ x
+
+    torch.manual_seed(0)
+    report = measure(Attention().train(), torch.randn(2, 8, 16))
+    assert "mul" not in report.by_kind and report.by_kind["dropout"] == 2 * 8 * 8 * 4
+    # a mul by a constant above 1 that is not a mask stays a mul
+    scale = nn.Linear(4, 4)
+    report = measure(nn.Sequential(scale), torch.randn(3, 4), lambda out, _b: (out * torch.full_like(out, 2.0)).sum())
+    assert "dropout" not in report.by_kind
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, drop_path_rate=0.5).train()
+    report = measure(vit, torch.randn(2, 3, 32, 32))
+    assert "mul" not in report.by_kind and report.by_kind["drop_path"] > 0
+
+
+def test_a_batch_with_autograd_history_is_refused():
+    # measure backpropagated into the caller's graph: gradients outside the model, graph freed
+    emb, head = nn.Linear(4, 8), nn.Linear(8, 2)
+    feats = emb(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"autograd history .* pass it detached, x\.detach\(\)"):
+        measure(head, feats)
+    assert emb.weight.grad is None
+    head(feats).sum().backward()  # the caller's graph is intact
+    assert measure(head, feats.detach().requires_grad_()).saved_bytes > 0
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "match"),
     [

@@ -323,13 +323,15 @@ class _SavedTensorTracer:
         tensor (each access gets a fresh graph-task id), which for a checkpointed model costs
         many forward passes and their memory (a MiniLM step reached 10 GB). Those tensors were
         packed by the checkpoint's hooks, not ours, so they carry nothing to attribute: any
-        module forward starting during the walk is a recomputation, and is stopped at once.
+        module forward or torch function starting during the walk (a checkpointed plain
+        function runs no module) is a recomputation, and is stopped at once.
         """
         seen: dict[int, Any] = {}  # holding the wrappers keeps their ids stable
         stack = [r for r in roots if r is not None]
         stop_recompute = torch.nn.modules.module.register_module_forward_pre_hook(_refuse_recompute)
         try:
-            return self._walk(stack, seen)
+            with _RefuseTorchFunctions():
+                return self._walk(stack, seen)
         finally:
             stop_recompute.remove()
 
@@ -361,15 +363,31 @@ class _SavedTensorTracer:
                 kind, origin = self.token_kind[token], self.token_origin.get(token)
                 break
         module_name = getattr(module_types.get(rec.path), "__name__", "")
-        # On CPU dropout is computed as input * (bernoulli mask / (1 - p)), so the mask is
-        # saved by a plain MulBackward0: name it after the module that ran it.
-        if kind == "mul" and "dropout" in module_name.lower():
-            return "dropout"
+        if kind == "mul":
+            # On CPU dropout is computed as input * (bernoulli mask / (1 - p)), so the mask is
+            # saved by a plain MulBackward0 (CUDA names it NativeDropoutBackward): name it after
+            # the module that ran it, or, for a functional dropout inside another module (e.g.
+            # transformers' eager attention), after what it holds.
+            low = module_name.lower().replace("_", "")
+            if "droppath" in low or "stochasticdepth" in low:
+                return "drop_path"
+            if "dropout" in low or any(_is_dropout_mask(ref()) for ref in rec.refs):
+                return "dropout"
         if origin is not None and module_name:
             by_module = kind_from_class_name(module_name, custom=True, origin=origin)
             if by_module != module_name:
                 return by_module
         return kind
+
+
+def _is_dropout_mask(packed: _Packed | None) -> bool:
+    """A saved tensor that needs no grad and holds 0s and one value above 1: a dropout mask
+    scaled by 1 / (1 - p)."""
+    t = None if packed is None else packed.tensor
+    if t is None or t.requires_grad or not t.is_floating_point() or t.device.type == "meta" or t.numel() < 2:
+        return False
+    kept = t[t != 0]
+    return 0 < kept.numel() < t.numel() and bool(kept.min() == kept.max()) and kept[0].item() > 1
 
 
 _SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
@@ -381,6 +399,13 @@ class _RecomputeRefused(RuntimeError):
 
 def _refuse_recompute(module: nn.Module, args: Any) -> None:
     raise _RecomputeRefused(f"{type(module).__name__}: no recomputation during the saved-tensor walk")
+
+
+class _RefuseTorchFunctions(torch.overrides.TorchFunctionMode):
+    """The walk itself calls no torch function: one called is a recomputation (see ``walk``)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        raise _RecomputeRefused(f"{getattr(func, '__name__', func)}: no recomputation during the saved-tensor walk")
 
 
 def _touch_saved(node: Any) -> None:
@@ -569,6 +594,15 @@ def measure(
     probe = probe_for(device)
     params = list(model.parameters())
     batch_tensors = _unique(_iter_tensors(batch))
+    if any(t.requires_grad and not t.is_leaf for t in batch_tensors):
+        # its backward would run on into the graph that made it: gradients in parameters
+        # outside the model, the caller's graph freed, and their bytes in this step's figures
+        raise ValueError(
+            "the batch holds a tensor with autograd history (made by a computation that requires "
+            "grad, e.g. features of a trainable module outside the model): measure would "
+            "backpropagate into that graph; pass it detached, x.detach(), or x.detach().requires_grad_() "
+            "to count its gradient as part of this step"
+        )
 
     excluded = _storage_keys(params) | _storage_keys(model.buffers())
     # storages alive before the step that the graph may keep: batch tensors, and plain tensor
