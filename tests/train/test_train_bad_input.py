@@ -119,6 +119,10 @@ def test_resume_of_an_edited_config_is_named(run_cli, tmp_path, finished_run):
     (run / "config.json").write_text(json.dumps({"config": {"model": "test_vit"}}))
     msg = _error(run_cli, "--out", str(run), "--resume")
     assert "config.json: the saved options lack ['data']" in msg and "--overwrite" in msg
+    for damaged in ({"config": [1, 2]}, {"config": None}, {"config": {}, "resolved": [1]}):  # were tracebacks
+        (run / "config.json").write_text(json.dumps(damaged))
+        msg = _error(run_cli, "--out", str(run), "--resume")
+        assert "config.json is unreadable (its 'config' is not a mapping of options)" in msg and "--overwrite" in msg
 
 
 def test_corrupt_checkpoint(run_cli, tmp_path, finished_run):

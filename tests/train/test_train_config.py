@@ -73,6 +73,13 @@ def test_config_defaults_roundtrip_and_resolution():
     assert "out" not in cfg.fingerprint() and "lr" in cfg.fingerprint()
     with pytest.raises(TrainError, match="unknown training option"):
         TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    # decay past 1 / lr zeroes or flips the weights every step; with the default lr too
+    with pytest.raises(TrainError, match=r"weight_decay \(--weight-decay\) must be below 200 with lr 0.005, the "
+                                         r"default for --method s2a on a text model .* got 1000"):
+        TrainConfig(model="m", data="d", out="x", method="s2a", weight_decay=1000).resolved("text")
+    with pytest.raises(TrainError, match=r"must be below 10 with lr 0.1 \(AdamW"):
+        TrainConfig(model="m", data="d", out="x", method="s2a", lr=0.1, weight_decay=10).validate()
+    assert TrainConfig(model="m", data="d", out="x", method="s2a", weight_decay=100).resolved("text").lr == 5e-3
     with pytest.raises(TrainError, match="method"):
         TrainConfig(model="m", data="d", out="x", method="dora")
     with pytest.raises(TrainError, match="precision"):

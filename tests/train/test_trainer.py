@@ -227,6 +227,10 @@ def test_compare_prints_runs_side_by_side(reference_runs, tmp_path, capsys):
     main(["compare", str(a), str(edited)])
     assert (f"Note: these runs differ in batch_size ({ra['batch_size']}, {2 * ra['batch_size']}); world_size (1, 2)"
             in capsys.readouterr().out)
+    # accumulating keeps the earlier micro-batches' gradients alive through each step
+    (edited / "report.json").write_text(json.dumps({**ra, "grad_accum": ra["grad_accum"] + 1}))
+    main(["compare", str(a), str(edited)])
+    assert f"Note: these runs differ in grad_accum ({ra['grad_accum']}, {ra['grad_accum'] + 1})" in capsys.readouterr().out
     # another image size or padded length changes the memory as much as the method does
     batch, tokens = ra["measured_input_shape"]
     (edited / "report.json").write_text(json.dumps({**ra, "measured_input_shape": [batch, tokens + 7]}))
@@ -535,3 +539,19 @@ def test_curves_of_one_epoch_have_whole_epoch_ticks(tmp_path, monkeypatch):
     ax_epochs = figures[0].axes[1]
     lo, hi = ax_epochs.get_xlim()
     assert [t for t in ax_epochs.get_xticks() if lo <= t <= hi] == [1.0]
+
+
+def test_forked_data_loader_workers_leave_the_stop_to_the_main_process(tmp_path, capfd):
+    # a worker inherits the handler and, from a Ctrl-C to the process group, the signal: it
+    # printed the stop message a second time
+    trainer = Trainer(TrainConfig(model="minilm", data="rotten-tomatoes", out=str(tmp_path / "r"), method="s2a"))
+    with trainer._signals():
+        pid = os.fork()
+        if pid == 0:  # a worker
+            os.kill(os.getpid(), signal.SIGINT)
+            os._exit(3 if trainer._stop else 0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0 and not trainer._stop
+        assert "SIGINT received" not in capfd.readouterr().err
+        os.kill(os.getpid(), signal.SIGINT)  # the main process still stops after its step
+        assert trainer._stop

@@ -157,6 +157,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             saved, resolved = whole["config"], whole.get("resolved") or {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CliError(f"{path} is unreadable ({exc}); start again with --overwrite") from None
+        if not isinstance(saved, dict) or not isinstance(resolved, dict):
+            raise CliError(f"{path} is unreadable (its 'config' is not a mapping of options); start again "
+                           "with --overwrite")
         conflicts = []
         for k, v in given.items():
             old = saved.get(k)

@@ -41,6 +41,16 @@ class TrainError(ValueError):
     """A training run that cannot start or continue; the message says why and what to do."""
 
 
+def _check_decay(lr: float, weight_decay: float, whose: str) -> None:
+    """AdamW scales the weights by 1 - lr x weight decay each step: at 1 or more they are
+    zeroed or flip sign every step."""
+    if lr * weight_decay >= 1:
+        raise TrainError(
+            f"weight_decay (--weight-decay) must be below {1 / lr:.3g} with lr {lr:g}{whose} (AdamW scales "
+            f"the weights by 1 - lr x weight decay each step), got {weight_decay!r}"
+        )
+
+
 def default_lr(method: str, kind: str) -> float:
     """The learning rate used when none is given (AdamW, peak of the schedule).
 
@@ -210,9 +220,8 @@ class TrainConfig:
             fail("lr", "a number > 0 (at most 3.4e37: AdamW's first step is 10 x lr, in float32)")
         if not is_num(self.weight_decay) or not 0 <= self.weight_decay <= _FLOAT32_MAX / 10:
             fail("weight_decay", "a number >= 0 (at most 3.4e37)")
-        if self.lr is not None and self.lr * self.weight_decay > _FLOAT32_MAX / 10:
-            fail("weight_decay", f"at most {_FLOAT32_MAX / 10 / self.lr:.3g} with --lr {self.lr:g} (AdamW "
-                 "scales the weights by 1 - lr x weight decay, in float32)")
+        if self.lr is not None:
+            _check_decay(self.lr, self.weight_decay, "")
         if not is_num(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
             fail("warmup_ratio", "in [0, 1)")
         if not is_num(self.max_grad_norm) or self.max_grad_norm < 0:
@@ -232,6 +241,8 @@ class TrainConfig:
         """A copy with ``lr`` / ``act_bits`` / ``eval_batch_size`` defaults filled in (``kind``:
         see :func:`default_lr`)."""
         lr = self.lr if self.lr is not None else default_lr(self.method, kind)
+        if self.lr is None:
+            _check_decay(lr, self.weight_decay, f", the default for --method {self.method} on a {kind} model")
         act_bits = self.act_bits
         if act_bits is None and self.method in COMPRESSED_BY_DEFAULT:
             act_bits = 4

@@ -276,8 +276,8 @@ def _run_label(report: Mapping[str, Any]) -> str:
     return label
 
 
-_COMPARED_SETUP = ("model", "data", "num_train", "num_test", "batch_size", "measured_input_shape", "world_size",
-                   "precision", "device")
+_COMPARED_SETUP = ("model", "data", "num_train", "num_test", "batch_size", "grad_accum", "measured_input_shape",
+                   "world_size", "precision", "device")
 
 
 def _setup_value(key: str, value: Any) -> str:

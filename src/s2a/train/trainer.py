@@ -258,7 +258,13 @@ class Trainer:
             yield
             return
 
+        owner = os.getpid()
+
         def handler(signum, frame):
+            if os.getpid() != owner:
+                # a forked DataLoader worker inherits the handler and, from a terminal's Ctrl-C or a
+                # scheduler's signal to the process group, the signal: the main process handles it
+                return
             if self._stop:  # second signal: stop now
                 raise KeyboardInterrupt
             self._stop = True
