@@ -117,7 +117,8 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, help="run directory")
     mode = r.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run in --out (options are read from it)")
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out (training options are read from it; the run group's options, "
+                           "--save-every aside, come from this command: give --device again to keep a device)")
     mode.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     r.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     r.add_argument("--num-workers", type=int, help="data loading processes (default 0)")
