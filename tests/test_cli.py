@@ -248,3 +248,140 @@ def test_decoder_step_keeps_no_kv_cache_and_an_empty_bias_setup_is_named(tmp_pat
     for label, r in reports.items():  # each report's own notes are printed
         for note in r["notes"]:
             assert f"note [{label}]: {note}" in out
+
+
+@pytest.mark.parametrize(("config_cls", "model_cls"), [("BeitConfig", "BeitModel"),
+                                                       ("Data2VecVisionConfig", "Data2VecVisionModel")])
+def test_beit_directory_is_an_image_model(tmp_path, capsys, config_cls, model_cls):
+    """BEiT's config keeps a vocab_size (its masked-image-modelling tokens): the model's forward,
+    which takes pixel_values, says it is an image model."""
+    path = _save_tiny(tmp_path, config_cls, model_cls, hidden_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    assert main(["memory", "--model", path, "--batch-size", "2"]) == 0
+    assert "images (2, 3, 32, 32)" in capsys.readouterr().out
+    assert main(["memory", "--model", path, "--batch-size", "2", "--img-size", "16"]) == 0
+    assert "images (2, 3, 16, 16)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["memory", "--model", path, "--batch-size", "1", "--seq-len", "8"])
+    assert "is an image model: use --img-size" in str(info.value.code)
+
+
+def test_directory_of_a_model_that_takes_neither_tokens_nor_images(tmp_path):
+    path = _save_tiny(tmp_path, "Wav2Vec2Config", "Wav2Vec2Model", hidden_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, intermediate_size=64, conv_dim=(8, 8), conv_stride=(5, 2),
+                      conv_kernel=(10, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
+    with pytest.raises(SystemExit) as info:
+        main(["memory", "--model", path, "--batch-size", "2"])
+    msg = str(info.value.code)
+    assert msg.startswith("s2a: error: ") and "Wav2Vec2Model, takes neither input_ids" in msg
+    assert "input_values" in msg
+
+
+def test_distilled_timm_heads_train_in_the_bias_setup(tmp_path, monkeypatch, capsys):
+    """get_classifier() of a distilled model is a tuple (head, head_dist): both train."""
+    import timm
+    import torch
+
+    import s2a.cli as cli
+
+    for name in ("deit_tiny_distilled_patch16_224", "levit_128s"):
+        model = timm.create_model(name, pretrained=False)
+        cli.set_bias_only(model)
+        for head in model.get_classifier():
+            assert all(p.requires_grad for p in head.parameters()), name
+    small = {"img_size": 32, "embed_dim": 32, "depth": 1, "num_heads": 2, "num_classes": 10}
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, **small)
+    spec = cli.ModelSpec(model=model, batch=torch.randn(2, 3, 32, 32), label="deit_distilled", source="timm",
+                         input_desc="images (2, 3, 32, 32)")
+    monkeypatch.setattr(cli, "build_model", lambda *a, **k: spec)
+    out_json = tmp_path / "m.json"
+    assert main(["memory", "--model", "deit_tiny_distilled_patch16_224", "--batch-size", "2",
+                 "--json", str(out_json)]) == 0
+    assert "no classifier head" not in capsys.readouterr().out
+    heads = sum(p.numel() for h in model.get_classifier() for p in h.parameters())
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias") and not n.startswith("head"))
+    assert json.loads(out_json.read_text())["reports"]["bias"]["trainable_params"] == heads + biases
+
+
+def test_bias_setup_trains_the_biases_the_bias_module_trains():
+    """q_bias / v_bias (BEiT, EVA, SwinV2) and in_proj_bias are biases (s2a.tuners.bias), tables not."""
+    import timm
+    from torch import nn
+
+    import s2a.cli as cli
+
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, embed_dim=32, depth=1,
+                             num_heads=2, num_classes=10)
+    cli.set_bias_only(beit)
+    trainable = {n for n, p in beit.named_parameters() if p.requires_grad}
+    assert {"blocks.0.attn.q_bias", "blocks.0.attn.v_bias", "head.weight", "head.bias"} <= trainable
+    assert "blocks.0.attn.relative_position_bias_table" not in trainable
+    assert "blocks.0.attn.qkv.weight" not in trainable
+    layer = nn.TransformerEncoderLayer(16, 2)
+    cli.set_bias_only(layer)
+    assert layer.self_attn.in_proj_bias.requires_grad and not layer.self_attn.in_proj_weight.requires_grad
+    assert layer.linear1.bias.requires_grad and not layer.linear1.weight.requires_grad
+
+
+def _bad_transformers_dir(tmp_path, kind):
+    import shutil
+
+    if kind == "no weights":
+        src = _save_tiny(tmp_path / "src", "ViTConfig", "ViTModel", hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8)
+        (tmp_path / "bad").mkdir()
+        shutil.copy(os.path.join(src, "config.json"), tmp_path / "bad" / "config.json")
+    else:
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "config.json").write_text(
+            '{"model_type": "nonexistent_xyz"}' if kind == "unknown model_type" else "{not json")
+    return str(tmp_path / "bad")
+
+
+@pytest.mark.parametrize(("kind", "needle"), [
+    ("no weights", "cannot load the model from it (OSError"),
+    ("unknown model_type", "cannot read its config.json"),
+    ("broken json", "cannot read its config.json"),
+])
+def test_bad_transformers_directory_is_a_clear_error(tmp_path, kind, needle):
+    path = _bad_transformers_dir(tmp_path, kind)
+    with pytest.raises(SystemExit) as info:
+        main(["memory", "--model", path, "--batch-size", "2"])
+    msg = str(info.value.code)
+    assert msg.startswith(f"s2a: error: {path}: ") and needle in msg, msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1", str(2**63), "x"])
+def test_seed_out_of_range_is_a_usage_error(seed, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["memory", "--model", "resnet18", "--batch-size", "2", "--img-size", "32", "--seed", seed])
+    assert info.value.code == 2
+    assert "argument --seed: must be an integer from 0 to 9223372036854775807" in capsys.readouterr().err
+
+
+def test_largest_seed_is_accepted():
+    from s2a.cli import build_model
+
+    spec = build_model("resnet18", 1, img_size=32, seed=2**63 - 1)
+    assert tuple(spec.batch.shape) == (1, 3, 32, 32)
+
+
+def test_details_prints_each_report_note_once(monkeypatch, capsys):
+    import s2a.memory
+
+    real = s2a.memory.measure
+
+    def measure(*args, **kwargs):
+        report = real(*args, **kwargs)
+        report.notes.append("a note of this report")
+        return report
+
+    monkeypatch.setattr(s2a.memory, "measure", measure)
+    argv = ["memory", "--model", "vit_tiny_patch16_224", "--batch-size", "2", "--img-size", "32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("a note of this report") == 4 and "note [bias+4-bit]: a note of this report" in out
+    assert main([*argv, "--details"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("a note of this report") == 4  # once each, at the end of its table

@@ -52,6 +52,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {SEED_MAX}, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {SEED_MAX}, got {value}")
+    return value
+
+
 # ---------------------------------------------------------------------------- models
 @dataclass
 class ModelSpec:
@@ -105,6 +118,8 @@ def build_model(
     """Build ``name`` (timm name, transformers directory or alias) and a random batch for it."""
     if batch_size <= 0:
         raise CliError(f"--batch-size must be positive, got {batch_size}")
+    if not 0 <= seed <= SEED_MAX:
+        raise CliError(f"--seed must be an integer from 0 to {SEED_MAX}, got {seed}")
     gen = torch.Generator().manual_seed(seed)
     hf_dir = _transformers_dir(name)
     if hf_dir is not None:
@@ -149,17 +164,41 @@ def _build_transformers(
 ) -> ModelSpec:
     import inspect
 
+    import transformers
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise CliError(
+            f"{path}: transformers {transformers.__version__} cannot read its config.json "
+            f"({_first_line(exc)}); check that the file is the config.json that save_pretrained "
+            "writes and that its model_type is one this transformers knows (or upgrade transformers)"
+        ) from None
     label = name if name.lower() in ALIASES else os.path.basename(os.path.normpath(path))
-    # (a multimodal config, CLIP's, keeps each half in a sub-config: neither branch takes it)
-    image = getattr(config, "vocab_size", None) is None and hasattr(config, "image_size")
+    # image or text: by what the forward of the class AutoModel builds takes (BEiT's config,
+    # an image model's, keeps a vocab_size for its masked-image-modelling tokens)
+    model_cls = _auto_model_class(config)
+    if model_cls is not None:
+        forward_takes = [n for n, q in inspect.signature(model_cls.forward).parameters.items()
+                         if n != "self" and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)]
+        if "input_ids" not in forward_takes and "pixel_values" not in forward_takes:
+            raise CliError(
+                f"{path}: its model, {model_cls.__name__}, takes neither input_ids (text) nor pixel_values "
+                f"(images) but {', '.join(forward_takes[:3]) or 'no named inputs'}; s2a memory builds inputs "
+                "for those two kinds only"
+            )
+        image = "pixel_values" in forward_takes and "input_ids" not in forward_takes
+    else:  # class unknown: by the config
+        # (a multimodal config, CLIP's, keeps each half in a sub-config: neither branch takes it)
+        image = getattr(config, "vocab_size", None) is None and hasattr(config, "image_size")
     batch: dict[str, Any]
     if image:
         if seq_len is not None:
             raise CliError(f"--seq-len applies to text models; {label} is an image model: use --img-size")
-        side = img_size or config.image_size
+        side = img_size or getattr(config, "image_size", None)
+        if not side:
+            raise CliError(f"{path}: its config ({type(config).__name__}) gives no image_size: pass --img-size")
         side = side[0] if isinstance(side, (tuple, list)) else int(side)
         x = torch.randn(batch_size, int(getattr(config, "num_channels", 3)), side, side, generator=gen)
         batch, input_desc = {"pixel_values": x}, f"images {tuple(x.shape)}"
@@ -181,7 +220,14 @@ def _build_transformers(
         batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         input_desc = f"tokens {tuple(input_ids.shape)} (vocab {vocab})"
     torch.manual_seed(seed)
-    model = AutoModel.from_pretrained(path, local_files_only=True)
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        raise CliError(
+            f"{path}: transformers cannot load the model from it ({_first_line(exc)}); the "
+            "directory needs what save_pretrained writes: config.json and the weights "
+            "(model.safetensors or pytorch_model.bin)"
+        ) from None
     model.train()
     takes = inspect.signature(model.forward).parameters
     if image and img_size is not None and "interpolate_pos_encoding" in takes:
@@ -191,27 +237,53 @@ def _build_transformers(
     return ModelSpec(model=model, batch=batch, label=label, source="transformers", input_desc=input_desc)
 
 
+def _first_line(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``, its first line only (transformers adds paragraphs of advice)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def _auto_model_class(config: Any) -> type | None:
+    """The class ``AutoModel.from_pretrained`` builds for ``config``; None if it cannot be told."""
+    from transformers import AutoModel
+
+    try:
+        from transformers.models.auto.auto_factory import _get_model_class
+
+        cls = _get_model_class(config, AutoModel._model_mapping)
+    except Exception:  # a config AutoModel does not map (from_pretrained says so), a moved helper
+        return None
+    return cls if isinstance(cls, type) and callable(getattr(cls, "forward", None)) else None
+
+
 # ---------------------------------------------------------------------------- set-ups
 def set_full(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(True)
 
 
-def classifier_head(model: nn.Module) -> nn.Module | None:
+def classifier_heads(model: nn.Module) -> list[nn.Module]:
+    """The classifier heads a timm model declares with ``get_classifier()``: one module or, for
+    distilled models (DeiT distilled, LeViT), a tuple of them (``head``, ``head_dist``); those
+    without parameters (``nn.Identity``) left out."""
     get = getattr(model, "get_classifier", None)
-    if callable(get):
-        head = get()
-        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
-            return head
-    return None
+    if not callable(get):
+        return []
+    found = get()
+    found = found if isinstance(found, (tuple, list)) else (found,)
+    return [h for h in found if isinstance(h, nn.Module) and any(True for _ in h.parameters())]
 
 
 def set_bias_only(model: nn.Module) -> None:
-    """Freeze everything but the biases (BitFit) and the classifier head (if any)."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.rsplit(".", 1)[-1] == "bias")
-    head = classifier_head(model)
-    if head is not None:
+    """Freeze everything but the biases and the classifier heads (if any): BitFit, with the
+    biases the library's bias module trains (``s2a.tuners.bias``: also ``q_bias`` / ``v_bias``,
+    ``in_proj_bias``), none added to layers that have none."""
+    from s2a.tuners.bias import add_bias
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    add_bias(model, add_missing=False)
+    for head in classifier_heads(model):
         for p in head.parameters():
             p.requires_grad_(True)
 
@@ -276,7 +348,7 @@ def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
     ]
     tag = f"{args.bits}-bit"
     setups += [(f"full+{tag}", set_full, True), (f"bias+{tag}", set_bias_only, True)]
-    if classifier_head(base) is None:
+    if not classifier_heads(base):
         notes.append("model has no classifier head: 'bias' trains the biases only")
 
     reports = {}
@@ -328,9 +400,10 @@ def run_memory(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
                      "forward with nothing to backpropagate into")
     for note in notes:
         print(f"note: {note}", file=out)
-    for label, r in reports.items():
-        for note in r.notes:
-            print(f"note [{label}]: {note}", file=out)
+    if not args.details:  # --details printed each report's notes at the end of its table
+        for label, r in reports.items():
+            for note in r.notes:
+                print(f"note [{label}]: {note}", file=out)
 
     result = {
         "model": spec.label,
@@ -382,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"activation bits, one of {list(ACT_BITS)} (default 4)")
     mem.add_argument("--json", metavar="PATH", help="also write all reports as JSON")
     mem.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    mem.add_argument("--seed", type=int, default=0)
+    mem.add_argument("--seed", type=_seed, default=0, help=f"seed of the weights and the batch, 0 to {SEED_MAX} (default 0)")
     mem.add_argument(
         "--optimizer-step", action="store_true", help="include an AdamW step (state and peak)"
     )
