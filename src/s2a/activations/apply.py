@@ -92,7 +92,7 @@ class CompressionSpec:
         """(mode, bits) for attention. Default: Q/K/V at 8 bits, probabilities
         recomputed. Measured on ViT-B shapes (benchmarks/results/attention_modes.md)
         it keeps 482 KB per block and sample at gradient cosine >= 0.9997, where
-        4-bit probabilities + 8-bit Q/K/V keep 725 KB at 0.998 and 4-bit Q/K/V with
+        4-bit probabilities + 8-bit Q/K/V keep 725 KB at 0.9976 and 4-bit Q/K/V with
         recomputation reach only 0.93-0.97."""
         mode = self.attention_mode or "recompute"
         default = 8 if mode == "recompute" else self.bits

@@ -31,14 +31,15 @@ every byte:
 
 Why the functional default is ``"probs"`` at 4 bits: measured on ViT-B-like inputs (B=8, 12 heads,
 N=197, d=64, logit std 2-4, ``benchmarks/results/attention_modes.md``) it is the
-only mode reaching gradient cosine >= 0.99 at 4 bits (dq, dk, dv >= 0.9978, with
+only mode reaching gradient cosine >= 0.99 at 4 bits (dq, dk, dv >= 0.9976, with
 725 KB per ViT-B block per sample vs 2.43 MB for native fp32 SDPA), while
 ``"recompute"`` at 4 bits saves 255 KB but reaches only 0.926-0.965 because 4-bit
 Q/K perturb the logits by about a nat (such calls now keep P instead, see
 ``RECOMPUTE_MAX_LOGIT_ERROR``: 4-bit recompute holds only for logits a few times smaller).
-Note that ``mode="recompute", bits=8`` beats the default on every axis measured (482 KB,
-cosine >= 0.9997, 1.4x vs 1.4-1.7x native CPU time),
-which is why ``compress_activations`` uses it unless told otherwise.
+Note that ``mode="recompute", bits=8`` beats the default on bytes and gradients (482 KB,
+cosine >= 0.9997) at about the same CPU time (1.47x / 1.66x native fp32 SDPA on the ViT / text
+cases timed at every width, against 1.44x / 1.65x), which is why ``compress_activations`` uses
+it unless told otherwise.
 """
 
 from __future__ import annotations
