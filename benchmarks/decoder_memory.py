@@ -170,7 +170,9 @@ def to_markdown(data: dict[str, Any]) -> str:
     rows = []
     for r in data["results"]:
         if "error" in r:
-            rows.append([r["setup"], "error: " + r["error"], *[""] * 7])
+            # a method refused for this model is not a failure of the run: say why, without the traceback
+            _, sep, why = r["error"].partition("MethodNotApplicable: ")
+            rows.append([r["setup"], f"not applicable: {why.strip()}" if sep else "error: " + r["error"], *[""] * 7])
             continue
         rep = r["report"]
         kinds = sorted(rep["by_kind"].items(), key=lambda kv: -kv[1])[:3]

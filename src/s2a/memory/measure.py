@@ -384,10 +384,18 @@ def _is_dropout_mask(packed: _Packed | None) -> bool:
     """A saved tensor that needs no grad and holds 0s and one value above 1: a dropout mask
     scaled by 1 / (1 - p)."""
     t = None if packed is None else packed.tensor
-    if t is None or t.requires_grad or not t.is_floating_point() or t.device.type == "meta" or t.numel() < 2:
+    if (t is None or t.requires_grad or not t.is_floating_point() or t.device.type == "meta" or t.numel() < 2
+            or not t.is_contiguous()):  # a mask is a fresh tensor
         return False
-    kept = t[t != 0]
-    return 0 < kept.numel() < t.numel() and bool(kept.min() == kept.max()) and kept[0].item() > 1
+    flat = t.detach().view(-1)
+    top = flat.max()
+    if not top > 1:
+        return False
+    # a prefix first: any other product (gate x up, a scale) fails it without a pass over the whole
+    head = flat[:4096]
+    if not bool(((head == 0) | (head == top)).all()):
+        return False
+    return bool(((flat == 0) | (flat == top)).all()) and bool((flat == 0).any())
 
 
 _SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
