@@ -74,6 +74,9 @@ class MemoryReport:
       counters) also sees a roughly constant overhead of autograd bookkeeping (a few hundred KiB
       for a 6-layer transformer), so its ratio is meaningful for steps of some MiB and up. Tensors a custom Function keeps
       as ``ctx.attr`` instead of ``save_for_backward`` escape the hooks but not the allocator.
+    * ``num_saved_storages`` / ``num_saved_tensors``: how many storages ``saved_bytes`` counts,
+      and how many times the graph saved a tensor in them (a tensor saved by three operators,
+      as a shared input is, counts three times).
     * ``output_bytes``: storages of the model outputs (parameters excluded).
     * ``grad_bytes``: parameter gradients after backward; ``optimizer_state_bytes``: state after
       one optimizer step (``measure(..., optimizer_step=True)``), else None.
@@ -159,7 +162,7 @@ class MemoryReport:
         )
         lines.append(
             f"saved for backward {format_bytes(self.saved_bytes)} in {self.num_saved_storages} "
-            f"storages / {self.num_saved_tensors} tensors (of which batch and module tensor attributes "
+            f"storages, {self.num_saved_tensors} saves (of which batch and module tensor attributes "
             f"{format_bytes(self.saved_input_bytes)})"
         )
         lines.append(
