@@ -266,6 +266,15 @@ def test_beit_directory_is_an_image_model(tmp_path, capsys, config_cls, model_cl
     assert "is an image model: use --img-size" in str(info.value.code)
 
 
+def test_encoder_decoder_directory_gets_decoder_tokens(tmp_path, capsys):
+    # T5's forward needs decoder inputs: "You must specify exactly one of input_ids or inputs_embeds"
+    path = _save_tiny(tmp_path, "T5Config", "T5Model", vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                      num_heads=2, decoder_start_token_id=0)
+    assert main(["memory", "--model", path, "--batch-size", "2", "--seq-len", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens (2, 8) (vocab 64), the same length for the decoder" in out and "saved: attention (s2a)" in out
+
+
 def test_directory_of_a_model_that_takes_neither_tokens_nor_images(tmp_path):
     path = _save_tiny(tmp_path, "Wav2Vec2Config", "Wav2Vec2Model", hidden_size=32, num_hidden_layers=1,
                       num_attention_heads=2, intermediate_size=64, conv_dim=(8, 8), conv_stride=(5, 2),

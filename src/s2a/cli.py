@@ -219,6 +219,9 @@ def _build_transformers(
         input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
         batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         input_desc = f"tokens {tuple(input_ids.shape)} (vocab {vocab})"
+        if getattr(config, "is_encoder_decoder", False):  # T5, BART...: the decoder reads the same length
+            batch["decoder_input_ids"] = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+            input_desc += ", the same length for the decoder"
     torch.manual_seed(seed)
     try:
         model = AutoModel.from_pretrained(path, local_files_only=True)
