@@ -7,6 +7,7 @@ One run = one directory::
                              "epoch") and at the end ("test")
     DIR/checkpoints/last.pt  everything needed to continue (written atomically)
     DIR/checkpoints/best.pt  the trainable tensors of the epoch with the best val accuracy
+                             (a new one waits in best-next.pt until last.pt records it)
     DIR/report.json|md       accuracy, trainable parameters, memory, speed
     DIR/*.png                memory by operator; loss and accuracy curves
 
@@ -73,6 +74,7 @@ __all__ = ["RUN_FILES", "TrainInterrupted", "Trainer", "seed_everything", "train
 
 RUN_FILES = ("config.json", "metrics.jsonl", "report.json", "report.md", "memory_by_operator.png", "curves.png")
 CKPT_DIR = "checkpoints"
+BEST_PENDING = "best-next.pt"  # a new best.pt until last.pt records it (Trainer._save_best)
 TUNED_DIR = "tuned"  # s2a runs: the best checkpoint as an s2a.save_tuned directory
 
 
@@ -516,6 +518,7 @@ class Trainer:
         last = self.run_dir / CKPT_DIR / "last.pt"
         if saved is not None and last.is_file():
             self._restore(load_checkpoint(last, kind="last"), str(last))
+            self._settle_pending_best()
             self._last_saved_step = self.global_step
             if self.epoch >= rc.epochs:
                 self._log(
@@ -636,11 +639,34 @@ class Trainer:
         atomic_save(ckpt, self.run_dir / CKPT_DIR / "last.pt")
 
     def _save_best(self) -> None:
+        """Written beside best.pt, which it replaces once last.pt records it (:meth:`_commit_best`):
+        a run killed between the two writes resumes from the older last.pt, whose replay of the
+        epoch may not improve again (GPU kernels, another number of processes), and must then
+        still find the earlier best epoch's tensors in best.pt."""
         if not self.dist or not self.dist.is_main:
             return
         ckpt = self._ckpt_common("best")
         ckpt.update(best=self.best)
-        atomic_save(ckpt, self.run_dir / CKPT_DIR / "best.pt")
+        atomic_save(ckpt, self.run_dir / CKPT_DIR / BEST_PENDING)
+
+    def _commit_best(self) -> None:
+        if self.dist is not None and self.dist.is_main:
+            os.replace(self.run_dir / CKPT_DIR / BEST_PENDING, self.run_dir / CKPT_DIR / "best.pt")
+
+    def _settle_pending_best(self) -> None:
+        """On resume: a pending best checkpoint that last.pt records is committed, one written by
+        an epoch that last.pt does not hold (lost with the kill, to be replayed) is dropped."""
+        pending = self.run_dir / CKPT_DIR / BEST_PENDING
+        if not pending.is_file() or not (self.dist is None or self.dist.is_main):
+            return
+        try:
+            step = load_checkpoint(pending, kind="best").get("best", {}).get("global_step")
+        except CheckpointError:  # cut short by the kill: not the one last.pt could record
+            step = None
+        if step is not None and step == self.best.get("global_step"):
+            os.replace(pending, self.run_dir / CKPT_DIR / "best.pt")
+        else:
+            pending.unlink()
 
     def _check_ckpt(self, ckpt: dict[str, Any], where: str) -> None:
         try:
@@ -1006,6 +1032,8 @@ class Trainer:
                 self.best = {"val_acc": val["acc"], "val_loss": val["loss"], "epoch": epoch + 1, "global_step": self.global_step}
                 self._save_best()
             self._save_last()
+            if improved:
+                self._commit_best()
             barrier(info)
             for cb in self.callbacks:
                 cb(self, "epoch", entry)
