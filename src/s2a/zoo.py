@@ -207,15 +207,21 @@ class ImagePreprocessor:
         mean: Sequence[float],
         std: Sequence[float],
         interpolation: str = "bilinear",
+        channel_order: str = "rgb",
     ) -> None:
         self.size = (int(size[0]), int(size[1]))
         self.mean = torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1)
         self.std = torch.tensor([float(s) for s in std]).view(1, 3, 1, 1)
-        self.interpolation = "bicubic" if interpolation == "bicubic" else "bilinear"
+        self.interpolation = interpolation if interpolation in ("bicubic", "nearest") else "bilinear"
+        if channel_order not in ("rgb", "bgr"):
+            raise ZooError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+        self.channel_order = channel_order  # "bgr": the model was trained on BGR images (MobileViT)
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) == self.size:
             return x
+        if self.interpolation == "nearest":
+            return F.interpolate(x, size=self.size, mode="nearest")
         y = F.interpolate(x, size=self.size, mode=self.interpolation, align_corners=False, antialias=True)
         return y.clamp_(0.0, 1.0) if self.interpolation == "bicubic" else y
 
@@ -230,7 +236,8 @@ class ImagePreprocessor:
                 x = self._resize(torch.stack(chw).float().div_(255.0))
             else:
                 x = torch.cat([self._resize(t.unsqueeze(0).float().div_(255.0)) for t in chw])
-        return ((x - self.mean) / self.std).contiguous()
+        x = (x - self.mean) / self.std
+        return (x.flip(1) if self.channel_order == "bgr" else x).contiguous()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -238,6 +245,7 @@ class ImagePreprocessor:
             "mean": [round(v, 6) for v in self.mean.flatten().tolist()],
             "std": [round(v, 6) for v in self.std.flatten().tolist()],
             "interpolation": self.interpolation,
+            **({"channel_order": "bgr"} if self.channel_order == "bgr" else {}),
         }
 
 
@@ -651,9 +659,13 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
             proc = AutoImageProcessor.from_pretrained(path, local_files_only=True)
         except Exception as exc:
             raise ZooError(f"{path}: cannot load the image processor (preprocessor_config.json): {exc}") from None
-        # the model's input is the processor's crop when it crops (DeiT: resize 256, crop 224)
-        size = (getattr(proc, "crop_size", None) if getattr(proc, "do_center_crop", False) else None) \
-            or getattr(proc, "size", None) or {}
+        if getattr(proc, "max_num_patches", None) is not None:  # SigLIP2's NaFlex processor
+            raise ZooError(f"{path}: its image processor ({type(proc).__name__}) cuts each image into a variable "
+                           "number of patches; s2a train feeds whole image tensors, which this model does not take")
+        # the model's input is the processor's crop when it crops (DeiT: resize 256, crop 224);
+        # Perceiver's crop_size is the share of the image it crops, then resized to size
+        crops_to_input = getattr(proc, "do_center_crop", False) and not type(proc).__name__.startswith("Perceiver")
+        size = (getattr(proc, "crop_size", None) if crops_to_input else None) or getattr(proc, "size", None) or {}
         h = size.get("height") or size.get("shortest_edge") or getattr(config, "image_size", 224)
         w = size.get("width") or h
         if img_size is not None and (img_size, img_size) != (h, w):
@@ -661,11 +673,37 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
                 raise ZooError(f"--img-size {img_size}: {label} takes {h}x{w} images (its position embeddings "
                                "are for that grid); leave --img-size out")
             h = w = img_size  # a CNN takes any size
-        mean = getattr(proc, "image_mean", None) or (0.5, 0.5, 0.5)
-        std = getattr(proc, "image_std", None) or (0.5, 0.5, 0.5)
-        bicubic = int(getattr(proc, "resample", 2) or 2) == 3  # PIL's BICUBIC
-        pre = ImagePreprocessor((h, w), mean, std, "bicubic" if bicubic else "bilinear")
+        mean, std = _processor_normalisation(proc)
+        resample = getattr(proc, "resample", None)
+        resample = 2 if resample is None else int(resample)
+        # PIL's NEAREST 0, LANCZOS 1 (the nearest kernel here: bicubic), BILINEAR 2, BICUBIC 3
+        interpolation = {0: "nearest", 1: "bicubic", 3: "bicubic"}.get(resample, "bilinear")
+        flip = getattr(proc, "do_flip_channel_order", False)
+        pre = ImagePreprocessor((h, w), mean, std, interpolation, "bgr" if flip else "rgb")
     return ZooModel(model, pre, kind, label, "transformers", heads, num_classes, notes)
+
+
+def _processor_normalisation(proc: Any) -> tuple[list[float], list[float]]:
+    """Mean and std on [0, 1] pixels that give what a transformers image processor gives: its
+    rescale (factor, EfficientNet's offset of -1), its normalisation, or none (MobileViT feeds
+    [0, 1] pixels), and EfficientNet's include_top (a second division by the std)."""
+    rescale = float(getattr(proc, "rescale_factor", 1 / 255)) if getattr(proc, "do_rescale", True) else 1.0
+    offset = 1.0 if getattr(proc, "do_rescale", True) and getattr(proc, "rescale_offset", False) else 0.0
+    mean, std = [0.0] * 3, [1.0] * 3
+    if getattr(proc, "do_normalize", True) and getattr(proc, "image_mean", None) is not None:
+        mean, std = _three(proc.image_mean), _three(proc.image_std)
+    if getattr(proc, "include_top", False) and getattr(proc, "image_std", None) is not None:
+        std = [a * b for a, b in zip(std, _three(proc.image_std), strict=True)]
+    # (255 r x - offset - mean) / std == (x - (mean + offset) / 255 r) / (std / 255 r), x in [0, 1]
+    unit = 255.0 * rescale
+    return [(m + offset) / unit for m in mean], [v / unit for v in std]
+
+
+def _three(v: Any) -> list[float]:
+    values = [float(v)] * 3 if isinstance(v, (int, float)) else [float(x) for x in v]
+    if len(values) != 3:
+        raise ZooError(f"expected 3 per-channel values in the image processor, got {values}")
+    return values
 
 
 def _drop_untrained_pooler(model: nn.Module, missing: list[str]) -> tuple[list[str], list[str]]:

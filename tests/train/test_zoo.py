@@ -498,6 +498,56 @@ def test_transformers_image_model_takes_the_processor_crop(tmp_path):
         assert call_model(zm.model.eval(), zm.preprocess([torch.zeros(3, 50, 50, dtype=torch.uint8)])).shape == (1, 3)
 
 
+def _vit_dir(path, size=32):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    ViTForImageClassification(ViTConfig(image_size=size, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64)).save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("name", ["mobilevit", "efficientnet", "no-normalize", "no-rescale"])
+def test_transformers_image_processor_values_are_reproduced(tmp_path, name):
+    # only image_mean / image_std were read: MobileViT (BGR in [0, 1]) was fed RGB in [-1, 1],
+    # EfficientNet's include_top division and a processor without normalisation were dropped
+    import transformers
+
+    procs = {
+        "mobilevit": transformers.MobileViTImageProcessor(size={"shortest_edge": 32}, do_center_crop=False,
+                                                          do_flip_channel_order=True),
+        "efficientnet": transformers.EfficientNetImageProcessor(
+            size={"height": 32, "width": 32}, do_center_crop=False, include_top=True, rescale_offset=True,
+            image_mean=[0.485, 0.456, 0.406], image_std=[0.47853944, 0.4732864, 0.47434163]),
+        "no-normalize": transformers.ViTImageProcessor(size={"height": 32, "width": 32}, do_normalize=False),
+        "no-rescale": transformers.ViTImageProcessor(size={"height": 32, "width": 32}, do_rescale=False,
+                                                     image_mean=[100.0] * 3, image_std=[50.0] * 3),
+    }
+    path = _vit_dir(tmp_path / name)
+    procs[name].save_pretrained(str(path))
+    zm = load_model(str(path), 3)
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # no resize: values alone
+    ref = procs[name](images=image, return_tensors="pt")["pixel_values"]
+    got = zm.preprocess([image])
+    assert got.shape == ref.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(got, ref.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_transformers_processors_that_crop_a_share_or_cut_patches(tmp_path):
+    import transformers
+
+    # Perceiver crops a share of the image (crop_size 256 of 224), then resizes to size
+    path = _vit_dir(tmp_path / "perceiver")
+    transformers.PerceiverImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 40, "width": 40},
+                                         resample=0).save_pretrained(str(path))
+    zm = load_model(str(path), 3)
+    assert zm.preprocess.size == (32, 32) and zm.preprocess.interpolation == "nearest"  # PIL's NEAREST is 0
+    # SigLIP2's processor makes a variable number of patches, not an image tensor
+    path = _vit_dir(tmp_path / "siglip2")
+    transformers.Siglip2ImageProcessor().save_pretrained(str(path))
+    with pytest.raises(ZooError, match="cuts each image into a variable number of patches"):
+        load_model(str(path), 3)
+
+
 def test_a_timm_training_checkpoint_loads(tmp_path):
     # timm's train.py saves its arguments (an argparse.Namespace) beside the weights
     import argparse
