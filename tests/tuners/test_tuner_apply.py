@@ -186,6 +186,14 @@ def test_apply_validates_and_refuses_twice():
     assert model.s2a_config.modules == ("bias",)
     with pytest.raises(RuntimeError, match="already prepared"):
         s2a.apply(model, s2a.S2AConfig())
+    # a wrapper around an applied model: the inner prompts were frozen and left out of save_tuned
+    inner, batch = build("vit")
+    s2a.apply(inner, {"modules": ["bias", "prompt"], "act_bits": None}, example_input=example_of(batch))
+    trained = {n for n, p in inner.named_parameters() if p.requires_grad}
+    wrapper = torch.nn.Sequential(inner, torch.nn.Linear(inner(batch).shape[-1], 3))
+    with pytest.raises(RuntimeError, match=r"model\.0 is already prepared by s2a\.apply: apply once"):
+        s2a.apply(wrapper, {"modules": ["bias"], "act_bits": None}, example_input=batch)
+    assert {n for n, p in inner.named_parameters() if p.requires_grad} == trained
     compressed, _ = build("resnet")
     s2a.compress_activations(compressed)
     with pytest.raises(RuntimeError, match="already compressed"):

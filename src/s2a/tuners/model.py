@@ -318,6 +318,11 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
     _refuse_failed(model)
     if is_applied(model):
         raise RuntimeError("model is already prepared by s2a.apply; build a fresh model to change the config")
+    inner = next((n for n, m in model.named_modules() if n and is_applied(m)), None)
+    if inner is not None:  # its prompts would be frozen and left out of save_tuned
+        raise RuntimeError(
+            f"model.{inner} is already prepared by s2a.apply: apply once, to the whole model (build the "
+            "inner model fresh and wrap it first), or train the wrapper's own parts by hand")
     wrapped = next((n or type(m).__name__ for n, m in model.named_modules()
                     if type(m).__module__.split(".")[0] == "peft"), None)
     if wrapped is not None:
