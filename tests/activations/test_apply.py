@@ -720,13 +720,28 @@ def test_double_backward_is_refused_not_silently_wrong(layer):
     # the stored codes give f'(x) only: a gradient penalty through them would drop f''
     model = s2a.compress_activations(nn.Sequential(nn.Linear(8, 8), layer, nn.Linear(8, 8)))
     x = torch.randn(5, 8, requires_grad=True)
-    (gx,) = torch.autograd.grad(model(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"s2a: .* differentiated twice.*s2a\.restore\(model\)"):
-        gx.pow(2).sum().backward()
+        torch.autograd.grad(model(x).pow(2).sum(), x, create_graph=True)
     # a loss linear in the output: the incoming gradient needs none, the error still comes
-    (gx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiated twice"):
-        gx.pow(2).sum().backward()
+        torch.autograd.grad(model(x).sum(), x, create_graph=True)
+
+
+def test_second_derivatives_for_chosen_inputs_are_refused_not_silently_partial():
+    # autograd.grad(..., inputs=...) never ran the node that raised: a gradient penalty and a
+    # MAML outer step summed the other paths, dropping the second derivative through the op
+    model = s2a.compress_activations(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 8)))
+    w1, w2 = model[0].weight, model[3].weight
+    x = torch.randn(5, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        (gx,) = torch.autograd.grad(model(x).pow(2).sum(), x, create_graph=True)
+        torch.autograd.grad(gx.pow(2).sum(), [w1, w2], allow_unused=True)
+    with pytest.raises(RuntimeError, match="differentiated twice"):  # MAML: inner step, outer gradient
+        (g1,) = torch.autograd.grad(model(x).pow(2).mean(), [w1], create_graph=True)
+        torch.autograd.grad((w1 - 0.1 * g1).sum(), [w1])
+    s2a.restore(model)  # the way out the message gives
+    (gx,) = torch.autograd.grad(model(x).pow(2).sum(), x, create_graph=True)
+    assert all(g is not None for g in torch.autograd.grad(gx.pow(2).sum(), [w1, w2]))
 
 
 def test_softmax_without_dim_keeps_torchs_implicit_dim():

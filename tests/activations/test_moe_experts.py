@@ -169,9 +169,8 @@ def test_no_double_backward_and_bad_input():
     x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
     _, weights, index = _routing(6)
     y = ME.frozen_moe_experts(x, index, weights, gate_up, None, down, None)
-    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y, requires_grad=True), create_graph=True)
     with pytest.raises(RuntimeError, match="differentiated twice"):
-        gx.sum().backward()
+        torch.autograd.grad(y, x, torch.ones_like(y, requires_grad=True), create_graph=True)
     with pytest.raises(ValueError, match="must be frozen"):
         ME.frozen_moe_experts(x, index, weights, gate_up.requires_grad_(), None, down, None)
     gate_up.requires_grad_(False)

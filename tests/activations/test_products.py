@@ -82,9 +82,8 @@ def test_only_batched_products_of_activations():
 def test_no_double_backward_and_nan_rows():
     a, k = _operands()
     y = activation_matmul(a, k.transpose(-1, -2))
-    (ga,) = torch.autograd.grad(y.sum(), a, create_graph=True)
-    with pytest.raises(RuntimeError):
-        ga.sum().backward()
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        torch.autograd.grad(y.sum(), a, create_graph=True)
     with torch.no_grad():
         k[0, 0, 3, 5] = float("nan")  # one key row
     y = activation_matmul(a, k.transpose(-1, -2))

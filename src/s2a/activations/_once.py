@@ -14,26 +14,26 @@ from typing import Any
 
 import torch
 
-_MESSAGE = (b"s2a: an operator with compressed activations was differentiated twice "
-            b"(create_graph=True: a gradient penalty, MAML...); it keeps what its first derivative "
-            b"needs, not its second. Run s2a.restore(model) before such an objective")
+_MESSAGE = ("s2a: an operator with compressed activations was differentiated twice "
+            "(create_graph=True: a gradient penalty, MAML...); it keeps what its first derivative "
+            "needs, not its second. Run s2a.restore(model) before such an objective")
 
 
 def once_differentiable(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``fn`` (an autograd Function's ``backward``) without grad; under ``create_graph``
-    its outputs lead to a node that raises the message above when differentiated."""
+    raise the message above at once.
+
+    PyTorch's way, a node on the gradients that raises when they are differentiated, is not
+    enough: ``torch.autograd.grad(..., inputs=...)`` only runs the nodes on a path to its inputs,
+    and that node, fed by detached tensors, is on none. A gradient penalty or a MAML outer step
+    then silently summed the other paths (the second derivative through this operator dropped).
+    """
 
     @functools.wraps(fn)
     def wrapper(ctx, *args):
+        if torch.is_grad_enabled():  # this backward runs under create_graph=True
+            raise RuntimeError(_MESSAGE)
         with torch.no_grad():
-            outputs = fn(ctx, *args)
-        # Under create_graph every gradient it returns leads to the error, even where the
-        # incoming gradient needs none (a loss linear in the output: PyTorch's decorator would
-        # then let the second derivative silently treat f' as a constant).
-        if not torch.is_grad_enabled():
-            return outputs
-        outs = outputs if isinstance(outputs, tuple) else (outputs,)
-        err = torch._C._functions.DelayedError(_MESSAGE, len(outs))
-        return err(*[None if o is None else o.detach().requires_grad_() for o in outs])
+            return fn(ctx, *args)
 
     return wrapper
