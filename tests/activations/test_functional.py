@@ -1,6 +1,7 @@
 """The compressed autograd operators against PyTorch's own."""
 
 import copy
+import functools
 import itertools
 import math
 
@@ -265,6 +266,22 @@ def test_norm_weight_grad_keeps_the_nan_of_a_nan_row(bits, rms):
     (gw,) = torch.autograd.grad(ours, w, g)
     (gw_ref,) = torch.autograd.grad(ref, w, g)
     assert gw_ref.isnan().all() and gw.isnan().all()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_weight_grad_keeps_the_nan_of_a_nan_channel(training):
+    # its non-finite (sample, channel) rows were stored as zeros: dL/dw of the channel came out finite
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    x[1, 2, 0, 0] = float("nan")
+    w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    g = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    grads_of = {}
+    for name, fn in (("native", F.batch_norm), ("s2a", functools.partial(S.batch_norm, bits=4))):
+        y = fn(x, torch.zeros(3), torch.ones(3), w, b, training)
+        grads_of[name] = torch.autograd.grad((y * g).sum(), (w, b))
+    (gw_ref, gb_ref), (gw, gb) = grads_of["native"], grads_of["s2a"]
+    assert gw_ref[2].isnan() and gw[2].isnan() and torch.isfinite(gw[:2]).all()
+    torch.testing.assert_close(gb, gb_ref)
 
 
 def test_rms_norm():

@@ -585,7 +585,9 @@ class _BatchNorm(torch.autograd.Function):
             per=per, batch_stats=batch_stats, quant=quant, has_w=weight is not None,
             has_b=bias is not None, stack=x4.is_contiguous(), mids_str=_bn_tables(bits)[0])
         if quant:
-            scale = RQ.stored_scale(scale)
+            # a (sample, channel) row that is not finite decodes to NaN: its channel's weight
+            # gradient is NaN, as natively (stored as 0 it came out finite)
+            scale = RQ.stored_scale(scale, keep_nan=True)
             packed = codes if per > 1 else RQ.pack_codes(codes, bits)
         else:
             packed, scale = x.new_zeros(0, dtype=torch.uint8), x.new_zeros(0)
