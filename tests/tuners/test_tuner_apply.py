@@ -679,3 +679,14 @@ def test_side_on_a_bare_backbone_trains_nothing_the_logits_skip(family):
     tp = s2a.trainable_parameters(model)
     assert [n for n in tp.by_name if dict(model.named_parameters())[n].grad is None] == []
     assert tp.by_kind["bias"] > 0
+
+
+def test_bias_alone_on_a_model_without_blocks_says_what_to_do_instead():
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
+    with pytest.raises(UnsupportedModelError, match=r"input of rank 2 .*Bias and norm tuning alone need no blocks: "
+                                                     r"freeze the model.*s2a\.compress_activations\(model\)"):
+        s2a.apply(mlp, {"modules": ["bias"], "act_bits": None}, example_input=torch.randn(2, 8))
+    with pytest.raises(UnsupportedModelError) as info:  # a prompt needs blocks: no such advice
+        s2a.apply(mlp, {"modules": ["bias", "prompt"], "act_bits": None}, example_input=torch.randn(2, 8))
+    assert "need no blocks" not in str(info.value)
+    assert all(p.requires_grad for p in mlp.parameters())  # refused before anything changed

@@ -33,7 +33,7 @@ from torch.nn.modules.conv import _ConvNd
 from s2a.activations import compress_activations
 from s2a.activations.apply import unwrap_compiled
 from s2a.models import BackboneInfo, describe_backbone, refresh_head
-from s2a.models.registry import dry_run_input, eval_forward
+from s2a.models.registry import UnsupportedModelError, dry_run_input, eval_forward
 
 from .bias import add_bias, norm_weights, train_norm_weights, unreached_trainable
 from .config import S2AConfig
@@ -336,7 +336,15 @@ def apply(model: nn.Module, config: S2AConfig | Mapping[str, Any] | None = None,
 
         refuse_compressed(model, "(s2a.apply compresses with config.act_bits)")
 
-    info = describe_backbone(model, example_input)
+    try:
+        info = describe_backbone(model, example_input)
+    except UnsupportedModelError as exc:
+        if not set(config.modules) <= {"bias", "norm"}:
+            raise
+        raise UnsupportedModelError(
+            f"{exc}. Bias and norm tuning alone need no blocks: freeze the model, set requires_grad on its "
+            "biases (and norm weights) by hand, and call s2a.compress_activations(model) for the 4-bit storage"
+        ) from None
     # A backbone without a head (timm num_classes=0, a transformers AutoModel) takes
     # num_classes as the side branch's output width: the side network makes the prediction.
     new_head = config.num_classes is not None and not ("side" in config.modules and not info.head_names)
