@@ -221,7 +221,7 @@ class ImagePreprocessor:
         if tuple(x.shape[-2:]) == self.size:
             return x
         if self.interpolation == "nearest":
-            return F.interpolate(x, size=self.size, mode="nearest")
+            return F.interpolate(x, size=self.size, mode="nearest-exact")  # PIL's pixel centres
         y = F.interpolate(x, size=self.size, mode=self.interpolation, align_corners=False, antialias=True)
         return y.clamp_(0.0, 1.0) if self.interpolation == "bicubic" else y
 

@@ -259,6 +259,11 @@ def test_hugging_face_float_pixels_are_scaled_by_one_factor_per_dataset(tmp_path
     assert got.dtype == np.uint8 and got.max() > 200
     with pytest.raises(DataError, match=r"image column 'pixel_values' holds values in \[-2.99.*unnormalised"):
         save("normalised", pixels / 64.0 - 3.0)
+    half = datasets.Features({"pixel_values": datasets.Array3D((8, 8, 3), "float16"), "label": datasets.Value("int64")})
+    rows = {"pixel_values": (pixels[:4] / 255.0).astype(np.float16).tolist(), "label": [0, 1, 0, 1]}
+    datasets.DatasetDict(train=datasets.Dataset.from_dict(rows, features=half)).save_to_disk(str(tmp_path / "half"))
+    d = load_data(str(tmp_path / "half"), image_column="pixel_values")  # pyarrow's min_max has no float16 kernel
+    assert max(int(np.asarray(d.test.items[i]).max()) for i in range(len(d.test))) > 100
     pixels[3, 0, 0, 0] = np.nan  # min / max skip NaN
     with pytest.raises(DataError, match="image column 'pixel_values' holds NaN or infinite values"):
         save("nan", pixels)

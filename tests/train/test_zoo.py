@@ -541,6 +541,13 @@ def test_transformers_processors_that_crop_a_share_or_cut_patches(tmp_path):
                                          resample=0).save_pretrained(str(path))
     zm = load_model(str(path), 3)
     assert zm.preprocess.size == (32, 32) and zm.preprocess.interpolation == "nearest"  # PIL's NEAREST is 0
+    # PIL samples pixel centres (torch's "nearest" is half a pixel off)
+    path = _vit_dir(tmp_path / "nearest")
+    proc = transformers.ViTImageProcessor(size={"height": 32, "width": 32}, resample=0)
+    proc.save_pretrained(str(path))
+    image = np.random.default_rng(0).integers(0, 256, (37, 37, 3), dtype=np.uint8)
+    torch.testing.assert_close(load_model(str(path), 3).preprocess([image]),
+                               proc(images=image, return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0)
     # SigLIP2's processor makes a variable number of patches, not an image tensor
     path = _vit_dir(tmp_path / "siglip2")
     transformers.Siglip2ImageProcessor().save_pretrained(str(path))

@@ -144,6 +144,8 @@ def _float_pixel_scale(parts: dict[str, Any], column: str, where: str) -> float 
                 values = values.flatten()
             if not pa.types.is_floating(values.type):
                 return None
+            if pa.types.is_float16(values.type):  # pyarrow's min_max has no half-float kernel
+                values = pc.cast(values, pa.float32())
             if pc.any(pc.invert(pc.is_finite(values))).as_py():  # min_max skips NaN
                 raise DataError(f"{where}: image column {column!r} holds NaN or infinite values: "
                                 "fix or drop those rows (Dataset.filter) and save the dataset again")

@@ -381,19 +381,15 @@ class _SavedTensorTracer:
 
 
 def _is_dropout_mask(packed: _Packed | None) -> bool:
-    """A saved tensor that needs no grad and holds 0s and one value above 1: a dropout mask
-    scaled by 1 / (1 - p)."""
+    """A saved tensor that holds 0s and one value above 1: a dropout mask scaled by 1 / (1 - p)."""
     t = None if packed is None else packed.tensor
-    if (t is None or t.requires_grad or not t.is_floating_point() or t.device.type == "meta" or t.numel() < 2
-            or not t.is_contiguous()):  # a mask is a fresh tensor
-        return False
-    flat = t.detach().view(-1)
-    top = flat.max()
-    if not top > 1:
-        return False
+    if t is None or not t.is_floating_point() or t.device.type == "meta" or t.numel() < 2 or not t.is_contiguous():
+        return False  # (a mask is a fresh tensor)
+    flat = t.view(-1)
     # a prefix first: any other product (gate x up, a scale) fails it without a pass over the whole
     head = flat[:4096]
-    if not bool(((head == 0) | (head == top)).all()):
+    top = head.max()
+    if not top > 1 or not bool(((head == 0) | (head == top)).all()):
         return False
     return bool(((flat == 0) | (flat == top)).all()) and bool((flat == 0).any())
 
