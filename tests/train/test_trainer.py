@@ -568,26 +568,31 @@ def _val_acc_by_epoch(monkeypatch, accs):
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
 
 
+def _killed_at_epoch_2(monkeypatch, out, method):
+    """Run ``out`` with validation accuracy rising at epoch 2 and ``Trainer.method`` killed there."""
+    _val_acc_by_epoch(monkeypatch, {1: 0.5, 2: 0.6})
+    real = getattr(Trainer, method)
+
+    def killed(self):
+        if self.epoch == 2:
+            raise RuntimeError("killed")
+        real(self)
+
+    monkeypatch.setattr(Trainer, method, killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        _fit(out)
+    monkeypatch.setattr(Trainer, method, real)
+
+
 def test_a_kill_between_the_best_and_last_checkpoints_keeps_the_recorded_best(reference_runs, tmp_path, monkeypatch):
     # best.pt was replaced before last.pt recorded it: a replay that did not improve again
     # (GPU kernels, another number of processes) tested the lost epoch's weights as the best
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
-    _val_acc_by_epoch(monkeypatch, {1: 0.5, 2: 0.6})
-    real_save_last = Trainer._save_last
-
-    def killed_at_epoch_2(self):
-        if self.epoch == 2:
-            raise RuntimeError("killed")
-        real_save_last(self)
-
-    monkeypatch.setattr(Trainer, "_save_last", killed_at_epoch_2)
-    with pytest.raises(RuntimeError, match="killed"):
-        _fit(out)
+    _killed_at_epoch_2(monkeypatch, out, "_save_last")
     assert load_checkpoint(ckpts / "best.pt")["best"]["epoch"] == 1  # what last.pt records
     assert load_checkpoint(ckpts / "best-next.pt")["best"]["epoch"] == 2
     epoch1 = load_checkpoint(ckpts / "best.pt")["trainable"]
-    monkeypatch.setattr(Trainer, "_save_last", real_save_last)
     _val_acc_by_epoch(monkeypatch, {1: 0.5, 2: 0.4})  # the replay does not improve
     report = _fit(out, resume=True)
     assert report["best_epoch"] == 1 and not (ckpts / "best-next.pt").exists()
@@ -597,18 +602,7 @@ def test_a_kill_between_the_best_and_last_checkpoints_keeps_the_recorded_best(re
 def test_a_kill_after_last_records_a_new_best_commits_it_on_resume(reference_runs, tmp_path, monkeypatch):
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
-    _val_acc_by_epoch(monkeypatch, {1: 0.5, 2: 0.6})
-    real_commit = Trainer._commit_best
-
-    def killed_at_epoch_2(self):
-        if self.epoch == 2:
-            raise RuntimeError("killed")
-        real_commit(self)
-
-    monkeypatch.setattr(Trainer, "_commit_best", killed_at_epoch_2)
-    with pytest.raises(RuntimeError, match="killed"):
-        _fit(out)
-    monkeypatch.setattr(Trainer, "_commit_best", real_commit)
+    _killed_at_epoch_2(monkeypatch, out, "_commit_best")
     report = _fit(out, resume=True)  # last.pt is at the end: nothing is replayed
     assert report["best_epoch"] == 2 and not (ckpts / "best-next.pt").exists()
     best, last = load_checkpoint(ckpts / "best.pt"), load_checkpoint(ckpts / "last.pt")
