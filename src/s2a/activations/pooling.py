@@ -124,10 +124,13 @@ def _window_positions(idx, in_sz, out_sz, kernel, stride, padding, dilation) -> 
     return code
 
 
-def _own(y: torch.Tensor) -> torch.Tensor:
+def _own(y: torch.Tensor, d: int) -> torch.Tensor:
     """``y`` as a tensor of its own: ATen's 1d pooling returns a view of its 2d result, and a
     view made inside an autograd Function cannot be modified in place (an ``inplace=True``
-    activation after the pooling would raise)."""
+    activation after the pooling would raise). Under torch.compile by the dimension alone:
+    ``_is_view`` breaks the graph."""
+    if torch.compiler.is_compiling():
+        return y.clone() if d == 1 else y
     return y.clone() if y._is_view() else y
 
 
@@ -141,7 +144,7 @@ class _MaxPool(torch.autograd.Function):
         native = (_aten.max_pool1d_with_indices, _aten.max_pool2d_with_indices,
                   _aten.max_pool3d_with_indices)[d - 1]
         y, idx = native(x, kernel, stride, padding, dilation, ceil_mode)
-        y = _own(y)
+        y = _own(y, d)
         in_sz, out_sz = list(x.shape[2:]), list(y.shape[2:])
         ctx.save_for_backward(_window_positions(idx, in_sz, out_sz, kernel, stride, padding,
                                                 dilation).to(_code_dtype(math.prod(kernel))))
@@ -279,7 +282,7 @@ class _AvgPool(torch.autograd.Function):
         else:
             y = (_aten.avg_pool1d, _aten.avg_pool2d, _aten.avg_pool3d)[d - 1](x, *params)
         ctx.meta = (x.shape, _memory_format(x), adaptive, params)
-        return _own(y)
+        return _own(y, d)
 
     @staticmethod
     @once_differentiable
