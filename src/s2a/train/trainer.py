@@ -661,10 +661,10 @@ class Trainer:
             return
         try:
             step = load_checkpoint(pending, kind="best").get("best", {}).get("global_step")
-        except CheckpointError:  # cut short by the kill: not the one last.pt could record
+        except CheckpointError:  # unreadable (atomic writes aside, a damaged disk): dropped as stale
             step = None
         if step is not None and step == self.best.get("global_step"):
-            os.replace(pending, self.run_dir / CKPT_DIR / "best.pt")
+            self._commit_best()
         else:
             pending.unlink()
 
