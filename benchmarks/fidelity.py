@@ -135,11 +135,20 @@ def op_cases(quick: bool) -> list[dict[str, Any]]:
     a = 3.0**0.5
     qkv = {"q": rnd(B, 12, 197, 64) * a, "k": rnd(B, 12, 197, 64) * a, "v": rnd(B, 12, 197, 64)}
     cases.append({"op": "sdpa", "kind": "attention",
-                  "note": f"B={B}, 12 heads, N=197, d=64, logits std 3, default mode",
+                  "note": f"B={B}, 12 heads, N=197, d=64, logits std 3, mode=probs (the functional default: "
+                          "P at the column's bits, Q/K/V at 8)",
                   "inputs": qkv, "wrt": ["q", "k", "v"],
                   "native": lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"]),
                   "s2a": lambda t, bits: SA.scaled_dot_product_attention(
                       t["q"], t["k"], t["v"], bits=bits)})
+    cases.append({"op": "sdpa", "kind": "attention",
+                  "note": "the same, mode=recompute (Q/K/V at the column's bits, P recomputed; "
+                          "compress_activations runs it at 8 bits; at 2-4 bits logits this large cannot be "
+                          "recomputed from the stored Q / K and the calls keep P: RECOMPUTE_MAX_LOGIT_ERROR)",
+                  "inputs": qkv, "wrt": ["q", "k", "v"],
+                  "native": lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"]),
+                  "s2a": lambda t, bits: SA.scaled_dot_product_attention(
+                      t["q"], t["k"], t["v"], bits=bits, mode="recompute")})
 
     nb = 2 if quick else 16
     xb = F.relu(rnd(nb, 64, 28, 28) * (0.5 + 2 * rnd(1, 64, 1, 1).abs()) + rnd(1, 64, 1, 1))
