@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.core import float_pixel_scale
 from .models.hf_adapters import learned_position_limit
 from .models.sentence_pooling import SentencePooler, sentence_pooling_mode, use_sentence_pooling
 
@@ -166,17 +167,17 @@ def _to_chw_uint8(item: Any) -> torch.Tensor:
         # [0, 1] is a float (and bool) convention: an integer image of 0s and 1s is near-black;
         # a resize's overshoot (1.01, 256.3) is within either range
         floating = t.dtype.is_floating_point
-        unit = t.dtype == torch.bool or (floating and t.numel() and t.max() <= 1.05)
+        scale = 255.0 if t.dtype == torch.bool else 1.0
         t = t.float()
         if floating and not torch.isfinite(t).all():  # NaN passes every range check below
             raise ZooError("image holds NaN or infinite values: pass finite 8-bit pixels ([0, 1] floats or [0, 255])")
-        if t.numel() and (t.min() < (-0.05 if floating else 0) or t.max() > (300 if floating else 255)):
-            raise ZooError(f"image values reach {(t.min() if t.min() < 0 else t.max()).item():g}: pass "
-                           "unnormalised 8-bit pixels ([0, 1] floats or [0, 255]); the preprocessor "
-                           "normalises them")
-        if unit:
-            t = t * 255.0
-        t = t.round().clamp(0, 255).to(torch.uint8)
+        if t.numel():
+            low, high = t.min().item(), t.max().item()
+            scale = float_pixel_scale(low, high) if floating else scale if low >= 0 and high <= 255 else None
+            if scale is None:
+                raise ZooError(f"image values reach {low if low < 0 else high:g}: pass unnormalised 8-bit "
+                               "pixels ([0, 1] floats or [0, 255]); the preprocessor normalises them")
+        t = (t * scale).round().clamp(0, 255).to(torch.uint8)
     if t.ndim == 2:  # H, W grey
         t = t.unsqueeze(0)
     elif from_pil:

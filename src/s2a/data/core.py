@@ -28,6 +28,7 @@ __all__ = [
     "carve",
     "classes_missing_note",
     "content_keys",
+    "float_pixel_scale",
     "item_keys",
     "labels_to_ids",
     "same_examples",
@@ -42,6 +43,16 @@ KINDS = ("text", "image")
 
 class DataError(ValueError):
     """A dataset that cannot be found, read or understood; the message says what to do."""
+
+
+def float_pixel_scale(low: float, high: float) -> float | None:
+    """The factor that takes float pixels spanning ``[low, high]`` to 8-bit: 255 for [0, 1] images,
+    1 for [0, 255] ones, None for neither (normalised or HDR values). A resize's overshoot
+    (1.01, 256.3) is within either range. Shared by the image preprocessor and the Hugging Face
+    loader, which decides it once for a whole dataset."""
+    if low < -0.05 or high > 300:
+        return None
+    return 255.0 if high <= 1.05 else 1.0
 
 
 def seeded_order(n: int, seed: int) -> list[int]:

@@ -14,6 +14,7 @@ from .core import (
     DataError,
     Split,
     complete_splits,
+    float_pixel_scale,
     labels_to_ids,
     shared_items_note,
     split_fractions,
@@ -155,12 +156,12 @@ def _float_pixel_scale(parts: dict[str, Any], column: str, where: str) -> float 
                 high = hi.as_py() if high is None else max(high, hi.as_py())
     if low is None:
         return None
-    if low < -0.05 or high > 300:
+    scale = float_pixel_scale(low, high)
+    if scale is None:
         raise DataError(
             f"{where}: image column {column!r} holds values in [{low:g}, {high:g}]: pass unnormalised "
             "pixels ([0, 1] floats or [0, 255]); the preprocessor normalises them")
-    # a resize's overshoot (1.01, 256.3) is within either range
-    return 255.0 if high <= 1.05 else 1.0
+    return scale
 
 
 def _is_image_struct(t: Any) -> bool:
