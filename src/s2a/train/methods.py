@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from s2a.baselines import MethodContext, MethodNotApplicable, MethodResult, apply_spec
+from s2a.models import UnsupportedModelError
 
 from .config import TrainError
 
@@ -49,3 +50,5 @@ def apply_method(
         return apply_spec(model, ctx)
     except MethodNotApplicable as exc:
         raise TrainError(str(exc)) from None
+    except UnsupportedModelError as exc:  # s2a.apply looks for the blocks itself
+        raise TrainError(f"--method {method}: {exc}") from None
