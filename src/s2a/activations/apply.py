@@ -17,6 +17,7 @@ Two mechanisms, both reversible:
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
 import math
@@ -780,15 +781,19 @@ def _switch_attention(module: nn.Module, state: _State) -> bool:
         return True
     config = getattr(module, "config", None)
     impl = getattr(config, "_attn_implementation", None)
-    if impl == "eager" and hasattr(module, "set_attn_implementation"):
-        try:
+    if not hasattr(module, "set_attn_implementation"):
+        return False
+    listed = any(m.config is config for m in [*state.sdpa_models, *state.eager_models, *(m for m, _ in state.attn_impl)])
+    if impl == "eager":
+        with contextlib.suppress(ValueError, ImportError, AttributeError):
             module.set_attn_implementation("sdpa")
-        except (ValueError, ImportError, AttributeError):
+        if getattr(module.config, "_attn_implementation", None) != "sdpa":  # MPNet only logs its refusal
+            if not listed:  # Gemma 2's softcapping: its softmax and products are compressed one by one
+                state.eager_models.append(module)
             return False
         state.attn_impl.append((module, impl))
         return True
-    if (impl == "sdpa" and hasattr(module, "set_attn_implementation")
-            and not any(m.config is config for m in [*state.sdpa_models, *(m for m, _ in state.attn_impl)])):
+    if impl == "sdpa" and not listed:
         state.sdpa_models.append(module)  # already on SDPA: only compression_summary needs it
     return False
 
@@ -817,6 +822,7 @@ class _State:
     attrs: list = field(default_factory=list)
     attn_impl: list = field(default_factory=list)  # (transformers model, its own implementation)
     sdpa_models: list = field(default_factory=list)  # transformers models on SDPA before s2a
+    eager_models: list = field(default_factory=list)  # transformers models that cannot switch to SDPA
     original_attn: int = 0  # depth of forwards that asked for attention weights (see _attn_hooks)
     attn_now: list = field(default_factory=list)  # (model, implementation) to go back to after them
     hooks: list = field(default_factory=list)
@@ -1202,6 +1208,9 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
     convolution with a trainable weight keeps its full-precision input, as PyTorch does) or
     ``unfused`` (a fused block, MLP or experts, whose weights train since, or that peft wrapped
     or a hook watches: it runs its own forward, each operator inside as listed).
+    ``attention:eager`` names a transformers model whose attention cannot run on SDPA (Gemma 2's
+    logit softcapping): its softmax is compressed at the width given, its products at
+    ``matmul``'s, call by call.
     """
     model = unwrap_compiled(model)  # a torch.compile wrapper: the eager paths
     state = getattr(model, "_s2a_compression", None)
@@ -1214,6 +1223,8 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
         op = kind.split(":")[-1]
         if kind == "attention":
             return spec.attention_storage()[1]
+        if kind == "attention:eager":
+            return spec.bits_for("softmax") if spec.enabled("softmax") else "native"
         if kind.startswith(("gated_mlp", "moe_experts", "frozen_mlp")) and runs_own_forward(module):
             return "unfused"
         if kind.startswith(("gated_mlp", "moe_experts")):
@@ -1239,4 +1250,5 @@ def compression_summary(model: nn.Module) -> dict[str, str]:
     # a transformers model's own choice of SDPA
     entries += [(m, "attention") for m, attr, _ in state.attrs if attr == "fused_attn"]
     entries += [(m, "attention") for m, _ in state.attn_impl] + [(m, "attention") for m in state.sdpa_models]
+    entries += [(m, "attention:eager") for m in state.eager_models]
     return {names.get(id(m), "?"): f"{k}@{storage(k, m)}" for m, k in entries}
