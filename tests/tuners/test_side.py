@@ -632,3 +632,42 @@ def test_detach_side_refuses_an_applied_model(tmp_path):
         detach_side(model)
     assert hasattr(model, SIDE) and model(torch.zeros(2, 3, 32, 32)).shape == (2, NUM_CLASSES)
     s2a.save_tuned(model, tmp_path)
+
+
+def _wav2vec2(layerdrop: float):
+    cfg = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_labels=3, layerdrop=layerdrop, num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4, feat_extract_norm="layer", do_stable_layer_norm=True)
+    torch.manual_seed(0)
+    return transformers.Wav2Vec2ForSequenceClassification(cfg)
+
+
+def test_side_on_an_audio_model_reads_frames_and_refuses_layerdrop():
+    # LayerDrop skips blocks at random in training: the side branch failed 9 steps in 10
+    with pytest.raises(ValueError, match=r"LayerDrop skips blocks in training \(config.layerdrop=0.5\)"):
+        s2a.apply(_wav2vec2(0.5), s2a.S2AConfig(modules=("side",), act_bits=None), example_input=torch.randn(1, 800))
+    model = _wav2vec2(0.0)
+    audio = torch.randn(1, 4000)
+    s2a.apply(model, s2a.S2AConfig(modules=("side",), act_bits=None), example_input=audio)
+    with torch.no_grad():
+        for p in model.s2a_side.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        # the attention mask is per audio sample; the blocks see frames (it was dropped, and the
+        # side branch averaged the padded frames: 0.035 from the unpadded logits)
+        padded = torch.cat([audio, torch.zeros(1, 2000)], 1)
+        mask = torch.cat([torch.ones(1, 4000), torch.zeros(1, 2000)], 1).long()
+        torch.testing.assert_close(model.eval()(padded, attention_mask=mask).logits, model(audio).logits,
+                                   atol=1e-5, rtol=0)
+
+
+def test_side_only_backbone_gives_an_input_gradient_when_asked():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=NUM_CLASSES)
+    s2a.apply(model, s2a.S2AConfig(modules=("side",), act_bits=None, num_classes=NUM_CLASSES))
+    with torch.no_grad():
+        for p in model.s2a_side.parameters():
+            p.add_(0.1)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    model(x).sum().backward()  # saliency: x.grad was None (the backbone ran without a graph)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(SIDE))

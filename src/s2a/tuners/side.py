@@ -743,7 +743,10 @@ class _SideForward:
         outer_mask, h.call_mask = h.call_mask, self._mask(args, kwargs)
         mask = h.call_mask
         outer_detach = h.detach
-        h.detach = detach = h.side_only and not any(_trains(m, n) for m, n in h.frozen)
+        # a side-only backbone runs without a graph unless something asks for its gradient: a
+        # parameter unfrozen by hand, or an input that requires grad (saliency, adversarial steps)
+        h.detach = detach = h.side_only and not any(_trains(m, n) for m, n in h.frozen) and not any(
+            isinstance(v, torch.Tensor) and v.requires_grad for v in (*args, *kwargs.values()))
         h.active += 1
         try:
             with torch.no_grad() if detach else contextlib.nullcontext():
@@ -755,7 +758,9 @@ class _SideForward:
         captured, h.captured = h.captured, {}
         missing = [h.block_paths[i] for i in range(len(h.block_paths)) if i not in captured]
         if missing:
-            raise RuntimeError(f"side branch: these blocks did not run in the forward: {missing}")
+            raise RuntimeError(f"side branch: these blocks did not run in the forward: {missing} (the side "
+                               "branch reads every block: a forward that skips blocks, such as LayerDrop's, "
+                               "cannot run with it)")
         if h.fuse and pooled is None:
             pooled = captured.get(-1)
             if pooled is None:
@@ -763,6 +768,9 @@ class _SideForward:
         if pooled is not None:
             pooled = _compact(pooled.detach() if detach else pooled)
         hiddens = [captured[i] for i in range(len(h.block_paths))]
+        frames = getattr(h.model, "_get_feature_vector_attention_mask", None)
+        if mask is not None and callable(frames) and h.layouts[-1] == "tokens" and mask.shape[1] != hiddens[-1].shape[1]:
+            mask = frames(hiddens[-1].shape[1], mask)  # transformers audio models: a mask per sample, blocks see frames
         side = h.network(hiddens, pooled, mask, pre_pooled=True)
         labels = h.call_argument("labels", args, kwargs)
         logits = side
@@ -902,6 +910,13 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
     if hasattr(model, SIDE_ATTR) or HANDLE_ATTR in model.__dict__:
         raise RuntimeError(f"model already has a side network ({SIDE_ATTR}); remove it first")
     _check_home(model)
+    for name in ("layerdrop", "encoder_layerdrop", "decoder_layerdrop"):
+        rate = getattr(getattr(model, "config", None), name, None)
+        if isinstance(rate, (int, float)) and rate > 0:  # wav2vec2, HuBERT: blocks skipped at random in training
+            raise ValueError(
+                f"the side branch reads every block's output and LayerDrop skips blocks in training "
+                f"(config.{name}={rate}): set model.config.{name} = 0.0 before s2a.apply, or leave 'side' "
+                "out of modules")
     blocks = _resolve_blocks(model, info)
     layouts = list(info.layouts)
     dims = [int(d) for d in info.dims]
