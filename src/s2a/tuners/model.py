@@ -376,7 +376,8 @@ def _first_image(example: Any) -> torch.Tensor | None:
 
 
 class _PatchGridGuard:
-    """Forward pre-hook on the patch embedding of a timm ViT built with ``dynamic_img_size``:
+    """Forward pre-hook on the patch embedding of a timm ViT built with ``dynamic_img_size``, or
+    of a transformers ViT / DINOv2 (they take other sizes with ``interpolate_pos_encoding``):
     its prompt rows belong to the dry run's patch grid, and an image of another grid with as
     many patches (32x64 against 64x32) would pass the blocks' token count check with its rows
     on the wrong patches. Compared as patch grids (``dynamic_img_pad`` pads 60x60 to 64x64's)."""
@@ -388,7 +389,14 @@ class _PatchGridGuard:
     @staticmethod
     def _grid(patch_embed: nn.Module, size: tuple[int, ...]) -> tuple[int, ...]:
         feat_size = getattr(patch_embed, "dynamic_feat_size", None)
-        return tuple(feat_size(size)) if callable(feat_size) else size
+        if callable(feat_size):
+            return tuple(feat_size(size))
+        patch = getattr(patch_embed, "patch_size", None)  # transformers: ViT, DINOv2 (interpolate_pos_encoding)
+        if isinstance(patch, int):
+            patch = (patch, patch)
+        if isinstance(patch, (tuple, list)) and len(patch) == len(size) and all(isinstance(p, int) and p > 0 for p in patch):
+            return tuple(n // p for n, p in zip(size, patch, strict=True))
+        return size
 
     def __call__(self, patch_embed: nn.Module, args: tuple) -> None:
         x = args[0] if args else None
@@ -439,8 +447,12 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
             for pn, _ in prompt.named_parameters():
                 kinds[f"{path}.{pn}"] = "prompt"
         patch_embed = getattr(model, "patch_embed", None)
+        if not getattr(model, "dynamic_img_size", False):  # a transformers ViT takes other sizes by a call flag
+            # (Swin's pad the image to whole patches: their grid is not size // patch)
+            patch_embed = next((m for m in model.modules() if type(m).__name__.endswith("PatchEmbeddings")
+                                and getattr(m, "patch_size", None) is not None and not hasattr(m, "maybe_pad")), None)
         image = _first_image(dry_run_input(model, example_input, info.adapter))
-        if getattr(model, "dynamic_img_size", False) and isinstance(patch_embed, nn.Module) and image is not None:
+        if isinstance(patch_embed, nn.Module) and image is not None:
             guard = _PatchGridGuard(patch_embed, tuple(image.shape[2:]))
             hooks.append(patch_embed.register_forward_pre_hook(guard))
     if config.freeze_norm_stats:
