@@ -677,3 +677,78 @@ def test_swapped_text_and_label_columns_are_named(tmp_path):
                                         r"is the label column a text or id column\? Check --label-column"):
         load_data(str(path), text_column="sentiment", label_column="sentence")
     assert load_data(str(path), text_column="sentence", label_column="sentiment").classes == ["0", "1"]
+
+
+# ---------------------------------------------------------------------------- data that loads but misleads
+def test_csv_quote_that_never_closes_is_refused_naming_its_line(tmp_path):
+    """Read leniently, the rows after an unclosed quote became one text (11 of 42 rows)."""
+    p = tmp_path / "t.csv"
+    rows = [f"row {i},{i % 2}" for i in range(30)]
+    for i, bad in ((5, '"unclosed start,1'), (7, '"closed" late,1')):
+        p.write_text("text,label\n" + "\n".join([*rows[:i], bad, *rows[i:]]) + "\n")
+        with pytest.raises(DataError, match=rf"t\.csv:{i + 2}: cannot read the row that starts here .*: a value opens "
+                                            r"a quote that does not close where the value ends; close it"):
+            load_data(str(p))
+    p.write_text("text,label\n" + "\n".join([*rows, '"a ""quoted"" word, and a comma",1']) + "\n")
+    d = load_data(str(p))  # quoting that closes still reads
+    assert 'a "quoted" word, and a comma' in d.train.items + d.val.items + d.test.items
+    tsv = tmp_path / "t.tsv"  # read without quoting: the same line is a text that opens with a quote
+    tsv.write_text("text\tlabel\n" + "\n".join([r.replace(",", "\t") for r in rows] + ['"unclosed start\t1']) + "\n")
+    d = load_data(str(tsv))
+    assert len(d.train) + len(d.val) + len(d.test) == 31
+
+
+def test_text_column_that_is_the_label_column_is_refused(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("text,label\n" + "".join(f"s{i},{'pos' if i % 2 else 'neg'}\n" for i in range(30)))
+    for kwargs in ({"text_column": "label"}, {"label_column": "text"}):
+        with pytest.raises(DataError, match=r"t\.csv: column '(label|text)' is both the text and the label column: "
+                                            r".*pick another text column \(--text-column\)"):
+            load_data(str(p), **kwargs)
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+    ds = datasets.Dataset.from_dict({"text": [f"s{i}" for i in range(30)], "label": [i % 2 for i in range(30)]})
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(DataError, match=r"column 'label' is both the text and the label column"):
+        load_data(str(tmp_path / "hf"), text_column="label")
+
+
+def test_class_names_that_differ_in_case_only_are_noted(tmp_path, image_tree, write_pngs):
+    p = tmp_path / "t.csv"
+    p.write_text("text,label\n" + "".join(f"s{i},{('pos', 'neg', 'Pos')[i % 3]}\n" for i in range(60)))
+    d = load_data(str(p))
+    assert d.classes == ["Pos", "neg", "pos"]
+    assert ("class names that differ only in case or surrounding spaces are separate classes: 'Pos' and 'pos'"
+            in " ".join(d.notes))
+    root = image_tree({"all": 4}, flat=True, name="cats")  # blue / green / red
+    write_pngs(root / "Blue", 4, 0, seed=9)
+    assert "'Blue' and 'blue'" in " ".join(load_data(str(root)).notes)
+    p.write_text("text,label\n" + "".join(f"s{i},{('pos', 'neg')[i % 2]}\n" for i in range(60)))
+    assert not any("differ only in case" in n for n in load_data(str(p)).notes)
+
+
+def test_one_based_and_sparse_class_ids_are_explained(tmp_path):
+    """The ids are the class ids (documented), so 1..3 makes four classes; the note says why."""
+    p = tmp_path / "t.csv"
+    for labels, look, unused in (((1, 2, 3), "1-based", "[0]"), (("01", "02", "03"), "1-based", "[0]"),
+                                 ((0, 2, 5), "sparse", "[1, 3, 4]"), ((1, 3), "1-based and sparse", "[0, 2]")):
+        p.write_text("text,label\n" + "".join(f"s{i},{labels[i % len(labels)]}\n" for i in range(60)))
+        d = load_data(str(p))
+        assert len(d.classes) == int(str(labels[-1])) + 1  # the mapping itself is unchanged
+        assert any(f"look {look}: ids {unused} appear in no split" in n for n in d.notes), d.notes
+    p.write_text("text,label\n" + "".join(f"s{i},{i % 3}\n" for i in range(60)))
+    assert not any("appear in no split" in n for n in load_data(str(p)).notes)
+
+
+def test_csv_quoted_tsv_is_noted(tmp_path):
+    import csv
+
+    p = tmp_path / "t.tsv"
+    with p.open("w", newline="") as fh:  # as csv.writer / pandas to_csv(sep="\t") write it
+        w = csv.writer(fh, delimiter="\t")
+        w.writerow(["text", "label"])
+        w.writerows([f'he said "hi" {i}', i % 2] for i in range(30))
+    d = load_data(str(p))
+    assert '"he said ""hi"" 0"' in d.train.items + d.val.items + d.test.items  # read literally, as documented
+    assert any('30 texts look CSV-quoted' in n and "read without quoting" in n for n in d.notes)
+    p.write_text("text\tlabel\n" + "".join(f'"quoted {i}"\t{i % 2}\n' for i in range(30)))  # GLUE: quotes are text
+    assert not any("CSV-quoted" in n for n in load_data(str(p)).notes)

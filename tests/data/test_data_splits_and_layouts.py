@@ -267,3 +267,25 @@ def test_hugging_face_float_pixels_are_scaled_by_one_factor_per_dataset(tmp_path
     pixels[3, 0, 0, 0] = np.nan  # min / max skip NaN
     with pytest.raises(DataError, match="image column 'pixel_values' holds NaN or infinite values"):
         save("nan", pixels)
+
+
+# ---------------------------------------------------------------------------- 9. split names
+def test_dev_folder_is_val_and_splits_under_other_names_are_noted(image_tree, tmp_path):
+    root = image_tree({"train": 6, "dev": 2, "test": 2})  # dev.* is val for text tables too
+    d = load_data(str(root))
+    assert len(d.val) == 6 and not any("not read" in n or "held out as val" in n for n in d.notes)
+    (root / "dev").rename(root / "eval")
+    d = load_data(str(root))
+    assert ("folders eval/ not read: the folders read are named (train: train/; val: val/, valid/, validation/, "
+            "dev/; test: test/); rename one to use it") in d.notes
+    table = tmp_path / "table"
+    table.mkdir()
+    for name, n in (("train.csv", 40), ("eval.csv", 10)):
+        (table / name).write_text("text,label\n" + "".join(f"{name} {i},{i % 2}\n" for i in range(n)))
+    assert any(n.startswith("files eval.csv not read: ") and "dev.*" in n for n in load_data(str(table)).notes)
+    datasets = pytest.importorskip("datasets", reason="pip install datasets")
+    ds = datasets.Dataset.from_dict({"text": [f"s{i}" for i in range(40)], "label": [i % 2 for i in range(40)]})
+    datasets.DatasetDict(train=ds, validation_matched=ds.select(range(6)), test_matched=ds.select(range(6, 12))
+                         ).save_to_disk(str(tmp_path / "mnli"))
+    assert any(n.startswith("splits 'validation_matched', 'test_matched' not read: ")
+               for n in load_data(str(tmp_path / "mnli")).notes)

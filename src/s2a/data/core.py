@@ -36,6 +36,7 @@ __all__ = [
     "shared_items_note",
     "split_fractions",
     "texts_of",
+    "unread_splits_note",
 ]
 
 KINDS = ("text", "image")
@@ -426,6 +427,16 @@ def shared_items_note(train: Split, val: Split, test: Split, what: str = "texts"
     return "; ".join(notes) or None
 
 
+def unread_splits_note(unread: Sequence[str], what: str, names: Mapping[str, Sequence[str]], suffix: str = "") -> str | None:
+    """A note naming the splits found under a name no split takes (``eval.csv``, MNLI's
+    ``validation_matched``), or None: they are not read, and a missing val / test split is
+    carved from train instead without a word about them."""
+    if not unread:
+        return None
+    named = "; ".join(f"{split}: {', '.join(n + suffix for n in ns)}" for split, ns in names.items())
+    return f"{what} {', '.join(unread)} not read: the {what} read are named ({named}); rename one to use it"
+
+
 def same_examples(a: Split, b: Split, *, files: bool = False) -> bool:
     """Whether ``a`` and ``b`` hold the same examples (item content and label), in any order."""
     if len(a) != len(b) or sorted(a.labels) != sorted(b.labels):
@@ -491,7 +502,18 @@ class DataBundle:
         note = self.check_train_classes("no train example")
         if note:
             self._refuse_unshared_labels()
-            self.notes.append(note)
+            self.notes.append(note + self._unused_ids_hint())
+        folded: dict[str, str] = {}
+        pairs = []
+        for c in self.classes:  # 'pos' beside 'Pos' is two classes, each with part of the examples
+            other = folded.setdefault(str(c).strip().casefold(), c)
+            if other != c:
+                pairs.append(f"{other!r} and {c!r}")
+        if pairs:
+            self.notes.append(
+                f"class names that differ only in case or surrounding spaces are separate classes: "
+                f"{', '.join(pairs[:5])}{', ...' if len(pairs) > 5 else ''}; if they are one class, write it "
+                "the same way throughout")
         ids = [c for c in self.classes if _INTEGER.fullmatch(str(c))]
         if ids and len(ids) < k:  # "0".."11" and "n/a": names, sorted as text
             names = [c for c in self.classes if not _INTEGER.fullmatch(str(c))]
@@ -499,6 +521,21 @@ class DataBundle:
                 f"the labels are integers ({len(ids)} of them, e.g. {ids[0]!r}) and {len(names)} other name(s) "
                 f"({names[:5]}): all are taken as class names, ordered as text (a stray row such as 'n/a' "
                 "or a repeated header makes a class of its own; fix the data if so)")
+
+    def _unused_ids_hint(self) -> str:
+        """Why integer labels leave classes empty: they are the class ids, 0..max, so 1-based
+        (or zero-padded '01') and sparse ids make classes that no example has."""
+        k = len(self.classes)
+        if self.classes != [str(i) for i in range(k)]:
+            return ""
+        used = set(self.train.labels) | set(self.val.labels) | set(self.test.labels)
+        unused = [i for i in range(k) if i not in used]
+        if not unused:
+            return ""
+        look = " and ".join(w for w, hit in (("1-based", 0 in unused), ("sparse", unused != [0])) if hit)
+        return (f"; the labels are the class ids 0..{k - 1} and look {look}: ids {unused[:10]}"
+                f"{'...' if len(unused) > 10 else ''} appear in no split (outputs that no example has; number "
+                "the classes 0, 1, 2, ... to drop them)")
 
     def check_train_classes(self, lacking: str, what: str = "train split") -> str | None:
         """Refuse a training split of fewer than 2 classes; return a note naming the classes

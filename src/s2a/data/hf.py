@@ -19,8 +19,9 @@ from .core import (
     shared_items_note,
     split_fractions,
     texts_of,
+    unread_splits_note,
 )
-from .text import LABEL_COLUMN_GUESSES, TEXT_COLUMN_GUESSES
+from .text import LABEL_COLUMN_GUESSES, TEXT_COLUMN_GUESSES, refuse_same_column
 
 __all__ = ["HF_INSTALL", "is_hf_disk_dir", "load_hf"]
 
@@ -236,10 +237,13 @@ def load_hf(
         except Exception as exc:
             raise DataError(f"cannot load {spec} with datasets.load_from_disk: {type(exc).__name__}: {exc}") from None
         where = spec
+    notes = []
     if isinstance(loaded, datasets.Dataset):
         parts = {"all": loaded}
     else:
         parts = {}
+        unread = [repr(k) for k in loaded if not any(k in aliases for aliases in SPLIT_ALIASES.values())]
+        notes += filter(None, [unread_splits_note(unread, "splits", SPLIT_ALIASES)])
         for key, aliases in SPLIT_ALIASES.items():
             found = [a for a in aliases if a in loaded]
             if len(found) > 1:  # taking one would silently drop the other
@@ -266,7 +270,7 @@ def load_hf(
         if xcol is None:
             raise DataError(f"{where}: no text or image column (looked for {list(TEXT_COLUMN_GUESSES + IMAGE_COLUMN_GUESSES)}); columns found: {columns}. Name it with --text-column or --image-column.")
         kind = "text"
-    notes = []
+    refuse_same_column(xcol, lcol, columns, where, kind)
     for k, ds in list(parts.items()):  # the columns were picked from the first split
         lacking = [c for c in (lcol, xcol) if c not in ds.column_names]
         if lacking == [lcol] and k == "test":  # a competition's test split, shipped without labels

@@ -19,6 +19,7 @@ from .core import (
     same_examples,
     shared_items_note,
     split_fractions,
+    unread_splits_note,
 )
 
 __all__ = [
@@ -48,7 +49,7 @@ IDX_STEMS = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-VAL_NAMES = ("val", "valid", "validation")
+VAL_NAMES = ("val", "valid", "validation", "dev")  # as for text tables
 
 
 # ---------------------------------------------------------------------------- IDX
@@ -239,7 +240,7 @@ SPLIT_DIR_NAMES = {"train": ("train",), "val": VAL_NAMES, "test": ("test",)}
 
 
 def _split_dirs(root: Path) -> dict[str, Path]:
-    """The train/, val/ (valid/, validation/) and test/ folders of ``root``, in any case; two
+    """The train/, val/ (valid/, validation/, dev/) and test/ folders of ``root``, in any case; two
     folders for one split are refused (reading one would silently drop the other)."""
     dirs = _class_dirs(root)
     found = {}
@@ -262,14 +263,15 @@ def _flat_layout_hint(root: Path, split_dirs: dict[str, Path]) -> str:
     beside = f" beside {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}" if others else ""
     return (f". {root} is read as the split layout (root/train/<class>/*.jpg) because it has {', '.join(names)}; "
             f"if {them} is a class of the flat layout root/<class>/*.jpg{beside}, rename that class folder "
-            "(a class folder may not be named train, val, valid, validation or test)")
+            "(a class folder may not be named train, val, valid, validation, dev or test)")
 
 
 def load_image_folder(directory: str | os.PathLike, *, split_seed: int = 0) -> DataBundle:
     """An image folder in the ImageNet layout.
 
     * ``root/train/<class>/*.jpg`` (+ ``root/val/<class>/...``, ``root/test/<class>/...``):
-      the splits as given. Without ``test/``, ``val/`` becomes the test split (ImageNet
+      the splits as given (val/ may be named valid/, validation/ or dev/; other folders are
+      named in the notes, not read). Without ``test/``, ``val/`` becomes the test split (ImageNet
       convention, where the public val set is the benchmark) and 10% of train is held out as
       val, so the test split is never used for model selection (also when ``val/`` holds the
       same images as ``test/``). Without ``val/`` either, 10% of train becomes val and 10% test.
@@ -285,6 +287,8 @@ def load_image_folder(directory: str | os.PathLike, *, split_seed: int = 0) -> D
     if "train" in split_dirs:
         hint = _flat_layout_hint(root, split_dirs)
         read = {k: _folder_split(d, training=k == "train", hint=hint) for k, d in split_dirs.items()}
+        unread = [d.name + "/" for d in _class_dirs(root) if d not in split_dirs.values()]
+        notes += filter(None, [unread_splits_note(unread, "folders", SPLIT_DIR_NAMES, "/")])
         # a class that only val/ or test/ hold keeps its output, as in the other layouts (the
         # bundle's check names it in the notes): its images count as errors, not dropped
         classes = sorted({c for _, _, names in read.values() for c in names})

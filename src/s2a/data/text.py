@@ -20,6 +20,7 @@ from .core import (
     shared_items_note,
     split_fractions,
     texts_of,
+    unread_splits_note,
 )
 
 __all__ = [
@@ -104,17 +105,21 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str], set[str]]:
 
     TSV is read as plain tab-separated lines, without quoting (as GLUE's files are): with CSV
     quoting, a sentence that opens with ``"`` would silently swallow the rows up to the next
-    quote. Tables that need quoting are CSV. Every format is read as utf-8-sig: a BOM (Notepad,
-    Excel's "CSV UTF-8") would otherwise cling to the first column name or break the JSON."""
+    quote. Tables that need quoting are CSV, read strictly for the same reason (a quote that
+    never closes is refused, naming the line it opens on). Every format is read as utf-8-sig: a
+    BOM (Notepad, Excel's "CSV UTF-8") would otherwise cling to the first column name or break
+    the JSON."""
     suffix = path.suffix.lower()
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # 128 KiB by default: a long document
+    start = 1  # the line the CSV record being read starts on: csv.Error comes at its end
     try:
         if suffix in (".csv", ".tsv"):
             with path.open(newline="", encoding="utf-8-sig") as fh:
                 reader = (csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv"
-                          else csv.DictReader(fh))
+                          else csv.DictReader(fh, strict=True))
                 rows = []
                 width = len(reader.fieldnames or ())
+                start = reader.line_num + 1
                 named = list(reader.fieldnames or ())
                 twice = {c for c in named if c.strip() and named.count(c) > 1}  # DictReader keeps the last
                 for row in reader:
@@ -133,6 +138,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str], set[str]]:
                             f"no value for {missing}"
                         )
                     rows.append(row)
+                    start = reader.line_num + 1
                 columns = list(reader.fieldnames or [])
             return rows, columns, twice
         if suffix == ".json":
@@ -162,7 +168,12 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str], set[str]]:
                     rows.append(obj)
     except UnicodeDecodeError as exc:
         raise DataError(f"cannot read {path}: {exc}: save it as UTF-8") from None
-    except (OSError, csv.Error, json.JSONDecodeError) as exc:
+    except csv.Error as exc:
+        hint = ("" if suffix != ".csv" or "NUL" in str(exc) else
+                ': a value opens a quote that does not close where the value ends; close it, or write a quote '
+                'inside a quoted value as ""')
+        raise DataError(f"{path}:{start}: cannot read the row that starts here ({exc}){hint}") from None
+    except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     columns = list(dict.fromkeys(k for r in rows for k in r))  # every row: a column may start late
     return rows, columns, set()
@@ -185,7 +196,16 @@ def _pick_column(columns: list[str], wanted: str | None, guesses: tuple[str, ...
     )
 
 
-def _table_split(path: Path, text_column: str | None, label_column: str | None) -> tuple[list[str], list[Any]]:
+def refuse_same_column(column: str, label_column: str, columns: list[str], where: str, role: str = "text") -> None:
+    """An input column that is the label column would train the model on its own labels."""
+    if column == label_column:
+        raise DataError(f"{where}: column {column!r} is both the {role} and the label column: the model would "
+                        f"be given its labels; pick another {role} column (--{role}-column) from {columns}")
+
+
+def _table_split(
+    path: Path, text_column: str | None, label_column: str | None, notes: list[str]
+) -> tuple[list[str], list[Any]]:
     rows, columns, twice = _read_rows(path)
     if not rows:
         raise DataError(f"{path}: no rows")
@@ -195,6 +215,7 @@ def _table_split(path: Path, text_column: str | None, label_column: str | None) 
                         "comma-separated (a .tsv tab-separated): save it so")
     tcol = _pick_column(columns, text_column, TEXT_COLUMN_GUESSES, "text", str(path), "--text-column")
     lcol = _pick_column(columns, label_column, LABEL_COLUMN_GUESSES, "label", str(path), "--label-column")
+    refuse_same_column(tcol, lcol, columns, str(path))
     if {tcol, lcol} & twice:
         raise DataError(f"{path}: the header names column {sorted({tcol, lcol} & twice)[0]!r} more than once: "
                         "rename one of them")
@@ -204,7 +225,15 @@ def _table_split(path: Path, text_column: str | None, label_column: str | None) 
             lacking = sum(col not in r for r in rows)
             raise DataError(f"{path}: row {i + 1} has no value in column {col!r} ({lacking} of {len(rows)} rows have "
                             "none): give every row a value there, or drop those rows")
-    return texts_of((r[tcol] for r in rows), where=str(path), split="all"), [r[lcol] for r in rows]
+    texts = texts_of((r[tcol] for r in rows), where=str(path), split="all")
+    if path.suffix.lower() == ".tsv":  # csv.writer / pandas quote a text that holds a quote: "a ""b"""
+        quoted = [t for t in texts if len(t) > 1 and t[0] == t[-1] == '"']
+        escaped = sum('""' in t for t in quoted)
+        if escaped * 2 > len(quoted):
+            notes.append(f"{path.name}: {escaped} texts look CSV-quoted (\"a \"\"b\"\"\"): a TSV is read without "
+                         "quoting, so their quotes are kept as part of the text; if the file was written with "
+                         "quoting, save it as CSV instead (or write the TSV with quoting=csv.QUOTE_NONE)")
+    return texts, [r[lcol] for r in rows]
 
 
 def _split_files(directory: Path) -> dict[str, Path]:
@@ -243,9 +272,12 @@ def load_text_table(
                 f"{path}: a text dataset directory needs a train file "
                 f"(train{{{','.join(TABLE_SUFFIXES)}}}); found {sorted(p.name for p in path.iterdir())[:20]}"
             )
-        parts = {k: _table_split(p, text_column, label_column) for k, p in files.items()}
+        parts = {k: _table_split(p, text_column, label_column, notes) for k, p in files.items()}
+        unread = sorted(p.name for p in path.iterdir() if p.suffix.lower() in TABLE_SUFFIXES and p.is_file()
+                        and not p.name.startswith(".") and p not in files.values())
+        notes += filter(None, [unread_splits_note(unread, "files", SPLIT_FILE_NAMES, ".*")])
     else:
-        parts = {"all": _table_split(path, text_column, label_column)}
+        parts = {"all": _table_split(path, text_column, label_column, notes)}
     ids, classes = labels_to_ids({k: raw for k, (_, raw) in parts.items()}, where=str(path))
     splits = {k: Split(texts, ids[k]) for k, (texts, _) in parts.items()}
     if "all" in splits:
