@@ -205,6 +205,21 @@ def test_rows_of_zeros_decode_to_zero(monkeypatch, kind, bits, shape, keep_nan):
             assert not out[2].any() and not out[-1].any()
 
 
+@pytest.mark.parametrize(("kind", "bits"), [("uniform", 8), ("uniform", 4), ("probs", 8), ("probs", 4)])
+def test_rows_of_tiny_values_keep_their_relative_precision(monkeypatch, kind, bits):
+    # (k-1) / scale overflowed to inf for a row max under ~1e-34 (8-bit Q/K/V from 1e-37,
+    # probabilities from 1e-36): every code came out 0, a signed row decoded to -scale
+    from s2a.activations import rowquant as R
+
+    cb = R.row_codebook(kind, bits)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)) * 1e-37
+    x = x.abs() if kind == "probs" else x
+    for run in (lambda f, *a, **k: f(*a, **k), partial(_row_eager, monkeypatch)):
+        packed, scale = run(R.quantize_rows, x, cb)
+        out = run(R.dequantize_rows, packed, scale, cb, x.shape)
+        assert ((out - x).abs().amax(-1) / x.abs().amax(-1)).max() < (0.01 if bits == 8 else 0.08)
+
+
 def test_row_kernels_non_contiguous_and_empty(monkeypatch):
     from s2a.activations import rowquant as R
 
@@ -333,3 +348,4 @@ def test_compiled_kernels_keep_a_tensor_subclass_as_the_eager_ones_do(monkeypatc
     for compiled in ("1", "0"):
         monkeypatch.setenv("S2A_COMPILE", compiled)
         assert type(K.dropout_apply(x, 1234, 0.1)) is Tagged, compiled
+

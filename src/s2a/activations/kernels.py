@@ -376,7 +376,7 @@ def _norm_encode_eager(
     if bits == 8:  # 8-bit levels are uniform on [-1, 1]: round instead of comparing 255 times
         codes = ((v + 1.0) * 127.5 + 0.5).clamp(0, 255).to(torch.int16).to(torch.uint8)
     elif not torch.compiler.is_compiling():  # eager: one bucketize pass, same codes
-        codes = torch.bucketize(v, mids, out_int32=True).to(torch.uint8)
+        codes = torch.bucketize(v.contiguous(), mids, out_int32=True).to(torch.uint8)  # else it warns and copies
     else:  # nearest level = number of midpoints below; the compares fuse into one loop
         # (counted in float: inductor vectorises that, not uint8 accumulation)
         count = torch.where(v > mids[0], 1.0, 0.0)

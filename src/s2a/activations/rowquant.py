@@ -198,14 +198,17 @@ def _encode_codes(
     if rule == "table":
         return _table_codes(xf / safe, mids, bits)
     # |x| <= scale, so no clamping is needed. Adding 1/2 then truncating rounds to nearest.
+    # Divided by the scale first: a row whose max is under ~1e-34 made (k-1) / scale overflow
+    # to inf, and x * inf gave every element code 0.
+    u = xf / safe
     if rule == "square":
         # nearest level (c/(k-1))**2 is round(sqrt(u*(k-1)**2 - 1/4)) (module doc);
         # clamp at 5/16 rather than 1/4: sqrt(0) is very slow on some CPUs.
-        w = (xf * ((top * top) / safe)).clamp_min(0.3125).sub(0.25).sqrt().add(0.5)
+        w = (u * (top * top)).clamp_min(0.3125).sub(0.25).sqrt().add(0.5)
     elif signed:
-        w = (xf * ((top / 2) / safe)).add(top / 2 + 0.5)
+        w = (u * (top / 2)).add(top / 2 + 0.5)
     else:
-        w = (xf * (top / safe)).clamp_min(0.0).add(0.5)
+        w = (u * top).clamp_min(0.0).add(0.5)
     # compiled: a vectorised float -> uint8 conversion (values are in range)
     codes = w.to(torch.uint8) if torch.compiler.is_compiling() else _to_codes(w)
     return codes if bits == 8 else codes & (k - 1)
