@@ -591,6 +591,21 @@ def test_dropout_same_mask_forward_backward_and_fresh_per_call(monkeypatch):
         assert 0.6 < ((z != 0) == (y != 0)).double().mean().item() < 0.72  # 0.8^2 + 0.2^2
 
 
+def test_dropout_mask_drawn_by_bernoulli_is_replayed_under_compiled_autograd(monkeypatch):
+    # Off the CPU an eager forward draws its mask by bernoulli_; a backward traced by
+    # compiled autograd regenerated it by the hash instead: about half the gradients landed
+    # on dropped elements. The non-CPU rule is set on the CPU here.
+    from torch._dynamo import compiled_autograd
+
+    monkeypatch.setattr(S, "_hashed", lambda device: torch.compiler.is_compiling())
+    torch.manual_seed(0)
+    x = torch.randn(4096, requires_grad=True)
+    y = S.dropout(x, 0.5, True, mode="regenerate")
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        y.sum().backward()
+    assert torch.equal(x.grad != 0, y != 0)
+
+
 def test_drop_path():
     x = torch.randn(32, 10, 8, requires_grad=True)
     y, nbytes = saved_bytes(S.drop_path, x, 0.5, True)

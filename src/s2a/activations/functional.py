@@ -701,6 +701,11 @@ def _fresh_seed() -> torch.Tensor:
 def _mask_from_seed(seed, shape, p: float, device, dtype) -> torch.Tensor:
     if torch.compiler.is_compiling():  # no Generator object in a traced graph: the hashed mask
         return kernels.dropout_mask(shape, seed, p, device).to(dtype)
+    return _bernoulli_mask(seed, shape, p, device, dtype)
+
+
+@torch.compiler.disable  # a backward traced by compiled autograd must draw the forward's mask, not the hash
+def _bernoulli_mask(seed, shape, p: float, device, dtype) -> torch.Tensor:
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     keep = torch.empty(shape, device=device, dtype=torch.float32).bernoulli_(1 - p, generator=gen)
@@ -735,7 +740,7 @@ def dropout_replay(t: torch.Tensor, state: torch.Tensor, meta: tuple) -> torch.T
     if regenerate:
         if hashed:
             return kernels.dropout_apply(t, state, p).view(shape)
-        keep = _mask_from_seed(state, shape, p, t.device, t.dtype)
+        keep = _bernoulli_mask(state, shape, p, t.device, t.dtype)  # drawn so, whoever traces this
     else:
         keep = unpack(state, 1, t.numel()).view(shape).to(t.dtype)
     return t * keep * (1.0 / (1 - p))
