@@ -285,6 +285,20 @@ def test_dropout_option_sets_every_dropout_rate(minilm_ready, tmp_path):
     assert {m.p for m in load_model("minilm", 2).model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
 
 
+def test_dropout_option_reaches_the_layers_a_method_adds(image_folder, tmp_path):
+    # AdaptFormer's adapters are made after --dropout set the model's rates: they kept 0.1
+    rates = {}
+    for dropout in (0.0, None):
+        cfg = TrainConfig(model="test_vit", img_size=32, data=str(image_folder), method="adaptformer", dropout=dropout,
+                          epochs=1, batch_size=8, out=str(tmp_path / f"run{dropout}"), progress=False)  # fmt: skip
+        trainer = Trainer(cfg)
+        trainer.fit()
+        rates[dropout] = {n.rsplit(".", 2)[0]: m.p for n, m in trainer.model.named_modules()
+                          if isinstance(m, torch.nn.Dropout) and ".adaptformer." in n}
+    assert len(rates[0.0]) == 6 and set(rates[0.0].values()) == {0.0}  # test_vit: 6 blocks
+    assert set(rates[None].values()) == {0.1}  # AdaptFormer's own rate without the option
+
+
 def test_set_dropout_reaches_functional_rates_and_refuses_a_model_without_dropout():
     import timm
 

@@ -97,7 +97,7 @@ def _output_forward(original, adapter: ParallelAdapter, hidden: torch.Tensor, in
     return original(hidden, input_tensor + adapter(input_tensor))
 
 
-def add_adapters(model: nn.Module, info: Any, bottleneck: int = 64, scale: float = 0.1) -> list[str]:
+def add_adapters(model: nn.Module, info: Any, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1) -> list[str]:
     """Insert one :class:`ParallelAdapter` per block (in place); returns the MLP paths."""
     sub, call = MLP_PATHS[info.family]
     paths = []
@@ -108,7 +108,7 @@ def add_adapters(model: nn.Module, info: Any, bottleneck: int = 64, scale: float
         ref = next((p for p in mlp.parameters() if p.is_floating_point()), None)
         if ref is None:
             ref = next(p for p in model.parameters() if p.is_floating_point())
-        adapter = ParallelAdapter(block.in_dim, bottleneck, scale).to(device=ref.device, dtype=ref.dtype)
+        adapter = ParallelAdapter(block.in_dim, bottleneck, scale, dropout).to(device=ref.device, dtype=ref.dtype)
         mlp.add_module(ADAPTER_ATTR, adapter)
         norm = NORM_BEFORE_MLP.get(info.family)
         if norm is not None:
@@ -123,9 +123,10 @@ def apply_adaptformer(model: nn.Module, ctx: MethodContext) -> MethodResult:
     info = ctx.info(model)
     heads = find_heads(model, ctx.head_names, ctx.method)  # before the model changes
     freeze(model)
-    paths = add_adapters(model, info)
+    dropout = 0.1 if ctx.dropout is None else ctx.dropout
+    paths = add_adapters(model, info, dropout=dropout)
     train_heads(model, tuple(heads), ctx.method)
     return MethodResult(model, [
-        f"AdaptFormer: parallel adapters (bottleneck 64, scale 0.1, dropout 0.1) reading the residual stream, beside {len(paths)} MLPs "
+        f"AdaptFormer: parallel adapters (bottleneck 64, scale 0.1, dropout {dropout:g}) reading the residual stream, beside {len(paths)} MLPs "
         f"and the head {heads} train"
     ])

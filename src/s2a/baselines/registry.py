@@ -70,7 +70,8 @@ class MethodContext:
     ``act_bits``: storage width or None; ``example_input``: one preprocessed batch for dry runs
     (None: the adapter's default input); ``max_length``: the longest token sequence the text
     preprocessing produces (--max-length), None if unknown (prompt tuning checks it against the
-    model's positions)."""
+    model's positions); ``dropout``: ``--dropout``, the rate of every dropout layer, also of
+    those a method adds (AdaptFormer's adapters), None for each method's own."""
 
     method: str
     head_names: tuple[str, ...] = ()
@@ -79,6 +80,7 @@ class MethodContext:
     example_input: Any = None
     prompt_rank: int = 4
     max_length: int | None = None
+    dropout: float | None = None
     _info: Any = field(default=None, repr=False)
 
     def info(self, model: nn.Module) -> Any:

@@ -33,6 +33,7 @@ def apply_method(
     act_bits: int | None = None,
     example_input: Any = None,
     max_length: int | None = None,
+    dropout: float | None = None,
 ) -> MethodResult:
     """Configure ``model`` for ``method``; returns the model to train (a peft wrapper for the
     peft methods) with notes for the report.
@@ -40,11 +41,12 @@ def apply_method(
     ``example_input``: one preprocessed batch of the real data, for the dry run that finds the
     blocks (an image prompt is tied to the input size, which ``--img-size`` may change).
     ``max_length``: the longest token sequence of the text preprocessing (prompt tuning checks
-    that its virtual tokens fit beside it).
+    that its virtual tokens fit beside it). ``dropout``: --dropout, also for the dropout layers
+    a method adds.
     """
     ctx = MethodContext(
         method, tuple(head_names), tuple(modules), act_bits, example_input, prompt_rank=prompt_rank,
-        max_length=max_length,
+        max_length=max_length, dropout=dropout,
     )
     try:
         return apply_spec(model, ctx)

@@ -451,7 +451,7 @@ class Trainer:
         res = apply_method(
             zm.model, cfg.method, head_names=zm.head_names, modules=cfg.modules,
             prompt_rank=cfg.prompt_rank, act_bits=rc.compression_bits, example_input=example,
-            max_length=getattr(zm.preprocess, "max_length", None),
+            max_length=getattr(zm.preprocess, "max_length", None), dropout=cfg.dropout,
         )  # fmt: skip
         self.model = res.model.to(info.device)
         self.model.train()
