@@ -10,7 +10,9 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml requirements.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# a half-made .venv (no pip: python3-venv missing, an interrupted create; its Python gone) is made anew
+	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } \
+	  || { echo "error: cannot create $(VENV) with $(PYTHON); on Debian: sudo apt-get install -y python3-venv" >&2; exit 1; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q -e ".[dev]"
