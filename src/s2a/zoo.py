@@ -696,13 +696,15 @@ def _hf_head_names(model: nn.Module) -> tuple[str, ...]:
     trains and what may start fresh): its top-level children with weights beside the base model
     (BERT's classifier, DistilBERT's pre_classifier, XLNet's sequence_summary and logits_proj,
     BART's classification_head, CvT's final layernorm). Perceiver keeps its classifier inside
-    the base model: there, the layers whose shapes follow ``num_labels``, found by building the
-    model once more on the meta device with another number of classes."""
+    the base model, and CLIP / SigLIP name their backbone otherwise than their prefix: there,
+    the layers whose shapes follow ``num_labels``, found by building the model once more on the
+    meta device with another number of classes."""
     base = getattr(model, "base_model_prefix", "")
-    heads = tuple(n for n, c in model.named_children()
-                  if n != base and next(c.parameters(), None) is not None)
-    if heads:
-        return heads
+    children = dict(model.named_children())
+    if base in children:  # (CLIP's prefix "clip" names no child: its vision_model is the backbone)
+        heads = tuple(n for n, c in children.items() if n != base and next(c.parameters(), None) is not None)
+        if heads:
+            return heads
     config = copy.deepcopy(model.config)
     config.num_labels = model.config.num_labels + 1
     try:

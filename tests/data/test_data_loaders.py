@@ -684,10 +684,10 @@ def test_csv_quote_that_never_closes_is_refused_naming_its_line(tmp_path):
     """Read leniently, the rows after an unclosed quote became one text (11 of 42 rows)."""
     p = tmp_path / "t.csv"
     rows = [f"row {i},{i % 2}" for i in range(30)]
-    for i, bad in ((5, '"unclosed start,1'), (7, '"closed" late,1')):
+    for i, bad, says in ((5, '"unclosed start,1', "a value opens a quote that does not close where the value ends"),
+                         (7, '"Titanic" is great,1', "a quoted value goes on after its closing quote")):
         p.write_text("text,label\n" + "\n".join([*rows[:i], bad, *rows[i:]]) + "\n")
-        with pytest.raises(DataError, match=rf"t\.csv:{i + 2}: cannot read the row that starts here .*: a value opens "
-                                            r"a quote that does not close where the value ends; close it"):
+        with pytest.raises(DataError, match=rf"t\.csv:{i + 2}: cannot read the row that starts here .*: {says}"):
             load_data(str(p))
     p.write_text("text,label\n" + "\n".join([*rows, '"a ""quoted"" word, and a comma",1']) + "\n")
     d = load_data(str(p))  # quoting that closes still reads

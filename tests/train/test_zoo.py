@@ -630,6 +630,16 @@ def test_the_classifier_head_is_found_beside_the_base_model(tmp_path, run_cli):
     zm = load_model(str(path), 3)
     assert zm.head_names == ("perceiver.decoder.decoder.final_layer",)
     assert zm.model.get_submodule(zm.head_names[0]).out_features == 3
+    # CLIP's prefix "clip" names no child: its vision_model is the backbone, not head
+    path = tmp_path / "clip"
+    cfg = transformers.CLIPConfig(vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=32, image_size=16, patch_size=8),
+                                  text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=32))
+    transformers.CLIPModel(cfg).save_pretrained(str(path))
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
+        str(path))
+    assert load_model(str(path), 3).head_names == ("classifier",)
     # --method linear trains the head (it found none: "looked for []"); s2a cannot find the
     # blocks of an encoder-decoder: an s2a: error, not a traceback
     table = tmp_path / "t.csv"

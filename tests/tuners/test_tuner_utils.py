@@ -201,16 +201,21 @@ def test_a_dynamic_size_vit_refuses_another_grid_of_as_many_patches():
     assert padded(torch.zeros(1, 3, 60, 60)).shape == (1, 3)
 
 
-@pytest.mark.parametrize("family", ["ViT", "Dinov2"])
+@pytest.mark.parametrize("family", ["ViT", "Dinov2", "CLIP", "Siglip"])
 def test_a_transformers_vit_refuses_another_grid_of_as_many_patches(family):
     # they take other sizes by interpolate_pos_encoding (DINOv2 always): the 64x32 image was
     # accepted on prompts of the 32x64 one, its rows on the wrong patches
     import transformers
 
-    cfg = getattr(transformers, f"{family}Config")(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                   intermediate_size=64, image_size=64, patch_size=16, num_labels=3)
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=64,
+                 patch_size=16)
+    if family in ("CLIP", "Siglip"):  # a text and a vision tower; the classifier reads the vision one
+        cfg = getattr(transformers, f"{family}Config")(vision_config=shape, text_config=dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64), num_labels=3)
+    else:
+        cfg = getattr(transformers, f"{family}Config")(**shape, num_labels=3)
     model = getattr(transformers, f"{family}ForImageClassification")(cfg)
-    kw = {"interpolate_pos_encoding": True} if family == "ViT" else {}
+    kw = {"interpolate_pos_encoding": True} if family != "Dinov2" else {}
     s2a.apply(model, s2a.S2AConfig(act_bits=None), example_input={"pixel_values": torch.zeros(1, 3, 32, 64), **kw})
     assert model(pixel_values=torch.zeros(1, 3, 32, 64), **kw).logits.shape == (1, 3)
     with pytest.raises(ValueError, match=r"image of size \(64, 32\).*patch grid \(2, 4\)"):

@@ -169,9 +169,14 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[str], set[str]]:
     except UnicodeDecodeError as exc:
         raise DataError(f"cannot read {path}: {exc}: save it as UTF-8") from None
     except csv.Error as exc:
-        hint = ("" if suffix != ".csv" or "NUL" in str(exc) else
-                ': a value opens a quote that does not close where the value ends; close it, or write a quote '
-                'inside a quoted value as ""')
+        if suffix != ".csv" or "NUL" in str(exc):
+            hint = ""
+        elif "expected after" in str(exc):  # "Titanic" is great,1: text after a closing quote
+            hint = (': a quoted value goes on after its closing quote; quote the whole value ("""Titanic"" is '
+                    'great") or drop the quotes')
+        else:
+            hint = (': a value opens a quote that does not close where the value ends; close it, or write a quote '
+                    'inside a quoted value as ""')
         raise DataError(f"{path}:{start}: cannot read the row that starts here ({exc}){hint}") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None

@@ -449,7 +449,9 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
         patch_embed = getattr(model, "patch_embed", None)
         if not getattr(model, "dynamic_img_size", False):  # a transformers ViT takes other sizes by a call flag
             # (Swin's pad the image to whole patches: their grid is not size // patch)
-            patch_embed = next((m for m in model.modules() if type(m).__name__.endswith("PatchEmbeddings")
+            # (CLIP / SigLIP: *VisionEmbeddings, an int patch_size beside their patch_embedding)
+            patch_embed = next((m for m in model.modules()
+                                if (type(m).__name__.endswith("PatchEmbeddings") or hasattr(m, "patch_embedding"))
                                 and getattr(m, "patch_size", None) is not None and not hasattr(m, "maybe_pad")), None)
         image = _first_image(dry_run_input(model, example_input, info.adapter))
         if isinstance(patch_embed, nn.Module) and image is not None:

@@ -491,6 +491,16 @@ def _check_home(model: nn.Module) -> None:
             "the model in an nn.Module whose forward calls it")
 
 
+def _refuse_layerdrop(model: nn.Module) -> None:
+    for name in ("layerdrop", "encoder_layerdrop", "decoder_layerdrop"):
+        rate = getattr(getattr(model, "config", None), name, None)
+        if isinstance(rate, (int, float)) and rate > 0:  # wav2vec2, HuBERT: blocks skipped at random in training
+            raise ValueError(
+                f"the side branch reads every block's output and LayerDrop skips blocks in training "
+                f"(config.{name}={rate}): set model.config.{name} = 0.0 before s2a.apply, or leave 'side' "
+                "out of modules")
+
+
 def check_side(info: BackboneInfo, config: SideConfig, model: nn.Module | None = None,
                example_input: Any = None) -> None:
     """Raise the ValueError :func:`attach_side` would raise for this backbone (``model``, when
@@ -500,6 +510,7 @@ def check_side(info: BackboneInfo, config: SideConfig, model: nn.Module | None =
     :func:`_check_per_input_head`)."""
     if model is not None:
         _check_home(model)
+        _refuse_layerdrop(model)
     refuse_sequence_first(info, "side branch")
     dims = [int(d) for d in info.dims]
     if not dims:
@@ -910,13 +921,7 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
     if hasattr(model, SIDE_ATTR) or HANDLE_ATTR in model.__dict__:
         raise RuntimeError(f"model already has a side network ({SIDE_ATTR}); remove it first")
     _check_home(model)
-    for name in ("layerdrop", "encoder_layerdrop", "decoder_layerdrop"):
-        rate = getattr(getattr(model, "config", None), name, None)
-        if isinstance(rate, (int, float)) and rate > 0:  # wav2vec2, HuBERT: blocks skipped at random in training
-            raise ValueError(
-                f"the side branch reads every block's output and LayerDrop skips blocks in training "
-                f"(config.{name}={rate}): set model.config.{name} = 0.0 before s2a.apply, or leave 'side' "
-                "out of modules")
+    _refuse_layerdrop(model)
     blocks = _resolve_blocks(model, info)
     layouts = list(info.layouts)
     dims = [int(d) for d in info.dims]
