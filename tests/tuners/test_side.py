@@ -672,3 +672,23 @@ def test_side_only_backbone_gives_an_input_gradient_when_asked():
     model(x).sum().backward()  # saliency: x.grad was None (the backbone ran without a graph)
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(SIDE))
+
+
+def test_side_reads_a_block_that_turns_a_feature_map_into_tokens():
+    # EfficientFormer's last stage takes (448, 7, 7)... and returns (49, 448) tokens: its output
+    # was read as a feature map of 49 channels (refused, then a crash with side_reduction=1)
+    from s2a.train.config import TrainError
+    from s2a.train.methods import apply_method
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientformer_l1", num_classes=NUM_CLASSES)
+    x = torch.randn(2, 3, 224, 224)
+    s2a.apply(model, s2a.S2AConfig(modules=("side",), num_classes=NUM_CLASSES, act_bits=None), example_input=x)
+    last = s2a.tuners.get_state(model).info.blocks[-1]
+    assert (last.layout, last.out_layout, last.out_dim) == ("nchw", "tokens", 448)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # LST ladders one sequence: 2x2 pooled cells and 49 tokens do not mix (it crashed)
+    with pytest.raises(TrainError, match="feature maps and then tokens"):
+        apply_method(timm.create_model("efficientformer_l1", num_classes=NUM_CLASSES), "lst",
+                     head_names=("head", "head_dist"), example_input=x)

@@ -55,7 +55,7 @@ for _spec in (
     MethodSpec("adaptformer", "AdaptFormer: bottleneck-64 adapters beside every MLP, and the head",
                adaptformer.apply_adaptformer, adaptformer.supports_adaptformer),
     MethodSpec("lst", "Ladder Side-Tuning: learned down-projections into a thin side transformer",
-               lst.apply_lst),
+               lst.apply_lst, lst.supports_lst),
     MethodSpec("full-ckpt", "full fine-tuning with activation checkpointing of every block",
                checkpointing.apply_full_ckpt, storage="never", norm_stats="trained"),
     MethodSpec("bitfit-ckpt", "BitFit with activation checkpointing of every block",

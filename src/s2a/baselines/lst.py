@@ -187,7 +187,7 @@ class _LSTForward:
 
 def attach_lst(model: nn.Module, info: Any, num_classes: int) -> LadderSideNetwork:
     """Attach the side network as ``model.lst_side`` and patch ``model.forward`` (in place)."""
-    layouts = [b.layout for b in info.blocks]
+    layouts = [b.out_layout for b in info.blocks]  # of what it reads: the block outputs
     dims = [b.out_dim for b in info.blocks]
     readout = "first" if info.pooling == "cls" and all(lay == "tokens" for lay in layouts) else "mean"
     ref = next(model.parameters())
@@ -199,6 +199,14 @@ def attach_lst(model: nn.Module, info: Any, num_classes: int) -> LadderSideNetwo
     model.add_module(LST_ATTR, side)
     model.forward = functools.update_wrapper(_LSTForward(model, original), original or type(model).forward)
     return side
+
+
+def supports_lst(info: Any) -> str | None:
+    kinds = {"tokens" if b.out_layout == "tokens" else "map" for b in info.blocks}
+    if len(kinds) > 1:  # its ladder mixes one token sequence: 4 pooled cells beside 49 tokens
+        return ("its ladder carries one sequence through every block, and these blocks output feature maps "
+                "and then tokens (EfficientFormer's last stage)")
+    return None
 
 
 def apply_lst(model: nn.Module, ctx: MethodContext) -> MethodResult:

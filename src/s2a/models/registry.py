@@ -64,6 +64,13 @@ class BlockInfo:
     stage: int = 0
     prefix_tokens: int = 0
     module: nn.Module | None = field(default=None, repr=False, compare=False)
+    # the output's layout where it differs from the input's: EfficientFormer's last stage takes
+    # a feature map and returns tokens (None: ``layout``)
+    output_layout: str | None = None
+
+    @property
+    def out_layout(self) -> str:
+        return self.output_layout or self.layout
 
     @staticmethod
     def _dim(layout: str, shape: tuple[int, ...]) -> int:
@@ -83,7 +90,7 @@ class BlockInfo:
     @property
     def out_dim(self) -> int:
         """Channels of the block output."""
-        return self._dim(self.layout, self.out_shape)
+        return self._dim(self.out_layout, self.out_shape)
 
     @property
     def in_grid(self) -> tuple[int, ...]:
@@ -92,7 +99,7 @@ class BlockInfo:
 
     @property
     def out_grid(self) -> tuple[int, ...]:
-        return self._grid(self.layout, self.out_shape)
+        return self._grid(self.out_layout, self.out_shape)
 
     @property
     def in_positions(self) -> int:
@@ -154,6 +161,11 @@ class BackboneInfo:
     @property
     def layouts(self) -> list[str]:
         return [b.layout for b in self.blocks]
+
+    @property
+    def out_layouts(self) -> list[str]:
+        """Layout of every block's output (what the side branch reads)."""
+        return [b.out_layout for b in self.blocks]
 
     @property
     def dims(self) -> list[int]:
@@ -680,8 +692,10 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
         in_shape, out_shape = shapes[i]
         if layout not in LAYOUTS:
             raise ValueError(f"adapter {adapter.name}: layout {layout!r} not in {LAYOUTS}")
+        # a block that turns a feature map into tokens (B, N, D)
+        out_layout = "tokens" if layout != "tokens" and len(out_shape) == 3 else None
         blocks.append(BlockInfo(spec.name, layout, in_shape[1:], out_shape[1:], spec.stage,
-                                spec.prefix_tokens, module))
+                                spec.prefix_tokens, module, out_layout))
     max_positions = adapter.max_positions(model)
     pooling, prefix = adapter.pooling(model), adapter.num_prefix_tokens(model)
     if generic:

@@ -501,6 +501,11 @@ def _refuse_layerdrop(model: nn.Module) -> None:
                 "out of modules")
 
 
+def _out_layouts(info: Any) -> list[str]:
+    """The layouts of the block outputs the side branch reads (a hand-made info: its layouts)."""
+    return list(getattr(info, "out_layouts", None) or info.layouts)
+
+
 def check_side(info: BackboneInfo, config: SideConfig, model: nn.Module | None = None,
                example_input: Any = None) -> None:
     """Raise the ValueError :func:`attach_side` would raise for this backbone (``model``, when
@@ -518,7 +523,7 @@ def check_side(info: BackboneInfo, config: SideConfig, model: nn.Module | None =
     if not (getattr(config, "num_classes", None) or getattr(info, "num_classes", None)):
         raise ValueError("the side branch makes the prediction: set num_classes (this backbone has no "
                          "classifier head to take it from)")
-    problem = _reduction_problem([SideBlockSpec(d, lay) for d, lay in zip(dims, info.layouts, strict=True)],
+    problem = _reduction_problem([SideBlockSpec(d, lay) for d, lay in zip(dims, _out_layouts(info), strict=True)],
                                  _check_reduction(config.side_reduction, "side_reduction"), "error")
     if problem:
         raise ValueError(problem)
@@ -923,7 +928,7 @@ def attach_side(model: nn.Module, info: BackboneInfo, config: SideConfig) -> Sid
     _check_home(model)
     _refuse_layerdrop(model)
     blocks = _resolve_blocks(model, info)
-    layouts = list(info.layouts)
+    layouts = _out_layouts(info)
     dims = [int(d) for d in info.dims]
     if not blocks:
         raise ValueError("attach_side: info.blocks is empty")
