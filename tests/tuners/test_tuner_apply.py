@@ -690,3 +690,28 @@ def test_bias_alone_on_a_model_without_blocks_says_what_to_do_instead():
         s2a.apply(mlp, {"modules": ["bias", "prompt"], "act_bits": None}, example_input=torch.randn(2, 8))
     assert "need no blocks" not in str(info.value)
     assert all(p.requires_grad for p in mlp.parameters())  # refused before anything changed
+
+
+@pytest.mark.parametrize("family", ["CLIP", "Siglip", "SiglipVision"])
+def test_biases_the_output_never_reads_are_left_frozen(family):
+    # CLIP's classifier reads the token states, not its post_layernorm; SigLIP's, not its pooling
+    # head (whose out_proj runs inside nn.MultiheadAttention): trainable, they never got a gradient
+    import transformers
+
+    vit = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64)
+    torch.manual_seed(0)
+    if family == "SiglipVision":  # no head: the side branch's logits replace the pooled output
+        model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**vit))
+        config = s2a.S2AConfig(modules=("bias", "prompt", "side"), num_classes=5)
+    else:
+        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        model = getattr(transformers, f"{family}ForImageClassification")(
+            getattr(transformers, f"{family}Config")(vision_config=vit, text_config=text, num_labels=5))
+        config = s2a.S2AConfig(modules=("bias", "prompt"))
+    x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    s2a.apply(model, config, example_input=x)
+    model.train()
+    model(**x).logits.pow(2).mean().backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert any(p.requires_grad for n, p in model.named_parameters() if n.endswith("encoder.layers.0.mlp.fc1.bias"))

@@ -149,16 +149,32 @@ def _probe_graph(probe: Callable[[], Any], modules: Any) -> tuple[set[int] | Non
     return _leaves_reached(out), ran
 
 
-def _unused(model: nn.Module, added: list[_AddedBias], probe: Callable[[], Any]) -> list[_AddedBias]:
-    """The added biases whose layer's parent module ran in ``probe()`` but that its output does
-    not depend on. A layer whose parent did not run (an expert a router did not pick, a
-    training-only branch) is kept: another input may use it."""
+def _runner(model: nn.Module, path: str) -> nn.Module:
+    """The module whose forward uses the parameters of the module at ``path``: itself, but for
+    an ``nn.MultiheadAttention``'s out_proj (its weights are read inside the attention's)."""
+    module = model.get_submodule(path)
+    parent = model.get_submodule(path.rpartition(".")[0]) if path else None
+    return parent if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj else module
+
+
+def _unused(model: nn.Module, added: list[_AddedBias], existing: list[str],
+            probe: Callable[[], Any]) -> tuple[list[_AddedBias], list[str]]:
+    """(The added biases whose layer's parent module ran in ``probe()`` but that its output does
+    not depend on, the existing biases whose own layer ran so): trainable, they would never get
+    a gradient (CLIP's post_layernorm, SigLIP's pooling head beside a classifier that reads the
+    token states). An ``nn.MultiheadAttention``'s out_proj never runs as a module: its attention
+    does. A layer that did not run (an expert a router did not pick, a training-only branch) is
+    kept: another input may use it."""
     parents = {a.path: model.get_submodule(a.path.rpartition(".")[0]) for a in added if a.path}
-    reached, ran = _probe_graph(probe, parents.values())
+    owners = {name: _runner(model, name.rpartition(".")[0]) for name in existing}
+    if not parents and not owners:
+        return [], []
+    reached, ran = _probe_graph(probe, [*parents.values(), *owners.values()])
     if reached is None:
-        return []
-    return [a for a in added if a.path in parents and id(parents[a.path]) in ran
-            and id(a.module.bias) not in reached]
+        return [], []
+    unused = [a for a in added if a.path in parents and id(parents[a.path]) in ran and id(a.module.bias) not in reached]
+    idle = [n for n, m in owners.items() if id(m) in ran and id(model.get_parameter(n)) not in reached]
+    return unused, idle
 
 
 def unreached_trainable(model: nn.Module, probe: Callable[[], Any], exclude: tuple[str, ...] = ()) -> list[str]:
@@ -172,7 +188,7 @@ def unreached_trainable(model: nn.Module, probe: Callable[[], Any], exclude: tup
             continue
         for pn, p in module._parameters.items():
             if isinstance(p, nn.Parameter) and p.requires_grad:
-                owners[f"{path}.{pn}" if path else pn] = (module, p)
+                owners[f"{path}.{pn}" if path else pn] = (_runner(model, path), p)
     if not owners:
         return []
     reached, ran = _probe_graph(probe, [m for m, _ in owners.values()])
@@ -218,10 +234,13 @@ def add_bias(model: nn.Module, add_missing: bool = True, exclude: tuple[str, ...
         hook = module.register_forward_hook(_add_output_bias) if _is_rms_norm(module) and before == "absent" else None
         found.append(_AddedBias(path, module, before, hook))
     added = [a for a in found if isinstance(a, _AddedBias)]
-    unused = _unused(model, added, probe) if probe is not None and added else []
+    existing = [a for a in found if isinstance(a, str)]
+    unused, idle = _unused(model, added, existing, probe) if probe is not None else ([], [])
     for a in unused:
         a.remove()
-    dropped = {id(a) for a in unused}
+    for name in idle:
+        model.get_parameter(name).requires_grad_(False)
+    dropped = {id(a) for a in unused} | {id(a) for a in idle}
     kept = [a for a in found if id(a) not in dropped]
     names = [a.name if isinstance(a, _AddedBias) else a for a in kept]
     handles = [a.hook for a in kept if isinstance(a, _AddedBias) and a.hook is not None]
