@@ -646,3 +646,11 @@ def test_class_token_joining_after_the_blocks_is_not_pooled_from_them():
     convit = timm.create_model("convit_tiny", img_size=32, depth=2, local_up_to_layer=1, num_classes=0)
     info = describe(convit)
     assert [b.in_shape[0] for b in info.blocks] == [4, 5] and (info.pooling, info.num_prefix_tokens) == ("cls", 1)
+
+
+def test_blocks_that_take_a_list_of_branches_are_refused_saying_so():
+    # CrossViT's blocks take and return a list (one tensor per branch): the error told the user
+    # to pass example_input=, which they had done
+    model = timm.create_model("crossvit_tiny_240", num_classes=5)
+    with pytest.raises(UnsupportedModelError, match=r"ran with other than one tensor in or out .*CrossViT's"):
+        describe_backbone(model, torch.randn(1, 3, 240, 240))

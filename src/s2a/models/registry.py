@@ -569,9 +569,11 @@ def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any, watch
     handles = []
 
     positions: set[int] = set()  # blocks that received the token positions (see below)
+    called: set[int] = set()
 
     def pre(i):
         def hook(mod, args, kwargs):
+            called.add(i)
             if shapes[i][0] is None:
                 found = hidden_from_call(args, kwargs)
                 if found is not None:
@@ -608,7 +610,13 @@ def _dry_run(model: nn.Module, specs: list[BlockSpec], example_input: Any, watch
     finally:
         for h in handles:
             h.remove()
-    missing = [specs[i].name for i, (a, b) in shapes.items() if a is None or b is None]
+    unseen = [i for i, (a, b) in shapes.items() if a is None or b is None]
+    missing = [specs[i].name for i in unseen]
+    if missing and called.issuperset(unseen):
+        raise UnsupportedModelError(
+            f"the blocks {missing} of {type(model).__name__} ran with other than one tensor in or out (a list "
+            "of branches, as CrossViT's): s2a's prompts and side branch need one hidden state per block; "
+            "register an adapter that names blocks with one (s2a.models.register_adapter)")
     if missing:
         raise UnsupportedModelError(
             f"the dry forward of {type(model).__name__} did not run blocks {missing} with a "
