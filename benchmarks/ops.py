@@ -111,12 +111,15 @@ def op_cases(quick: bool) -> list[dict[str, Any]]:
     })
     a = 3.0**0.5
     q, k, v = rnd(*attn, std=a), rnd(*attn, std=a), rnd(*attn)
-    cases.append({
-        "op": "sdpa", "shape": list(attn), "note": "logits std 3, q/k/v train, default mode",
-        "inputs": {"q": q, "k": k, "v": v}, "grad_of": ["q", "k", "v"],
-        "native": lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"]),
-        "s2a": lambda t: SA.scaled_dot_product_attention(t["q"], t["k"], t["v"], bits=BITS),
-    })
+    for mode, note in (("probs", "probs mode: 4-bit probabilities, 8-bit q/k/v (the functional's default)"),
+                       ("recompute", "recompute mode: 8-bit q/k/v, probabilities recomputed (compress_activations' default)")):
+        cases.append({
+            "op": "sdpa", "shape": list(attn), "note": f"logits std 3, q/k/v train, {note}",
+            "inputs": {"q": q, "k": k, "v": v}, "grad_of": ["q", "k", "v"],
+            "native": lambda t: F.scaled_dot_product_attention(t["q"], t["k"], t["v"]),
+            "s2a": lambda t, mode=mode: SA.scaled_dot_product_attention(
+                t["q"], t["k"], t["v"], bits=BITS if mode == "probs" else 8, mode=mode, qkv_bits=8),
+        })
     x = rnd(*bn, mean=0.5, std=2.0)
     w, b = 1 + 0.1 * rnd(256), 0.1 * rnd(256)
     cases.append({
@@ -270,7 +273,7 @@ def to_markdown(data: dict[str, Any]) -> str:
         "kernels) and s2a (`S2A_COMPILE=0`) run interleaved after warm-up. CPU-time ratio = "
         "ratio of median process CPU time (all threads), less sensitive to other jobs on the "
         "machine than wall clock.",
-        f"Operators at {BITS} bits. Target: s2a forward+backward <= {OP_TARGET:g}x native. "
+        f"Operators at {BITS} bits (attention in recompute mode: 8-bit q/k/v, as compress_activations runs it). Target: s2a forward+backward <= {OP_TARGET:g}x native. "
         f"Whole step target: <= {STEP_TARGET:g}x the uncompressed step of the same set-up.",
     ]
     if data["quick"]:
