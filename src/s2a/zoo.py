@@ -173,7 +173,10 @@ def _to_chw_uint8(item: Any) -> torch.Tensor:
             raise ZooError("image holds NaN or infinite values: pass finite 8-bit pixels ([0, 1] floats or [0, 255])")
         if t.numel():
             low, high = t.min().item(), t.max().item()
-            scale = float_pixel_scale(low, high) if floating else scale if low >= 0 and high <= 255 else None
+            if floating:
+                scale = float_pixel_scale(low, high)
+            elif not 0 <= low <= high <= 255:
+                scale = None
             if scale is None:
                 raise ZooError(f"image values reach {low if low < 0 else high:g}: pass unnormalised 8-bit "
                                "pixels ([0, 1] floats or [0, 255]); the preprocessor normalises them")
