@@ -330,10 +330,15 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
+def _under(key: str, modules: Sequence[str]) -> bool:
+    """Whether state-dict ``key`` belongs to one of the module paths ``modules``."""
+    return any(key == m or key.startswith(m + ".") for m in modules)
+
+
 def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], head_names: tuple[str, ...], where: str) -> list[str]:
     """Load ``sd`` into ``model``; the classifier may be skipped (shape differs). Returns notes."""
     own = model.state_dict()
-    head_keys = {k for k in own if any(k == h or k.startswith(h + ".") for h in head_names)}
+    head_keys = {k for k in own if _under(k, head_names)}
     missing = [k for k in own if k not in sd and k not in head_keys and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in own]
     shape_bad = [k for k in sd if k in own and own[k].shape != sd[k].shape and k not in head_keys]
@@ -483,8 +488,7 @@ def _build_efficientnet_lite0(num_classes: int, weights: str | None, img_size: i
         # same tensors in the same order as timm's; map by position, checking every shape
         mapped = {}
         for (k_src, v), (k_own, t) in zip(src.items(), own.items(), strict=True):
-            is_head = any(k_own == h or k_own.startswith(h + ".") for h in heads)
-            if v.shape != t.shape and not is_head:
+            if v.shape != t.shape and not _under(k_own, heads):
                 raise ZooError(
                     f"{path}: tensor {k_src} {tuple(v.shape)} does not fit {k_own} {tuple(t.shape)} "
                     "of timm tf_efficientnet_lite0"
@@ -604,15 +608,12 @@ def _build_transformers(name: str, path: str, num_classes: int, max_length: int 
                        f"base model {getattr(model, 'base_model_prefix', '')!r} and no layer with one output "
                        "per class")
 
-    def in_head(key: str) -> bool:
-        return any(key == h or key.startswith(h + ".") for h in heads)
-
     # a fresh classifier is expected; a backbone weight left at random init is not
-    missing = sorted(k for k in loading.get("missing_keys", ()) if not in_head(k))
+    missing = sorted(k for k in loading.get("missing_keys", ()) if not _under(k, heads))
     # ignore_mismatched_sizes is for the classifier; a backbone tensor of another shape would
     # be silently re-initialised
     mismatched = sorted(k if isinstance(k, str) else k[0] for k in loading.get("mismatched_keys", ()))
-    mismatched = [k for k in mismatched if not in_head(k)]
+    mismatched = [k for k in mismatched if not _under(k, heads)]
     if mismatched:
         raise ZooError(f"{path}: {len(mismatched)} weights have another shape in the checkpoint than config.json "
                        f"gives them (e.g. {mismatched[:3]}): the config does not describe these weights; "

@@ -64,13 +64,12 @@ class BlockInfo:
     stage: int = 0
     prefix_tokens: int = 0
     module: nn.Module | None = field(default=None, repr=False, compare=False)
-    # the output's layout where it differs from the input's: EfficientFormer's last stage takes
-    # a feature map and returns tokens (None: ``layout``)
-    output_layout: str | None = None
 
     @property
     def out_layout(self) -> str:
-        return self.output_layout or self.layout
+        """The output's layout: the input's, but tokens from a block that takes a feature map
+        and returns (N, D) (EfficientFormer's last stage)."""
+        return "tokens" if self.layout != "tokens" and len(self.out_shape) == 2 else self.layout
 
     @staticmethod
     def _dim(layout: str, shape: tuple[int, ...]) -> int:
@@ -700,10 +699,8 @@ def describe_backbone(model: nn.Module, example_input: Any = None) -> BackboneIn
         in_shape, out_shape = shapes[i]
         if layout not in LAYOUTS:
             raise ValueError(f"adapter {adapter.name}: layout {layout!r} not in {LAYOUTS}")
-        # a block that turns a feature map into tokens (B, N, D)
-        out_layout = "tokens" if layout != "tokens" and len(out_shape) == 3 else None
         blocks.append(BlockInfo(spec.name, layout, in_shape[1:], out_shape[1:], spec.stage,
-                                spec.prefix_tokens, module, out_layout))
+                                spec.prefix_tokens, module))
     max_positions = adapter.max_positions(model)
     pooling, prefix = adapter.pooling(model), adapter.num_prefix_tokens(model)
     if generic:

@@ -375,11 +375,23 @@ def _first_image(example: Any) -> torch.Tensor | None:
     return next((t for t in items if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()), None)
 
 
+def _patch_embedding(model: nn.Module) -> nn.Module | None:
+    """The patch embedding of a ViT that takes images of other sizes: a timm one built with
+    ``dynamic_img_size``, else a transformers ``*PatchEmbeddings`` (ViT, DINOv2) or
+    ``*VisionEmbeddings`` (CLIP, SigLIP: an int ``patch_size`` beside ``patch_embedding``),
+    which take them by ``interpolate_pos_encoding``. Not Swin's, which pad the image to whole
+    patches (their grid is not size // patch)."""
+    if getattr(model, "dynamic_img_size", False):
+        return getattr(model, "patch_embed", None)
+    return next((m for m in model.modules()
+                 if (type(m).__name__.endswith("PatchEmbeddings") or hasattr(m, "patch_embedding"))
+                 and getattr(m, "patch_size", None) is not None and not hasattr(m, "maybe_pad")), None)
+
+
 class _PatchGridGuard:
-    """Forward pre-hook on the patch embedding of a timm ViT built with ``dynamic_img_size``, or
-    of a transformers ViT / DINOv2 (they take other sizes with ``interpolate_pos_encoding``):
-    its prompt rows belong to the dry run's patch grid, and an image of another grid with as
-    many patches (32x64 against 64x32) would pass the blocks' token count check with its rows
+    """Forward pre-hook on the patch embedding of a ViT that takes other image sizes
+    (:func:`_patch_embedding`): its prompt rows belong to the dry run's patch grid, and an
+    image of another grid with as many patches (32x64 against 64x32) would pass the blocks' token count check with its rows
     on the wrong patches. Compared as patch grids (``dynamic_img_pad`` pads 60x60 to 64x64's)."""
 
     def __init__(self, patch_embed: nn.Module, size: tuple[int, ...]) -> None:
@@ -446,13 +458,7 @@ def _prepare(model: nn.Module, config: S2AConfig, info: BackboneInfo, example_in
             path = prompt_path(model, block)
             for pn, _ in prompt.named_parameters():
                 kinds[f"{path}.{pn}"] = "prompt"
-        patch_embed = getattr(model, "patch_embed", None)
-        if not getattr(model, "dynamic_img_size", False):  # a transformers ViT takes other sizes by a call flag
-            # (Swin's pad the image to whole patches: their grid is not size // patch)
-            # (CLIP / SigLIP: *VisionEmbeddings, an int patch_size beside their patch_embedding)
-            patch_embed = next((m for m in model.modules()
-                                if (type(m).__name__.endswith("PatchEmbeddings") or hasattr(m, "patch_embedding"))
-                                and getattr(m, "patch_size", None) is not None and not hasattr(m, "maybe_pad")), None)
+        patch_embed = _patch_embedding(model)
         image = _first_image(dry_run_input(model, example_input, info.adapter))
         if isinstance(patch_embed, nn.Module) and image is not None:
             guard = _PatchGridGuard(patch_embed, tuple(image.shape[2:]))
