@@ -103,7 +103,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "s2a-8bit": {**_S2A, "act_bits": "8"},
     # The norm module on top: LayerNorm scales, free in activation memory on MiniLM.
     "s2a-norm": {**_S2A, "modules": "bias,norm,prompt"},
-    # Another structure under the same 4-bit storage: peft LoRA (compare.py's s2a-lora, its rate).
+    # Another structure under the same 4-bit storage: peft LoRA (compare.py's s2a-lora; here at
+    # default_lr, where compare.py screens its rate: 0.003 on Fashion-MNIST, so its fm-1000 row differs).
     "s2a-lora": {"method": "s2a-lora", "act_bits": "4"},
     # More capacity (compare.py's method of that name): a lite side branch (D/8 wide, 4 blocks)
     # reading every block's output, its prediction added to the backbone's.

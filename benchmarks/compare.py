@@ -549,14 +549,13 @@ def to_markdown(data: dict[str, Any]) -> str:
             "IA3 on a timm block's fused qkv projection scales the queries too (IA3 scales keys and values): "
             "a third of that output is kept beyond what IA3 needs (ViT-B/16 at batch 64: about 443 of its 3,103 MiB of "
             "stored products).",
-            *(["MiniLM's dropout (0.1) is on in its measured steps. On the CPU, PyTorch keeps a 4-byte mask per "
-               "dropout element and runs attention with dropout unfused, keeping the attention probabilities; "
+            *(["MiniLM's dropout (0.1) is on in its measured steps. On the CPU, PyTorch keeps a 4-byte mask value per "
+               "element and runs attention with dropout unfused, keeping the attention probabilities; "
                "s2a regenerates its masks from a seed. A GPU's fused kernels avoid most of this, so the peers' "
-               "MiniLM peaks are higher here than they would be there (a one-off s2a.measure, not in these rows: "
-               "LoRA at batch 8 x 128 tokens, 312.4 MiB with dropout, 198.7 without; s2a 126.1 and 122.3)."]
+               "MiniLM peaks are higher here than they would be there (not measured: no GPU here)."]
               if "minilm" in backbones else []),
-            *(["The lead over the checkpointed peers depends on the batch: where the weights dominate they tie "
-               "s2a (compare_vit_b16_batch16.md: ViT-B/16 at batch 16, bitfit-ckpt and lora-ckpt 606.5 and "
+            *(["The lead over the checkpointed peers depends on the batch: where the weights dominate they match or "
+               "slightly undercut s2a (compare_vit_b16_batch16.md: ViT-B/16 at batch 16, bitfit-ckpt and lora-ckpt 606.5 and "
                "618.7 MiB, s2a 620.0)."]
               if any(data["backbones"][b]["batch"] != 16 for b in backbones) else []),
             "The peak is that of a steady-state step: AdamW's state (2 x the trainable bytes) is allocated "

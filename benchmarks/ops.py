@@ -1,7 +1,7 @@
 """CPU cost of the compressed operators and of a whole ViT-S/16 training step, vs native PyTorch.
 
 Part 1, operators: forward + backward of each ``s2a`` operator (4 bits) against the native
-operator on ViT-B-like shapes, fp32, ``torch.set_num_threads(2)``. The native op, the s2a op
+operator on ViT-B-like shapes (CNN feature maps for SiLU, ReLU, BatchNorm, convolution), fp32, ``torch.set_num_threads(2)``. The native op, the s2a op
 with its default kernels (``torch.compile``d pointwise encode/decode, warmed up first) and the
 s2a op with ``S2A_COMPILE=0`` (eager kernels) run round-robin; each gets ``--warmup`` untimed
 rounds, then ``--repeats`` timed ones; medians are reported. The pointwise activations (GELU,
