@@ -117,6 +117,7 @@ def test_precisions_and_accumulation(run_cli, image_folder, tmp_path):
                 "--precision", precision, "--out", str(out))  # fmt: skip
         report = json.loads((out / "report.json").read_text())
         assert report["precision"] == precision and report["steps"] == 2  # 24 images / (4 x 3)
+        assert report["skipped_steps"] == 0
         assert 0.0 <= report["accuracy"] <= 1.0
 
 
@@ -132,6 +133,10 @@ def test_fp16_steps_the_scaler_skips_do_not_advance_the_schedule(run_cli, image_
     skipped = round(-torch.log2(torch.tensor(last["scaler"]["scale"] / 2.0**18)).item())
     assert last["global_step"] == 6 and 1 <= skipped < 6
     assert last["scheduler"]["last_epoch"] == 6 - skipped
+    report = json.loads((out / "report.json").read_text())
+    assert report["skipped_steps"] == skipped
+    assert f"the gradient scaler skipped {skipped} of 6 optimizer steps" in " ".join(report["notes"])
+    assert f"6 ({skipped} skipped by the fp16 gradient scaler)" in (out / "report.md").read_text()
 
 
 def test_step_time_leaves_out_data_loading(run_cli, image_folder, tmp_path, monkeypatch):

@@ -203,7 +203,9 @@ def write_report(run_dir: str | os.PathLike, report: dict[str, Any], metrics: Se
          if report.get("data_time_s") is not None and report.get("wall_throughput") else "n/a"),
         ("train time", f"{report.get('train_time_s', 0):.1f} s"),
         ("examples train / val / test", f"{report.get('num_train')} / {report.get('num_val')} / {report.get('num_test')}"),
-        ("epochs / optimizer steps", f"{report.get('epochs')} / {report.get('steps')}"),
+        ("epochs / optimizer steps", f"{report.get('epochs')} / {report.get('steps')}"
+                                     + (f" ({report['skipped_steps']} skipped by the fp16 gradient scaler)"
+                                        if report.get("skipped_steps") else "")),
         ("batch x accumulation, lr", f"{report.get('batch_size')} x {report.get('grad_accum')}, {report.get('lr')}"),
         ("weight decay, label smoothing, dropout", f"{report.get('weight_decay')}, {report.get('label_smoothing')}, "
                                                    f"{_dropout_text(report.get('dropout'))}"),

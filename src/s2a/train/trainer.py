@@ -1163,6 +1163,10 @@ class Trainer:
         if timing["step_time_s"] is None:  # a finished run resumed from a checkpoint older than saved step times
             timing.update(self._earlier_timing())
         last = self.history[-1] if self.history else {}
+        # the schedule advances only on the steps that updated the weights (see _train_step)
+        skipped = self.global_step - self.scheduler.last_epoch
+        skip_notes = [f"fp16: the gradient scaler skipped {skipped} of {self.global_step} optimizer steps "
+                      "(inf / NaN gradients at its scale; the schedule waited for them)"] if skipped else []
         report: dict[str, Any] = {
             "accuracy": test["acc"],
             "test_loss": test["loss"],
@@ -1187,6 +1191,7 @@ class Trainer:
             "throughput_unit": "training examples per second (all processes)",
             "train_time_s": self.train_time,
             "steps": self.global_step,
+            "skipped_steps": skipped,
             "epochs": rc.epochs,
             "num_train": len(self.data.train),
             "num_val": len(self.data.val),
@@ -1208,7 +1213,7 @@ class Trainer:
             "device": str(dev),
             "history": self.history,
             "s2a_config": self.s2a_config,
-            "notes": [*self.zoo.notes, *self.method_notes, *self.data.notes, *mem_notes,
+            "notes": [*self.zoo.notes, *self.method_notes, *self.data.notes, *skip_notes, *mem_notes,
                       *(mem.notes if mem is not None else ())],
             "torch_version": torch.__version__,
         }
