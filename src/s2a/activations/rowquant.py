@@ -153,12 +153,7 @@ def _table_codes(v: torch.Tensor, mids: torch.Tensor, bits: int) -> torch.Tensor
     NaN -> the top code, as ``bucketize`` does)."""
     if not torch.compiler.is_compiling():  # eager: one bucketize pass
         return torch.bucketize(v, mids, out_int32=True).to(torch.uint8)
-    # Compiled: the compares fuse into one loop (counted in float: inductor vectorises
-    # that, not uint8 accumulation). ``not (v <= mid)`` counts NaN as above every mid.
-    count = torch.where(v <= mids[0], 0.0, 1.0)
-    for j in range(1, (1 << bits) - 1):
-        count = count + torch.where(v <= mids[j], 0.0, 1.0)
-    return count.to(torch.uint8)
+    return kernels.count_below(v, mids, bits)
 
 
 def _safe_scale(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
