@@ -100,7 +100,7 @@ class CompressionSpec:
         return mode, self.op_bits.get("attention", default)
 
 
-def _validate(bits, ops, dropout_mode, attention_mode) -> CompressionSpec:
+def validate_compression(bits, ops, dropout_mode, attention_mode) -> CompressionSpec:
     check_bits(bits, S.POINTWISE_BITS, what="bits")
     op_bits: dict[str, int] = {}
     if ops is None:
@@ -924,7 +924,7 @@ def compress_activations(
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress_activations expects an nn.Module, got {type(model).__name__}")
     refuse_compressed(model, "to change settings")
-    spec = _validate(bits, ops, dropout_mode, attention_mode)
+    spec = validate_compression(bits, ops, dropout_mode, attention_mode)
     if isinstance(skip, str):
         raise TypeError(f"skip must be a list of module path patterns (strings), got the string {skip!r}")
     skip = tuple(skip)  # (a generator is read once)

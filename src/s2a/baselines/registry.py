@@ -188,10 +188,10 @@ def apply_spec(model: nn.Module, ctx: MethodContext) -> MethodResult:
 
 def check_act_bits(bits: int) -> None:
     """Refuse a storage width :func:`s2a.compress_activations` would refuse, before anything changes."""
-    from s2a.activations.apply import _validate
+    from s2a.activations.apply import validate_compression
 
     try:
-        _validate(bits, None, "regenerate", None)
+        validate_compression(bits, None, "regenerate", None)
     except (ValueError, TypeError) as exc:
         raise MethodNotApplicable(f"--act-bits {bits}: {exc}") from None
 

@@ -341,9 +341,6 @@ def load_image_folder(directory: str | os.PathLike, *, split_seed: int = 0) -> D
 
 
 # ---------------------------------------------------------------------------- VTAB-1k
-VTAB_FILES = ("train800val200.txt", "train800.txt", "val200.txt", "test.txt")
-
-
 def is_vtab_dir(directory: str | os.PathLike) -> bool:
     """A training list makes it VTAB-1k, with or without test.txt: :func:`load_vtab` then names
     what is missing, where an image-folder reading would train on whatever folders are there."""

@@ -267,7 +267,9 @@ class ProfilerProbe:
         self._running = False
         return result
 
-    def _collect(self, restart: bool) -> None:
+    def _collect(self) -> None:
+        """Folds the allocations recorded since the last call into the live / peak counts, then
+        records on (the profiler's events are read only once it stops)."""
         if not self._running:
             return
         from torch._C._profiler import _EventType
@@ -292,13 +294,12 @@ class ProfilerProbe:
             if live > peak:
                 peak = live
         self._live, self._peak = live, max(self._peak, peak)
-        if restart:
-            self._begin()
+        self._begin()
 
     def live(self) -> int:
         if not self._running:
             raise RuntimeError("ProfilerProbe.live() outside start() ... peak()")
-        self._collect(restart=True)
+        self._collect()
         return self._live
 
     def start(self) -> int:
@@ -312,7 +313,7 @@ class ProfilerProbe:
         pass
 
     def peak(self) -> int:
-        self._collect(restart=True)  # stays on until close(): a reading may follow
+        self._collect()  # stays on until close(): a reading may follow
         return self._peak
 
     def close(self) -> None:

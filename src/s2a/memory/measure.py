@@ -272,7 +272,6 @@ class _SavedTensorTracer:
         self.path_stack: list[str] = []
         self.records: dict[StorageKey, _Record] = {}
         self.num_packed = 0
-        self.num_excluded = 0
         self.token_kind: dict[int, str] = {}
         self.token_origin: dict[int, str] = {}  # tokens of custom nodes naming no operator
         self.current_kind: str | None = None
@@ -289,7 +288,6 @@ class _SavedTensorTracer:
             if key is None:  # a storage that cannot be read: this save counts on its own
                 key = ("unread", token)
             if key in self.excluded:
-                self.num_excluded += 1
                 continue
             rec = self.records.get(key)
             if rec is not None and not rec.alive():

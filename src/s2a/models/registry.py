@@ -48,6 +48,10 @@ class HeadSpec:
     trainable: bool = True
     task: str = "classification"
 
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:  # an adapter's typo would silently skip the lm-head handling
+            raise ValueError(f"HeadSpec.task must be one of {TASKS}, got {self.task!r}")
+
 
 # ---------------------------------------------------------------------------- infos
 @dataclass
@@ -173,9 +177,6 @@ class BackboneInfo:
 
     def block_modules(self, model: nn.Module) -> list[nn.Module]:
         return [model.get_submodule(b.name) for b in self.blocks]
-
-    def head_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [model.get_submodule(n) for n in self.head_names]
 
     def classifier_modules(self, model: nn.Module) -> list[nn.Module]:
         return [model.get_submodule(n) for n in self.classifier_names]

@@ -243,7 +243,7 @@ def run_train(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
     def num(v: Any, fmt: str, unit: str) -> str:
         return "n/a" if v is None else f"{v:{fmt}} {unit}"
 
-    from .report import _steps_text, few_timed_steps
+    from .report import few_timed_steps, steps_text
 
     few = few_timed_steps(report)
 
@@ -253,7 +253,7 @@ def run_train(args: argparse.Namespace, out: Any = None) -> dict[str, Any]:
         f"{report['trainable_params']:,} ({report['trainable_percent']:.3f}%) | saved for backward "
         f"{mib(report['saved_activation_bytes'])} | step peak {mib(report['peak_memory_bytes'])} | "
         f"step {num(report['step_time_s'], '.3f', 's')} | {num(report['throughput'], '.1f', 'ex/s')}"
-        + (f" (from only {_steps_text(few)}, likely with compilation: see the report)"
+        + (f" (from only {steps_text(few)}, likely with compilation: see the report)"
            if few is not None else ""),
         file=out,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -277,9 +276,6 @@ class TrainConfig:
         if isinstance(kwargs.get("modules"), list):
             kwargs["modules"] = tuple(kwargs["modules"])
         return cls(**kwargs)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that determine the computation (everything but :data:`RUNTIME_FIELDS`)."""

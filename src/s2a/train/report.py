@@ -11,7 +11,7 @@ from typing import Any
 from s2a.memory.report import format_bytes, format_ratio
 
 __all__ = ["FEW_TIMED_STEPS", "REQUIRED_KEYS", "compare_runs", "few_timed_steps", "load_report", "plot_curves",
-           "plot_memory", "read_metrics", "timing_caveat", "train_loss_label", "write_report"]
+           "plot_memory", "read_metrics", "steps_text", "timing_caveat", "train_loss_label", "write_report"]
 
 REQUIRED_KEYS = (
     "accuracy",
@@ -42,7 +42,8 @@ def few_timed_steps(report: Mapping[str, Any]) -> int | None:
     return n if n < FEW_TIMED_STEPS else None
 
 
-def _steps_text(n: int) -> str:
+def steps_text(n: int) -> str:
+    """How many timed steps a figure rests on, in words ("3 timed steps")."""
     if n == 0:  # every step was a process start's first: the median falls back to them
         return "first steps after a start (0 timed steps)"
     return f"{n} timed step{'' if n == 1 else 's'}"
@@ -50,7 +51,7 @@ def _steps_text(n: int) -> str:
 
 def timing_caveat(n: int) -> str:
     """What a timing from only ``n`` steps means, and what to do about it."""
-    return (f"step time and throughput are from only {_steps_text(n)} and likely include the first "
+    return (f"step time and throughput are from only {steps_text(n)} and likely include the first "
             "compilations (torch.compile, each new input shape) and allocator warm-up: train longer "
             f"(at least {FEW_TIMED_STEPS} steps after the first) for a representative figure")
 
@@ -182,7 +183,7 @@ def write_report(run_dir: str | os.PathLike, report: dict[str, Any], metrics: Se
         return "n/a" if v is None else f"{100 * v:.2f}%"
 
     few = few_timed_steps(report)
-    few_text = f" (only {_steps_text(few)}: see the notes)" if few is not None else ""
+    few_text = f" (only {steps_text(few)}: see the notes)" if few is not None else ""
 
     rows = [
         ("accuracy (test, best-val checkpoint)", pct(report.get("accuracy"))),
@@ -317,7 +318,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
     few = [few_timed_steps(r) for r in reports]
 
     def few_text(r_few: int | None) -> str:
-        return "" if r_few is None else f" [only {_steps_text(r_few)}]"
+        return "" if r_few is None else f" [only {steps_text(r_few)}]"
 
     header = ["", *labels]
     rows = [
@@ -342,7 +343,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], plot: str | os.PathLike 
     if unlike:
         lines += ["", f"Note: these runs differ in {'; '.join(unlike)}: the ratios compare unlike set-ups, "
                   "not the methods alone."]
-    short = [f"{lab} ({_steps_text(n)})" for lab, n in zip(labels, few, strict=True) if n is not None]
+    short = [f"{lab} ({steps_text(n)})" for lab, n in zip(labels, few, strict=True) if n is not None]
     if short:
         lines += ["", f"Note: the step time and throughput of {', '.join(short)} are from fewer than "
                   f"{FEW_TIMED_STEPS} timed steps and likely include the first compilations (torch.compile, "
