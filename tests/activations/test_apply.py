@@ -109,6 +109,32 @@ def test_llama_style_decoder():
     assert nbytes < ref_bytes
 
 
+
+def test_train_eval_keeps_the_compression_of_a_model_on_hub_kernels(tmp_path):
+    """from_pretrained turns transformers' hub kernels on (the kernels package is installed with
+    transformers); each train() / eval() then kernelized again, deleting the instance forwards
+    s2a patched on LLaMA's RMSNorm: it kept its full input from then on."""
+    pytest.importorskip("kernels")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert model.use_kernels  # (transformers' default: what users get)
+    model.train()
+    ids = torch.randint(0, 128, (2, 32))
+    s2a.compress_activations(model)
+    _, nbytes, _ = step(model, input_ids=ids)
+    norm = model.model.layers[0].input_layernorm
+    model.eval()
+    model.train()
+    assert "forward" in vars(norm)  # still s2a's
+    assert step(model, input_ids=ids)[1] == nbytes
+    s2a.restore(model)
+    assert model.use_kernels and "forward" not in vars(norm)
+
+
 _HF_RMS_NORMS = {  # class -> the spelling s2a must see in its code
     "gemma.GemmaRMSNorm": "gemma", "qwen3_5.Qwen3_5RMSNorm": "gemma", "smollm3.SmolLM3RMSNorm": "llama",
     "llama4.Llama4TextRMSNorm": "llama", "olmo2.Olmo2RMSNorm": "float32_scale",

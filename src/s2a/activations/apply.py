@@ -825,6 +825,7 @@ class _State:
     eager_models: list = field(default_factory=list)  # transformers models that cannot switch to SDPA
     original_attn: int = 0  # depth of forwards that asked for attention weights (see _attn_hooks)
     attn_now: list = field(default_factory=list)  # (model, implementation) to go back to after them
+    hub_kernels: list = field(default_factory=list)  # (transformers model, its kernels mode) turned off
     hooks: list = field(default_factory=list)
     uncovered_calls: set = field(default_factory=set)
     root: nn.Module | None = None  # the compressed model (a deepcopy's state holds the copy)
@@ -934,6 +935,7 @@ def compress_activations(
     spec.strict = strict
     _check_skip(model, spec.skip)
     state = _State(spec, root=model)
+    state.hub_kernels = _hub_kernels_off(model)
     state.attention_paths = frozenset((p or "<root>") for p, m in model.named_modules() if _names_attention(m))
     uncovered, replaced = [], []
     for path, module in model.named_modules():
@@ -1000,6 +1002,24 @@ def compress_activations(
         )
     model._s2a_compression = state
     return model
+
+
+def _hub_kernels_off(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """Turn off transformers' hub kernels (``use_kernels``, on by default in ``from_pretrained``
+    since transformers 5 where the ``kernels`` package is installed) on every model inside
+    ``model``; returns (model, its kernels mode) to turn back on in :func:`restore`. While they
+    are on, each change of ``model.train()`` / ``eval()`` kernelizes again, which deletes the
+    instance forward of every ``use_kernel_forward_from_hub`` module (LLaMA's RMSNorm, the
+    activation modules): the forwards s2a patches there, silently (an RMSNorm kept its full
+    input again after one ``eval()`` / ``train()``). The operators they would run are the ones s2a
+    replaces anyway."""
+    turned_off = []
+    for module in model.modules():
+        if getattr(module, "use_kernels", False) is True and callable(getattr(module, "reset_kernels", None)):
+            mode = getattr(module, "kernels_mode", None)
+            module.reset_kernels()
+            turned_off.append((module, mode))
+    return turned_off
 
 
 def _attn_hooks(model: nn.Module, state: _State) -> None:
@@ -1142,6 +1162,13 @@ def _undo(model: nn.Module, state: _State) -> None:
     for h in state.hooks:
         h.remove()
     _clear_running(state)
+    for module, mode in state.hub_kernels:
+        try:
+            module.set_use_kernels(True, mode=mode)
+        except Exception as exc:  # (a hub kernel that cannot be fetched now): the torch forwards stay
+            warnings.warn(f"restore: could not turn transformers' hub kernels back on for "
+                          f"{type(module).__name__} ({type(exc).__name__}: {exc}); it runs its torch forwards",
+                          RuntimeWarning, stacklevel=3)
     if replaced:
         warnings.warn(
             f"restore: {len(replaced)} module forward(s) patched by s2a ({sorted(set(replaced))}) were "
