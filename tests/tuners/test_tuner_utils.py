@@ -312,3 +312,21 @@ def test_apply_refuses_a_peft_wrapped_model():
     with pytest.raises(ValueError, match=r"HF peft has wrapped.*s2a\.compress_activations\(peft_model\)"):
         s2a.apply(wrapped, s2a.S2AConfig(), example_input={"input_ids": torch.randint(1, 100, (2, 8))})
     assert any(p.requires_grad for n, p in wrapped.named_parameters() if "lora_" in n)  # left as it was
+
+
+def test_save_load_merge_name_the_applied_model_inside_a_wrapper(tmp_path):
+    """peft wrapped after apply forwards attribute reads to the applied model, whose tuned names
+    lack peft's prefix: save_tuned failed with a bare KeyError; DDP said 'needs a model
+    prepared by s2a.apply'."""
+    import peft
+
+    _, model, _ = applied("bert_cls")
+    s2a.save_tuned(model, tmp_path / "t")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    outer = torch.nn.Sequential(model)  # a wrapper that forwards nothing (DDP's .module)
+    save, load = (lambda m: s2a.save_tuned(m, tmp_path / "t")), (lambda m: s2a.load_tuned(m, tmp_path / "t"))
+    # (load_tuned reads a plain wrapper as a fresh model of another class, and says so)
+    for w, inner, calls in ((wrapped, "base_model.model", (save, load, s2a.merge)), (outer, "0", (save, s2a.merge))):
+        for fn in calls:
+            with pytest.raises(ValueError, match=rf"submodule '{re.escape(inner)}', inside a wrapper"):
+                fn(w)

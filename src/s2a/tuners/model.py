@@ -97,8 +97,14 @@ def _signed(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 def get_state(model: nn.Module, what: str = "this") -> TunerState:
     model = unwrap_compiled(model)
     _refuse_failed(model)
-    state = getattr(model, STATE_ATTR, None)
+    state = vars(model).get(STATE_ATTR)
     if state is None:
+        # A wrapper around the applied model (peft's, which forwards attribute reads to it;
+        # DDP's module): its names carry the wrapper's prefix, which the recorded names do not.
+        inner = next((p for p, m in model.named_modules() if p and vars(m).get(STATE_ATTR) is not None), None)
+        if inner is not None:
+            raise ValueError(f"{what}: the model prepared by s2a.apply is its submodule {inner!r}, inside a "
+                             f"wrapper (peft, DDP): pass model.get_submodule({inner!r})")
         raise ValueError(f"{what} needs a model prepared by s2a.apply(model, config)")
     return state
 
