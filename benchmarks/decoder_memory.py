@@ -15,7 +15,7 @@ optimizer_step=True)`` (forward, default loss ``mean(logits**2)``, backward, Ada
 own subprocess. Then the step time of full, lora, lora-ckpt, s2a-unfused and s2a (one process, steps
 interleaved round-robin: zero_grad, forward, loss, backward, AdamW step), ``--repeats`` rounds.
 
-    HF_HUB_OFFLINE=1 python benchmarks/decoder_memory.py           # full size (~5 min on 2 cores; --arch moe ~11)
+    HF_HUB_OFFLINE=1 python benchmarks/decoder_memory.py           # full size (5-17 min on 2 cores; --arch moe ~11)
     HF_HUB_OFFLINE=1 python benchmarks/decoder_memory.py --quick   # 2 layers, batch 2 x 32
     HF_HUB_OFFLINE=1 python benchmarks/decoder_memory.py --arch moe
 
