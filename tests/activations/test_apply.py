@@ -1,6 +1,7 @@
 """compress_activations / restore on real timm and transformers models."""
 
 import copy
+import importlib
 import io
 
 import pytest
@@ -110,7 +111,7 @@ def test_llama_style_decoder():
 
 
 
-def test_train_eval_keeps_the_compression_of_a_model_on_hub_kernels(tmp_path):
+def test_train_eval_keeps_the_compression_of_a_model_on_hub_kernels(tmp_path, monkeypatch):
     """from_pretrained turns transformers' hub kernels on (the kernels package is installed with
     transformers); each train() / eval() then kernelized again, deleting the instance forwards
     s2a patched on LLaMA's RMSNorm: it kept its full input from then on."""
@@ -133,6 +134,26 @@ def test_train_eval_keeps_the_compression_of_a_model_on_hub_kernels(tmp_path):
     assert step(model, input_ids=ids)[1] == nbytes
     s2a.restore(model)
     assert model.use_kernels and "forward" not in vars(norm)
+    # a compression that fails half-way leaves the model as it was, kernels included
+    model.eval()
+    apply_module = importlib.import_module("s2a.activations.apply")
+    real, seen = apply_module._module_op, []
+
+    def interrupted(module, spec):  # Ctrl-C once a few modules are patched
+        seen.append(module)
+        if len(seen) > 20:
+            raise KeyboardInterrupt
+        return real(module, spec)
+
+    monkeypatch.setattr(apply_module, "_module_op", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        s2a.compress_activations(model)
+    monkeypatch.undo()
+    assert model.use_kernels and "forward" not in vars(norm) and not hasattr(model, "_s2a_compression")
+    s2a.compress_activations(model)  # not refused as compressed already (in eval mode)
+    model.train()
+    s2a.restore(model)
+    assert model.kernels_mode.name == "TRAINING"  # the mode of now, not of when it was compressed
 
 
 _HF_RMS_NORMS = {  # class -> the spelling s2a must see in its code

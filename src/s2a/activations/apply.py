@@ -24,7 +24,7 @@ import math
 import threading
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from functools import partial
 
 import torch
@@ -852,6 +852,11 @@ class _State:
             values.pop(key, None)
         values["patched"] = [entry if len(entry) == 4 else (*entry, _UNRECORDED)
                              for entry in values.get("patched", [])]
+        for f in fields(self):  # added since it was pickled: its default
+            if f.name not in values and f.name != "running" and f.default_factory is not MISSING:
+                values[f.name] = f.default_factory()
+            elif f.name not in values and f.default is not MISSING:
+                values[f.name] = f.default
         vars(self).update(values)
         self.running = _Running()
 
@@ -936,6 +941,25 @@ def compress_activations(
     _check_skip(model, spec.skip)
     state = _State(spec, root=model)
     state.hub_kernels = _hub_kernels_off(model)
+    try:
+        uncovered = _install(model, state)
+    except BaseException:  # (even Ctrl-C) the model as it was: no patch, hook or kernels change left
+        _undo(model, state)
+        raise
+    if strict and uncovered:
+        _undo(model, state)
+        raise UncoveredOperatorsError(
+            "these modules keep full-precision activations and s2a cannot compress them "
+            f"(pass skip=[...] to accept them): {uncovered}"
+        )
+    model._s2a_compression = state
+    return model
+
+
+def _install(model: nn.Module, state: _State) -> list[str]:
+    """Patch, hook and switch what compress_activations compresses; returns the modules that
+    keep full-precision activations and that s2a cannot compress."""
+    spec, strict = state.spec, state.spec.strict
     state.attention_paths = frozenset((p or "<root>") for p, m in model.named_modules() if _names_attention(m))
     uncovered, replaced = [], []
     for path, module in model.named_modules():
@@ -994,14 +1018,7 @@ def compress_activations(
                 state.hooks.append(module.register_forward_pre_hook(partial(_suspect_hook, state, name)))
     if state.attn_impl:
         _attn_hooks(model, state)
-    if strict and uncovered:
-        _undo(model, state)
-        raise UncoveredOperatorsError(
-            "these modules keep full-precision activations and s2a cannot compress them "
-            f"(pass skip=[...] to accept them): {uncovered}"
-        )
-    model._s2a_compression = state
-    return model
+    return uncovered
 
 
 def _hub_kernels_off(model: nn.Module) -> list[tuple[nn.Module, object]]:
@@ -1163,7 +1180,12 @@ def _undo(model: nn.Module, state: _State) -> None:
         h.remove()
     _clear_running(state)
     for module, mode in state.hub_kernels:
-        try:
+        try:  # in the mode of now: train() / eval() since changed it while the kernels were off
+            if mode is not None:
+                from kernels import Mode
+
+                now = Mode.TRAINING if module.training else Mode.INFERENCE
+                mode = now | Mode.TORCH_COMPILE if Mode.TORCH_COMPILE in mode else now
             module.set_use_kernels(True, mode=mode)
         except Exception as exc:  # (a hub kernel that cannot be fetched now): the torch forwards stay
             warnings.warn(f"restore: could not turn transformers' hub kernels back on for "
