@@ -1182,8 +1182,7 @@ def _undo(model: nn.Module, state: _State) -> None:
     for module, mode in state.hub_kernels:
         try:  # in the mode of now: train() / eval() since changed it while the kernels were off
             if mode is not None:
-                from kernels import Mode
-
+                Mode = type(mode)  # kernels.Mode (transformers' dependency, not ours)
                 now = Mode.TRAINING if module.training else Mode.INFERENCE
                 mode = now | Mode.TORCH_COMPILE if Mode.TORCH_COMPILE in mode else now
             module.set_use_kernels(True, mode=mode)
