@@ -852,11 +852,9 @@ class _State:
             values.pop(key, None)
         values["patched"] = [entry if len(entry) == 4 else (*entry, _UNRECORDED)
                              for entry in values.get("patched", [])]
-        for f in fields(self):  # added since it was pickled: its default
-            if f.name not in values and f.name != "running" and f.default_factory is not MISSING:
-                values[f.name] = f.default_factory()
-            elif f.name not in values and f.default is not MISSING:
-                values[f.name] = f.default
+        for f in fields(self):  # added since it was pickled: its default (every field but spec has one)
+            if f.name not in values and f.name != "running":
+                values[f.name] = f.default_factory() if f.default_factory is not MISSING else f.default
         vars(self).update(values)
         self.running = _Running()
 
@@ -940,8 +938,8 @@ def compress_activations(
     spec.strict = strict
     _check_skip(model, spec.skip)
     state = _State(spec, root=model)
-    state.hub_kernels = _hub_kernels_off(model)
     try:
+        _hub_kernels_off(model, state.hub_kernels)
         uncovered = _install(model, state)
     except BaseException:  # (even Ctrl-C) the model as it was: no patch, hook or kernels change left
         _undo(model, state)
@@ -1021,22 +1019,21 @@ def _install(model: nn.Module, state: _State) -> list[str]:
     return uncovered
 
 
-def _hub_kernels_off(model: nn.Module) -> list[tuple[nn.Module, object]]:
+def _hub_kernels_off(model: nn.Module, turned_off: list[tuple[nn.Module, object]]) -> None:
     """Turn off transformers' hub kernels (``use_kernels``, on by default in ``from_pretrained``
     since transformers 5 where the ``kernels`` package is installed) on every model inside
-    ``model``; returns (model, its kernels mode) to turn back on in :func:`restore`. While they
+    ``model``, appending (model, its kernels mode) to ``turned_off`` as it goes: what
+    :func:`restore`, or a compression that fails, turns back on. While they
     are on, each change of ``model.train()`` / ``eval()`` kernelizes again, which deletes the
     instance forward of every ``use_kernel_forward_from_hub`` module (LLaMA's RMSNorm, the
     activation modules): the forwards s2a patches there, silently (an RMSNorm kept its full
     input again after one ``eval()`` / ``train()``). The operators they would run are the ones s2a
     replaces anyway."""
-    turned_off = []
     for module in model.modules():
         if getattr(module, "use_kernels", False) is True and callable(getattr(module, "reset_kernels", None)):
             mode = getattr(module, "kernels_mode", None)
             module.reset_kernels()
             turned_off.append((module, mode))
-    return turned_off
 
 
 def _attn_hooks(model: nn.Module, state: _State) -> None:
